@@ -1,0 +1,63 @@
+//! The domain: jobs, their actions, states and legal transitions, versions and errors.
+//! Nothing here knows about gRPC or SQL.
+
+mod model;
+mod state;
+
+pub use model::{Action, Job, JobError, JobId, NewAction, NewJob, Progress};
+pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
+
+use std::fmt;
+
+/// One thing wrong with a request, naming the field as a client would write its path
+/// (`actions[1].params.duration_ms`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// The path of the offending field.
+    pub field: String,
+    /// What is wrong with it.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+
+    /// The same violation, with its field placed under `prefix` (`params` → `actions[0].params`).
+    pub fn under(self, prefix: &str) -> Self {
+        let field = if self.field.is_empty() {
+            prefix.to_owned()
+        } else if self.field.starts_with('[') {
+            format!("{prefix}{}", self.field)
+        } else {
+            format!("{prefix}.{}", self.field)
+        };
+        Self { field, ..self }
+    }
+}
+
+impl fmt::Display for FieldViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.description)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn violations_nest_under_their_parent() {
+        let v = FieldViolation::new("duration_ms", "must be a number");
+        assert_eq!(v.under("actions[2].params").field, "actions[2].params.duration_ms");
+        let v = FieldViolation::new("", "must be an object");
+        assert_eq!(v.under("actions[0].params").field, "actions[0].params");
+        let v = FieldViolation::new("[3]", "bad");
+        assert_eq!(v.under("args").field, "args[3]");
+    }
+}

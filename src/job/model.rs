@@ -1,0 +1,597 @@
+//! The job and its actions, and every change a job can go through. Each change bumps the
+//! job's version; changes of state are also marked as *logged*, so stores keep them in the
+//! per-job transition log that watchers resume from.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    str::FromStr,
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::{ActionState, IllegalTransition, JobState};
+
+/// A job id: a UUIDv7, so ids sort by submission time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(Uuid);
+
+impl JobId {
+    /// A new id for a job submitted now.
+    pub fn generate() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The underlying UUID.
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl From<Uuid> for JobId {
+    fn from(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::try_parse(s).map(Self)
+    }
+}
+
+/// How far a job or an action has got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Percent done, 0 to 100.
+    pub percent: u8,
+    /// What is being done now.
+    pub message: String,
+    /// Units done, when the handler counts units.
+    pub current: u64,
+    /// Units in all, when known.
+    pub total: u64,
+}
+
+impl Progress {
+    /// Progress of `current` out of `total` units, with the percent derived from them.
+    pub fn of(current: u64, total: u64, message: impl Into<String>) -> Self {
+        let percent = if total == 0 {
+            0
+        } else {
+            (current.min(total).saturating_mul(100) / total) as u8
+        };
+        Self {
+            percent,
+            message: message.into(),
+            current,
+            total,
+        }
+    }
+
+    /// Progress at `percent` (clamped to 100) with a message.
+    pub fn percent(percent: u8, message: impl Into<String>) -> Self {
+        Self {
+            percent: percent.min(100),
+            message: message.into(),
+            current: 0,
+            total: 0,
+        }
+    }
+
+    /// Complete progress.
+    pub fn done() -> Self {
+        Self::percent(100, "")
+    }
+}
+
+/// Why a job or an action failed: data the client reads, never an RPC error.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    /// The canonical gRPC status code name that fits best, e.g. `INTERNAL`.
+    pub code: String,
+    /// A machine-readable reason in UPPER_SNAKE_CASE, e.g. `TIMEOUT`.
+    pub reason: String,
+    /// A human-readable explanation.
+    pub message: String,
+    /// Further structured details.
+    pub details: Map<String, Value>,
+}
+
+impl JobError {
+    /// An error with no details.
+    pub fn new(
+        code: impl Into<String>,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            code: code.into(),
+            reason: reason.into(),
+            message: message.into(),
+            details: Map::new(),
+        }
+    }
+}
+
+/// One action of a job to be submitted, already validated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewAction {
+    /// The registered action to run.
+    pub name: String,
+    /// Its parameters, a JSON object.
+    pub params: Map<String, Value>,
+    /// Its binary input.
+    pub input: Bytes,
+}
+
+/// A job to be submitted, already validated at the edge.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct NewJob {
+    /// The actions, in order; at least one.
+    pub actions: Vec<NewAction>,
+    /// A retried Submit with the same key returns the first job.
+    pub idempotency_key: Option<String>,
+    /// A time limit for each attempt.
+    pub timeout: Option<Duration>,
+    /// Attempts in all; `None` for the server's default.
+    pub max_attempts: Option<u32>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Labels to filter by.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One action of a job, with its status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Action {
+    /// The registered action to run.
+    pub name: String,
+    /// Its parameters.
+    pub params: Map<String, Value>,
+    /// Its binary input.
+    pub input: Bytes,
+    /// Its state.
+    pub state: ActionState,
+    /// Its own progress.
+    pub progress: Progress,
+    /// Its result, once it has succeeded.
+    pub result: Option<Value>,
+    /// Why it failed, was cancelled, or was skipped.
+    pub error: Option<JobError>,
+    /// When it last started.
+    pub start_time: Option<SystemTime>,
+    /// When it last stopped.
+    pub end_time: Option<SystemTime>,
+}
+
+/// A job: a snapshot at one version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Its id.
+    pub id: JobId,
+    /// Its state.
+    pub state: JobState,
+    /// Bumped by every change, starting at 1.
+    pub version: i64,
+    /// The version of the last change that stores must log (a change of the job's or an
+    /// action's state). Progress-only changes are not logged.
+    pub logged_version: i64,
+    /// Its actions, in order.
+    pub actions: Vec<Action>,
+    /// Why it failed or was cancelled.
+    pub error: Option<JobError>,
+    /// The current attempt, 1 for the first run.
+    pub attempt: u32,
+    /// Attempts allowed in all.
+    pub max_attempts: u32,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Labels given at submission.
+    pub labels: BTreeMap<String, String>,
+    /// The idempotency key given at submission.
+    pub idempotency_key: Option<String>,
+    /// The per-attempt time limit.
+    pub timeout: Option<Duration>,
+    /// When it was submitted.
+    pub create_time: SystemTime,
+    /// When it last started running.
+    pub start_time: Option<SystemTime>,
+    /// When it reached a terminal state.
+    pub end_time: Option<SystemTime>,
+    /// When it last changed.
+    pub update_time: SystemTime,
+}
+
+impl Job {
+    /// A freshly submitted job: QUEUED, version 1, attempt 1.
+    pub fn new(id: JobId, spec: NewJob, default_max_attempts: u32, now: SystemTime) -> Self {
+        let actions = spec
+            .actions
+            .into_iter()
+            .map(|action| Action {
+                name: action.name,
+                params: action.params,
+                input: action.input,
+                state: ActionState::Pending,
+                progress: Progress::default(),
+                result: None,
+                error: None,
+                start_time: None,
+                end_time: None,
+            })
+            .collect();
+        Self {
+            id,
+            state: JobState::Queued,
+            version: 1,
+            logged_version: 1,
+            actions,
+            error: None,
+            attempt: 1,
+            max_attempts: spec.max_attempts.unwrap_or(default_max_attempts).max(1),
+            priority: spec.priority,
+            labels: spec.labels,
+            idempotency_key: spec.idempotency_key,
+            timeout: spec.timeout,
+            create_time: now,
+            start_time: None,
+            end_time: None,
+            update_time: now,
+        }
+    }
+
+    /// The job's progress, derived from its actions: the mean of their percents, with the
+    /// running action's message, and counting finished actions as units.
+    pub fn progress(&self) -> Progress {
+        let total = self.actions.len() as u64;
+        if total == 0 {
+            return Progress::default();
+        }
+        let finished = self
+            .actions
+            .iter()
+            .filter(|a| a.state == ActionState::Succeeded)
+            .count() as u64;
+        let percent_sum: u64 = self
+            .actions
+            .iter()
+            .map(|a| match a.state {
+                ActionState::Succeeded => 100,
+                _ => u64::from(a.progress.percent),
+            })
+            .sum();
+        let message = self
+            .actions
+            .iter()
+            .find(|a| a.state == ActionState::Running)
+            .map(|a| a.progress.message.clone())
+            .unwrap_or_default();
+        Progress {
+            percent: (percent_sum / total) as u8,
+            message,
+            current: finished,
+            total,
+        }
+    }
+
+    /// Whether the job has reached a state it never leaves.
+    pub fn is_terminal(&self) -> bool {
+        self.state.is_terminal()
+    }
+
+    /// The index of the next action to run: the first one that has not succeeded.
+    pub fn next_action(&self) -> Option<usize> {
+        self.actions
+            .iter()
+            .position(|a| a.state == ActionState::Pending)
+    }
+
+    fn bump(&mut self, now: SystemTime, logged: bool) {
+        self.version += 1;
+        if logged {
+            self.logged_version = self.version;
+        }
+        self.update_time = now;
+    }
+
+    fn set_state(&mut self, to: JobState) -> Result<(), IllegalTransition> {
+        self.state = self.state.transition(to)?;
+        Ok(())
+    }
+
+    fn action_mut(&mut self, index: usize) -> Result<&mut Action, IllegalTransition> {
+        self.actions.get_mut(index).ok_or_else(|| IllegalTransition {
+            from: format!("action {index}"),
+            to: "a job with fewer actions".to_owned(),
+        })
+    }
+
+    /// QUEUED → RUNNING: an attempt starts.
+    pub fn start(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
+        self.set_state(JobState::Running)?;
+        self.start_time = Some(now);
+        self.bump(now, true);
+        Ok(())
+    }
+
+    /// An action starts running.
+    pub fn start_action(&mut self, index: usize, now: SystemTime) -> Result<(), IllegalTransition> {
+        let action = self.action_mut(index)?;
+        action.state = action.state.transition(ActionState::Running)?;
+        action.progress = Progress::default();
+        action.start_time = Some(now);
+        action.end_time = None;
+        self.bump(now, true);
+        Ok(())
+    }
+
+    /// A running action reports progress. Returns false (and changes nothing) when the action
+    /// is not running or the progress is what it already was.
+    pub fn report_progress(&mut self, index: usize, progress: Progress, now: SystemTime) -> bool {
+        let Some(action) = self.actions.get_mut(index) else {
+            return false;
+        };
+        if action.state != ActionState::Running || action.progress == progress {
+            return false;
+        }
+        action.progress = progress;
+        self.bump(now, false);
+        true
+    }
+
+    /// A running action succeeds with a result.
+    pub fn succeed_action(
+        &mut self,
+        index: usize,
+        result: Value,
+        now: SystemTime,
+    ) -> Result<(), IllegalTransition> {
+        let action = self.action_mut(index)?;
+        action.state = action.state.transition(ActionState::Succeeded)?;
+        action.progress = Progress {
+            percent: 100,
+            ..action.progress.clone()
+        };
+        action.result = Some(result);
+        action.end_time = Some(now);
+        self.bump(now, true);
+        Ok(())
+    }
+
+    /// A running action fails; the job's own state is decided by [`Job::retry`] or
+    /// [`Job::fail`] afterwards.
+    pub fn fail_action(
+        &mut self,
+        index: usize,
+        error: JobError,
+        now: SystemTime,
+    ) -> Result<(), IllegalTransition> {
+        let action = self.action_mut(index)?;
+        action.state = action.state.transition(ActionState::Failed)?;
+        action.error = Some(error);
+        action.end_time = Some(now);
+        self.bump(now, true);
+        Ok(())
+    }
+
+    /// RUNNING → SUCCEEDED, once every action has succeeded.
+    pub fn succeed(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
+        if let Some(index) = self.next_action() {
+            return Err(IllegalTransition {
+                from: format!("action {index} not run"),
+                to: JobState::Succeeded.to_string(),
+            });
+        }
+        self.set_state(JobState::Succeeded)?;
+        self.end_time = Some(now);
+        self.bump(now, true);
+        Ok(())
+    }
+
+    /// → FAILED with `error`; the actions not run yet are marked SKIPPED and say why.
+    pub fn fail(&mut self, error: JobError, now: SystemTime) -> Result<(), IllegalTransition> {
+        self.set_state(JobState::Failed)?;
+        self.end_remaining_actions(&error, now);
+        self.error = Some(error);
+        self.end_time = Some(now);
+        self.bump(now, true);
+        Ok(())
+    }
+
+    /// → CANCELLED: a running action is marked CANCELLED, the others not run SKIPPED.
+    pub fn cancel(&mut self, error: JobError, now: SystemTime) -> Result<(), IllegalTransition> {
+        self.set_state(JobState::Cancelled)?;
+        self.end_remaining_actions(&error, now);
+        self.error = Some(error);
+        self.end_time = Some(now);
+        self.bump(now, true);
+        Ok(())
+    }
+
+    /// RUNNING → QUEUED for another attempt: the attempt counter goes up, and the actions that
+    /// did not succeed go back to PENDING (succeeded ones keep their results).
+    pub fn retry(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
+        if self.attempt >= self.max_attempts {
+            return Err(IllegalTransition {
+                from: format!("attempt {} of {}", self.attempt, self.max_attempts),
+                to: "another attempt".to_owned(),
+            });
+        }
+        self.set_state(JobState::Queued)?;
+        self.attempt += 1;
+        for action in &mut self.actions {
+            if let Ok(state) = action.state.transition(ActionState::Pending) {
+                action.state = state;
+                action.progress = Progress::default();
+            }
+        }
+        self.bump(now, true);
+        Ok(())
+    }
+
+    /// Whether another attempt is allowed after this one.
+    pub fn has_attempts_left(&self) -> bool {
+        self.attempt < self.max_attempts
+    }
+
+    fn end_remaining_actions(&mut self, error: &JobError, now: SystemTime) {
+        for (index, action) in self.actions.iter_mut().enumerate() {
+            let (to, note) = match action.state {
+                ActionState::Running => (ActionState::Cancelled, error.clone()),
+                ActionState::Pending => (
+                    ActionState::Skipped,
+                    JobError::new(
+                        "ABORTED",
+                        "NOT_RUN",
+                        format!("action {index} was not run: {}", error.message),
+                    ),
+                ),
+                _ => continue,
+            };
+            if let Ok(state) = action.state.transition(to) {
+                action.state = state;
+                action.error = Some(note);
+                action.end_time = Some(now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(actions: usize, max_attempts: u32) -> Job {
+        let spec = NewJob {
+            actions: (0..actions)
+                .map(|i| NewAction {
+                    name: format!("a{i}"),
+                    params: Map::new(),
+                    input: Bytes::new(),
+                })
+                .collect(),
+            max_attempts: Some(max_attempts),
+            ..NewJob::default()
+        };
+        Job::new(JobId::generate(), spec, 1, SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn new_job_is_queued_at_version_one() {
+        let job = job(2, 1);
+        assert_eq!(job.state, JobState::Queued);
+        assert_eq!((job.version, job.logged_version, job.attempt), (1, 1, 1));
+        assert_eq!(job.progress().total, 2);
+    }
+
+    #[test]
+    fn every_change_bumps_the_version_and_state_changes_are_logged() {
+        let now = SystemTime::now();
+        let mut job = job(2, 1);
+        job.start(now).unwrap();
+        assert_eq!((job.version, job.logged_version), (2, 2));
+        job.start_action(0, now).unwrap();
+        assert!(job.report_progress(0, Progress::percent(50, "half"), now));
+        assert_eq!((job.version, job.logged_version), (4, 3));
+        assert!(!job.report_progress(0, Progress::percent(50, "half"), now));
+        assert_eq!(job.progress().percent, 25);
+        assert_eq!(job.progress().message, "half");
+        job.succeed_action(0, json!(1), now).unwrap();
+        job.start_action(1, now).unwrap();
+        job.succeed_action(1, json!(2), now).unwrap();
+        job.succeed(now).unwrap();
+        assert_eq!(job.state, JobState::Succeeded);
+        assert_eq!(job.progress().percent, 100);
+        assert_eq!(job.version, job.logged_version);
+    }
+
+    #[test]
+    fn failing_action_skips_the_rest() {
+        let now = SystemTime::now();
+        let mut job = job(3, 1);
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        let error = JobError::new("INTERNAL", "BOOM", "it broke");
+        job.fail_action(0, error.clone(), now).unwrap();
+        assert!(!job.has_attempts_left());
+        job.fail(error.clone(), now).unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert_eq!(job.error, Some(error));
+        assert_eq!(job.actions[0].state, ActionState::Failed);
+        assert_eq!(job.actions[1].state, ActionState::Skipped);
+        assert_eq!(job.actions[2].error.as_ref().unwrap().reason, "NOT_RUN");
+        assert!(job.start(now).is_err());
+    }
+
+    #[test]
+    fn retry_keeps_succeeded_actions_and_bumps_attempt() {
+        let now = SystemTime::now();
+        let mut job = job(2, 3);
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        job.succeed_action(0, json!("ok"), now).unwrap();
+        job.start_action(1, now).unwrap();
+        job.fail_action(1, JobError::new("INTERNAL", "X", "x"), now)
+            .unwrap();
+        job.retry(now).unwrap();
+        assert_eq!(job.state, JobState::Queued);
+        assert_eq!(job.attempt, 2);
+        assert_eq!(job.actions[0].state, ActionState::Succeeded);
+        assert_eq!(job.actions[1].state, ActionState::Pending);
+        assert_eq!(job.next_action(), Some(1));
+    }
+
+    #[test]
+    fn retry_beyond_max_attempts_is_refused() {
+        let now = SystemTime::now();
+        let mut job = job(1, 1);
+        job.start(now).unwrap();
+        assert!(job.retry(now).is_err());
+        assert_eq!(job.state, JobState::Running);
+    }
+
+    #[test]
+    fn cancel_marks_running_action_cancelled() {
+        let now = SystemTime::now();
+        let mut job = job(2, 1);
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        job.cancel(JobError::new("CANCELLED", "CANCELLED", "by request"), now)
+            .unwrap();
+        assert_eq!(job.actions[0].state, ActionState::Cancelled);
+        assert_eq!(job.actions[1].state, ActionState::Skipped);
+        assert!(job.cancel(JobError::default(), now).is_err());
+    }
+
+    #[test]
+    fn progress_of_units_is_clamped() {
+        assert_eq!(Progress::of(5, 10, "").percent, 50);
+        assert_eq!(Progress::of(50, 10, "").percent, 100);
+        assert_eq!(Progress::of(1, 0, "").percent, 0);
+        assert_eq!(Progress::percent(200, "").percent, 100);
+    }
+
+    #[test]
+    fn ids_parse_and_sort_by_time() {
+        let a = JobId::generate();
+        let b = JobId::generate();
+        assert!(a < b);
+        assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
+        assert!("nope".parse::<JobId>().is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! One behavioural test suite that every [`Store`] backend must pass, so that the memory,
+//! SQLite and PostgreSQL stores cannot drift apart.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use serde_json::{Map, json};
+
+use super::{Created, Deleted, ListQuery, Store};
+use crate::job::{JobError, JobId, JobState, NewAction, NewJob, Progress};
+use crate::job::Job;
+
+/// A queued job with `actions` actions, the given labels and idempotency key.
+pub fn sample_job(actions: usize, labels: &[(&str, &str)], key: Option<&str>) -> Job {
+    let spec = NewJob {
+        actions: (0..actions)
+            .map(|i| NewAction {
+                name: "echo".to_owned(),
+                params: Map::from_iter([("i".to_owned(), json!(i))]),
+                input: Bytes::from_static(b"in\0put"),
+            })
+            .collect(),
+        idempotency_key: key.map(str::to_owned),
+        timeout: Some(Duration::from_millis(1500)),
+        max_attempts: Some(3),
+        priority: 7,
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>(),
+    };
+    Job::new(JobId::generate(), spec, 1, SystemTime::now())
+}
+
+/// Runs every conformance check, each against a fresh store from `make`.
+pub async fn run_all<S, F, Fut>(make: F)
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    create_and_get_round_trip(&make().await).await;
+    idempotency_key_returns_first_job(&make().await).await;
+    save_logs_state_changes_but_not_progress(&make().await).await;
+    save_refuses_stale_versions(&make().await).await;
+    list_is_newest_first_filtered_and_paged(&make().await).await;
+    delete_only_terminal_jobs(&make().await).await;
+    unfinished_and_purge(&make().await).await;
+}
+
+async fn create_and_get_round_trip(store: &impl Store) {
+    let job = sample_job(2, &[("team", "a")], None);
+    assert_eq!(store.create(&job).await.unwrap(), Created::New);
+    let stored = store.get(job.id).await.unwrap().expect("stored job");
+    assert_eq!(stored, job, "a stored job reads back exactly");
+    assert_eq!(store.get(JobId::generate()).await.unwrap(), None);
+}
+
+async fn idempotency_key_returns_first_job(store: &impl Store) {
+    let first = sample_job(1, &[], Some("key-1"));
+    let second = sample_job(1, &[], Some("key-1"));
+    assert_eq!(store.create(&first).await.unwrap(), Created::New);
+    assert_eq!(
+        store.create(&second).await.unwrap(),
+        Created::Existing(Box::new(first.clone()))
+    );
+    assert_eq!(store.get(second.id).await.unwrap(), None, "nothing stored");
+}
+
+async fn save_logs_state_changes_but_not_progress(store: &impl Store) {
+    let now = SystemTime::now();
+    let mut job = sample_job(1, &[], None);
+    store.create(&job).await.unwrap();
+    job.start(now).unwrap();
+    store.save(&job).await.unwrap();
+    job.start_action(0, now).unwrap();
+    store.save(&job).await.unwrap();
+    assert!(job.report_progress(0, Progress::percent(40, "working"), now));
+    store.save(&job).await.unwrap();
+    assert_eq!(store.get(job.id).await.unwrap().unwrap(), job);
+    job.succeed_action(0, json!({"ok": true}), now).unwrap();
+    store.save(&job).await.unwrap();
+    job.succeed(now).unwrap();
+    store.save(&job).await.unwrap();
+
+    let log = store.transitions(job.id, 0).await.unwrap();
+    let versions: Vec<i64> = log.iter().map(|j| j.version).collect();
+    assert_eq!(versions, vec![1, 2, 3, 5, 6], "progress (v4) is not logged");
+    assert_eq!(log.last().unwrap(), &job);
+    let after = store.transitions(job.id, 3).await.unwrap();
+    assert_eq!(after.iter().map(|j| j.version).collect::<Vec<_>>(), vec![5, 6]);
+    assert!(store.transitions(job.id, 6).await.unwrap().is_empty());
+}
+
+async fn save_refuses_stale_versions(store: &impl Store) {
+    let now = SystemTime::now();
+    let mut job = sample_job(1, &[], None);
+    store.create(&job).await.unwrap();
+    let stale = job.clone();
+    job.start(now).unwrap();
+    store.save(&job).await.unwrap();
+    assert!(store.save(&stale).await.is_err(), "older version refused");
+    assert!(store.save(&job).await.is_err(), "same version refused");
+    let unknown = sample_job(1, &[], None);
+    assert!(store.save(&unknown).await.is_err(), "missing job refused");
+}
+
+async fn list_is_newest_first_filtered_and_paged(store: &impl Store) {
+    let now = SystemTime::now();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let team = if i % 2 == 0 { "even" } else { "odd" };
+        let mut job = sample_job(1, &[("team", team)], None);
+        store.create(&job).await.unwrap();
+        if i == 4 {
+            job.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+                .unwrap();
+            store.save(&job).await.unwrap();
+        }
+        ids.push(job.id);
+    }
+    let all = store
+        .list(&ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let listed: Vec<JobId> = all.iter().map(|j| j.id).collect();
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(listed, newest_first);
+
+    let page = store
+        .list(&ListQuery {
+            limit: 2,
+            before: Some(ids[3]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
+
+    let even = store
+        .list(&ListQuery {
+            labels: BTreeMap::from([("team".to_owned(), "even".to_owned())]),
+            states: vec![JobState::Queued],
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(even.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2], ids[0]]);
+}
+
+async fn delete_only_terminal_jobs(store: &impl Store) {
+    let now = SystemTime::now();
+    let mut job = sample_job(1, &[], Some("del-key"));
+    store.create(&job).await.unwrap();
+    assert!(matches!(
+        store.delete(job.id).await.unwrap(),
+        Deleted::NotTerminal(_)
+    ));
+    job.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+        .unwrap();
+    store.save(&job).await.unwrap();
+    assert_eq!(store.delete(job.id).await.unwrap(), Deleted::Removed);
+    assert_eq!(store.get(job.id).await.unwrap(), None);
+    assert!(store.transitions(job.id, 0).await.unwrap().is_empty());
+    assert_eq!(store.delete(job.id).await.unwrap(), Deleted::NotFound);
+    let again = sample_job(1, &[], Some("del-key"));
+    assert_eq!(
+        store.create(&again).await.unwrap(),
+        Created::New,
+        "a deleted job frees its idempotency key"
+    );
+}
+
+async fn unfinished_and_purge(store: &impl Store) {
+    let now = SystemTime::now();
+    let queued = sample_job(1, &[], None);
+    let mut running = sample_job(1, &[], None);
+    let mut done = sample_job(1, &[], None);
+    for job in [&queued, &running, &done] {
+        store.create(job).await.unwrap();
+    }
+    running.start(now).unwrap();
+    store.save(&running).await.unwrap();
+    done.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+        .unwrap();
+    store.save(&done).await.unwrap();
+
+    let unfinished: Vec<JobId> = store
+        .unfinished()
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(unfinished, vec![queued.id, running.id]);
+
+    assert_eq!(
+        store
+            .purge_finished(now - Duration::from_secs(60), 10)
+            .await
+            .unwrap(),
+        0,
+        "not expired yet"
+    );
+    assert_eq!(
+        store
+            .purge_finished(now + Duration::from_secs(1), 10)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.get(done.id).await.unwrap(), None);
+    assert!(store.get(running.id).await.unwrap().is_some());
+}

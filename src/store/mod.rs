@@ -1,0 +1,144 @@
+//! Where jobs live. The [`Store`] trait is what the executor and the API rely on; each backend
+//! (memory for tests, SQLite embedded by default, PostgreSQL to scale out) implements it, and
+//! nothing outside this module writes SQL.
+
+mod memory;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+pub use memory::MemoryStore;
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use async_trait::async_trait;
+
+use crate::job::{Job, JobId, JobState};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed (I/O, disk full, lost connection…).
+    #[error("storage backend failed: {context}")]
+    Backend {
+        /// What the store was doing.
+        context: String,
+        /// The backend's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Stored data could not be read back.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// A save would move a job's version backwards or skip a missing job.
+    #[error("job {id} is at version {stored}, cannot save version {attempted}")]
+    StaleVersion {
+        /// The job.
+        id: JobId,
+        /// The version the store holds.
+        stored: i64,
+        /// The version that was to be saved.
+        attempted: i64,
+    },
+    /// The job to save is not stored.
+    #[error("job {0} is not stored")]
+    Missing(JobId),
+    /// The store is closed or shutting down.
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// Wraps a backend error with what the store was doing.
+    pub fn backend(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError::Backend {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// What [`Store::create`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created {
+    /// The job was stored.
+    New,
+    /// Its idempotency key already belongs to this job; nothing was stored.
+    Existing(Box<Job>),
+}
+
+/// What [`Store::delete`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Deleted {
+    /// The job was removed.
+    Removed,
+    /// No such job.
+    NotFound,
+    /// The job has not ended; it was left alone.
+    NotTerminal(Box<Job>),
+}
+
+/// A page query for [`Store::list`]: newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ListQuery {
+    /// Only jobs in one of these states; empty for all.
+    pub states: Vec<JobState>,
+    /// Only jobs carrying every one of these labels with the same value.
+    pub labels: BTreeMap<String, String>,
+    /// Only jobs older than (with an id below) this one: the previous page's last job.
+    pub before: Option<JobId>,
+    /// At most this many jobs.
+    pub limit: usize,
+}
+
+impl ListQuery {
+    /// Whether `job` passes the state and label filters.
+    pub fn matches(&self, job: &Job) -> bool {
+        (self.states.is_empty() || self.states.contains(&job.state))
+            && self
+                .labels
+                .iter()
+                .all(|(key, value)| job.labels.get(key) == Some(value))
+    }
+}
+
+/// Durable storage of jobs and of each job's log of state transitions.
+///
+/// Every method returns only once its effect is durable (for durable backends), so callers may
+/// tell others of a change as soon as the call returns.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new job (with its first log entry). When its idempotency key is already held
+    /// by another job, stores nothing and returns that job.
+    async fn create(&self, job: &Job) -> Result<Created, StoreError>;
+
+    /// Saves a changed job. Its version must be above the stored one. When
+    /// `job.logged_version == job.version`, the snapshot is also appended to the job's
+    /// transition log; progress-only snapshots replace the current one and are not logged.
+    async fn save(&self, job: &Job) -> Result<(), StoreError>;
+
+    /// The job's current snapshot.
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
+
+    /// The logged snapshots of the job with a version above `after_version`, oldest first.
+    async fn transitions(&self, id: JobId, after_version: i64) -> Result<Vec<Job>, StoreError>;
+
+    /// A page of jobs, newest first.
+    async fn list(&self, query: &ListQuery) -> Result<Vec<Job>, StoreError>;
+
+    /// Removes a terminal job with its log and idempotency key.
+    async fn delete(&self, id: JobId) -> Result<Deleted, StoreError>;
+
+    /// Every job that is QUEUED or RUNNING, oldest first: what a restarted server must pick up.
+    async fn unfinished(&self) -> Result<Vec<Job>, StoreError>;
+
+    /// Removes up to `limit` terminal jobs that ended before `ended_before`; returns how many.
+    async fn purge_finished(
+        &self,
+        ended_before: SystemTime,
+        limit: usize,
+    ) -> Result<usize, StoreError>;
+}
