@@ -4,3 +4,5 @@
 
 pub mod job;
 pub mod store;
+pub mod actions;
+pub mod events;

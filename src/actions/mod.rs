@@ -1,0 +1,266 @@
+//! Actions: the [`Handler`] trait that runs one action of a job, the [`Registry`] of handlers a
+//! server knows by name, and the built-in handlers.
+
+mod builtin;
+mod params;
+
+pub use builtin::{Echo, Fail, Sha256, Sleep};
+pub use params::{ParamInfo, ParamType};
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{FieldViolation, JobError, JobId, Progress};
+
+/// What a handler says about itself in `ListActions`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionDescription {
+    /// What the action does.
+    pub description: String,
+    /// The parameters it takes; any other parameter is refused at submission.
+    pub params: Vec<ParamInfo>,
+    /// Whether it reads the action's binary input.
+    pub uses_input: bool,
+}
+
+/// A registered action, as `ListActions` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionInfo {
+    /// The name clients submit it by.
+    pub name: String,
+    /// Its description.
+    pub description: ActionDescription,
+}
+
+/// Reports an action's progress to the executor. Cheap to clone and never blocks: reports
+/// that come faster than watchers read are coalesced to the newest.
+#[derive(Clone)]
+pub struct ProgressReporter {
+    sender: Arc<watch::Sender<Option<Progress>>>,
+}
+
+impl ProgressReporter {
+    /// A reporter and the receiving end the executor reads from.
+    pub fn channel() -> (Self, watch::Receiver<Option<Progress>>) {
+        let (sender, receiver) = watch::channel(None);
+        (
+            Self {
+                sender: Arc::new(sender),
+            },
+            receiver,
+        )
+    }
+
+    /// Reports progress.
+    pub fn report(&self, progress: Progress) {
+        self.sender.send_replace(Some(progress));
+    }
+
+    /// Reports `current` of `total` units done.
+    pub fn units(&self, current: u64, total: u64, message: impl Into<String>) {
+        self.report(Progress::of(current, total, message));
+    }
+
+    /// Reports a percent done.
+    pub fn percent(&self, percent: u8, message: impl Into<String>) {
+        self.report(Progress::percent(percent, message));
+    }
+}
+
+/// Everything a handler gets to run one action.
+pub struct ActionContext {
+    /// The job the action belongs to.
+    pub job_id: JobId,
+    /// The action's position within the job.
+    pub action_index: usize,
+    /// The job's attempt, 1 for the first run.
+    pub attempt: u32,
+    /// The action's parameters, already checked against its [`ActionDescription`].
+    pub params: Map<String, Value>,
+    /// The action's binary input.
+    pub input: Bytes,
+    /// Where to report progress.
+    pub progress: ProgressReporter,
+    /// Fires when the job is cancelled or runs out of time. A handler should stop promptly;
+    /// one that does not is dropped after the server's grace period.
+    pub cancel: CancellationToken,
+    /// When the attempt's time runs out, if the job has a timeout.
+    pub deadline: Option<Instant>,
+}
+
+impl ActionContext {
+    /// Sleeps for `duration`, or returns [`HandlerError::cancelled`] as soon as the action is
+    /// cancelled.
+    pub async fn sleep(&self, duration: Duration) -> Result<(), HandlerError> {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => Ok(()),
+            _ = self.cancel.cancelled() => Err(HandlerError::cancelled()),
+        }
+    }
+}
+
+/// Why a handler failed. It becomes the action's (and the job's) [`JobError`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandlerError {
+    /// The error clients see.
+    pub error: JobError,
+    /// Whether another attempt might succeed; permanent errors fail the job at once.
+    pub retryable: bool,
+}
+
+impl HandlerError {
+    /// A retryable failure.
+    pub fn new(code: &str, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            error: JobError::new(code, reason, message),
+            retryable: true,
+        }
+    }
+
+    /// A failure that another attempt would repeat.
+    pub fn permanent(code: &str, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            retryable: false,
+            ..Self::new(code, reason, message)
+        }
+    }
+
+    /// The handler stopped because its cancellation token fired.
+    pub fn cancelled() -> Self {
+        Self::permanent("CANCELLED", "CANCELLED", "the action was stopped")
+    }
+}
+
+/// Runs one kind of action. Implement it to add your own actions to a server.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// What the action does and which params it takes.
+    fn describe(&self) -> ActionDescription;
+
+    /// Checks params beyond their declared types (ranges, combinations). Called at Submit,
+    /// after the declared types were checked; violations name the param (`duration_ms`).
+    fn validate(&self, _params: &Map<String, Value>) -> Result<(), Vec<FieldViolation>> {
+        Ok(())
+    }
+
+    /// Runs the action and returns its result.
+    async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError>;
+}
+
+/// The handlers a server runs, by action name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+}
+
+impl Registry {
+    /// A registry with no actions.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// A registry with the built-in actions `sleep`, `echo`, `fail` and `sha256`.
+    pub fn with_builtins() -> Self {
+        let mut registry = Self::empty();
+        registry.register("sleep", Sleep);
+        registry.register("echo", Echo);
+        registry.register("fail", Fail);
+        registry.register("sha256", Sha256);
+        registry
+    }
+
+    /// Adds (or replaces) the handler for `name`.
+    pub fn register(&mut self, name: impl Into<String>, handler: impl Handler) -> &mut Self {
+        self.handlers.insert(name.into(), Arc::new(handler));
+        self
+    }
+
+    /// The handler for `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(name).cloned()
+    }
+
+    /// Every registered action, by name.
+    pub fn list(&self) -> Vec<ActionInfo> {
+        self.handlers
+            .iter()
+            .map(|(name, handler)| ActionInfo {
+                name: name.clone(),
+                description: handler.describe(),
+            })
+            .collect()
+    }
+
+    /// Checks one submitted action: its name is registered, its params have the declared
+    /// names and types, and pass the handler's own checks. Fields are named relative to the
+    /// action (`name`, `params.steps`).
+    pub fn validate(&self, name: &str, params: &Map<String, Value>) -> Vec<FieldViolation> {
+        let Some(handler) = self.get(name) else {
+            let known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+            return vec![FieldViolation::new(
+                "name",
+                format!("unknown action {name:?}; this server runs: {}", known.join(", ")),
+            )];
+        };
+        let description = handler.describe();
+        let mut violations = params::check(&description.params, params);
+        if violations.is_empty()
+            && let Err(more) = handler.validate(params)
+        {
+            violations = more;
+        }
+        violations
+            .into_iter()
+            .map(|v| v.under("params"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn params(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(map) => map,
+            _ => unreachable!("test params are objects"),
+        }
+    }
+
+    #[test]
+    fn unknown_action_is_named() {
+        let registry = Registry::with_builtins();
+        let violations = registry.validate("nope", &Map::new());
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "name");
+        assert!(violations[0].description.contains("sleep"));
+    }
+
+    #[test]
+    fn params_are_checked_by_type_and_name() {
+        let registry = Registry::with_builtins();
+        assert!(registry.validate("sleep", &params(json!({"duration_ms": 5}))).is_empty());
+        let violations = registry.validate("sleep", &params(json!({"duration_ms": "long"})));
+        assert_eq!(violations[0].field, "params.duration_ms");
+        let violations = registry.validate("sleep", &params(json!({"bogus": 1})));
+        assert_eq!(violations[0].field, "params.bogus");
+        let violations = registry.validate("sleep", &params(json!({"steps": 0})));
+        assert_eq!(violations[0].field, "params.steps");
+    }
+
+    #[test]
+    fn builtins_are_listed_by_name() {
+        let names: Vec<String> = Registry::with_builtins()
+            .list()
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        assert_eq!(names, ["echo", "fail", "sha256", "sleep"]);
+    }
+}

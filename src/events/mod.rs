@@ -1,0 +1,201 @@
+//! Per-job watch channels: every published snapshot reaches the watchers of that job only.
+//!
+//! Each watched job has one `tokio::sync::watch` channel holding its newest snapshot, so a
+//! watcher that falls behind simply sees the newest state when it next looks: progress is
+//! coalesced, memory per watcher is constant and the publisher never waits. State transitions
+//! a slow watcher would otherwise skip are replayed from the store's transition log (see
+//! [`Job::logged_version`]), so nothing that matters is lost. A job nobody watches has no
+//! channel, and publishing to it costs one hash lookup.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::watch;
+
+use crate::job::{Job, JobId};
+
+/// The newest snapshot of a job, shared by its watchers; `None` until the first publish after
+/// the channel was opened.
+pub type Snapshot = Option<Arc<Job>>;
+
+const SHARDS: usize = 32;
+
+type Shard = Mutex<HashMap<JobId, watch::Sender<Snapshot>>>;
+
+/// The registry of per-job channels, sharded so that unrelated jobs rarely share a lock.
+pub struct Hub {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn shard(&self, id: &JobId) -> std::sync::MutexGuard<'_, HashMap<JobId, watch::Sender<Snapshot>>> {
+        let index = (self.hasher.hash_one(id) as usize) % self.shards.len();
+        // Every critical section is a single map operation that cannot leave the map
+        // inconsistent, so a poisoned lock is still safe to use.
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells every watcher of the job about this snapshot. Older versions than the one the
+    /// channel holds are ignored, so publishers racing each other never move watchers back.
+    pub fn publish(&self, job: Arc<Job>) {
+        let shard = self.shard(&job.id);
+        if let Some(sender) = shard.get(&job.id) {
+            sender.send_if_modified(|current| match current {
+                Some(held) if held.version >= job.version => false,
+                _ => {
+                    *current = Some(job);
+                    true
+                }
+            });
+        }
+    }
+
+    /// Opens a subscription to the job's changes. Subscribe first, then read the store: a
+    /// change made in between is then seen by at least one of the two.
+    pub fn subscribe(self: &Arc<Self>, id: JobId) -> Subscription {
+        let receiver = {
+            let mut shard = self.shard(&id);
+            shard
+                .entry(id)
+                .or_insert_with(|| watch::channel(None).0)
+                .subscribe()
+        };
+        Subscription {
+            hub: Arc::clone(self),
+            id,
+            receiver: Some(receiver),
+        }
+    }
+
+    /// How many jobs have an open channel (at least one watcher).
+    pub fn watched_jobs(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    fn release(&self, id: JobId, receiver: watch::Receiver<Snapshot>) {
+        let mut shard = self.shard(&id);
+        drop(receiver);
+        if shard
+            .get(&id)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            shard.remove(&id);
+        }
+    }
+}
+
+/// One watcher's view of one job's changes; closing it (dropping) frees the job's channel
+/// once no one else watches.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    id: JobId,
+    receiver: Option<watch::Receiver<Snapshot>>,
+}
+
+impl Subscription {
+    /// Waits for a snapshot newer than `after_version` and returns it: the newest one, with any
+    /// in-between progress coalesced away.
+    pub async fn next_after(&mut self, after_version: i64) -> Arc<Job> {
+        let Some(receiver) = self.receiver.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            if let Some(job) = receiver.borrow_and_update().as_ref()
+                && job.version > after_version
+            {
+                return Arc::clone(job);
+            }
+            // The hub owns the sender for as long as this subscription exists, so `changed`
+            // only fails if the hub itself is gone; then nothing will ever change again.
+            if receiver.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// The newest snapshot seen on the channel, if any was published since it opened.
+    pub fn latest(&self) -> Snapshot {
+        self.receiver.as_ref().and_then(|r| r.borrow().clone())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(receiver) = self.receiver.take() {
+            self.hub.release(self.id, receiver);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::sample_job;
+    use std::time::{Duration, SystemTime};
+
+    #[tokio::test]
+    async fn watcher_gets_newest_snapshot_and_skips_older_ones() {
+        let hub = Hub::new();
+        let mut job = sample_job(1, &[], None);
+        let mut sub = hub.subscribe(job.id);
+        job.start(SystemTime::now()).unwrap();
+        let v2 = Arc::new(job.clone());
+        job.start_action(0, SystemTime::now()).unwrap();
+        let v3 = Arc::new(job.clone());
+        hub.publish(Arc::clone(&v3));
+        hub.publish(v2);
+        assert_eq!(sub.next_after(1).await.version, 3, "older publish ignored");
+        let waiting = tokio::time::timeout(Duration::from_millis(20), sub.next_after(3)).await;
+        assert!(waiting.is_err(), "nothing newer yet");
+    }
+
+    #[tokio::test]
+    async fn publishing_to_unwatched_job_keeps_no_state() {
+        let hub = Hub::new();
+        let job = sample_job(1, &[], None);
+        hub.publish(Arc::new(job.clone()));
+        assert_eq!(hub.watched_jobs(), 0);
+        let first = hub.subscribe(job.id);
+        let second = hub.subscribe(job.id);
+        assert_eq!(hub.watched_jobs(), 1);
+        drop(first);
+        assert_eq!(hub.watched_jobs(), 1);
+        drop(second);
+        assert_eq!(hub.watched_jobs(), 0, "channel freed with its last watcher");
+    }
+
+    #[tokio::test]
+    async fn other_jobs_do_not_wake_a_watcher() {
+        let hub = Hub::new();
+        let watched = sample_job(1, &[], None);
+        let mut other = sample_job(1, &[], None);
+        let mut sub = hub.subscribe(watched.id);
+        let _other_sub = hub.subscribe(other.id);
+        other.start(SystemTime::now()).unwrap();
+        hub.publish(Arc::new(other));
+        let waiting = tokio::time::timeout(Duration::from_millis(20), sub.next_after(0)).await;
+        assert!(waiting.is_err());
+        assert!(sub.latest().is_none());
+    }
+}
