@@ -1,8 +1,28 @@
-//! longrun: a gRPC service for long-running jobs.
+//! longrun: a gRPC service for long-running jobs. Submit work, get a job id at once, and have
+//! every state change and progress update pushed over a stream instead of polling for it.
+//!
+//! As a library it runs the same server with your own actions:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use longrun::{actions::Registry, config::Config, server::Server, store::MemoryStore};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let registry = Registry::with_builtins(); // .register("resize", MyResizeHandler)
+//! let server = Server::start(Arc::new(MemoryStore::new()), registry, Config::default()).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
+//! server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+#![warn(missing_docs)]
 
-pub mod job;
-pub mod store;
 pub mod actions;
+pub mod api;
+pub mod config;
 pub mod events;
+pub mod executor;
+pub mod job;
+pub mod server;
+pub mod store;

@@ -1,1 +1,99 @@
-fn main() {}
+//! The `longrun` binary: `longrun serve` runs the service; the other subcommands are its
+//! command-line client.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use longrun::{
+    actions::Registry,
+    config::{Config, FileConfig, Settings, StoreKind},
+    server::Server,
+    store::{MemoryStore, Store},
+};
+
+/// longrun: a gRPC service for long-running jobs, and its command-line client.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the service (durable embedded store in ./longrun-data by default; no setup needed).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A TOML config file: a `[server]` table with the settings below, and `[exec.commands.*]`.
+    #[arg(long, env = "LONGRUN_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            FileConfig::parse(&text)
+                .with_context(|| format!("parsing config file {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let config = Config::resolve(args.settings, file);
+    let store: Arc<dyn Store> = match config.store {
+        StoreKind::Memory | StoreKind::Sqlite => Arc::new(MemoryStore::new()),
+    };
+    let registry = Registry::with_builtins();
+    let listen = config.listen;
+    let server = Server::start(store, registry, config)
+        .await
+        .context("starting the server")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    server
+        .serve(listener, shutdown_signal())
+        .await
+        .context("serving")?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

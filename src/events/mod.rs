@@ -15,6 +15,9 @@ use std::{
 
 use tokio::sync::watch;
 
+mod watch_job;
+pub use watch_job::{JobWatch, WatchError, wait_terminal};
+
 use crate::job::{Job, JobId};
 
 /// The newest snapshot of a job, shared by its watchers; `None` until the first publish after

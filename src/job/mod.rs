@@ -4,7 +4,9 @@
 mod model;
 mod state;
 
-pub use model::{Action, Job, JobError, JobId, NewAction, NewJob, Progress};
+pub use model::{
+    Action, Job, JobError, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
+};
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
 
 use std::fmt;

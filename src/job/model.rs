@@ -16,6 +16,10 @@ use uuid::Uuid;
 
 use super::{ActionState, IllegalTransition, JobState};
 
+/// How many progress-only versions a running job may be ahead of its stored snapshot: the
+/// executor persists progress at least this often, so a restart can skip past them.
+pub const MAX_UNPERSISTED_VERSIONS: i64 = 1000;
+
 /// A job id: a UUIDv7, so ids sort by submission time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -433,12 +437,21 @@ impl Job {
         }
         self.set_state(JobState::Queued)?;
         self.attempt += 1;
-        for action in &mut self.actions {
-            if let Ok(state) = action.state.transition(ActionState::Pending) {
-                action.state = state;
-                action.progress = Progress::default();
-            }
-        }
+        self.reset_unfinished_actions();
+        self.bump(now, true);
+        Ok(())
+    }
+
+    /// RUNNING → QUEUED because the server stopped while the job ran (not the job's fault):
+    /// the attempt counter goes up even past `max_attempts`, and the actions that did not
+    /// succeed go back to PENDING. The version jumps past any progress-only version that may
+    /// have been shown to watchers but not persisted (at most [`MAX_UNPERSISTED_VERSIONS`]),
+    /// so versions never go backwards across a crash.
+    pub fn interrupt(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
+        self.set_state(JobState::Queued)?;
+        self.attempt += 1;
+        self.reset_unfinished_actions();
+        self.version += MAX_UNPERSISTED_VERSIONS;
         self.bump(now, true);
         Ok(())
     }
@@ -446,6 +459,19 @@ impl Job {
     /// Whether another attempt is allowed after this one.
     pub fn has_attempts_left(&self) -> bool {
         self.attempt < self.max_attempts
+    }
+
+    fn reset_unfinished_actions(&mut self) {
+        for action in &mut self.actions {
+            // A running action was interrupted: count it as cancelled, then run it again.
+            if action.state == ActionState::Running {
+                action.state = ActionState::Cancelled;
+            }
+            if let Ok(state) = action.state.transition(ActionState::Pending) {
+                action.state = state;
+                action.progress = Progress::default();
+            }
+        }
     }
 
     fn end_remaining_actions(&mut self, error: &JobError, now: SystemTime) {
@@ -554,6 +580,21 @@ mod tests {
         assert_eq!(job.actions[0].state, ActionState::Succeeded);
         assert_eq!(job.actions[1].state, ActionState::Pending);
         assert_eq!(job.next_action(), Some(1));
+    }
+
+    #[test]
+    fn interrupt_requeues_past_max_attempts_and_jumps_versions() {
+        let now = SystemTime::now();
+        let mut job = job(1, 1);
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        let seen = job.version;
+        job.interrupt(now).unwrap();
+        assert_eq!(job.state, JobState::Queued);
+        assert_eq!(job.attempt, 2);
+        assert_eq!(job.actions[0].state, ActionState::Pending);
+        assert!(job.version > seen + MAX_UNPERSISTED_VERSIONS);
+        assert_eq!(job.version, job.logged_version);
     }
 
     #[test]

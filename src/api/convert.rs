@@ -1,0 +1,379 @@
+//! Conversion between the wire types and the domain. Requests are validated here, once, and
+//! every violation names its field the way a client writes it.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use prost_types::{Struct, Timestamp, value::Kind};
+use serde_json::{Map, Number, Value};
+
+use super::{Limits, pb};
+use crate::job::{
+    self, ActionState, FieldViolation, Job, JobError, JobId, JobState, NewAction, NewJob,
+};
+
+/// How deep params may nest; deeper input is refused before it can cost stack or time.
+const MAX_PARAMS_DEPTH: usize = 32;
+
+/// Parses a job id, naming `field` when it is not a UUID.
+pub fn parse_job_id(field: &str, value: &str) -> Result<JobId, FieldViolation> {
+    if value.is_empty() {
+        return Err(FieldViolation::new(field, "is required"));
+    }
+    value.parse().map_err(|_| {
+        FieldViolation::new(
+            field,
+            format!("must be a job id (a UUID such as 0190b6c4-7d1e-7c3a-9f0e-1b2c3d4e5f60), not {value:?}"),
+        )
+    })
+}
+
+/// Converts and validates a Submit request against the server's limits.
+pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    if request.actions.is_empty() {
+        violations.push(FieldViolation::new("actions", "at least one action is required"));
+    }
+    if request.actions.len() > limits.max_actions_per_job {
+        violations.push(FieldViolation::new(
+            "actions",
+            format!(
+                "{} actions given; at most {} are allowed per job",
+                request.actions.len(),
+                limits.max_actions_per_job
+            ),
+        ));
+    }
+    let mut actions = Vec::with_capacity(request.actions.len());
+    for (i, spec) in request.actions.into_iter().enumerate() {
+        let field = format!("actions[{i}]");
+        if spec.name.is_empty() {
+            violations.push(FieldViolation::new(format!("{field}.name"), "is required"));
+        }
+        let params_size = spec.params.as_ref().map_or(0, prost::Message::encoded_len);
+        if params_size > limits.max_params_bytes {
+            violations.push(FieldViolation::new(
+                format!("{field}.params"),
+                format!(
+                    "is {params_size} bytes encoded; at most {} are allowed",
+                    limits.max_params_bytes
+                ),
+            ));
+        }
+        if spec.input.len() > limits.max_input_bytes {
+            violations.push(FieldViolation::new(
+                format!("{field}.input"),
+                format!(
+                    "is {} bytes; at most {} are allowed",
+                    spec.input.len(),
+                    limits.max_input_bytes
+                ),
+            ));
+        }
+        let params = match spec.params.map(|p| struct_to_json(p, 0)).transpose() {
+            Ok(params) => params.unwrap_or_default(),
+            Err(v) => {
+                violations.push(v.under(&format!("{field}.params")));
+                Map::new()
+            }
+        };
+        actions.push(NewAction {
+            name: spec.name,
+            params,
+            input: spec.input,
+        });
+    }
+    let idempotency_key = non_empty(request.idempotency_key);
+    if let Some(key) = &idempotency_key
+        && key.len() > limits.max_idempotency_key_bytes
+    {
+        violations.push(FieldViolation::new(
+            "idempotency_key",
+            format!("must be at most {} bytes", limits.max_idempotency_key_bytes),
+        ));
+    }
+    let timeout = match request.timeout.map(|d| duration("timeout", d)).transpose() {
+        Ok(timeout) => timeout.filter(|d| !d.is_zero()),
+        Err(v) => {
+            violations.push(v);
+            None
+        }
+    };
+    if let Some(Err(v)) = request.wait.map(|d| duration("wait", d)) {
+        violations.push(v);
+    }
+    if request.max_attempts < 0 {
+        violations.push(FieldViolation::new("max_attempts", "must not be negative"));
+    }
+    violations.extend(check_labels("labels", &request.labels, limits));
+    if violations.is_empty() {
+        Ok(NewJob {
+            actions,
+            idempotency_key,
+            timeout,
+            max_attempts: u32::try_from(request.max_attempts).ok().filter(|n| *n > 0),
+            priority: request.priority,
+            labels: request.labels.into_iter().collect(),
+        })
+    } else {
+        Err(violations)
+    }
+}
+
+/// Checks a label map (of a job or of a filter) against the limits.
+pub fn check_labels(
+    field: &str,
+    labels: &std::collections::HashMap<String, String>,
+    limits: &Limits,
+) -> Vec<FieldViolation> {
+    let mut violations = Vec::new();
+    if labels.len() > limits.max_labels {
+        violations.push(FieldViolation::new(
+            field,
+            format!("{} labels given; at most {} are allowed", labels.len(), limits.max_labels),
+        ));
+    }
+    let mut keys: Vec<&String> = labels.keys().collect();
+    keys.sort();
+    for key in keys {
+        if key.is_empty() || key.len() > limits.max_label_bytes {
+            violations.push(FieldViolation::new(
+                format!("{field}[{key:?}]"),
+                format!("label keys must be 1 to {} bytes", limits.max_label_bytes),
+            ));
+        }
+        if labels[key].len() > limits.max_label_bytes {
+            violations.push(FieldViolation::new(
+                format!("{field}[{key:?}]"),
+                format!("label values must be at most {} bytes", limits.max_label_bytes),
+            ));
+        }
+    }
+    violations
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Converts a wire duration, refusing negative or malformed ones.
+pub fn duration(field: &str, d: prost_types::Duration) -> Result<Duration, FieldViolation> {
+    let invalid = || FieldViolation::new(field, "must be a non-negative duration");
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(invalid());
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+fn struct_to_json(s: Struct, depth: usize) -> Result<Map<String, Value>, FieldViolation> {
+    let mut map = Map::new();
+    for (key, value) in s.fields {
+        let value = value_to_json(value, depth + 1).map_err(|v| v.under(&key))?;
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+fn value_to_json(value: prost_types::Value, depth: usize) -> Result<Value, FieldViolation> {
+    if depth > MAX_PARAMS_DEPTH {
+        return Err(FieldViolation::new(
+            "",
+            format!("nests deeper than {MAX_PARAMS_DEPTH} levels"),
+        ));
+    }
+    Ok(match value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::NumberValue(n)) => Number::from_f64(n)
+            .map(Value::Number)
+            .ok_or_else(|| FieldViolation::new("", "must be a finite number"))?,
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s, depth)?),
+        Some(Kind::ListValue(list)) => Value::Array(
+            list.values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| value_to_json(v, depth + 1).map_err(|e| e.under(&format!("[{i}]"))))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// A JSON value as a wire `Value`.
+pub fn json_to_value(value: &Value) -> prost_types::Value {
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(json_to_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A JSON object as a wire `Struct`.
+pub fn json_to_struct(map: &Map<String, Value>) -> Struct {
+    Struct {
+        fields: map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// A time as a wire timestamp.
+pub fn timestamp(time: SystemTime) -> Timestamp {
+    Timestamp::from(time)
+}
+
+fn wire_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// The wire enum for a job state.
+pub fn job_state(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+/// The domain state for a wire enum value; `None` for UNSPECIFIED or unknown values.
+pub fn domain_job_state(value: i32) -> Option<JobState> {
+    match pb::JobState::try_from(value).ok()? {
+        pb::JobState::Unspecified => None,
+        pb::JobState::Queued => Some(JobState::Queued),
+        pb::JobState::Running => Some(JobState::Running),
+        pb::JobState::Succeeded => Some(JobState::Succeeded),
+        pb::JobState::Failed => Some(JobState::Failed),
+        pb::JobState::Cancelled => Some(JobState::Cancelled),
+    }
+}
+
+fn action_state(state: ActionState) -> pb::ActionState {
+    match state {
+        ActionState::Pending => pb::ActionState::Pending,
+        ActionState::Running => pb::ActionState::Running,
+        ActionState::Succeeded => pb::ActionState::Succeeded,
+        ActionState::Failed => pb::ActionState::Failed,
+        ActionState::Cancelled => pb::ActionState::Cancelled,
+        ActionState::Skipped => pb::ActionState::Skipped,
+    }
+}
+
+fn progress(p: &job::Progress) -> pb::Progress {
+    pb::Progress {
+        percent: i32::from(p.percent),
+        message: p.message.clone(),
+        current: p.current as i64,
+        total: p.total as i64,
+    }
+}
+
+fn job_error(e: &JobError) -> pb::JobError {
+    pb::JobError {
+        code: e.code.clone(),
+        reason: e.reason.clone(),
+        message: e.message.clone(),
+        details: (!e.details.is_empty()).then(|| json_to_struct(&e.details)),
+    }
+}
+
+/// A job snapshot on the wire. Inputs are left out: they can be large, and the client sent them.
+pub fn job(job: &Job) -> pb::Job {
+    pb::Job {
+        id: job.id.to_string(),
+        state: job_state(job.state) as i32,
+        version: job.version,
+        progress: Some(progress(&job.progress())),
+        actions: job
+            .actions
+            .iter()
+            .map(|a| pb::ActionStatus {
+                name: a.name.clone(),
+                state: action_state(a.state) as i32,
+                progress: Some(progress(&a.progress)),
+                result: a.result.as_ref().map(json_to_value),
+                error: a.error.as_ref().map(job_error),
+                params: Some(json_to_struct(&a.params)),
+                start_time: a.start_time.map(timestamp),
+                end_time: a.end_time.map(timestamp),
+            })
+            .collect(),
+        error: job.error.as_ref().map(job_error),
+        attempt: job.attempt as i32,
+        max_attempts: job.max_attempts as i32,
+        labels: job.labels.clone().into_iter().collect(),
+        create_time: Some(timestamp(job.create_time)),
+        start_time: job.start_time.map(timestamp),
+        end_time: job.end_time.map(timestamp),
+        update_time: Some(timestamp(job.update_time)),
+        priority: job.priority,
+        timeout: job.timeout.map(wire_duration),
+        idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn to_struct(value: Value) -> Struct {
+        json_to_struct(value.as_object().unwrap())
+    }
+
+    #[test]
+    fn params_round_trip_through_struct() {
+        let params = json!({"a": 1.5, "b": [true, null, "x"], "c": {"d": 2.0}});
+        let back = struct_to_json(to_struct(params.clone()), 0).unwrap();
+        assert_eq!(Value::Object(back), params);
+    }
+
+    #[test]
+    fn non_finite_numbers_are_named() {
+        let mut s = to_struct(json!({"a": {"b": [1]}}));
+        let list = prost_types::ListValue {
+            values: vec![prost_types::Value {
+                kind: Some(Kind::NumberValue(f64::NAN)),
+            }],
+        };
+        s.fields.insert("n".into(), prost_types::Value { kind: Some(Kind::ListValue(list)) });
+        assert_eq!(struct_to_json(s, 0).unwrap_err().field, "n[0]");
+    }
+
+    #[test]
+    fn deep_params_are_refused() {
+        let mut value = json!(1);
+        for _ in 0..40 {
+            value = json!({ "x": value });
+        }
+        let err = struct_to_json(to_struct(value), 0).unwrap_err();
+        assert!(err.field.starts_with("x.x."));
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert_eq!(parse_job_id("job_id", "").unwrap_err().description, "is required");
+        assert!(parse_job_id("job_id", "nope").unwrap_err().description.contains("UUID"));
+        let id = JobId::generate();
+        assert_eq!(parse_job_id("job_id", &id.to_string()).unwrap(), id);
+    }
+
+    #[test]
+    fn negative_durations_are_refused() {
+        let d = prost_types::Duration { seconds: -1, nanos: 0 };
+        assert_eq!(duration("wait", d).unwrap_err().field, "wait");
+    }
+}

@@ -1,0 +1,56 @@
+//! The gRPC surface: generated types, conversion to and from the domain, `Status` mapping, and
+//! the `longrun.v1.Jobs` service. This layer validates and delegates; it holds no job state.
+
+pub mod convert;
+mod jobs;
+pub mod status;
+
+pub use jobs::JobsService;
+
+/// The generated `longrun.v1` types, server and client.
+pub mod pb {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("longrun.v1");
+}
+
+/// The encoded descriptors of every served proto file (and their imports), for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("longrun_descriptor");
+
+/// Size and count limits enforced at the edge, each with a documented default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest request or response message, in bytes (default 16 MiB).
+    pub max_message_bytes: usize,
+    /// Actions a job may have (default 100).
+    pub max_actions_per_job: usize,
+    /// An action's encoded params, in bytes (default 64 KiB).
+    pub max_params_bytes: usize,
+    /// An action's binary input, in bytes (default 8 MiB).
+    pub max_input_bytes: usize,
+    /// Labels a job or a filter may have (default 64).
+    pub max_labels: usize,
+    /// A label key or value, in bytes (default 256).
+    pub max_label_bytes: usize,
+    /// An idempotency key, in bytes (default 256).
+    pub max_idempotency_key_bytes: usize,
+    /// `ListJobs` page size when the request gives none (default 50).
+    pub default_page_size: usize,
+    /// The largest `ListJobs` page (default 1000).
+    pub max_page_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_actions_per_job: 100,
+            max_params_bytes: 64 * 1024,
+            max_input_bytes: 8 * 1024 * 1024,
+            max_labels: 64,
+            max_label_bytes: 256,
+            max_idempotency_key_bytes: 256,
+            default_page_size: 50,
+            max_page_size: 1000,
+        }
+    }
+}

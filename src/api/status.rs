@@ -1,0 +1,109 @@
+//! Every domain error becomes a `tonic::Status` here, in one exhaustive place, so a new error
+//! variant cannot silently turn into INTERNAL. Details follow the rich error model
+//! (`google.rpc.BadRequest`, `ErrorInfo`).
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{executor::ExecutorError, job::FieldViolation, store::StoreError};
+
+/// The `ErrorInfo.domain` of every error longrun returns.
+const ERROR_DOMAIN: &str = "longrun.dev";
+
+/// INVALID_ARGUMENT with one `BadRequest` field violation per problem.
+pub fn invalid(violations: Vec<FieldViolation>) -> Status {
+    let message = violations
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut details = ErrorDetails::new();
+    for v in violations {
+        details.add_bad_request_violation(v.field, v.description);
+    }
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: {message}"),
+        details,
+    )
+}
+
+/// INVALID_ARGUMENT for one field.
+pub fn invalid_field(violation: FieldViolation) -> Status {
+    invalid(vec![violation])
+}
+
+fn with_reason(code: Code, reason: &str, message: String, metadata: HashMap<String, String>) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}
+
+/// NOT_FOUND for a job id.
+pub fn job_not_found(id: impl ToString) -> Status {
+    let id = id.to_string();
+    with_reason(
+        Code::NotFound,
+        "JOB_NOT_FOUND",
+        format!("job {id} not found"),
+        HashMap::from([("job_id".to_owned(), id)]),
+    )
+}
+
+impl From<StoreError> for Status {
+    fn from(error: StoreError) -> Self {
+        match &error {
+            StoreError::Closed => Status::unavailable(error.to_string()),
+            StoreError::Backend { .. } => {
+                tracing::error!(error = %error, "store failure");
+                Status::unavailable(format!("storage is unavailable: {error}"))
+            }
+            StoreError::Corrupt(_) => {
+                tracing::error!(error = %error, "corrupt data");
+                Status::data_loss(error.to_string())
+            }
+            StoreError::StaleVersion { .. } | StoreError::Missing(_) => {
+                Status::aborted(format!("concurrent change, try again: {error}"))
+            }
+        }
+    }
+}
+
+impl From<ExecutorError> for Status {
+    fn from(error: ExecutorError) -> Self {
+        match error {
+            ExecutorError::Invalid(violations) => invalid(violations),
+            ExecutorError::NotFound(id) => job_not_found(id),
+            ExecutorError::QueueFull { limit } => {
+                let mut details = ErrorDetails::with_error_info(
+                    "QUEUE_FULL",
+                    ERROR_DOMAIN,
+                    HashMap::from([("max_queue_length".to_owned(), limit.to_string())]),
+                );
+                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+                Status::with_error_details(
+                    Code::ResourceExhausted,
+                    format!("the queue is full ({limit} jobs waiting); retry later"),
+                    details,
+                )
+            }
+            ExecutorError::ShuttingDown => with_reason(
+                Code::Unavailable,
+                "SHUTTING_DOWN",
+                "the server is shutting down and takes no new jobs".to_owned(),
+                HashMap::new(),
+            ),
+            ExecutorError::Illegal { id, source } => with_reason(
+                Code::FailedPrecondition,
+                "ILLEGAL_TRANSITION",
+                format!("job {id}: {source}"),
+                HashMap::from([("job_id".to_owned(), id.to_string())]),
+            ),
+            ExecutorError::Store(error) => error.into(),
+        }
+    }
+}

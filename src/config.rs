@@ -1,0 +1,256 @@
+//! The server's configuration: one struct, filled from defaults, then an optional TOML file,
+//! then command-line flags (each flag also reads a `LONGRUN_*` environment variable).
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use crate::{
+    api::Limits,
+    executor::{ExecutorConfig, InterruptedPolicy},
+};
+
+/// Which store keeps the jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// SQLite in the data directory: durable, the default.
+    Sqlite,
+    /// Process memory: nothing survives a restart (for tests and demos).
+    Memory,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// Settings that may come from the config file or from flags. Every one is optional here;
+/// [`Config::resolve`] fills in the documented defaults.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address to serve gRPC on [default: 127.0.0.1:50051].
+    #[arg(long, env = "LONGRUN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the embedded store [default: ./longrun-data].
+    #[arg(long, env = "LONGRUN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where jobs are kept [default: sqlite].
+    #[arg(long, value_enum, env = "LONGRUN_STORE")]
+    pub store: Option<StoreKind>,
+    /// Jobs run at once [default: 16].
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Jobs that may wait in the queue; Submit past it gets RESOURCE_EXHAUSTED [default: 100000].
+    #[arg(long)]
+    pub max_queue_length: Option<usize>,
+    /// Largest gRPC message in bytes, either way [default: 16777216].
+    #[arg(long)]
+    pub max_message_bytes: Option<usize>,
+    /// Actions a job may have [default: 100].
+    #[arg(long)]
+    pub max_actions_per_job: Option<usize>,
+    /// An action's params, encoded, in bytes [default: 65536].
+    #[arg(long)]
+    pub max_params_bytes: Option<usize>,
+    /// An action's binary input in bytes [default: 8388608].
+    #[arg(long)]
+    pub max_input_bytes: Option<usize>,
+    /// Labels per job or filter [default: 64].
+    #[arg(long)]
+    pub max_labels: Option<usize>,
+    /// Attempts a job gets when its Submit does not say [default: 1].
+    #[arg(long)]
+    pub default_max_attempts: Option<u32>,
+    /// The wait before the first retry, doubled for each further one [default: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Option<Duration>,
+    /// The longest wait between retries [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Option<Duration>,
+    /// How long a cancelled handler may take to stop before it is killed [default: 10s].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub cancel_grace: Option<Duration>,
+    /// How long running jobs may take to finish on shutdown before they are stopped [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Option<Duration>,
+    /// What to do with jobs found RUNNING after a crash [default: requeue].
+    #[arg(long, value_enum)]
+    pub interrupted: Option<InterruptedPolicy>,
+    /// How long finished jobs are kept [default: 14days].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub retention: Option<Duration>,
+    /// Interval of HTTP/2 keepalive pings on idle connections, so long watches survive proxies
+    /// [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Option<Duration>,
+}
+
+impl Settings {
+    /// These settings, with the gaps filled from `fallback`.
+    fn or(self, fallback: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(fallback.listen),
+            data_dir: self.data_dir.or(fallback.data_dir),
+            store: self.store.or(fallback.store),
+            concurrency: self.concurrency.or(fallback.concurrency),
+            max_queue_length: self.max_queue_length.or(fallback.max_queue_length),
+            max_message_bytes: self.max_message_bytes.or(fallback.max_message_bytes),
+            max_actions_per_job: self.max_actions_per_job.or(fallback.max_actions_per_job),
+            max_params_bytes: self.max_params_bytes.or(fallback.max_params_bytes),
+            max_input_bytes: self.max_input_bytes.or(fallback.max_input_bytes),
+            max_labels: self.max_labels.or(fallback.max_labels),
+            default_max_attempts: self.default_max_attempts.or(fallback.default_max_attempts),
+            retry_backoff: self.retry_backoff.or(fallback.retry_backoff),
+            retry_backoff_max: self.retry_backoff_max.or(fallback.retry_backoff_max),
+            cancel_grace: self.cancel_grace.or(fallback.cancel_grace),
+            shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
+            interrupted: self.interrupted.or(fallback.interrupted),
+            retention: self.retention.or(fallback.retention),
+            keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
+        }
+    }
+}
+
+/// The `[exec]` table of the config file: the commands the `exec` action may run.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecSettings {
+    /// Declared commands by name.
+    pub commands: BTreeMap<String, toml::Table>,
+}
+
+/// The config file: a `[server]` table with the same settings as the flags, and an `[exec]`
+/// table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// Server settings.
+    #[serde(rename = "server")]
+    pub settings: Settings,
+    /// Commands for the `exec` action.
+    pub exec: ExecSettings,
+}
+
+impl FileConfig {
+    /// Parses a config file's text.
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+/// The resolved configuration of a server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to serve on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// Which store keeps the jobs.
+    pub store: StoreKind,
+    /// Limits enforced at the edge.
+    pub limits: Limits,
+    /// The executor's limits and timings.
+    pub executor: ExecutorConfig,
+    /// How long running jobs may take to finish on shutdown.
+    pub shutdown_grace: Duration,
+    /// How long finished jobs are kept.
+    pub retention: Duration,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// Commands for the `exec` action.
+    pub exec_commands: BTreeMap<String, toml::Table>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::resolve(Settings::default(), FileConfig::default())
+    }
+}
+
+impl Config {
+    /// Flags over file over defaults.
+    pub fn resolve(flags: Settings, file: FileConfig) -> Self {
+        let s = flags.or(file.settings);
+        let limit_defaults = Limits::default();
+        let exec_defaults = ExecutorConfig::default();
+        Self {
+            listen: s
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("longrun-data")),
+            store: s.store.unwrap_or(StoreKind::Sqlite),
+            limits: Limits {
+                max_message_bytes: s.max_message_bytes.unwrap_or(limit_defaults.max_message_bytes),
+                max_actions_per_job: s
+                    .max_actions_per_job
+                    .unwrap_or(limit_defaults.max_actions_per_job),
+                max_params_bytes: s.max_params_bytes.unwrap_or(limit_defaults.max_params_bytes),
+                max_input_bytes: s.max_input_bytes.unwrap_or(limit_defaults.max_input_bytes),
+                max_labels: s.max_labels.unwrap_or(limit_defaults.max_labels),
+                ..limit_defaults
+            },
+            executor: ExecutorConfig {
+                concurrency: s.concurrency.unwrap_or(exec_defaults.concurrency),
+                max_queue_length: s.max_queue_length.unwrap_or(exec_defaults.max_queue_length),
+                default_max_attempts: s
+                    .default_max_attempts
+                    .unwrap_or(exec_defaults.default_max_attempts),
+                retry_backoff_initial: s
+                    .retry_backoff
+                    .unwrap_or(exec_defaults.retry_backoff_initial),
+                retry_backoff_max: s.retry_backoff_max.unwrap_or(exec_defaults.retry_backoff_max),
+                cancel_grace: s.cancel_grace.unwrap_or(exec_defaults.cancel_grace),
+                interrupted_policy: s.interrupted.unwrap_or(exec_defaults.interrupted_policy),
+                ..exec_defaults
+            },
+            shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
+            retention: s
+                .retention
+                .unwrap_or(Duration::from_secs(14 * 24 * 60 * 60)),
+            keepalive_interval: s.keepalive_interval.unwrap_or(Duration::from_secs(30)),
+            exec_commands: file.exec.commands,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let file = FileConfig::parse(
+            r#"
+            [server]
+            concurrency = 3
+            max_queue_length = 7
+            cancel_grace = "250ms"
+            "#,
+        )
+        .unwrap();
+        let flags = Settings {
+            concurrency: Some(5),
+            ..Settings::default()
+        };
+        let config = Config::resolve(flags, file);
+        assert_eq!(config.executor.concurrency, 5);
+        assert_eq!(config.executor.max_queue_length, 7);
+        assert_eq!(config.executor.cancel_grace, Duration::from_millis(250));
+        assert_eq!(config.limits.max_actions_per_job, 100);
+        assert_eq!(config.store, StoreKind::Sqlite);
+        assert_eq!(config.retention, Duration::from_secs(14 * 86400));
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let error = FileConfig::parse("[server]\nconcurency = 3").unwrap_err();
+        assert!(error.to_string().contains("concurency"));
+    }
+}

@@ -1,0 +1,150 @@
+//! A resumable watch of one job: the logged transitions after the client's version, then the
+//! current snapshot, then every change as it happens, until the terminal one. Built on the
+//! hub's coalescing channel plus the store's transition log, so a slow reader costs constant
+//! memory and still never misses a state transition.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use tokio::time::Instant;
+
+use super::{Hub, Subscription};
+use crate::{
+    job::{Job, JobId},
+    store::{Store, StoreError},
+};
+
+/// Why a watch cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// No such job (never existed, or already removed).
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// The client asked to resume after a version the job has not reached.
+    #[error("job {id} is at version {current}; cannot resume after version {requested}")]
+    FutureVersion {
+        /// The job.
+        id: JobId,
+        /// The version asked for.
+        requested: i64,
+        /// The job's current version.
+        current: i64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One open watch. Yields snapshots with strictly rising versions and ends after a terminal one.
+pub struct JobWatch {
+    store: Arc<dyn Store>,
+    subscription: Subscription,
+    id: JobId,
+    last_sent: i64,
+    pending: VecDeque<Arc<Job>>,
+    done: bool,
+}
+
+impl JobWatch {
+    /// Opens a watch of job `id` that resumes after `after_version` (0: from now).
+    pub async fn open(
+        store: Arc<dyn Store>,
+        hub: &Arc<Hub>,
+        id: JobId,
+        after_version: i64,
+    ) -> Result<Self, WatchError> {
+        // Subscribe before reading, so a change in between is seen by one or the other.
+        let subscription = hub.subscribe(id);
+        let current = store.get(id).await?.ok_or(WatchError::NotFound(id))?;
+        if after_version > current.version {
+            return Err(WatchError::FutureVersion {
+                id,
+                requested: after_version,
+                current: current.version,
+            });
+        }
+        let mut pending = VecDeque::new();
+        if after_version > 0 {
+            pending.extend(
+                store
+                    .transitions(id, after_version)
+                    .await?
+                    .into_iter()
+                    .filter(|job| job.version < current.version)
+                    .map(Arc::new),
+            );
+        }
+        let done = current.version == after_version && current.is_terminal();
+        if current.version > after_version {
+            pending.push_back(Arc::new(current));
+        }
+        Ok(Self {
+            store,
+            subscription,
+            id,
+            last_sent: after_version,
+            pending,
+            done,
+        })
+    }
+
+    /// The next snapshot, or `None` once the terminal one has been yielded.
+    pub async fn next(&mut self) -> Option<Result<Arc<Job>, StoreError>> {
+        if self.pending.is_empty() && !self.done {
+            if let Err(error) = self.fill().await {
+                self.done = true;
+                return Some(Err(error));
+            }
+        }
+        let job = self.pending.pop_front()?;
+        self.last_sent = job.version;
+        if job.is_terminal() {
+            self.done = true;
+            self.pending.clear();
+        }
+        Some(Ok(job))
+    }
+
+    /// Waits for the next change; when versions were coalesced away and a logged transition
+    /// may be among them, replays the log first.
+    async fn fill(&mut self) -> Result<(), StoreError> {
+        let newest = self.subscription.next_after(self.last_sent).await;
+        let skipped_some = newest.version > self.last_sent + 1;
+        if skipped_some && newest.logged_version > self.last_sent {
+            let missed = self.store.transitions(self.id, self.last_sent).await?;
+            self.pending.extend(
+                missed
+                    .into_iter()
+                    .filter(|job| job.version < newest.version)
+                    .map(Arc::new),
+            );
+        }
+        self.pending.push_back(newest);
+        Ok(())
+    }
+}
+
+/// Waits until job `id` is terminal or `until` passes; returns the job as it is then, and
+/// whether it is terminal.
+pub async fn wait_terminal(
+    store: &Arc<dyn Store>,
+    hub: &Arc<Hub>,
+    id: JobId,
+    until: Option<Instant>,
+) -> Result<(Arc<Job>, bool), WatchError> {
+    let mut subscription = hub.subscribe(id);
+    let mut job = Arc::new(store.get(id).await?.ok_or(WatchError::NotFound(id))?);
+    let deadline = async {
+        match until {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    while !job.is_terminal() {
+        tokio::select! {
+            next = subscription.next_after(job.version) => job = next,
+            _ = &mut deadline => return Ok((job, false)),
+        }
+    }
+    Ok((job, true))
+}

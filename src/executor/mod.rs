@@ -1,0 +1,371 @@
+//! The executor: a priority queue with a concurrency limit, one owner task per running job,
+//! cancellation, timeouts, retries with backoff, crash recovery and graceful shutdown.
+//!
+//! Every change to a job is saved through the [`Store`] before it is published through the
+//! [`Hub`], so nobody is ever told of a state that could be lost.
+
+mod queue;
+mod run;
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    actions::Registry,
+    events::Hub,
+    job::{FieldViolation, IllegalTransition, Job, JobError, JobId, JobState, NewJob},
+    store::{Created, Store, StoreError},
+};
+use queue::{Holder, Scheduler, StopReason};
+
+/// What to do with jobs that were RUNNING when the server stopped without finishing them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InterruptedPolicy {
+    /// Queue them again with `attempt + 1` (even past `max_attempts`: an interruption is not
+    /// the job's fault).
+    #[default]
+    Requeue,
+    /// Fail them with reason `INTERRUPTED`.
+    Fail,
+}
+
+/// The executor's limits and timings.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// Jobs waiting in the queue at most; Submit past it is refused.
+    pub max_queue_length: usize,
+    /// Attempts a job gets when its Submit does not say.
+    pub default_max_attempts: u32,
+    /// The upper bound for `max_attempts` in a Submit.
+    pub max_attempts_limit: u32,
+    /// The wait before the first retry; doubled for each further one.
+    pub retry_backoff_initial: Duration,
+    /// The longest wait between retries.
+    pub retry_backoff_max: Duration,
+    /// How long a cancelled or timed-out handler may take to stop before it is dropped.
+    pub cancel_grace: Duration,
+    /// How often a running job's progress is written to the store at most (progress is
+    /// pushed to watchers at once either way).
+    pub progress_persist_interval: Duration,
+    /// What recovery does with jobs found RUNNING at start.
+    pub interrupted_policy: InterruptedPolicy,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            max_queue_length: 100_000,
+            default_max_attempts: 1,
+            max_attempts_limit: 100,
+            retry_backoff_initial: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(60),
+            cancel_grace: Duration::from_secs(10),
+            progress_persist_interval: Duration::from_secs(1),
+            interrupted_policy: InterruptedPolicy::Requeue,
+        }
+    }
+}
+
+/// Why an executor operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    /// The request is malformed.
+    #[error("invalid request: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldViolation>),
+    /// No such job.
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    /// The queue is full.
+    #[error("the queue is full ({limit} jobs waiting)")]
+    QueueFull {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The server is shutting down and takes no new jobs.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The job's state does not allow the change.
+    #[error("job {id}: {source}")]
+    Illegal {
+        /// The job.
+        id: JobId,
+        /// The refused transition.
+        #[source]
+        source: IllegalTransition,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub(crate) struct Inner {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    registry: Registry,
+    config: ExecutorConfig,
+    scheduler: Mutex<Scheduler>,
+    wake: Notify,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    accepting: CancellationToken,
+    dispatching: CancellationToken,
+}
+
+/// Runs jobs. Cheap to clone; all clones drive the same queue.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+impl Executor {
+    /// Starts an executor over `store`, publishing to `hub`, running `registry`'s handlers.
+    /// Call [`Executor::recover`] next to pick up jobs a previous run left unfinished.
+    pub fn start(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        registry: Registry,
+        config: ExecutorConfig,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            store,
+            hub,
+            registry,
+            permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            config,
+            scheduler: Mutex::default(),
+            wake: Notify::new(),
+            tracker: TaskTracker::new(),
+            accepting: CancellationToken::new(),
+            dispatching: CancellationToken::new(),
+        });
+        let dispatcher = Arc::clone(&inner);
+        inner.tracker.spawn(async move { dispatcher.dispatch().await });
+        Self { inner }
+    }
+
+    /// The store jobs live in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The hub changes are published to.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.inner.hub
+    }
+
+    /// The actions this executor runs.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Jobs waiting in the queue now.
+    pub fn queue_length(&self) -> usize {
+        self.inner.scheduler().queue_length()
+    }
+
+    /// Picks up what a previous run left: QUEUED jobs are queued again in their order; RUNNING
+    /// ones were interrupted and are re-queued (attempt + 1) or failed with reason
+    /// `INTERRUPTED`, as configured. Returns how many jobs were picked up.
+    pub async fn recover(&self) -> Result<usize, ExecutorError> {
+        let unfinished = self.inner.store.unfinished().await?;
+        let count = unfinished.len();
+        for mut job in unfinished {
+            if job.state == JobState::Running {
+                let now = SystemTime::now();
+                let outcome = match self.inner.config.interrupted_policy {
+                    InterruptedPolicy::Requeue => job.interrupt(now),
+                    InterruptedPolicy::Fail => job.fail(
+                        JobError::new(
+                            "ABORTED",
+                            "INTERRUPTED",
+                            "the server stopped while the job was running",
+                        ),
+                        now,
+                    ),
+                };
+                outcome.map_err(|source| ExecutorError::Illegal { id: job.id, source })?;
+                self.inner.commit(&job).await?;
+            }
+            if job.state == JobState::Queued {
+                self.inner.scheduler().enqueue(job.id, job.priority);
+            }
+        }
+        self.inner.wake.notify_one();
+        tracing::info!(jobs = count, "recovered unfinished jobs");
+        Ok(count)
+    }
+
+    /// Validates, stores and queues a job. With an idempotency key already used, returns the
+    /// job that holds it, unchanged.
+    pub async fn submit(&self, spec: NewJob) -> Result<Job, ExecutorError> {
+        if self.inner.accepting.is_cancelled() {
+            return Err(ExecutorError::ShuttingDown);
+        }
+        let violations = self.validate(&spec);
+        if !violations.is_empty() {
+            return Err(ExecutorError::Invalid(violations));
+        }
+        let limit = self.inner.config.max_queue_length;
+        if !self.inner.scheduler().reserve(limit) {
+            return Err(ExecutorError::QueueFull { limit });
+        }
+        let job = Job::new(
+            JobId::generate(),
+            spec,
+            self.inner.config.default_max_attempts,
+            SystemTime::now(),
+        );
+        let created = self.inner.store.create(&job).await;
+        let mut scheduler = self.inner.scheduler();
+        scheduler.unreserve();
+        match created? {
+            Created::Existing(existing) => Ok(*existing),
+            Created::New => {
+                scheduler.enqueue(job.id, job.priority);
+                drop(scheduler);
+                self.inner.wake.notify_one();
+                tracing::debug!(job_id = %job.id, "job queued");
+                Ok(job)
+            }
+        }
+    }
+
+    fn validate(&self, spec: &NewJob) -> Vec<FieldViolation> {
+        let mut violations: Vec<FieldViolation> = spec
+            .actions
+            .iter()
+            .enumerate()
+            .flat_map(|(i, action)| {
+                self.inner
+                    .registry
+                    .validate(&action.name, &action.params)
+                    .into_iter()
+                    .map(move |v| v.under(&format!("actions[{i}]")))
+            })
+            .collect();
+        let limit = self.inner.config.max_attempts_limit;
+        if spec.max_attempts.is_some_and(|n| n > limit) {
+            violations.push(FieldViolation::new(
+                "max_attempts",
+                format!("must be at most {limit}"),
+            ));
+        }
+        violations
+    }
+
+    /// Cancels a job: a queued one at once; a running one by firing its handler's
+    /// cancellation token (the job turns CANCELLED when the handler stops, or after the grace
+    /// period). A job that has ended is returned unchanged.
+    pub async fn cancel(&self, id: JobId) -> Result<Job, ExecutorError> {
+        let holder = self.inner.scheduler().claim(id);
+        match holder {
+            Holder::Task(handle) => {
+                handle.stop(StopReason::Cancelled);
+                tracing::info!(job_id = %id, "cancel requested for a running job");
+                self.get(id).await
+            }
+            Holder::Queue | Holder::Nobody => {
+                let mut job = self.get(id).await?;
+                if job.state != JobState::Queued {
+                    return Ok(job);
+                }
+                job.cancel(cancelled_error(), SystemTime::now())
+                    .map_err(|source| ExecutorError::Illegal { id, source })?;
+                self.inner.commit(&job).await?;
+                tracing::info!(job_id = %id, "queued job cancelled");
+                Ok(job)
+            }
+        }
+    }
+
+    async fn get(&self, id: JobId) -> Result<Job, ExecutorError> {
+        self.inner
+            .store
+            .get(id)
+            .await?
+            .ok_or(ExecutorError::NotFound(id))
+    }
+
+    /// Stops taking new jobs and lets running ones finish for up to `grace`; then tells the
+    /// rest to stop, waits up to the cancel grace period, and returns. Interrupted jobs are
+    /// left QUEUED with `attempt + 1`, so a durable store runs them again after a restart.
+    pub async fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.accepting.cancel();
+        inner.dispatching.cancel();
+        inner.tracker.close();
+        if tokio::time::timeout(grace, inner.tracker.wait()).await.is_ok() {
+            return;
+        }
+        let handles = inner.scheduler().active_handles();
+        tracing::warn!(
+            jobs = handles.len(),
+            "shutdown grace period over, stopping running jobs"
+        );
+        for handle in handles {
+            handle.stop(StopReason::Shutdown);
+        }
+        let bound = inner.config.cancel_grace + Duration::from_secs(1);
+        if tokio::time::timeout(bound, inner.tracker.wait()).await.is_err() {
+            tracing::error!("some jobs did not stop in time");
+        }
+    }
+}
+
+fn cancelled_error() -> JobError {
+    JobError::new("CANCELLED", "CANCELLED", "the job was cancelled")
+}
+
+impl Inner {
+    fn scheduler(&self) -> MutexGuard<'_, Scheduler> {
+        // Scheduler methods never panic halfway through an update; a poisoned lock would only
+        // come from a panic elsewhere while holding it, and its data is still consistent.
+        self.scheduler.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Saves a change, then tells watchers about it.
+    async fn commit(&self, job: &Job) -> Result<(), StoreError> {
+        self.store.save(job).await?;
+        self.hub.publish(Arc::new(job.clone()));
+        Ok(())
+    }
+
+    async fn dispatch(self: Arc<Self>) {
+        loop {
+            let permit = tokio::select! {
+                _ = self.dispatching.cancelled() => return,
+                permit = Arc::clone(&self.permits).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let (id, handle) = loop {
+                if let Some(next) = self.scheduler().pop() {
+                    break next;
+                }
+                tokio::select! {
+                    _ = self.dispatching.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                }
+            };
+            let runner = Arc::clone(&self);
+            let span = tracing::info_span!("job", job_id = %id);
+            self.tracker.spawn(
+                async move {
+                    runner.run(id, handle, permit).await;
+                }
+                .instrument(span),
+            );
+        }
+    }
+}

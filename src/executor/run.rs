@@ -1,0 +1,290 @@
+//! The owner task of one job: it runs the job's actions in order, applies their progress,
+//! honours cancellation and timeouts, and decides between success, retry and failure.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde_json::Value;
+use tokio::{sync::OwnedSemaphorePermit, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{Inner, cancelled_error, queue::StopHandle, queue::StopReason};
+use crate::{
+    actions::{ActionContext, HandlerError, ProgressReporter},
+    job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS},
+    store::StoreError,
+};
+
+/// Why the owner task gave up on its job before deciding its fate.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Succeeded,
+    Failed(HandlerError),
+    Stopped(StopReason),
+}
+
+impl Inner {
+    /// Owns job `id` from the moment it leaves the queue until it ends, goes back to the
+    /// queue, or the server stops.
+    pub(super) async fn run(
+        self: Arc<Self>,
+        id: JobId,
+        handle: StopHandle,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let outcome = self.run_owned(id, &handle).await;
+        // The worker slot is free from here on, also while a retry waits out its backoff.
+        drop(permit);
+        let outcome = match outcome {
+            Ok(Some(job)) => self.wait_and_requeue(job).await,
+            other => other.map(|_| ()),
+        };
+        if let Err(error) = outcome {
+            tracing::error!(%error, "job run aborted; the stored state stands until recovery");
+        }
+        self.scheduler().finish(id);
+    }
+
+    /// Runs one attempt and settles the job; returns it when it is to be retried.
+    async fn run_owned(&self, id: JobId, handle: &StopHandle) -> Result<Option<Job>, RunError> {
+        let Some(mut job) = self.store.get(id).await? else {
+            return Ok(None);
+        };
+        if job.state != JobState::Queued {
+            // Cancelled (or deleted) while it waited in the queue.
+            return Ok(None);
+        }
+        job.start(SystemTime::now())?;
+        self.commit(&job).await?;
+        tracing::info!(attempt = job.attempt, "job started");
+
+        let outcome = self.run_attempt(&mut job, handle).await?;
+        let now = SystemTime::now();
+        let error = match outcome {
+            Attempt::Succeeded => {
+                job.succeed(now)?;
+                self.commit(&job).await?;
+                tracing::info!("job succeeded");
+                None
+            }
+            // A timeout is reported as the running action's failure, never as a stop.
+            Attempt::Stopped(StopReason::Cancelled | StopReason::Timeout | StopReason::None) => {
+                job.cancel(cancelled_error(), now)?;
+                self.commit(&job).await?;
+                tracing::info!("job cancelled");
+                None
+            }
+            Attempt::Stopped(StopReason::Shutdown) => {
+                job.interrupt(now)?;
+                self.commit(&job).await?;
+                tracing::info!("job interrupted by shutdown, left queued");
+                None
+            }
+            Attempt::Failed(error) => Some(error),
+        };
+        if let Some(error) = error {
+            if error.retryable && job.has_attempts_left() {
+                job.retry(now)?;
+                self.commit(&job).await?;
+                return Ok(Some(job));
+            }
+            job.fail(error.error, now)?;
+            self.commit(&job).await?;
+            tracing::info!("job failed");
+        }
+        Ok(None)
+    }
+
+    /// Runs the job's remaining actions in order; stops at the first that does not succeed.
+    async fn run_attempt(&self, job: &mut Job, handle: &StopHandle) -> Result<Attempt, RunError> {
+        let deadline = job.timeout.map(|timeout| Instant::now() + timeout);
+        let attempt_done = CancellationToken::new();
+        let _stop_timer = attempt_done.clone().drop_guard();
+        if let Some(deadline) = deadline {
+            let timer = handle.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => timer.stop(StopReason::Timeout),
+                    _ = attempt_done.cancelled() => {}
+                }
+            });
+        }
+        while let Some(index) = job.next_action() {
+            if handle.token().is_cancelled() && handle.reason() != StopReason::Timeout {
+                return Ok(Attempt::Stopped(handle.reason()));
+            }
+            job.start_action(index, SystemTime::now())?;
+            self.commit(job).await?;
+            let result = self.run_action(job, index, handle, deadline).await?;
+            let now = SystemTime::now();
+            match result {
+                Ok(value) => {
+                    job.succeed_action(index, value, now)?;
+                    self.commit(job).await?;
+                }
+                Err(_) if handle.reason() == StopReason::Timeout => {
+                    let error = HandlerError::new(
+                        "DEADLINE_EXCEEDED",
+                        "TIMEOUT",
+                        format!(
+                            "the attempt ran longer than the job's timeout of {:?}",
+                            job.timeout.unwrap_or_default()
+                        ),
+                    );
+                    job.fail_action(index, error.error.clone(), now)?;
+                    self.commit(job).await?;
+                    return Ok(Attempt::Failed(error));
+                }
+                Err(_) if handle.token().is_cancelled() => {
+                    return Ok(Attempt::Stopped(handle.reason()));
+                }
+                Err(error) => {
+                    job.fail_action(index, error.error.clone(), now)?;
+                    self.commit(job).await?;
+                    return Ok(Attempt::Failed(error));
+                }
+            }
+        }
+        Ok(Attempt::Succeeded)
+    }
+
+    /// Runs one action's handler, applying its progress as it comes. Once the job is told to
+    /// stop, the handler gets the grace period to return; after that it is dropped.
+    async fn run_action(
+        &self,
+        job: &mut Job,
+        index: usize,
+        handle: &StopHandle,
+        deadline: Option<Instant>,
+    ) -> Result<Result<Value, HandlerError>, RunError> {
+        let action = &job.actions[index];
+        let Some(handler) = self.registry.get(&action.name) else {
+            return Ok(Err(HandlerError::permanent(
+                "UNIMPLEMENTED",
+                "UNKNOWN_ACTION",
+                format!("this server has no action named {:?}", action.name),
+            )));
+        };
+        let (progress, mut progress_rx) = ProgressReporter::channel();
+        let ctx = ActionContext {
+            job_id: job.id,
+            action_index: index,
+            attempt: job.attempt,
+            params: action.params.clone(),
+            input: action.input.clone(),
+            progress,
+            cancel: handle.token().child_token(),
+            deadline,
+        };
+        let span = tracing::info_span!("action", index, name = %action.name);
+        let mut run = std::pin::pin!(tracing::Instrument::instrument(handler.run(ctx), span));
+        let mut persisted_version = job.version;
+        let mut last_persist = Instant::now();
+        let mut progress_open = true;
+        let mut grace_ends: Option<Instant> = None;
+        loop {
+            let grace = async {
+                match grace_ends {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                result = &mut run => {
+                    self.apply_progress(job, index, &mut progress_rx, &mut persisted_version, &mut last_persist, true).await?;
+                    return Ok(result);
+                }
+                changed = progress_rx.changed(), if progress_open => {
+                    if changed.is_err() {
+                        progress_open = false;
+                        continue;
+                    }
+                    self.apply_progress(job, index, &mut progress_rx, &mut persisted_version, &mut last_persist, false).await?;
+                }
+                _ = handle.token().cancelled(), if grace_ends.is_none() => {
+                    grace_ends = Some(Instant::now() + self.config.cancel_grace);
+                }
+                _ = grace => {
+                    tracing::warn!(grace = ?self.config.cancel_grace, "handler ignored its cancellation; dropped");
+                    return Ok(Err(HandlerError::cancelled()));
+                }
+            }
+        }
+    }
+
+    /// Applies the newest reported progress, publishes it, and persists it when enough time
+    /// or versions have gone by (or `force`, before a state change is saved anyway).
+    async fn apply_progress(
+        &self,
+        job: &mut Job,
+        index: usize,
+        progress_rx: &mut tokio::sync::watch::Receiver<Option<crate::job::Progress>>,
+        persisted_version: &mut i64,
+        last_persist: &mut Instant,
+        force: bool,
+    ) -> Result<(), RunError> {
+        let reported = progress_rx.borrow_and_update().clone();
+        let Some(progress) = reported else {
+            return Ok(());
+        };
+        if !job.report_progress(index, progress, SystemTime::now()) {
+            return Ok(());
+        }
+        let due = last_persist.elapsed() >= self.config.progress_persist_interval
+            || job.version - *persisted_version >= MAX_UNPERSISTED_VERSIONS - 1;
+        if force || due {
+            self.store.save(job).await?;
+            *persisted_version = job.version;
+            *last_persist = Instant::now();
+        }
+        self.hub.publish(Arc::new(job.clone()));
+        Ok(())
+    }
+
+    /// Waits out the backoff before a retry, then puts the job back in the queue. A cancel
+    /// during the wait cancels the job; a shutdown leaves it QUEUED for recovery.
+    async fn wait_and_requeue(&self, mut job: Job) -> Result<(), RunError> {
+        // The attempt's handle may have fired (a timeout); the wait gets a fresh one.
+        let handle = self.scheduler().rearm(job.id);
+        let backoff = self.backoff(job.attempt);
+        tracing::info!(attempt = job.attempt, ?backoff, "job will be retried");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {
+                self.scheduler().requeue(job.id, job.priority);
+                self.wake.notify_one();
+            }
+            _ = handle.token().cancelled() => {
+                if handle.reason() == StopReason::Cancelled {
+                    job.cancel(cancelled_error(), SystemTime::now())?;
+                    self.commit(&job).await?;
+                    tracing::info!("job cancelled while waiting to be retried");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The wait before attempt `attempt`: exponential from the initial backoff, capped, with
+    /// up to 25% random jitter so retries of many jobs do not all land at once.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(2).min(30);
+        let base = self
+            .config
+            .retry_backoff_initial
+            .saturating_mul(1 << doublings)
+            .min(self.config.retry_backoff_max);
+        let jitter = base.mul_f64(rand::random::<f64>() * 0.25);
+        base + jitter
+    }
+}
