@@ -2,9 +2,11 @@
 //! server knows by name, and the built-in handlers.
 
 mod builtin;
+mod exec;
 mod params;
 
 pub use builtin::{Echo, Fail, Sha256, Sleep};
+pub use exec::{Exec, ExecCommand};
 pub use params::{ParamInfo, ParamType};
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};

@@ -1,0 +1,267 @@
+//! Running one declared command as a child process in its own process group: feeding stdin,
+//! reading stdout and stderr while it runs, and stopping the whole group on cancel or drop.
+
+use std::{
+    io::{self, ErrorKind},
+    os::unix::process::ExitStatusExt as _,
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use nix::{
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use serde_json::Value;
+use tokio::{
+    io::AsyncWriteExt as _,
+    process::{Child, ChildStdin, Command},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ExecCommand,
+    protocol::{Line, RawLine, TAIL_LINE_BYTES, Tail, parse_line, read_lines, truncate},
+};
+use crate::actions::ProgressReporter;
+
+/// How many lines of stdout and of stderr are kept for results and errors.
+pub(super) const TAIL_LINES: usize = 50;
+/// The longest stdout line read whole, so an `@result` may be this big; longer lines are cut.
+pub(super) const MAX_STDOUT_LINE_BYTES: usize = 1024 * 1024;
+/// How long to keep reading stdout and stderr after the command exits. Output already in the
+/// pipes is read at once; this only bounds the wait when something the command left running in
+/// the background still holds the pipes open.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long to wait for the group leader to be reaped after SIGKILL; the kernel makes this
+/// near instant, the bound only keeps a stuck wait from hanging the action.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// What a command that ran to its end left behind.
+pub(super) struct Finished {
+    pub(super) status: ExitStatus,
+    pub(super) stdout_tail: Tail,
+    pub(super) stderr_tail: Tail,
+    /// The last `@result` line: its value, or why it is not valid JSON.
+    pub(super) result: Option<Result<Value, String>>,
+    /// Writing stdin failed for a reason other than the command not reading it.
+    pub(super) stdin_error: Option<io::Error>,
+}
+
+/// Why a command did not run to its end.
+pub(super) enum Stopped {
+    /// It could not be started.
+    Spawn(io::Error),
+    /// Waiting for it failed.
+    Wait(io::Error),
+    /// The cancellation token fired; the group was stopped.
+    Cancelled,
+}
+
+/// SIGKILLs the child's process group when dropped, unless the child was reaped first. This is
+/// what stops the command when the executor drops the handler's future instead of letting it
+/// finish; `kill_on_drop` alone would kill only the group leader and leave its children.
+struct GroupGuard {
+    pgid: Pid,
+    reaped: bool,
+}
+
+impl GroupGuard {
+    fn signal(&self, signal: Signal) {
+        // ESRCH (the group is already gone) is the outcome we want, so errors are only logged.
+        if let Err(error) = killpg(self.pgid, signal) {
+            tracing::debug!(pgid = %self.pgid, %signal, %error, "signalling the exec process group failed");
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        // Once the leader is reaped its pid, and so the group id, may be reused by an
+        // unrelated process: never signal it then.
+        if !self.reaped {
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs `command` with `args` to its end, or until `cancel` fires: then SIGTERM to the group,
+/// and SIGKILL if the leader has not exited after `grace`.
+pub(super) async fn run(
+    command: &ExecCommand,
+    args: &[String],
+    input: Bytes,
+    progress: &ProgressReporter,
+    cancel: &CancellationToken,
+    grace: Duration,
+) -> Result<Finished, Stopped> {
+    let mut cmd = Command::new(&command.program);
+    cmd.args(&command.args).args(args).envs(&command.env);
+    if let Some(dir) = &command.working_dir {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own group, so one signal reaches everything the command starts.
+        .process_group(0)
+        .spawn()
+        .map_err(Stopped::Spawn)?;
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .ok_or_else(|| Stopped::Wait(io::Error::other("the started command has no pid")))?;
+    // Declared after `child` so it drops first: the group is killed while the leader is
+    // still unreaped and its pid cannot have been reused.
+    let mut guard = GroupGuard {
+        pgid: Pid::from_raw(pid),
+        reaped: false,
+    };
+    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+
+    let mut stdout_tail = Tail::new(TAIL_LINES);
+    let mut stderr_tail = Tail::new(TAIL_LINES);
+    let mut result = None;
+    let mut stdin_error = None;
+    let exited = CancellationToken::new();
+
+    let supervise = async {
+        let outcome = supervise(&mut child, &mut guard, cancel, grace).await;
+        exited.cancel();
+        outcome
+    };
+    let feed = until_drained(&exited, async {
+        if let Some(stdin) = stdin {
+            stdin_error = write_stdin(stdin, &input).await.err();
+        }
+    });
+    let read_stdout = until_drained(&exited, async {
+        if let Some(stdout) = stdout {
+            let on_line =
+                |line: RawLine| on_stdout_line(line, progress, &mut stdout_tail, &mut result);
+            log_read_error(
+                "stdout",
+                read_lines(stdout, MAX_STDOUT_LINE_BYTES, on_line).await,
+            );
+        }
+    });
+    let read_stderr = until_drained(&exited, async {
+        if let Some(stderr) = stderr {
+            let on_line = |line: RawLine| stderr_tail.push(&line.text);
+            log_read_error("stderr", read_lines(stderr, TAIL_LINE_BYTES, on_line).await);
+        }
+    });
+    let (status, (), (), ()) = tokio::join!(supervise, feed, read_stdout, read_stderr);
+    Ok(Finished {
+        status: status?,
+        stdout_tail,
+        stderr_tail,
+        result,
+        stdin_error,
+    })
+}
+
+/// Waits for the child to exit, or stops its group when `cancel` fires.
+async fn supervise(
+    child: &mut Child,
+    guard: &mut GroupGuard,
+    cancel: &CancellationToken,
+    grace: Duration,
+) -> Result<ExitStatus, Stopped> {
+    tokio::select! {
+        // An exit that races the cancel wins: the work is done, report it.
+        biased;
+        status = child.wait() => {
+            let status = status.map_err(Stopped::Wait)?;
+            guard.reaped = true;
+            Ok(status)
+        }
+        () = cancel.cancelled() => {
+            guard.signal(Signal::SIGTERM);
+            let exited = match tokio::time::timeout(grace, child.wait()).await {
+                Ok(status) => status.is_ok(),
+                Err(_) => {
+                    guard.signal(Signal::SIGKILL);
+                    matches!(tokio::time::timeout(KILL_WAIT, child.wait()).await, Ok(Ok(_)))
+                }
+            };
+            guard.reaped = exited;
+            Err(Stopped::Cancelled)
+        }
+    }
+}
+
+/// Runs `work` until it ends, or until [`DRAIN_TIMEOUT`] after `exited` fires.
+async fn until_drained(exited: &CancellationToken, work: impl Future<Output = ()>) {
+    tokio::select! {
+        () = work => {}
+        () = async {
+            exited.cancelled().await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => tracing::debug!("gave up reading an exec command's pipes: a background process holds them"),
+    }
+}
+
+/// Writes the whole input, then closes stdin so the command sees its end. A command that
+/// exits without reading it all closes the pipe: that is its choice, not an error.
+async fn write_stdin(mut stdin: ChildStdin, input: &[u8]) -> io::Result<()> {
+    let written = async {
+        stdin.write_all(input).await?;
+        stdin.shutdown().await
+    };
+    match written.await {
+        Err(error) if error.kind() == ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+fn on_stdout_line(
+    line: RawLine,
+    progress: &ProgressReporter,
+    tail: &mut Tail,
+    result: &mut Option<Result<Value, String>>,
+) {
+    match parse_line(&line.text) {
+        Line::Percent { percent, message } => {
+            progress.percent(percent, truncate(message, TAIL_LINE_BYTES));
+        }
+        Line::Units {
+            current,
+            total,
+            message,
+        } => progress.units(current, total, truncate(message, TAIL_LINE_BYTES)),
+        Line::Result(_) if line.truncated => {
+            *result = Some(Err(format!(
+                "the @result line is longer than {MAX_STDOUT_LINE_BYTES} bytes"
+            )));
+        }
+        Line::Result(json) => {
+            *result = Some(serde_json::from_str(json).map_err(|error| {
+                format!(
+                    "@result is not valid JSON ({error}): {}",
+                    truncate(json, 200)
+                )
+            }));
+        }
+        Line::Output(text) => tail.push(text),
+    }
+}
+
+fn log_read_error(stream: &str, outcome: io::Result<()>) {
+    if let Err(error) = outcome {
+        tracing::warn!(stream, %error, "reading an exec command's output failed");
+    }
+}
+
+/// The name of the signal that ended the process (`SIGKILL`), if one did. Names, not numbers:
+/// numbers differ between platforms.
+pub(super) fn killed_by(status: ExitStatus) -> Option<String> {
+    let signal = status.signal()?;
+    Some(
+        Signal::try_from(signal)
+            .map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_owned()),
+    )
+}
