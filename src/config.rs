@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 use serde::Deserialize;
 
 use crate::{
+    actions::{Exec, ExecCommand, Registry},
     api::Limits,
     executor::{ExecutorConfig, InterruptedPolicy},
 };
@@ -123,7 +124,7 @@ impl Settings {
 #[serde(default, deny_unknown_fields)]
 pub struct ExecSettings {
     /// Declared commands by name.
-    pub commands: BTreeMap<String, toml::Table>,
+    pub commands: BTreeMap<String, ExecCommand>,
 }
 
 /// The config file: a `[server]` table with the same settings as the flags, and an `[exec]`
@@ -165,7 +166,7 @@ pub struct Config {
     /// HTTP/2 keepalive ping interval.
     pub keepalive_interval: Duration,
     /// Commands for the `exec` action.
-    pub exec_commands: BTreeMap<String, toml::Table>,
+    pub exec_commands: BTreeMap<String, ExecCommand>,
 }
 
 impl Default for Config {
@@ -175,6 +176,18 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The actions this config runs: the built-ins, plus `exec` when commands are declared.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::with_builtins();
+        if !self.exec_commands.is_empty() {
+            registry.register(
+                "exec",
+                Exec::new(self.exec_commands.clone(), self.executor.cancel_grace),
+            );
+        }
+        registry
+    }
+
     /// Flags over file over defaults.
     pub fn resolve(flags: Settings, file: FileConfig) -> Self {
         let s = flags.or(file.settings);
@@ -187,11 +200,15 @@ impl Config {
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("longrun-data")),
             store: s.store.unwrap_or(StoreKind::Sqlite),
             limits: Limits {
-                max_message_bytes: s.max_message_bytes.unwrap_or(limit_defaults.max_message_bytes),
+                max_message_bytes: s
+                    .max_message_bytes
+                    .unwrap_or(limit_defaults.max_message_bytes),
                 max_actions_per_job: s
                     .max_actions_per_job
                     .unwrap_or(limit_defaults.max_actions_per_job),
-                max_params_bytes: s.max_params_bytes.unwrap_or(limit_defaults.max_params_bytes),
+                max_params_bytes: s
+                    .max_params_bytes
+                    .unwrap_or(limit_defaults.max_params_bytes),
                 max_input_bytes: s.max_input_bytes.unwrap_or(limit_defaults.max_input_bytes),
                 max_labels: s.max_labels.unwrap_or(limit_defaults.max_labels),
                 ..limit_defaults
@@ -205,7 +222,9 @@ impl Config {
                 retry_backoff_initial: s
                     .retry_backoff
                     .unwrap_or(exec_defaults.retry_backoff_initial),
-                retry_backoff_max: s.retry_backoff_max.unwrap_or(exec_defaults.retry_backoff_max),
+                retry_backoff_max: s
+                    .retry_backoff_max
+                    .unwrap_or(exec_defaults.retry_backoff_max),
                 cancel_grace: s.cancel_grace.unwrap_or(exec_defaults.cancel_grace),
                 interrupted_policy: s.interrupted.unwrap_or(exec_defaults.interrupted_policy),
                 ..exec_defaults
@@ -246,6 +265,21 @@ mod tests {
         assert_eq!(config.limits.max_actions_per_job, 100);
         assert_eq!(config.store, StoreKind::Sqlite);
         assert_eq!(config.retention, Duration::from_secs(14 * 86400));
+    }
+
+    #[test]
+    fn exec_is_registered_only_with_declared_commands() {
+        assert!(Config::default().registry().get("exec").is_none());
+        let file = FileConfig::parse(
+            r#"
+            [exec.commands.hello]
+            program = "/bin/echo"
+            args = ["hello"]
+            "#,
+        )
+        .unwrap();
+        let config = Config::resolve(Settings::default(), file);
+        assert!(config.registry().get("exec").is_some());
     }
 
     #[test]

@@ -6,7 +6,6 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use longrun::{
-    actions::Registry,
     config::{Config, FileConfig, Settings, StoreKind},
     server::Server,
     store::{MemoryStore, Store},
@@ -64,7 +63,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = match config.store {
         StoreKind::Memory | StoreKind::Sqlite => Arc::new(MemoryStore::new()),
     };
-    let registry = Registry::with_builtins();
+    let registry = config.registry();
     let listen = config.listen;
     let server = Server::start(store, registry, config)
         .await

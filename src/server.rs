@@ -1,7 +1,11 @@
 //! Assembles a server: store, executor, the `longrun.v1.Jobs` service, health, reflection and
 //! the retention sweep; serves until a shutdown signal, then drains in order.
 
-use std::{future::Future, sync::Arc, time::{Duration, SystemTime}};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -79,7 +83,9 @@ impl Server {
     ) -> Result<(), ServeError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<JobsServer<JobsService>>().await;
-        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -102,7 +108,9 @@ impl Server {
             shutdown.await;
             tracing::info!(?grace, "shutting down: draining running jobs");
             health.set_not_serving::<JobsServer<JobsService>>().await;
-            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
             executor.shutdown(grace).await;
             stopping.cancel();
             tracing::info!("jobs drained; closing connections");

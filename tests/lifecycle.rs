@@ -21,18 +21,33 @@ async fn submitted_job_streams_queued_running_succeeded_with_rising_progress() {
 
     let seen = watch_to_end(&mut client, &job.id, 0).await;
     let versions: Vec<i64> = seen.iter().map(|j| j.version).collect();
-    assert!(versions.windows(2).all(|w| w[0] < w[1]), "versions rise: {versions:?}");
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "versions rise: {versions:?}"
+    );
     let states: Vec<JobState> = seen.iter().map(state).collect();
     assert_eq!(states.last(), Some(&JobState::Succeeded));
-    assert!(states.contains(&JobState::Running), "RUNNING was pushed: {states:?}");
-    let percents: Vec<i32> = seen.iter().map(|j| j.progress.as_ref().unwrap().percent).collect();
-    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "progress never falls: {percents:?}");
+    assert!(
+        states.contains(&JobState::Running),
+        "RUNNING was pushed: {states:?}"
+    );
+    let percents: Vec<i32> = seen
+        .iter()
+        .map(|j| j.progress.as_ref().unwrap().percent)
+        .collect();
+    assert!(
+        percents.windows(2).all(|w| w[0] <= w[1]),
+        "progress never falls: {percents:?}"
+    );
     let distinct_progress = seen
         .iter()
         .filter(|j| state(j) == JobState::Running)
         .map(|j| j.progress.as_ref().unwrap().percent)
         .collect::<std::collections::BTreeSet<_>>();
-    assert!(distinct_progress.len() >= 2, "progress updates were pushed: {percents:?}");
+    assert!(
+        distinct_progress.len() >= 2,
+        "progress updates were pushed: {percents:?}"
+    );
 
     let last = seen.last().unwrap();
     assert_eq!(last.progress.as_ref().unwrap().percent, 100);
@@ -51,16 +66,30 @@ async fn failing_action_fails_the_job_and_skips_the_rest() {
     );
     let job = submit(
         &mut client,
-        request(vec![action("echo", json!({"message": "hi"})), failing, sleep(10, 1)]),
+        request(vec![
+            action("echo", json!({"message": "hi"})),
+            failing,
+            sleep(10, 1),
+        ]),
     )
     .await;
     let done = wait_done(&mut client, &job.id).await;
     assert_eq!(state(&done), JobState::Failed);
     let error = done.error.expect("the job's error is data");
-    assert_eq!((error.code.as_str(), error.reason.as_str()), ("UNAVAILABLE", "BACKEND_DOWN"));
+    assert_eq!(
+        (error.code.as_str(), error.reason.as_str()),
+        ("UNAVAILABLE", "BACKEND_DOWN")
+    );
     assert_eq!(error.message, "no backend");
     let states: Vec<ActionState> = done.actions.iter().map(action_state).collect();
-    assert_eq!(states, [ActionState::Succeeded, ActionState::Failed, ActionState::Skipped]);
+    assert_eq!(
+        states,
+        [
+            ActionState::Succeeded,
+            ActionState::Failed,
+            ActionState::Skipped
+        ]
+    );
     assert_eq!(done.actions[2].error.as_ref().unwrap().reason, "NOT_RUN");
 }
 
@@ -106,12 +135,18 @@ async fn job_past_its_timeout_fails_with_deadline_exceeded() {
     let server = TestServer::start().await;
     let mut client = server.client.clone();
     let mut req = request(vec![sleep(60_000, 10)]);
-    req.timeout = Some(prost_types::Duration { seconds: 0, nanos: 200_000_000 });
+    req.timeout = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 200_000_000,
+    });
     let job = submit(&mut client, req).await;
     let done = wait_done(&mut client, &job.id).await;
     assert_eq!(state(&done), JobState::Failed);
     let error = done.error.unwrap();
-    assert_eq!((error.code.as_str(), error.reason.as_str()), ("DEADLINE_EXCEEDED", "TIMEOUT"));
+    assert_eq!(
+        (error.code.as_str(), error.reason.as_str()),
+        ("DEADLINE_EXCEEDED", "TIMEOUT")
+    );
     assert_eq!(action_state(&done.actions[0]), ActionState::Failed);
 }
 
@@ -120,7 +155,10 @@ async fn sync_wait_returns_the_finished_job() {
     let server = TestServer::start().await;
     let mut client = server.client.clone();
     let mut req = request(vec![sleep(50, 2)]);
-    req.wait = Some(prost_types::Duration { seconds: 10, nanos: 0 });
+    req.wait = Some(prost_types::Duration {
+        seconds: 10,
+        nanos: 0,
+    });
     let job = submit(&mut client, req).await;
     assert_eq!(state(&job), JobState::Succeeded);
 }
@@ -130,7 +168,10 @@ async fn sync_wait_that_runs_out_returns_the_job_not_an_error() {
     let server = TestServer::start().await;
     let mut client = server.client.clone();
     let mut req = request(vec![sleep(30_000, 3)]);
-    req.wait = Some(prost_types::Duration { seconds: 0, nanos: 150_000_000 });
+    req.wait = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 150_000_000,
+    });
     let job = submit(&mut client, req).await;
     assert!(matches!(state(&job), JobState::Queued | JobState::Running));
     assert!(!job.id.is_empty());
@@ -141,7 +182,10 @@ async fn sync_wait_is_bounded_by_the_call_deadline() {
     let server = TestServer::start().await;
     let mut client = server.client.clone();
     let mut req = request(vec![sleep(30_000, 3)]);
-    req.wait = Some(prost_types::Duration { seconds: 3600, nanos: 0 });
+    req.wait = Some(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    });
     let mut call = tonic::Request::new(req);
     call.set_timeout(Duration::from_millis(500));
     let job = client
@@ -183,7 +227,10 @@ async fn wait_job_times_out_with_done_false() {
     let response = client
         .wait_job(pb::WaitJobRequest {
             job_id: job.id.clone(),
-            timeout: Some(prost_types::Duration { seconds: 0, nanos: 100_000_000 }),
+            timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
         })
         .await
         .unwrap()

@@ -242,7 +242,10 @@ mod tests {
 
     #[tokio::test]
     async fn echo_returns_binary_input_as_base64() {
-        let result = Echo.run(ctx(json!({"message": "hi"}), b"\xff\x00", 1)).await.unwrap();
+        let result = Echo
+            .run(ctx(json!({"message": "hi"}), b"\xff\x00", 1))
+            .await
+            .unwrap();
         assert_eq!(result["input"], "/wA=");
         assert_eq!(result["input_encoding"], "base64");
         assert_eq!(result["params"]["message"], "hi");

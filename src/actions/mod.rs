@@ -206,7 +206,10 @@ impl Registry {
             let known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
             return vec![FieldViolation::new(
                 "name",
-                format!("unknown action {name:?}; this server runs: {}", known.join(", ")),
+                format!(
+                    "unknown action {name:?}; this server runs: {}",
+                    known.join(", ")
+                ),
             )];
         };
         let description = handler.describe();
@@ -216,10 +219,7 @@ impl Registry {
         {
             violations = more;
         }
-        violations
-            .into_iter()
-            .map(|v| v.under("params"))
-            .collect()
+        violations.into_iter().map(|v| v.under("params")).collect()
     }
 }
 
@@ -247,7 +247,11 @@ mod tests {
     #[test]
     fn params_are_checked_by_type_and_name() {
         let registry = Registry::with_builtins();
-        assert!(registry.validate("sleep", &params(json!({"duration_ms": 5}))).is_empty());
+        assert!(
+            registry
+                .validate("sleep", &params(json!({"duration_ms": 5})))
+                .is_empty()
+        );
         let violations = registry.validate("sleep", &params(json!({"duration_ms": "long"})));
         assert_eq!(violations[0].field, "params.duration_ms");
         let violations = registry.validate("sleep", &params(json!({"bogus": 1})));

@@ -34,7 +34,10 @@ pub fn parse_job_id(field: &str, value: &str) -> Result<JobId, FieldViolation> {
 pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Vec<FieldViolation>> {
     let mut violations = Vec::new();
     if request.actions.is_empty() {
-        violations.push(FieldViolation::new("actions", "at least one action is required"));
+        violations.push(FieldViolation::new(
+            "actions",
+            "at least one action is required",
+        ));
     }
     if request.actions.len() > limits.max_actions_per_job {
         violations.push(FieldViolation::new(
@@ -132,7 +135,11 @@ pub fn check_labels(
     if labels.len() > limits.max_labels {
         violations.push(FieldViolation::new(
             field,
-            format!("{} labels given; at most {} are allowed", labels.len(), limits.max_labels),
+            format!(
+                "{} labels given; at most {} are allowed",
+                labels.len(),
+                limits.max_labels
+            ),
         ));
     }
     let mut keys: Vec<&String> = labels.keys().collect();
@@ -147,7 +154,10 @@ pub fn check_labels(
         if labels[key].len() > limits.max_label_bytes {
             violations.push(FieldViolation::new(
                 format!("{field}[{key:?}]"),
-                format!("label values must be at most {} bytes", limits.max_label_bytes),
+                format!(
+                    "label values must be at most {} bytes",
+                    limits.max_label_bytes
+                ),
             ));
         }
     }
@@ -349,7 +359,12 @@ mod tests {
                 kind: Some(Kind::NumberValue(f64::NAN)),
             }],
         };
-        s.fields.insert("n".into(), prost_types::Value { kind: Some(Kind::ListValue(list)) });
+        s.fields.insert(
+            "n".into(),
+            prost_types::Value {
+                kind: Some(Kind::ListValue(list)),
+            },
+        );
         assert_eq!(struct_to_json(s, 0).unwrap_err().field, "n[0]");
     }
 
@@ -365,15 +380,26 @@ mod tests {
 
     #[test]
     fn ids_are_checked() {
-        assert_eq!(parse_job_id("job_id", "").unwrap_err().description, "is required");
-        assert!(parse_job_id("job_id", "nope").unwrap_err().description.contains("UUID"));
+        assert_eq!(
+            parse_job_id("job_id", "").unwrap_err().description,
+            "is required"
+        );
+        assert!(
+            parse_job_id("job_id", "nope")
+                .unwrap_err()
+                .description
+                .contains("UUID")
+        );
         let id = JobId::generate();
         assert_eq!(parse_job_id("job_id", &id.to_string()).unwrap(), id);
     }
 
     #[test]
     fn negative_durations_are_refused() {
-        let d = prost_types::Duration { seconds: -1, nanos: 0 };
+        let d = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
         assert_eq!(duration("wait", d).unwrap_err().field, "wait");
     }
 }

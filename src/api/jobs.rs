@@ -88,10 +88,9 @@ fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
 fn watch_status(error: WatchError) -> Status {
     match error {
         WatchError::NotFound(id) => job_not_found(id),
-        WatchError::FutureVersion { .. } => invalid_field(FieldViolation::new(
-            "after_version",
-            error.to_string(),
-        )),
+        WatchError::FutureVersion { .. } => {
+            invalid_field(FieldViolation::new("after_version", error.to_string()))
+        }
         WatchError::Store(error) => error.into(),
     }
 }
@@ -280,7 +279,9 @@ impl Jobs for JobsService {
         let mut jobs = self.executor.store().list(&query).await?;
         let next_page_token = if jobs.len() > limit {
             jobs.truncate(limit);
-            jobs.last().map(|job| job.id.to_string()).unwrap_or_default()
+            jobs.last()
+                .map(|job| job.id.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -349,9 +350,15 @@ mod tests {
 
     #[test]
     fn grpc_timeout_header_is_parsed() {
-        assert_eq!(grpc_timeout(&metadata("250m")), Some(Duration::from_millis(250)));
+        assert_eq!(
+            grpc_timeout(&metadata("250m")),
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(grpc_timeout(&metadata("3S")), Some(Duration::from_secs(3)));
-        assert_eq!(grpc_timeout(&metadata("2H")), Some(Duration::from_secs(7200)));
+        assert_eq!(
+            grpc_timeout(&metadata("2H")),
+            Some(Duration::from_secs(7200))
+        );
         assert_eq!(grpc_timeout(&metadata("9x")), None);
         assert_eq!(grpc_timeout(&MetadataMap::new()), None);
     }

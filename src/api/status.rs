@@ -35,7 +35,12 @@ pub fn invalid_field(violation: FieldViolation) -> Status {
     invalid(vec![violation])
 }
 
-fn with_reason(code: Code, reason: &str, message: String, metadata: HashMap<String, String>) -> Status {
+fn with_reason(
+    code: Code,
+    reason: &str,
+    message: String,
+    metadata: HashMap<String, String>,
+) -> Status {
     Status::with_error_details(
         code,
         message,

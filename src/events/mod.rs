@@ -49,7 +49,10 @@ impl Hub {
         Arc::new(Self::default())
     }
 
-    fn shard(&self, id: &JobId) -> std::sync::MutexGuard<'_, HashMap<JobId, watch::Sender<Snapshot>>> {
+    fn shard(
+        &self,
+        id: &JobId,
+    ) -> std::sync::MutexGuard<'_, HashMap<JobId, watch::Sender<Snapshot>>> {
         let index = (self.hasher.hash_one(id) as usize) % self.shards.len();
         // Every critical section is a single map operation that cannot leave the map
         // inconsistent, so a poisoned lock is still safe to use.

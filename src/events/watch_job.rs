@@ -89,11 +89,12 @@ impl JobWatch {
 
     /// The next snapshot, or `None` once the terminal one has been yielded.
     pub async fn next(&mut self) -> Option<Result<Arc<Job>, StoreError>> {
-        if self.pending.is_empty() && !self.done {
-            if let Err(error) = self.fill().await {
-                self.done = true;
-                return Some(Err(error));
-            }
+        if self.pending.is_empty()
+            && !self.done
+            && let Err(error) = self.fill().await
+        {
+            self.done = true;
+            return Some(Err(error));
         }
         let job = self.pending.pop_front()?;
         self.last_sent = job.version;

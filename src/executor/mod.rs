@@ -149,7 +149,9 @@ impl Executor {
             dispatching: CancellationToken::new(),
         });
         let dispatcher = Arc::clone(&inner);
-        inner.tracker.spawn(async move { dispatcher.dispatch().await });
+        inner
+            .tracker
+            .spawn(async move { dispatcher.dispatch().await });
         Self { inner }
     }
 
@@ -304,7 +306,10 @@ impl Executor {
         inner.accepting.cancel();
         inner.dispatching.cancel();
         inner.tracker.close();
-        if tokio::time::timeout(grace, inner.tracker.wait()).await.is_ok() {
+        if tokio::time::timeout(grace, inner.tracker.wait())
+            .await
+            .is_ok()
+        {
             return;
         }
         let handles = inner.scheduler().active_handles();
@@ -316,7 +321,10 @@ impl Executor {
             handle.stop(StopReason::Shutdown);
         }
         let bound = inner.config.cancel_grace + Duration::from_secs(1);
-        if tokio::time::timeout(bound, inner.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(bound, inner.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::error!("some jobs did not stop in time");
         }
     }

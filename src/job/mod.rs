@@ -56,7 +56,10 @@ mod tests {
     #[test]
     fn violations_nest_under_their_parent() {
         let v = FieldViolation::new("duration_ms", "must be a number");
-        assert_eq!(v.under("actions[2].params").field, "actions[2].params.duration_ms");
+        assert_eq!(
+            v.under("actions[2].params").field,
+            "actions[2].params.duration_ms"
+        );
         let v = FieldViolation::new("", "must be an object");
         assert_eq!(v.under("actions[0].params").field, "actions[0].params");
         let v = FieldViolation::new("[3]", "bad");

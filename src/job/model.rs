@@ -73,11 +73,11 @@ pub struct Progress {
 impl Progress {
     /// Progress of `current` out of `total` units, with the percent derived from them.
     pub fn of(current: u64, total: u64, message: impl Into<String>) -> Self {
-        let percent = if total == 0 {
-            0
-        } else {
-            (current.min(total).saturating_mul(100) / total) as u8
-        };
+        let percent = current
+            .min(total)
+            .saturating_mul(100)
+            .checked_div(total)
+            .unwrap_or(0) as u8;
         Self {
             percent,
             message: message.into(),
@@ -318,10 +318,12 @@ impl Job {
     }
 
     fn action_mut(&mut self, index: usize) -> Result<&mut Action, IllegalTransition> {
-        self.actions.get_mut(index).ok_or_else(|| IllegalTransition {
-            from: format!("action {index}"),
-            to: "a job with fewer actions".to_owned(),
-        })
+        self.actions
+            .get_mut(index)
+            .ok_or_else(|| IllegalTransition {
+                from: format!("action {index}"),
+                to: "a job with fewer actions".to_owned(),
+            })
     }
 
     /// QUEUED → RUNNING: an attempt starts.

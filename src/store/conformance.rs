@@ -11,8 +11,8 @@ use bytes::Bytes;
 use serde_json::{Map, json};
 
 use super::{Created, Deleted, ListQuery, Store};
-use crate::job::{JobError, JobId, JobState, NewAction, NewJob, Progress};
 use crate::job::Job;
+use crate::job::{JobError, JobId, JobState, NewAction, NewJob, Progress};
 
 /// A queued job with `actions` actions, the given labels and idempotency key.
 pub fn sample_job(actions: usize, labels: &[(&str, &str)], key: Option<&str>) -> Job {
@@ -92,7 +92,10 @@ async fn save_logs_state_changes_but_not_progress(store: &impl Store) {
     assert_eq!(versions, vec![1, 2, 3, 5, 6], "progress (v4) is not logged");
     assert_eq!(log.last().unwrap(), &job);
     let after = store.transitions(job.id, 3).await.unwrap();
-    assert_eq!(after.iter().map(|j| j.version).collect::<Vec<_>>(), vec![5, 6]);
+    assert_eq!(
+        after.iter().map(|j| j.version).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
     assert!(store.transitions(job.id, 6).await.unwrap().is_empty());
 }
 
@@ -143,7 +146,10 @@ async fn list_is_newest_first_filtered_and_paged(store: &impl Store) {
         })
         .await
         .unwrap();
-    assert_eq!(page.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
+    assert_eq!(
+        page.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[1]]
+    );
 
     let even = store
         .list(&ListQuery {
@@ -154,7 +160,10 @@ async fn list_is_newest_first_filtered_and_paged(store: &impl Store) {
         })
         .await
         .unwrap();
-    assert_eq!(even.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2], ids[0]]);
+    assert_eq!(
+        even.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[0]]
+    );
 }
 
 async fn delete_only_terminal_jobs(store: &impl Store) {

@@ -31,8 +31,10 @@ pub struct TestServer {
 
 /// A config for fast tests: memory store, short graces and backoffs.
 pub fn test_config() -> Config {
-    let mut config = Config::default();
-    config.store = StoreKind::Memory;
+    let mut config = Config {
+        store: StoreKind::Memory,
+        ..Config::default()
+    };
     config.executor.cancel_grace = Duration::from_millis(300);
     config.executor.retry_backoff_initial = Duration::from_millis(20);
     config.executor.retry_backoff_max = Duration::from_millis(100);
