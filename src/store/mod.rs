@@ -3,11 +3,13 @@
 //! nothing outside this module writes SQL.
 
 mod memory;
+mod sqlite;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 
 pub use memory::MemoryStore;
+pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
 
 use std::{collections::BTreeMap, path::PathBuf, time::SystemTime};
 
