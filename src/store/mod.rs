@@ -3,13 +3,15 @@
 //! nothing outside this module writes SQL.
 
 mod memory;
+mod sqlite;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 
 pub use memory::MemoryStore;
+pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{collections::BTreeMap, path::PathBuf, time::SystemTime};
 
 use async_trait::async_trait;
 
@@ -46,6 +48,29 @@ pub enum StoreError {
     /// The store is closed or shutting down.
     #[error("the store is closed")]
     Closed,
+    /// The disk (or the database's size limit) is full: nothing was stored.
+    #[error("storage is full while {context}; free some disk space")]
+    Full {
+        /// What the store was doing.
+        context: String,
+        /// The backend's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Another store (in this process or another) holds the data directory.
+    #[error("data directory {} is in use by another longrun store", path.display())]
+    Locked {
+        /// The data directory.
+        path: PathBuf,
+    },
+    /// The stored data was written by a newer longrun that this one cannot read.
+    #[error("stored schema version {found} is newer than the {supported} this longrun supports")]
+    IncompatibleSchema {
+        /// The schema version found.
+        found: i64,
+        /// The newest schema version this binary knows.
+        supported: i64,
+    },
 }
 
 impl StoreError {

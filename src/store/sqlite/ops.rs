@@ -1,0 +1,179 @@
+//! The write commands' SQL. Each runs on the writer thread inside its own savepoint, so it may
+//! read then write without any other writer slipping in between.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{row::JobRow, sql_error};
+use crate::store::StoreError;
+
+/// The terminal states, as SQL: the jobs that may be deleted or purged.
+pub(super) const TERMINAL_STATES: &str = "('SUCCEEDED', 'FAILED', 'CANCELLED')";
+
+/// What a create did; a found job is left encoded for the caller to decode.
+#[derive(Debug)]
+pub(super) enum CreateOutcome {
+    New,
+    Existing(String),
+}
+
+/// What a delete did; a found job is left encoded for the caller to decode.
+#[derive(Debug)]
+pub(super) enum DeleteOutcome {
+    Removed,
+    NotFound,
+    NotTerminal(String),
+}
+
+/// Stores a new job and its first log entry, unless its idempotency key is taken.
+pub(super) fn create(conn: &Connection, row: &JobRow) -> Result<CreateOutcome, StoreError> {
+    let fail = |e| sql_error(format!("creating job {}", row.id_text), e);
+    if let Some(key) = &row.idempotency_key {
+        let existing: Option<String> = conn
+            .prepare_cached("SELECT snapshot FROM jobs WHERE idempotency_key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .map_err(fail)?;
+        if let Some(snapshot) = existing {
+            return Ok(CreateOutcome::Existing(snapshot));
+        }
+    }
+    conn.prepare_cached(
+        "INSERT INTO jobs (id, state, version, priority, idempotency_key, end_time, snapshot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            row.id_text,
+            row.state,
+            row.version,
+            row.priority,
+            row.idempotency_key,
+            row.end_time,
+            row.snapshot,
+        ])
+    })
+    .map_err(fail)?;
+    insert_labels(conn, row).map_err(fail)?;
+    log_transition(conn, row).map_err(fail)?;
+    Ok(CreateOutcome::New)
+}
+
+/// Replaces a job's snapshot with a newer version, logging it when it is a transition.
+pub(super) fn save(conn: &Connection, row: &JobRow) -> Result<(), StoreError> {
+    let fail = |e| sql_error(format!("saving job {}", row.id_text), e);
+    let updated = conn
+        .prepare_cached(
+            "UPDATE jobs SET state = ?2, version = ?3, priority = ?4, end_time = ?5, snapshot = ?6
+             WHERE id = ?1 AND version < ?3",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                row.id_text,
+                row.state,
+                row.version,
+                row.priority,
+                row.end_time,
+                row.snapshot,
+            ])
+        })
+        .map_err(fail)?;
+    if updated == 0 {
+        let stored: Option<i64> = conn
+            .prepare_cached("SELECT version FROM jobs WHERE id = ?1")
+            .and_then(|mut s| s.query_row([&row.id_text], |r| r.get(0)).optional())
+            .map_err(fail)?;
+        return Err(match stored {
+            None => StoreError::Missing(row.id),
+            Some(stored) => StoreError::StaleVersion {
+                id: row.id,
+                stored,
+                attempted: row.version,
+            },
+        });
+    }
+    sync_labels(conn, row).map_err(fail)?;
+    if row.logged {
+        log_transition(conn, row).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Removes a terminal job; its labels and log go with it (ON DELETE CASCADE).
+pub(super) fn delete(conn: &Connection, id: &str) -> Result<DeleteOutcome, StoreError> {
+    let fail = |e| sql_error(format!("deleting job {id}"), e);
+    let removed = conn
+        .prepare_cached(&format!(
+            "DELETE FROM jobs WHERE id = ?1 AND state IN {TERMINAL_STATES}"
+        ))
+        .and_then(|mut s| s.execute([id]))
+        .map_err(fail)?;
+    if removed > 0 {
+        return Ok(DeleteOutcome::Removed);
+    }
+    let found: Option<String> = conn
+        .prepare_cached("SELECT snapshot FROM jobs WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
+        .map_err(fail)?;
+    Ok(found.map_or(DeleteOutcome::NotFound, DeleteOutcome::NotTerminal))
+}
+
+/// Removes up to `limit` terminal jobs that ended before `ended_before` (unix micros). The
+/// limit keeps each purge a short part of one batch, so retention never stalls submissions.
+pub(super) fn purge(conn: &Connection, ended_before: i64, limit: i64) -> Result<usize, StoreError> {
+    conn.prepare_cached(&format!(
+        "DELETE FROM jobs WHERE id IN (
+             SELECT id FROM jobs
+             WHERE state IN {TERMINAL_STATES} AND end_time < ?1
+             LIMIT ?2)"
+    ))
+    .and_then(|mut s| s.execute(params![ended_before, limit]))
+    .map_err(|e| sql_error("purging finished jobs", e))
+}
+
+fn insert_labels(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
+    if row.labels.is_empty() {
+        return Ok(());
+    }
+    let mut insert =
+        conn.prepare_cached("INSERT INTO job_labels (job_id, key, value) VALUES (?1, ?2, ?3)")?;
+    for (key, value) in &row.labels {
+        insert.execute(params![row.id_text, key, value])?;
+    }
+    Ok(())
+}
+
+/// Rewrites the job's labels only if they changed: the domain sets them at submission, so a
+/// save almost always just reads the few stored ones and moves on.
+fn sync_labels(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
+    let stored = conn
+        .prepare_cached("SELECT key, value FROM job_labels WHERE job_id = ?1 ORDER BY key")?
+        .query_map([&row.id_text], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<(String, String)>>>()?;
+    if stored == row.labels {
+        return Ok(());
+    }
+    conn.prepare_cached("DELETE FROM job_labels WHERE job_id = ?1")?
+        .execute([&row.id_text])?;
+    insert_labels(conn, row)
+}
+
+fn log_transition(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT INTO transitions (job_id, version, snapshot) VALUES (?1, ?2, ?3)")?
+        .execute(params![row.id_text, row.version, row.snapshot])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobState;
+
+    #[test]
+    fn terminal_states_match_the_domain() {
+        let terminal: Vec<String> = JobState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| format!("'{s}'"))
+            .collect();
+        assert_eq!(TERMINAL_STATES, format!("({})", terminal.join(", ")));
+    }
+}

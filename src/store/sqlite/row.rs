@@ -1,0 +1,84 @@
+//! How a `Job` becomes a row and back. Encoding happens on the caller's task, not on the writer
+//! thread, so the one writer spends its time on SQL only.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::job::{Job, JobId};
+use crate::store::StoreError;
+
+/// A job ready to be written: the columns queries use, and the whole snapshot.
+#[derive(Debug)]
+pub(super) struct JobRow {
+    pub id: JobId,
+    /// `id` as stored.
+    pub id_text: String,
+    pub state: &'static str,
+    pub version: i64,
+    /// Whether this snapshot belongs in the transition log.
+    pub logged: bool,
+    pub priority: i64,
+    pub idempotency_key: Option<String>,
+    pub end_time: Option<i64>,
+    /// Sorted by key, as `BTreeMap` iterates and as SQLite's binary collation orders text.
+    pub labels: Vec<(String, String)>,
+    pub snapshot: String,
+}
+
+impl JobRow {
+    /// The row for `job`; every column is taken from this one snapshot.
+    pub fn encode(job: &Job) -> Result<Self, StoreError> {
+        let snapshot = serde_json::to_string(job)
+            .map_err(|e| StoreError::backend(format!("encoding job {}", job.id), e))?;
+        Ok(Self {
+            id: job.id,
+            id_text: id_text(job.id),
+            state: job.state.as_str(),
+            version: job.version,
+            logged: job.logged_version == job.version,
+            priority: i64::from(job.priority),
+            idempotency_key: job.idempotency_key.clone(),
+            end_time: job.end_time.map(unix_micros),
+            labels: job
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            snapshot,
+        })
+    }
+}
+
+/// The job stored as `snapshot`.
+pub(super) fn decode(snapshot: &str) -> Result<Job, StoreError> {
+    serde_json::from_str(snapshot).map_err(|e| StoreError::Corrupt(format!("job snapshot: {e}")))
+}
+
+/// The text form of an id, as stored in the `id` columns.
+pub(super) fn id_text(id: JobId) -> String {
+    id.to_string()
+}
+
+/// Microseconds since the Unix epoch, negative before it, saturating far from it.
+pub(super) fn unix_micros(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_micros())
+            .map(|m| -m)
+            .unwrap_or(i64::MIN),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn micros_keep_order_around_the_epoch() {
+        let second = Duration::from_secs(1);
+        assert_eq!(unix_micros(UNIX_EPOCH + second), 1_000_000);
+        assert_eq!(unix_micros(UNIX_EPOCH - second), -1_000_000);
+        assert_eq!(unix_micros(UNIX_EPOCH), 0);
+    }
+}

@@ -1,0 +1,81 @@
+//! The schema, as numbered migrations. A migration, once released, is never edited: a change
+//! is a new entry at the end of [`MIGRATIONS`].
+
+use rusqlite::Connection;
+use rusqlite_migration::{M, Migrations};
+
+use super::sql_error;
+use crate::store::StoreError;
+
+/// Every migration, in order; the schema version is the number applied (`PRAGMA user_version`).
+const MIGRATIONS: &[M<'static>] = &[M::up(
+    // 1: jobs, their labels and their transition logs.
+    //
+    // `snapshot` is the serde_json of the whole `Job`; the other columns copy the fields that
+    // queries filter or sort on, written from the same `Job` so they cannot disagree.
+    // `id` is the hyphenated lowercase UUIDv7, so text order is submission order.
+    "CREATE TABLE jobs (
+        id TEXT PRIMARY KEY NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED')),
+        version INTEGER NOT NULL CHECK (version >= 1),
+        priority INTEGER NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        end_time INTEGER, -- unix microseconds
+        snapshot TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX jobs_state_id ON jobs (state, id);
+    CREATE INDEX jobs_state_end_time ON jobs (state, end_time);
+
+    CREATE TABLE job_labels (
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (job_id, key)
+    ) STRICT, WITHOUT ROWID;
+    -- Ordered by job_id within one label, so a label filter reads newest first without sorting.
+    CREATE INDEX job_labels_lookup ON job_labels (key, value, job_id);
+
+    CREATE TABLE transitions (
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        snapshot TEXT NOT NULL,
+        PRIMARY KEY (job_id, version)
+    ) STRICT;",
+)];
+
+/// The newest schema version this binary knows.
+pub(super) fn supported_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Brings the database up to the newest schema, refusing one written by a newer binary.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| sql_error("reading the schema version", e))?;
+    let supported = supported_version();
+    if found > supported {
+        // Checked here rather than left to the migration library so that the operator is told
+        // both versions, and so that nothing is written to a database we do not understand.
+        return Err(StoreError::IncompatibleSchema { found, supported });
+    }
+    Migrations::from_slice(MIGRATIONS)
+        .to_latest(conn)
+        .map_err(|e| match e {
+            rusqlite_migration::Error::RusqliteError { err, .. } => {
+                sql_error("migrating the schema", err)
+            }
+            other => StoreError::backend("migrating the schema", other),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        Migrations::from_slice(MIGRATIONS).validate().unwrap();
+    }
+}

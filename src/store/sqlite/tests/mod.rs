@@ -1,0 +1,234 @@
+//! The SQLite store against the shared conformance suite, and what only a durable store owes:
+//! reopening, locking, schema versions, constraints, a full disk.
+
+use std::{path::Path, sync::Mutex, time::SystemTime};
+
+use rusqlite::Connection;
+use serde_json::json;
+use tempfile::TempDir;
+
+mod batching;
+
+use super::*;
+use crate::job::{JobError, JobState};
+use crate::store::conformance::{self, sample_job};
+
+fn open(dir: &Path) -> SqliteStore {
+    SqliteStore::open(dir, SqliteOptions::default()).expect("store opens")
+}
+
+/// A connection straight to the database file, around the store.
+fn raw(dir: &Path) -> Connection {
+    Connection::open(dir.join(DATABASE_FILE)).expect("database opens")
+}
+#[tokio::test]
+async fn sqlite_store_conforms() {
+    // Each store's directory must outlive it; the stores are dropped inside run_all.
+    let dirs = Mutex::new(Vec::new());
+    let dirs = &dirs;
+    conformance::run_all(move || async move {
+        let dir = TempDir::new().unwrap();
+        let store = open(dir.path());
+        dirs.lock().unwrap().push(dir);
+        store
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn data_survives_close_and_reopen() {
+    let dir = TempDir::new().unwrap();
+    let now = SystemTime::now();
+    let mut job = sample_job(2, &[("team", "a")], Some("key-1"));
+    {
+        let store = open(dir.path());
+        store.create(&job).await.unwrap();
+        job.start(now).unwrap();
+        store.save(&job).await.unwrap();
+        store.close().await;
+        assert!(matches!(store.get(job.id).await, Err(StoreError::Closed)));
+        assert!(matches!(store.save(&job).await, Err(StoreError::Closed)));
+    }
+    let store = open(dir.path());
+    assert_eq!(store.get(job.id).await.unwrap(), Some(job.clone()));
+    let log = store.transitions(job.id, 0).await.unwrap();
+    assert_eq!(
+        log.iter().map(|j| j.version).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    let retry = sample_job(1, &[], Some("key-1"));
+    assert_eq!(
+        store.create(&retry).await.unwrap(),
+        Created::Existing(Box::new(job.clone())),
+        "the idempotency key survives"
+    );
+    let by_label = ListQuery {
+        labels: [("team".to_owned(), "a".to_owned())].into(),
+        limit: 10,
+        ..Default::default()
+    };
+    assert_eq!(store.list(&by_label).await.unwrap(), vec![job]);
+}
+
+#[tokio::test]
+async fn a_second_open_is_refused_while_the_first_lives() {
+    let dir = TempDir::new().unwrap();
+    let first = open(dir.path());
+    match SqliteStore::open(dir.path(), SqliteOptions::default()) {
+        Err(StoreError::Locked { path }) => assert_eq!(path, dir.path()),
+        other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+    }
+    let message = SqliteStore::open(dir.path(), SqliteOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&dir.path().display().to_string()),
+        "{message}"
+    );
+    drop(first);
+    let second = open(dir.path());
+    second.close().await;
+    let _third = open(dir.path());
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let dir = TempDir::new().unwrap();
+    open(dir.path()).close().await;
+    raw(dir.path())
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    match SqliteStore::open(dir.path(), SqliteOptions::default()) {
+        Err(StoreError::IncompatibleSchema { found, supported }) => {
+            assert_eq!((found, supported), (99, schema::supported_version()));
+        }
+        other => panic!("expected IncompatibleSchema, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn an_unusable_directory_is_an_error() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let error = SqliteStore::open(&file.join("data"), SqliteOptions::default())
+        .err()
+        .expect("cannot create a directory under a file");
+    assert!(error.to_string().contains("not-a-dir"), "{error}");
+}
+
+#[tokio::test]
+async fn the_database_refuses_an_unknown_state() {
+    let dir = TempDir::new().unwrap();
+    open(dir.path()).close().await;
+    let inserted = raw(dir.path()).execute(
+        "INSERT INTO jobs (id, state, version, priority, snapshot) VALUES ('x', 'BOGUS', 1, 0, '{}')",
+        [],
+    );
+    let error = inserted.expect_err("BOGUS is not a state");
+    assert!(error.to_string().contains("CHECK"), "{error}");
+}
+
+#[tokio::test]
+async fn state_columns_match_the_snapshot() {
+    let dir = TempDir::new().unwrap();
+    let store = open(dir.path());
+    let now = SystemTime::now();
+    let mut job = sample_job(1, &[], None);
+    store.create(&job).await.unwrap();
+    job.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+        .unwrap();
+    store.save(&job).await.unwrap();
+    store.close().await;
+    let (state, snapshot_state, end_time): (String, String, i64) = raw(dir.path())
+        .query_row(
+            "SELECT state, snapshot ->> '$.state', end_time FROM jobs",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(state, JobState::Cancelled.as_str());
+    assert_eq!(snapshot_state, state);
+    assert_eq!(Some(end_time), job.end_time.map(unix_micros));
+}
+
+#[tokio::test]
+async fn a_full_disk_is_a_clear_error_and_passes() {
+    let dir = TempDir::new().unwrap();
+    let store = open(dir.path());
+    // SQLite reports a database at its size limit exactly as it reports a full disk.
+    store.execute("PRAGMA max_page_count = 1").await.unwrap();
+    let mut big = sample_job(1, &[], None);
+    big.actions[0]
+        .params
+        .insert("blob".to_owned(), json!("x".repeat(64 * 1024)));
+    let error = store.create(&big).await.expect_err("no room");
+    assert!(matches!(error, StoreError::Full { .. }), "{error:?}");
+    assert!(error.to_string().contains("full"), "{error}");
+    store
+        .execute("PRAGMA max_page_count = 1000000")
+        .await
+        .unwrap();
+    assert_eq!(store.create(&big).await.unwrap(), Created::New);
+}
+
+#[tokio::test]
+async fn list_agrees_with_the_memory_store() {
+    let dir = TempDir::new().unwrap();
+    let sqlite = open(dir.path());
+    let memory = crate::store::MemoryStore::new();
+    let now = SystemTime::now();
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let team = ["a", "b"][i % 2];
+        let tier = ["x", "y", "z"][i % 3];
+        let mut job = sample_job(1, &[("team", team), ("tier", tier)], None);
+        sqlite.create(&job).await.unwrap();
+        memory.create(&job).await.unwrap();
+        match i % 4 {
+            1 => job.start(now).unwrap(),
+            2 => job
+                .cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+                .unwrap(),
+            _ => continue,
+        }
+        sqlite.save(&job).await.unwrap();
+        memory.save(&job).await.unwrap();
+        ids.push(job.id);
+    }
+    let label = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    let state_sets = [
+        vec![],
+        vec![JobState::Queued],
+        vec![JobState::Cancelled, JobState::Queued, JobState::Cancelled],
+        JobState::ALL.to_vec(),
+    ];
+    let label_sets = [
+        vec![],
+        vec![label("team", "a")],
+        vec![label("team", "b"), label("tier", "y")],
+        vec![label("team", "nobody")],
+    ];
+    for states in &state_sets {
+        for labels in &label_sets {
+            for before in [None, Some(ids[ids.len() / 2])] {
+                for limit in [0, 3, 100] {
+                    let query = ListQuery {
+                        states: states.clone(),
+                        labels: labels.iter().cloned().collect(),
+                        before,
+                        limit,
+                    };
+                    let listed =
+                        |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+                    assert_eq!(
+                        listed(sqlite.list(&query).await.unwrap()),
+                        listed(memory.list(&query).await.unwrap()),
+                        "{query:?}"
+                    );
+                }
+            }
+        }
+    }
+}
