@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use longrun::{
     config::{Config, FileConfig, Settings, StoreKind},
     server::Server,
-    store::{MemoryStore, Store},
+    store::{MemoryStore, SqliteOptions, SqliteStore, Store},
 };
 
 /// longrun: a gRPC service for long-running jobs, and its command-line client.
@@ -61,7 +61,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = Config::resolve(args.settings, file);
     let store: Arc<dyn Store> = match config.store {
-        StoreKind::Memory | StoreKind::Sqlite => Arc::new(MemoryStore::new()),
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Sqlite => {
+            let dir = config.data_dir.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                SqliteStore::open(&dir, SqliteOptions::default())
+            })
+            .await
+            .context("opening the store")?
+            .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
+            tracing::info!(dir = %config.data_dir.display(), "using the SQLite store");
+            Arc::new(store)
+        }
     };
     let registry = config.registry();
     let listen = config.listen;

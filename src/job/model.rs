@@ -139,6 +139,7 @@ pub struct NewAction {
     /// Its parameters, a JSON object.
     pub params: Map<String, Value>,
     /// Its binary input.
+    #[serde(with = "base64_bytes")]
     pub input: Bytes,
 }
 
@@ -167,6 +168,7 @@ pub struct Action {
     /// Its parameters.
     pub params: Map<String, Value>,
     /// Its binary input.
+    #[serde(with = "base64_bytes")]
     pub input: Bytes,
     /// Its state.
     pub state: ActionState,
@@ -499,10 +501,39 @@ impl Job {
     }
 }
 
+/// Binary inputs as base64 strings in serialized snapshots: a quarter bigger than the bytes,
+/// where serde's default (an array of numbers) would be three to four times bigger.
+mod base64_bytes {
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(bytes: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        STANDARD
+            .decode(text)
+            .map(Bytes::from)
+            .map_err(D::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn snapshots_round_trip_through_json_with_base64_inputs() {
+        let mut job = job(1, 1);
+        job.actions[0].input = Bytes::from_static(b"\x00\xffdata");
+        let text = serde_json::to_string(&job).unwrap();
+        assert!(text.contains("\"AP9kYXRh\""), "{text}");
+        assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), job);
+    }
 
     fn job(actions: usize, max_attempts: u32) -> Job {
         let spec = NewJob {
