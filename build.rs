@@ -16,5 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".longrun.v1.ActionSpec.input")
         .compile_fds(descriptors)?;
+
+    // The benchmark harness's bare echo service: not part of the public contract, only
+    // compiled into `benches/`.
+    println!("cargo:rerun-if-changed=benches/proto");
+    let echo = protox::compile(["echo.proto"], ["benches/proto"])?;
+    tonic_prost_build::configure().compile_fds(echo)?;
     Ok(())
 }
