@@ -1,6 +1,9 @@
 //! The harness of the CLI tests: a real server on loopback in this process, and the real
 //! `longrun` binary run against it as a child process, every wait bounded.
 
+// Each test file includes this module and uses a different part of it.
+#![allow(dead_code)]
+
 use std::{net::SocketAddr, process::Stdio, sync::Arc, time::Duration};
 
 use longrun::{
