@@ -21,11 +21,12 @@ pub struct StatusArgs {
 
 /// `longrun wait ID`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::EXIT_CODES_HELP)]
 pub struct WaitArgs {
     /// The job's id.
     pub id: String,
     /// Wait at most this long (e.g. 30s, 5m); without it, until the job ends.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
     #[command(flatten)]
     pub client: ClientArgs,
@@ -44,10 +45,15 @@ pub struct CancelArgs {
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
     /// Only jobs in these states (repeat the flag, or separate with commas).
-    #[arg(long = "state", value_enum, value_delimiter = ',')]
+    #[arg(
+        long = "state",
+        value_enum,
+        value_delimiter = ',',
+        value_name = "STATE"
+    )]
     pub states: Vec<StateFilter>,
     /// Only jobs carrying this label (KEY=VALUE; repeatable, all must match).
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
     /// Jobs per page; 0 for the server's default.
     #[arg(long, default_value_t = 0)]

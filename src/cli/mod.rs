@@ -38,6 +38,11 @@ pub mod exit {
     pub const ERROR: i32 = 5;
 }
 
+/// The exit codes, as `--help` shows them for the commands that follow a job.
+const EXIT_CODES_HELP: &str = "Exit codes: 0 the job SUCCEEDED, 1 it FAILED, 3 it was CANCELLED, \
+4 the wait ran out first, 2 a mistake on the command line, 5 any other error \
+(the server unreachable, an RPC error).";
+
 /// The client subcommands, flattened into the binary's own subcommand list.
 #[derive(clap::Subcommand)]
 pub enum Command {

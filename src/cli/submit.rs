@@ -19,6 +19,7 @@ use super::{
 
 /// `longrun submit`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::EXIT_CODES_HELP)]
 #[command(group = clap::ArgGroup::new("job").required(true).multiple(false).args(["actions", "file"]))]
 pub struct SubmitArgs {
     /// An action to run, in order: NAME or NAME:PARAMS, PARAMS a JSON object
@@ -26,16 +27,16 @@ pub struct SubmitArgs {
     #[arg(long = "action", value_name = "NAME[:PARAMS]")]
     pub actions: Vec<String>,
     /// Binary input for the last --action, read from PATH ('-' reads stdin).
-    #[arg(long, requires = "actions")]
+    #[arg(long, requires = "actions", value_name = "PATH")]
     pub input_file: Option<PathBuf>,
     /// A whole SubmitRequest in proto3 JSON; the flags below override or add to it.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     pub file: Option<PathBuf>,
     /// A retried submit with the same key returns the first job instead of a new one.
     #[arg(long)]
     pub idempotency_key: Option<String>,
     /// A time limit for each attempt (e.g. 30s, 5m).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
     /// Attempts the job may have in all (retries with backoff); the server's default if unset.
     #[arg(long)]
@@ -44,11 +45,11 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub priority: Option<i32>,
     /// A label KEY=VALUE to find the job by in `list`. Repeatable.
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
     /// Sync mode: the server answers when the job ends or after this long (e.g. 10s); the exit
     /// code then tells how the job ended.
-    #[arg(long, value_parser = parse_duration, conflicts_with = "watch")]
+    #[arg(long, value_parser = parse_duration, conflicts_with = "watch", value_name = "DURATION")]
     pub wait: Option<Duration>,
     /// Follow the job after submitting it, with a progress bar per action on a terminal; the
     /// exit code tells how the job ended.

@@ -21,6 +21,7 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// `longrun watch ID`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::EXIT_CODES_HELP)]
 pub struct WatchArgs {
     /// The job's id.
     pub id: String,
@@ -34,7 +35,7 @@ pub struct WatchArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReconnectArgs {
     /// Give up when reconnecting has failed for about this long in a row (e.g. 30s, 10m).
-    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    #[arg(long, value_parser = parse_duration, default_value = "5m", value_name = "DURATION")]
     pub reconnect_for: Duration,
 }
 
