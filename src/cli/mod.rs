@@ -85,6 +85,12 @@ pub enum Format {
 /// How long to try to open a connection before calling the server unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often to ping an idle connection, so a watch on a connection that died silently (a
+/// dropped NAT entry, a peer gone without a FIN) fails and resumes instead of hanging forever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The largest response accepted: the server's own default maximum message size.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -153,7 +159,10 @@ async fn connect(addr: &str) -> anyhow::Result<JobsClient<Channel>> {
     };
     let endpoint = Endpoint::from_shared(uri)
         .with_context(|| format!("--addr {addr:?} is not a valid address"))?
-        .connect_timeout(CONNECT_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     let channel = endpoint
         .connect()
         .await
