@@ -1,6 +1,8 @@
 //! The `longrun` binary: `longrun serve` runs the service; the other subcommands are its
 //! command-line client.
 
+mod cli;
+
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
@@ -23,6 +25,8 @@ struct Cli {
 enum Command {
     /// Runs the service (durable embedded store in ./longrun-data by default; no setup needed).
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(cli::Command),
 }
 
 #[derive(clap::Args)]
@@ -39,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Client(command) => std::process::exit(cli::run(command).await),
     }
 }
 

@@ -1,0 +1,149 @@
+//! How errors reach the user: gRPC statuses with their code and rich details (each
+//! `BadRequest` field violation on its own line), an unreachable server with the likely fix,
+//! and mistakes on the command line told apart from failures (exit code 2, not 5).
+
+use std::fmt::Write as _;
+
+use tonic::{Code, Status};
+use tonic_types::StatusExt as _;
+
+/// A mistake in what the user typed that clap cannot see (JSON in `--action`, a missing file).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// The server could not be reached at all.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach longrun at {addr}: is `longrun serve` running? ({cause})")]
+pub struct Unreachable {
+    addr: String,
+    cause: String,
+}
+
+impl Unreachable {
+    /// Wraps a connection failure, keeping its innermost cause (e.g. "Connection refused").
+    pub fn new(addr: &str, error: &(dyn std::error::Error + 'static)) -> Self {
+        Self {
+            addr: addr.to_owned(),
+            cause: root_cause(error),
+        }
+    }
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = error;
+    while let Some(source) = innermost.source() {
+        innermost = source;
+    }
+    innermost.to_string()
+}
+
+/// Whether `error` is the user's mistake on the command line.
+pub fn is_usage(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.is::<Usage>())
+}
+
+/// The text printed on stderr for a failed command.
+pub fn report(error: &anyhow::Error) -> String {
+    if let Some(status) = error.chain().find_map(|c| c.downcast_ref::<Status>()) {
+        // The context (which call failed) first, then the status in full.
+        let context = error
+            .chain()
+            .take_while(|c| !c.is::<Status>())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>();
+        let mut text = String::from("error: ");
+        for part in context {
+            let _ = write!(text, "{part}: ");
+        }
+        text.push_str(&describe_status(status));
+        return text;
+    }
+    format!("error: {error:#}")
+}
+
+/// A status as the user should read it: code, message, then each rich detail.
+pub fn describe_status(status: &Status) -> String {
+    let mut text = if status.message().is_empty() {
+        code_name(status.code()).to_owned()
+    } else {
+        format!("{} ({})", status.message(), code_name(status.code()))
+    };
+    let details = status.get_error_details();
+    if let Some(bad_request) = details.bad_request() {
+        for violation in &bad_request.field_violations {
+            let _ = write!(text, "\n  {}: {}", violation.field, violation.description);
+        }
+    }
+    if let Some(info) = details.error_info() {
+        let _ = write!(text, "\n  reason: {}", info.reason);
+    }
+    if let Some(retry) = details.retry_info().and_then(|r| r.retry_delay) {
+        let _ = write!(
+            text,
+            "\n  retry after: {}",
+            humantime::format_duration(retry)
+        );
+    }
+    if status.code() == Code::Unavailable && std::error::Error::source(status).is_some() {
+        // A status made by the client itself from a transport error: the server went away.
+        text.push_str("\n  (the server cannot be reached; is `longrun serve` running?)");
+    }
+    text
+}
+
+/// The canonical upper-case name of a gRPC code, as the protos and other tools spell it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::ErrorDetails;
+
+    use super::*;
+
+    #[test]
+    fn invalid_argument_lists_every_field_violation() {
+        let mut details = ErrorDetails::new();
+        details.add_bad_request_violation("actions[0].params.steps", "must be between 1 and 1000");
+        details.add_bad_request_violation("labels", "too many");
+        let status = Status::with_error_details(Code::InvalidArgument, "invalid request", details);
+        let error = anyhow::Error::new(status).context("Submit");
+        let text = report(&error);
+        assert!(
+            text.starts_with("error: Submit: invalid request (INVALID_ARGUMENT)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  actions[0].params.steps: must be between 1 and 1000"),
+            "{text}"
+        );
+        assert!(text.contains("\n  labels: too many"), "{text}");
+    }
+
+    #[test]
+    fn usage_errors_are_recognised_through_context() {
+        let error = anyhow::Error::new(Usage("bad --label".to_owned())).context("submit");
+        assert!(is_usage(&error));
+        assert!(!is_usage(&anyhow::anyhow!("other")));
+    }
+}

@@ -1,0 +1,200 @@
+//! The command-line client: `submit`, `status`, `watch`, `wait`, `cancel`, `list` and
+//! `actions`, each a thin layer over one `longrun.v1.Jobs` call (see `docs/cli.md`).
+//!
+//! Every subcommand prints the response in text or proto3 JSON (`--output`), and reports the
+//! outcome in its exit code (see [`exit`]), so scripts can branch on a job's fate.
+
+mod bars;
+mod commands;
+mod error;
+mod json;
+mod submit;
+mod text;
+mod watch;
+
+use std::{io::Write as _, time::Duration};
+
+use anyhow::Context as _;
+use longrun::api::pb::{self, jobs_client::JobsClient};
+use tonic::transport::{Channel, Endpoint};
+
+pub use commands::{ActionsArgs, CancelArgs, ListArgs, StatusArgs, WaitArgs};
+pub use submit::SubmitArgs;
+pub use watch::WatchArgs;
+
+/// Exit codes, shared by every subcommand and documented in `docs/cli.md`.
+pub mod exit {
+    /// The command did what was asked; for commands that follow a job, it SUCCEEDED.
+    pub const OK: i32 = 0;
+    /// The job ended FAILED.
+    pub const JOB_FAILED: i32 = 1;
+    /// The command line was malformed (clap's own code, kept apart from the job outcomes).
+    pub const USAGE: i32 = 2;
+    /// The job ended CANCELLED.
+    pub const JOB_CANCELLED: i32 = 3;
+    /// The wait ran out before the job ended (`wait`, `submit --wait`).
+    pub const NOT_DONE: i32 = 4;
+    /// The command could not be carried out: bad input, an RPC error, the server unreachable.
+    pub const ERROR: i32 = 5;
+}
+
+/// The exit codes, as `--help` shows them for the commands that follow a job.
+const EXIT_CODES_HELP: &str = "Exit codes: 0 the job SUCCEEDED, 1 it FAILED, 3 it was CANCELLED, \
+4 the wait ran out first, 2 a mistake on the command line, 5 any other error \
+(the server unreachable, an RPC error).";
+
+/// The client subcommands, flattened into the binary's own subcommand list.
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Submits a job; with --watch, follows it with live progress bars.
+    Submit(SubmitArgs),
+    /// Prints a job's current snapshot.
+    Status(StatusArgs),
+    /// Follows a job until it ends, reconnecting by itself if the connection drops.
+    Watch(WatchArgs),
+    /// Waits (without streaming) until a job ends or the timeout runs out.
+    Wait(WaitArgs),
+    /// Cancels a job.
+    Cancel(CancelArgs),
+    /// Lists jobs, newest first.
+    List(ListArgs),
+    /// Lists the actions the server runs, with their params.
+    Actions(ActionsArgs),
+}
+
+/// Options every client subcommand takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// The server's address (a bare host:port means plaintext http://host:port).
+    #[arg(long, env = "LONGRUN_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// How to print responses: a readable summary, or proto3 JSON (one object per line).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+}
+
+/// The output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A readable summary.
+    Text,
+    /// Proto3 canonical JSON of each response message, one per line (as grpcurl shows it).
+    Json,
+}
+
+/// How long to try to open a connection before calling the server unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often to ping an idle connection, so a watch on a connection that died silently (a
+/// dropped NAT entry, a peer gone without a FIN) fails and resumes instead of hanging forever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The largest response accepted: the server's own default maximum message size.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Runs a client subcommand and returns the process exit code. Errors are printed here, on
+/// stderr, so that `main` only has to exit with the code.
+pub async fn run(command: Command) -> i32 {
+    let result = match command {
+        Command::Submit(args) => submit::run(args).await,
+        Command::Status(args) => commands::status(args).await,
+        Command::Watch(args) => watch::run(args).await,
+        Command::Wait(args) => commands::wait(args).await,
+        Command::Cancel(args) => commands::cancel(args).await,
+        Command::List(args) => commands::list(args).await,
+        Command::Actions(args) => commands::actions(args).await,
+    };
+    let code = result.unwrap_or_else(|error| {
+        eprintln!("{}", error::report(&error));
+        if error::is_usage(&error) {
+            exit::USAGE
+        } else {
+            exit::ERROR
+        }
+    });
+    // `process::exit` skips destructors, so flush what is still buffered first.
+    let _ = std::io::stdout().flush();
+    code
+}
+
+/// The printing half of a command: the format and the JSON transcoder.
+pub(crate) struct Printer {
+    format: Format,
+    json: json::Json,
+}
+
+impl Printer {
+    fn new(format: Format) -> anyhow::Result<Self> {
+        Ok(Self {
+            format,
+            json: json::Json::new()?,
+        })
+    }
+
+    /// Prints `message` (of proto type `full_name`) as one JSON line, or `text` of it.
+    fn print<M: prost::Message>(
+        &self,
+        message: &M,
+        full_name: &str,
+        text: impl FnOnce(&json::Json) -> String,
+    ) -> anyhow::Result<()> {
+        let line = match self.format {
+            Format::Json => self.json.encode(message, full_name)?,
+            Format::Text => text(&self.json),
+        };
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{line}").context("writing to stdout")?;
+        Ok(())
+    }
+}
+
+/// Opens a channel to the server, or explains plainly that it cannot be reached.
+async fn connect(addr: &str) -> anyhow::Result<JobsClient<Channel>> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .with_context(|| format!("--addr {addr:?} is not a valid address"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| error::Unreachable::new(addr, &source))?;
+    Ok(JobsClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The exit code for a job in `state` at the end of a command that followed it.
+fn job_exit_code(job: &pb::Job) -> i32 {
+    match job.state() {
+        pb::JobState::Succeeded => exit::OK,
+        pb::JobState::Failed => exit::JOB_FAILED,
+        pb::JobState::Cancelled => exit::JOB_CANCELLED,
+        pb::JobState::Unspecified | pb::JobState::Queued | pb::JobState::Running => exit::NOT_DONE,
+    }
+}
+
+/// Whether a job has reached a state that never changes again.
+fn is_terminal(job: &pb::Job) -> bool {
+    matches!(
+        job.state(),
+        pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled
+    )
+}
+
+/// Parses a human duration such as `30s`, `1m30s` or `250ms`.
+fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(text)
+}
+
+/// A duration as the wire type, refusing the ones protobuf cannot carry.
+fn wire_duration(flag: &str, duration: Duration) -> anyhow::Result<prost_types::Duration> {
+    prost_types::Duration::try_from(duration)
+        .map_err(|_| anyhow::anyhow!("{flag}: {duration:?} is too long"))
+}

@@ -1,0 +1,205 @@
+//! `longrun submit`: builds a `SubmitRequest` from flags or a JSON file, submits it, and then
+//! prints the job, or (with `--watch`) follows it with live progress.
+//!
+//! Actions on the command line: `--action NAME[:PARAMS]`, repeatable, where everything after
+//! the first `:` is the params as a JSON object, e.g. `--action 'sleep:{"duration_ms":3000}'`.
+//! One flag per action keeps the order of actions and the params that go with each
+//! unambiguous, which separate `--action`/`--params` flags could not (clap does not keep the
+//! order between different flags).
+
+use std::{io::Read as _, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use longrun::api::{convert::json_to_struct, pb};
+
+use super::{
+    ClientArgs, Printer, commands::parse_label, connect, error::Usage, exit, job_exit_code, json,
+    parse_duration, text, watch, wire_duration,
+};
+
+/// `longrun submit`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = super::EXIT_CODES_HELP)]
+#[command(group = clap::ArgGroup::new("job").required(true).multiple(false).args(["actions", "file"]))]
+pub struct SubmitArgs {
+    /// An action to run, in order: NAME or NAME:PARAMS, PARAMS a JSON object
+    /// (e.g. --action 'sleep:{"duration_ms":3000}'). Repeatable.
+    #[arg(long = "action", value_name = "NAME[:PARAMS]")]
+    pub actions: Vec<String>,
+    /// Binary input for the last --action, read from PATH ('-' reads stdin).
+    #[arg(long, requires = "actions", value_name = "PATH")]
+    pub input_file: Option<PathBuf>,
+    /// A whole SubmitRequest in proto3 JSON; the flags below override or add to it.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// A retried submit with the same key returns the first job instead of a new one.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// A time limit for each attempt (e.g. 30s, 5m).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Option<Duration>,
+    /// Attempts the job may have in all (retries with backoff); the server's default if unset.
+    #[arg(long)]
+    pub max_attempts: Option<i32>,
+    /// Higher runs first.
+    #[arg(long)]
+    pub priority: Option<i32>,
+    /// A label KEY=VALUE to find the job by in `list`. Repeatable.
+    #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
+    pub labels: Vec<(String, String)>,
+    /// Sync mode: the server answers when the job ends or after this long (e.g. 10s); the exit
+    /// code then tells how the job ended.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "watch", value_name = "DURATION")]
+    pub wait: Option<Duration>,
+    /// Follow the job after submitting it, with a progress bar per action on a terminal; the
+    /// exit code tells how the job ended.
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub reconnect: watch::ReconnectArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Submits the job and prints it, or follows it with `--watch`.
+pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
+    let printer = Printer::new(args.client.output)?;
+    let request = build_request(&args, &printer.json)?;
+    let mut client = connect(&args.client.addr).await?;
+    let response = client.submit(request).await.context("Submit")?.into_inner();
+    let job = response
+        .job
+        .clone()
+        .context("the server's response holds no job")?;
+    if args.watch {
+        printer.print(&response, "longrun.v1.SubmitResponse", |_| job.id.clone())?;
+        let end = watch::follow(&mut client, &printer, job, &args.reconnect).await?;
+        return Ok(job_exit_code(&end));
+    }
+    printer.print(&response, "longrun.v1.SubmitResponse", |json| {
+        text::job(&job, json)
+    })?;
+    Ok(if args.wait.is_some() {
+        job_exit_code(&job)
+    } else {
+        exit::OK
+    })
+}
+
+/// The request the flags (over the `--file`, if given) describe.
+fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::SubmitRequest> {
+    let mut request = match &args.file {
+        Some(path) => {
+            let text = read_input(path)?;
+            json.decode::<pb::SubmitRequest>(&text, "longrun.v1.SubmitRequest")
+                .map_err(|e| Usage(format!("--file {}: {e:#}", path.display())))?
+        }
+        None => pb::SubmitRequest::default(),
+    };
+    for spec in &args.actions {
+        request.actions.push(parse_action(spec)?);
+    }
+    if let (Some(path), Some(last)) = (&args.input_file, request.actions.last_mut()) {
+        last.input = read_input_bytes(path)?.into();
+    }
+    if let Some(key) = &args.idempotency_key {
+        request.idempotency_key.clone_from(key);
+    }
+    if let Some(timeout) = args.timeout {
+        request.timeout = Some(wire_duration("--timeout", timeout)?);
+    }
+    if let Some(wait) = args.wait {
+        request.wait = Some(wire_duration("--wait", wait)?);
+    }
+    if let Some(max_attempts) = args.max_attempts {
+        request.max_attempts = max_attempts;
+    }
+    if let Some(priority) = args.priority {
+        request.priority = priority;
+    }
+    request.labels.extend(args.labels.iter().cloned());
+    Ok(request)
+}
+
+/// Parses `NAME` or `NAME:PARAMS` (PARAMS a JSON object).
+fn parse_action(spec: &str) -> Result<pb::ActionSpec, Usage> {
+    let (name, params) = match spec.split_once(':') {
+        Some((name, params)) => (name, Some(params)),
+        None => (spec, None),
+    };
+    if name.is_empty() {
+        return Err(Usage(format!(
+            "--action {spec:?}: expected NAME or NAME:PARAMS"
+        )));
+    }
+    let params = match params {
+        None => None,
+        Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(map)) => Some(json_to_struct(&map)),
+            Ok(_) => {
+                return Err(Usage(format!(
+                    "--action {name}: params must be a JSON object, like {name}:{{\"key\":1}}"
+                )));
+            }
+            Err(error) => {
+                return Err(Usage(format!(
+                    "--action {name}: params are not valid JSON: {error}"
+                )));
+            }
+        },
+    };
+    Ok(pb::ActionSpec {
+        name: name.to_owned(),
+        params,
+        input: Default::default(),
+    })
+}
+
+fn read_input_bytes(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("reading stdin")?;
+    } else {
+        bytes = std::fs::read(path)
+            .map_err(|e| Usage(format!("cannot read {}: {e}", path.display())))?;
+    }
+    Ok(bytes)
+}
+
+fn read_input(path: &PathBuf) -> anyhow::Result<String> {
+    String::from_utf8(read_input_bytes(path)?)
+        .map_err(|_| Usage(format!("{} is not UTF-8 text", path.display())).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_parse_name_and_params_after_the_first_colon() {
+        let action = parse_action(r#"echo:{"message":"a:b"}"#).unwrap();
+        assert_eq!(action.name, "echo");
+        let params = action.params.unwrap();
+        assert!(params.fields.contains_key("message"));
+        assert!(parse_action("sleep").unwrap().params.is_none());
+    }
+
+    #[test]
+    fn bad_action_specs_are_usage_errors_that_say_why() {
+        assert!(parse_action(":{}").unwrap_err().0.contains("NAME"));
+        assert!(
+            parse_action("sleep:[1]")
+                .unwrap_err()
+                .0
+                .contains("JSON object")
+        );
+        assert!(
+            parse_action("sleep:{oops")
+                .unwrap_err()
+                .0
+                .contains("not valid JSON")
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! The readable text forms of jobs, job lists and actions.
+
+use std::{fmt::Write as _, time::SystemTime};
+
+use longrun::api::pb;
+
+use super::json::Json;
+
+/// A job state without its enum prefix: `RUNNING`.
+pub fn job_state(state: pb::JobState) -> &'static str {
+    strip(state.as_str_name(), "JOB_STATE_")
+}
+
+/// An action state without its enum prefix: `SUCCEEDED`.
+pub fn action_state(state: pb::ActionState) -> &'static str {
+    strip(state.as_str_name(), "ACTION_STATE_")
+}
+
+fn strip(name: &'static str, prefix: &str) -> &'static str {
+    name.strip_prefix(prefix).unwrap_or(name)
+}
+
+/// A progress as `40% step 4 of 10`.
+pub fn progress(progress: Option<&pb::Progress>) -> String {
+    match progress {
+        Some(p) if p.message.is_empty() => format!("{}%", p.percent),
+        Some(p) => format!("{}% {}", p.percent, p.message),
+        None => "0%".to_owned(),
+    }
+}
+
+/// An error as `INTERNAL FAILED_AS_ASKED: the message`.
+pub fn job_error(error: &pb::JobError) -> String {
+    let mut text = error.code.clone();
+    if !error.reason.is_empty() {
+        let _ = write!(text, " {}", error.reason);
+    }
+    if !error.message.is_empty() {
+        let _ = write!(text, ": {}", error.message);
+    }
+    text
+}
+
+/// The full summary of a job; its id alone on the first line, so `head -1` gets it.
+pub fn job(job: &pb::Job, json: &Json) -> String {
+    let mut text = format!("{}\n", job.id);
+    let _ = writeln!(
+        text,
+        "  state:    {}  (attempt {}/{}, version {})",
+        job_state(job.state()),
+        job.attempt,
+        job.max_attempts,
+        job.version
+    );
+    let _ = writeln!(text, "  progress: {}", progress(job.progress.as_ref()));
+    if !job.labels.is_empty() {
+        let mut labels: Vec<_> = job.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let _ = writeln!(text, "  labels:   {}", labels.join(", "));
+    }
+    if let Some(created) = job.create_time.and_then(system_time) {
+        let _ = writeln!(
+            text,
+            "  created:  {}",
+            humantime::format_rfc3339_seconds(created)
+        );
+    }
+    if let Some(error) = &job.error {
+        let _ = writeln!(text, "  error:    {}", job_error(error));
+    }
+    for (i, action) in job.actions.iter().enumerate() {
+        let _ = writeln!(
+            text,
+            "  [{i}] {}  {}  {}",
+            action.name,
+            action_state(action.state()),
+            progress(action.progress.as_ref())
+        );
+        if let Some(result) = &action.result {
+            let _ = writeln!(text, "      result: {}", json.value(result));
+        }
+        if let Some(error) = &action.error {
+            let _ = writeln!(text, "      error:  {}", job_error(error));
+        }
+    }
+    text.trim_end().to_owned()
+}
+
+/// One line per job: id, state, progress, action names, creation time.
+pub fn job_list(jobs: &[pb::Job]) -> String {
+    let mut text = String::new();
+    for job in jobs {
+        let actions: Vec<&str> = job.actions.iter().map(|a| a.name.as_str()).collect();
+        let created = job
+            .create_time
+            .and_then(system_time)
+            .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+            .unwrap_or_default();
+        let _ = writeln!(
+            text,
+            "{}  {:<9}  {:>3}%  {}  {}",
+            job.id,
+            job_state(job.state()),
+            job.progress.as_ref().map_or(0, |p| p.percent),
+            created,
+            actions.join(",")
+        );
+    }
+    text.trim_end().to_owned()
+}
+
+/// Each action with its description and params.
+pub fn actions(actions: &[pb::ActionInfo]) -> String {
+    let mut text = String::new();
+    for action in actions {
+        let input = if action.uses_input {
+            "  (reads input)"
+        } else {
+            ""
+        };
+        let _ = writeln!(text, "{}{input}\n  {}", action.name, action.description);
+        for param in &action.params {
+            let required = if param.required { ", required" } else { "" };
+            let _ = writeln!(
+                text,
+                "    {} ({}{required}): {}",
+                param.name, param.r#type, param.description
+            );
+        }
+    }
+    text.trim_end().to_owned()
+}
+
+fn system_time(timestamp: prost_types::Timestamp) -> Option<SystemTime> {
+    SystemTime::try_from(timestamp).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_shows_id_first_then_actions_with_results_and_errors() {
+        let json = Json::new().unwrap();
+        let job = pb::Job {
+            id: "0190-abc".to_owned(),
+            state: pb::JobState::Failed as i32,
+            attempt: 1,
+            max_attempts: 1,
+            actions: vec![pb::ActionStatus {
+                name: "fail".to_owned(),
+                state: pb::ActionState::Failed as i32,
+                result: Some(prost_types::Value {
+                    kind: Some(prost_types::value::Kind::NumberValue(1.0)),
+                }),
+                error: Some(pb::JobError {
+                    code: "INTERNAL".to_owned(),
+                    reason: "FAILED_AS_ASKED".to_owned(),
+                    message: "as asked".to_owned(),
+                    details: None,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = super::job(&job, &json);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "0190-abc");
+        assert!(text.contains("state:    FAILED  (attempt 1/1"), "{text}");
+        assert!(text.contains("[0] fail  FAILED  0%"), "{text}");
+        assert!(text.contains("result: 1\n"), "{text}");
+        assert!(
+            text.contains("error:  INTERNAL FAILED_AS_ASKED: as asked"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,317 @@
+//! End to end: the real `longrun` binary against a real server on loopback.
+
+#[path = "cli/harness.rs"]
+mod harness;
+
+use harness::{TestServer, longrun};
+
+const SHORT_SLEEP: &str = r#"sleep:{"duration_ms":100,"steps":2}"#;
+const LONG_SLEEP: &str = r#"sleep:{"duration_ms":60000,"steps":60}"#;
+
+#[tokio::test]
+async fn submit_with_wait_prints_the_finished_job_as_proto3_json() {
+    let server = TestServer::start().await;
+    let run = longrun(
+        &server.url(),
+        &[
+            "submit",
+            "--action",
+            SHORT_SLEEP,
+            "--action",
+            r#"echo:{"message":"hi"}"#,
+            "--label",
+            "team=cli",
+            "--wait",
+            "10s",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let lines = run.json_lines();
+    assert_eq!(lines.len(), 1, "{run:?}");
+    let job = &lines[0]["job"];
+    assert_eq!(job["state"], "JOB_STATE_SUCCEEDED");
+    assert_eq!(job["labels"]["team"], "cli");
+    assert_eq!(job["maxAttempts"], 1, "proto3 JSON names: {job}");
+    assert_eq!(job["actions"][0]["result"]["slept_ms"], 100, "{job}");
+    assert_eq!(
+        job["actions"][1]["result"]["params"]["message"], "hi",
+        "{job}"
+    );
+}
+
+#[tokio::test]
+async fn submit_watch_of_a_short_sleep_exits_zero_with_the_summary() {
+    let server = TestServer::start().await;
+    let run = longrun(
+        &server.url(),
+        &["submit", "--action", SHORT_SLEEP, "--watch"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let id = run.first_line();
+    assert_eq!(id.len(), 36, "the id comes first: {run:?}");
+    assert!(run.stdout.contains(&format!("job {id} RUNNING")), "{run:?}");
+    assert!(run.stdout.contains("step 2 of 2"), "{run:?}");
+    assert!(run.stdout.contains("state:    SUCCEEDED"), "{run:?}");
+}
+
+#[tokio::test]
+async fn submit_watch_of_a_failing_job_exits_one_and_says_why() {
+    let server = TestServer::start().await;
+    let run = longrun(
+        &server.url(),
+        &[
+            "submit",
+            "--action",
+            r#"fail:{"message":"boom"}"#,
+            "--action",
+            "echo",
+            "--watch",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("state:    FAILED"), "{run:?}");
+    assert!(
+        run.stdout.contains("INTERNAL FAILED_AS_ASKED: boom"),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("[1] echo  SKIPPED"), "{run:?}");
+}
+
+#[tokio::test]
+async fn status_cancel_wait_and_list_follow_one_job() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let submitted = longrun(
+        &url,
+        &["submit", "--action", LONG_SLEEP, "--label", "suite=cancel"],
+    )
+    .await;
+    assert_eq!(submitted.code, 0, "{submitted:?}");
+    let id = submitted.first_line();
+
+    let status = longrun(&url, &["status", &id, "--output", "json"]).await;
+    assert_eq!(status.code, 0, "{status:?}");
+    assert_eq!(status.json_lines()[0]["job"]["id"], id.as_str());
+
+    let not_yet = longrun(&url, &["wait", &id, "--timeout", "100ms"]).await;
+    assert_eq!(not_yet.code, 4, "the wait ran out first: {not_yet:?}");
+
+    let cancel = longrun(&url, &["cancel", &id]).await;
+    assert_eq!(cancel.code, 0, "{cancel:?}");
+    assert!(cancel.stdout.starts_with(&id), "{cancel:?}");
+
+    let waited = longrun(&url, &["wait", &id, "--timeout", "10s"]).await;
+    assert_eq!(waited.code, 3, "CANCELLED: {waited:?}");
+    assert!(waited.stdout.contains("state:    CANCELLED"), "{waited:?}");
+
+    let listed = longrun(
+        &url,
+        &["list", "--state", "cancelled", "--label", "suite=cancel"],
+    )
+    .await;
+    assert_eq!(listed.code, 0, "{listed:?}");
+    assert!(
+        listed.stdout.starts_with(&format!("{id}  CANCELLED")),
+        "{listed:?}"
+    );
+    let none = longrun(
+        &url,
+        &[
+            "list",
+            "--state",
+            "running,queued",
+            "--label",
+            "suite=cancel",
+        ],
+    )
+    .await;
+    assert!(!none.stdout.contains(&id), "{none:?}");
+}
+
+#[tokio::test]
+async fn list_all_follows_page_tokens() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let run = longrun(
+            &url,
+            &["submit", "--action", "echo", "--label", "suite=pages"],
+        )
+        .await;
+        ids.push(run.first_line());
+    }
+    let run = longrun(
+        &url,
+        &[
+            "list",
+            "--label",
+            "suite=pages",
+            "--page-size",
+            "1",
+            "--all",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let pages = run.json_lines();
+    assert_eq!(pages.len(), 3, "one page per line: {run:?}");
+    let listed: Vec<&str> = pages
+        .iter()
+        .map(|p| p["jobs"][0]["id"].as_str().unwrap())
+        .collect();
+    ids.reverse(); // newest first
+    assert_eq!(listed, ids);
+}
+
+#[tokio::test]
+async fn actions_lists_names_descriptions_and_params() {
+    let server = TestServer::start().await;
+    let run = longrun(&server.url(), &["actions"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    for expected in ["sleep", "echo", "sha256", "fail", "duration_ms (integer)"] {
+        assert!(run.stdout.contains(expected), "{expected}: {run:?}");
+    }
+    let json = longrun(&server.url(), &["actions", "--output", "json"]).await;
+    assert!(
+        json.json_lines()[0]["actions"]
+            .as_array()
+            .is_some_and(|a| a.len() >= 4)
+    );
+}
+
+#[tokio::test]
+async fn a_bad_request_names_the_field_and_exits_five() {
+    let server = TestServer::start().await;
+    let run = longrun(
+        &server.url(),
+        &["submit", "--action", r#"sleep:{"steps":0}"#],
+    )
+    .await;
+    assert_eq!(run.code, 5, "{run:?}");
+    assert!(run.stderr.contains("INVALID_ARGUMENT"), "{run:?}");
+    assert!(
+        run.stderr.contains("\n  actions[0].params.steps: "),
+        "{run:?}"
+    );
+}
+
+#[tokio::test]
+async fn input_files_and_job_files_are_sent() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.bin");
+    std::fs::write(&input, b"abc").unwrap();
+    let input = input.to_str().unwrap();
+    let run = longrun(
+        &server.url(),
+        &[
+            "submit",
+            "--action",
+            "sha256",
+            "--input-file",
+            input,
+            "--wait",
+            "10s",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let result = &run.json_lines()[0]["job"]["actions"][0]["result"];
+    assert_eq!(
+        result["sha256"],
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+
+    let job_file = dir.path().join("job.json");
+    std::fs::write(
+        &job_file,
+        r#"{"actions": [{"name": "echo", "params": {"message": "from file"}, "input": "aGk="}],
+            "labels": {"from": "file"}, "max_attempts": 2}"#,
+    )
+    .unwrap();
+    let run = longrun(
+        &server.url(),
+        &[
+            "submit",
+            "--file",
+            job_file.to_str().unwrap(),
+            "--priority",
+            "7",
+            "--wait",
+            "10s",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let job = &run.json_lines()[0]["job"];
+    assert_eq!(job["actions"][0]["result"]["input"], "hi", "{job}");
+    assert_eq!(
+        (job["priority"].clone(), job["maxAttempts"].clone()),
+        (7.into(), 2.into())
+    );
+}
+
+#[tokio::test]
+async fn mistakes_on_the_command_line_exit_two() {
+    let server = TestServer::start().await;
+    let run = longrun(&server.url(), &["submit", "--action", r#"sleep:{"steps":"#]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("not valid JSON"), "{run:?}");
+    let run = longrun(
+        &server.url(),
+        &["submit", "--file", "/nonexistent/job.json"],
+    )
+    .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    let run = longrun(&server.url(), &["list", "--state", "sleeping"]).await;
+    assert_eq!(run.code, 2, "clap's own usage error: {run:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_explained() {
+    // A port that was free a moment ago, so nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = longrun(&format!("127.0.0.1:{port}"), &["status", "x"]).await;
+    assert_eq!(run.code, 5, "{run:?}");
+    assert!(
+        run.stderr.contains("cannot reach longrun at 127.0.0.1:"),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr.contains("is `longrun serve` running?"),
+        "{run:?}"
+    );
+}
+
+#[tokio::test]
+async fn watch_json_prints_each_snapshot_with_rising_versions() {
+    let server = TestServer::start().await;
+    let submitted = longrun(&server.url(), &["submit", "--action", SHORT_SLEEP]).await;
+    let id = submitted.first_line();
+    let run = longrun(&server.url(), &["watch", &id, "--output", "json"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let versions: Vec<i64> = run
+        .json_lines()
+        .iter()
+        .map(|line| line["job"]["version"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    let last = run.json_lines().pop().unwrap();
+    assert_eq!(last["job"]["state"], "JOB_STATE_SUCCEEDED");
+}
