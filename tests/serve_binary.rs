@@ -1,0 +1,123 @@
+//! The `longrun serve` binary on its data directory: one server per directory, clear errors and
+//! a non-zero exit for a directory it cannot use, and finished jobs removed after retention.
+
+mod common;
+
+use std::{
+    process::{Command, Output, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use common::{PATIENCE, TestServer, request, sleep, submit, test_config, wait_done};
+use longrun::{
+    actions::Registry,
+    api::pb,
+    store::{SqliteOptions, SqliteStore},
+};
+
+fn serve(dir: &std::path::Path, listen: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_longrun"))
+        .args(["serve", "--listen", listen])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start longrun serve")
+}
+
+/// Runs `serve` expecting it to exit by itself, bounded.
+fn serve_expecting_exit(dir: &std::path::Path) -> Output {
+    let child = serve(dir, "127.0.0.1:0");
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    result
+        .recv_timeout(PATIENCE)
+        .expect("serve exits by itself in time")
+        .expect("output")
+}
+
+#[test]
+fn second_server_on_the_same_data_directory_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = serve(dir.path(), "127.0.0.1:0");
+    // The first server holds the lock once its database exists.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !dir.path().join("longrun.db").exists() {
+        assert!(std::time::Instant::now() < deadline, "first server never opened its store");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let second = serve_expecting_exit(dir.path());
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("in use"), "says why: {stderr}");
+    assert!(stderr.contains(&dir.path().display().to_string()), "names the directory: {stderr}");
+}
+
+#[test]
+fn unusable_data_directory_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"x").unwrap();
+    let output = serve_expecting_exit(&file.join("data"));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not-a-directory"), "names the path: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn database_from_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    let db = rusqlite::Connection::open(dir.path().join("longrun.db")).unwrap();
+    db.pragma_update(None, "user_version", 999).unwrap();
+    drop(db);
+    let output = serve_expecting_exit(dir.path());
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("999"), "says which schema it found: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn finished_jobs_are_removed_after_the_retention_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    let mut config = test_config();
+    config.retention = Duration::from_millis(200);
+    let server = TestServer::start_on(store, config, Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+    let finished = submit(&mut client, request(vec![sleep(1, 1)])).await;
+    wait_done(&mut client, &finished.id).await;
+    let running = submit(&mut client, request(vec![sleep(60_000, 1)])).await;
+
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let status = client
+            .get_status(pb::GetStatusRequest {
+                job_id: finished.id.clone(),
+            })
+            .await;
+        match status {
+            Err(status) if status.code() == tonic::Code::NotFound => break,
+            Ok(_) => {}
+            Err(status) => panic!("unexpected {status}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let still_there = client
+        .get_status(pb::GetStatusRequest {
+            job_id: running.id.clone(),
+        })
+        .await;
+    assert!(still_there.is_ok(), "unfinished jobs are never removed");
+}
