@@ -65,7 +65,10 @@ async fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench` to harness-less benchmarks.
     let args = Args::parse_from(std::env::args().filter(|a| a != "--bench"));
     match args.scenario {
-        Scenario::Submit { requests, in_flight } => submit(requests, in_flight).await,
+        Scenario::Submit {
+            requests,
+            in_flight,
+        } => submit(requests, in_flight).await,
         Scenario::Restart { jobs } => restart(jobs).await,
         Scenario::All => {
             submit(20_000, 64).await?;
@@ -89,8 +92,8 @@ impl Drop for Process {
 
 impl Process {
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
-            .unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -152,8 +155,7 @@ async fn serve_echo(listen: SocketAddr) -> anyhow::Result<()> {
         }
     }
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(echo::echo_service_server::EchoServiceServer::new(Echo))
         .serve_with_incoming(incoming)
@@ -273,7 +275,11 @@ async fn submit(requests: usize, in_flight: usize) -> anyhow::Result<()> {
         }
     })
     .await?;
-    report("longrun Submit (SQLite, synchronous=FULL)", &rate, &baseline);
+    report(
+        "longrun Submit (SQLite, synchronous=FULL)",
+        &rate,
+        &baseline,
+    );
     Ok(())
 }
 
@@ -351,10 +357,7 @@ fn finished_job() -> Job {
 
 /// Starts a server on `dir`, returns it, how long until it answered, and GetStatus latencies
 /// for `ids`.
-async fn start_and_probe(
-    dir: &Path,
-    ids: &[JobId],
-) -> anyhow::Result<(Process, Duration, Rate)> {
+async fn start_and_probe(dir: &Path, ids: &[JobId]) -> anyhow::Result<(Process, Duration, Rate)> {
     let started = Instant::now();
     let (server, addr) = spawn_longrun(dir, &[])?;
     let client = JobsClient::new(channel(addr).await?);
@@ -415,7 +418,10 @@ async fn restart(jobs: usize) -> anyhow::Result<()> {
 
     println!(
         "{:<44} ready in {:>7.1} ms  RSS {:>7} KiB  GetStatus {}",
-        "empty store", empty_ready.as_secs_f64() * 1e3, empty_rss, empty_rate
+        "empty store",
+        empty_ready.as_secs_f64() * 1e3,
+        empty_rss,
+        empty_rate
     );
     println!(
         "{:<44} ready in {:>7.1} ms  RSS {:>7} KiB  GetStatus {}",

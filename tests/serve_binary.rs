@@ -48,7 +48,10 @@ fn second_server_on_the_same_data_directory_fails_at_once() {
     // The first server holds the lock once its database exists.
     let deadline = std::time::Instant::now() + PATIENCE;
     while !dir.path().join("longrun.db").exists() {
-        assert!(std::time::Instant::now() < deadline, "first server never opened its store");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first server never opened its store"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -58,7 +61,10 @@ fn second_server_on_the_same_data_directory_fails_at_once() {
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("in use"), "says why: {stderr}");
-    assert!(stderr.contains(&dir.path().display().to_string()), "names the directory: {stderr}");
+    assert!(
+        stderr.contains(&dir.path().display().to_string()),
+        "names the directory: {stderr}"
+    );
 }
 
 #[test]
@@ -69,7 +75,10 @@ fn unusable_data_directory_is_a_clear_error() {
     let output = serve_expecting_exit(&file.join("data"));
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("not-a-directory"), "names the path: {stderr}");
+    assert!(
+        stderr.contains("not-a-directory"),
+        "names the path: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -83,7 +92,10 @@ fn database_from_a_newer_schema_is_refused() {
     let output = serve_expecting_exit(dir.path());
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("999"), "says which schema it found: {stderr}");
+    assert!(
+        stderr.contains("999"),
+        "says which schema it found: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
