@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Inner, cancelled_error, queue::StopHandle, queue::StopReason};
 use crate::{
     actions::{ActionContext, HandlerError, ProgressReporter},
-    job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS},
+    job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress},
     store::StoreError,
 };
 
@@ -24,6 +24,13 @@ enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Illegal(#[from] IllegalTransition),
+}
+
+/// A running action's progress channel and when its progress was last written.
+struct ProgressTracker {
+    receiver: tokio::sync::watch::Receiver<Option<Progress>>,
+    persisted_version: i64,
+    last_persist: Instant,
 }
 
 /// How one attempt ended.
@@ -175,7 +182,7 @@ impl Inner {
                 format!("this server has no action named {:?}", action.name),
             )));
         };
-        let (progress, mut progress_rx) = ProgressReporter::channel();
+        let (progress, progress_rx) = ProgressReporter::channel();
         let ctx = ActionContext {
             job_id: job.id,
             action_index: index,
@@ -188,8 +195,11 @@ impl Inner {
         };
         let span = tracing::info_span!("action", index, name = %action.name);
         let mut run = std::pin::pin!(tracing::Instrument::instrument(handler.run(ctx), span));
-        let mut persisted_version = job.version;
-        let mut last_persist = Instant::now();
+        let mut tracker = ProgressTracker {
+            receiver: progress_rx,
+            persisted_version: job.version,
+            last_persist: Instant::now(),
+        };
         let mut progress_open = true;
         let mut grace_ends: Option<Instant> = None;
         loop {
@@ -202,15 +212,15 @@ impl Inner {
             tokio::select! {
                 biased;
                 result = &mut run => {
-                    self.apply_progress(job, index, &mut progress_rx, &mut persisted_version, &mut last_persist, true).await?;
+                    self.apply_progress(job, index, &mut tracker, true).await?;
                     return Ok(result);
                 }
-                changed = progress_rx.changed(), if progress_open => {
+                changed = tracker.receiver.changed(), if progress_open => {
                     if changed.is_err() {
                         progress_open = false;
                         continue;
                     }
-                    self.apply_progress(job, index, &mut progress_rx, &mut persisted_version, &mut last_persist, false).await?;
+                    self.apply_progress(job, index, &mut tracker, false).await?;
                 }
                 _ = handle.token().cancelled(), if grace_ends.is_none() => {
                     grace_ends = Some(Instant::now() + self.config.cancel_grace);
@@ -223,30 +233,29 @@ impl Inner {
         }
     }
 
-    /// Applies the newest reported progress, publishes it, and persists it when enough time
-    /// or versions have gone by (or `force`, before a state change is saved anyway).
+    /// Applies the newest reported progress. Unless `last` (the handler has returned, and the
+    /// state change that follows saves and publishes a newer version anyway), publishes it, and
+    /// persists it when enough time or versions have gone by since the last write.
     async fn apply_progress(
         &self,
         job: &mut Job,
         index: usize,
-        progress_rx: &mut tokio::sync::watch::Receiver<Option<crate::job::Progress>>,
-        persisted_version: &mut i64,
-        last_persist: &mut Instant,
-        force: bool,
+        tracker: &mut ProgressTracker,
+        last: bool,
     ) -> Result<(), RunError> {
-        let reported = progress_rx.borrow_and_update().clone();
+        let reported = tracker.receiver.borrow_and_update().clone();
         let Some(progress) = reported else {
             return Ok(());
         };
-        if !job.report_progress(index, progress, SystemTime::now()) {
+        if !job.report_progress(index, progress, SystemTime::now()) || last {
             return Ok(());
         }
-        let due = last_persist.elapsed() >= self.config.progress_persist_interval
-            || job.version - *persisted_version >= MAX_UNPERSISTED_VERSIONS - 1;
-        if force || due {
+        let due = tracker.last_persist.elapsed() >= self.config.progress_persist_interval
+            || job.version - tracker.persisted_version >= MAX_UNPERSISTED_VERSIONS - 1;
+        if due {
             self.store.save(job).await?;
-            *persisted_version = job.version;
-            *last_persist = Instant::now();
+            tracker.persisted_version = job.version;
+            tracker.last_persist = Instant::now();
         }
         self.hub.publish(Arc::new(job.clone()));
         Ok(())
