@@ -20,12 +20,15 @@ use super::{
 use crate::job::{Job, JobId, JobState};
 use crate::store::{ListQuery, StoreError};
 
-/// A small pool of read-only connections, opened on demand.
+/// A small pool of read-only connections, opened on demand. At most `max_idle` reads run at
+/// once: more would each open (and parse the schema of) a fresh connection, which costs more
+/// than the wait for a pooled one, and a 2-core machine gains nothing from them.
 pub(super) struct Readers {
     path: PathBuf,
     busy_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Vec<Connection>>,
+    permits: tokio::sync::Semaphore,
     closed: AtomicBool,
 }
 
@@ -36,6 +39,7 @@ impl Readers {
             busy_timeout,
             max_idle,
             idle: Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(max_idle.max(1)),
             closed: AtomicBool::new(false),
         }
     }
@@ -56,6 +60,11 @@ impl Readers {
         if self.closed.load(Ordering::Acquire) {
             return Err(StoreError::Closed);
         }
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let readers = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             let conn = readers.take()?;
