@@ -80,14 +80,12 @@ fn integral_numbers_as_integers(value: &mut serde_json::Value) {
         serde_json::Value::Number(number) => {
             if let Some(f) = number
                 .as_f64()
-                .filter(|f| number.is_f64() && f.fract() == 0.0)
+                .filter(|f| number.is_f64() && f.fract() == 0.0 && f.abs() <= EXACT)
             {
-                if f.abs() <= EXACT {
-                    // In range and whole, so the cast is exact.
-                    #[allow(clippy::cast_possible_truncation)]
-                    let whole = f as i64;
-                    *number = whole.into();
-                }
+                // In range and whole, so the cast is exact.
+                #[allow(clippy::cast_possible_truncation)]
+                let whole = f as i64;
+                *number = whole.into();
             }
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(integral_numbers_as_integers),

@@ -258,3 +258,268 @@ pub fn state(job: &pb::Job) -> pb::JobState {
 pub fn action_state(status: &pb::ActionStatus) -> pb::ActionState {
     pb::ActionState::try_from(status.state).expect("known action state")
 }
+
+/// A wire duration of `ms` milliseconds.
+pub fn millis(ms: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// Every job the server lists (first page of the largest size).
+pub async fn list_all(client: &mut JobsClient<Channel>) -> Vec<pb::Job> {
+    client
+        .list_jobs(pb::ListJobsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list jobs")
+        .into_inner()
+        .jobs
+}
+
+/// The field paths named by a status's `google.rpc.BadRequest` details.
+pub fn bad_request_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|br| br.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// A test action (`gate`) that tells the test when it starts and runs until the test releases
+/// it, so tests know what is running without sleeping. It counts handlers running at once.
+#[derive(Clone)]
+pub struct Gate {
+    inner: Arc<GateInner>,
+}
+
+struct GateInner {
+    started_tx: tokio::sync::mpsc::UnboundedSender<String>,
+    started_rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<String>>,
+    release: tokio::sync::Semaphore,
+    ignore_cancel: bool,
+    running: std::sync::atomic::AtomicUsize,
+    max_running: std::sync::atomic::AtomicUsize,
+    dropped: tokio::sync::Notify,
+}
+
+/// Decrements the running count when a run ends, returned or dropped.
+struct Running(Arc<GateInner>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.dropped.notify_waiters();
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new(false)
+    }
+}
+
+impl Gate {
+    /// A gate whose runs stop when cancelled (`ignore_cancel` false) or only when released.
+    pub fn new(ignore_cancel: bool) -> Self {
+        let (started_tx, started_rx) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            inner: Arc::new(GateInner {
+                started_tx,
+                started_rx: tokio::sync::Mutex::new(started_rx),
+                release: tokio::sync::Semaphore::new(0),
+                ignore_cancel,
+                running: Default::default(),
+                max_running: Default::default(),
+                dropped: Default::default(),
+            }),
+        }
+    }
+
+    /// The built-in actions plus this gate as `gate`.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::with_builtins();
+        registry.register("gate", self.clone());
+        registry
+    }
+
+    /// The id of the job whose gate action started next (bounded by [`PATIENCE`]).
+    pub async fn next_started(&self) -> String {
+        let mut rx = self.inner.started_rx.lock().await;
+        tokio::time::timeout(PATIENCE, rx.recv())
+            .await
+            .expect("a gate action starts in time")
+            .expect("gate channel open")
+    }
+
+    /// The id of the job whose gate action starts within `wait`, if one does.
+    pub async fn started_within(&self, wait: Duration) -> Option<String> {
+        let mut rx = self.inner.started_rx.lock().await;
+        tokio::time::timeout(wait, rx.recv()).await.ok().flatten()
+    }
+
+    /// Lets `n` waiting (or future) gate runs finish successfully.
+    pub fn release(&self, n: usize) {
+        self.inner.release.add_permits(n);
+    }
+
+    /// Gate runs in progress now (a dropped run counts as ended).
+    pub fn running(&self) -> usize {
+        self.inner.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The most gate runs that were in progress at once.
+    pub fn max_running(&self) -> usize {
+        self.inner
+            .max_running
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (bounded) until no gate run is in progress.
+    pub async fn until_idle(&self) {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let dropped = self.inner.dropped.notified();
+                if self.running() == 0 {
+                    return;
+                }
+                dropped.await;
+            }
+        })
+        .await
+        .expect("gate runs end in time");
+    }
+}
+
+#[async_trait::async_trait]
+impl longrun::actions::Handler for Gate {
+    fn describe(&self) -> longrun::actions::ActionDescription {
+        longrun::actions::ActionDescription {
+            description: "Test action: runs until the test releases it.".to_owned(),
+            params: Vec::new(),
+            uses_input: false,
+        }
+    }
+
+    async fn run(
+        &self,
+        ctx: longrun::actions::ActionContext,
+    ) -> Result<serde_json::Value, longrun::actions::HandlerError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.inner.running.fetch_add(1, SeqCst) + 1;
+        self.inner.max_running.fetch_max(now, SeqCst);
+        let _running = Running(Arc::clone(&self.inner));
+        let _ = self.inner.started_tx.send(ctx.job_id.to_string());
+        let cancelled = async {
+            if self.inner.ignore_cancel {
+                std::future::pending::<()>().await;
+            }
+            ctx.cancel.cancelled().await;
+        };
+        tokio::select! {
+            permit = self.inner.release.acquire() => {
+                permit.expect("gate semaphore open").forget();
+                Ok(serde_json::json!({"released": true}))
+            }
+            _ = cancelled => Err(longrun::actions::HandlerError::cancelled()),
+        }
+    }
+}
+
+/// A `gate` action.
+pub fn gated() -> pb::ActionSpec {
+    action("gate", serde_json::json!({}))
+}
+
+/// Watches the job until `wanted` holds for a snapshot (bounded by [`PATIENCE`]) and returns
+/// that snapshot.
+pub async fn until(
+    client: &mut JobsClient<Channel>,
+    job_id: &str,
+    wanted: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job_id.to_owned(),
+            after_version: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(message) = stream.next().await {
+            let job = message.expect("stream message").job.expect("job");
+            if wanted(&job) {
+                return job;
+            }
+        }
+        panic!("the job ended without reaching the wanted snapshot");
+    })
+    .await
+    .expect("the job reaches the wanted snapshot in time")
+}
+
+/// Cancels a job and returns the job the response holds.
+pub async fn cancel(client: &mut JobsClient<Channel>, job_id: &str) -> pb::Job {
+    client
+        .cancel(pb::CancelRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .job
+        .expect("job in response")
+}
+
+/// The job as GetStatus returns it.
+pub async fn get(client: &mut JobsClient<Channel>, job_id: &str) -> pb::Job {
+    client
+        .get_status(pb::GetStatusRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await
+        .expect("get status")
+        .into_inner()
+        .job
+        .expect("job in response")
+}
+
+/// Opens a watch of the job and returns its stream once the server has answered.
+pub async fn open_watch(
+    client: &mut JobsClient<Channel>,
+    job_id: &str,
+    after_version: i64,
+) -> tonic::Streaming<pb::WatchJobResponse> {
+    client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job_id.to_owned(),
+            after_version,
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// Reads the stream until a snapshot for which `wanted` holds (bounded by [`PATIENCE`]).
+pub async fn next_until(
+    stream: &mut tonic::Streaming<pb::WatchJobResponse>,
+    wanted: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(message) = stream.next().await {
+            let job = message.expect("stream message").job.expect("job");
+            if wanted(&job) {
+                return job;
+            }
+        }
+        panic!("the stream ended without the wanted snapshot");
+    })
+    .await
+    .expect("the wanted snapshot comes in time")
+}

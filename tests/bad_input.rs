@@ -1,0 +1,538 @@
+//! Bad input gets a clear INVALID_ARGUMENT naming the field, and changes nothing (invariant 5):
+//! malformed params, unknown actions, oversized payloads, too many actions, invalid ids.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use longrun::{
+    actions::{
+        ActionContext, ActionDescription, Handler, HandlerError, ParamInfo, ParamType, Registry,
+    },
+    api::pb::{self, JobState, jobs_client::JobsClient},
+    config::Config,
+};
+use prost::Message as _;
+use prost_types::{Struct, Value, value::Kind};
+use serde_json::json;
+use tonic::{Code, transport::Channel};
+
+const MAX_ACTIONS: usize = 3;
+const MAX_PARAMS_BYTES: usize = 1024;
+const MAX_INPUT_BYTES: usize = 1024;
+const MAX_LABELS: usize = 2;
+const MAX_LABEL_BYTES: usize = 16;
+const MAX_KEY_BYTES: usize = 16;
+const MAX_ATTEMPTS_LIMIT: i32 = 100;
+/// Params may nest this deep; one level more is refused.
+const MAX_PARAMS_DEPTH: usize = 32;
+
+fn small_limits() -> Config {
+    let mut config = test_config();
+    config.limits.max_actions_per_job = MAX_ACTIONS;
+    config.limits.max_params_bytes = MAX_PARAMS_BYTES;
+    config.limits.max_input_bytes = MAX_INPUT_BYTES;
+    config.limits.max_labels = MAX_LABELS;
+    config.limits.max_label_bytes = MAX_LABEL_BYTES;
+    config.limits.max_idempotency_key_bytes = MAX_KEY_BYTES;
+    config.executor.max_attempts_limit = MAX_ATTEMPTS_LIMIT as u32;
+    config
+}
+
+fn echo() -> pb::ActionSpec {
+    action("echo", json!({}))
+}
+
+fn with(
+    actions: Vec<pb::ActionSpec>,
+    edit: impl FnOnce(&mut pb::SubmitRequest),
+) -> pb::SubmitRequest {
+    let mut req = request(actions);
+    edit(&mut req);
+    req
+}
+
+fn number(n: f64) -> Value {
+    Value {
+        kind: Some(Kind::NumberValue(n)),
+    }
+}
+
+/// A test action taking one object param `x`, to carry deeply nested params.
+struct Nest;
+
+#[async_trait::async_trait]
+impl Handler for Nest {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Test action taking any object as `x`.".to_owned(),
+            params: vec![ParamInfo::optional("x", ParamType::Object, "anything")],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, _ctx: ActionContext) -> Result<serde_json::Value, HandlerError> {
+        Ok(json!({}))
+    }
+}
+
+fn registry() -> Registry {
+    let mut registry = Registry::with_builtins();
+    registry.register("nest", Nest);
+    registry
+}
+
+/// A `nest` action whose params are `{"x": {"x": ... 1 ...}}`, `levels` objects deep.
+fn nested(levels: usize) -> pb::ActionSpec {
+    let mut value = number(1.0);
+    for _ in 0..levels {
+        value = Value {
+            kind: Some(Kind::StructValue(Struct {
+                fields: BTreeMap::from([("x".to_owned(), value)]),
+            })),
+        };
+    }
+    let Some(Kind::StructValue(params)) = value.kind else {
+        unreachable!("at least one level")
+    };
+    pb::ActionSpec {
+        name: "nest".to_owned(),
+        params: Some(params),
+        input: Default::default(),
+    }
+}
+
+/// An `echo` action whose params encode to exactly `bytes` bytes.
+fn echo_with_params_of(bytes: usize) -> pb::ActionSpec {
+    (0..bytes)
+        .map(|n| action("echo", json!({"message": "m".repeat(n)})))
+        .find(|spec| spec.params.as_ref().unwrap().encoded_len() == bytes)
+        .expect("some message length encodes to exactly that size")
+}
+
+fn echo_with_input(bytes: usize) -> pb::ActionSpec {
+    let mut spec = echo();
+    spec.input = vec![b'i'; bytes].into();
+    spec
+}
+
+fn labels(entries: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    entries
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Submits, expects INVALID_ARGUMENT naming exactly `field`, and that nothing was stored.
+async fn assert_refused(
+    client: &mut JobsClient<Channel>,
+    case: &str,
+    req: pb::SubmitRequest,
+    field: &str,
+) {
+    let before = list_all(client).await.len();
+    let status = client
+        .submit(req)
+        .await
+        .expect_err(&format!("{case}: refused"));
+    assert_eq!(
+        status.code(),
+        Code::InvalidArgument,
+        "{case}: {}",
+        status.message()
+    );
+    assert_eq!(
+        bad_request_fields(&status),
+        [field],
+        "{case}: the violation names the field ({})",
+        status.message()
+    );
+    assert_eq!(
+        list_all(client).await.len(),
+        before,
+        "{case}: nothing stored"
+    );
+}
+
+#[tokio::test]
+async fn bad_submit_requests_are_refused_naming_the_field_and_store_nothing() {
+    let server = TestServer::start_with(small_limits(), registry()).await;
+    let mut client = server.client.clone();
+    let mut nan_params = action("echo", json!({})).params.unwrap();
+    nan_params.fields.insert("x".to_owned(), number(f64::NAN));
+    let nan = pb::ActionSpec {
+        name: "echo".to_owned(),
+        params: Some(nan_params),
+        input: Default::default(),
+    };
+    let too_deep_field = format!(
+        "actions[0].params.{}",
+        vec!["x"; MAX_PARAMS_DEPTH + 1].join(".")
+    );
+
+    let cases: Vec<(&str, pb::SubmitRequest, String)> = vec![
+        ("no actions", request(vec![]), "actions".into()),
+        (
+            "empty action name",
+            request(vec![action("", json!({}))]),
+            "actions[0].name".into(),
+        ),
+        (
+            "unknown action",
+            request(vec![echo(), action("nope", json!({}))]),
+            "actions[1].name".into(),
+        ),
+        (
+            "wrong param type",
+            request(vec![action("sleep", json!({"duration_ms": "long"}))]),
+            "actions[0].params.duration_ms".into(),
+        ),
+        (
+            "unknown param",
+            request(vec![action("sleep", json!({"bogus": 1}))]),
+            "actions[0].params.bogus".into(),
+        ),
+        (
+            "zero steps",
+            request(vec![action("sleep", json!({"steps": 0}))]),
+            "actions[0].params.steps".into(),
+        ),
+        (
+            "NaN number",
+            request(vec![nan]),
+            "actions[0].params.x".into(),
+        ),
+        (
+            "params nested too deep",
+            request(vec![nested(MAX_PARAMS_DEPTH + 1)]),
+            too_deep_field,
+        ),
+        (
+            "negative max_attempts",
+            with(vec![echo()], |r| r.max_attempts = -1),
+            "max_attempts".into(),
+        ),
+        (
+            "max_attempts above the limit",
+            with(vec![echo()], |r| r.max_attempts = MAX_ATTEMPTS_LIMIT + 1),
+            "max_attempts".into(),
+        ),
+        (
+            "negative wait",
+            with(vec![echo()], |r| r.wait = Some(millis(-1))),
+            "wait".into(),
+        ),
+        (
+            "negative timeout",
+            with(vec![echo()], |r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: -5,
+                    nanos: 0,
+                })
+            }),
+            "timeout".into(),
+        ),
+        (
+            "malformed timeout nanos",
+            with(vec![echo()], |r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 1_000_000_000,
+                })
+            }),
+            "timeout".into(),
+        ),
+        (
+            "too many actions",
+            request(vec![echo(); MAX_ACTIONS + 1]),
+            "actions".into(),
+        ),
+        (
+            "params over the size limit",
+            request(vec![echo_with_params_of(MAX_PARAMS_BYTES + 1)]),
+            "actions[0].params".into(),
+        ),
+        (
+            "input over the size limit",
+            request(vec![echo_with_input(MAX_INPUT_BYTES + 1)]),
+            "actions[0].input".into(),
+        ),
+        (
+            "too many labels",
+            with(vec![echo()], |r| {
+                r.labels = labels(&[("a", "1"), ("b", "2"), ("c", "3")])
+            }),
+            "labels".into(),
+        ),
+        (
+            "label value too long",
+            with(vec![echo()], |r| {
+                r.labels = labels(&[("k", &"v".repeat(MAX_LABEL_BYTES + 1))])
+            }),
+            "labels[\"k\"]".into(),
+        ),
+        (
+            "empty label key",
+            with(vec![echo()], |r| r.labels = labels(&[("", "v")])),
+            "labels[\"\"]".into(),
+        ),
+        (
+            "idempotency key too long",
+            with(vec![echo()], |r| {
+                r.idempotency_key = "k".repeat(MAX_KEY_BYTES + 1)
+            }),
+            "idempotency_key".into(),
+        ),
+        (
+            "fail with an invalid code",
+            request(vec![action("fail", json!({"code": "OOPS"}))]),
+            "actions[0].params.code".into(),
+        ),
+    ];
+    for (case, req, field) in cases {
+        assert_refused(&mut client, case, req, &field).await;
+    }
+    assert!(
+        list_all(&mut client).await.is_empty(),
+        "nothing stored at all"
+    );
+}
+
+#[tokio::test]
+async fn limits_are_inclusive_exactly_the_limit_is_accepted_and_one_more_refused() {
+    let server = TestServer::start_with(small_limits(), registry()).await;
+    let mut client = server.client.clone();
+    let long_label = "l".repeat(MAX_LABEL_BYTES);
+    let too_deep_field = format!(
+        "actions[0].params.{}",
+        vec!["x"; MAX_PARAMS_DEPTH + 1].join(".")
+    );
+    let edges: Vec<(&str, pb::SubmitRequest, pb::SubmitRequest, &str)> = vec![
+        (
+            "actions",
+            request(vec![echo(); MAX_ACTIONS]),
+            request(vec![echo(); MAX_ACTIONS + 1]),
+            "actions",
+        ),
+        (
+            "params bytes",
+            request(vec![echo_with_params_of(MAX_PARAMS_BYTES)]),
+            request(vec![echo_with_params_of(MAX_PARAMS_BYTES + 1)]),
+            "actions[0].params",
+        ),
+        (
+            "input bytes",
+            request(vec![echo_with_input(MAX_INPUT_BYTES)]),
+            request(vec![echo_with_input(MAX_INPUT_BYTES + 1)]),
+            "actions[0].input",
+        ),
+        (
+            "label count",
+            with(vec![echo()], |r| {
+                r.labels = labels(&[("a", "1"), ("b", "2")])
+            }),
+            with(vec![echo()], |r| {
+                r.labels = labels(&[("a", "1"), ("b", "2"), ("c", "3")])
+            }),
+            "labels",
+        ),
+        (
+            "label bytes",
+            with(vec![echo()], |r| {
+                r.labels = labels(&[(&long_label, &long_label)])
+            }),
+            with(vec![echo()], |r| {
+                r.labels = labels(&[("k", &"v".repeat(MAX_LABEL_BYTES + 1))])
+            }),
+            "labels[\"k\"]",
+        ),
+        (
+            "idempotency key bytes",
+            with(vec![echo()], |r| {
+                r.idempotency_key = "k".repeat(MAX_KEY_BYTES)
+            }),
+            with(vec![echo()], |r| {
+                r.idempotency_key = "k".repeat(MAX_KEY_BYTES + 1)
+            }),
+            "idempotency_key",
+        ),
+        (
+            "max_attempts",
+            with(vec![echo()], |r| r.max_attempts = MAX_ATTEMPTS_LIMIT),
+            with(vec![echo()], |r| r.max_attempts = MAX_ATTEMPTS_LIMIT + 1),
+            "max_attempts",
+        ),
+        (
+            "params depth",
+            request(vec![nested(MAX_PARAMS_DEPTH)]),
+            request(vec![nested(MAX_PARAMS_DEPTH + 1)]),
+            &too_deep_field,
+        ),
+    ];
+    let mut stored = 0;
+    for (case, at_limit, over_limit, field) in edges {
+        submit(&mut client, at_limit).await;
+        stored += 1;
+        assert_eq!(
+            list_all(&mut client).await.len(),
+            stored,
+            "{case}: accepted"
+        );
+        assert_refused(&mut client, case, over_limit, field).await;
+    }
+}
+
+#[tokio::test]
+async fn malformed_job_ids_are_invalid_argument_and_unknown_ones_not_found() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let unknown = uuid::Uuid::now_v7().to_string();
+    for id in ["", "nope", "01a2-not-a-uuid", &unknown] {
+        let results: Vec<(&str, Result<(), tonic::Status>)> = vec![
+            (
+                "GetStatus",
+                client
+                    .get_status(pb::GetStatusRequest { job_id: id.into() })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "WatchJob",
+                client
+                    .watch_job(pb::WatchJobRequest {
+                        job_id: id.into(),
+                        after_version: 0,
+                    })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "WaitJob",
+                client
+                    .wait_job(pb::WaitJobRequest {
+                        job_id: id.into(),
+                        timeout: Some(millis(10)),
+                    })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "Cancel",
+                client
+                    .cancel(pb::CancelRequest { job_id: id.into() })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "DeleteJob",
+                client
+                    .delete_job(pb::DeleteJobRequest { job_id: id.into() })
+                    .await
+                    .map(drop),
+            ),
+        ];
+        for (rpc, result) in results {
+            let status = result.expect_err(&format!("{rpc}({id:?}) is refused"));
+            if id == unknown {
+                assert_eq!(status.code(), Code::NotFound, "{rpc}: {}", status.message());
+            } else {
+                assert_eq!(
+                    status.code(),
+                    Code::InvalidArgument,
+                    "{rpc}({id:?}): {}",
+                    status.message()
+                );
+                assert_eq!(bad_request_fields(&status), ["job_id"], "{rpc}({id:?})");
+            }
+        }
+    }
+    assert!(list_all(&mut client).await.is_empty());
+}
+
+#[tokio::test]
+async fn watch_after_a_negative_or_future_version_is_invalid_argument() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let job = submit(&mut client, request(vec![echo()])).await;
+    let done = wait_done(&mut client, &job.id).await;
+    for after_version in [-1, done.version + 1, i64::MAX] {
+        let status = client
+            .watch_job(pb::WatchJobRequest {
+                job_id: job.id.clone(),
+                after_version,
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{after_version}");
+        assert_eq!(
+            bad_request_fields(&status),
+            ["after_version"],
+            "{after_version}"
+        );
+    }
+    assert_eq!(
+        get(&mut client, &job.id).await,
+        done,
+        "the job is untouched"
+    );
+}
+
+#[tokio::test]
+async fn bad_list_requests_are_refused_naming_the_field() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let cases = [
+        (
+            pb::ListJobsRequest {
+                page_size: -1,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            pb::ListJobsRequest {
+                page_size: 1001,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            pb::ListJobsRequest {
+                page_token: "not a token".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            pb::ListJobsRequest {
+                states: vec![JobState::Queued as i32, 99],
+                ..Default::default()
+            },
+            "states[1]",
+        ),
+    ];
+    for (req, field) in cases {
+        let status = client.list_jobs(req.clone()).await.expect_err(field);
+        assert_eq!(status.code(), Code::InvalidArgument, "{req:?}");
+        assert_eq!(bad_request_fields(&status), [field], "{req:?}");
+    }
+}
+
+#[tokio::test]
+async fn message_over_the_size_limit_is_refused_by_the_transport_and_stores_nothing() {
+    let mut config = test_config();
+    config.limits.max_message_bytes = 4096;
+    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+    let status = client
+        .submit(request(vec![echo_with_input(8192)]))
+        .await
+        .expect_err("refused");
+    // tonic refuses a message over `max_decoding_message_size` before the service sees it.
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    assert!(list_all(&mut client).await.is_empty(), "nothing stored");
+    // The connection is still usable, and a message within the limit is accepted.
+    submit(&mut client, request(vec![echo_with_input(1024)])).await;
+    assert_eq!(list_all(&mut client).await.len(), 1);
+}

@@ -1,0 +1,285 @@
+//! Cancel reaches running code, and a handler (or a child process) that ignores it is stopped
+//! anyway (invariant 4): queued, running, stubborn, retrying and finished jobs.
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use longrun::{
+    actions::{ExecCommand, Registry},
+    api::pb::{ActionState, JobState},
+};
+use serde_json::json;
+
+fn one_at_a_time() -> longrun::config::Config {
+    let mut config = test_config();
+    config.executor.concurrency = 1;
+    config
+}
+
+fn time(ts: &Option<prost_types::Timestamp>) -> SystemTime {
+    SystemTime::try_from(ts.expect("timestamp set")).expect("valid timestamp")
+}
+
+#[tokio::test]
+async fn cancelling_a_queued_job_cancels_it_at_once_skips_its_actions_and_it_never_runs() {
+    let gate = Gate::default();
+    let server = TestServer::start_with(one_at_a_time(), gate.registry()).await;
+    let mut client = server.client.clone();
+
+    let running = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, running.id);
+    let queued = submit(
+        &mut client,
+        request(vec![gated(), action("echo", json!({}))]),
+    )
+    .await;
+    assert_eq!(state(&queued), JobState::Queued);
+
+    let cancelled = cancel(&mut client, &queued.id).await;
+    assert_eq!(state(&cancelled), JobState::Cancelled, "cancelled at once");
+    let actions: Vec<ActionState> = cancelled.actions.iter().map(action_state).collect();
+    assert_eq!(actions, [ActionState::Skipped, ActionState::Skipped]);
+    assert_eq!(cancelled.error.as_ref().unwrap().code, "CANCELLED");
+    assert!(cancelled.start_time.is_none());
+
+    // A job submitted after the cancelled one runs next: the cancelled one was skipped.
+    let later = submit(&mut client, request(vec![gated()])).await;
+    gate.release(1);
+    assert_eq!(
+        state(&wait_done(&mut client, &running.id).await),
+        JobState::Succeeded
+    );
+    assert_eq!(
+        gate.next_started().await,
+        later.id,
+        "the cancelled job never ran"
+    );
+    gate.release(1);
+    wait_done(&mut client, &later.id).await;
+
+    let after = get(&mut client, &queued.id).await;
+    assert_eq!(after, cancelled, "the cancelled job never changed again");
+}
+
+#[tokio::test]
+async fn cancelling_a_running_sleep_job_cancels_it_promptly_and_the_action_is_cancelled() {
+    // A grace far longer than the wait below proves the handler stopped by itself.
+    let mut config = test_config();
+    config.executor.cancel_grace = Duration::from_secs(30);
+    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+    let job = submit(&mut client, request(vec![sleep(60_000, 600)])).await;
+    until(&mut client, &job.id, |j| {
+        action_state(&j.actions[0]) == ActionState::Running
+    })
+    .await;
+
+    let asked = Instant::now();
+    let answer = cancel(&mut client, &job.id).await;
+    assert!(matches!(
+        state(&answer),
+        JobState::Running | JobState::Cancelled
+    ));
+    let done = wait_done(&mut client, &job.id).await;
+    let took = asked.elapsed();
+    assert_eq!(state(&done), JobState::Cancelled);
+    assert!(
+        took < Duration::from_secs(5),
+        "cancelled promptly: {took:?}"
+    );
+    assert_eq!(action_state(&done.actions[0]), ActionState::Cancelled);
+    assert_eq!(done.error.as_ref().unwrap().code, "CANCELLED");
+    assert!(done.end_time.is_some());
+}
+
+#[tokio::test]
+async fn handler_ignoring_its_cancellation_is_stopped_after_the_grace_period() {
+    let gate = Gate::new(true);
+    let config = test_config();
+    let grace = config.executor.cancel_grace;
+    let server = TestServer::start_with(config, gate.registry()).await;
+    let mut client = server.client.clone();
+    let job = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, job.id);
+
+    let asked = Instant::now();
+    let answer = cancel(&mut client, &job.id).await;
+    assert_eq!(
+        state(&answer),
+        JobState::Running,
+        "still running while the handler ignores the cancel"
+    );
+    let done = wait_done(&mut client, &job.id).await;
+    let took = asked.elapsed();
+    assert_eq!(state(&done), JobState::Cancelled);
+    assert!(took >= grace, "the handler got its grace period: {took:?}");
+    assert_eq!(action_state(&done.actions[0]), ActionState::Cancelled);
+    gate.until_idle().await;
+    assert_eq!(gate.running(), 0, "the stubborn handler was dropped");
+}
+
+#[tokio::test]
+async fn cancelling_a_job_waiting_for_its_retry_backoff_cancels_it() {
+    let mut config = test_config();
+    config.executor.retry_backoff_initial = Duration::from_secs(3600);
+    config.executor.retry_backoff_max = Duration::from_secs(3600);
+    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+    let mut req = request(vec![action("fail", json!({}))]);
+    req.max_attempts = 3;
+    let job = submit(&mut client, req).await;
+    let waiting = until(&mut client, &job.id, |j| {
+        state(j) == JobState::Queued && j.attempt == 2
+    })
+    .await;
+    assert_eq!(waiting.attempt, 2);
+
+    cancel(&mut client, &job.id).await;
+    // Bounded far below the hour of backoff.
+    let done = wait_done(&mut client, &job.id).await;
+    assert_eq!(state(&done), JobState::Cancelled);
+    assert_eq!(done.attempt, 2, "the retry never started");
+    assert_eq!(done.error.as_ref().unwrap().code, "CANCELLED");
+}
+
+#[tokio::test]
+async fn cancel_is_idempotent_and_returns_a_finished_job_unchanged() {
+    let gate = Gate::default();
+    let server = TestServer::start_with(one_at_a_time(), gate.registry()).await;
+    let mut client = server.client.clone();
+
+    // Queued, cancelled twice: the second cancel changes nothing.
+    let blocker = submit(&mut client, request(vec![gated()])).await;
+    gate.next_started().await;
+    let queued = submit(&mut client, request(vec![sleep(10, 1)])).await;
+    let first = cancel(&mut client, &queued.id).await;
+    let second = cancel(&mut client, &queued.id).await;
+    assert_eq!(state(&first), JobState::Cancelled);
+    assert_eq!(second, first, "same job, same version");
+
+    // Running, cancelled twice: both accepted, one CANCELLED outcome.
+    cancel(&mut client, &blocker.id).await;
+    cancel(&mut client, &blocker.id).await;
+    let stopped = wait_done(&mut client, &blocker.id).await;
+    assert_eq!(state(&stopped), JobState::Cancelled);
+    assert_eq!(cancel(&mut client, &blocker.id).await, stopped);
+
+    // Succeeded: cancel returns it as it is.
+    let finished = submit(&mut client, request(vec![action("echo", json!({}))])).await;
+    let finished = wait_done(&mut client, &finished.id).await;
+    assert_eq!(state(&finished), JobState::Succeeded);
+    let answer = cancel(&mut client, &finished.id).await;
+    assert_eq!(answer, finished, "a finished job is returned unchanged");
+    assert_eq!(
+        get(&mut client, &finished.id).await.version,
+        finished.version
+    );
+}
+
+/// Whether the process is gone: no such pid, or only a zombie left to reap.
+fn process_gone(pid: i32) -> bool {
+    use nix::{errno::Errno, sys::signal::kill, unistd::Pid};
+    match kill(Pid::from_raw(pid), None) {
+        Err(Errno::ESRCH) => true,
+        _ => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the parenthesised command name.
+                let rest = &stat[stat.rfind(')')? + 1..];
+                rest.split_whitespace().next().map(|s| s == "Z")
+            })
+            .unwrap_or(true),
+    }
+}
+
+#[tokio::test]
+async fn cancelled_exec_command_that_ignores_sigterm_is_killed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pid_file = dir.path().join("pid");
+    let script = format!(
+        "trap '' TERM; echo $$ > '{}'; echo '@progress 1 started'; while true; do sleep 0.05; done",
+        pid_file.display()
+    );
+    let mut config = one_at_a_time();
+    config.exec_commands.insert(
+        "stubborn".to_owned(),
+        ExecCommand {
+            program: "/bin/sh".into(),
+            args: vec!["-c".to_owned(), script],
+            description: "ignores SIGTERM".to_owned(),
+            allow_extra_args: false,
+            env: Default::default(),
+            working_dir: None,
+        },
+    );
+    let gate = Gate::default();
+    let mut registry = config.registry();
+    registry.register("gate", gate.clone());
+    let server = TestServer::start_with(config, registry).await;
+    let mut client = server.client.clone();
+    // Hold the only slot so the watch is open before the command starts and reports.
+    submit(&mut client, request(vec![gated()])).await;
+    gate.next_started().await;
+    let job = submit(
+        &mut client,
+        request(vec![action("exec", json!({"command": "stubborn"}))]),
+    )
+    .await;
+    let mut watch = open_watch(&mut client, &job.id, 0).await;
+    next_until(&mut watch, |j| state(j) == JobState::Queued).await;
+    gate.release(1);
+    // The command reports progress only after it wrote its pid.
+    next_until(&mut watch, |j| {
+        j.actions[0]
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.percent >= 1)
+    })
+    .await;
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(!process_gone(pid), "the command runs before the cancel");
+
+    cancel(&mut client, &job.id).await;
+    let done = wait_done(&mut client, &job.id).await;
+    assert_eq!(state(&done), JobState::Cancelled);
+    assert_eq!(action_state(&done.actions[0]), ActionState::Cancelled);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !process_gone(pid) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("process {pid} still runs after its job was cancelled"));
+}
+
+#[tokio::test]
+async fn cancelled_running_job_frees_its_worker_slot_for_the_next_queued_job() {
+    // The handler ignores the cancel, so the slot is freed only by the grace-period stop.
+    let gate = Gate::new(true);
+    let server = TestServer::start_with(one_at_a_time(), gate.registry()).await;
+    let mut client = server.client.clone();
+    let stuck = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, stuck.id);
+    let next = submit(&mut client, request(vec![action("echo", json!({}))])).await;
+    assert_eq!(state(&get(&mut client, &next.id).await), JobState::Queued);
+
+    cancel(&mut client, &stuck.id).await;
+    let stuck = wait_done(&mut client, &stuck.id).await;
+    let next = wait_done(&mut client, &next.id).await;
+    assert_eq!(state(&stuck), JobState::Cancelled);
+    assert_eq!(
+        state(&next),
+        JobState::Succeeded,
+        "the next job got the slot"
+    );
+    assert!(
+        time(&next.start_time) >= time(&stuck.end_time),
+        "the next job started only once the cancelled one had stopped"
+    );
+}
