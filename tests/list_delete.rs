@@ -376,7 +376,6 @@ async fn list_actions_includes_exec_with_its_declared_commands() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: proto says a JOB_STATE_UNSPECIFIED filter matches nothing; ListJobs refuses it with INVALID_ARGUMENT (src/api/jobs.rs list_jobs)"]
 async fn state_filter_unspecified_matches_nothing_as_the_proto_documents() {
     let server = TestServer::start().await;
     let mut client = server.client.clone();

@@ -357,7 +357,6 @@ impl Handler for HalfThenWait {
 }
 
 #[tokio::test]
-#[ignore = "BUG: progress reported while nobody watches is neither persisted nor kept in the hub; a later WatchJob/GetStatus shows stale progress until the next change"]
 async fn watch_opened_after_a_progress_update_sees_that_progress() {
     let (reported_tx, mut reported) = tokio::sync::mpsc::unbounded_channel();
     let mut registry = Registry::with_builtins();

@@ -15,7 +15,7 @@ use super::{
     status::{invalid, invalid_field, job_not_found},
 };
 use crate::{
-    events::{JobWatch, WatchError, wait_terminal},
+    events::{JobWatch, WatchError, current, wait_terminal},
     executor::Executor,
     job::{FieldViolation, JobId},
     store::{Deleted, ListQuery},
@@ -137,12 +137,9 @@ impl Jobs for JobsService {
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
-        let job = self
-            .executor
-            .store()
-            .get(id)
-            .await?
-            .ok_or_else(|| job_not_found(id))?;
+        let job = current(self.executor.store(), self.executor.hub(), id)
+            .await
+            .map_err(watch_status)?;
         Ok(Response::new(pb::GetStatusResponse {
             job: Some(convert::job(&job)),
         }))
@@ -235,12 +232,15 @@ impl Jobs for JobsService {
         for (i, value) in request.states.iter().enumerate() {
             match convert::domain_job_state(*value) {
                 Some(state) => states.push(state),
+                // Documented as matching nothing: no job is ever in that state.
+                None if *value == pb::JobState::Unspecified as i32 => {}
                 None => violations.push(FieldViolation::new(
                     format!("states[{i}]"),
                     format!("{value} is not a job state"),
                 )),
             }
         }
+        let matches_nothing = !request.states.is_empty() && states.is_empty();
         let limit = match usize::try_from(request.page_size) {
             Ok(0) => self.limits.default_page_size,
             Ok(n) if n <= self.limits.max_page_size => n,
@@ -268,6 +268,9 @@ impl Jobs for JobsService {
         };
         if !violations.is_empty() {
             return Err(invalid(violations));
+        }
+        if matches_nothing {
+            return Ok(Response::new(pb::ListJobsResponse::default()));
         }
         let query = ListQuery {
             states,

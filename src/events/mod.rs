@@ -16,7 +16,7 @@ use std::{
 use tokio::sync::watch;
 
 mod watch_job;
-pub use watch_job::{JobWatch, WatchError, wait_terminal};
+pub use watch_job::{JobWatch, WatchError, current, wait_terminal};
 
 use crate::job::{Job, JobId};
 
@@ -61,17 +61,41 @@ impl Hub {
 
     /// Tells every watcher of the job about this snapshot. Older versions than the one the
     /// channel holds are ignored, so publishers racing each other never move watchers back.
+    ///
+    /// The newest snapshot of an unfinished job is kept even while nobody watches: progress
+    /// is not written to the store at every update, so this is where a watch or a status call
+    /// opened later finds it. Only jobs that are being run publish, so this holds about as
+    /// many snapshots as there are workers; a terminal snapshot frees the channel once its
+    /// watchers are gone.
     pub fn publish(&self, job: Arc<Job>) {
-        let shard = self.shard(&job.id);
-        if let Some(sender) = shard.get(&job.id) {
-            sender.send_if_modified(|current| match current {
-                Some(held) if held.version >= job.version => false,
-                _ => {
-                    *current = Some(job);
-                    true
+        let mut shard = self.shard(&job.id);
+        let id = job.id;
+        let terminal = job.is_terminal();
+        match shard.get(&id) {
+            Some(sender) => {
+                sender.send_if_modified(|current| match current {
+                    Some(held) if held.version >= job.version => false,
+                    _ => {
+                        *current = Some(job);
+                        true
+                    }
+                });
+                if terminal && sender.receiver_count() == 0 {
+                    shard.remove(&id);
                 }
-            });
+            }
+            None if !terminal => {
+                shard.insert(id, watch::channel(Some(job)).0);
+            }
+            None => {}
         }
+    }
+
+    /// The newest published snapshot of an unfinished (or still watched) job, if any.
+    pub fn latest(&self, id: JobId) -> Snapshot {
+        self.shard(&id)
+            .get(&id)
+            .and_then(|sender| sender.borrow().clone())
     }
 
     /// Opens a subscription to the job's changes. Subscribe first, then read the store: a
@@ -91,7 +115,7 @@ impl Hub {
         }
     }
 
-    /// How many jobs have an open channel (at least one watcher).
+    /// How many jobs have an open channel (watched, or unfinished and published).
     pub fn watched_jobs(&self) -> usize {
         self.shards
             .iter()
@@ -102,10 +126,12 @@ impl Hub {
     fn release(&self, id: JobId, receiver: watch::Receiver<Snapshot>) {
         let mut shard = self.shard(&id);
         drop(receiver);
-        if shard
-            .get(&id)
-            .is_some_and(|sender| sender.receiver_count() == 0)
-        {
+        // An unfinished job's newest snapshot stays for later readers; see `publish`.
+        let unused = shard.get(&id).is_some_and(|sender| {
+            sender.receiver_count() == 0
+                && sender.borrow().as_ref().is_none_or(|job| job.is_terminal())
+        });
+        if unused {
             shard.remove(&id);
         }
     }
@@ -177,11 +203,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn publishing_to_unwatched_job_keeps_no_state() {
+    async fn unfinished_jobs_keep_their_newest_snapshot_and_finished_ones_nothing() {
+        let hub = Hub::new();
+        let mut job = sample_job(1, &[], None);
+        job.start(SystemTime::now()).unwrap();
+        hub.publish(Arc::new(job.clone()));
+        assert_eq!(hub.latest(job.id).unwrap().version, job.version);
+        job.cancel(crate::job::JobError::default(), SystemTime::now())
+            .unwrap();
+        hub.publish(Arc::new(job.clone()));
+        assert!(hub.latest(job.id).is_none());
+        assert_eq!(hub.watched_jobs(), 0);
+    }
+
+    #[tokio::test]
+    async fn channels_are_freed_with_their_last_watcher() {
         let hub = Hub::new();
         let job = sample_job(1, &[], None);
-        hub.publish(Arc::new(job.clone()));
-        assert_eq!(hub.watched_jobs(), 0);
         let first = hub.subscribe(job.id);
         let second = hub.subscribe(job.id);
         assert_eq!(hub.watched_jobs(), 1);

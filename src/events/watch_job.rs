@@ -54,7 +54,7 @@ impl JobWatch {
     ) -> Result<Self, WatchError> {
         // Subscribe before reading, so a change in between is seen by one or the other.
         let subscription = hub.subscribe(id);
-        let current = store.get(id).await?.ok_or(WatchError::NotFound(id))?;
+        let current = current(&store, hub, id).await?;
         if after_version > current.version {
             return Err(WatchError::FutureVersion {
                 id,
@@ -124,6 +124,16 @@ impl JobWatch {
     }
 }
 
+/// The job's newest snapshot: the store's, or the hub's when it holds a newer one (progress
+/// that was pushed but not written yet).
+pub async fn current(store: &Arc<dyn Store>, hub: &Hub, id: JobId) -> Result<Job, WatchError> {
+    let stored = store.get(id).await?.ok_or(WatchError::NotFound(id))?;
+    Ok(match hub.latest(id) {
+        Some(live) if live.version > stored.version => Job::clone(&live),
+        _ => stored,
+    })
+}
+
 /// Waits until job `id` is terminal or `until` passes; returns the job as it is then, and
 /// whether it is terminal.
 pub async fn wait_terminal(
@@ -133,7 +143,7 @@ pub async fn wait_terminal(
     until: Option<Instant>,
 ) -> Result<(Arc<Job>, bool), WatchError> {
     let mut subscription = hub.subscribe(id);
-    let mut job = Arc::new(store.get(id).await?.ok_or(WatchError::NotFound(id))?);
+    let mut job = Arc::new(current(store, hub, id).await?);
     let deadline = async {
         match until {
             Some(at) => tokio::time::sleep_until(at).await,
