@@ -8,15 +8,19 @@
 //! channel, and publishing to it costs one hash lookup.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     hash::{BuildHasher, RandomState},
     sync::{Arc, Mutex},
 };
 
 use tokio::sync::watch;
 
+mod selector;
 mod watch_job;
+mod watch_jobs;
+pub use selector::{JobsSubscription, Pending};
 pub use watch_job::{JobWatch, WatchError, wait_terminal};
+pub use watch_jobs::{JobsEvent, JobsWatch, WatchJobsError};
 
 use crate::job::{Job, JobId};
 
@@ -32,6 +36,8 @@ type Shard = Mutex<HashMap<JobId, watch::Sender<Snapshot>>>;
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: RandomState,
+    /// `WatchJobs` subscribers, offered each published snapshot their labels match.
+    selectors: selector::Selectors,
 }
 
 impl Default for Hub {
@@ -39,6 +45,7 @@ impl Default for Hub {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
+            selectors: selector::Selectors::default(),
         }
     }
 }
@@ -62,6 +69,7 @@ impl Hub {
     /// Tells every watcher of the job about this snapshot. Older versions than the one the
     /// channel holds are ignored, so publishers racing each other never move watchers back.
     pub fn publish(&self, job: Arc<Job>) {
+        self.selectors.publish(&job);
         let shard = self.shard(&job.id);
         if let Some(sender) = shard.get(&job.id) {
             sender.send_if_modified(|current| match current {
@@ -89,6 +97,12 @@ impl Hub {
             id,
             receiver: Some(receiver),
         }
+    }
+
+    /// Opens a subscription to every job carrying all of `labels` (every job when empty).
+    /// Subscribe first, then read the store, as with [`Hub::subscribe`].
+    pub fn subscribe_jobs(self: &Arc<Self>, labels: BTreeMap<String, String>) -> JobsSubscription {
+        JobsSubscription::open(self, labels)
     }
 
     /// How many jobs have an open channel (at least one watcher).
