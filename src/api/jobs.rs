@@ -189,6 +189,23 @@ impl Jobs for JobsService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    type WatchJobsStream = super::watch_jobs::WatchJobsStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_jobs(
+        &self,
+        request: Request<pb::WatchJobsRequest>,
+    ) -> Result<Response<Self::WatchJobsStream>, Status> {
+        let stream = super::watch_jobs::open(
+            &self.executor,
+            &self.limits,
+            self.stopping.clone(),
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(stream))
+    }
+
     #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().job_id))]
     async fn wait_job(
         &self,

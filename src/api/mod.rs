@@ -4,6 +4,7 @@
 pub mod convert;
 mod jobs;
 pub mod status;
+mod watch_jobs;
 
 pub use jobs::JobsService;
 

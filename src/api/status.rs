@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{executor::ExecutorError, job::FieldViolation, store::StoreError};
+use crate::{
+    events::WatchJobsError, executor::ExecutorError, job::FieldViolation, store::StoreError,
+};
 
 /// The `ErrorInfo.domain` of every error longrun returns.
 const ERROR_DOMAIN: &str = "longrun.dev";
@@ -83,6 +85,23 @@ impl From<StoreError> for Status {
                 Status::aborted(format!("concurrent change, try again: {error}"))
             }
         }
+    }
+}
+
+impl From<WatchJobsError> for Status {
+    fn from(error: WatchJobsError) -> Self {
+        let message = format!("after_cursor: {error}");
+        let reason = match error {
+            WatchJobsError::Store(error) => return error.into(),
+            WatchJobsError::HistoryGone { .. } => "CURSOR_EXPIRED",
+            WatchJobsError::FutureCursor { .. } => "CURSOR_AHEAD",
+        };
+        with_reason(
+            Code::OutOfRange,
+            reason,
+            message,
+            HashMap::from([("field".to_owned(), "after_cursor".to_owned())]),
+        )
     }
 }
 

@@ -8,17 +8,21 @@
 //! channel, and publishing to it costs one hash lookup.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     hash::{BuildHasher, RandomState},
     sync::{Arc, Mutex},
 };
 
 use tokio::sync::watch;
 
+mod selector;
 mod watch_job;
+mod watch_jobs;
+pub use selector::{JobsSubscription, Pending};
 pub use watch_job::{JobWatch, WatchError, current, wait_terminal};
+pub use watch_jobs::{JobsEvent, JobsWatch, WatchJobsError};
 
-use crate::job::{Job, JobId};
+use crate::job::{Job, JobId, JobState};
 
 /// The newest snapshot of a job, shared by its watchers; `None` until the first publish after
 /// the channel was opened.
@@ -32,6 +36,8 @@ type Shard = Mutex<HashMap<JobId, watch::Sender<Snapshot>>>;
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: RandomState,
+    /// `WatchJobs` subscribers, offered each published snapshot their labels match.
+    selectors: selector::Selectors,
 }
 
 impl Default for Hub {
@@ -39,6 +45,7 @@ impl Default for Hub {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
+            selectors: selector::Selectors::default(),
         }
     }
 }
@@ -62,15 +69,15 @@ impl Hub {
     /// Tells every watcher of the job about this snapshot. Older versions than the one the
     /// channel holds are ignored, so publishers racing each other never move watchers back.
     ///
-    /// The newest snapshot of an unfinished job is kept even while nobody watches: progress
-    /// is not written to the store at every update, so this is where a watch or a status call
-    /// opened later finds it. Only jobs that are being run publish, so this holds about as
-    /// many snapshots as there are workers; a terminal snapshot frees the channel once its
-    /// watchers are gone.
+    /// The newest snapshot of a RUNNING job is kept even while nobody watches: progress is
+    /// not written to the store at every update, so this is where a watch or a status call
+    /// opened later finds it. That is at most one snapshot per worker; once the job stops
+    /// running, its channel is freed when its watchers are gone.
     pub fn publish(&self, job: Arc<Job>) {
+        self.selectors.publish(&job);
         let mut shard = self.shard(&job.id);
         let id = job.id;
-        let terminal = job.is_terminal();
+        let running = job.state == JobState::Running;
         match shard.get(&id) {
             Some(sender) => {
                 sender.send_if_modified(|current| match current {
@@ -80,18 +87,18 @@ impl Hub {
                         true
                     }
                 });
-                if terminal && sender.receiver_count() == 0 {
+                if !running && sender.receiver_count() == 0 {
                     shard.remove(&id);
                 }
             }
-            None if !terminal => {
+            None if running => {
                 shard.insert(id, watch::channel(Some(job)).0);
             }
             None => {}
         }
     }
 
-    /// The newest published snapshot of an unfinished (or still watched) job, if any.
+    /// The newest published snapshot of a running (or watched) job, if any.
     pub fn latest(&self, id: JobId) -> Snapshot {
         self.shard(&id)
             .get(&id)
@@ -115,7 +122,13 @@ impl Hub {
         }
     }
 
-    /// How many jobs have an open channel (watched, or unfinished and published).
+    /// Opens a subscription to every job carrying all of `labels` (every job when empty).
+    /// Subscribe first, then read the store, as with [`Hub::subscribe`].
+    pub fn subscribe_jobs(self: &Arc<Self>, labels: BTreeMap<String, String>) -> JobsSubscription {
+        JobsSubscription::open(self, labels)
+    }
+
+    /// How many jobs have an open channel (watched, or running).
     pub fn watched_jobs(&self) -> usize {
         self.shards
             .iter()
@@ -126,10 +139,13 @@ impl Hub {
     fn release(&self, id: JobId, receiver: watch::Receiver<Snapshot>) {
         let mut shard = self.shard(&id);
         drop(receiver);
-        // An unfinished job's newest snapshot stays for later readers; see `publish`.
+        // A running job's newest snapshot stays for later readers; see `publish`.
         let unused = shard.get(&id).is_some_and(|sender| {
             sender.receiver_count() == 0
-                && sender.borrow().as_ref().is_none_or(|job| job.is_terminal())
+                && sender
+                    .borrow()
+                    .as_ref()
+                    .is_none_or(|job| job.state != JobState::Running)
         });
         if unused {
             shard.remove(&id);
@@ -203,9 +219,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unfinished_jobs_keep_their_newest_snapshot_and_finished_ones_nothing() {
+    async fn running_jobs_keep_their_newest_snapshot_and_others_nothing() {
         let hub = Hub::new();
         let mut job = sample_job(1, &[], None);
+        hub.publish(Arc::new(job.clone()));
+        assert!(hub.latest(job.id).is_none(), "queued jobs are not kept");
         job.start(SystemTime::now()).unwrap();
         hub.publish(Arc::new(job.clone()));
         assert_eq!(hub.latest(job.id).unwrap().version, job.version);

@@ -235,6 +235,9 @@ impl Executor {
             Created::New => {
                 scheduler.enqueue(job.id, job.priority);
                 drop(scheduler);
+                // Nobody watches a job by id before it exists, but WatchJobs selectors may
+                // match it: they learn of new jobs here.
+                self.inner.hub.publish(Arc::new(job.clone()));
                 self.inner.wake.notify_one();
                 tracing::debug!(job_id = %job.id, "job queued");
                 Ok(job)

@@ -10,7 +10,7 @@ use std::{
 use bytes::Bytes;
 use serde_json::{Map, json};
 
-use super::{Created, Deleted, ListQuery, Store};
+use super::{Created, Deleted, EventPage, ListQuery, Store};
 use crate::job::Job;
 use crate::job::{JobError, JobId, JobState, NewAction, NewJob, Progress};
 
@@ -50,6 +50,186 @@ where
     list_is_newest_first_filtered_and_paged(&make().await).await;
     delete_only_terminal_jobs(&make().await).await;
     unfinished_and_purge(&make().await).await;
+    events_number_logged_changes_in_commit_order(&make().await).await;
+    events_filter_by_labels_and_page(&make().await).await;
+    removed_events_are_marked_and_never_reused(&make().await).await;
+    unfinished_at_agrees_with_the_event_log(&make().await).await;
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// `(job id, version)` of each event, and whether the sequence numbers rise.
+fn event_keys(page: &EventPage) -> (Vec<(JobId, i64)>, bool) {
+    let keys = page.events.iter().map(|(_, j)| (j.id, j.version)).collect();
+    let rising = page.events.windows(2).all(|w| w[0].0 < w[1].0);
+    (keys, rising)
+}
+
+async fn events_number_logged_changes_in_commit_order(store: &impl Store) {
+    let now = SystemTime::now();
+    let none = BTreeMap::new();
+    let mut a = sample_job(1, &[("team", "a")], None);
+    let mut b = sample_job(1, &[("team", "b")], None);
+    store.create(&a).await.unwrap();
+    store.create(&b).await.unwrap();
+    a.start(now).unwrap();
+    store.save(&a).await.unwrap();
+    a.start_action(0, now).unwrap();
+    store.save(&a).await.unwrap();
+    assert!(a.report_progress(0, Progress::percent(50, "half"), now));
+    store.save(&a).await.unwrap(); // progress: stored, not an event
+    b.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+        .unwrap();
+    store.save(&b).await.unwrap();
+
+    let page = store.events_after(0, &none, 100).await.unwrap();
+    let (keys, rising) = event_keys(&page);
+    assert!(rising, "sequence numbers rise");
+    assert_eq!(
+        keys,
+        vec![(a.id, 1), (b.id, 1), (a.id, 2), (a.id, 3), (b.id, 2)],
+        "every logged change, in commit order, progress left out"
+    );
+    assert_eq!(
+        page.events.last().unwrap().1,
+        b,
+        "events carry the snapshot"
+    );
+    assert_eq!(page.scanned_to, page.events.last().unwrap().0);
+    assert_eq!(page.removed_through, 0);
+
+    let (third, _) = page.events[2];
+    let rest = store.events_after(third, &none, 100).await.unwrap();
+    assert_eq!(event_keys(&rest).0, vec![(a.id, 3), (b.id, 2)]);
+    let end = store
+        .events_after(page.scanned_to, &none, 100)
+        .await
+        .unwrap();
+    assert!(end.events.is_empty());
+    assert_eq!(
+        end.scanned_to, page.scanned_to,
+        "nothing newer: still at the head"
+    );
+}
+
+async fn events_filter_by_labels_and_page(store: &impl Store) {
+    let mut wanted = Vec::new();
+    for i in 0..6 {
+        let team = if i % 3 == 0 { "x" } else { "y" };
+        let job = sample_job(1, &[("team", team), ("env", "prod")], None);
+        store.create(&job).await.unwrap();
+        if team == "x" {
+            wanted.push((job.id, 1));
+        }
+    }
+    let x = labels(&[("team", "x"), ("env", "prod")]);
+    let first = store.events_after(0, &x, 1).await.unwrap();
+    assert_eq!(event_keys(&first).0, wanted[..1]);
+    assert_eq!(
+        first.scanned_to, first.events[0].0,
+        "a full page ends at its last event"
+    );
+    let second = store.events_after(first.scanned_to, &x, 10).await.unwrap();
+    assert_eq!(event_keys(&second).0, wanted[1..]);
+    let all = store.events_after(0, &BTreeMap::new(), 10).await.unwrap();
+    assert_eq!(
+        second.scanned_to,
+        all.events.last().unwrap().0,
+        "a short page covers up to the newest event, matching or not"
+    );
+    let nobody = store
+        .events_after(0, &labels(&[("team", "z")]), 10)
+        .await
+        .unwrap();
+    assert!(nobody.events.is_empty());
+    assert_eq!(nobody.scanned_to, second.scanned_to);
+}
+
+async fn removed_events_are_marked_and_never_reused(store: &impl Store) {
+    let now = SystemTime::now();
+    let none = BTreeMap::new();
+    let keep = sample_job(1, &[], None);
+    let mut gone = sample_job(1, &[], None);
+    store.create(&keep).await.unwrap();
+    store.create(&gone).await.unwrap();
+    gone.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+        .unwrap();
+    store.save(&gone).await.unwrap();
+    let before = store.events_after(0, &none, 10).await.unwrap();
+    let head = before.scanned_to;
+    assert_eq!(store.delete(gone.id).await.unwrap(), Deleted::Removed);
+
+    let after = store.events_after(0, &none, 10).await.unwrap();
+    assert_eq!(event_keys(&after).0, vec![(keep.id, 1)]);
+    assert_eq!(
+        after.removed_through, head,
+        "the newest removed event is marked"
+    );
+    assert_eq!(after.scanned_to, head, "the head does not move back");
+
+    let next = sample_job(1, &[], None);
+    store.create(&next).await.unwrap();
+    let page = store.events_after(head, &none, 10).await.unwrap();
+    assert_eq!(event_keys(&page).0, vec![(next.id, 1)]);
+    assert!(
+        page.events[0].0 > head,
+        "a removed number is never handed out again"
+    );
+
+    let mut old = next.clone();
+    old.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+        .unwrap();
+    store.save(&old).await.unwrap();
+    let newest = store.events_after(0, &none, 10).await.unwrap().scanned_to;
+    assert_eq!(
+        store
+            .purge_finished(now + Duration::from_secs(1), 10)
+            .await
+            .unwrap(),
+        1
+    );
+    let purged = store.events_after(0, &none, 10).await.unwrap();
+    assert_eq!(
+        purged.removed_through, newest,
+        "retention marks its removals too"
+    );
+}
+
+async fn unfinished_at_agrees_with_the_event_log(store: &impl Store) {
+    let now = SystemTime::now();
+    let mut running = sample_job(1, &[("team", "a")], None);
+    let other = sample_job(1, &[("team", "b")], None);
+    let mut done = sample_job(1, &[("team", "a")], None);
+    for job in [&running, &other, &done] {
+        store.create(job).await.unwrap();
+    }
+    running.start(now).unwrap();
+    store.save(&running).await.unwrap();
+    done.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+        .unwrap();
+    store.save(&done).await.unwrap();
+
+    let (head, jobs) = store
+        .unfinished_at(&labels(&[("team", "a")]))
+        .await
+        .unwrap();
+    assert_eq!(jobs, vec![running.clone()]);
+    let page = store.events_after(0, &BTreeMap::new(), 100).await.unwrap();
+    assert_eq!(
+        head,
+        page.events.last().unwrap().0,
+        "the head is the newest event"
+    );
+    let (_, all) = store.unfinished_at(&BTreeMap::new()).await.unwrap();
+    assert_eq!(
+        all.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![running.id, other.id]
+    );
 }
 
 async fn create_and_get_round_trip(store: &impl Store) {

@@ -8,13 +8,20 @@ use std::{
 
 use async_trait::async_trait;
 
-use super::{Created, Deleted, ListQuery, Store, StoreError};
+use super::{Created, Deleted, EventPage, ListQuery, Store, StoreError, has_labels};
 use crate::job::{Job, JobId, JobState};
 
 #[derive(Default)]
 struct Inner {
     jobs: BTreeMap<JobId, Job>,
-    log: HashMap<JobId, Vec<Job>>,
+    /// Each job's logged snapshots with their sequence numbers, oldest first.
+    log: HashMap<JobId, Vec<(i64, Job)>>,
+    /// The global event log: sequence number to job. Assigned under the write lock, so the
+    /// events a reader sees always form a prefix.
+    events: BTreeMap<i64, JobId>,
+    /// The last sequence number handed out.
+    last_seq: i64,
+    removed_through: i64,
     keys: HashMap<String, JobId>,
 }
 
@@ -44,11 +51,24 @@ impl MemoryStore {
 impl Inner {
     fn remove(&mut self, id: JobId) -> Option<Job> {
         let job = self.jobs.remove(&id)?;
-        self.log.remove(&id);
+        for (seq, _) in self.log.remove(&id).unwrap_or_default() {
+            self.events.remove(&seq);
+            self.removed_through = self.removed_through.max(seq);
+        }
         if let Some(key) = &job.idempotency_key {
             self.keys.remove(key);
         }
         Some(job)
+    }
+
+    /// Appends `job` to its log and to the global event log.
+    fn log(&mut self, job: &Job) {
+        self.last_seq += 1;
+        self.events.insert(self.last_seq, job.id);
+        self.log
+            .entry(job.id)
+            .or_default()
+            .push((self.last_seq, job.clone()));
     }
 }
 
@@ -63,7 +83,7 @@ impl Store for MemoryStore {
             inner.keys.insert(key.clone(), job.id);
         }
         inner.jobs.insert(job.id, job.clone());
-        inner.log.insert(job.id, vec![job.clone()]);
+        inner.log(job);
         Ok(Created::New)
     }
 
@@ -82,7 +102,7 @@ impl Store for MemoryStore {
         }
         *stored = job.clone();
         if job.logged_version == job.version {
-            inner.log.entry(job.id).or_default().push(job.clone());
+            inner.log(job);
         }
         Ok(())
     }
@@ -98,8 +118,8 @@ impl Store for MemoryStore {
             .get(&id)
             .map(|log| {
                 log.iter()
-                    .filter(|job| job.version > after_version)
-                    .cloned()
+                    .filter(|(_, job)| job.version > after_version)
+                    .map(|(_, job)| job.clone())
                     .collect()
             })
             .unwrap_or_default())
@@ -116,6 +136,52 @@ impl Store for MemoryStore {
             .take(query.limit)
             .cloned()
             .collect())
+    }
+
+    async fn events_after(
+        &self,
+        after_seq: i64,
+        labels: &BTreeMap<String, String>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        let inner = self.read();
+        let mut page = EventPage {
+            scanned_to: inner.last_seq,
+            removed_through: inner.removed_through,
+            ..EventPage::default()
+        };
+        for (&seq, id) in inner.events.range(after_seq.saturating_add(1)..) {
+            let Some((_, job)) = inner
+                .log
+                .get(id)
+                .and_then(|log| log.iter().find(|(s, _)| *s == seq))
+            else {
+                return Err(StoreError::Corrupt(format!("event {seq} has no snapshot")));
+            };
+            if !has_labels(job, labels) {
+                continue;
+            }
+            page.events.push((seq, job.clone()));
+            if page.events.len() >= limit {
+                page.scanned_to = seq;
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    async fn unfinished_at(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(i64, Vec<Job>), StoreError> {
+        let inner = self.read();
+        let jobs = inner
+            .jobs
+            .values()
+            .filter(|job| !job.is_terminal() && has_labels(job, labels))
+            .cloned()
+            .collect();
+        Ok((inner.last_seq, jobs))
     }
 
     async fn delete(&self, id: JobId) -> Result<Deleted, StoreError> {

@@ -119,18 +119,40 @@ pub struct ListQuery {
     pub limit: usize,
 }
 
+/// Whether `job` carries every one of `labels` with the same value.
+pub fn has_labels(job: &Job, labels: &BTreeMap<String, String>) -> bool {
+    labels
+        .iter()
+        .all(|(key, value)| job.labels.get(key) == Some(value))
+}
+
 impl ListQuery {
     /// Whether `job` passes the state and label filters.
     pub fn matches(&self, job: &Job) -> bool {
         (self.states.is_empty() || self.states.contains(&job.state))
-            && self
-                .labels
-                .iter()
-                .all(|(key, value)| job.labels.get(key) == Some(value))
+            && has_labels(job, &self.labels)
     }
 }
 
+/// A page of the global event log: see [`Store::events_after`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventPage {
+    /// The matching logged snapshots, each with its sequence number, in sequence order.
+    pub events: Vec<(i64, Job)>,
+    /// The highest sequence number this read covered: every event up to it that matched is in
+    /// `events`. The last event's when the page is full, else the newest event's, so a reader
+    /// whose filter matches rarely still moves forward.
+    pub scanned_to: i64,
+    /// The highest sequence number of any event removed with its job (retention or delete):
+    /// history at or below it is no longer complete.
+    pub removed_through: i64,
+}
+
 /// Durable storage of jobs and of each job's log of state transitions.
+///
+/// Every logged snapshot (see [`Store::save`]) also gets a global sequence number, assigned in
+/// commit order, so that a reader of [`Store::events_after`] that saw sequence `n` has seen
+/// every logged change committed before it: the committed events always form a prefix.
 ///
 /// Every method returns only once its effect is durable (for durable backends), so callers may
 /// tell others of a change as soon as the call returns.
@@ -159,6 +181,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every job that is QUEUED or RUNNING, oldest first: what a restarted server must pick up.
     async fn unfinished(&self) -> Result<Vec<Job>, StoreError>;
+
+    /// Up to `limit` logged snapshots with a sequence number above `after_seq`, of jobs that
+    /// carry every one of `labels`, oldest first.
+    async fn events_after(
+        &self,
+        after_seq: i64,
+        labels: &BTreeMap<String, String>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError>;
+
+    /// Every QUEUED or RUNNING job that carries every one of `labels`, and the newest event's
+    /// sequence number, read at one moment: the snapshots show every event up to that number
+    /// and none after it.
+    async fn unfinished_at(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(i64, Vec<Job>), StoreError>;
 
     /// Removes up to `limit` terminal jobs that ended before `ended_before`; returns how many.
     async fn purge_finished(

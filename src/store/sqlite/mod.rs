@@ -5,6 +5,7 @@
 //! their own read-only connections and never wait for it. Nothing is cached in memory: every
 //! job lives in the database only.
 
+mod events;
 mod ops;
 mod readers;
 mod row;
@@ -15,6 +16,7 @@ mod writer;
 mod tests;
 
 use std::{
+    collections::BTreeMap,
     fs::{self, File, OpenOptions, TryLockError},
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
@@ -32,7 +34,7 @@ use self::{
     row::{JobRow, decode, id_text, unix_micros},
     writer::{Command, Counters, Reply, Writer},
 };
-use super::{Created, Deleted, ListQuery, Store, StoreError};
+use super::{Created, Deleted, EventPage, ListQuery, Store, StoreError};
 use crate::job::{Job, JobId};
 
 /// The database file inside the data directory.
@@ -216,6 +218,28 @@ impl Store for SqliteStore {
         let query = query.clone();
         self.readers
             .run(move |conn| readers::list(conn, &query))
+            .await
+    }
+
+    async fn events_after(
+        &self,
+        after_seq: i64,
+        labels: &BTreeMap<String, String>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        let labels = labels.clone();
+        self.readers
+            .run(move |conn| events::events_after(conn, after_seq, &labels, limit))
+            .await
+    }
+
+    async fn unfinished_at(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(i64, Vec<Job>), StoreError> {
+        let labels = labels.clone();
+        self.readers
+            .run(move |conn| events::unfinished_at(conn, &labels))
             .await
     }
 

@@ -156,9 +156,13 @@ fn sync_labels(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
     insert_labels(conn, row)
 }
 
+/// Appends the snapshot to the job's log and numbers it in the global event log, in the same
+/// transaction, so an event is never visible without its snapshot.
 fn log_transition(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
     conn.prepare_cached("INSERT INTO transitions (job_id, version, snapshot) VALUES (?1, ?2, ?3)")?
         .execute(params![row.id_text, row.version, row.snapshot])?;
+    conn.prepare_cached("INSERT INTO events (job_id, version) VALUES (?1, ?2)")?
+        .execute(params![row.id_text, row.version])?;
     Ok(())
 }
 

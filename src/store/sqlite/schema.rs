@@ -8,13 +8,14 @@ use super::sql_error;
 use crate::store::StoreError;
 
 /// Every migration, in order; the schema version is the number applied (`PRAGMA user_version`).
-const MIGRATIONS: &[M<'static>] = &[M::up(
-    // 1: jobs, their labels and their transition logs.
-    //
-    // `snapshot` is the serde_json of the whole `Job`; the other columns copy the fields that
-    // queries filter or sort on, written from the same `Job` so they cannot disagree.
-    // `id` is the hyphenated lowercase UUIDv7, so text order is submission order.
-    "CREATE TABLE jobs (
+const MIGRATIONS: &[M<'static>] = &[
+    M::up(
+        // 1: jobs, their labels and their transition logs.
+        //
+        // `snapshot` is the serde_json of the whole `Job`; the other columns copy the fields that
+        // queries filter or sort on, written from the same `Job` so they cannot disagree.
+        // `id` is the hyphenated lowercase UUIDv7, so text order is submission order.
+        "CREATE TABLE jobs (
         id TEXT PRIMARY KEY NOT NULL,
         state TEXT NOT NULL
             CHECK (state IN ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED')),
@@ -42,7 +43,38 @@ const MIGRATIONS: &[M<'static>] = &[M::up(
         snapshot TEXT NOT NULL,
         PRIMARY KEY (job_id, version)
     ) STRICT;",
-)];
+    ),
+    M::up(
+        // 2: the global event log behind WatchJobs: one row per logged transition, numbered
+        // in commit order (one writer, so committed numbers always form a prefix).
+        //
+        // AUTOINCREMENT so that a number is never handed out twice, even after the newest
+        // events were removed: a client's cursor must never come to mean another event.
+        // `event_log.removed_through` remembers the highest number removed (by retention or
+        // DeleteJob, through the cascade), so a resume from before it is told that history
+        // is gone instead of silently missing it. Existing transitions are numbered in the
+        // order they were written.
+        "CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            version INTEGER NOT NULL,
+            UNIQUE (job_id, version)
+        ) STRICT;
+
+        CREATE TABLE event_log (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            removed_through INTEGER NOT NULL
+        ) STRICT;
+        INSERT INTO event_log (id, removed_through) VALUES (1, 0);
+
+        CREATE TRIGGER events_removed AFTER DELETE ON events BEGIN
+            UPDATE event_log SET removed_through = max(removed_through, OLD.seq) WHERE id = 1;
+        END;
+
+        INSERT INTO events (job_id, version)
+            SELECT job_id, version FROM transitions ORDER BY rowid;",
+    ),
+];
 
 /// The newest schema version this binary knows.
 pub(super) fn supported_version() -> i64 {

@@ -1,0 +1,280 @@
+//! Selector subscriptions: the live side of `WatchJobs`. A subscriber names labels a job must
+//! carry; each publish offers the snapshot to the subscribers it matches, and to no one else.
+//!
+//! Each subscriber has an inbox that holds at most one snapshot per job (the newest; progress
+//! is coalesced there) plus a wakeup, so a stalled reader costs one entry per job that changed
+//! and the publisher never waits for it. Logged transitions an inbox overwrites are not lost:
+//! the reader takes them from the store's event log (see [`super::JobsWatch`]).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use tokio::sync::Notify;
+
+use super::Hub;
+use crate::{
+    job::{Job, JobId},
+    store::has_labels,
+};
+
+/// The newest snapshot of each job that changed since the reader last looked.
+pub type Pending = HashMap<JobId, Arc<Job>>;
+
+/// One subscriber's mailbox.
+pub(super) struct Inbox {
+    id: u64,
+    labels: BTreeMap<String, String>,
+    pending: Mutex<Pending>,
+    wakeup: Notify,
+}
+
+impl Inbox {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Every critical section is one map operation: a poisoned lock is still consistent.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `job` unless the inbox already holds a newer version of it, and wakes the reader.
+    fn offer(&self, job: &Arc<Job>) {
+        let mut pending = self.pending();
+        match pending.get(&job.id) {
+            Some(held) if held.version >= job.version => return,
+            _ => pending.insert(job.id, Arc::clone(job)),
+        };
+        drop(pending);
+        // Stores a permit when the reader is busy, so a wakeup is never lost.
+        self.wakeup.notify_one();
+    }
+}
+
+/// Every selector subscriber, indexed by one of its labels.
+///
+/// A subscriber is filed under its first label (key, then value): a job can only match it if
+/// the job carries that label, so a publish looks up the job's own few labels and never walks
+/// subscribers whose first label it lacks. Subscribers without labels match every job and are
+/// kept apart; a publish must offer to each of them anyway.
+#[derive(Default)]
+pub(super) struct Selectors {
+    /// How many subscribers exist: a publish skips the lock entirely when there are none.
+    count: AtomicUsize,
+    next_id: AtomicU64,
+    registry: RwLock<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// First label key, then its value, to the subscribers filed there. Nested rather than
+    /// keyed by `(key, value)` so a lookup borrows the job's strings instead of allocating.
+    by_label: HashMap<String, HashMap<String, Vec<Arc<Inbox>>>>,
+    everything: Vec<Arc<Inbox>>,
+}
+
+impl Selectors {
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        // Writers only push to or remove from a vector: a poisoned lock is still consistent.
+        self.registry.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn registry_mut(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
+        self.registry.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Offers `job` to every subscriber whose labels it carries.
+    pub(super) fn publish(&self, job: &Arc<Job>) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let registry = self.registry();
+        for inbox in &registry.everything {
+            inbox.offer(job);
+        }
+        for (key, value) in &job.labels {
+            let Some(filed) = registry.by_label.get(key).and_then(|v| v.get(value)) else {
+                continue;
+            };
+            for inbox in filed {
+                if has_labels(job, &inbox.labels) {
+                    inbox.offer(job);
+                }
+            }
+        }
+    }
+
+    fn add(&self, labels: BTreeMap<String, String>) -> Arc<Inbox> {
+        let inbox = Arc::new(Inbox {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            labels,
+            pending: Mutex::default(),
+            wakeup: Notify::new(),
+        });
+        let mut registry = self.registry_mut();
+        match inbox.labels.first_key_value() {
+            Some((key, value)) => registry
+                .by_label
+                .entry(key.clone())
+                .or_default()
+                .entry(value.clone())
+                .or_default()
+                .push(Arc::clone(&inbox)),
+            None => registry.everything.push(Arc::clone(&inbox)),
+        }
+        self.count.fetch_add(1, Ordering::AcqRel);
+        inbox
+    }
+
+    fn remove(&self, inbox: &Inbox) {
+        let mut registry = self.registry_mut();
+        let id = inbox.id;
+        match inbox.labels.first_key_value() {
+            Some((key, value)) => {
+                if let Some(values) = registry.by_label.get_mut(key) {
+                    if let Some(filed) = values.get_mut(value) {
+                        filed.retain(|other| other.id != id);
+                        if filed.is_empty() {
+                            values.remove(value);
+                        }
+                    }
+                    if values.is_empty() {
+                        registry.by_label.remove(key);
+                    }
+                }
+            }
+            None => registry.everything.retain(|other| other.id != id),
+        }
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// How many selector subscribers are open.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+/// A subscription to every job carrying some labels; dropping it unsubscribes.
+pub struct JobsSubscription {
+    hub: Arc<Hub>,
+    inbox: Arc<Inbox>,
+}
+
+impl JobsSubscription {
+    pub(super) fn open(hub: &Arc<Hub>, labels: BTreeMap<String, String>) -> Self {
+        Self {
+            inbox: hub.selectors.add(labels),
+            hub: Arc::clone(hub),
+        }
+    }
+
+    /// Waits until a snapshot arrives (returns at once if one arrived since the last take).
+    pub async fn changed(&self) {
+        self.inbox.wakeup.notified().await;
+    }
+
+    /// Takes the newest snapshot of each job that changed since the last take.
+    pub fn take(&self) -> Pending {
+        std::mem::take(&mut *self.inbox.pending())
+    }
+
+    /// Puts snapshots back, as if published again (newer ones already there win).
+    pub fn give_back(&self, jobs: impl IntoIterator<Item = Arc<Job>>) {
+        for job in jobs {
+            self.inbox.offer(&job);
+        }
+    }
+}
+
+impl Drop for JobsSubscription {
+    fn drop(&mut self) {
+        self.hub.selectors.remove(&self.inbox);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::store::conformance::sample_job;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_gets_only_jobs_carrying_all_its_labels() {
+        let hub = Hub::new();
+        let sub = hub.subscribe_jobs(labels(&[("env", "prod"), ("team", "a")]));
+        let both = sample_job(1, &[("team", "a"), ("env", "prod"), ("x", "y")], None);
+        let one = sample_job(1, &[("team", "a")], None);
+        let other = sample_job(1, &[("team", "b"), ("env", "prod")], None);
+        for job in [&both, &one, &other] {
+            hub.publish(Arc::new(job.clone()));
+        }
+        tokio::time::timeout(Duration::from_secs(1), sub.changed())
+            .await
+            .expect("woken");
+        let taken = sub.take();
+        assert_eq!(taken.keys().collect::<Vec<_>>(), vec![&both.id]);
+        assert!(sub.take().is_empty(), "a take empties the inbox");
+    }
+
+    #[tokio::test]
+    async fn the_inbox_keeps_one_newest_snapshot_per_job() {
+        let hub = Hub::new();
+        let sub = hub.subscribe_jobs(BTreeMap::new());
+        let mut job = sample_job(1, &[], None);
+        job.start(SystemTime::now()).unwrap();
+        job.start_action(0, SystemTime::now()).unwrap();
+        let running = job.clone();
+        for percent in 1..=100u8 {
+            let progress = crate::job::Progress::percent(percent, "step");
+            job.report_progress(0, progress, SystemTime::now());
+            hub.publish(Arc::new(job.clone()));
+        }
+        hub.publish(Arc::new(running)); // an older version never replaces a newer one
+        let taken = sub.take();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[&job.id].version, job.version);
+    }
+
+    #[tokio::test]
+    async fn dropping_unsubscribes_and_unwatched_publishes_keep_nothing() {
+        let hub = Hub::new();
+        let job = sample_job(1, &[("team", "a")], None);
+        hub.publish(Arc::new(job.clone()));
+        let a = hub.subscribe_jobs(labels(&[("team", "a")]));
+        let b = hub.subscribe_jobs(labels(&[("team", "a")]));
+        let all = hub.subscribe_jobs(BTreeMap::new());
+        assert_eq!(hub.selectors.len(), 3);
+        drop(a);
+        hub.publish(Arc::new(job.clone()));
+        assert_eq!(b.take().len(), 1, "the other subscriber still gets it");
+        assert_eq!(all.take().len(), 1);
+        drop(b);
+        drop(all);
+        assert_eq!(hub.selectors.len(), 0);
+        assert!(
+            hub.selectors.registry().by_label.is_empty(),
+            "index entries freed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wakeup_sent_while_busy_is_kept() {
+        let hub = Hub::new();
+        let sub = hub.subscribe_jobs(BTreeMap::new());
+        hub.publish(Arc::new(sample_job(1, &[], None)));
+        // Nobody was waiting when it was published; the wait must still return.
+        tokio::time::timeout(Duration::from_secs(1), sub.changed())
+            .await
+            .expect("the stored wakeup is seen");
+    }
+}

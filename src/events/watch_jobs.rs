@@ -1,0 +1,251 @@
+//! A resumable watch of many jobs: every job carrying some labels, optionally only the
+//! snapshots in some states.
+//!
+//! Logged transitions are always delivered from the store's global event log, in sequence
+//! order, so the cursor a message carries (its event's number) means exactly "everything up to
+//! here has been seen". Publishes from different jobs reach the hub in any order (each job's
+//! owner publishes after its own commit), so cursors taken from live publishes could run ahead
+//! of a transition still on its way; reading the log instead cannot. The live inbox is used to
+//! wake up and for progress, which is not logged and only needs to be the newest.
+//!
+//! Per job, the stream remembers the newest version delivered, so versions only rise and
+//! nothing is delivered twice, whether it came from the initial snapshot, the log or the inbox.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Arc,
+};
+
+use super::{Hub, JobsSubscription};
+use crate::{
+    job::{Job, JobId, JobState},
+    store::{EventPage, Store, StoreError},
+};
+
+/// Events read from the store at a time: bounds the memory a far-behind resume takes.
+const EVENT_PAGE: usize = 256;
+
+/// Why a watch cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchJobsError {
+    /// Events after the cursor were removed (retention or DeleteJob of some job, which may
+    /// or may not have matched): resuming would silently miss them.
+    #[error(
+        "events up to {removed_through} were removed with their jobs; cannot resume after \
+         {after}: watch again without a cursor"
+    )]
+    HistoryGone {
+        /// The cursor asked for.
+        after: i64,
+        /// The highest event removed.
+        removed_through: i64,
+    },
+    /// The cursor is ahead of every event this store has numbered.
+    #[error("the newest event is {head}; cannot resume after {after}")]
+    FutureCursor {
+        /// The cursor asked for.
+        after: i64,
+        /// The newest event.
+        head: i64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One message of the stream.
+#[derive(Debug, Clone)]
+pub struct JobsEvent {
+    /// The snapshot.
+    pub job: Arc<Job>,
+    /// The event-log position to resume after, to see everything that follows this message.
+    pub cursor: i64,
+}
+
+/// One open `WatchJobs` stream.
+pub struct JobsWatch {
+    store: Arc<dyn Store>,
+    subscription: JobsSubscription,
+    labels: BTreeMap<String, String>,
+    /// Only deliver snapshots in these states; empty for all. Applied at delivery only: the
+    /// stream still follows every matching job, so it knows when each one ends.
+    states: Vec<JobState>,
+    /// Every event up to here has been read from the log.
+    scanned: i64,
+    /// The log may hold events after `scanned` that have not been read yet.
+    behind: bool,
+    /// Reads that reached the end of the log so far.
+    caught_up_reads: u64,
+    /// The newest version delivered (or passed over as older) of each job still followed.
+    sent: HashMap<JobId, i64>,
+    /// Jobs the last read ended; forgotten once the inbox cannot hold older snapshots of them.
+    finished: Vec<JobId>,
+    /// Inbox snapshots carrying a logged change not read from the log yet, each with the
+    /// count of caught-up reads when it was taken.
+    waiting: HashMap<JobId, (Arc<Job>, u64)>,
+    queue: VecDeque<JobsEvent>,
+}
+
+impl JobsWatch {
+    /// Opens a watch of the jobs carrying every one of `labels`. Without `after`, it first
+    /// yields the current snapshot of each matching unfinished job; with it, every logged
+    /// change after that cursor. Then live changes either way.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        hub: &Arc<Hub>,
+        labels: BTreeMap<String, String>,
+        states: Vec<JobState>,
+        after: Option<i64>,
+    ) -> Result<Self, WatchJobsError> {
+        // Subscribe before reading, so a change in between is seen by one or the other.
+        let subscription = hub.subscribe_jobs(labels.clone());
+        let mut watch = Self {
+            store,
+            subscription,
+            labels,
+            states,
+            scanned: 0,
+            behind: false,
+            caught_up_reads: 0,
+            sent: HashMap::new(),
+            finished: Vec::new(),
+            waiting: HashMap::new(),
+            queue: VecDeque::new(),
+        };
+        match after {
+            None => {
+                let (head, jobs) = watch.store.unfinished_at(&watch.labels).await?;
+                watch.scanned = head;
+                for job in jobs {
+                    watch.deliver(Arc::new(job), head);
+                }
+            }
+            Some(after) => {
+                let page = watch
+                    .store
+                    .events_after(after, &watch.labels, EVENT_PAGE)
+                    .await?;
+                if page.removed_through > after {
+                    return Err(WatchJobsError::HistoryGone {
+                        after,
+                        removed_through: page.removed_through,
+                    });
+                }
+                if page.scanned_to < after {
+                    return Err(WatchJobsError::FutureCursor {
+                        after,
+                        head: page.scanned_to,
+                    });
+                }
+                watch.scanned = after;
+                watch.accept(page);
+            }
+        }
+        Ok(watch)
+    }
+
+    /// The next message; waits for one as long as it takes.
+    pub async fn next(&mut self) -> Result<JobsEvent, StoreError> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Ok(event);
+            }
+            if self.behind {
+                let page = self
+                    .store
+                    .events_after(self.scanned, &self.labels, EVENT_PAGE)
+                    .await?;
+                self.accept(page);
+            } else {
+                self.subscription.changed().await;
+            }
+            self.settle().await?;
+        }
+    }
+
+    /// Queues a page of the log's events, skipping versions already delivered.
+    fn accept(&mut self, page: EventPage) {
+        self.behind = page.events.len() >= EVENT_PAGE;
+        if !self.behind {
+            self.caught_up_reads += 1;
+        }
+        for (seq, job) in page.events {
+            if job.is_terminal() {
+                self.finished.push(job.id);
+            }
+            self.deliver(Arc::new(job), seq);
+        }
+        self.scanned = self.scanned.max(page.scanned_to);
+    }
+
+    /// Takes the inbox and delivers what the log does not cover: progress, and the newest
+    /// snapshot of a job removed before its transitions could be read. A logged change the
+    /// log has not shown yet waits for the next read.
+    async fn settle(&mut self) -> Result<(), StoreError> {
+        let taken = self.subscription.take();
+        for (id, job) in taken {
+            let newer = self
+                .waiting
+                .get(&id)
+                .is_none_or(|(held, _)| held.version < job.version);
+            if newer {
+                self.waiting.insert(id, (job, self.caught_up_reads));
+            }
+        }
+        for (id, (job, taken_at)) in std::mem::take(&mut self.waiting) {
+            let sent = self.sent.get(&id).copied().unwrap_or(0);
+            if job.version <= sent {
+                continue;
+            }
+            if job.logged_version <= sent {
+                self.deliver(job, self.scanned);
+            } else if taken_at == self.caught_up_reads {
+                // Committed before it was published, so the next read that reaches the end of
+                // the log returns it.
+                self.waiting.insert(id, (job, taken_at));
+                self.behind = true;
+            } else {
+                // A read reached the end of the log after this was taken and did not return
+                // it: its event lies at or before where this stream started (the client has
+                // it), or its job has been removed since.
+                match self.store.get(id).await? {
+                    None => {
+                        self.deliver(Arc::clone(&job), self.scanned);
+                        self.sent.remove(&id);
+                    }
+                    Some(_) => {
+                        self.sent.insert(id, job.logged_version);
+                        if job.version > job.logged_version {
+                            self.deliver(job, self.scanned);
+                        }
+                    }
+                }
+            }
+        }
+        // Any older snapshot of a job the last read ended was published before that read, so
+        // it was in this take and has been passed over: the job can be forgotten.
+        for id in std::mem::take(&mut self.finished) {
+            if !self.waiting.contains_key(&id) {
+                self.sent.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `job` as delivered and queues it if its state is wanted.
+    fn deliver(&mut self, job: Arc<Job>, cursor: i64) {
+        let sent = self.sent.entry(job.id).or_insert(0);
+        if job.version <= *sent {
+            return;
+        }
+        *sent = job.version;
+        if self.states.is_empty() || self.states.contains(&job.state) {
+            self.queue.push_back(JobsEvent { job, cursor });
+        }
+    }
+
+    /// Jobs the stream follows now (memory it holds beyond the inbox).
+    pub fn followed_jobs(&self) -> usize {
+        self.sent.len()
+    }
+}

@@ -1,0 +1,104 @@
+//! Reads of the global event log (migration 2). Each read runs in one read transaction, so the
+//! numbers it reports (the newest event, the removal mark) agree with the rows it returns.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, Transaction, types::Value};
+
+use super::{row::decode, sql_error};
+use crate::job::Job;
+use crate::store::{EventPage, StoreError};
+
+/// Up to `limit` logged snapshots after `after_seq` of jobs carrying every one of `labels`.
+pub(super) fn events_after(
+    conn: &Connection,
+    after_seq: i64,
+    labels: &BTreeMap<String, String>,
+    limit: usize,
+) -> Result<EventPage, StoreError> {
+    let context = "reading the event log";
+    let fail = |e| sql_error(context, e);
+    let tx = conn.unchecked_transaction().map_err(fail)?;
+    let (head, removed_through) = marks(&tx).map_err(fail)?;
+    let mut sql = "SELECT e.seq, t.snapshot FROM events e
+                   JOIN transitions t ON t.job_id = e.job_id AND t.version = e.version
+                   WHERE e.seq > ?"
+        .to_owned();
+    let mut args = vec![Value::Integer(after_seq)];
+    label_filter("e.job_id", labels, &mut sql, &mut args);
+    sql.push_str(" ORDER BY e.seq LIMIT ?");
+    args.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+
+    let mut statement = tx.prepare_cached(&sql).map_err(fail)?;
+    let mut rows = statement
+        .query(rusqlite::params_from_iter(args))
+        .map_err(fail)?;
+    let mut events = Vec::new();
+    while let Some(row) = rows.next().map_err(fail)? {
+        let seq: i64 = row.get(0).map_err(fail)?;
+        let snapshot: String = row.get(1).map_err(fail)?;
+        events.push((seq, decode(&snapshot)?));
+    }
+    let scanned_to = match events.last() {
+        Some((seq, _)) if events.len() >= limit => *seq,
+        _ => head,
+    };
+    Ok(EventPage {
+        events,
+        scanned_to,
+        removed_through,
+    })
+}
+
+/// Every QUEUED or RUNNING job carrying every one of `labels`, oldest first, and the newest
+/// event's number, as of one moment.
+pub(super) fn unfinished_at(
+    conn: &Connection,
+    labels: &BTreeMap<String, String>,
+) -> Result<(i64, Vec<Job>), StoreError> {
+    let context = "reading unfinished jobs";
+    let fail = |e| sql_error(context, e);
+    let tx = conn.unchecked_transaction().map_err(fail)?;
+    let (head, _) = marks(&tx).map_err(fail)?;
+    let mut sql = "SELECT snapshot FROM jobs WHERE state IN ('QUEUED', 'RUNNING')".to_owned();
+    let mut args = Vec::new();
+    label_filter("jobs.id", labels, &mut sql, &mut args);
+    sql.push_str(" ORDER BY id");
+    let mut statement = tx.prepare_cached(&sql).map_err(fail)?;
+    let mut rows = statement
+        .query(rusqlite::params_from_iter(args))
+        .map_err(fail)?;
+    let mut jobs = Vec::new();
+    while let Some(row) = rows.next().map_err(fail)? {
+        let snapshot: String = row.get(0).map_err(fail)?;
+        jobs.push(decode(&snapshot)?);
+    }
+    Ok((head, jobs))
+}
+
+/// The last number handed out (kept by AUTOINCREMENT even when that event is gone) and the
+/// highest number removed.
+fn marks(tx: &Transaction<'_>) -> rusqlite::Result<(i64, i64)> {
+    tx.prepare_cached(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),
+                removed_through
+         FROM event_log WHERE id = 1",
+    )?
+    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// Appends one `EXISTS` per label: each is a primary-key lookup in `job_labels`.
+fn label_filter(
+    job_id: &str,
+    labels: &BTreeMap<String, String>,
+    sql: &mut String,
+    args: &mut Vec<Value>,
+) {
+    for (key, value) in labels {
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM job_labels x
+                          WHERE x.job_id = {job_id} AND x.key = ? AND x.value = ?)"
+        ));
+        args.extend([Value::Text(key.clone()), Value::Text(value.clone())]);
+    }
+}

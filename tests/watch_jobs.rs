@@ -1,0 +1,348 @@
+//! `WatchJobs`: one stream for every job matching a label selector, resumable from a cursor,
+//! with the same guarantees as `WatchJob` (nothing missed, versions only rise, progress
+//! coalesced for a stalled reader).
+
+mod common;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use common::*;
+use longrun::{
+    actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
+    api::pb::{self, JobState, jobs_client::JobsClient},
+    executor::Executor,
+    job::JobId,
+    store::{SqliteOptions, SqliteStore, Store},
+};
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+use tonic::{Code, Streaming, transport::Channel};
+
+fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+async fn watch_jobs(
+    client: &mut JobsClient<Channel>,
+    selector: &[(&str, &str)],
+    states: &[JobState],
+    after_cursor: &str,
+) -> Result<Streaming<pb::WatchJobsResponse>, tonic::Status> {
+    client
+        .watch_jobs(pb::WatchJobsRequest {
+            labels: labels(selector),
+            states: states.iter().map(|s| *s as i32).collect(),
+            after_cursor: after_cursor.to_owned(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Reads messages until `done` says the collection is complete (bounded by [`PATIENCE`]).
+async fn read_until(
+    stream: &mut Streaming<pb::WatchJobsResponse>,
+    mut done: impl FnMut(&[pb::WatchJobsResponse]) -> bool,
+) -> Vec<pb::WatchJobsResponse> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while !done(&seen) {
+            let message = stream.next().await.expect("the stream stays open");
+            seen.push(message.expect("stream message"));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the stream delivered in time ({} messages)", seen.len()));
+    seen
+}
+
+fn succeeded(seen: &[pb::WatchJobsResponse]) -> BTreeSet<String> {
+    seen.iter()
+        .filter_map(|m| m.job.as_ref())
+        .filter(|j| state(j) == JobState::Succeeded)
+        .map(|j| j.id.clone())
+        .collect()
+}
+
+/// Every logged `(job id, version)` of these jobs, from the store.
+async fn logged(executor: &Executor, ids: &[String]) -> BTreeSet<(String, i64)> {
+    let mut all = BTreeSet::new();
+    for id in ids {
+        let parsed: JobId = id.parse().expect("job id");
+        for job in executor.store().transitions(parsed, 0).await.expect("log") {
+            all.insert((id.clone(), job.version));
+        }
+    }
+    all
+}
+
+/// Asserts that each job's versions strictly rise along `seen` and that cursors never fall;
+/// returns every `(job id, version)` seen.
+fn check_order(seen: &[pb::WatchJobsResponse]) -> BTreeSet<(String, i64)> {
+    let mut newest: HashMap<&str, i64> = HashMap::new();
+    let mut cursor = -1;
+    let mut keys = BTreeSet::new();
+    for message in seen {
+        let job = message.job.as_ref().expect("job");
+        let before = newest.insert(&job.id, job.version).unwrap_or(0);
+        assert!(
+            job.version > before,
+            "job {} went from v{before} to v{}",
+            job.id,
+            job.version
+        );
+        let at: i64 = message.cursor[1..].parse().expect("cursor");
+        assert!(at >= cursor, "cursor fell from {cursor} to {at}");
+        cursor = at;
+        keys.insert((job.id.clone(), job.version));
+    }
+    keys
+}
+
+#[tokio::test]
+async fn a_label_selector_sees_every_transition_of_matching_jobs_and_nothing_else() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let mut stream = watch_jobs(&mut client, &[("batch", "a")], &[], "")
+        .await
+        .unwrap();
+    let mut wanted = Vec::new();
+    for i in 0..60 {
+        let batch = if i % 6 == 5 { "b" } else { "a" };
+        let mut req = request(vec![sleep(20, 2)]);
+        req.labels = labels(&[("batch", batch), ("n", &i.to_string())]);
+        let job = submit(&mut client, req).await;
+        if batch == "a" {
+            wanted.push(job.id);
+        }
+    }
+    assert_eq!(wanted.len(), 50);
+    let seen = read_until(&mut stream, |s| succeeded(s).len() == wanted.len()).await;
+    let keys = check_order(&seen);
+    let ids: BTreeSet<&String> = keys.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, wanted.iter().collect(), "matching jobs only");
+    let missing: Vec<_> = logged(&server.executor, &wanted)
+        .await
+        .difference(&keys)
+        .cloned()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "every logged transition streamed; missing {missing:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_states_filter_sends_only_those_states() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let mut stream = watch_jobs(&mut client, &[], &[JobState::Succeeded], "")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        submit(&mut client, request(vec![sleep(10, 2)])).await;
+    }
+    let seen = read_until(&mut stream, |s| s.len() == 10).await;
+    assert!(
+        seen.iter()
+            .all(|m| state(m.job.as_ref().unwrap()) == JobState::Succeeded)
+    );
+    assert_eq!(succeeded(&seen).len(), 10, "one message per job");
+}
+
+#[tokio::test]
+async fn resuming_from_a_cursor_taken_mid_way_misses_nothing_and_repeats_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let selector = [("resume", "yes")];
+    let mut full = watch_jobs(&mut client, &selector, &[], "").await.unwrap();
+    let mut first = watch_jobs(&mut client, &selector, &[], "").await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let mut req = request(vec![sleep(40, 4)]);
+        req.labels = labels(&selector);
+        ids.push(submit(&mut client, req).await.id);
+    }
+    let mut seen = read_until(&mut first, |s| s.len() == 30).await;
+    drop(first); // the disconnect
+    let cursor = seen.last().unwrap().cursor.clone();
+    let mut resumed = watch_jobs(&mut client, &selector, &[], &cursor)
+        .await
+        .unwrap();
+    let already = succeeded(&seen).len();
+    seen.extend(read_until(&mut resumed, |s| already + succeeded(s).len() == ids.len()).await);
+    let all = read_until(&mut full, |s| succeeded(s).len() == ids.len()).await;
+
+    let keys = check_order(&seen); // across the resume: versions still only rise
+    let full_keys = check_order(&all);
+    let logged = logged(&server.executor, &ids).await;
+    assert!(
+        logged.is_subset(&keys),
+        "the resumed pair misses no transition"
+    );
+    assert!(
+        logged.is_subset(&full_keys),
+        "nor does the uninterrupted stream"
+    );
+}
+
+/// Reports progress `updates` times as fast as it can, then succeeds.
+struct Chatty {
+    updates: u64,
+}
+
+#[async_trait]
+impl Handler for Chatty {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Reports progress many times.".to_owned(),
+            params: vec![],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
+        for i in 1..=self.updates {
+            ctx.progress.units(i, self.updates, "chatting");
+            if i % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(json!({}))
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_reader_gets_every_transition_with_progress_coalesced() {
+    const JOBS: usize = 20;
+    const UPDATES: u64 = 3000;
+    let mut registry = Registry::with_builtins();
+    registry.register("chatty", Chatty { updates: UPDATES });
+    let server = TestServer::start_with(test_config(), registry).await;
+    let mut client = server.client.clone();
+    let selector = [("stall", "yes")];
+    let mut stalled = watch_jobs(&mut client, &selector, &[], "").await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..JOBS {
+        let mut req = request(vec![action("chatty", json!({}))]);
+        req.labels = labels(&selector);
+        ids.push(submit(&mut client, req).await.id);
+    }
+    for id in &ids {
+        wait_done(&mut client, id).await; // the executor is not held up by the stalled reader
+    }
+    let seen = read_until(&mut stalled, |s| succeeded(s).len() == JOBS).await;
+    let keys = check_order(&seen);
+    let logged = logged(&server.executor, &ids).await;
+    assert!(
+        logged.is_subset(&keys),
+        "every transition reaches the stalled reader"
+    );
+    let updates = JOBS as u64 * UPDATES;
+    assert!(
+        (seen.len() as u64) < updates / 10,
+        "progress coalesced: {} messages for {updates} updates",
+        seen.len()
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_cursor_is_invalid_argument_naming_after_cursor() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    for bad in ["42", "e-1", "garbage"] {
+        let status = watch_jobs(&mut client, &[], &[], bad).await.expect_err(bad);
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad}");
+        assert!(
+            status.message().contains("after_cursor"),
+            "{}",
+            status.message()
+        );
+    }
+    let status = watch_jobs(&mut client, &[], &[], "e999999")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "a cursor from the future");
+}
+
+#[tokio::test]
+async fn a_cursor_from_before_a_removed_job_is_refused_not_silently_resumed() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let mut stream = watch_jobs(&mut client, &[], &[], "").await.unwrap();
+    let first = submit(&mut client, request(vec![sleep(1, 1)])).await;
+    let seen = read_until(&mut stream, |s| !s.is_empty()).await;
+    let cursor = seen[0].cursor.clone();
+    wait_done(&mut client, &first.id).await;
+    client
+        .delete_job(pb::DeleteJobRequest {
+            job_id: first.id.clone(),
+        })
+        .await
+        .unwrap();
+    let status = watch_jobs(&mut client, &[], &[], &cursor)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert!(
+        status.message().contains("after_cursor"),
+        "{}",
+        status.message()
+    );
+}
+
+async fn open_sqlite(dir: &std::path::Path) -> Arc<dyn Store> {
+    // The previous server releases the directory as it finishes stopping.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match SqliteStore::open(dir, SqliteOptions::default()) {
+            Ok(store) => return Arc::new(store),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopen the store: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_resumes_across_a_restart_with_the_sqlite_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let selector = [("restart", "yes")];
+    let registry = Registry::with_builtins;
+    let server =
+        TestServer::start_on(open_sqlite(dir.path()).await, test_config(), registry()).await;
+    let mut client = server.client.clone();
+    let mut stream = watch_jobs(&mut client, &selector, &[], "").await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let mut req = request(vec![sleep(20, 2)]);
+        req.labels = labels(&selector);
+        ids.push(submit(&mut client, req).await.id);
+    }
+    let mut seen = read_until(&mut stream, |s| succeeded(s).len() == 1).await;
+    let cursor = seen.last().unwrap().cursor.clone();
+    for id in &ids {
+        wait_done(&mut client, id).await;
+    }
+    drop(stream);
+    server.stop().await;
+
+    let server =
+        TestServer::start_on(open_sqlite(dir.path()).await, test_config(), registry()).await;
+    let mut client = server.client.clone();
+    let mut resumed = watch_jobs(&mut client, &selector, &[], &cursor)
+        .await
+        .unwrap();
+    seen.extend(read_until(&mut resumed, |s| succeeded(s).len() == ids.len() - 1).await);
+    let keys = check_order(&seen); // nothing repeated: versions only rise across the restart
+    let logged = logged(&server.executor, &ids).await;
+    assert!(logged.is_subset(&keys), "nothing missed across the restart");
+}
