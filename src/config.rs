@@ -36,6 +36,9 @@ pub struct Settings {
     /// Directory of the embedded store [default: ./longrun-data].
     #[arg(long, env = "LONGRUN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Address to serve Prometheus metrics on, at `GET /metrics` [default: off].
+    #[arg(long, env = "LONGRUN_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Where jobs are kept [default: sqlite].
     #[arg(long, value_enum, env = "LONGRUN_STORE")]
     pub store: Option<StoreKind>,
@@ -99,6 +102,7 @@ impl Settings {
         Settings {
             listen: self.listen.or(fallback.listen),
             data_dir: self.data_dir.or(fallback.data_dir),
+            metrics_listen: self.metrics_listen.or(fallback.metrics_listen),
             store: self.store.or(fallback.store),
             concurrency: self.concurrency.or(fallback.concurrency),
             max_queue_length: self.max_queue_length.or(fallback.max_queue_length),
@@ -153,6 +157,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory of the embedded store.
     pub data_dir: PathBuf,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Which store keeps the jobs.
     pub store: StoreKind,
     /// Limits enforced at the edge.
@@ -198,6 +204,7 @@ impl Config {
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("longrun-data")),
+            metrics_listen: s.metrics_listen,
             store: s.store.unwrap_or(StoreKind::Sqlite),
             limits: Limits {
                 max_message_bytes: s

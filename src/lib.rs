@@ -24,5 +24,6 @@ pub mod config;
 pub mod events;
 pub mod executor;
 pub mod job;
+pub mod metrics;
 pub mod server;
 pub mod store;

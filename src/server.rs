@@ -16,6 +16,7 @@ use crate::{
     config::Config,
     events::Hub,
     executor::{Executor, ExecutorError},
+    metrics::RpcTimingLayer,
     store::Store,
 };
 
@@ -31,6 +32,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The metrics endpoint could not listen.
+    #[error("metrics endpoint: {0}")]
+    Metrics(#[source] std::io::Error),
     /// Recovering unfinished jobs at start failed.
     #[error("recovering unfinished jobs: {0}")]
     Recovery(#[from] ExecutorError),
@@ -100,6 +104,14 @@ impl Server {
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
 
+        let metrics = Arc::clone(self.executor.metrics());
+        if let Some(addr) = self.config.metrics_listen {
+            metrics
+                .spawn_server(addr, self.stopping.clone())
+                .await
+                .map_err(ServeError::Metrics)?;
+        }
+
         let executor = self.executor.clone();
         let stopping = self.stopping.clone();
         let grace = self.config.shutdown_grace;
@@ -122,6 +134,7 @@ impl Server {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
+            .layer(RpcTimingLayer::new(metrics))
             .http2_keepalive_interval(Some(self.config.keepalive_interval))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(health_service)

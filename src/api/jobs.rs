@@ -18,6 +18,7 @@ use crate::{
     events::{JobWatch, WatchError, current, wait_terminal},
     executor::Executor,
     job::{FieldViolation, JobId},
+    metrics::{Metrics, WatchGuard},
     store::{Deleted, ListQuery},
 };
 
@@ -97,6 +98,18 @@ fn watch_status(error: WatchError) -> Status {
 
 fn job_id(field: &str, value: &str) -> Result<JobId, Status> {
     parse_job_id(field, value).map_err(invalid_field)
+}
+
+/// The stream, counted in the open-watches gauge for as long as it lives.
+pub(super) fn counted<S: Stream + Send + 'static>(
+    stream: S,
+    metrics: &Arc<Metrics>,
+) -> impl Stream<Item = S::Item> + Send + 'static {
+    let guard = WatchGuard::open(metrics);
+    futures::StreamExt::map(stream, move |item| {
+        let _open = &guard;
+        item
+    })
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status>> + Send>>;
@@ -186,7 +199,10 @@ impl Jobs for JobsService {
                 Some((item, Some(watch)))
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(counted(
+            stream,
+            self.executor.metrics(),
+        ))))
     }
 
     type WatchJobsStream = super::watch_jobs::WatchJobsStream;
@@ -203,7 +219,10 @@ impl Jobs for JobsService {
             request.into_inner(),
         )
         .await?;
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(counted(
+            stream,
+            self.executor.metrics(),
+        ))))
     }
 
     #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().job_id))]

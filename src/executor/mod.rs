@@ -20,6 +20,7 @@ use crate::{
     actions::Registry,
     events::Hub,
     job::{FieldViolation, IllegalTransition, Job, JobError, JobId, JobState, NewJob},
+    metrics::Metrics,
     store::{Created, Store, StoreError},
 };
 use queue::{Holder, Scheduler, StopReason};
@@ -117,6 +118,7 @@ pub(crate) struct Inner {
     wake: Notify,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
+    metrics: Arc<Metrics>,
     accepting: CancellationToken,
     dispatching: CancellationToken,
 }
@@ -145,6 +147,7 @@ impl Executor {
             scheduler: Mutex::default(),
             wake: Notify::new(),
             tracker: TaskTracker::new(),
+            metrics: Arc::new(Metrics::default()),
             accepting: CancellationToken::new(),
             dispatching: CancellationToken::new(),
         });
@@ -163,6 +166,11 @@ impl Executor {
     /// The hub changes are published to.
     pub fn hub(&self) -> &Arc<Hub> {
         &self.inner.hub
+    }
+
+    /// The metrics this executor records (and the server exports).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// The actions this executor runs.
@@ -196,7 +204,7 @@ impl Executor {
                     ),
                 };
                 outcome.map_err(|source| ExecutorError::Illegal { id: job.id, source })?;
-                self.inner.commit(&job).await?;
+                self.inner.commit_state(&job).await?;
             }
             if job.state == JobState::Queued {
                 self.inner.scheduler().enqueue(job.id, job.priority);
@@ -235,6 +243,8 @@ impl Executor {
             Created::New => {
                 scheduler.enqueue(job.id, job.priority);
                 drop(scheduler);
+                self.inner.metrics.transition(job.state.as_str());
+                self.inner.sync_gauges();
                 // Nobody watches a job by id before it exists, but WatchJobs selectors may
                 // match it: they learn of new jobs here.
                 self.inner.hub.publish(Arc::new(job.clone()));
@@ -273,6 +283,7 @@ impl Executor {
     /// period). A job that has ended is returned unchanged.
     pub async fn cancel(&self, id: JobId) -> Result<Job, ExecutorError> {
         let holder = self.inner.scheduler().claim(id);
+        self.inner.sync_gauges();
         match holder {
             Holder::Task(handle) => {
                 handle.stop(StopReason::Cancelled);
@@ -286,7 +297,7 @@ impl Executor {
                 }
                 job.cancel(cancelled_error(), SystemTime::now())
                     .map_err(|source| ExecutorError::Illegal { id, source })?;
-                self.inner.commit(&job).await?;
+                self.inner.commit_state(&job).await?;
                 tracing::info!(job_id = %id, "queued job cancelled");
                 Ok(job)
             }
@@ -351,6 +362,23 @@ impl Inner {
         Ok(())
     }
 
+    /// Commits a change of the job's own state, and counts it.
+    async fn commit_state(&self, job: &Job) -> Result<(), StoreError> {
+        self.commit(job).await?;
+        self.metrics.transition(job.state.as_str());
+        Ok(())
+    }
+
+    /// Brings the queue and running gauges up to date.
+    fn sync_gauges(&self) {
+        let (queued, active) = {
+            let scheduler = self.scheduler();
+            (scheduler.queue_length(), scheduler.active_handles().len())
+        };
+        crate::metrics::set(&self.metrics.queue_depth, queued);
+        crate::metrics::set(&self.metrics.running, active);
+    }
+
     async fn dispatch(self: Arc<Self>) {
         loop {
             let permit = tokio::select! {
@@ -361,7 +389,9 @@ impl Inner {
                 },
             };
             let (id, handle) = loop {
-                if let Some(next) = self.scheduler().pop() {
+                let next = self.scheduler().pop();
+                if let Some(next) = next {
+                    self.sync_gauges();
                     break next;
                 }
                 tokio::select! {

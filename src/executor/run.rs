@@ -60,6 +60,7 @@ impl Inner {
             tracing::error!(%error, "job run aborted; the stored state stands until recovery");
         }
         self.scheduler().finish(id);
+        self.sync_gauges();
     }
 
     /// Runs one attempt and settles the job; returns it when it is to be retried.
@@ -72,7 +73,7 @@ impl Inner {
             return Ok(None);
         }
         job.start(SystemTime::now())?;
-        self.commit(&job).await?;
+        self.commit_state(&job).await?;
         tracing::info!(attempt = job.attempt, "job started");
 
         let outcome = self.run_attempt(&mut job, handle).await?;
@@ -80,20 +81,20 @@ impl Inner {
         let error = match outcome {
             Attempt::Succeeded => {
                 job.succeed(now)?;
-                self.commit(&job).await?;
+                self.commit_state(&job).await?;
                 tracing::info!("job succeeded");
                 None
             }
             // A timeout is reported as the running action's failure, never as a stop.
             Attempt::Stopped(StopReason::Cancelled | StopReason::Timeout | StopReason::None) => {
                 job.cancel(cancelled_error(), now)?;
-                self.commit(&job).await?;
+                self.commit_state(&job).await?;
                 tracing::info!("job cancelled");
                 None
             }
             Attempt::Stopped(StopReason::Shutdown) => {
                 job.interrupt(now)?;
-                self.commit(&job).await?;
+                self.commit_state(&job).await?;
                 tracing::info!("job interrupted by shutdown, left queued");
                 None
             }
@@ -102,11 +103,11 @@ impl Inner {
         if let Some(error) = error {
             if error.retryable && job.has_attempts_left() {
                 job.retry(now)?;
-                self.commit(&job).await?;
+                self.commit_state(&job).await?;
                 return Ok(Some(job));
             }
             job.fail(error.error, now)?;
-            self.commit(&job).await?;
+            self.commit_state(&job).await?;
             tracing::info!("job failed");
         }
         Ok(None)
@@ -132,7 +133,15 @@ impl Inner {
             }
             job.start_action(index, SystemTime::now())?;
             self.commit(job).await?;
+            let started = std::time::Instant::now();
             let result = self.run_action(job, index, handle, deadline).await?;
+            let outcome = match &result {
+                Ok(_) => "succeeded",
+                Err(_) if handle.token().is_cancelled() => "stopped",
+                Err(_) => "failed",
+            };
+            self.metrics
+                .action_ran(&job.actions[index].name, outcome, started);
             let now = SystemTime::now();
             match result {
                 Ok(value) => {
@@ -271,12 +280,13 @@ impl Inner {
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {
                 self.scheduler().requeue(job.id, job.priority);
+                self.sync_gauges();
                 self.wake.notify_one();
             }
             _ = handle.token().cancelled() => {
                 if handle.reason() == StopReason::Cancelled {
                     job.cancel(cancelled_error(), SystemTime::now())?;
-                    self.commit(&job).await?;
+                    self.commit_state(&job).await?;
                     tracing::info!("job cancelled while waiting to be retried");
                 }
             }

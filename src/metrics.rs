@@ -1,0 +1,320 @@
+//! Prometheus metrics, declared here and recorded next to the code they measure; served as
+//! text on `--metrics-listen` (`GET /metrics`).
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Labels of a job transition counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// The state entered, e.g. `SUCCEEDED`.
+    pub state: String,
+}
+
+/// Labels of an action run.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// The action's name.
+    pub action: String,
+    /// `succeeded`, `failed` or `stopped`.
+    pub outcome: String,
+}
+
+/// Labels of an RPC.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// The gRPC path, e.g. `/longrun.v1.Jobs/Submit`.
+    pub method: String,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 100 µs to ~100 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+/// Every metric longrun exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Jobs entering each state, by state.
+    pub transitions: Family<StateLabels, Counter>,
+    /// Jobs waiting in the queue.
+    pub queue_depth: Gauge,
+    /// Jobs being run.
+    pub running: Gauge,
+    /// Run time of each action, by action and outcome.
+    pub action_seconds: Family<ActionLabels, Histogram, fn() -> Histogram>,
+    /// Open `WatchJob` and `WatchJobs` streams.
+    pub open_watches: Gauge,
+    /// Time to answer each RPC (to the response headers, for streams), by method.
+    pub rpc_seconds: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    /// Webhook deliveries attempted (counted once webhooks exist; 0 until then).
+    pub webhook_deliveries: Counter<u64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("longrun");
+        let transitions = Family::<StateLabels, Counter>::default();
+        registry.register(
+            "job_transitions",
+            "Jobs entering each state",
+            transitions.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Jobs waiting in the queue",
+            queue_depth.clone(),
+        );
+        let running = Gauge::default();
+        registry.register("jobs_running", "Jobs being run", running.clone());
+        let action_seconds =
+            Family::<ActionLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                seconds_histogram,
+            );
+        registry.register(
+            "action_duration_seconds",
+            "Run time of each action, by action and outcome",
+            action_seconds.clone(),
+        );
+        let open_watches = Gauge::default();
+        registry.register(
+            "open_watch_streams",
+            "Open WatchJob and WatchJobs streams",
+            open_watches.clone(),
+        );
+        let rpc_seconds =
+            Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                seconds_histogram,
+            );
+        registry.register(
+            "rpc_duration_seconds",
+            "Time to answer each RPC (to the response headers for streams), by method",
+            rpc_seconds.clone(),
+        );
+        let webhook_deliveries = Counter::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook deliveries attempted",
+            webhook_deliveries.clone(),
+        );
+        Self {
+            registry,
+            transitions,
+            queue_depth,
+            running,
+            action_seconds,
+            open_watches,
+            rpc_seconds,
+            webhook_deliveries,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a job entering `state`.
+    pub fn transition(&self, state: &str) {
+        self.transitions
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records one action run.
+    pub fn action_ran(&self, action: &str, outcome: &str, started: Instant) {
+        self.action_seconds
+            .get_or_create(&ActionLabels {
+                action: action.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Serves `GET /metrics` on `listener` until `stop` fires.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = Arc::clone(&self);
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.render(),
+                    )
+                }
+            }),
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    }
+
+    /// Binds `addr` and serves the metrics there in the background.
+    pub async fn spawn_server(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        stop: CancellationToken,
+    ) -> std::io::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let metrics = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(error) = metrics.serve(listener, stop).await {
+                tracing::error!(%error, "metrics endpoint failed");
+            }
+        });
+        tracing::info!(addr = %bound, "serving metrics on /metrics");
+        Ok(bound)
+    }
+}
+
+/// A tower layer timing every RPC by method.
+#[derive(Clone)]
+pub struct RpcTimingLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RpcTimingLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for RpcTimingLayer {
+    type Service = RpcTiming<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcTiming {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+/// The service [`RpcTimingLayer`] wraps around each gRPC service.
+#[derive(Clone)]
+pub struct RpcTiming<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B> tower::Service<axum::http::Request<B>> for RpcTiming<S>
+where
+    S: tower::Service<axum::http::Request<B>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let metrics = Arc::clone(&self.metrics);
+        let started = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            metrics
+                .rpc_seconds
+                .get_or_create(&MethodLabels { method })
+                .observe(started.elapsed().as_secs_f64());
+            response
+        })
+    }
+}
+
+/// Counts an open watch stream for as long as it lives.
+pub struct WatchGuard(Arc<Metrics>);
+
+impl WatchGuard {
+    /// Counts one more open stream.
+    pub fn open(metrics: &Arc<Metrics>) -> Self {
+        metrics.open_watches.inc();
+        Self(Arc::clone(metrics))
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.open_watches.dec();
+    }
+}
+
+/// Keeps a count in sync without the metrics type leaking into callers' signatures.
+pub(crate) fn set(gauge: &Gauge, value: usize) {
+    gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_the_prefix() {
+        let metrics = Metrics::default();
+        metrics.transition("SUCCEEDED");
+        metrics.action_ran("sleep", "succeeded", Instant::now());
+        let _watch = WatchGuard::open(&Arc::new(Metrics::default()));
+        let text = metrics.render();
+        assert!(
+            text.contains("longrun_job_transitions_total{state=\"SUCCEEDED\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "longrun_action_duration_seconds_count{action=\"sleep\",outcome=\"succeeded\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("longrun_queue_depth"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn watch_guards_count_open_streams() {
+        let metrics = Arc::new(Metrics::default());
+        let a = WatchGuard::open(&metrics);
+        let b = WatchGuard::open(&metrics);
+        assert_eq!(metrics.open_watches.get(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(metrics.open_watches.get(), 0);
+    }
+}

@@ -1,0 +1,90 @@
+//! Prometheus metrics on `--metrics-listen`: scraped over plain HTTP while jobs run and
+//! streams are open.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use longrun::{actions::Registry, api::pb};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut stream = loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(stream) => break stream,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("metrics endpoint unreachable: {error}"),
+        }
+    };
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
+        .await
+        .expect("scrape answers in time")
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_jobs_actions_rpcs_and_open_watches() {
+    let metrics_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut config = test_config();
+    config.metrics_listen = Some(metrics_addr);
+    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+
+    for _ in 0..3 {
+        let job = submit(&mut client, request(vec![sleep(5, 1)])).await;
+        wait_done(&mut client, &job.id).await;
+    }
+    let long = submit(&mut client, request(vec![sleep(30_000, 1)])).await;
+    let _stream = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: long.id.clone(),
+            after_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let text = scrape(metrics_addr).await;
+    assert_eq!(
+        value(&text, "longrun_job_transitions_total{state=\"SUCCEEDED\"}"),
+        3.0
+    );
+    assert!(value(&text, "longrun_job_transitions_total{state=\"QUEUED\"}") >= 4.0);
+    assert_eq!(
+        value(
+            &text,
+            "longrun_action_duration_seconds_count{action=\"sleep\",outcome=\"succeeded\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "longrun_rpc_duration_seconds_count{method=\"/longrun.v1.Jobs/Submit\"}"
+        ),
+        4.0
+    );
+    assert_eq!(value(&text, "longrun_open_watch_streams"), 1.0);
+    assert_eq!(value(&text, "longrun_jobs_running"), 1.0);
+    assert_eq!(value(&text, "longrun_queue_depth"), 0.0);
+}
