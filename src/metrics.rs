@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::AtomicU64},
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
@@ -63,8 +63,6 @@ pub struct Metrics {
     pub open_watches: Gauge,
     /// Time to answer each RPC (to the response headers, for streams), by method.
     pub rpc_seconds: Family<MethodLabels, Histogram, fn() -> Histogram>,
-    /// Webhook deliveries attempted (counted once webhooks exist; 0 until then).
-    pub webhook_deliveries: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -108,12 +106,6 @@ impl Default for Metrics {
             "Time to answer each RPC (to the response headers for streams), by method",
             rpc_seconds.clone(),
         );
-        let webhook_deliveries = Counter::default();
-        registry.register(
-            "webhook_deliveries",
-            "Webhook deliveries attempted",
-            webhook_deliveries.clone(),
-        );
         Self {
             registry,
             transitions,
@@ -122,7 +114,6 @@ impl Default for Metrics {
             action_seconds,
             open_watches,
             rpc_seconds,
-            webhook_deliveries,
         }
     }
 }
