@@ -66,14 +66,7 @@ impl JobState {
                 | (Running, Cancelled)
                 | (Running, Queued)
         );
-        if legal {
-            Ok(to)
-        } else {
-            Err(IllegalTransition {
-                from: self.to_string(),
-                to: to.to_string(),
-            })
-        }
+        allow(legal, self, to)
     }
 
     /// The stable name used in storage and logs.
@@ -91,6 +84,18 @@ impl JobState {
 impl fmt::Display for JobState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// `to` if the move is legal, the error naming both states otherwise.
+fn allow<S: fmt::Display>(legal: bool, from: S, to: S) -> Result<S, IllegalTransition> {
+    if legal {
+        Ok(to)
+    } else {
+        Err(IllegalTransition {
+            from: from.to_string(),
+            to: to.to_string(),
+        })
     }
 }
 
@@ -153,14 +158,7 @@ impl ActionState {
                 | (Failed, Pending)
                 | (Cancelled, Pending)
         );
-        if legal {
-            Ok(to)
-        } else {
-            Err(IllegalTransition {
-                from: self.to_string(),
-                to: to.to_string(),
-            })
-        }
+        allow(legal, self, to)
     }
 
     /// The stable name used in storage and logs.

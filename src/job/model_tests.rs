@@ -1,0 +1,147 @@
+//! Unit tests of the job model: versions, logging, and each transition.
+
+use super::*;
+use serde_json::json;
+
+#[test]
+fn snapshots_round_trip_through_json_with_base64_inputs() {
+    let mut job = job(1, 1);
+    job.actions[0].input = Bytes::from_static(b"\x00\xffdata");
+    let text = serde_json::to_string(&job).unwrap();
+    assert!(text.contains("\"AP9kYXRh\""), "{text}");
+    assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), job);
+}
+
+fn job(actions: usize, max_attempts: u32) -> Job {
+    let spec = NewJob {
+        actions: (0..actions)
+            .map(|i| NewAction {
+                name: format!("a{i}"),
+                params: Map::new(),
+                input: Bytes::new(),
+            })
+            .collect(),
+        max_attempts: Some(max_attempts),
+        ..NewJob::default()
+    };
+    Job::new(JobId::generate(), spec, 1, SystemTime::UNIX_EPOCH)
+}
+
+#[test]
+fn new_job_is_queued_at_version_one() {
+    let job = job(2, 1);
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!((job.version, job.logged_version, job.attempt), (1, 1, 1));
+    assert_eq!(job.progress().total, 2);
+}
+
+#[test]
+fn every_change_bumps_the_version_and_state_changes_are_logged() {
+    let now = SystemTime::now();
+    let mut job = job(2, 1);
+    job.start(now).unwrap();
+    assert_eq!((job.version, job.logged_version), (2, 2));
+    job.start_action(0, now).unwrap();
+    assert!(job.report_progress(0, Progress::percent(50, "half"), now));
+    assert_eq!((job.version, job.logged_version), (4, 3));
+    assert!(!job.report_progress(0, Progress::percent(50, "half"), now));
+    assert_eq!(job.progress().percent, 25);
+    assert_eq!(job.progress().message, "half");
+    job.succeed_action(0, json!(1), now).unwrap();
+    job.start_action(1, now).unwrap();
+    job.succeed_action(1, json!(2), now).unwrap();
+    job.succeed(now).unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.progress().percent, 100);
+    assert_eq!(job.version, job.logged_version);
+}
+
+#[test]
+fn failing_action_skips_the_rest() {
+    let now = SystemTime::now();
+    let mut job = job(3, 1);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    let error = JobError::new("INTERNAL", "BOOM", "it broke");
+    job.fail_action(0, error.clone(), now).unwrap();
+    assert!(!job.has_attempts_left());
+    job.fail(error.clone(), now).unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.error, Some(error));
+    assert_eq!(job.actions[0].state, ActionState::Failed);
+    assert_eq!(job.actions[1].state, ActionState::Skipped);
+    assert_eq!(job.actions[2].error.as_ref().unwrap().reason, "NOT_RUN");
+    assert!(job.start(now).is_err());
+}
+
+#[test]
+fn retry_keeps_succeeded_actions_and_bumps_attempt() {
+    let now = SystemTime::now();
+    let mut job = job(2, 3);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    job.succeed_action(0, json!("ok"), now).unwrap();
+    job.start_action(1, now).unwrap();
+    job.fail_action(1, JobError::new("INTERNAL", "X", "x"), now)
+        .unwrap();
+    job.retry(now).unwrap();
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.attempt, 2);
+    assert_eq!(job.actions[0].state, ActionState::Succeeded);
+    assert_eq!(job.actions[1].state, ActionState::Pending);
+    assert_eq!(job.next_action(), Some(1));
+}
+
+#[test]
+fn interrupt_requeues_past_max_attempts_and_jumps_versions() {
+    let now = SystemTime::now();
+    let mut job = job(1, 1);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    let seen = job.version;
+    job.interrupt(now).unwrap();
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.attempt, 2);
+    assert_eq!(job.actions[0].state, ActionState::Pending);
+    assert!(job.version > seen + MAX_UNPERSISTED_VERSIONS);
+    assert_eq!(job.version, job.logged_version);
+}
+
+#[test]
+fn retry_beyond_max_attempts_is_refused() {
+    let now = SystemTime::now();
+    let mut job = job(1, 1);
+    job.start(now).unwrap();
+    assert!(job.retry(now).is_err());
+    assert_eq!(job.state, JobState::Running);
+}
+
+#[test]
+fn cancel_marks_running_action_cancelled() {
+    let now = SystemTime::now();
+    let mut job = job(2, 1);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    job.cancel(JobError::new("CANCELLED", "CANCELLED", "by request"), now)
+        .unwrap();
+    assert_eq!(job.actions[0].state, ActionState::Cancelled);
+    assert_eq!(job.actions[1].state, ActionState::Skipped);
+    assert!(job.cancel(JobError::default(), now).is_err());
+}
+
+#[test]
+fn progress_of_units_is_clamped() {
+    assert_eq!(Progress::of(5, 10, "").percent, 50);
+    assert_eq!(Progress::of(50, 10, "").percent, 100);
+    assert_eq!(Progress::of(1, 0, "").percent, 0);
+    assert_eq!(Progress::percent(200, "").percent, 100);
+}
+
+#[test]
+fn ids_parse_and_sort_by_time() {
+    let a = JobId::generate();
+    let b = JobId::generate();
+    assert!(a < b);
+    assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
+    assert!("nope".parse::<JobId>().is_err());
+}
