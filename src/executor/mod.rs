@@ -119,6 +119,10 @@ pub(crate) struct Inner {
     tracker: TaskTracker,
     accepting: CancellationToken,
     dispatching: CancellationToken,
+    /// Fired once [`Executor::recover`] has picked up the previous run's jobs. Submit and
+    /// Cancel wait for it: before it, a new job could be mistaken for an interrupted one, and
+    /// a cancel could race the recovery's own write of the same job.
+    recovered: CancellationToken,
 }
 
 /// Runs jobs. Cheap to clone; all clones drive the same queue.
@@ -129,7 +133,8 @@ pub struct Executor {
 
 impl Executor {
     /// Starts an executor over `store`, publishing to `hub`, running `registry`'s handlers.
-    /// Call [`Executor::recover`] next to pick up jobs a previous run left unfinished.
+    /// Call [`Executor::recover`] next to pick up jobs a previous run left unfinished; until
+    /// it has, [`Executor::submit`] and [`Executor::cancel`] wait.
     pub fn start(
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
@@ -147,6 +152,7 @@ impl Executor {
             tracker: TaskTracker::new(),
             accepting: CancellationToken::new(),
             dispatching: CancellationToken::new(),
+            recovered: CancellationToken::new(),
         });
         let dispatcher = Arc::clone(&inner);
         inner
@@ -202,6 +208,7 @@ impl Executor {
                 self.inner.scheduler().enqueue(job.id, job.priority);
             }
         }
+        self.inner.recovered.cancel();
         self.inner.wake.notify_one();
         tracing::info!(jobs = count, "recovered unfinished jobs");
         Ok(count)
@@ -210,6 +217,7 @@ impl Executor {
     /// Validates, stores and queues a job. With an idempotency key already used, returns the
     /// job that holds it, unchanged.
     pub async fn submit(&self, spec: NewJob) -> Result<Job, ExecutorError> {
+        self.until_recovered().await?;
         if self.inner.accepting.is_cancelled() {
             return Err(ExecutorError::ShuttingDown);
         }
@@ -272,6 +280,7 @@ impl Executor {
     /// cancellation token (the job turns CANCELLED when the handler stops, or after the grace
     /// period). A job that has ended is returned unchanged.
     pub async fn cancel(&self, id: JobId) -> Result<Job, ExecutorError> {
+        self.until_recovered().await?;
         let holder = self.inner.scheduler().claim(id);
         match holder {
             Holder::Task(handle) => {
@@ -290,6 +299,20 @@ impl Executor {
                 tracing::info!(job_id = %id, "queued job cancelled");
                 Ok(job)
             }
+        }
+    }
+
+    /// Whether [`Executor::recover`] has run.
+    pub fn is_recovered(&self) -> bool {
+        self.inner.recovered.is_cancelled()
+    }
+
+    /// Waits until [`Executor::recover`] has run; refuses once shutting down instead.
+    async fn until_recovered(&self) -> Result<(), ExecutorError> {
+        tokio::select! {
+            biased;
+            _ = self.inner.recovered.cancelled() => Ok(()),
+            _ = self.inner.accepting.cancelled() => Err(ExecutorError::ShuttingDown),
         }
     }
 
