@@ -3,11 +3,20 @@
 
 use std::{env, fs, path::PathBuf};
 
-const PROTO_FILES: &[&str] = &["longrun/v1/jobs.proto"];
+/// The served files: longrun's own contract, and the upstream `google.longrunning` API that
+/// the Operations facade implements (vendored unchanged under `proto/third_party`).
+const PROTO_FILES: &[&str] = &[
+    "longrun/v1/jobs.proto",
+    "google/longrunning/operations.proto",
+];
+
+/// Where imports resolve: our files first, then the vendored upstream ones. The well-known
+/// types (`google/protobuf/*`) come with protox.
+const INCLUDES: &[&str] = &["proto", "proto/third_party"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(PROTO_FILES, ["proto"])?;
+    let descriptors = protox::compile(PROTO_FILES, INCLUDES)?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
         out_dir.join("longrun_descriptor.bin"),
@@ -15,6 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".longrun.v1.ActionSpec.input")
+        // `google.rpc.Status` and its detail messages already exist in tonic-types, which the
+        // rich error model uses; one type for both keeps conversions away.
+        .extern_path(".google.rpc", "::tonic_types::pb")
         .compile_fds(descriptors)?;
 
     // The benchmark harness's bare echo service: not part of the public contract, only

@@ -1,5 +1,7 @@
-//! Assembles a server: store, executor, the `longrun.v1.Jobs` service, health, reflection and
-//! the retention sweep; serves until a shutdown signal, then drains in order.
+//! Assembles a server: store, executor, the `longrun.v1.Jobs` service and its
+//! `google.longrunning.Operations` facade, health, reflection, gRPC-Web and the retention
+//! sweep; recovers the previous run's jobs while reporting NOT_SERVING, serves until a shutdown
+//! signal, then drains in order.
 
 use std::{
     future::Future,
@@ -10,9 +12,15 @@ use std::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use tonic::server::NamedService;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
 use crate::{
     actions::Registry,
-    api::{FILE_DESCRIPTOR_SET, JobsService, pb::jobs_server::JobsServer},
+    api::{
+        FILE_DESCRIPTOR_SET, JobsService, OperationsService,
+        longrunning::operations_server::OperationsServer, pb::jobs_server::JobsServer,
+    },
     config::Config,
     events::Hub,
     executor::{Executor, ExecutorError},
@@ -40,8 +48,8 @@ pub enum ServeError {
     Recovery(#[from] ExecutorError),
 }
 
-/// A running longrun server: jobs are executed from the moment it is started; [`Server::serve`]
-/// exposes them over gRPC.
+/// A longrun server: its executor runs from [`Server::start`] on; [`Server::serve`] picks up
+/// the jobs a previous run left unfinished and exposes everything over gRPC.
 pub struct Server {
     executor: Executor,
     config: Config,
@@ -49,15 +57,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the executor over `store` with `registry`'s actions, and picks up the jobs a
-    /// previous run left unfinished.
+    /// Starts the executor over `store` with `registry`'s actions. The previous run's
+    /// unfinished jobs are picked up by [`Server::serve`], once it listens, so that health
+    /// probes see NOT_SERVING meanwhile; [`Executor::submit`] and [`Executor::cancel`] called
+    /// in-process wait for that.
     pub async fn start(
         store: Arc<dyn Store>,
         registry: Registry,
         config: Config,
     ) -> Result<Self, ServeError> {
         let executor = Executor::start(store, Hub::new(), registry, config.executor.clone());
-        executor.recover().await?;
         let stopping = CancellationToken::new();
         tokio::spawn(sweep_retention(
             Arc::clone(executor.store()),
@@ -76,8 +85,13 @@ impl Server {
         &self.executor
     }
 
-    /// Serves gRPC on `listener` until `shutdown` completes; then reports NOT_SERVING, stops
-    /// taking jobs, lets running ones finish within the shutdown grace period, ends open
+    /// Serves gRPC (HTTP/2, and gRPC-Web over HTTP/1.1) on `listener` until `shutdown`
+    /// completes.
+    ///
+    /// Health (`grpc.health.v1`, for the server `""` and each service) reads NOT_SERVING while
+    /// the previous run's unfinished jobs are recovered, SERVING once they are and the listener
+    /// accepts, and NOT_SERVING again from the moment `shutdown` completes: then the server
+    /// stops taking jobs, lets running ones finish within the shutdown grace period, ends open
     /// watches (clients resume with `after_version`), and returns.
     pub async fn serve(
         self,
@@ -85,10 +99,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<JobsServer<JobsService>>().await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        set_health(&health, ServingStatus::NotServing).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -99,8 +110,14 @@ impl Server {
 
         let limits = self.config.limits.clone();
         let max_message = limits.max_message_bytes;
-        let service = JobsService::new(self.executor.clone(), limits, self.stopping.clone());
+        let service =
+            JobsService::new(self.executor.clone(), limits.clone(), self.stopping.clone());
         let jobs = JobsServer::new(service)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let operations =
+            OperationsService::new(self.executor.clone(), limits, self.stopping.clone());
+        let operations = OperationsServer::new(operations)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
 
@@ -112,38 +129,92 @@ impl Server {
                 .map_err(ServeError::Metrics)?;
         }
 
+        // Ends the transport when recovery fails, as `shutdown` does.
+        let abort = CancellationToken::new();
+        // Fired when draining starts, so a recovery finishing late never reports SERVING.
+        let draining = CancellationToken::new();
+        let drain_started = draining.clone();
         let executor = self.executor.clone();
         let stopping = self.stopping.clone();
         let grace = self.config.shutdown_grace;
+        let drain_health = health.clone();
+        let drain_abort = abort.clone();
         let drain = async move {
-            shutdown.await;
+            tokio::select! {
+                _ = shutdown => {}
+                _ = drain_abort.cancelled() => {}
+            }
             tracing::info!(?grace, "shutting down: draining running jobs");
-            health.set_not_serving::<JobsServer<JobsService>>().await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            drain_started.cancel();
+            set_health(&drain_health, ServingStatus::NotServing).await;
             executor.shutdown(grace).await;
             stopping.cancel();
             tracing::info!("jobs drained; closing connections");
         };
 
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "serving longrun.v1.Jobs");
+            tracing::info!(%addr, "serving longrun.v1.Jobs and google.longrunning.Operations");
         }
         // Without TCP_NODELAY, small responses wait for delayed ACKs: ~40 ms a call.
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        tonic::transport::Server::builder()
+        let transport = tonic::transport::Server::builder()
             .layer(RpcTimingLayer::new(metrics))
             .http2_keepalive_interval(Some(self.config.keepalive_interval))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // gRPC-Web for browsers: HTTP/1.1 (and HTTP/2) requests with a grpc-web content
+            // type are translated; plain gRPC passes through untouched.
+            .accept_http1(true)
+            .layer(tonic_web::GrpcWebLayer::new())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(jobs)
-            .serve_with_incoming_shutdown(incoming, drain)
-            .await?;
+            .add_service(operations)
+            .serve_with_incoming_shutdown(incoming, drain);
+        tokio::pin!(transport);
+
+        let recovery = async {
+            let recovered = self.executor.recover().await?;
+            if !draining.is_cancelled() {
+                set_health(&health, ServingStatus::Serving).await;
+                // Draining may have begun while SERVING was being set: it must win.
+                if draining.is_cancelled() {
+                    set_health(&health, ServingStatus::NotServing).await;
+                }
+            }
+            Ok::<_, ExecutorError>(recovered)
+        };
+        tokio::select! {
+            // The transport first, so the listener is accepting before SERVING is reported.
+            biased;
+            served = &mut transport => {
+                // Shut down before recovery finished.
+                served?;
+                return Ok(());
+            }
+            recovered = recovery => {
+                if let Err(error) = recovered {
+                    tracing::error!(%error, "recovery failed; stopping");
+                    abort.cancel();
+                    let _ = transport.await;
+                    return Err(error.into());
+                }
+            }
+        }
+        transport.await?;
         Ok(())
+    }
+}
+
+/// Sets the health of the server (`""`) and of every service it serves.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for service in [
+        "",
+        <JobsServer<JobsService> as NamedService>::NAME,
+        <OperationsServer<OperationsService> as NamedService>::NAME,
+    ] {
+        health.set_service_status(service, status).await;
     }
 }
 

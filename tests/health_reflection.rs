@@ -44,10 +44,10 @@ async fn reflect_v1(
 }
 
 #[tokio::test]
-async fn health_check_reports_serving_for_the_server_and_for_the_jobs_service() {
+async fn health_check_reports_serving_for_the_server_and_each_service() {
     let server = TestServer::start().await;
     let mut health = HealthClient::new(channel(&server).await);
-    for service in ["", "longrun.v1.Jobs"] {
+    for service in ["", "longrun.v1.Jobs", "google.longrunning.Operations"] {
         let response = health
             .check(HealthCheckRequest {
                 service: service.to_owned(),
@@ -149,4 +149,49 @@ async fn reflection_v1alpha_lists_the_jobs_service() {
     };
     let names: Vec<&str> = listed.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"longrun.v1.Jobs"), "{names:?}");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_operations_service_and_returns_its_upstream_file() {
+    let server = TestServer::start().await;
+    use v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let listed = reflect_v1(
+        channel(&server).await,
+        MessageRequest::ListServices(String::new()),
+    )
+    .await;
+    let MessageResponse::ListServicesResponse(listed) = listed else {
+        panic!("a list of services: {listed:?}");
+    };
+    let names: Vec<&str> = listed.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        names.contains(&"google.longrunning.Operations"),
+        "{names:?}"
+    );
+
+    let file = reflect_v1(
+        channel(&server).await,
+        MessageRequest::FileContainingSymbol("google.longrunning.Operations".to_owned()),
+    )
+    .await;
+    let MessageResponse::FileDescriptorResponse(file) = file else {
+        panic!("a file descriptor: {file:?}");
+    };
+    let files: Vec<String> = file
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| {
+            prost_types::FileDescriptorProto::decode(bytes.as_slice())
+                .expect("decodes")
+                .name()
+                .to_owned()
+        })
+        .collect();
+    // Upstream's own file name, so clients generated from googleapis match.
+    assert!(
+        files.contains(&"google/longrunning/operations.proto".to_owned()),
+        "{files:?}"
+    );
 }

@@ -186,7 +186,11 @@ fn struct_to_json(s: Struct, depth: usize) -> Result<Map<String, Value>, FieldVi
     Ok(map)
 }
 
-fn value_to_json(value: prost_types::Value, depth: usize) -> Result<Value, FieldViolation> {
+/// A wire `Value` as JSON, refusing non-finite numbers and nesting past [`MAX_PARAMS_DEPTH`].
+pub(super) fn value_to_json(
+    value: prost_types::Value,
+    depth: usize,
+) -> Result<Value, FieldViolation> {
     if depth > MAX_PARAMS_DEPTH {
         return Err(FieldViolation::new(
             "",

@@ -1,29 +1,28 @@
 //! The `longrun.v1.Jobs` service: a thin adapter from requests to the executor, the store and
 //! the event hub.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status};
 
 use super::{
     Limits,
     convert::{self, parse_job_id},
+    paging::Page,
     pb::{self, jobs_server::Jobs},
-    status::{invalid, invalid_field, job_not_found},
+    status::{invalid, invalid_field, job_not_finished, job_not_found, watch_status},
+    wait,
 };
 use crate::{
-    events::{JobWatch, WatchError, current, wait_terminal},
+    events::{JobWatch, current},
     executor::Executor,
     job::{FieldViolation, JobId},
     metrics::{Metrics, WatchGuard},
     store::{Deleted, ListQuery},
 };
-
-/// How long before the caller's deadline a waiting call answers, so the answer arrives in time.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
 /// Serves `longrun.v1.Jobs` over an [`Executor`].
 #[derive(Clone)]
@@ -44,55 +43,8 @@ impl JobsService {
         }
     }
 
-    /// When a waiting call must answer: at `wait` from now, or just before the call's own
-    /// deadline (`grpc-timeout`), whichever comes first.
-    fn wait_until(metadata: &MetadataMap, wait: Option<Duration>) -> Option<Instant> {
-        let now = Instant::now();
-        let by_deadline = grpc_timeout(metadata).map(|t| now + t.saturating_sub(DEADLINE_MARGIN));
-        let by_wait = wait.map(|w| now + w);
-        match (by_deadline, by_wait) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
     async fn wait_for(&self, id: JobId, until: Option<Instant>) -> Result<(pb::Job, bool), Status> {
-        let wait = wait_terminal(self.executor.store(), self.executor.hub(), id, until);
-        let (job, done) = tokio::select! {
-            waited = wait => waited.map_err(watch_status)?,
-            _ = self.stopping.cancelled() => {
-                let job = self.executor.store().get(id).await?.ok_or_else(|| job_not_found(id))?;
-                let done = job.is_terminal();
-                (Arc::new(job), done)
-            }
-        };
-        Ok((convert::job(&job), done))
-    }
-}
-
-/// Parses the `grpc-timeout` header: digits followed by a unit (H, M, S, m, u, n).
-fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
-
-fn watch_status(error: WatchError) -> Status {
-    match error {
-        WatchError::NotFound(id) => job_not_found(id),
-        WatchError::FutureVersion { .. } => {
-            invalid_field(FieldViolation::new("after_version", error.to_string()))
-        }
-        WatchError::Store(error) => error.into(),
+        wait::wait_for(&self.executor, &self.stopping, id, until).await
     }
 }
 
@@ -126,7 +78,7 @@ impl Jobs for JobsService {
             .wait
             .and_then(|d| convert::duration("wait", d).ok())
             .filter(|d| !d.is_zero());
-        let until = wait.and_then(|w| Self::wait_until(request.metadata(), Some(w)));
+        let until = wait.and_then(|w| wait::wait_until(request.metadata(), Some(w)));
         let spec = convert::new_job(request.into_inner(), &self.limits).map_err(invalid)?;
         let job = self.executor.submit(spec).await?;
         tracing::Span::current().record("job_id", tracing::field::display(job.id));
@@ -237,7 +189,7 @@ impl Jobs for JobsService {
             .map(|d| convert::duration("timeout", d))
             .transpose()
             .map_err(invalid_field)?;
-        let until = Self::wait_until(request.metadata(), timeout);
+        let until = wait::wait_until(request.metadata(), timeout);
         let (job, done) = self.wait_for(id, until).await?;
         Ok(Response::new(pb::WaitJobResponse {
             job: Some(job),
@@ -277,31 +229,13 @@ impl Jobs for JobsService {
             }
         }
         let matches_nothing = !request.states.is_empty() && states.is_empty();
-        let limit = match usize::try_from(request.page_size) {
-            Ok(0) => self.limits.default_page_size,
-            Ok(n) if n <= self.limits.max_page_size => n,
-            _ => {
-                violations.push(FieldViolation::new(
-                    "page_size",
-                    format!("must be between 0 and {}", self.limits.max_page_size),
-                ));
-                0
-            }
-        };
-        let before = if request.page_token.is_empty() {
-            None
-        } else {
-            match parse_job_id("page_token", &request.page_token) {
-                Ok(id) => Some(id),
-                Err(_) => {
-                    violations.push(FieldViolation::new(
-                        "page_token",
-                        "is not a token from a previous ListJobs response",
-                    ));
-                    None
-                }
-            }
-        };
+        let page = Page::parse(
+            request.page_size,
+            &request.page_token,
+            &self.limits,
+            "ListJobs",
+            &mut violations,
+        );
         if !violations.is_empty() {
             return Err(invalid(violations));
         }
@@ -311,19 +245,9 @@ impl Jobs for JobsService {
         let query = ListQuery {
             states,
             labels: request.labels.into_iter().collect(),
-            before,
-            // One more than asked tells whether another page exists.
-            limit: limit + 1,
+            ..ListQuery::default()
         };
-        let mut jobs = self.executor.store().list(&query).await?;
-        let next_page_token = if jobs.len() > limit {
-            jobs.truncate(limit);
-            jobs.last()
-                .map(|job| job.id.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (jobs, next_page_token) = page.read(self.executor.store().as_ref(), query).await?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.iter().map(convert::job).collect(),
             next_page_token,
@@ -339,10 +263,7 @@ impl Jobs for JobsService {
         match self.executor.store().delete(id).await? {
             Deleted::Removed => Ok(Response::new(pb::DeleteJobResponse {})),
             Deleted::NotFound => Err(job_not_found(id)),
-            Deleted::NotTerminal(job) => Err(Status::failed_precondition(format!(
-                "job {id} is {}; only a job that has ended can be deleted (cancel it first)",
-                job.state
-            ))),
+            Deleted::NotTerminal(job) => Err(job_not_finished(id, job.state)),
         }
     }
 
@@ -374,31 +295,5 @@ impl Jobs for JobsService {
             })
             .collect();
         Ok(Response::new(pb::ListActionsResponse { actions }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn metadata(timeout: &str) -> MetadataMap {
-        let mut map = MetadataMap::new();
-        map.insert("grpc-timeout", timeout.parse().unwrap());
-        map
-    }
-
-    #[test]
-    fn grpc_timeout_header_is_parsed() {
-        assert_eq!(
-            grpc_timeout(&metadata("250m")),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(grpc_timeout(&metadata("3S")), Some(Duration::from_secs(3)));
-        assert_eq!(
-            grpc_timeout(&metadata("2H")),
-            Some(Duration::from_secs(7200))
-        );
-        assert_eq!(grpc_timeout(&metadata("9x")), None);
-        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
     }
 }

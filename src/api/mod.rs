@@ -3,15 +3,28 @@
 
 pub mod convert;
 mod jobs;
+mod operations;
+mod operations_convert;
+mod paging;
 pub mod status;
+mod wait;
 mod watch_jobs;
 
 pub use jobs::JobsService;
+pub use operations::OperationsService;
 
 /// The generated `longrun.v1` types, server and client.
 pub mod pb {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("longrun.v1");
+}
+
+/// The generated `google.longrunning` types, server and client: the standard Operations API
+/// that longrun serves over its jobs (see [`OperationsService`]). `google.rpc.Status` is
+/// `tonic_types::pb::Status`.
+pub mod longrunning {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("google.longrunning");
 }
 
 /// The encoded descriptors of every served proto file (and their imports), for reflection.

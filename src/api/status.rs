@@ -8,11 +8,15 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
-    events::WatchJobsError, executor::ExecutorError, job::FieldViolation, store::StoreError,
+    events::{WatchError, WatchJobsError},
+    executor::ExecutorError,
+    job::{FieldViolation, JobId, JobState},
+    store::StoreError,
 };
 
-/// The `ErrorInfo.domain` of every error longrun returns.
-const ERROR_DOMAIN: &str = "longrun.dev";
+/// The `ErrorInfo.domain` of every error longrun returns (and of jobs' own errors as
+/// `google.longrunning` operations report them).
+pub const ERROR_DOMAIN: &str = "longrun.dev";
 
 /// INVALID_ARGUMENT with one `BadRequest` field violation per problem.
 pub fn invalid(violations: Vec<FieldViolation>) -> Status {
@@ -59,6 +63,27 @@ pub fn job_not_found(id: impl ToString) -> Status {
         format!("job {id} not found"),
         HashMap::from([("job_id".to_owned(), id)]),
     )
+}
+
+/// FAILED_PRECONDITION for deleting a job that has not ended yet.
+pub fn job_not_finished(id: JobId, state: JobState) -> Status {
+    with_reason(
+        Code::FailedPrecondition,
+        "JOB_NOT_FINISHED",
+        format!("job {id} is {state}; only a job that has ended can be deleted (cancel it first)"),
+        HashMap::from([("job_id".to_owned(), id.to_string())]),
+    )
+}
+
+/// The status for a failed watch or wait of one job.
+pub fn watch_status(error: WatchError) -> Status {
+    match error {
+        WatchError::NotFound(id) => job_not_found(id),
+        WatchError::FutureVersion { .. } => {
+            invalid_field(FieldViolation::new("after_version", error.to_string()))
+        }
+        WatchError::Store(error) => error.into(),
+    }
 }
 
 impl From<StoreError> for Status {

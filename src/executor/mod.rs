@@ -121,6 +121,10 @@ pub(crate) struct Inner {
     metrics: Arc<Metrics>,
     accepting: CancellationToken,
     dispatching: CancellationToken,
+    /// Fired once [`Executor::recover`] has picked up the previous run's jobs. Submit and
+    /// Cancel wait for it: before it, a new job could be mistaken for an interrupted one, and
+    /// a cancel could race the recovery's own write of the same job.
+    recovered: CancellationToken,
 }
 
 /// Runs jobs. Cheap to clone; all clones drive the same queue.
@@ -131,7 +135,8 @@ pub struct Executor {
 
 impl Executor {
     /// Starts an executor over `store`, publishing to `hub`, running `registry`'s handlers.
-    /// Call [`Executor::recover`] next to pick up jobs a previous run left unfinished.
+    /// Call [`Executor::recover`] next to pick up jobs a previous run left unfinished; until
+    /// it has, [`Executor::submit`] and [`Executor::cancel`] wait.
     pub fn start(
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
@@ -150,6 +155,7 @@ impl Executor {
             metrics: Arc::new(Metrics::default()),
             accepting: CancellationToken::new(),
             dispatching: CancellationToken::new(),
+            recovered: CancellationToken::new(),
         });
         let dispatcher = Arc::clone(&inner);
         inner
@@ -210,6 +216,7 @@ impl Executor {
                 self.inner.scheduler().enqueue(job.id, job.priority);
             }
         }
+        self.inner.recovered.cancel();
         self.inner.wake.notify_one();
         tracing::info!(jobs = count, "recovered unfinished jobs");
         Ok(count)
@@ -218,6 +225,7 @@ impl Executor {
     /// Validates, stores and queues a job. With an idempotency key already used, returns the
     /// job that holds it, unchanged.
     pub async fn submit(&self, spec: NewJob) -> Result<Job, ExecutorError> {
+        self.until_recovered().await?;
         if self.inner.accepting.is_cancelled() {
             return Err(ExecutorError::ShuttingDown);
         }
@@ -282,6 +290,7 @@ impl Executor {
     /// cancellation token (the job turns CANCELLED when the handler stops, or after the grace
     /// period). A job that has ended is returned unchanged.
     pub async fn cancel(&self, id: JobId) -> Result<Job, ExecutorError> {
+        self.until_recovered().await?;
         let holder = self.inner.scheduler().claim(id);
         self.inner.sync_gauges();
         match holder {
@@ -301,6 +310,20 @@ impl Executor {
                 tracing::info!(job_id = %id, "queued job cancelled");
                 Ok(job)
             }
+        }
+    }
+
+    /// Whether [`Executor::recover`] has run.
+    pub fn is_recovered(&self) -> bool {
+        self.inner.recovered.is_cancelled()
+    }
+
+    /// Waits until [`Executor::recover`] has run; refuses once shutting down instead.
+    async fn until_recovered(&self) -> Result<(), ExecutorError> {
+        tokio::select! {
+            biased;
+            _ = self.inner.recovered.cancelled() => Ok(()),
+            _ = self.inner.accepting.cancelled() => Err(ExecutorError::ShuttingDown),
         }
     }
 

@@ -16,6 +16,9 @@ use prost_types::{Struct, Value, value::Kind};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
+pub use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 /// Bounds every wait in the tests, so a broken server fails a test instead of hanging it.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -53,8 +56,51 @@ impl TestServer {
         Self::start_on(Arc::new(MemoryStore::new()), config, registry).await
     }
 
-    /// A server over the given store.
+    /// A server over the given store, once its health reads SERVING (unfinished jobs
+    /// recovered).
     pub async fn start_on(store: Arc<dyn Store>, config: Config, registry: Registry) -> Self {
+        let server = Self::start_unready(store, config, registry).await;
+        server.until_health(ServingStatus::Serving).await;
+        server
+    }
+
+    /// Waits (bounded) until the server's own health (`""`) reads `wanted`.
+    pub async fn until_health(&self, wanted: ServingStatus) {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect for health");
+        let mut health = HealthClient::new(channel);
+        let mut updates = health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health watch")
+            .into_inner();
+        tokio::time::timeout(PATIENCE, async {
+            while let Some(update) = updates.next().await {
+                if update.expect("health update").status() == wanted {
+                    return;
+                }
+            }
+            panic!("health watch ended before {wanted:?}");
+        })
+        .await
+        .expect("health reaches the wanted status in time");
+    }
+
+    /// Tells the server to shut down without waiting for it: it drains from now on.
+    pub fn begin_stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// A server over the given store, returned as soon as it listens: health may still read
+    /// NOT_SERVING while unfinished jobs are recovered.
+    pub async fn start_unready(store: Arc<dyn Store>, config: Config, registry: Registry) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an ephemeral port");
@@ -89,9 +135,7 @@ impl TestServer {
 
     /// Shuts the server down gracefully and waits for it to stop.
     pub async fn stop(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        self.begin_stop();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(PATIENCE, task)
                 .await

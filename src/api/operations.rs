@@ -1,0 +1,159 @@
+//! The `google.longrunning.Operations` facade: the same jobs as `longrun.v1.Jobs`, read and
+//! managed through Google's standard long-running-operation API, so Google's client libraries
+//! (Python `google-api-core`'s `OperationsClient`, Go, Java, Node) work against longrun
+//! unchanged. How a job reads as an operation is in [`super::operations_convert`].
+//!
+//! Operations are not created here: jobs are submitted with `longrun.v1.Jobs/Submit`, and the
+//! job `{id}` is the operation `operations/{id}`.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{
+    Limits, convert,
+    longrunning::{
+        CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
+        ListOperationsResponse, Operation, WaitOperationRequest, operations_server::Operations,
+    },
+    operations_convert::{check_collection, operation, parse_filter, parse_operation_name},
+    paging::Page,
+    status::{invalid, invalid_field, job_not_finished, job_not_found, watch_status},
+    wait,
+};
+use crate::{
+    events::current,
+    executor::Executor,
+    job::JobId,
+    store::{Deleted, ListQuery},
+};
+
+/// Serves `google.longrunning.Operations` over an [`Executor`]'s jobs.
+#[derive(Clone)]
+pub struct OperationsService {
+    executor: Executor,
+    limits: Arc<Limits>,
+    stopping: CancellationToken,
+}
+
+impl OperationsService {
+    /// A service over `executor`, paging with `limits`. When `stopping` fires, waits return
+    /// at once with the operation as it is.
+    pub fn new(executor: Executor, limits: Limits, stopping: CancellationToken) -> Self {
+        Self {
+            executor,
+            limits: Arc::new(limits),
+            stopping,
+        }
+    }
+}
+
+/// The job of the operation named in the request's `name`.
+fn job_id(name: &str) -> Result<JobId, Status> {
+    parse_operation_name("name", name).map_err(invalid_field)
+}
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    #[tracing::instrument(skip_all)]
+    async fn list_operations(
+        &self,
+        request: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        let request = request.into_inner();
+        if request.return_partial_success {
+            // As the field's documentation asks of services that do not read across
+            // collections: there is only one collection, and nothing is ever unreachable.
+            return Err(Status::unimplemented(
+                "return_partial_success is not supported: longrun has one collection of operations",
+            ));
+        }
+        let mut violations = Vec::new();
+        if let Err(v) = check_collection("name", &request.name) {
+            violations.push(v);
+        }
+        let states = parse_filter("filter", &request.filter).unwrap_or_else(|v| {
+            violations.push(v);
+            Vec::new()
+        });
+        let page = Page::parse(
+            request.page_size,
+            &request.page_token,
+            &self.limits,
+            "ListOperations",
+            &mut violations,
+        );
+        if !violations.is_empty() {
+            return Err(invalid(violations));
+        }
+        let query = ListQuery {
+            states,
+            ..ListQuery::default()
+        };
+        let (jobs, next_page_token) = page.read(self.executor.store().as_ref(), query).await?;
+        Ok(Response::new(ListOperationsResponse {
+            operations: jobs.iter().map(|j| operation(convert::job(j))).collect(),
+            next_page_token,
+            unreachable: Vec::new(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let id = job_id(&request.get_ref().name)?;
+        let job = current(self.executor.store(), self.executor.hub(), id)
+            .await
+            .map_err(watch_status)?;
+        Ok(Response::new(operation(convert::job(&job))))
+    }
+
+    /// Removes a finished job; an unfinished one is refused with FAILED_PRECONDITION (the
+    /// upstream contract says Delete does not cancel, and longrun keeps a job until it ends).
+    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
+    async fn delete_operation(
+        &self,
+        request: Request<DeleteOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        let id = job_id(&request.get_ref().name)?;
+        match self.executor.store().delete(id).await? {
+            Deleted::Removed => Ok(Response::new(())),
+            Deleted::NotFound => Err(job_not_found(id)),
+            Deleted::NotTerminal(job) => Err(job_not_finished(id, job.state)),
+        }
+    }
+
+    /// Asks the job to stop, as `Jobs/Cancel`: the operation reads as done with error
+    /// CANCELLED once it has stopped. A finished operation is left as it is.
+    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        let id = job_id(&request.get_ref().name)?;
+        self.executor.cancel(id).await?;
+        Ok(Response::new(()))
+    }
+
+    /// Returns when the operation is done, or when `timeout` or the call's deadline (whichever
+    /// is sooner) runs out, with the operation as it is then.
+    #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
+    async fn wait_operation(
+        &self,
+        request: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let id = job_id(&request.get_ref().name)?;
+        let timeout = request
+            .get_ref()
+            .timeout
+            .map(|d| convert::duration("timeout", d))
+            .transpose()
+            .map_err(invalid_field)?;
+        let until = wait::wait_until(request.metadata(), timeout);
+        let (job, _) = wait::wait_for(&self.executor, &self.stopping, id, until).await?;
+        Ok(Response::new(operation(job)))
+    }
+}

@@ -1,0 +1,93 @@
+//! Waiting for a job to end within the caller's patience: shared by `Jobs/Submit` (sync mode),
+//! `Jobs/WaitJob` and `Operations/WaitOperation`, so all three honour the call's deadline the
+//! same way.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, metadata::MetadataMap};
+
+use super::{
+    convert, pb,
+    status::{job_not_found, watch_status},
+};
+use crate::{events::wait_terminal, executor::Executor, job::JobId};
+
+/// How long before the caller's deadline a waiting call answers, so the answer arrives in time.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+
+/// When a waiting call must answer: at `wait` from now, or just before the call's own deadline
+/// (`grpc-timeout`), whichever comes first; `None` for no bound at all.
+pub(super) fn wait_until(metadata: &MetadataMap, wait: Option<Duration>) -> Option<Instant> {
+    let now = Instant::now();
+    let by_deadline = grpc_timeout(metadata).map(|t| now + t.saturating_sub(DEADLINE_MARGIN));
+    let by_wait = wait.map(|w| now + w);
+    match (by_deadline, by_wait) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Waits until the job is terminal or `until` passes, and returns it as it is then with
+/// whether it is terminal. When the server starts shutting down it answers at once, so a
+/// waiting call never holds up the drain.
+pub(super) async fn wait_for(
+    executor: &Executor,
+    stopping: &CancellationToken,
+    id: JobId,
+    until: Option<Instant>,
+) -> Result<(pb::Job, bool), Status> {
+    let wait = wait_terminal(executor.store(), executor.hub(), id, until);
+    let (job, done) = tokio::select! {
+        waited = wait => waited.map_err(watch_status)?,
+        _ = stopping.cancelled() => {
+            let job = executor.store().get(id).await?.ok_or_else(|| job_not_found(id))?;
+            let done = job.is_terminal();
+            (Arc::new(job), done)
+        }
+    };
+    Ok((convert::job(&job), done))
+}
+
+/// Parses the `grpc-timeout` header: digits followed by a unit (H, M, S, m, u, n).
+fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(timeout: &str) -> MetadataMap {
+        let mut map = MetadataMap::new();
+        map.insert("grpc-timeout", timeout.parse().unwrap());
+        map
+    }
+
+    #[test]
+    fn grpc_timeout_header_is_parsed() {
+        assert_eq!(
+            grpc_timeout(&metadata("250m")),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(grpc_timeout(&metadata("3S")), Some(Duration::from_secs(3)));
+        assert_eq!(
+            grpc_timeout(&metadata("2H")),
+            Some(Duration::from_secs(7200))
+        );
+        assert_eq!(grpc_timeout(&metadata("9x")), None);
+        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
+    }
+}

@@ -1,0 +1,150 @@
+//! Health over the server's life: NOT_SERVING while the previous run's jobs are recovered,
+//! SERVING once they are and the listener accepts, NOT_SERVING again while draining.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use async_trait::async_trait;
+use common::*;
+use longrun::{
+    api::pb::JobState,
+    job::{Job, JobId},
+    store::{Created, Deleted, EventPage, ListQuery, MemoryStore, Store, StoreError},
+};
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+
+/// A memory store whose `unfinished` (what recovery reads) waits until the test lets it.
+struct SlowRecovery {
+    inner: MemoryStore,
+    recover: Semaphore,
+}
+
+#[async_trait]
+impl Store for SlowRecovery {
+    async fn create(&self, job: &Job) -> Result<Created, StoreError> {
+        self.inner.create(job).await
+    }
+    async fn save(&self, job: &Job) -> Result<(), StoreError> {
+        self.inner.save(job).await
+    }
+    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn transitions(&self, id: JobId, after: i64) -> Result<Vec<Job>, StoreError> {
+        self.inner.transitions(id, after).await
+    }
+    async fn list(&self, query: &ListQuery) -> Result<Vec<Job>, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn delete(&self, id: JobId) -> Result<Deleted, StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn unfinished(&self) -> Result<Vec<Job>, StoreError> {
+        let _permit = self.recover.acquire().await.expect("open");
+        self.inner.unfinished().await
+    }
+    async fn events_after(
+        &self,
+        after_seq: i64,
+        labels: &BTreeMap<String, String>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        self.inner.events_after(after_seq, labels, limit).await
+    }
+    async fn unfinished_at(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(i64, Vec<Job>), StoreError> {
+        self.inner.unfinished_at(labels).await
+    }
+    async fn purge_finished(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
+        self.inner.purge_finished(before, limit).await
+    }
+}
+
+async fn check(health: &mut HealthClient<Channel>, service: &str) -> ServingStatus {
+    health
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("health of {service:?}: {status}"))
+        .into_inner()
+        .status()
+}
+
+const SERVICES: [&str; 3] = ["", "longrun.v1.Jobs", "google.longrunning.Operations"];
+
+#[tokio::test]
+async fn not_serving_while_recovering_then_serving_then_not_serving_while_draining() {
+    let store = Arc::new(SlowRecovery {
+        inner: MemoryStore::new(),
+        recover: Semaphore::new(0),
+    });
+    let gate = Gate::default();
+    let mut server = TestServer::start_unready(store.clone(), test_config(), gate.registry()).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the listener accepts while recovering");
+    let mut health = HealthClient::new(channel);
+    for service in SERVICES {
+        assert_eq!(
+            check(&mut health, service).await,
+            ServingStatus::NotServing,
+            "{service:?}"
+        );
+    }
+
+    // A Submit made meanwhile waits for recovery instead of racing it.
+    let mut client = server.client.clone();
+    let submitting = tokio::spawn(async move { submit(&mut client, request(vec![gated()])).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!submitting.is_finished(), "Submit waits for recovery");
+
+    store.recover.add_permits(1);
+    server.until_health(ServingStatus::Serving).await;
+    for service in SERVICES {
+        assert_eq!(
+            check(&mut health, service).await,
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    let job = tokio::time::timeout(PATIENCE, submitting)
+        .await
+        .expect("Submit answers after recovery")
+        .expect("submit task");
+    gate.next_started().await;
+
+    // The gated job holds the drain open: health reads NOT_SERVING meanwhile.
+    server.begin_stop();
+    tokio::time::timeout(PATIENCE, async {
+        while check(&mut health, "").await != ServingStatus::NotServing {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("NOT_SERVING once draining");
+    for service in SERVICES {
+        assert_eq!(
+            check(&mut health, service).await,
+            ServingStatus::NotServing,
+            "{service:?}"
+        );
+    }
+    assert_eq!(
+        get(&mut server.client.clone(), &job.id).await.state,
+        JobState::Running as i32,
+        "still draining"
+    );
+    gate.release(1);
+    server.stop().await;
+}
