@@ -1,0 +1,238 @@
+// longrun.v1.Jobs from Node.js: @grpc/grpc-js with @grpc/proto-loader reading proto/ at run time.
+// Starts the server binary itself (target/debug/longrun, or $LONGRUN_BIN) on a free loopback
+// port with the in-memory store. Every call has a deadline; every wait is bounded.
+'use strict';
+
+const { test, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const { spawn } = require('node:child_process');
+const fs = require('node:fs');
+const net = require('node:net');
+const path = require('node:path');
+
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const REPO = path.resolve(__dirname, '..', '..');
+const BINARY = process.env.LONGRUN_BIN || path.join(REPO, 'target', 'debug', 'longrun');
+const CALL_TIMEOUT_MS = 10_000;
+const STREAM_TIMEOUT_MS = 30_000;
+const START_TIMEOUT_MS = 30_000;
+
+// proto-loader (protobufjs) carries google/protobuf/{duration,struct,timestamp,...}.proto
+// itself, so proto/ is the only include dir needed.
+const packageDefinition = protoLoader.loadSync('longrun/v1/jobs.proto', {
+  includeDirs: [path.join(REPO, 'proto')],
+  keepCase: true, // field names as in the .proto: job_id, after_version
+  longs: Number, // int64 versions as numbers (they stay far below 2^53)
+  enums: String, // 'JOB_STATE_RUNNING'
+  defaults: true,
+  oneofs: true,
+});
+const { longrun } = grpc.loadPackageDefinition(packageDefinition);
+
+// google.protobuf.Struct from a plain object. The well-known types keep protobufjs's own
+// camelCase field names (numberValue, not number_value) even with keepCase.
+function toValue(v) {
+  if (v === null) return { nullValue: 'NULL_VALUE' };
+  if (typeof v === 'number') return { numberValue: v };
+  if (typeof v === 'string') return { stringValue: v };
+  if (typeof v === 'boolean') return { boolValue: v };
+  if (Array.isArray(v)) return { listValue: { values: v.map(toValue) } };
+  return { structValue: toStruct(v) };
+}
+function toStruct(obj) {
+  return { fields: Object.fromEntries(Object.entries(obj).map(([k, v]) => [k, toValue(v)])) };
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function canConnect(port) {
+  return new Promise((resolve) => {
+    const sock = net.connect({ host: '127.0.0.1', port });
+    sock.setTimeout(500);
+    sock.once('connect', () => { sock.destroy(); resolve(true); });
+    sock.once('error', () => resolve(false));
+    sock.once('timeout', () => { sock.destroy(); resolve(false); });
+  });
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const deadline = (ms) => new Date(Date.now() + ms);
+
+let server; // the child process
+let serverLog = '';
+let client;
+
+async function startServer() {
+  assert.ok(fs.existsSync(BINARY), `server binary ${BINARY} not found: run \`cargo build\` first`);
+  for (let tries = 0; tries < 3; tries++) {
+    const port = await freePort();
+    const addr = `127.0.0.1:${port}`;
+    const child = spawn(BINARY, ['serve', '--listen', addr, '--store', 'memory'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let exited = false;
+    child.once('exit', () => { exited = true; });
+    child.stdout.on('data', (d) => { serverLog += d; });
+    child.stderr.on('data', (d) => { serverLog += d; });
+    const until = Date.now() + START_TIMEOUT_MS;
+    while (!exited && Date.now() < until) {
+      if (await canConnect(port)) return { child, addr };
+      await sleep(50);
+    }
+    await stopServer(child);
+  }
+  throw new Error(`longrun server did not start; log:\n${serverLog}`);
+}
+
+async function stopServer(child) {
+  if (!child || child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((r) => child.once('exit', r));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+  await exited;
+  clearTimeout(timer);
+}
+
+function unary(method, request) {
+  return new Promise((resolve, reject) => {
+    client[method](request, { deadline: deadline(CALL_TIMEOUT_MS) }, (err, res) =>
+      err ? reject(err) : resolve(res));
+  });
+}
+
+async function submit(name, params) {
+  const res = await unary('Submit', { actions: [{ name, params: toStruct(params) }] });
+  return res.job;
+}
+
+// Reads a WatchJob stream; `onJob` may return true to stop reading (the call is cancelled).
+// Resolves with the snapshots seen, once the server closes the stream or onJob stops it.
+function watch(request, onJob = () => false) {
+  return new Promise((resolve, reject) => {
+    const seen = [];
+    let stopped = false;
+    const call = client.WatchJob(request, { deadline: deadline(STREAM_TIMEOUT_MS) });
+    call.on('data', (res) => {
+      if (stopped) return;
+      seen.push(res.job);
+      if (onJob(res.job)) {
+        stopped = true;
+        call.cancel();
+        resolve({ seen, call });
+      }
+    });
+    call.on('error', (err) => {
+      if (!stopped) reject(err);
+    });
+    call.on('end', () => {
+      if (!stopped) resolve({ seen, call });
+    });
+  });
+}
+
+function assertVersionsRise(jobs) {
+  const versions = jobs.map((j) => j.version);
+  for (let i = 1; i < versions.length; i++) {
+    assert.ok(versions[i] > versions[i - 1], `versions must strictly rise: ${versions}`);
+  }
+}
+
+before(async () => {
+  const started = await startServer();
+  server = started.child;
+  client = new longrun.v1.Jobs(started.addr, grpc.credentials.createInsecure());
+});
+
+after(async () => {
+  if (client) client.close();
+  await stopServer(server);
+});
+
+test('ListActions lists the built-in actions', async () => {
+  const res = await unary('ListActions', {});
+  const names = res.actions.map((a) => a.name);
+  for (const n of ['sleep', 'echo', 'fail', 'sha256']) assert.ok(names.includes(n), `${n} in ${names}`);
+});
+
+test('submit, then watch to the end: QUEUED, RUNNING, SUCCEEDED with rising versions', async () => {
+  const job = await submit('sleep', { duration_ms: 1200, steps: 4 });
+  assert.match(job.id, /^[0-9a-f-]{36}$/);
+  assert.equal(job.state, 'JOB_STATE_QUEUED');
+  assert.equal(job.version, 1);
+
+  const { seen: stream } = await watch({ job_id: job.id });
+  // The stream opens with the current snapshot: the Submit response again (version 1) if the
+  // job has not started yet, a later version otherwise.
+  assert.ok(stream.length > 0 && stream[0].version >= job.version);
+  const seen = stream[0].version > job.version ? [job, ...stream] : stream;
+  assertVersionsRise(seen);
+  const states = seen.map((j) => j.state);
+  assert.equal(states.at(-1), 'JOB_STATE_SUCCEEDED', `${states}`);
+  const firstRunning = states.indexOf('JOB_STATE_RUNNING');
+  assert.ok(firstRunning > 0, `RUNNING seen after QUEUED: ${states}`);
+  assert.deepEqual(new Set(states.slice(firstRunning, -1)), new Set(['JOB_STATE_RUNNING']));
+
+  const last = stream.at(-1);
+  assert.equal(last.progress.percent, 100);
+  assert.equal(last.actions[0].state, 'ACTION_STATE_SUCCEEDED');
+  assert.equal(last.actions[0].result.structValue.fields.steps.numberValue, 4);
+});
+
+test('cancel a running sleep job: the stream ends CANCELLED', async () => {
+  const job = await submit('sleep', { duration_ms: 60_000, steps: 600 });
+  const started = Date.now();
+  const seen = [];
+  let cancelSent = false;
+  const { seen: all } = await watch({ job_id: job.id }, (j) => {
+    seen.push(j);
+    if (j.state === 'JOB_STATE_RUNNING' && !cancelSent) {
+      cancelSent = true;
+      unary('Cancel', { job_id: job.id }).catch((err) => { seen.push(err); });
+    }
+    return false; // read on to the end of the stream
+  });
+  assert.ok(cancelSent, 'the job was seen RUNNING');
+  assert.ok(seen.every((j) => !(j instanceof Error)), `Cancel failed: ${seen.filter((j) => j instanceof Error)}`);
+  assertVersionsRise(all);
+  const last = all.at(-1);
+  assert.equal(last.state, 'JOB_STATE_CANCELLED', `${all.map((j) => j.state)}`);
+  assert.equal(last.actions[0].state, 'ACTION_STATE_CANCELLED');
+  assert.ok(Date.now() - started < 20_000, 'cancel reached the running handler');
+});
+
+test('resume a watch with after_version: nothing repeated, nothing missed', async () => {
+  const job = await submit('sleep', { duration_ms: 1500, steps: 5 });
+  const { seen: first } = await watch({ job_id: job.id }, () => true); // one message, then drop
+  const lastSeen = first.at(-1).version;
+
+  const { seen: resumed } = await watch({ job_id: job.id, after_version: lastSeen });
+  assert.ok(resumed.length > 0);
+  assert.ok(resumed[0].version > lastSeen, `${resumed[0].version} > ${lastSeen}`);
+  assertVersionsRise(resumed);
+  assert.equal(resumed.at(-1).state, 'JOB_STATE_SUCCEEDED');
+});
+
+test('a bad request is INVALID_ARGUMENT naming the field', async () => {
+  await assert.rejects(submit('sleep', { steps: 0 }), (err) => {
+    assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
+    assert.match(err.details, /actions\[0\]\.params\.steps/);
+    // The encoded google.rpc.Status, with its google.rpc.BadRequest detail, rides in this
+    // trailer (decode it with the googleapis protos if you need more than the field's name).
+    const details = err.metadata.get('grpc-status-details-bin');
+    assert.equal(details.length, 1);
+    assert.ok(details[0].includes('type.googleapis.com/google.rpc.BadRequest'));
+    assert.ok(details[0].includes('actions[0].params.steps'));
+    return true;
+  });
+});
