@@ -3,11 +3,13 @@
 
 use std::{env, fs, path::PathBuf};
 
-/// The served files: longrun's own contract, and the upstream `google.longrunning` API that
-/// the Operations facade implements (vendored unchanged under `proto/third_party`).
+/// The served files: longrun's own contract, the upstream `google.longrunning` API that the
+/// Operations facade implements, and the rich error details our errors carry, so reflection
+/// clients (grpcurl, buf curl) can decode them (vendored unchanged under `proto/third_party`).
 const PROTO_FILES: &[&str] = &[
     "longrun/v1/jobs.proto",
     "google/longrunning/operations.proto",
+    "google/rpc/error_details.proto",
 ];
 
 /// Where imports resolve: our files first, then the vendored upstream ones. The well-known

@@ -108,3 +108,6 @@ def test_a_bad_request_shows_the_field(grpcurl):
     assert status["code"] == 3
     assert "actions[0].params.steps" in status["message"]
     assert [d["@type"] for d in status["details"]] == ["type.googleapis.com/google.rpc.BadRequest"]
+    # Reflection serves google/rpc/error_details.proto, so grpcurl decodes the details.
+    violations = status["details"][0]["fieldViolations"]
+    assert [v["field"] for v in violations] == ["actions[0].params.steps"]
