@@ -1,0 +1,199 @@
+//! The durable-store scenarios: Submit throughput, and restart with many finished jobs.
+
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use longrun::{
+    api::pb::{self, jobs_client::JobsClient},
+    job::{Job, JobId, NewAction, NewJob},
+    store::{SqliteOptions, SqliteStore, Store},
+};
+
+use crate::harness::{Process, Rate, bare_echo, channel, line, measure, spawn_longrun};
+
+pub async fn submit(requests: usize, in_flight: usize) -> anyhow::Result<()> {
+    println!("== durable Submit, {requests} calls, {in_flight} in flight on one connection");
+    let baseline = bare_echo(requests, in_flight).await?;
+    println!("{:<44} {baseline}  ratio 1.00", "bare tonic echo");
+
+    let dir = tempfile::tempdir()?;
+    // Long sleeps keep the submitted jobs queued, so this measures Submit itself: validation,
+    // the durable insert (group commit), and queueing.
+    let (_server, addr) = spawn_longrun(dir.path(), &["--max-queue-length", "10000000"])?;
+    let client = JobsClient::new(channel(addr).await?);
+    let rate = measure(requests, in_flight, move |_| {
+        let mut client = client.clone();
+        async move {
+            client.submit(sleep_request(3_600_000)).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    line(
+        "longrun Submit (SQLite, synchronous=FULL) calls/s",
+        rate.per_second,
+        baseline.per_second,
+        "calls/s",
+        ">= 0.7",
+    );
+    println!("{:<46} {rate}", "  longrun Submit latency");
+    Ok(())
+}
+
+fn sleep_request(duration_ms: u64) -> pb::SubmitRequest {
+    let params = prost_types::Struct {
+        fields: [(
+            "duration_ms".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(duration_ms as f64)),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    pb::SubmitRequest {
+        actions: vec![pb::ActionSpec {
+            name: "sleep".to_owned(),
+            params: Some(params),
+            input: Default::default(),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Writes `count` finished jobs straight into a SQLite store, many at a time so group commit
+/// batches them.
+async fn seed_finished_jobs(dir: &Path, count: usize) -> anyhow::Result<Vec<JobId>> {
+    let store = Arc::new(SqliteStore::open(dir, SqliteOptions::default())?);
+    let writers = 256;
+    let mut tasks = Vec::new();
+    for worker in 0..writers {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mut n = worker;
+            while n < count {
+                let job = finished_job();
+                store.create(&job).await?;
+                ids.push(job.id);
+                n += writers;
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut ids = Vec::with_capacity(count);
+    for task in tasks {
+        ids.extend(task.await??);
+    }
+    store.close().await;
+    Ok(ids)
+}
+
+fn finished_job() -> Job {
+    let now = SystemTime::now();
+    let spec = NewJob {
+        actions: vec![NewAction {
+            name: "echo".to_owned(),
+            params: serde_json::Map::new(),
+            input: Default::default(),
+        }],
+        ..NewJob::default()
+    };
+    let mut job = Job::new(JobId::generate(), spec, 1, now);
+    let steps = [
+        job.start(now),
+        job.start_action(0, now),
+        job.succeed_action(0, serde_json::json!({"ok": true}), now),
+        job.succeed(now),
+    ];
+    for step in steps {
+        step.expect("a fresh job runs through its states");
+    }
+    job
+}
+
+/// Starts a server on `dir`, returns it, how long until it answered, and GetStatus latencies
+/// for `ids`.
+async fn start_and_probe(dir: &Path, ids: &[JobId]) -> anyhow::Result<(Process, Duration, Rate)> {
+    let started = Instant::now();
+    let (server, addr) = spawn_longrun(dir, &[])?;
+    let client = JobsClient::new(channel(addr).await?);
+    let probe = ids.first().map(ToString::to_string).unwrap_or_default();
+    loop {
+        let mut c = client.clone();
+        let answered = c
+            .get_status(pb::GetStatusRequest {
+                job_id: probe.clone(),
+            })
+            .await;
+        if answered.is_ok() || ids.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ready = started.elapsed();
+    let ids: Arc<Vec<String>> = Arc::new(ids.iter().map(ToString::to_string).collect());
+    let rate = measure(20_000, 64, move |n| {
+        let mut client = client.clone();
+        let id = ids
+            .get((n.wrapping_mul(7919)) % ids.len().max(1))
+            .cloned()
+            .unwrap_or_else(|| JobId::generate().to_string());
+        async move {
+            // Unknown ids (NOT_FOUND) still measure the lookup on the empty store.
+            let _ = client.get_status(pb::GetStatusRequest { job_id: id }).await;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok((server, ready, rate))
+}
+
+pub async fn restart(jobs: usize) -> anyhow::Result<()> {
+    println!("== restart with {jobs} finished jobs stored");
+    let seeded = Instant::now();
+    let full = tempfile::tempdir()?;
+    let ids = seed_finished_jobs(full.path(), jobs).await?;
+    let db_size = std::fs::metadata(full.path().join("longrun.db"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "seeded {jobs} jobs in {:.1} s ({:.0} jobs/s), database {} MiB",
+        seeded.elapsed().as_secs_f64(),
+        jobs as f64 / seeded.elapsed().as_secs_f64(),
+        db_size / (1024 * 1024)
+    );
+
+    let empty = tempfile::tempdir()?;
+    let (empty_server, empty_ready, empty_rate) = start_and_probe(empty.path(), &[]).await?;
+    let empty_rss = empty_server.rss_kib();
+    drop(empty_server);
+
+    let (full_server, full_ready, full_rate) = start_and_probe(full.path(), &ids).await?;
+    let full_rss = full_server.rss_kib();
+    drop(full_server);
+
+    println!(
+        "{:<44} ready in {:>7.1} ms  RSS {:>7} KiB  GetStatus {}",
+        "empty store",
+        empty_ready.as_secs_f64() * 1e3,
+        empty_rss,
+        empty_rate
+    );
+    println!(
+        "{:<44} ready in {:>7.1} ms  RSS {:>7} KiB  GetStatus {}",
+        format!("{jobs} finished jobs"),
+        full_ready.as_secs_f64() * 1e3,
+        full_rss,
+        full_rate
+    );
+    println!(
+        "memory ratio {:.2}, GetStatus p99 ratio {:.2}",
+        full_rss as f64 / empty_rss.max(1) as f64,
+        full_rate.latency.p99.as_secs_f64() / empty_rate.latency.p99.as_secs_f64()
+    );
+    Ok(())
+}

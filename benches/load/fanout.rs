@@ -1,0 +1,157 @@
+//! Fan-out: many open watches, then one job changes, or all of them at once; the bare
+//! baseline is the same number of Subscribe streams on the echo service and a Broadcast.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::{
+    client::{Watchers, job, submit_all},
+    harness::{
+        BENCH_STORE, Percentiles, broadcast, channel, channels, line, listening, ms,
+        spawn_bench_server, spawn_echo,
+    },
+};
+
+/// Progress steps a `signal` job of fanout-one can take: more than any run triggers.
+const ENDLESS: u64 = 1_000_000_000;
+/// Submits in flight while setting up the watched jobs.
+const SETUP_IN_FLIGHT: usize = 64;
+
+/// Latency from triggering one stream's topic to that stream receiving it, `repeats` times.
+async fn one_at_a_time(
+    watchers: &mut Watchers,
+    control: &tonic::transport::Channel,
+    topic: impl Fn(usize) -> String,
+    streams: usize,
+    repeats: usize,
+) -> anyhow::Result<Percentiles> {
+    let mut latencies = Vec::with_capacity(repeats);
+    for n in 0..repeats {
+        // Spread over the streams, deterministic, never the same one twice in a row.
+        let index = (n.wrapping_mul(7919) + 13) % streams;
+        let above = watchers.step_of(index).unwrap_or(0);
+        let started = Instant::now();
+        broadcast(control, &topic(index), above + 1).await?;
+        let at = watchers.next_step_of(index, above).await?;
+        latencies.push(at.saturating_duration_since(started));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(Percentiles::of(latencies))
+}
+
+pub async fn fanout_one(streams: usize, connections: usize, repeats: usize) -> anyhow::Result<()> {
+    println!(
+        "== fanout-one: {streams} open streams over {connections} connections; one changes, {repeats} times"
+    );
+    let bare = {
+        let (_echo, addr) = spawn_echo()?;
+        let conns = channels(addr, connections).await?;
+        let control = channel(addr).await?;
+        let mut watchers = Watchers::subscribe(&conns, (0..streams).map(topic).collect());
+        watchers.all_reach(0).await?;
+        one_at_a_time(&mut watchers, &control, topic, streams, repeats).await?
+    };
+
+    let server = spawn_bench_server()?;
+    let setup = Instant::now();
+    let ids = submit_all(
+        &channel(server.addr).await?,
+        streams,
+        SETUP_IN_FLIGHT,
+        |n| job("signal", json!({ "topic": topic(n), "count": ENDLESS })),
+    )
+    .await?;
+    let conns = channels(server.addr, connections).await?;
+    let mut watchers = Watchers::watch(&conns, ids);
+    watchers.all_reach(0).await?;
+    let control = channel(server.control).await?;
+    for n in 0..streams {
+        listening(&control, &topic(n), 1).await?;
+    }
+    println!(
+        "  set up {streams} running `signal` jobs and their watches in {:.1} s ({BENCH_STORE} store)",
+        setup.elapsed().as_secs_f64()
+    );
+    let longrun = one_at_a_time(&mut watchers, &control, topic, streams, repeats).await?;
+    let figures = [
+        ("p50", longrun.p50, bare.p50, "-"),
+        ("p99", longrun.p99, bare.p99, "<= 1 ms"),
+        ("max", longrun.max, bare.max, "-"),
+    ];
+    for (name, value, baseline, target) in figures {
+        line(
+            &format!("change → its watcher told, {name} (vs bare)"),
+            ms(value),
+            ms(baseline),
+            "ms",
+            target,
+        );
+    }
+    Ok(())
+}
+
+fn topic(n: usize) -> String {
+    format!("t{n}")
+}
+
+pub async fn fanout_all(streams: usize, connections: usize, rounds: u64) -> anyhow::Result<()> {
+    println!(
+        "== fanout-all: {streams} open streams over {connections} connections; all change at once, {rounds} rounds (median)"
+    );
+    let mut bare = Vec::new();
+    {
+        let (_echo, addr) = spawn_echo()?;
+        let conns = channels(addr, connections).await?;
+        let control = channel(addr).await?;
+        let mut watchers = Watchers::subscribe(&conns, vec![String::new(); streams]);
+        watchers.all_reach(0).await?;
+        for round in 1..=rounds {
+            let started = Instant::now();
+            broadcast(&control, "", round).await?;
+            bare.push(watchers.all_reach(round).await? - started);
+        }
+    }
+
+    let server = spawn_bench_server()?;
+    let ids = submit_all(
+        &channel(server.addr).await?,
+        streams,
+        SETUP_IN_FLIGHT,
+        move |_| job("signal", json!({ "topic": "", "count": rounds })),
+    )
+    .await?;
+    let conns = channels(server.addr, connections).await?;
+    let mut watchers = Watchers::watch(&conns, ids);
+    watchers.all_reach(0).await?;
+    let control = channel(server.control).await?;
+    listening(&control, "", streams as u64).await?;
+    let mut progress = Vec::new();
+    let mut terminal = Duration::ZERO;
+    for round in 1..=rounds {
+        let started = Instant::now();
+        broadcast(&control, "", round).await?;
+        progress.push(watchers.all_reach(round).await? - started);
+        if round == rounds {
+            // The last step's handler returns: every job is then durably SUCCEEDED.
+            terminal = watchers.all_terminal().await? - started;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bare = Percentiles::of(bare);
+    line(
+        "all watchers told of the change (progress)",
+        ms(Percentiles::of(progress).p50),
+        ms(bare.p50),
+        "ms",
+        "<= 2x",
+    );
+    line(
+        "all watchers told SUCCEEDED (last round)",
+        ms(terminal),
+        ms(bare.p50),
+        "ms",
+        "<= 2x",
+    );
+    Ok(())
+}
