@@ -72,8 +72,9 @@ impl Inner {
             // Cancelled (or deleted) while it waited in the queue.
             return Ok(None);
         }
+        // Committed together with the first action's start: one durable write, and nobody
+        // is told of a RUNNING job whose action has not started yet.
         job.start(SystemTime::now())?;
-        self.commit_state(&job).await?;
         tracing::info!(attempt = job.attempt, "job started");
 
         let outcome = self.run_attempt(&mut job, handle).await?;
@@ -127,12 +128,22 @@ impl Inner {
                 }
             });
         }
+        let mut first_action = true;
         while let Some(index) = job.next_action() {
             if handle.token().is_cancelled() && handle.reason() != StopReason::Timeout {
                 return Ok(Attempt::Stopped(handle.reason()));
             }
             job.start_action(index, SystemTime::now())?;
-            self.commit(job).await?;
+            // This write also carries what came just before and was not told to anyone yet:
+            // the job's start, or the previous action's success. Each change is in memory
+            // only until then, so fewer fsyncs, and watchers never see a state the store
+            // does not have.
+            if first_action {
+                self.commit_state(job).await?;
+                first_action = false;
+            } else {
+                self.commit(job).await?;
+            }
             let started = std::time::Instant::now();
             let result = self.run_action(job, index, handle, deadline).await?;
             let outcome = match &result {
@@ -144,10 +155,8 @@ impl Inner {
                 .action_ran(&job.actions[index].name, outcome, started);
             let now = SystemTime::now();
             match result {
-                Ok(value) => {
-                    job.succeed_action(index, value, now)?;
-                    self.commit(job).await?;
-                }
+                // Saved with the next action's start, or with the job's own end.
+                Ok(value) => job.succeed_action(index, value, now)?,
                 Err(_) if handle.reason() == StopReason::Timeout => {
                     let error = HandlerError::new(
                         "DEADLINE_EXCEEDED",
@@ -158,15 +167,14 @@ impl Inner {
                         ),
                     );
                     job.fail_action(index, error.error.clone(), now)?;
-                    self.commit(job).await?;
                     return Ok(Attempt::Failed(error));
                 }
                 Err(_) if handle.token().is_cancelled() => {
                     return Ok(Attempt::Stopped(handle.reason()));
                 }
+                // Saved with the retry or the job's failure.
                 Err(error) => {
                     job.fail_action(index, error.error.clone(), now)?;
-                    self.commit(job).await?;
                     return Ok(Attempt::Failed(error));
                 }
             }
@@ -243,8 +251,10 @@ impl Inner {
     }
 
     /// Applies the newest reported progress. Unless `last` (the handler has returned, and the
-    /// state change that follows saves and publishes a newer version anyway), publishes it, and
-    /// persists it when enough time or versions have gone by since the last write.
+    /// state change that follows saves and publishes a newer version anyway), publishes it at
+    /// once — progress is not a transition, so watchers need not wait for the disk — and writes
+    /// it when enough time has gone by (in the background) or enough versions (waiting, so the
+    /// store never falls more than [`MAX_UNPERSISTED_VERSIONS`] behind what was shown).
     async fn apply_progress(
         &self,
         job: &mut Job,
@@ -259,14 +269,24 @@ impl Inner {
         if !job.report_progress(index, progress, SystemTime::now()) || last {
             return Ok(());
         }
-        let due = tracker.last_persist.elapsed() >= self.config.progress_persist_interval
-            || job.version - tracker.persisted_version >= MAX_UNPERSISTED_VERSIONS - 1;
-        if due {
+        let snapshot = Arc::new(job.clone());
+        self.hub.publish(Arc::clone(&snapshot));
+        if job.version - tracker.persisted_version >= MAX_UNPERSISTED_VERSIONS - 1 {
             self.store.save(job).await?;
-            tracker.persisted_version = job.version;
-            tracker.last_persist = Instant::now();
+        } else if tracker.last_persist.elapsed() >= self.config.progress_persist_interval {
+            let store = Arc::clone(&self.store);
+            self.tracker.spawn(async move {
+                match store.save(&snapshot).await {
+                    // A state change saved a newer version first: nothing is lost.
+                    Ok(()) | Err(StoreError::StaleVersion { .. }) => {}
+                    Err(error) => tracing::warn!(%error, "saving progress failed"),
+                }
+            });
+        } else {
+            return Ok(());
         }
-        self.hub.publish(Arc::new(job.clone()));
+        tracker.persisted_version = job.version;
+        tracker.last_persist = Instant::now();
         Ok(())
     }
 
