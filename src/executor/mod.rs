@@ -396,7 +396,7 @@ impl Inner {
     fn sync_gauges(&self) {
         let (queued, active) = {
             let scheduler = self.scheduler();
-            (scheduler.queue_length(), scheduler.active_handles().len())
+            (scheduler.queue_length(), scheduler.active_count())
         };
         crate::metrics::set(&self.metrics.queue_depth, queued);
         crate::metrics::set(&self.metrics.running, active);

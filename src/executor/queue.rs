@@ -98,6 +98,11 @@ impl Scheduler {
         self.queued.len() + self.reserved
     }
 
+    /// Jobs owned by a task (running, or waiting out a retry backoff).
+    pub fn active_count(&self) -> usize {
+        self.active.len()
+    }
+
     /// Reserves a queue slot if fewer than `limit` are taken.
     pub fn reserve(&mut self, limit: usize) -> bool {
         if self.queue_length() >= limit {
