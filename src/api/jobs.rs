@@ -183,13 +183,7 @@ impl Jobs for JobsService {
         request: Request<pb::WaitJobRequest>,
     ) -> Result<Response<pb::WaitJobResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
-        let timeout = request
-            .get_ref()
-            .timeout
-            .map(|d| convert::duration("timeout", d))
-            .transpose()
-            .map_err(invalid_field)?;
-        let until = wait::wait_until(request.metadata(), timeout);
+        let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
         let (job, done) = self.wait_for(id, until).await?;
         Ok(Response::new(pb::WaitJobResponse {
             job: Some(job),

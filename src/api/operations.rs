@@ -146,13 +146,7 @@ impl Operations for OperationsService {
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let id = job_id(&request.get_ref().name)?;
-        let timeout = request
-            .get_ref()
-            .timeout
-            .map(|d| convert::duration("timeout", d))
-            .transpose()
-            .map_err(invalid_field)?;
-        let until = wait::wait_until(request.metadata(), timeout);
+        let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
         let (job, _) = wait::wait_for(&self.executor, &self.stopping, id, until).await?;
         Ok(Response::new(operation(job)))
     }

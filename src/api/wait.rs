@@ -10,7 +10,7 @@ use tonic::{Status, metadata::MetadataMap};
 
 use super::{
     convert, pb,
-    status::{job_not_found, watch_status},
+    status::{invalid_field, job_not_found, watch_status},
 };
 use crate::{events::wait_terminal, executor::Executor, job::JobId};
 
@@ -27,6 +27,18 @@ pub(super) fn wait_until(metadata: &MetadataMap, wait: Option<Duration>) -> Opti
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// [`wait_until`] for a request's `timeout` field, refusing a malformed one (naming `timeout`).
+pub(super) fn until_timeout(
+    metadata: &MetadataMap,
+    timeout: Option<prost_types::Duration>,
+) -> Result<Option<Instant>, Status> {
+    let timeout = timeout
+        .map(|d| convert::duration("timeout", d))
+        .transpose()
+        .map_err(invalid_field)?;
+    Ok(wait_until(metadata, timeout))
 }
 
 /// Waits until the job is terminal or `until` passes, and returns it as it is then with
