@@ -1,7 +1,7 @@
 //! The server's configuration: one struct, filled from defaults, then an optional TOML file,
 //! then command-line flags (each flag also reads a `LONGRUN_*` environment variable).
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use serde::Deserialize;
 
@@ -9,6 +9,7 @@ use crate::{
     actions::{Exec, ExecCommand, Registry},
     api::Limits,
     executor::{ExecutorConfig, InterruptedPolicy},
+    store::{MemoryStore, SqliteOptions, SqliteStore, Store, StoreError},
 };
 
 /// Which store keeps the jobs.
@@ -192,6 +193,23 @@ impl Config {
             );
         }
         registry
+    }
+
+    /// Opens the configured store: SQLite in the data directory (on a blocking thread: it
+    /// creates the directory, takes the lock and migrates), or memory.
+    pub async fn open_store(&self) -> Result<Arc<dyn Store>, StoreError> {
+        Ok(match self.store {
+            StoreKind::Memory => Arc::new(MemoryStore::new()),
+            StoreKind::Sqlite => {
+                let dir = self.data_dir.clone();
+                let store = tokio::task::spawn_blocking(move || {
+                    SqliteStore::open(&dir, SqliteOptions::default())
+                })
+                .await
+                .map_err(|e| StoreError::backend("opening the store", e))??;
+                Arc::new(store)
+            }
+        })
     }
 
     /// Flags over file over defaults.

@@ -3,14 +3,13 @@
 
 mod cli;
 
-use std::{path::PathBuf, sync::Arc};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use longrun::{
     config::{Config, FileConfig, Settings, StoreKind},
     server::Server,
-    store::{MemoryStore, SqliteOptions, SqliteStore, Store},
 };
 
 /// longrun: a gRPC service for long-running jobs, and its command-line client.
@@ -65,20 +64,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => FileConfig::default(),
     };
     let config = Config::resolve(args.settings, file);
-    let store: Arc<dyn Store> = match config.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Sqlite => {
-            let dir = config.data_dir.clone();
-            let store = tokio::task::spawn_blocking(move || {
-                SqliteStore::open(&dir, SqliteOptions::default())
-            })
-            .await
-            .context("opening the store")?
-            .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
-            tracing::info!(dir = %config.data_dir.display(), "using the SQLite store");
-            Arc::new(store)
-        }
-    };
+    let store = config
+        .open_store()
+        .await
+        .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
+    if config.store == StoreKind::Sqlite {
+        tracing::info!(dir = %config.data_dir.display(), "using the SQLite store");
+    }
     let registry = config.registry();
     let listen = config.listen;
     let server = Server::start(store, registry, config)

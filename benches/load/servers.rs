@@ -15,12 +15,13 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use futures::Stream;
 use longrun::{
-    actions::{ActionContext, ActionDescription, Handler, HandlerError, ParamInfo, ParamType},
+    actions::{
+        ActionContext, ActionDescription, Handler, HandlerError, ParamInfo, ParamType, u64_param,
+    },
     config::{Config, FileConfig, Settings, StoreKind},
     server::Server,
-    store::{MemoryStore, SqliteOptions, SqliteStore, Store},
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::{echo, harness::unix_nanos};
@@ -153,18 +154,7 @@ pub async fn serve_longrun(args: ServeLongrun) -> anyhow::Result<()> {
         ..Settings::default()
     };
     let config = Config::resolve(settings, FileConfig::default());
-    let store: Arc<dyn Store> = match config.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Sqlite => {
-            let dir = args.data_dir;
-            Arc::new(
-                tokio::task::spawn_blocking(move || {
-                    SqliteStore::open(&dir, SqliteOptions::default())
-                })
-                .await??,
-            )
-        }
-    };
+    let store = config.open_store().await?;
     let topics = Arc::new(Topics::default());
     let mut registry = config.registry();
     registry.register("signal", Signal(Arc::clone(&topics)));
@@ -177,13 +167,6 @@ pub async fn serve_longrun(args: ServeLongrun) -> anyhow::Result<()> {
         .context("starting")?;
     server.serve(listener, std::future::pending()).await?;
     Ok(())
-}
-
-fn u64_param(params: &Map<String, Value>, name: &str, default: u64) -> u64 {
-    params
-        .get(name)
-        .and_then(Value::as_f64)
-        .map_or(default, |n| n as u64)
 }
 
 /// Reports `current` of `total`, with the time of the report in the message, and lets the

@@ -7,7 +7,7 @@ mod params;
 
 pub use builtin::{Echo, Fail, Sha256, Sleep};
 pub use exec::{Exec, ExecCommand};
-pub use params::{ParamInfo, ParamType};
+pub use params::{ParamInfo, ParamType, str_param, u64_param};
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
