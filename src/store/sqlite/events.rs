@@ -1,4 +1,4 @@
-//! Reads of the global event log (migration 2). Each read runs in one read transaction, so the
+//! Reads of the global event log (the `log` table, numbered by `seq`). Each read runs in one read transaction, so the
 //! numbers it reports (the newest event, the removal mark) agree with the rows it returns.
 
 use std::collections::BTreeMap;
@@ -20,13 +20,10 @@ pub(super) fn events_after(
     let fail = |e| sql_error(context, e);
     let tx = conn.unchecked_transaction().map_err(fail)?;
     let (head, removed_through) = marks(&tx).map_err(fail)?;
-    let mut sql = "SELECT e.seq, t.snapshot FROM events e
-                   JOIN transitions t ON t.job_id = e.job_id AND t.version = e.version
-                   WHERE e.seq > ?"
-        .to_owned();
+    let mut sql = "SELECT seq, snapshot FROM log WHERE seq > ?".to_owned();
     let mut args = vec![Value::Integer(after_seq)];
-    label_filter("e.job_id", labels, &mut sql, &mut args);
-    sql.push_str(" ORDER BY e.seq LIMIT ?");
+    label_filter("log.job_id", labels, &mut sql, &mut args);
+    sql.push_str(" ORDER BY seq LIMIT ?");
     args.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
 
     let mut statement = tx.prepare_cached(&sql).map_err(fail)?;
@@ -76,12 +73,11 @@ pub(super) fn unfinished_at(
     Ok((head, jobs))
 }
 
-/// The last number handed out (kept by AUTOINCREMENT even when that event is gone) and the
+/// The last number handed out (the newest logged one, or a removed one above it) and the
 /// highest number removed.
 fn marks(tx: &Transaction<'_>) -> rusqlite::Result<(i64, i64)> {
     tx.prepare_cached(
-        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),
-                removed_through
+        "SELECT max(coalesce((SELECT max(seq) FROM log), 0), removed_through), removed_through
          FROM event_log WHERE id = 1",
     )?
     .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))

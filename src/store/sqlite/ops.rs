@@ -156,13 +156,16 @@ fn sync_labels(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
     insert_labels(conn, row)
 }
 
-/// Appends the snapshot to the job's log and numbers it in the global event log, in the same
-/// transaction, so an event is never visible without its snapshot.
+/// Appends the snapshot to the job's log under the next global sequence number: one above
+/// both the newest logged number and every removed one, so a number is never handed out
+/// twice, even after the newest rows were deleted. Both are index seeks, not scans.
 fn log_transition(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
-    conn.prepare_cached("INSERT INTO transitions (job_id, version, snapshot) VALUES (?1, ?2, ?3)")?
-        .execute(params![row.id_text, row.version, row.snapshot])?;
-    conn.prepare_cached("INSERT INTO events (job_id, version) VALUES (?1, ?2)")?
-        .execute(params![row.id_text, row.version])?;
+    conn.prepare_cached(
+        "INSERT INTO log (seq, job_id, version, snapshot)
+         SELECT max(coalesce((SELECT max(seq) FROM log), 0), removed_through) + 1, ?1, ?2, ?3
+         FROM event_log WHERE id = 1",
+    )?
+    .execute(params![row.id_text, row.version, row.snapshot])?;
     Ok(())
 }
 

@@ -136,7 +136,7 @@ pub(super) fn transitions(
     query_jobs(
         conn,
         "reading a job's transitions",
-        "SELECT snapshot FROM transitions WHERE job_id = ?1 AND version > ?2 ORDER BY version",
+        "SELECT snapshot FROM log WHERE job_id = ?1 AND version > ?2 ORDER BY version",
         &[Value::Text(id_text(id)), Value::Integer(after_version)],
     )
 }
