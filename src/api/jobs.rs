@@ -19,7 +19,8 @@ use super::{
 use crate::{
     events::{JobWatch, current},
     executor::Executor,
-    job::{FieldViolation, JobId},
+    job::{FieldViolation, JobId, WebhookEvents, WebhookSpec},
+    webhooks::WebhookPolicy,
     metrics::{Metrics, WatchGuard},
     store::{Deleted, ListQuery},
 };
@@ -30,6 +31,7 @@ pub struct JobsService {
     executor: Executor,
     limits: Arc<Limits>,
     stopping: CancellationToken,
+    webhooks: Arc<WebhookPolicy>,
 }
 
 impl JobsService {
@@ -40,7 +42,52 @@ impl JobsService {
             executor,
             limits: Arc::new(limits),
             stopping,
+            webhooks: Arc::default(),
         }
+    }
+
+    /// The same service, checking Submit's webhooks with `policy` (by default: no default
+    /// secret and no allow list, so every internal address is refused).
+    pub fn with_webhooks(self, policy: WebhookPolicy) -> Self {
+        Self {
+            webhooks: Arc::new(policy),
+            ..self
+        }
+    }
+
+    /// Checks a Submit's webhook: its events here, then the policy (secret, URL, SSRF guard).
+    async fn webhook(&self, webhook: pb::Webhook) -> Result<WebhookSpec, Status> {
+        let events = match pb::WebhookEvents::try_from(webhook.events) {
+            Ok(pb::WebhookEvents::Unspecified | pb::WebhookEvents::Terminal) => {
+                WebhookEvents::Terminal
+            }
+            Ok(pb::WebhookEvents::All) => WebhookEvents::All,
+            Err(_) => {
+                return Err(invalid_field(FieldViolation::new(
+                    "webhook.events",
+                    format!("{} is not a WebhookEvents value", webhook.events),
+                )));
+            }
+        };
+        self.webhooks
+            .check(&webhook.url, &webhook.secret, events)
+            .await
+            .map_err(invalid)
+    }
+
+    /// `job` with its webhook deliveries read from the outbox (none to read without a webhook).
+    async fn with_deliveries(&self, id: JobId, mut job: pb::Job) -> Result<pb::Job, Status> {
+        if job.webhook.is_some() {
+            job.webhook_deliveries = self
+                .executor
+                .store()
+                .deliveries(id)
+                .await?
+                .iter()
+                .map(convert::webhook_delivery)
+                .collect();
+        }
+        Ok(job)
     }
 
     async fn wait_for(&self, id: JobId, until: Option<Instant>) -> Result<(pb::Job, bool), Status> {
@@ -79,7 +126,12 @@ impl Jobs for JobsService {
             .and_then(|d| convert::duration("wait", d).ok())
             .filter(|d| !d.is_zero());
         let until = wait.and_then(|w| wait::wait_until(request.metadata(), Some(w)));
-        let spec = convert::new_job(request.into_inner(), &self.limits).map_err(invalid)?;
+        let mut request = request.into_inner();
+        let webhook = request.webhook.take();
+        let mut spec = convert::new_job(request, &self.limits).map_err(invalid)?;
+        if let Some(webhook) = webhook {
+            spec.webhook = Some(self.webhook(webhook).await?);
+        }
         let job = self.executor.submit(spec).await?;
         tracing::Span::current().record("job_id", tracing::field::display(job.id));
         let job = match until {
@@ -105,9 +157,8 @@ impl Jobs for JobsService {
         let job = current(self.executor.store(), self.executor.hub(), id)
             .await
             .map_err(watch_status)?;
-        Ok(Response::new(pb::GetStatusResponse {
-            job: Some(convert::job(&job)),
-        }))
+        let job = self.with_deliveries(id, convert::job(&job)).await?;
+        Ok(Response::new(pb::GetStatusResponse { job: Some(job) }))
     }
 
     type WatchJobStream = WatchStream;
@@ -185,6 +236,7 @@ impl Jobs for JobsService {
         let id = job_id("job_id", &request.get_ref().job_id)?;
         let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
         let (job, done) = self.wait_for(id, until).await?;
+        let job = self.with_deliveries(id, job).await?;
         Ok(Response::new(pb::WaitJobResponse {
             job: Some(job),
             done,
