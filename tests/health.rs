@@ -14,9 +14,7 @@ use common::*;
 use longrun::{
     api::pb::JobState,
     job::{AttemptOutcome, Delivery, Job, JobId},
-    store::{
-        Created, Deleted, DueDelivery, EventPage, ListQuery, MemoryStore, Store, StoreError,
-    },
+    store::{Created, Deleted, DueDelivery, EventPage, ListQuery, MemoryStore, Store, StoreError},
 };
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;

@@ -20,9 +20,9 @@ use crate::{
     events::{JobWatch, current},
     executor::Executor,
     job::{FieldViolation, JobId, WebhookEvents, WebhookSpec},
-    webhooks::WebhookPolicy,
     metrics::{Metrics, WatchGuard},
     store::{Deleted, ListQuery},
+    webhooks::WebhookPolicy,
 };
 
 /// Serves `longrun.v1.Jobs` over an [`Executor`].

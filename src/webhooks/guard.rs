@@ -256,10 +256,7 @@ impl GuardedResolver {
             return Ok(addrs);
         }
         let total = addrs.len();
-        let public: Vec<SocketAddr> = addrs
-            .into_iter()
-            .filter(|a| !is_internal(a.ip()))
-            .collect();
+        let public: Vec<SocketAddr> = addrs.into_iter().filter(|a| !is_internal(a.ip())).collect();
         if public.is_empty() {
             return Err(format!(
                 "{name} resolves only to internal addresses ({total} found); refused"

@@ -129,7 +129,9 @@ impl WebhookPolicy {
             Some(_) => {}
         }
         match guard::parse_url(url) {
-            Err(refused) => violations.push(FieldViolation::new("webhook.url", refused.to_string())),
+            Err(refused) => {
+                violations.push(FieldViolation::new("webhook.url", refused.to_string()))
+            }
             // Resolved only once the rest is known good: no DNS for a request refused anyway.
             Ok(parsed) if violations.is_empty() => {
                 if let Err(refused) = guard::check_url(&parsed, &self.allow, RESOLVE_TIMEOUT).await

@@ -265,7 +265,10 @@ impl WebhookWorker {
             .client
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("longrun-delivery-id", due.delivery.id.hyphenated().to_string())
+            .header(
+                "longrun-delivery-id",
+                due.delivery.id.hyphenated().to_string(),
+            )
             .header("longrun-event", event_type(&due.delivery))
             .header("longrun-timestamp", timestamp.to_string())
             .header("longrun-signature", signature)
