@@ -227,6 +227,13 @@ async fn a_receiver_failing_three_times_gets_exactly_four_attempts() {
     assert_eq!(delivery.delivery_id, ids[0]);
     assert_eq!(delivery.last_error, "HTTP 500 Internal Server Error");
     assert_eq!(receiver.count(), 4, "no attempt after the delivery");
+    let metrics = server.executor.metrics().render();
+    assert!(
+        metrics.contains("longrun_webhook_attempts_total{outcome=\"retry\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("longrun_webhook_attempts_total{outcome=\"delivered\"} 1"));
+    assert!(metrics.contains("longrun_webhook_deliveries_pending"));
 }
 
 #[tokio::test]

@@ -240,6 +240,19 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_round_trip_and_old_ones_without_a_webhook_still_decode() {
+        let with = job(Some(WebhookEvents::All));
+        let text = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), with);
+
+        let without = job(None);
+        let mut value = serde_json::to_value(&without).unwrap();
+        assert!(value.get("webhook").is_none(), "not written when absent");
+        value.as_object_mut().unwrap().remove("webhook");
+        assert_eq!(serde_json::from_value::<Job>(value).unwrap(), without);
+    }
+
+    #[test]
     fn jobs_without_a_webhook_get_no_delivery() {
         assert_eq!(delivery_for(None, &job(None)), None);
     }

@@ -213,8 +213,13 @@ impl WebhookWorker {
                     self.wake_at(retry_at);
                 }
             }
-            // The delivery stays pending and due: it is sent again (at least once holds).
-            Err(error) => tracing::warn!(%error, "recording a webhook attempt failed"),
+            // The delivery stays pending and due: it is sent again (at least once holds), but
+            // not before a pause, so a store that cannot write does not turn into a flood of
+            // requests at the receiver.
+            Err(error) => {
+                tracing::warn!(%error, "recording a webhook attempt failed; pausing this job's deliveries");
+                tokio::time::sleep(POLL_INTERVAL.max(self.backoff(attempt))).await;
+            }
         }
     }
 
