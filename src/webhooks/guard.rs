@@ -126,9 +126,9 @@ pub enum UrlRefused {
     Malformed(String),
     /// The host resolves to an internal address.
     #[error(
-        "{host} resolves to {ip}, an internal address (loopback, private, link-local or \
-         metadata); webhooks may not reach it unless the server's [webhooks] allow_hosts lists \
-         the host"
+        "{} an internal address (loopback, private, link-local or metadata); webhooks may not \
+         reach it unless the server's [webhooks] allow_hosts lists the host",
+        resolves_to(host, ip)
     )]
     Internal {
         /// The host as written.
@@ -144,6 +144,16 @@ pub enum UrlRefused {
         /// Why.
         reason: String,
     },
+}
+
+/// `10.0.0.1 is 10.0.0.1` reads badly: say "resolves to" only for names.
+fn resolves_to(host: &str, ip: &IpAddr) -> String {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<IpAddr>().is_ok() {
+        format!("{host} is")
+    } else {
+        format!("{host} resolves to {ip}, which is")
+    }
 }
 
 /// The longest webhook URL accepted, in bytes.
