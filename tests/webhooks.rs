@@ -420,3 +420,61 @@ async fn delivery_rechecks_the_guard_for_jobs_that_bypassed_submit() {
         "no request reached the internal address"
     );
 }
+
+#[tokio::test]
+async fn a_jobs_next_delivery_waits_for_the_one_before_it() {
+    // The QUEUED notification fails once: RUNNING and SUCCEEDED are held back until it is
+    // delivered, so the receiver still sees the job's states in order.
+    let receiver = Receiver::start(|n| Reply::Status(if n == 1 { 500 } else { 200 })).await;
+    let server = server(config()).await;
+    let mut client = server.client.clone();
+    let submitted = submit(
+        &mut client,
+        with_webhook(receiver.url("/ordered"), WebhookEvents::All),
+    )
+    .await;
+    let mut states = Vec::new();
+    for _ in 0..4 {
+        let hit = receiver.next().await;
+        states.push(hit.json()["event"]["state"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        states,
+        [
+            "JOB_STATE_QUEUED",
+            "JOB_STATE_QUEUED",
+            "JOB_STATE_RUNNING",
+            "JOB_STATE_SUCCEEDED"
+        ]
+    );
+    let job = until_deliveries(
+        &mut client,
+        &submitted.id,
+        settled(WebhookDeliveryState::Delivered),
+    )
+    .await;
+    let attempts: Vec<i32> = job.webhook_deliveries.iter().map(|d| d.attempts).collect();
+    assert_eq!(attempts, [2, 1, 1]);
+}
+
+#[tokio::test]
+async fn deliveries_in_flight_are_bounded_by_the_concurrency() {
+    let receiver = Receiver::start(|_| Reply::Hang).await;
+    let mut config = config();
+    config.webhooks.concurrency = 2;
+    config.webhooks.timeout = Duration::from_secs(60);
+    let server = server(config).await;
+    let mut client = server.client.clone();
+    for i in 0..4 {
+        submit(
+            &mut client,
+            with_webhook(receiver.url(&format!("/slow/{i}")), WebhookEvents::Terminal),
+        )
+        .await;
+    }
+    receiver.next().await;
+    receiver.next().await;
+    // Two hang; the other two wait for a free slot. A short look is enough to catch a third.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.count(), 2);
+}

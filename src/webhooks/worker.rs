@@ -236,17 +236,14 @@ impl WebhookWorker {
         });
     }
 
-    /// The wait after failed attempt number `attempt`: a random time below the exponential
-    /// backoff ("full jitter"), so receivers that failed together are not hit together again.
+    /// The wait after failed attempt number `attempt`: see [`backoff`].
     fn backoff(&self, attempt: u32) -> Duration {
-        let doublings = attempt.saturating_sub(1).min(31);
-        let ceiling = self
-            .config
-            .backoff
-            .saturating_mul(1 << doublings)
-            .min(self.config.backoff_max);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rand::rng().random_range(0..=nanos))
+        backoff(
+            self.config.backoff,
+            self.config.backoff_max,
+            attempt,
+            rand::rng().random(),
+        )
     }
 
     /// Sends one POST; `Err` says why it does not count as delivered.
@@ -312,6 +309,15 @@ impl WebhookWorker {
     }
 }
 
+/// The wait after failed attempt number `attempt` (from 1): `fraction` (drawn uniformly from
+/// [0, 1)) of the exponential ceiling `min(base × 2^(attempt-1), max)` — "full jitter", so
+/// receivers that failed together are not all hit again at the same moment.
+pub fn backoff(base: Duration, max: Duration, attempt: u32, fraction: f64) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(31);
+    let ceiling = base.saturating_mul(1 << doublings).min(max);
+    ceiling.mul_f64(fraction.clamp(0.0, 1.0))
+}
+
 /// `503 Service Unavailable`.
 fn status_text(status: StatusCode) -> String {
     match status.canonical_reason() {
@@ -333,4 +339,22 @@ fn describe(error: &reqwest::Error, timeout: Duration) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum_and_jitters_below_it() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(600);
+        let ceilings: Vec<u64> = (1..=12)
+            .map(|n| backoff(base, max, n, 1.0).as_secs())
+            .collect();
+        assert_eq!(ceilings, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 600, 600]);
+        assert_eq!(backoff(base, max, 3, 0.0), Duration::ZERO);
+        assert_eq!(backoff(base, max, 3, 0.5), Duration::from_secs(2));
+        assert_eq!(backoff(base, max, u32::MAX, 1.0), max, "no overflow");
+    }
 }
