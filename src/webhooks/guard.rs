@@ -7,14 +7,10 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
     time::Duration,
 };
 
-use reqwest::{
-    Url,
-    dns::{Addrs, Name, Resolve, Resolving},
-};
+use reqwest::Url;
 
 /// Whether `ip` is an address a webhook must never reach (without an allow-list entry):
 /// unspecified, loopback, private (RFC 1918), shared/CGNAT (100.64.0.0/10), link-local
@@ -227,7 +223,11 @@ fn host_and_port(url: &Url) -> Result<(String, u16), UrlRefused> {
     Ok((host.to_owned(), port))
 }
 
-async fn resolve(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
+pub(super) async fn resolve(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Vec<SocketAddr>, String> {
     // Brackets are URL syntax, not part of the name.
     let name = host.trim_start_matches('[').trim_end_matches(']');
     match tokio::time::timeout(timeout, tokio::net::lookup_host((name, port))).await {
@@ -241,49 +241,6 @@ async fn resolve(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketA
                 Ok(addrs)
             }
         }
-    }
-}
-
-/// The delivery client's DNS resolver: resolves with the system resolver, then drops every
-/// internal address unless the name is on the allow list, so a connection can only be made
-/// to an address that passed the guard at the moment of connecting.
-#[derive(Debug, Clone)]
-pub struct GuardedResolver {
-    allow: Arc<AllowList>,
-    timeout: Duration,
-}
-
-impl GuardedResolver {
-    /// A resolver that lets `allow`'s hosts reach any address, giving up after `timeout`.
-    pub fn new(allow: Arc<AllowList>, timeout: Duration) -> Self {
-        Self { allow, timeout }
-    }
-
-    /// The addresses of `name` a webhook may connect to; an error when none is left.
-    pub async fn lookup(&self, name: &str) -> Result<Vec<SocketAddr>, String> {
-        let addrs = resolve(name, 0, self.timeout).await?;
-        if self.allow.allows_name(name) {
-            return Ok(addrs);
-        }
-        let total = addrs.len();
-        let public: Vec<SocketAddr> = addrs.into_iter().filter(|a| !is_internal(a.ip())).collect();
-        if public.is_empty() {
-            return Err(format!(
-                "{name} resolves only to internal addresses ({total} found); refused"
-            ));
-        }
-        Ok(public)
-    }
-}
-
-impl Resolve for GuardedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let resolver = self.clone();
-        Box::pin(async move {
-            let addrs = resolver.lookup(name.as_str()).await?;
-            let addrs: Addrs = Box::new(addrs.into_iter());
-            Ok(addrs)
-        })
     }
 }
 
@@ -398,18 +355,5 @@ mod tests {
         }
         let other_port = parse_url("http://[::1]:8081/").unwrap();
         assert!(check_url(&other_port, &allow, timeout).await.is_err());
-    }
-
-    #[tokio::test]
-    async fn the_resolver_drops_internal_addresses_unless_allowed() {
-        let timeout = Duration::from_secs(5);
-        let strict = GuardedResolver::new(Arc::new(AllowList::default()), timeout);
-        let error = strict.lookup("localhost").await.unwrap_err();
-        assert!(error.contains("internal"), "{error}");
-        assert!(strict.lookup("127.0.0.1").await.is_err());
-
-        let open = GuardedResolver::new(Arc::new(AllowList::new(["localhost:8080"])), timeout);
-        let addrs = open.lookup("localhost").await.unwrap();
-        assert!(addrs.iter().all(|a| a.ip().is_loopback()));
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod body;
 pub mod guard;
+pub mod resolver;
 pub mod sign;
 pub mod worker;
 
@@ -16,7 +17,8 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use crate::job::{FieldViolation, WebhookEvents, WebhookSpec};
 
-pub use guard::{AllowList, GuardedResolver, UrlRefused, is_internal};
+pub use guard::{AllowList, UrlRefused, is_internal};
+pub use resolver::GuardedResolver;
 pub use worker::{WebhookWorker, WorkerError};
 
 /// How long Submit waits for a webhook host's DNS answer before refusing it.

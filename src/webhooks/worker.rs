@@ -21,7 +21,8 @@ use tracing::Instrument as _;
 use super::{
     WebhookConfig,
     body::{BodyWriter, event_type},
-    guard::{self, AllowList, GuardedResolver},
+    guard::{self, AllowList},
+    resolver::GuardedResolver,
     sign,
 };
 use crate::{
