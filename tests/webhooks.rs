@@ -365,6 +365,17 @@ async fn a_webhook_needs_a_secret_and_known_events() {
     let request = with_webhook(String::new(), WebhookEvents::All);
     let status = client.submit(request).await.unwrap_err();
     assert_eq!(bad_request_fields(&status), ["webhook.url"]);
+
+    // Every violation at once, the webhook's with the rest of the request's.
+    let mut request = with_webhook("gopher://x".to_owned(), WebhookEvents::All);
+    request.actions.clear();
+    request.webhook.as_mut().unwrap().events = 9;
+    request.webhook.as_mut().unwrap().secret.clear();
+    let status = client.submit(request).await.unwrap_err();
+    assert_eq!(
+        bad_request_fields(&status),
+        ["actions", "webhook.events", "webhook.secret", "webhook.url"]
+    );
     assert!(list_all(&mut client).await.is_empty(), "nothing stored");
 
     // The server's default secret signs when the job brings none.

@@ -19,10 +19,10 @@ use super::{
 use crate::{
     events::{JobWatch, current},
     executor::Executor,
-    job::{FieldViolation, JobId, WebhookEvents, WebhookSpec},
+    job::{FieldViolation, JobId, WebhookEvents},
     metrics::{Metrics, WatchGuard},
     store::{Deleted, ListQuery},
-    webhooks::WebhookPolicy,
+    webhooks::{CheckedWebhook, WebhookPolicy},
 };
 
 /// Serves `longrun.v1.Jobs` over an [`Executor`].
@@ -55,24 +55,32 @@ impl JobsService {
         }
     }
 
-    /// Checks a Submit's webhook: its events here, then the policy (secret, URL, SSRF guard).
-    async fn webhook(&self, webhook: pb::Webhook) -> Result<WebhookSpec, Status> {
+    /// The checks of a Submit's webhook that need no network: events, secret, URL form.
+    fn validate_webhook(
+        &self,
+        webhook: pb::Webhook,
+    ) -> Result<CheckedWebhook, Vec<FieldViolation>> {
         let events = match pb::WebhookEvents::try_from(webhook.events) {
             Ok(pb::WebhookEvents::Unspecified | pb::WebhookEvents::Terminal) => {
-                WebhookEvents::Terminal
+                Some(WebhookEvents::Terminal)
             }
-            Ok(pb::WebhookEvents::All) => WebhookEvents::All,
-            Err(_) => {
-                return Err(invalid_field(FieldViolation::new(
+            Ok(pb::WebhookEvents::All) => Some(WebhookEvents::All),
+            Err(_) => None,
+        };
+        let checked =
+            self.webhooks
+                .validate(&webhook.url, &webhook.secret, events.unwrap_or_default());
+        match (events, checked) {
+            (Some(_), checked) => checked,
+            (None, checked) => {
+                let mut violations = vec![FieldViolation::new(
                     "webhook.events",
                     format!("{} is not a WebhookEvents value", webhook.events),
-                )));
+                )];
+                violations.extend(checked.err().unwrap_or_default());
+                Err(violations)
             }
-        };
-        self.webhooks
-            .check(&webhook.url, &webhook.secret, events)
-            .await
-            .map_err(invalid)
+        }
     }
 
     /// `job` with its webhook deliveries read from the outbox (none to read without a webhook).
@@ -127,10 +135,20 @@ impl Jobs for JobsService {
             .filter(|d| !d.is_zero());
         let until = wait.and_then(|w| wait::wait_until(request.metadata(), Some(w)));
         let mut request = request.into_inner();
-        let webhook = request.webhook.take();
-        let mut spec = convert::new_job(request, &self.limits).map_err(invalid)?;
-        if let Some(webhook) = webhook {
-            spec.webhook = Some(self.webhook(webhook).await?);
+        let webhook = request.webhook.take().map(|w| self.validate_webhook(w));
+        // Every violation at once, the webhook's with the rest; the network (the webhook
+        // host's DNS) only for a request otherwise valid.
+        let (mut spec, webhook) = match (convert::new_job(request, &self.limits), webhook) {
+            (Ok(spec), None) => (spec, None),
+            (Ok(spec), Some(Ok(checked))) => (spec, Some(checked)),
+            (Ok(_), Some(Err(violations))) => return Err(invalid(violations)),
+            (Err(mut violations), webhook) => {
+                violations.extend(webhook.and_then(Result::err).unwrap_or_default());
+                return Err(invalid(violations));
+            }
+        };
+        if let Some(checked) = webhook {
+            spec.webhook = Some(self.webhooks.guard(checked).await.map_err(invalid_field)?);
         }
         let job = self.executor.submit(spec).await?;
         tracing::Span::current().record("job_id", tracing::field::display(job.id));

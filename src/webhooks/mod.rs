@@ -78,6 +78,13 @@ impl fmt::Debug for WebhookConfig {
     }
 }
 
+/// A webhook whose form and secret passed [`WebhookPolicy::validate`]; the guard is next.
+#[derive(Debug, Clone)]
+pub struct CheckedWebhook {
+    parsed: reqwest::Url,
+    spec: WebhookSpec,
+}
+
 /// What Submit checks of a webhook: the URL's form, that it does not reach an internal
 /// address (unless allowed), and that a signing secret is known.
 #[derive(Clone, Default)]
@@ -104,15 +111,26 @@ impl WebhookPolicy {
         }
     }
 
-    /// The webhook to store, or every violation, each naming its field under `webhook.`. The
-    /// host is resolved (within [`RESOLVE_TIMEOUT`]) and refused if any address it resolves
-    /// to is internal, unless the allow list names it.
+    /// The webhook to store, or every violation, each naming its field under `webhook.`:
+    /// [`WebhookPolicy::validate`], then, if that passed, [`WebhookPolicy::guard`].
     pub async fn check(
         &self,
         url: &str,
         secret: &str,
         events: WebhookEvents,
     ) -> Result<WebhookSpec, Vec<FieldViolation>> {
+        let checked = self.validate(url, secret, events)?;
+        self.guard(checked).await.map_err(|v| vec![v])
+    }
+
+    /// The checks that need no network: the URL's form, and that a secret is known (the
+    /// request's, else the server's default). Every violation names its field.
+    pub fn validate(
+        &self,
+        url: &str,
+        secret: &str,
+        events: WebhookEvents,
+    ) -> Result<CheckedWebhook, Vec<FieldViolation>> {
         let mut violations = Vec::new();
         let secret = if secret.is_empty() {
             self.default_secret.clone()
@@ -130,27 +148,32 @@ impl WebhookPolicy {
             )),
             Some(_) => {}
         }
-        match guard::parse_url(url) {
-            Err(refused) => {
+        let parsed = guard::parse_url(url)
+            .map_err(|refused| {
                 violations.push(FieldViolation::new("webhook.url", refused.to_string()))
-            }
-            // Resolved only once the rest is known good: no DNS for a request refused anyway.
-            Ok(parsed) if violations.is_empty() => {
-                if let Err(refused) = guard::check_url(&parsed, &self.allow, RESOLVE_TIMEOUT).await
-                {
-                    violations.push(FieldViolation::new("webhook.url", refused.to_string()));
-                }
-            }
-            Ok(_) => {}
-        }
-        match secret {
-            Some(secret) if violations.is_empty() => Ok(WebhookSpec {
-                url: url.to_owned(),
-                secret,
-                events,
+            })
+            .ok();
+        match (parsed, secret) {
+            (Some(parsed), Some(secret)) if violations.is_empty() => Ok(CheckedWebhook {
+                parsed,
+                spec: WebhookSpec {
+                    url: url.to_owned(),
+                    secret,
+                    events,
+                },
             }),
             _ => Err(violations),
         }
+    }
+
+    /// The SSRF guard: resolves the host (within [`RESOLVE_TIMEOUT`]) and refuses it, naming
+    /// `webhook.url`, if any address it resolves to is internal and the allow list does not
+    /// name it.
+    pub async fn guard(&self, checked: CheckedWebhook) -> Result<WebhookSpec, FieldViolation> {
+        guard::check_url(&checked.parsed, &self.allow, RESOLVE_TIMEOUT)
+            .await
+            .map_err(|refused| FieldViolation::new("webhook.url", refused.to_string()))?;
+        Ok(checked.spec)
     }
 
     /// The allow list.
