@@ -175,11 +175,6 @@ impl WebhookPolicy {
             .map_err(|refused| FieldViolation::new("webhook.url", refused.to_string()))?;
         Ok(checked.spec)
     }
-
-    /// The allow list.
-    pub fn allow_list(&self) -> &Arc<AllowList> {
-        &self.allow
-    }
 }
 
 #[cfg(test)]
