@@ -142,6 +142,12 @@ async fn terminal_delivery_is_signed_and_carries_the_final_snapshot() {
     assert!(delivery.delivered_time.is_some());
     assert!(delivery.next_attempt_time.is_none());
     assert_eq!(receiver.count(), 1);
+    let listed = list_all(&mut client).await;
+    assert_eq!(listed[0].webhook.as_ref().unwrap().secret, "");
+    assert!(
+        listed[0].webhook_deliveries.is_empty(),
+        "only GetStatus and WaitJob read them"
+    );
 }
 
 #[tokio::test]
