@@ -325,6 +325,20 @@ async fn redirects_and_timeouts_are_failed_attempts() {
         "{}",
         job.webhook_deliveries[0].last_error
     );
+
+    // https to a plaintext receiver: the TLS handshake fails, and the attempt with it.
+    let plain = Receiver::ok().await;
+    let tls = submit(
+        &mut client,
+        with_webhook(
+            format!("https://{}/tls", plain.addr),
+            WebhookEvents::Terminal,
+        ),
+    )
+    .await;
+    let job = until_deliveries(&mut client, &tls.id, settled(WebhookDeliveryState::Dead)).await;
+    assert!(!job.webhook_deliveries[0].last_error.is_empty());
+    assert_eq!(plain.count(), 0, "no request over a failed handshake");
 }
 
 #[tokio::test]
