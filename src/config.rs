@@ -10,6 +10,7 @@ use crate::{
     api::Limits,
     executor::{ExecutorConfig, InterruptedPolicy},
     store::{MemoryStore, SqliteOptions, SqliteStore, Store, StoreError},
+    webhooks::WebhookConfig,
 };
 
 /// Which store keeps the jobs.
@@ -132,8 +133,62 @@ pub struct ExecSettings {
     pub commands: BTreeMap<String, ExecCommand>,
 }
 
-/// The config file: a `[server]` table with the same settings as the flags, and an `[exec]`
-/// table.
+/// The `[webhooks]` table of the config file; see [`WebhookConfig`] for each default.
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// The signing secret of webhooks whose Submit gives none.
+    pub secret: Option<String>,
+    /// Hosts (or `host:port`) webhooks may reach although they resolve to internal addresses.
+    pub allow_hosts: Vec<String>,
+    /// Attempts per delivery before it is marked DEAD.
+    pub max_attempts: Option<u32>,
+    /// The wait before the second attempt, doubled for each later one (full jitter).
+    #[serde(with = "humantime_serde")]
+    pub backoff: Option<Duration>,
+    /// The longest wait between attempts.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Option<Duration>,
+    /// How long one attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Deliveries attempted at once.
+    pub concurrency: Option<usize>,
+}
+
+impl std::fmt::Debug for WebhookSettings {
+    // By hand, so that the secret never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("allow_hosts", &self.allow_hosts)
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .field("backoff_max", &self.backoff_max)
+            .field("timeout", &self.timeout)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+impl WebhookSettings {
+    /// These settings over the defaults.
+    fn resolve(self) -> WebhookConfig {
+        let defaults = WebhookConfig::default();
+        WebhookConfig {
+            secret: self.secret.filter(|s| !s.is_empty()),
+            allow_hosts: self.allow_hosts,
+            max_attempts: self.max_attempts.unwrap_or(defaults.max_attempts).max(1),
+            backoff: self.backoff.unwrap_or(defaults.backoff),
+            backoff_max: self.backoff_max.unwrap_or(defaults.backoff_max),
+            timeout: self.timeout.unwrap_or(defaults.timeout),
+            concurrency: self.concurrency.unwrap_or(defaults.concurrency).max(1),
+        }
+    }
+}
+
+/// The config file: a `[server]` table with the same settings as the flags, an `[exec]`
+/// table, and a `[webhooks]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
@@ -142,6 +197,8 @@ pub struct FileConfig {
     pub settings: Settings,
     /// Commands for the `exec` action.
     pub exec: ExecSettings,
+    /// Webhook delivery settings.
+    pub webhooks: WebhookSettings,
 }
 
 impl FileConfig {
@@ -174,6 +231,8 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// Commands for the `exec` action.
     pub exec_commands: BTreeMap<String, ExecCommand>,
+    /// Webhook checks and delivery.
+    pub webhooks: WebhookConfig,
 }
 
 impl Default for Config {
@@ -260,6 +319,7 @@ impl Config {
                 .unwrap_or(Duration::from_secs(14 * 24 * 60 * 60)),
             keepalive_interval: s.keepalive_interval.unwrap_or(Duration::from_secs(30)),
             exec_commands: file.exec.commands,
+            webhooks: file.webhooks.resolve(),
         }
     }
 }
@@ -305,6 +365,31 @@ mod tests {
         .unwrap();
         let config = Config::resolve(Settings::default(), file);
         assert!(config.registry().get("exec").is_some());
+    }
+
+    #[test]
+    fn webhooks_table_sets_delivery_and_guard() {
+        let file = FileConfig::parse(
+            r#"
+            [webhooks]
+            secret = "whsec_x"
+            allow_hosts = ["127.0.0.1", "hooks.internal:8443"]
+            max_attempts = 3
+            backoff = "50ms"
+            timeout = "2s"
+            "#,
+        )
+        .unwrap();
+        assert!(!format!("{file:?}").contains("whsec_x"));
+        let config = Config::resolve(Settings::default(), file);
+        assert_eq!(config.webhooks.secret.as_deref(), Some("whsec_x"));
+        assert_eq!(config.webhooks.allow_hosts.len(), 2);
+        assert_eq!(config.webhooks.max_attempts, 3);
+        assert_eq!(config.webhooks.backoff, Duration::from_millis(50));
+        assert_eq!(config.webhooks.backoff_max, Duration::from_secs(600));
+        assert_eq!(config.webhooks.timeout, Duration::from_secs(2));
+        assert_eq!(Config::default().webhooks, WebhookConfig::default());
+        assert!(FileConfig::parse("[webhooks]\nsecrets = \"x\"").is_err());
     }
 
     #[test]

@@ -27,3 +27,4 @@ pub mod job;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod webhooks;

@@ -36,6 +36,14 @@ pub struct ActionLabels {
     pub outcome: String,
 }
 
+/// Labels of a webhook delivery attempt.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// `delivered`, `retry` (failed, another attempt is due) or `dead` (failed, no attempts
+    /// left).
+    pub outcome: String,
+}
+
 /// Labels of an RPC.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
@@ -63,6 +71,10 @@ pub struct Metrics {
     pub open_watches: Gauge,
     /// Time to answer each RPC (to the response headers, for streams), by method.
     pub rpc_seconds: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    /// Webhook delivery attempts, by outcome.
+    pub webhook_attempts: Family<WebhookLabels, Counter>,
+    /// Webhook deliveries not yet delivered nor dead, as of the worker's last scan.
+    pub webhook_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -106,9 +118,23 @@ impl Default for Metrics {
             "Time to answer each RPC (to the response headers for streams), by method",
             rpc_seconds.clone(),
         );
+        let webhook_attempts = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts, by outcome (delivered, retry, dead)",
+            webhook_attempts.clone(),
+        );
+        let webhook_pending = Gauge::default();
+        registry.register(
+            "webhook_deliveries_pending",
+            "Webhook deliveries not yet delivered nor dead",
+            webhook_pending.clone(),
+        );
         Self {
             registry,
             transitions,
+            webhook_attempts,
+            webhook_pending,
             queue_depth,
             running,
             action_seconds,
@@ -124,6 +150,15 @@ impl Metrics {
         self.transitions
             .get_or_create(&StateLabels {
                 state: state.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one webhook delivery attempt ending with `outcome`.
+    pub fn webhook_attempt(&self, outcome: &str) {
+        self.webhook_attempts
+            .get_or_create(&WebhookLabels {
+                outcome: outcome.to_owned(),
             })
             .inc();
     }

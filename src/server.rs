@@ -26,6 +26,7 @@ use crate::{
     executor::{Executor, ExecutorError},
     metrics::RpcTimingLayer,
     store::Store,
+    webhooks::{WebhookPolicy, WebhookWorker, WorkerError},
 };
 
 /// Finished jobs removed per retention batch: small, so the sweep never stalls writers.
@@ -46,6 +47,9 @@ pub enum ServeError {
     /// Recovering unfinished jobs at start failed.
     #[error("recovering unfinished jobs: {0}")]
     Recovery(#[from] ExecutorError),
+    /// The webhook delivery worker could not start.
+    #[error("webhook worker: {0}")]
+    Webhooks(#[from] WorkerError),
 }
 
 /// A longrun server: its executor runs from [`Server::start`] on; [`Server::serve`] picks up
@@ -68,6 +72,16 @@ impl Server {
     ) -> Result<Self, ServeError> {
         let executor = Executor::start(store, Hub::new(), registry, config.executor.clone());
         let stopping = CancellationToken::new();
+        // Started before serving, so that what a previous run left in the outbox goes out at
+        // once; it stops with the rest once the server has drained.
+        WebhookWorker::new(
+            Arc::clone(executor.store()),
+            Arc::clone(executor.hub()),
+            Arc::clone(executor.metrics()),
+            config.webhooks.clone(),
+            stopping.clone(),
+        )?
+        .spawn();
         tokio::spawn(sweep_retention(
             Arc::clone(executor.store()),
             config.retention,
@@ -111,7 +125,8 @@ impl Server {
         let limits = self.config.limits.clone();
         let max_message = limits.max_message_bytes;
         let service =
-            JobsService::new(self.executor.clone(), limits.clone(), self.stopping.clone());
+            JobsService::new(self.executor.clone(), limits.clone(), self.stopping.clone())
+                .with_webhooks(WebhookPolicy::new(&self.config.webhooks));
         let jobs = JobsServer::new(service)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);

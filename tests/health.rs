@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use common::*;
 use longrun::{
     api::pb::JobState,
-    job::{Job, JobId},
-    store::{Created, Deleted, EventPage, ListQuery, MemoryStore, Store, StoreError},
+    job::{AttemptOutcome, Delivery, Job, JobId},
+    store::{Created, Deleted, DueDelivery, EventPage, ListQuery, MemoryStore, Store, StoreError},
 };
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
@@ -65,6 +65,26 @@ impl Store for SlowRecovery {
     }
     async fn purge_finished(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
         self.inner.purge_finished(before, limit).await
+    }
+    async fn deliveries(&self, id: JobId) -> Result<Vec<Delivery>, StoreError> {
+        self.inner.deliveries(id).await
+    }
+    async fn due_deliveries(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        self.inner.due_deliveries(now, limit).await
+    }
+    async fn record_delivery_attempt(
+        &self,
+        id: uuid::Uuid,
+        outcome: &AttemptOutcome,
+    ) -> Result<Option<Delivery>, StoreError> {
+        self.inner.record_delivery_attempt(id, outcome).await
+    }
+    async fn pending_deliveries(&self) -> Result<usize, StoreError> {
+        self.inner.pending_deliveries().await
     }
 }
 

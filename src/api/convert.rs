@@ -11,7 +11,8 @@ use serde_json::{Map, Number, Value};
 
 use super::{Limits, pb};
 use crate::job::{
-    self, ActionState, FieldViolation, Job, JobError, JobId, JobState, NewAction, NewJob,
+    self, ActionState, Delivery, DeliveryState, FieldViolation, Job, JobError, JobId, JobState,
+    NewAction, NewJob, WebhookEvents,
 };
 
 /// How deep params may nest; deeper input is refused before it can cost stack or time.
@@ -119,6 +120,8 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
             max_attempts: u32::try_from(request.max_attempts).ok().filter(|n| *n > 0),
             priority: request.priority,
             labels: request.labels.into_iter().collect(),
+            // Checked apart, by the webhook policy (it resolves the host: async).
+            webhook: None,
         })
     } else {
         Err(violations)
@@ -336,6 +339,41 @@ pub fn job(job: &Job) -> pb::Job {
         priority: job.priority,
         timeout: job.timeout.map(wire_duration),
         idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
+        // Never the secret: it is write-only.
+        webhook: job.webhook.as_ref().map(|w| pb::Webhook {
+            url: w.url.clone(),
+            secret: String::new(),
+            events: webhook_events(w.events) as i32,
+        }),
+        // Filled by the RPCs that read the outbox (GetStatus, WaitJob).
+        webhook_deliveries: Vec::new(),
+    }
+}
+
+/// The wire enum for which events a webhook reports.
+pub fn webhook_events(events: WebhookEvents) -> pb::WebhookEvents {
+    match events {
+        WebhookEvents::Terminal => pb::WebhookEvents::Terminal,
+        WebhookEvents::All => pb::WebhookEvents::All,
+    }
+}
+
+/// A webhook delivery on the wire.
+pub fn webhook_delivery(delivery: &Delivery) -> pb::WebhookDelivery {
+    pb::WebhookDelivery {
+        delivery_id: delivery.id.hyphenated().to_string(),
+        job_state: job_state(delivery.job_state) as i32,
+        job_version: delivery.job_version,
+        state: match delivery.state {
+            DeliveryState::Pending => pb::WebhookDeliveryState::Pending,
+            DeliveryState::Delivered => pb::WebhookDeliveryState::Delivered,
+            DeliveryState::Dead => pb::WebhookDeliveryState::Dead,
+        } as i32,
+        attempts: i32::try_from(delivery.attempts).unwrap_or(i32::MAX),
+        last_error: delivery.last_error.clone().unwrap_or_default(),
+        next_attempt_time: delivery.next_attempt_at.map(timestamp),
+        delivered_time: delivery.delivered_at.map(timestamp),
+        create_time: Some(timestamp(delivery.created_at)),
     }
 }
 

@@ -19,9 +19,10 @@ use super::{
 use crate::{
     events::{JobWatch, current},
     executor::Executor,
-    job::{FieldViolation, JobId},
+    job::{FieldViolation, JobId, WebhookEvents},
     metrics::{Metrics, WatchGuard},
     store::{Deleted, ListQuery},
+    webhooks::{CheckedWebhook, WebhookPolicy},
 };
 
 /// Serves `longrun.v1.Jobs` over an [`Executor`].
@@ -30,6 +31,7 @@ pub struct JobsService {
     executor: Executor,
     limits: Arc<Limits>,
     stopping: CancellationToken,
+    webhooks: Arc<WebhookPolicy>,
 }
 
 impl JobsService {
@@ -40,7 +42,60 @@ impl JobsService {
             executor,
             limits: Arc::new(limits),
             stopping,
+            webhooks: Arc::default(),
         }
+    }
+
+    /// The same service, checking Submit's webhooks with `policy` (by default: no default
+    /// secret and no allow list, so every internal address is refused).
+    pub fn with_webhooks(self, policy: WebhookPolicy) -> Self {
+        Self {
+            webhooks: Arc::new(policy),
+            ..self
+        }
+    }
+
+    /// The checks of a Submit's webhook that need no network: events, secret, URL form.
+    fn validate_webhook(
+        &self,
+        webhook: pb::Webhook,
+    ) -> Result<CheckedWebhook, Vec<FieldViolation>> {
+        let events = match pb::WebhookEvents::try_from(webhook.events) {
+            Ok(pb::WebhookEvents::Unspecified | pb::WebhookEvents::Terminal) => {
+                Some(WebhookEvents::Terminal)
+            }
+            Ok(pb::WebhookEvents::All) => Some(WebhookEvents::All),
+            Err(_) => None,
+        };
+        let checked =
+            self.webhooks
+                .validate(&webhook.url, &webhook.secret, events.unwrap_or_default());
+        match (events, checked) {
+            (Some(_), checked) => checked,
+            (None, checked) => {
+                let mut violations = vec![FieldViolation::new(
+                    "webhook.events",
+                    format!("{} is not a WebhookEvents value", webhook.events),
+                )];
+                violations.extend(checked.err().unwrap_or_default());
+                Err(violations)
+            }
+        }
+    }
+
+    /// `job` with its webhook deliveries read from the outbox (none to read without a webhook).
+    async fn with_deliveries(&self, id: JobId, mut job: pb::Job) -> Result<pb::Job, Status> {
+        if job.webhook.is_some() {
+            job.webhook_deliveries = self
+                .executor
+                .store()
+                .deliveries(id)
+                .await?
+                .iter()
+                .map(convert::webhook_delivery)
+                .collect();
+        }
+        Ok(job)
     }
 
     async fn wait_for(&self, id: JobId, until: Option<Instant>) -> Result<(pb::Job, bool), Status> {
@@ -79,7 +134,22 @@ impl Jobs for JobsService {
             .and_then(|d| convert::duration("wait", d).ok())
             .filter(|d| !d.is_zero());
         let until = wait.and_then(|w| wait::wait_until(request.metadata(), Some(w)));
-        let spec = convert::new_job(request.into_inner(), &self.limits).map_err(invalid)?;
+        let mut request = request.into_inner();
+        let webhook = request.webhook.take().map(|w| self.validate_webhook(w));
+        // Every violation at once, the webhook's with the rest; the network (the webhook
+        // host's DNS) only for a request otherwise valid.
+        let (mut spec, webhook) = match (convert::new_job(request, &self.limits), webhook) {
+            (Ok(spec), None) => (spec, None),
+            (Ok(spec), Some(Ok(checked))) => (spec, Some(checked)),
+            (Ok(_), Some(Err(violations))) => return Err(invalid(violations)),
+            (Err(mut violations), webhook) => {
+                violations.extend(webhook.and_then(Result::err).unwrap_or_default());
+                return Err(invalid(violations));
+            }
+        };
+        if let Some(checked) = webhook {
+            spec.webhook = Some(self.webhooks.guard(checked).await.map_err(invalid_field)?);
+        }
         let job = self.executor.submit(spec).await?;
         tracing::Span::current().record("job_id", tracing::field::display(job.id));
         let job = match until {
@@ -105,9 +175,8 @@ impl Jobs for JobsService {
         let job = current(self.executor.store(), self.executor.hub(), id)
             .await
             .map_err(watch_status)?;
-        Ok(Response::new(pb::GetStatusResponse {
-            job: Some(convert::job(&job)),
-        }))
+        let job = self.with_deliveries(id, convert::job(&job)).await?;
+        Ok(Response::new(pb::GetStatusResponse { job: Some(job) }))
     }
 
     type WatchJobStream = WatchStream;
@@ -185,6 +254,7 @@ impl Jobs for JobsService {
         let id = job_id("job_id", &request.get_ref().job_id)?;
         let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
         let (job, done) = self.wait_for(id, until).await?;
+        let job = self.with_deliveries(id, job).await?;
         Ok(Response::new(pb::WaitJobResponse {
             job: Some(job),
             done,

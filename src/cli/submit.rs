@@ -51,6 +51,20 @@ pub struct SubmitArgs {
     /// code then tells how the job ended.
     #[arg(long, value_parser = parse_duration, conflicts_with = "watch", value_name = "DURATION")]
     pub wait: Option<Duration>,
+    /// POST the job's state changes to this http(s) URL, signed (see docs/webhooks.md).
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// The key that signs the webhook's deliveries; the server's default if unset.
+    #[arg(
+        long,
+        env = "LONGRUN_WEBHOOK_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub webhook_secret: Option<String>,
+    /// Which state changes the webhook reports [default: terminal].
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub webhook_events: Option<WebhookEventsArg>,
     /// Follow the job after submitting it, with a progress bar per action on a terminal; the
     /// exit code tells how the job ended.
     #[arg(long)]
@@ -59,6 +73,15 @@ pub struct SubmitArgs {
     pub reconnect: watch::ReconnectArgs,
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+/// Which state changes a webhook reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WebhookEventsArg {
+    /// The terminal state only.
+    Terminal,
+    /// Every change of the job's state.
+    All,
 }
 
 /// Submits the job and prints it, or follows it with `--watch`.
@@ -118,6 +141,24 @@ fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::Sub
         request.priority = priority;
     }
     request.labels.extend(args.labels.iter().cloned());
+    // The secret may come from the environment: it only applies to a webhook given somewhere.
+    if args.webhook_url.is_some() || request.webhook.is_some() {
+        let webhook = request.webhook.get_or_insert_default();
+        if let Some(url) = &args.webhook_url {
+            webhook.url.clone_from(url);
+        }
+        if let Some(secret) = &args.webhook_secret {
+            webhook.secret.clone_from(secret);
+        }
+        if let Some(events) = args.webhook_events {
+            webhook.events = match events {
+                WebhookEventsArg::Terminal => pb::WebhookEvents::Terminal,
+                WebhookEventsArg::All => pb::WebhookEvents::All,
+            } as i32;
+        }
+    } else if args.webhook_events.is_some() {
+        return Err(Usage("--webhook-events needs --webhook-url".to_owned()).into());
+    }
     Ok(request)
 }
 
@@ -184,6 +225,36 @@ mod tests {
         let params = action.params.unwrap();
         assert!(params.fields.contains_key("message"));
         assert!(parse_action("sleep").unwrap().params.is_none());
+    }
+
+    #[test]
+    fn webhook_flags_build_the_request_webhook() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SubmitArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["longrun", "--action", "echo"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).unwrap().args
+        };
+        let json = json::Json::new().unwrap();
+        let args = parse(&[
+            "--webhook-url",
+            "https://hooks.example.com/x",
+            "--webhook-secret",
+            "s",
+            "--webhook-events",
+            "all",
+        ]);
+        let webhook = build_request(&args, &json).unwrap().webhook.unwrap();
+        assert_eq!(webhook.url, "https://hooks.example.com/x");
+        assert_eq!(webhook.secret, "s");
+        assert_eq!(webhook.events(), pb::WebhookEvents::All);
+        let args = parse(&["--webhook-events", "terminal"]);
+        assert!(build_request(&args, &json).is_err());
     }
 
     #[test]

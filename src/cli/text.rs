@@ -83,6 +83,25 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
             let _ = writeln!(text, "      error:  {}", job_error(error));
         }
     }
+    if let Some(webhook) = &job.webhook {
+        let events = strip(webhook.events().as_str_name(), "WEBHOOK_EVENTS_");
+        let _ = writeln!(text, "  webhook:  {}  ({events})", webhook.url);
+    }
+    for delivery in &job.webhook_deliveries {
+        let state = strip(delivery.state().as_str_name(), "WEBHOOK_DELIVERY_STATE_");
+        let _ = write!(
+            text,
+            "    {}  {} v{}  {state}, {} attempt(s)",
+            delivery.delivery_id,
+            job_state(delivery.job_state()),
+            delivery.job_version,
+            delivery.attempts
+        );
+        if !delivery.last_error.is_empty() {
+            let _ = write!(text, "; last error: {}", delivery.last_error);
+        }
+        text.push('\n');
+    }
     text.trim_end().to_owned()
 }
 

@@ -38,6 +38,9 @@ pub struct Hub {
     hasher: RandomState,
     /// `WatchJobs` subscribers, offered each published snapshot their labels match.
     selectors: selector::Selectors,
+    /// Woken when a transition of a job with a webhook is published: the store may have
+    /// written a delivery with it (see [`Hub::webhook_wake`]).
+    webhook_wake: tokio::sync::Notify,
 }
 
 impl Default for Hub {
@@ -46,6 +49,7 @@ impl Default for Hub {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             selectors: selector::Selectors::default(),
+            webhook_wake: tokio::sync::Notify::new(),
         }
     }
 }
@@ -74,6 +78,9 @@ impl Hub {
     /// opened later finds it. That is at most one snapshot per worker; once the job stops
     /// running, its channel is freed when its watchers are gone.
     pub fn publish(&self, job: Arc<Job>) {
+        if job.webhook.is_some() && job.logged_version == job.version {
+            self.webhook_wake.notify_one();
+        }
         self.selectors.publish(&job);
         let mut shard = self.shard(&job.id);
         let id = job.id;
@@ -96,6 +103,13 @@ impl Hub {
             }
             None => {}
         }
+    }
+
+    /// Notified (one stored permit, never lost) whenever a published snapshot is a transition
+    /// of a job with a webhook: the webhook worker waits on it, so a delivery written with a
+    /// state goes out as soon as that state is published, without polling.
+    pub fn webhook_wake(&self) -> &tokio::sync::Notify {
+        &self.webhook_wake
     }
 
     /// The newest published snapshot of a running (or watched) job, if any.

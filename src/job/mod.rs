@@ -3,11 +3,15 @@
 
 mod model;
 mod state;
+mod webhook;
 
 pub use model::{
     Action, Job, JobError, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
 };
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
+pub use webhook::{
+    AttemptOutcome, Delivery, DeliveryState, NewDelivery, WebhookEvents, WebhookSpec, delivery_for,
+};
 
 use std::fmt;
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::{ActionState, IllegalTransition, JobState};
+use super::{ActionState, IllegalTransition, JobState, WebhookSpec};
 
 /// How many progress-only versions a running job may be ahead of its stored snapshot: the
 /// executor persists progress at least this often, so a restart can skip past them.
@@ -158,6 +158,9 @@ pub struct NewJob {
     pub priority: i32,
     /// Labels to filter by.
     pub labels: BTreeMap<String, String>,
+    /// Where to report the job's state changes, if anywhere.
+    #[serde(default)]
+    pub webhook: Option<WebhookSpec>,
 }
 
 /// One action of a job, with its status.
@@ -220,6 +223,10 @@ pub struct Job {
     pub end_time: Option<SystemTime>,
     /// When it last changed.
     pub update_time: SystemTime,
+    /// Where its state changes are reported, if anywhere (absent from snapshots written before
+    /// webhooks existed, hence the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
 }
 
 impl Job {
@@ -257,6 +264,7 @@ impl Job {
             start_time: None,
             end_time: None,
             update_time: now,
+            webhook: spec.webhook,
         }
     }
 

@@ -10,6 +10,8 @@ use std::{
 use bytes::Bytes;
 use serde_json::{Map, json};
 
+mod outbox;
+
 use super::{Created, Deleted, EventPage, ListQuery, Store};
 use crate::job::Job;
 use crate::job::{JobError, JobId, JobState, NewAction, NewJob, Progress};
@@ -32,6 +34,7 @@ pub fn sample_job(actions: usize, labels: &[(&str, &str)], key: Option<&str>) ->
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect::<BTreeMap<_, _>>(),
+        webhook: None,
     };
     Job::new(JobId::generate(), spec, 1, SystemTime::now())
 }
@@ -54,6 +57,7 @@ where
     events_filter_by_labels_and_page(&make().await).await;
     removed_events_are_marked_and_never_reused(&make().await).await;
     unfinished_at_agrees_with_the_event_log(&make().await).await;
+    outbox::run_all(&make).await;
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -7,9 +7,13 @@ use std::{
 };
 
 use async_trait::async_trait;
+use uuid::Uuid;
 
-use super::{Created, Deleted, EventPage, ListQuery, Store, StoreError, has_labels};
-use crate::job::{Job, JobId, JobState};
+use super::{
+    Created, Deleted, DueDelivery, EventPage, ListQuery, Store, StoreError, apply_attempt,
+    has_labels,
+};
+use crate::job::{AttemptOutcome, Delivery, DeliveryState, Job, JobId, JobState, delivery_for};
 
 #[derive(Default)]
 struct Inner {
@@ -23,6 +27,8 @@ struct Inner {
     last_seq: i64,
     removed_through: i64,
     keys: HashMap<String, JobId>,
+    /// The webhook outbox, by delivery id (UUIDv7: in order of writing).
+    deliveries: BTreeMap<Uuid, Delivery>,
 }
 
 /// Jobs kept in process memory, behind one lock that is never held across an await.
@@ -58,7 +64,15 @@ impl Inner {
         if let Some(key) = &job.idempotency_key {
             self.keys.remove(key);
         }
+        self.deliveries.retain(|_, d| d.job_id != id);
         Some(job)
+    }
+
+    /// Writes the delivery that storing `job` over `previous` asks for, under the same lock.
+    fn outbox(&mut self, previous: Option<JobState>, job: &Job) {
+        if let Some(new) = delivery_for(previous, job) {
+            self.deliveries.insert(new.id, Delivery::pending(new, job));
+        }
     }
 
     /// Appends `job` to its log and to the global event log.
@@ -84,6 +98,7 @@ impl Store for MemoryStore {
         }
         inner.jobs.insert(job.id, job.clone());
         inner.log(job);
+        inner.outbox(None, job);
         Ok(Created::New)
     }
 
@@ -100,10 +115,12 @@ impl Store for MemoryStore {
                 attempted: job.version,
             });
         }
+        let previous = stored.state;
         *stored = job.clone();
         if job.logged_version == job.version {
             inner.log(job);
         }
+        inner.outbox(Some(previous), job);
         Ok(())
     }
 
@@ -223,6 +240,80 @@ impl Store for MemoryStore {
             inner.remove(*id);
         }
         Ok(expired.len())
+    }
+
+    async fn deliveries(&self, id: JobId) -> Result<Vec<Delivery>, StoreError> {
+        Ok(self
+            .read()
+            .deliveries
+            .values()
+            .filter(|d| d.job_id == id)
+            .cloned()
+            .collect())
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        let inner = self.read();
+        let mut due: Vec<&Delivery> = inner
+            .deliveries
+            .values()
+            .filter(|d| {
+                d.state == DeliveryState::Pending
+                    && d.next_attempt_at.is_some_and(|t| t <= now)
+                    && !inner.deliveries.values().any(|e| {
+                        e.job_id == d.job_id
+                            && e.state == DeliveryState::Pending
+                            && e.job_version < d.job_version
+                    })
+            })
+            .collect();
+        due.sort_by_key(|d| (d.next_attempt_at, d.id));
+        due.into_iter()
+            .take(limit)
+            .map(|d| {
+                let job = inner
+                    .log
+                    .get(&d.job_id)
+                    .and_then(|log| log.iter().find(|(_, j)| j.version == d.job_version))
+                    .map(|(_, job)| job.clone())
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!("delivery {} has no snapshot", d.id))
+                    })?;
+                Ok(DueDelivery {
+                    delivery: d.clone(),
+                    job,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_delivery_attempt(
+        &self,
+        id: Uuid,
+        outcome: &AttemptOutcome,
+    ) -> Result<Option<Delivery>, StoreError> {
+        let mut inner = self.write();
+        Ok(inner
+            .deliveries
+            .get_mut(&id)
+            .filter(|d| d.state == DeliveryState::Pending)
+            .map(|delivery| {
+                apply_attempt(delivery, outcome);
+                delivery.clone()
+            }))
+    }
+
+    async fn pending_deliveries(&self) -> Result<usize, StoreError> {
+        Ok(self
+            .read()
+            .deliveries
+            .values()
+            .filter(|d| d.state == DeliveryState::Pending)
+            .count())
     }
 }
 

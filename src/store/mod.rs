@@ -14,8 +14,9 @@ pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
 use std::{collections::BTreeMap, path::PathBuf, time::SystemTime};
 
 use async_trait::async_trait;
+use uuid::Uuid;
 
-use crate::job::{Job, JobId, JobState};
+use crate::job::{AttemptOutcome, Delivery, Job, JobId, JobState};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +149,15 @@ pub struct EventPage {
     pub removed_through: i64,
 }
 
+/// A pending webhook delivery that is due, with the job snapshot it reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueDelivery {
+    /// The delivery.
+    pub delivery: Delivery,
+    /// The job at the version the delivery reports.
+    pub job: Job,
+}
+
 /// Durable storage of jobs and of each job's log of state transitions.
 ///
 /// Every logged snapshot (see [`Store::save`]) also gets a global sequence number, assigned in
@@ -160,11 +170,18 @@ pub struct EventPage {
 pub trait Store: Send + Sync + 'static {
     /// Stores a new job (with its first log entry). When its idempotency key is already held
     /// by another job, stores nothing and returns that job.
+    ///
+    /// Like [`Store::save`], writes the webhook delivery that [`crate::job::delivery_for`]
+    /// asks for in the same transaction.
     async fn create(&self, job: &Job) -> Result<Created, StoreError>;
 
     /// Saves a changed job. Its version must be above the stored one. When
     /// `job.logged_version == job.version`, the snapshot is also appended to the job's
     /// transition log; progress-only snapshots replace the current one and are not logged.
+    ///
+    /// When [`crate::job::delivery_for`] (given the stored state) asks for a webhook delivery,
+    /// it is written in the same transaction as the snapshot: a save that fails writes none,
+    /// and no committed state the webhook subscribes to is ever without its delivery.
     async fn save(&self, job: &Job) -> Result<(), StoreError>;
 
     /// The job's current snapshot.
@@ -200,9 +217,56 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(i64, Vec<Job>), StoreError>;
 
     /// Removes up to `limit` terminal jobs that ended before `ended_before`; returns how many.
+    /// A removed job's webhook deliveries go with it.
     async fn purge_finished(
         &self,
         ended_before: SystemTime,
         limit: usize,
     ) -> Result<usize, StoreError>;
+
+    /// The job's webhook deliveries, oldest first.
+    async fn deliveries(&self, id: JobId) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Up to `limit` pending deliveries due at `now` (next attempt at or before it), the
+    /// longest due first, each with the snapshot it reports. Only the oldest pending delivery
+    /// of each job is ever due: a job's notifications are attempted in order, one at a time.
+    async fn due_deliveries(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError>;
+
+    /// Records one attempt of a pending delivery: counts it, and marks the delivery delivered,
+    /// due again later, or dead. Returns the delivery as recorded; `None` when no pending
+    /// delivery has this id (its job was removed, or it was already settled).
+    async fn record_delivery_attempt(
+        &self,
+        id: Uuid,
+        outcome: &AttemptOutcome,
+    ) -> Result<Option<Delivery>, StoreError>;
+
+    /// How many deliveries are pending.
+    async fn pending_deliveries(&self) -> Result<usize, StoreError>;
+}
+
+/// `delivery` after one attempt that ended with `outcome`.
+pub(crate) fn apply_attempt(delivery: &mut Delivery, outcome: &AttemptOutcome) {
+    use crate::job::DeliveryState;
+    delivery.attempts = delivery.attempts.saturating_add(1);
+    match outcome {
+        AttemptOutcome::Delivered { at } => {
+            delivery.state = DeliveryState::Delivered;
+            delivery.delivered_at = Some(*at);
+            delivery.next_attempt_at = None;
+        }
+        AttemptOutcome::Retry { retry_at, error } => {
+            delivery.next_attempt_at = Some(*retry_at);
+            delivery.last_error = Some(error.clone());
+        }
+        AttemptOutcome::Dead { error } => {
+            delivery.state = DeliveryState::Dead;
+            delivery.next_attempt_at = None;
+            delivery.last_error = Some(error.clone());
+        }
+    }
 }

@@ -7,6 +7,7 @@
 
 mod events;
 mod ops;
+mod outbox;
 mod readers;
 mod row;
 mod schema;
@@ -34,8 +35,8 @@ use self::{
     row::{JobRow, decode, id_text, unix_micros},
     writer::{Command, Counters, Reply, Writer},
 };
-use super::{Created, Deleted, EventPage, ListQuery, Store, StoreError};
-use crate::job::{Job, JobId};
+use super::{Created, Deleted, DueDelivery, EventPage, ListQuery, Store, StoreError};
+use crate::job::{AttemptOutcome, Delivery, Job, JobId};
 
 /// The database file inside the data directory.
 const DATABASE_FILE: &str = "longrun.db";
@@ -271,6 +272,36 @@ impl Store for SqliteStore {
             reply,
         })
         .await
+    }
+
+    async fn deliveries(&self, id: JobId) -> Result<Vec<Delivery>, StoreError> {
+        self.readers
+            .run(move |conn| outbox::for_job(conn, id))
+            .await
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        self.readers
+            .run(move |conn| outbox::due(conn, now, limit))
+            .await
+    }
+
+    async fn record_delivery_attempt(
+        &self,
+        id: uuid::Uuid,
+        outcome: &AttemptOutcome,
+    ) -> Result<Option<Delivery>, StoreError> {
+        let outcome = outcome.clone();
+        self.write(|reply| Command::RecordAttempt { id, outcome, reply })
+            .await
+    }
+
+    async fn pending_deliveries(&self) -> Result<usize, StoreError> {
+        self.readers.run(outbox::pending).await
     }
 }
 

@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{row::JobRow, sql_error};
+use super::{outbox, row::JobRow, sql_error};
 use crate::store::StoreError;
 
 /// The terminal states, as SQL: the jobs that may be deleted or purged.
@@ -54,12 +54,24 @@ pub(super) fn create(conn: &Connection, row: &JobRow) -> Result<CreateOutcome, S
     .map_err(fail)?;
     insert_labels(conn, row).map_err(fail)?;
     log_transition(conn, row).map_err(fail)?;
+    if let Some(delivery) = &row.delivery {
+        outbox::insert(conn, delivery).map_err(fail)?;
+    }
     Ok(CreateOutcome::New)
 }
 
 /// Replaces a job's snapshot with a newer version, logging it when it is a transition.
 pub(super) fn save(conn: &Connection, row: &JobRow) -> Result<(), StoreError> {
     let fail = |e| sql_error(format!("saving job {}", row.id_text), e);
+    // The stored state decides whether the webhook is told: read only for jobs that may need
+    // a delivery, so saves of other jobs cost nothing more.
+    let previous: Option<String> = match row.delivery {
+        Some(_) => conn
+            .prepare_cached("SELECT state FROM jobs WHERE id = ?1")
+            .and_then(|mut s| s.query_row([&row.id_text], |r| r.get(0)).optional())
+            .map_err(fail)?,
+        None => None,
+    };
     let updated = conn
         .prepare_cached(
             "UPDATE jobs SET state = ?2, version = ?3, priority = ?4, end_time = ?5, snapshot = ?6
@@ -93,6 +105,11 @@ pub(super) fn save(conn: &Connection, row: &JobRow) -> Result<(), StoreError> {
     sync_labels(conn, row).map_err(fail)?;
     if row.logged {
         log_transition(conn, row).map_err(fail)?;
+    }
+    if let Some(delivery) = &row.delivery
+        && previous.as_deref() != Some(row.state)
+    {
+        outbox::insert(conn, delivery).map_err(fail)?;
     }
     Ok(())
 }

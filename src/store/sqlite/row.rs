@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::job::{Job, JobId};
+use crate::job::{Delivery, Job, JobId, delivery_for};
 use crate::store::StoreError;
 
 /// A job ready to be written: the columns queries use, and the whole snapshot.
@@ -22,6 +22,9 @@ pub(super) struct JobRow {
     /// Sorted by key, as `BTreeMap` iterates and as SQLite's binary collation orders text.
     pub labels: Vec<(String, String)>,
     pub snapshot: String,
+    /// The webhook delivery to write with this snapshot if the stored state differs (or the
+    /// job is new): see [`delivery_for`].
+    pub delivery: Option<Delivery>,
 }
 
 impl JobRow {
@@ -44,6 +47,7 @@ impl JobRow {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             snapshot,
+            delivery: delivery_for(None, job).map(|new| Delivery::pending(new, job)),
         })
     }
 }
@@ -51,6 +55,17 @@ impl JobRow {
 /// The job stored as `snapshot`.
 pub(super) fn decode(snapshot: &str) -> Result<Job, StoreError> {
     serde_json::from_str(snapshot).map_err(|e| StoreError::Corrupt(format!("job snapshot: {e}")))
+}
+
+/// The time `micros` microseconds from the Unix epoch (the inverse of [`unix_micros`]).
+pub(super) fn from_unix_micros(micros: i64) -> SystemTime {
+    let offset = std::time::Duration::from_micros(micros.unsigned_abs());
+    if micros >= 0 {
+        UNIX_EPOCH.checked_add(offset)
+    } else {
+        UNIX_EPOCH.checked_sub(offset)
+    }
+    .unwrap_or(UNIX_EPOCH)
 }
 
 /// The text form of an id, as stored in the `id` columns.

@@ -105,6 +105,30 @@ const MIGRATIONS: &[M<'static>] = &[
             UPDATE event_log SET removed_through = max(removed_through, OLD.seq) WHERE id = 1;
         END;",
     ),
+    M::up(
+        // The webhook outbox: one row per notification, inserted in the same transaction as
+        // the snapshot it reports (whose body is rebuilt from `log` at delivery time),
+        // so a crash can neither lose one nor invent one. Times are unix microseconds.
+        // `next_attempt_at` is set only while PENDING; the partial index serves the delivery
+        // worker's "what is due" scan without touching settled rows.
+        "CREATE TABLE webhook_deliveries (
+            id TEXT PRIMARY KEY NOT NULL,
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            job_version INTEGER NOT NULL,
+            job_state TEXT NOT NULL
+                CHECK (job_state IN ('QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED')),
+            state TEXT NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'DEAD')),
+            attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+            next_attempt_at INTEGER,
+            last_error TEXT,
+            delivered_at INTEGER,
+            created_at INTEGER NOT NULL,
+            UNIQUE (job_id, job_version),
+            CHECK ((state = 'PENDING') = (next_attempt_at IS NOT NULL))
+        ) STRICT;
+        CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+            WHERE state = 'PENDING';",
+    ),
 ];
 
 /// The newest schema version this binary knows.

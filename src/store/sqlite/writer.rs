@@ -15,10 +15,14 @@ use std::{
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use uuid::Uuid;
+
 use super::{
     ops::{self, CreateOutcome, DeleteOutcome},
+    outbox,
     row::JobRow,
 };
+use crate::job::{AttemptOutcome, Delivery};
 use crate::store::StoreError;
 
 /// Where a command's result goes.
@@ -42,6 +46,11 @@ pub(super) enum Command {
         ended_before: i64,
         limit: i64,
         reply: Reply<usize>,
+    },
+    RecordAttempt {
+        id: Uuid,
+        outcome: AttemptOutcome,
+        reply: Reply<Option<Delivery>>,
     },
     /// Stop taking commands; stop once everything queued before this one is committed.
     Close,
@@ -205,6 +214,10 @@ fn apply(
             reply,
             isolated(conn, |c| ops::purge(c, ended_before, limit)),
         )?,
+        Command::RecordAttempt { id, outcome, reply } => respond(
+            reply,
+            isolated(conn, |c| outbox::record_attempt(c, id, &outcome)),
+        )?,
         Command::Close => {
             // Commands already queued are still received; new ones are refused.
             queue.close();
@@ -248,6 +261,7 @@ fn fail(command: Command, failure: &BatchFailure, queue: &mut mpsc::Receiver<Com
         Command::Save { reply, .. } => Answer::new(reply, Err(failure.error())),
         Command::Delete { reply, .. } => Answer::new(reply, Err(failure.error())),
         Command::Purge { reply, .. } => Answer::new(reply, Err(failure.error())),
+        Command::RecordAttempt { reply, .. } => Answer::new(reply, Err(failure.error())),
         Command::Close => {
             queue.close();
             return;

@@ -8,6 +8,7 @@ use serde_json::json;
 use tempfile::TempDir;
 
 mod batching;
+mod outbox;
 
 use super::*;
 use crate::job::{JobError, JobState};
