@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::{
     actions::{Exec, ExecCommand, Registry},
-    api::Limits,
+    api::{Limits, quotas::Rate},
     executor::{ExecutorConfig, InterruptedPolicy},
     store::{MemoryStore, SqliteOptions, SqliteStore, Store, StoreError},
 };
@@ -95,6 +95,48 @@ pub struct Settings {
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Option<Duration>,
+    /// How deep an action's params may nest [default: 32].
+    #[arg(long)]
+    pub max_params_depth: Option<usize>,
+    /// A label key, in bytes [default: 256].
+    #[arg(long)]
+    pub max_label_key_bytes: Option<usize>,
+    /// A label value, in bytes [default: 256].
+    #[arg(long)]
+    pub max_label_value_bytes: Option<usize>,
+    /// The largest ListJobs/ListOperations page; a larger page_size is INVALID_ARGUMENT
+    /// [default: 1000].
+    #[arg(long)]
+    pub max_page_size: Option<usize>,
+    /// WatchJob/WatchJobs streams open at once on one connection [default: 1000].
+    #[arg(long)]
+    pub max_watches_per_connection: Option<usize>,
+    /// WatchJob/WatchJobs streams open at once by one tenant [default: 10000].
+    #[arg(long)]
+    pub max_watches_per_tenant: Option<usize>,
+    /// Require API keys (`on`) or serve everyone as the tenant `default` (`off`) [default: off
+    /// when listening on a loopback address, on otherwise; the config file's `[auth] enabled`].
+    #[arg(long, value_enum, env = "LONGRUN_AUTH")]
+    pub auth: Option<Switch>,
+    /// Serve TLS with this PEM certificate chain (needs --tls-key) [default: plaintext h2c].
+    #[arg(long, env = "LONGRUN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "LONGRUN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA (mTLS); needs --tls-cert.
+    #[arg(long, env = "LONGRUN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// On or off, for flags that override a default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 impl Settings {
@@ -120,6 +162,22 @@ impl Settings {
             interrupted: self.interrupted.or(fallback.interrupted),
             retention: self.retention.or(fallback.retention),
             keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
+            max_params_depth: self.max_params_depth.or(fallback.max_params_depth),
+            max_label_key_bytes: self.max_label_key_bytes.or(fallback.max_label_key_bytes),
+            max_label_value_bytes: self
+                .max_label_value_bytes
+                .or(fallback.max_label_value_bytes),
+            max_page_size: self.max_page_size.or(fallback.max_page_size),
+            max_watches_per_connection: self
+                .max_watches_per_connection
+                .or(fallback.max_watches_per_connection),
+            max_watches_per_tenant: self
+                .max_watches_per_tenant
+                .or(fallback.max_watches_per_tenant),
+            auth: self.auth.or(fallback.auth),
+            tls_cert: self.tls_cert.or(fallback.tls_cert),
+            tls_key: self.tls_key.or(fallback.tls_key),
+            tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
         }
     }
 }
@@ -132,8 +190,74 @@ pub struct ExecSettings {
     pub commands: BTreeMap<String, ExecCommand>,
 }
 
-/// The config file: a `[server]` table with the same settings as the flags, and an `[exec]`
-/// table.
+/// One API key of the `[auth]` table: `{ tenant = "acme", key_sha256 = "<hex>" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    /// The tenant the key authenticates as.
+    pub tenant: String,
+    /// The SHA-256 of the key, in hex (`longrun hash-key` prints it): the key itself is never
+    /// written down on the server.
+    pub key_sha256: String,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Whether API keys are required [default: off on a loopback listen address, on otherwise].
+    pub enabled: Option<bool>,
+    /// The API keys.
+    pub keys: Vec<KeyEntry>,
+}
+
+/// One tenant's quotas, in `[quotas]` (every tenant's default) or `[quotas.tenants.NAME]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantQuota {
+    /// Jobs the tenant may have waiting in the queue [default: no limit but
+    /// max_queue_length].
+    pub max_queued_jobs: Option<usize>,
+    /// Submits a second, sustained [default: no limit].
+    pub submits_per_second: Option<f64>,
+    /// Submits at once after a quiet spell [default: submits_per_second rounded up, at least 1].
+    pub submit_burst: Option<u32>,
+}
+
+impl TenantQuota {
+    fn or(&self, fallback: &TenantQuota) -> TenantQuota {
+        TenantQuota {
+            max_queued_jobs: self.max_queued_jobs.or(fallback.max_queued_jobs),
+            submits_per_second: self.submits_per_second.or(fallback.submits_per_second),
+            submit_burst: self.submit_burst.or(fallback.submit_burst),
+        }
+    }
+
+    fn rate(&self) -> Option<Rate> {
+        let per_second = self.submits_per_second?;
+        let burst = self
+            .submit_burst
+            .unwrap_or_else(|| per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
+        Some(Rate {
+            per_second: per_second.max(0.0),
+            burst: burst.max(1),
+        })
+    }
+}
+
+/// The `[quotas]` table: defaults for every tenant, and per-tenant overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotaSettings {
+    /// Every tenant's quotas, unless overridden.
+    #[serde(flatten)]
+    pub default: TenantQuota,
+    /// Per-tenant overrides; a field left out falls back to the default.
+    pub tenants: BTreeMap<String, TenantQuota>,
+}
+
+/// The config file: a `[server]` table with the same settings as the flags, an `[exec]`
+/// table, `[auth]` and `[quotas]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
@@ -142,6 +266,30 @@ pub struct FileConfig {
     pub settings: Settings,
     /// Commands for the `exec` action.
     pub exec: ExecSettings,
+    /// API keys and whether they are required.
+    pub auth: AuthSettings,
+    /// Per-tenant quotas.
+    pub quotas: QuotaSettings,
+}
+
+/// Authentication, resolved.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Whether API keys are required.
+    pub enabled: bool,
+    /// The configured keys (hashes), checked when the server starts.
+    pub keys: Vec<KeyEntry>,
+}
+
+/// TLS, resolved: PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -174,6 +322,14 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// Commands for the `exec` action.
     pub exec_commands: BTreeMap<String, ExecCommand>,
+    /// API keys.
+    pub auth: AuthConfig,
+    /// TLS, if served; plaintext h2c otherwise.
+    pub tls: Option<TlsFiles>,
+    /// Submits a second allowed to a tenant without its own rate; `None` for no limit.
+    pub submit_rate: Option<Rate>,
+    /// Per-tenant submit rates.
+    pub tenant_submit_rates: BTreeMap<String, Rate>,
 }
 
 impl Default for Config {
@@ -215,12 +371,14 @@ impl Config {
     /// Flags over file over defaults.
     pub fn resolve(flags: Settings, file: FileConfig) -> Self {
         let s = flags.or(file.settings);
+        let quotas = file.quotas;
+        let listen = s
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
         let limit_defaults = Limits::default();
         let exec_defaults = ExecutorConfig::default();
         Self {
-            listen: s
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            listen,
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("longrun-data")),
             metrics_listen: s.metrics_listen,
             store: s.store.unwrap_or(StoreKind::Sqlite),
@@ -236,6 +394,22 @@ impl Config {
                     .unwrap_or(limit_defaults.max_params_bytes),
                 max_input_bytes: s.max_input_bytes.unwrap_or(limit_defaults.max_input_bytes),
                 max_labels: s.max_labels.unwrap_or(limit_defaults.max_labels),
+                max_params_depth: s
+                    .max_params_depth
+                    .unwrap_or(limit_defaults.max_params_depth),
+                max_label_key_bytes: s
+                    .max_label_key_bytes
+                    .unwrap_or(limit_defaults.max_label_key_bytes),
+                max_label_value_bytes: s
+                    .max_label_value_bytes
+                    .unwrap_or(limit_defaults.max_label_value_bytes),
+                max_page_size: s.max_page_size.unwrap_or(limit_defaults.max_page_size),
+                max_watches_per_connection: s
+                    .max_watches_per_connection
+                    .unwrap_or(limit_defaults.max_watches_per_connection),
+                max_watches_per_tenant: s
+                    .max_watches_per_tenant
+                    .unwrap_or(limit_defaults.max_watches_per_tenant),
                 ..limit_defaults
             },
             executor: ExecutorConfig {
@@ -252,6 +426,15 @@ impl Config {
                     .unwrap_or(exec_defaults.retry_backoff_max),
                 cancel_grace: s.cancel_grace.unwrap_or(exec_defaults.cancel_grace),
                 interrupted_policy: s.interrupted.unwrap_or(exec_defaults.interrupted_policy),
+                max_queued_per_tenant: quotas.default.max_queued_jobs,
+                tenant_max_queued: quotas
+                    .tenants
+                    .iter()
+                    .filter_map(|(tenant, q)| {
+                        let limit = q.or(&quotas.default).max_queued_jobs?;
+                        Some((tenant.clone(), limit))
+                    })
+                    .collect(),
                 ..exec_defaults
             },
             shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
@@ -260,6 +443,31 @@ impl Config {
                 .unwrap_or(Duration::from_secs(14 * 24 * 60 * 60)),
             keepalive_interval: s.keepalive_interval.unwrap_or(Duration::from_secs(30)),
             exec_commands: file.exec.commands,
+            auth: AuthConfig {
+                // Off by default only where nobody else can connect.
+                enabled: match s.auth {
+                    Some(switch) => switch == Switch::On,
+                    None => file.auth.enabled.unwrap_or(!listen.ip().is_loopback()),
+                },
+                keys: file.auth.keys,
+            },
+            // A partial setting (a key without a certificate, a client CA alone) is kept with
+            // the missing paths empty, so that the server refuses it at start instead of
+            // silently serving plaintext.
+            tls: match (s.tls_cert, s.tls_key, s.tls_client_ca) {
+                (None, None, None) => None,
+                (cert, key, client_ca) => Some(TlsFiles {
+                    cert: cert.unwrap_or_default(),
+                    key: key.unwrap_or_default(),
+                    client_ca,
+                }),
+            },
+            submit_rate: quotas.default.rate(),
+            tenant_submit_rates: quotas
+                .tenants
+                .iter()
+                .filter_map(|(tenant, q)| Some((tenant.clone(), q.or(&quotas.default).rate()?)))
+                .collect(),
         }
     }
 }

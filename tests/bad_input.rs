@@ -34,7 +34,8 @@ fn small_limits() -> Config {
     config.limits.max_params_bytes = MAX_PARAMS_BYTES;
     config.limits.max_input_bytes = MAX_INPUT_BYTES;
     config.limits.max_labels = MAX_LABELS;
-    config.limits.max_label_bytes = MAX_LABEL_BYTES;
+    config.limits.max_label_key_bytes = MAX_LABEL_BYTES;
+    config.limits.max_label_value_bytes = MAX_LABEL_BYTES;
     config.limits.max_idempotency_key_bytes = MAX_KEY_BYTES;
     config.executor.max_attempts_limit = MAX_ATTEMPTS_LIMIT as u32;
     config

@@ -8,7 +8,7 @@ use std::{
 
 use async_trait::async_trait;
 
-use super::{Created, Deleted, EventPage, ListQuery, Store, StoreError, has_labels};
+use super::{Created, Deleted, EventPage, ListQuery, Store, StoreError, has_labels, in_tenant};
 use crate::job::{Job, JobId, JobState};
 
 #[derive(Default)]
@@ -22,7 +22,8 @@ struct Inner {
     /// The last sequence number handed out.
     last_seq: i64,
     removed_through: i64,
-    keys: HashMap<String, JobId>,
+    /// Idempotency keys by tenant, then key.
+    keys: HashMap<(String, String), JobId>,
 }
 
 /// Jobs kept in process memory, behind one lock that is never held across an await.
@@ -56,7 +57,7 @@ impl Inner {
             self.removed_through = self.removed_through.max(seq);
         }
         if let Some(key) = &job.idempotency_key {
-            self.keys.remove(key);
+            self.keys.remove(&(job.tenant.clone(), key.clone()));
         }
         Some(job)
     }
@@ -77,10 +78,11 @@ impl Store for MemoryStore {
     async fn create(&self, job: &Job) -> Result<Created, StoreError> {
         let mut inner = self.write();
         if let Some(key) = &job.idempotency_key {
-            if let Some(existing) = inner.keys.get(key).and_then(|id| inner.jobs.get(id)) {
+            let scoped = (job.tenant.clone(), key.clone());
+            if let Some(existing) = inner.keys.get(&scoped).and_then(|id| inner.jobs.get(id)) {
                 return Ok(Created::Existing(Box::new(existing.clone())));
             }
-            inner.keys.insert(key.clone(), job.id);
+            inner.keys.insert(scoped, job.id);
         }
         inner.jobs.insert(job.id, job.clone());
         inner.log(job);
@@ -141,6 +143,7 @@ impl Store for MemoryStore {
     async fn events_after(
         &self,
         after_seq: i64,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
         limit: usize,
     ) -> Result<EventPage, StoreError> {
@@ -158,7 +161,7 @@ impl Store for MemoryStore {
             else {
                 return Err(StoreError::Corrupt(format!("event {seq} has no snapshot")));
             };
-            if !has_labels(job, labels) {
+            if !in_tenant(job, tenant) || !has_labels(job, labels) {
                 continue;
             }
             page.events.push((seq, job.clone()));
@@ -172,13 +175,14 @@ impl Store for MemoryStore {
 
     async fn unfinished_at(
         &self,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
     ) -> Result<(i64, Vec<Job>), StoreError> {
         let inner = self.read();
         let jobs = inner
             .jobs
             .values()
-            .filter(|job| !job.is_terminal() && has_labels(job, labels))
+            .filter(|job| !job.is_terminal() && in_tenant(job, tenant) && has_labels(job, labels))
             .cloned()
             .collect();
         Ok((inner.last_seq, jobs))

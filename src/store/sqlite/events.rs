@@ -9,10 +9,12 @@ use super::{row::decode, sql_error};
 use crate::job::Job;
 use crate::store::{EventPage, StoreError};
 
-/// Up to `limit` logged snapshots after `after_seq` of jobs carrying every one of `labels`.
+/// Up to `limit` logged snapshots after `after_seq` of jobs of `tenant` (any when `None`)
+/// carrying every one of `labels`.
 pub(super) fn events_after(
     conn: &Connection,
     after_seq: i64,
+    tenant: Option<&str>,
     labels: &BTreeMap<String, String>,
     limit: usize,
 ) -> Result<EventPage, StoreError> {
@@ -25,6 +27,10 @@ pub(super) fn events_after(
                    WHERE e.seq > ?"
         .to_owned();
     let mut args = vec![Value::Integer(after_seq)];
+    if let Some(tenant) = tenant {
+        sql.push_str(" AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = e.job_id AND j.tenant = ?)");
+        args.push(Value::Text(tenant.to_owned()));
+    }
     label_filter("e.job_id", labels, &mut sql, &mut args);
     sql.push_str(" ORDER BY e.seq LIMIT ?");
     args.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
@@ -50,10 +56,11 @@ pub(super) fn events_after(
     })
 }
 
-/// Every QUEUED or RUNNING job carrying every one of `labels`, oldest first, and the newest
-/// event's number, as of one moment.
+/// Every QUEUED or RUNNING job of `tenant` (any when `None`) carrying every one of `labels`,
+/// oldest first, and the newest event's number, as of one moment.
 pub(super) fn unfinished_at(
     conn: &Connection,
+    tenant: Option<&str>,
     labels: &BTreeMap<String, String>,
 ) -> Result<(i64, Vec<Job>), StoreError> {
     let context = "reading unfinished jobs";
@@ -62,6 +69,10 @@ pub(super) fn unfinished_at(
     let (head, _) = marks(&tx).map_err(fail)?;
     let mut sql = "SELECT snapshot FROM jobs WHERE state IN ('QUEUED', 'RUNNING')".to_owned();
     let mut args = Vec::new();
+    if let Some(tenant) = tenant {
+        sql.push_str(" AND tenant = ?");
+        args.push(Value::Text(tenant.to_owned()));
+    }
     label_filter("jobs.id", labels, &mut sql, &mut args);
     sql.push_str(" ORDER BY id");
     let mut statement = tx.prepare_cached(&sql).map_err(fail)?;
