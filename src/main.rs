@@ -98,7 +98,10 @@ fn hash_key() -> anyhow::Result<()> {
         .read_line(&mut key)
         .context("reading the key from stdin")?;
     let key = key.trim();
-    anyhow::ensure!(!key.is_empty(), "no key on stdin: pipe the key in, e.g. `echo -n \"$KEY\" | longrun hash-key`");
+    anyhow::ensure!(
+        !key.is_empty(),
+        "no key on stdin: pipe the key in, e.g. `echo -n \"$KEY\" | longrun hash-key`"
+    );
     println!("{}", hex::encode(longrun::api::auth::hash_key(key)));
     Ok(())
 }

@@ -135,7 +135,8 @@ impl Server {
         let jobs = JobsServer::new(service)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
-        let jobs = tonic::service::interceptor::InterceptedService::new(jobs, authenticator.clone());
+        let jobs =
+            tonic::service::interceptor::InterceptedService::new(jobs, authenticator.clone());
         let operations =
             OperationsService::new(self.executor.clone(), limits, self.stopping.clone());
         let operations = OperationsServer::new(operations)
@@ -258,7 +259,10 @@ fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
                 .to_owned(),
         ));
     }
-    tracing::info!(keys = keys.len(), "API keys required on longrun.v1.Jobs and Operations");
+    tracing::info!(
+        keys = keys.len(),
+        "API keys required on longrun.v1.Jobs and Operations"
+    );
     Ok(Authenticator::with_keys(keys))
 }
 

@@ -53,9 +53,7 @@ pub enum KeyError {
         tenant: String,
     },
     /// The tenant name is empty, too long or has characters outside `[A-Za-z0-9._-]`.
-    #[error(
-        "tenant name {0:?} must be 1 to 64 characters of letters, digits, '.', '_' or '-'"
-    )]
+    #[error("tenant name {0:?} must be 1 to 64 characters of letters, digits, '.', '_' or '-'")]
     BadTenant(String),
     /// Two entries carry the same key.
     #[error("two API keys have the same hash (tenants {0:?} and {1:?})")]
@@ -205,7 +203,13 @@ mod tests {
             &*auth.authenticate(&metadata("bearer  s3cret")).unwrap().0,
             "acme"
         );
-        for bad in ["Bearer wrong", "Basic s3cret", "s3cret", "Bearer ", "Bearer"] {
+        for bad in [
+            "Bearer wrong",
+            "Basic s3cret",
+            "s3cret",
+            "Bearer ",
+            "Bearer",
+        ] {
             let status = auth.authenticate(&metadata(bad)).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad}");
             assert_eq!(status.message(), "the API key is not valid", "{bad}");

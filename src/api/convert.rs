@@ -77,7 +77,11 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
                 ),
             ));
         }
-        let params = match spec.params.map(|p| struct_to_json(p, 0, limits.max_params_depth)).transpose() {
+        let params = match spec
+            .params
+            .map(|p| struct_to_json(p, 0, limits.max_params_depth))
+            .transpose()
+        {
             Ok(params) => params.unwrap_or_default(),
             Err(v) => {
                 violations.push(v.under(&format!("{field}.params")));
@@ -384,7 +388,12 @@ mod tests {
                 kind: Some(Kind::ListValue(list)),
             },
         );
-        assert_eq!(struct_to_json(s, 0, DEFAULT_MAX_PARAMS_DEPTH).unwrap_err().field, "n[0]");
+        assert_eq!(
+            struct_to_json(s, 0, DEFAULT_MAX_PARAMS_DEPTH)
+                .unwrap_err()
+                .field,
+            "n[0]"
+        );
     }
 
     #[test]

@@ -16,7 +16,12 @@ use prost::Message as _;
 use prost_types::Any;
 use tonic_types::pb::{ErrorInfo, Status};
 
-use super::{convert::{DEFAULT_MAX_PARAMS_DEPTH, value_to_json}, longrunning::Operation, pb, status::ERROR_DOMAIN};
+use super::{
+    convert::{DEFAULT_MAX_PARAMS_DEPTH, value_to_json},
+    longrunning::Operation,
+    pb,
+    status::ERROR_DOMAIN,
+};
 use crate::job::{FieldViolation, JobId, JobState};
 
 /// The collection every operation name is in.

@@ -96,10 +96,7 @@ fn rate_limited(tenant: &str, rate: Rate, wait: Duration) -> Status {
         ERROR_DOMAIN,
         HashMap::from([
             ("tenant".to_owned(), tenant.to_owned()),
-            (
-                "submits_per_second".to_owned(),
-                rate.per_second.to_string(),
-            ),
+            ("submits_per_second".to_owned(), rate.per_second.to_string()),
         ]),
     );
     // Rounded up to whole milliseconds so that a client waiting exactly this long finds a token.
@@ -250,7 +247,11 @@ mod tests {
         }
         let refused = rates.check_at(&tenant, start).unwrap_err();
         assert_eq!(refused.code(), Code::ResourceExhausted);
-        let retry = refused.get_details_retry_info().unwrap().retry_delay.unwrap();
+        let retry = refused
+            .get_details_retry_info()
+            .unwrap()
+            .retry_delay
+            .unwrap();
         assert!(retry > Duration::from_millis(400) && retry <= Duration::from_millis(501));
         rates.check_at(&Arc::from("b"), start).unwrap();
         let later = start + Duration::from_millis(501);

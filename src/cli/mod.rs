@@ -173,7 +173,10 @@ impl Printer {
 pub(crate) struct BearerKey(Option<MetadataValue<Ascii>>);
 
 impl tonic::service::Interceptor for BearerKey {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
             request
                 .metadata_mut()
@@ -204,10 +207,10 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     let wants_tls = args.ca_cert.is_some() || args.client_cert.is_some();
     if uri.starts_with("https://") || wants_tls {
         if !uri.starts_with("https://") {
-            return Err(
-                error::Usage("--ca-cert and --client-cert need an https:// --addr".to_owned())
-                    .into(),
-            );
+            return Err(error::Usage(
+                "--ca-cert and --client-cert need an https:// --addr".to_owned(),
+            )
+            .into());
         }
         let read = |flag: &str, path: &std::path::Path| {
             std::fs::read(path).with_context(|| format!("{flag}: reading {}", path.display()))
@@ -230,9 +233,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         Some(key) => Some(
             format!("Bearer {}", key.trim())
                 .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| {
-                    error::Usage("--api-key must be printable ASCII".to_owned())
-                })?,
+                .map_err(|_| error::Usage("--api-key must be printable ASCII".to_owned()))?,
         ),
         None => None,
     };

@@ -10,8 +10,8 @@ use longrun::api::pb;
 use tonic::{Code, Status};
 
 use super::{
-    Client, ClientArgs, Printer, bars::View, connect, error::describe_status, is_terminal, job_exit_code,
-    parse_duration,
+    Client, ClientArgs, Printer, bars::View, connect, error::describe_status, is_terminal,
+    job_exit_code, parse_duration,
 };
 
 /// The first wait before reconnecting; doubled per failed attempt.

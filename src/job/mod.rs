@@ -5,7 +5,8 @@ mod model;
 mod state;
 
 pub use model::{
-    Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
+    Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob,
+    Progress,
 };
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
 

@@ -120,16 +120,31 @@ async fn tenants_are_kept_apart(store: &impl Store) {
 
     // The event log and the unfinished snapshot, scoped the same way.
     let no_labels = BTreeMap::new();
-    let a_events = store.events_after(0, Some("a"), &no_labels, 100).await.unwrap();
+    let a_events = store
+        .events_after(0, Some("a"), &no_labels, 100)
+        .await
+        .unwrap();
     assert_eq!(
-        a_events.events.iter().map(|(_, j)| j.id).collect::<Vec<_>>(),
+        a_events
+            .events
+            .iter()
+            .map(|(_, j)| j.id)
+            .collect::<Vec<_>>(),
         vec![a_keyed.id, a_older.id]
     );
-    let b_first = store.events_after(0, Some("b"), &no_labels, 1).await.unwrap();
+    let b_first = store
+        .events_after(0, Some("b"), &no_labels, 1)
+        .await
+        .unwrap();
     assert_eq!(b_first.events.len(), 1);
     assert_eq!(b_first.events[0].1.id, b_keyed.id);
     assert_eq!(
-        store.events_after(0, None, &no_labels, 100).await.unwrap().events.len(),
+        store
+            .events_after(0, None, &no_labels, 100)
+            .await
+            .unwrap()
+            .events
+            .len(),
         8
     );
     let (_, b_unfinished) = store.unfinished_at(Some("b"), &no_labels).await.unwrap();
@@ -219,9 +234,15 @@ async fn events_filter_by_labels_and_page(store: &impl Store) {
         first.scanned_to, first.events[0].0,
         "a full page ends at its last event"
     );
-    let second = store.events_after(first.scanned_to, None, &x, 10).await.unwrap();
+    let second = store
+        .events_after(first.scanned_to, None, &x, 10)
+        .await
+        .unwrap();
     assert_eq!(event_keys(&second).0, wanted[1..]);
-    let all = store.events_after(0, None, &BTreeMap::new(), 10).await.unwrap();
+    let all = store
+        .events_after(0, None, &BTreeMap::new(), 10)
+        .await
+        .unwrap();
     assert_eq!(
         second.scanned_to,
         all.events.last().unwrap().0,
@@ -270,7 +291,11 @@ async fn removed_events_are_marked_and_never_reused(store: &impl Store) {
     old.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
         .unwrap();
     store.save(&old).await.unwrap();
-    let newest = store.events_after(0, None, &none, 10).await.unwrap().scanned_to;
+    let newest = store
+        .events_after(0, None, &none, 10)
+        .await
+        .unwrap()
+        .scanned_to;
     assert_eq!(
         store
             .purge_finished(now + Duration::from_secs(1), 10)
@@ -304,7 +329,10 @@ async fn unfinished_at_agrees_with_the_event_log(store: &impl Store) {
         .await
         .unwrap();
     assert_eq!(jobs, vec![running.clone()]);
-    let page = store.events_after(0, None, &BTreeMap::new(), 100).await.unwrap();
+    let page = store
+        .events_after(0, None, &BTreeMap::new(), 100)
+        .await
+        .unwrap();
     assert_eq!(
         head,
         page.events.last().unwrap().0,

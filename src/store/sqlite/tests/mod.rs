@@ -213,7 +213,12 @@ async fn list_agrees_with_the_memory_store() {
     for states in &state_sets {
         for labels in &label_sets {
             for before in [None, Some(ids[ids.len() / 2])] {
-                for (limit, tenant) in [(0, None), (3, Some("default")), (100, None), (100, Some("x"))] {
+                for (limit, tenant) in [
+                    (0, None),
+                    (3, Some("default")),
+                    (100, None),
+                    (100, Some("x")),
+                ] {
                     let query = ListQuery {
                         states: states.clone(),
                         labels: labels.iter().cloned().collect(),
@@ -280,7 +285,11 @@ async fn tenants_migration_keeps_old_jobs_as_the_default_tenants() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(version, schema::supported_version());
-    let migrated = store.get(old.id).await.unwrap().expect("the old job is kept");
+    let migrated = store
+        .get(old.id)
+        .await
+        .unwrap()
+        .expect("the old job is kept");
     assert_eq!(migrated, old, "reads back whole, as the default tenant's");
     assert_eq!(migrated.tenant, crate::job::DEFAULT_TENANT);
     assert_eq!(store.transitions(old.id, 0).await.unwrap().len(), 1);
@@ -294,7 +303,11 @@ async fn tenants_migration_keeps_old_jobs_as_the_default_tenants() {
         })
         .await
         .unwrap();
-    assert_eq!(listed.len(), 1, "labels survive and the tenant column is filled");
+    assert_eq!(
+        listed.len(),
+        1,
+        "labels survive and the tenant column is filled"
+    );
     let events = store
         .events_after(0, Some("default"), &labels, 10)
         .await
