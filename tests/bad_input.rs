@@ -172,7 +172,7 @@ async fn bad_submit_requests_are_refused_naming_the_field_and_store_nothing() {
     };
     let too_deep_field = format!(
         "actions[0].params.{}",
-        vec!["x"; MAX_PARAMS_DEPTH + 1].join(".")
+        ["x"; MAX_PARAMS_DEPTH + 1].join(".")
     );
 
     let cases: Vec<(&str, pb::SubmitRequest, String)> = vec![
@@ -312,7 +312,7 @@ async fn limits_are_inclusive_exactly_the_limit_is_accepted_and_one_more_refused
     let long_value = "v".repeat(MAX_LABEL_VALUE_BYTES);
     let too_deep_field = format!(
         "actions[0].params.{}",
-        vec!["x"; MAX_PARAMS_DEPTH + 1].join(".")
+        ["x"; MAX_PARAMS_DEPTH + 1].join(".")
     );
     let too_long_key_field = format!("labels[{too_long_key:?}]");
     let edges: Vec<(&str, pb::SubmitRequest, pb::SubmitRequest, &str)> = vec![
