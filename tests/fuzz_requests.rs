@@ -211,6 +211,8 @@ fn submit_request() -> impl Strategy<Value = pb::SubmitRequest> {
     )
         .prop_map(
             |(actions, idempotency_key, timeout, max_attempts, priority, labels, wait)| {
+                // Fields added to the request later start out default here.
+                #[allow(clippy::needless_update)]
                 pb::SubmitRequest {
                     actions,
                     idempotency_key,
