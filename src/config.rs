@@ -520,4 +520,83 @@ mod tests {
         let error = FileConfig::parse("[server]\nconcurency = 3").unwrap_err();
         assert!(error.to_string().contains("concurency"));
     }
+
+    #[test]
+    fn auth_defaults_to_off_only_on_loopback() {
+        let on_loopback = Config::resolve(Settings::default(), FileConfig::default());
+        assert!(!on_loopback.auth.enabled);
+        let exposed = Settings {
+            listen: Some("0.0.0.0:50051".parse().unwrap()),
+            ..Settings::default()
+        };
+        assert!(
+            Config::resolve(exposed.clone(), FileConfig::default())
+                .auth
+                .enabled
+        );
+        let forced_off = Settings {
+            auth: Some(Switch::Off),
+            ..exposed
+        };
+        assert!(
+            !Config::resolve(forced_off, FileConfig::default())
+                .auth
+                .enabled
+        );
+        let file = FileConfig::parse("[auth]\nenabled = true").unwrap();
+        assert!(Config::resolve(Settings::default(), file).auth.enabled);
+    }
+
+    #[test]
+    fn quotas_have_defaults_and_per_tenant_overrides() {
+        let file = FileConfig::parse(
+            r#"
+            [quotas]
+            max_queued_jobs = 10
+            submits_per_second = 2.5
+
+            [quotas.tenants.big]
+            max_queued_jobs = 1000
+            submit_burst = 7
+
+            [[auth.keys]]
+            tenant = "big"
+            key_sha256 = "00"
+            "#,
+        )
+        .unwrap();
+        let config = Config::resolve(Settings::default(), file);
+        assert_eq!(config.executor.tenant_queue_limit("small"), Some(10));
+        assert_eq!(config.executor.tenant_queue_limit("big"), Some(1000));
+        assert_eq!(
+            config.submit_rate,
+            Some(Rate {
+                per_second: 2.5,
+                burst: 3
+            })
+        );
+        assert_eq!(
+            config.tenant_submit_rates.get("big"),
+            Some(&Rate {
+                per_second: 2.5,
+                burst: 7
+            })
+        );
+        assert_eq!(config.auth.keys.len(), 1);
+        assert!(FileConfig::parse("[quotas]\nmax_queued = 3").is_err());
+        assert!(FileConfig::parse("[quotas.tenants.a]\nmax_queued = 3").is_err());
+        assert!(FileConfig::parse("[auth]\nenable = true").is_err());
+    }
+
+    #[test]
+    fn tls_settings_come_from_flags_or_the_server_table() {
+        let file = FileConfig::parse(
+            "[server]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_client_ca = \"ca.pem\"",
+        )
+        .unwrap();
+        let tls = Config::resolve(Settings::default(), file).tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        assert!(Config::default().tls.is_none());
+    }
 }
