@@ -15,8 +15,8 @@ use tonic::{Request, Status, metadata::MetadataMap, service::Interceptor};
 
 use super::status::job_not_found;
 use crate::{
+    executor::Executor,
     job::{DEFAULT_TENANT, Job, JobId},
-    store::Store,
 };
 
 /// The tenant a request was authenticated as; set by [`Authenticator`].
@@ -175,10 +175,22 @@ pub fn owns(tenant: &str, job: &Job) -> bool {
 
 /// Succeeds when job `id` exists and belongs to `tenant`; otherwise the very NOT_FOUND an
 /// unknown id gets, so another tenant's ids cannot even be confirmed to exist.
-pub async fn check_owner(store: &Arc<dyn Store>, tenant: &str, id: JobId) -> Result<(), Status> {
-    match store.get(id).await? {
-        Some(job) if owns(tenant, &job) => Ok(()),
-        _ => Err(job_not_found(id)),
+///
+/// A job's tenant never changes, so a live snapshot in the hub (a job being run or watched)
+/// answers without a store read; the call that follows still reports a job removed meanwhile.
+pub async fn check_owner(executor: &Executor, tenant: &str, id: JobId) -> Result<(), Status> {
+    let owned = match executor.hub().latest(id) {
+        Some(live) => owns(tenant, &live),
+        None => executor
+            .store()
+            .get(id)
+            .await?
+            .is_some_and(|job| owns(tenant, &job)),
+    };
+    if owned {
+        Ok(())
+    } else {
+        Err(job_not_found(id))
     }
 }
 

@@ -154,7 +154,7 @@ impl Jobs for JobsService {
                 "must not be negative",
             )));
         }
-        check_owner(self.executor.store(), &tenant, id).await?;
+        check_owner(&self.executor, &tenant, id).await?;
         let store = Arc::clone(self.executor.store());
         let watch = JobWatch::open(store, self.executor.hub(), id, request.after_version)
             .await
@@ -219,7 +219,7 @@ impl Jobs for JobsService {
     ) -> Result<Response<pb::WaitJobResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
         let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
-        check_owner(self.executor.store(), &tenant(&request), id).await?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         let (job, done) = self.wait_for(id, until).await?;
         Ok(Response::new(pb::WaitJobResponse {
             job: Some(job),
@@ -233,7 +233,7 @@ impl Jobs for JobsService {
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
-        check_owner(self.executor.store(), &tenant(&request), id).await?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         let job = self.executor.cancel(id).await?;
         Ok(Response::new(pb::CancelResponse {
             job: Some(convert::job(&job)),
@@ -293,7 +293,7 @@ impl Jobs for JobsService {
         request: Request<pb::DeleteJobRequest>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
-        check_owner(self.executor.store(), &tenant(&request), id).await?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         match self.executor.store().delete(id).await? {
             Deleted::Removed => Ok(Response::new(pb::DeleteJobResponse {})),
             Deleted::NotFound => Err(job_not_found(id)),

@@ -126,7 +126,7 @@ impl Operations for OperationsService {
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
         let id = job_id(&request.get_ref().name)?;
-        check_owner(self.executor.store(), &tenant(&request), id).await?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         match self.executor.store().delete(id).await? {
             Deleted::Removed => Ok(Response::new(())),
             Deleted::NotFound => Err(job_not_found(id)),
@@ -142,7 +142,7 @@ impl Operations for OperationsService {
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
         let id = job_id(&request.get_ref().name)?;
-        check_owner(self.executor.store(), &tenant(&request), id).await?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         self.executor.cancel(id).await?;
         Ok(Response::new(()))
     }
@@ -156,7 +156,7 @@ impl Operations for OperationsService {
     ) -> Result<Response<Operation>, Status> {
         let id = job_id(&request.get_ref().name)?;
         let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
-        check_owner(self.executor.store(), &tenant(&request), id).await?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         let (job, _) = wait::wait_for(&self.executor, &self.stopping, id, until).await?;
         Ok(Response::new(operation(job)))
     }
