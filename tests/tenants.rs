@@ -299,6 +299,24 @@ async fn each_tenant_sees_watches_cancels_and_deletes_only_its_own_jobs() {
 async fn list_pages_are_full_however_many_jobs_other_tenants_have() {
     let server =
         TestServer::start_with(two_tenants(), longrun::actions::Registry::with_builtins()).await;
+    list_pages_are_full(&server).await;
+}
+
+#[tokio::test]
+async fn list_pages_are_full_with_the_sqlite_store_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = longrun::store::SqliteStore::open(dir.path(), Default::default()).unwrap();
+    let server = TestServer::start_on(
+        Arc::new(store),
+        two_tenants(),
+        longrun::actions::Registry::with_builtins(),
+    )
+    .await;
+    list_pages_are_full(&server).await;
+}
+
+/// Three jobs of acme's, then five newer ones of globex's: acme's pages of two are full.
+async fn list_pages_are_full(server: &TestServer) {
     let mut acme = keyed_client(server.addr, ApiKey::bearer(ACME_KEY)).await;
     let mut globex = keyed_client(server.addr, ApiKey::bearer(GLOBEX_KEY)).await;
     let echo = || request(vec![action("echo", serde_json::json!({}))]);
