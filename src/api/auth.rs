@@ -162,7 +162,10 @@ impl Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let tenant = self.authenticate(request.metadata())?;
+        let tenant = self.authenticate(request.metadata()).inspect_err(|status| {
+            // Debug only: a client without a key would otherwise flood the log.
+            tracing::debug!(peer = ?request.remote_addr(), reason = status.message(), "call refused");
+        })?;
         request.extensions_mut().insert(tenant);
         Ok(request)
     }
