@@ -283,3 +283,83 @@ async fn the_cli_reaches_an_mtls_server_that_requires_an_api_key() {
     let stderr = String::from_utf8_lossy(&without_key.stderr);
     assert!(stderr.to_lowercase().contains("api key"), "{stderr}");
 }
+
+#[tokio::test]
+async fn grpc_web_over_http1_works_over_tls() {
+    use prost::Message as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, ServerName, pem::PemObject},
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let server = start(tls_config(&dir, &ca, None)).await;
+    let channel = until_ready(server.addr, &ca, None).await;
+    let job = JobsClient::new(channel)
+        .submit(request(vec![action("echo", serde_json::json!({}))]))
+        .await
+        .expect("submit")
+        .into_inner()
+        .job
+        .unwrap();
+
+    // A browser-like client: TLS without ALPN, then a gRPC-Web request over HTTP/1.1.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    let message = pb::GetStatusRequest {
+        job_id: job.id.clone(),
+    }
+    .encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let head = format!(
+        "POST /longrun.v1.Jobs/GetStatus HTTP/1.1\r\nhost: localhost\r\n\
+         content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&body).await.unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Read until the server closes; a close without close_notify ends the read with an error.
+    while let Ok(Ok(n)) = tokio::time::timeout(PATIENCE, tls.read(&mut chunk)).await {
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&response).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(
+        text.contains("content-type: application/grpc-web+proto"),
+        "{text}"
+    );
+    assert!(
+        text.contains("grpc-status:0") || text.contains("grpc-status: 0"),
+        "{text}"
+    );
+    assert!(
+        response
+            .windows(job.id.len())
+            .any(|w| w == job.id.as_bytes()),
+        "the job in the response"
+    );
+}
