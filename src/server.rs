@@ -61,6 +61,8 @@ pub struct Server {
     executor: Executor,
     config: Config,
     stopping: CancellationToken,
+    authenticator: Authenticator,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Server {
@@ -73,6 +75,12 @@ impl Server {
         registry: Registry,
         config: Config,
     ) -> Result<Self, ServeError> {
+        // Checked first, so that a server that could never serve starts nothing.
+        let authenticator = authenticator(&config)?;
+        let tls = match &config.tls {
+            Some(files) => Some(tls_config(files)?),
+            None => None,
+        };
         let executor = Executor::start(store, Hub::new(), registry, config.executor.clone());
         let stopping = CancellationToken::new();
         tokio::spawn(sweep_retention(
@@ -84,6 +92,8 @@ impl Server {
             executor,
             config,
             stopping,
+            authenticator,
+            tls,
         })
     }
 
@@ -115,11 +125,7 @@ impl Server {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let authenticator = authenticator(&self.config)?;
-        let tls = match &self.config.tls {
-            Some(files) => Some(tls_config(files)?),
-            None => None,
-        };
+        let authenticator = self.authenticator.clone();
         warn_if_exposed(&self.config, &listener);
 
         let limits = self.config.limits.clone();
@@ -183,7 +189,7 @@ impl Server {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = tls {
+        if let Some(tls) = self.tls.clone() {
             builder = builder
                 .tls_config(tls)
                 .map_err(|e| ServeError::Tls(e.to_string()))?;
