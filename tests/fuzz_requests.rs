@@ -201,7 +201,7 @@ fn submit_request() -> impl Strategy<Value = pb::SubmitRequest> {
         duration(),
         any::<i32>(),
         any::<i32>(),
-        hash_map(text(), text(), 0..6),
+        labels(),
         // `wait` only ever briefly, so that a valid sync Submit cannot hold the test.
         prop_oneof![
             Just(None),
@@ -225,6 +225,22 @@ fn submit_request() -> impl Strategy<Value = pb::SubmitRequest> {
                 }
             },
         )
+}
+
+/// Label maps: a few arbitrary ones, or thousands.
+fn labels() -> impl Strategy<Value = HashMap<String, String>> {
+    prop_oneof![
+        6 => hash_map(text(), text(), 0..6),
+        1 => Just((0..5000).map(|i| (format!("k{i}"), format!("v{i}"))).collect()),
+    ]
+}
+
+/// Enum values: known, unknown, negative, and very many of them.
+fn states() -> impl Strategy<Value = Vec<i32>> {
+    prop_oneof![
+        6 => vec(any::<i32>(), 0..4),
+        1 => Just(vec![1; 20_000]),
+    ]
 }
 
 /// Ids, tokens and cursors: garbage, near-misses and valid-looking ones.
@@ -263,12 +279,7 @@ fn call() -> impl Strategy<Value = Call> {
         (id(), short_wait).prop_map(|(id, wait)| Call::WaitJob(id, wait)),
         id().prop_map(Call::Cancel),
         id().prop_map(Call::Delete),
-        (
-            any::<i32>(),
-            id(),
-            vec(any::<i32>(), 0..4),
-            hash_map(text(), text(), 0..4)
-        )
+        (any::<i32>(), id(), states(), labels())
             .prop_map(|(size, token, states, labels)| Call::List(size, token, states, labels)),
         (id(), any::<i64>()).prop_map(|(id, v)| Call::WatchJob(id, v)),
         (
