@@ -5,9 +5,15 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time
 
 use serde::Deserialize;
 
+mod security;
+
+pub use security::{
+    AuthConfig, AuthSettings, KeyEntry, QuotaSettings, Switch, TenantQuota, TlsFiles,
+};
+
 use crate::{
     actions::{Exec, ExecCommand, Registry},
-    api::Limits,
+    api::{Limits, quotas::Rate},
     executor::{ExecutorConfig, InterruptedPolicy},
     store::{MemoryStore, SqliteOptions, SqliteStore, Store, StoreError},
     webhooks::WebhookConfig,
@@ -96,6 +102,38 @@ pub struct Settings {
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Option<Duration>,
+    /// How deep an action's params may nest [default: 32].
+    #[arg(long)]
+    pub max_params_depth: Option<usize>,
+    /// A label key, in bytes [default: 256].
+    #[arg(long)]
+    pub max_label_key_bytes: Option<usize>,
+    /// A label value, in bytes [default: 256].
+    #[arg(long)]
+    pub max_label_value_bytes: Option<usize>,
+    /// The largest ListJobs/ListOperations page; a larger page_size is INVALID_ARGUMENT
+    /// [default: 1000].
+    #[arg(long)]
+    pub max_page_size: Option<usize>,
+    /// WatchJob/WatchJobs streams open at once on one connection [default: 1000].
+    #[arg(long)]
+    pub max_watches_per_connection: Option<usize>,
+    /// WatchJob/WatchJobs streams open at once by one tenant [default: 10000].
+    #[arg(long)]
+    pub max_watches_per_tenant: Option<usize>,
+    /// Require API keys (`on`) or serve everyone as the tenant `default` (`off`) [default: off
+    /// when listening on a loopback address, on otherwise; the config file's `[auth] enabled`].
+    #[arg(long, value_enum, env = "LONGRUN_AUTH")]
+    pub auth: Option<Switch>,
+    /// Serve TLS with this PEM certificate chain (needs --tls-key) [default: plaintext h2c].
+    #[arg(long, env = "LONGRUN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "LONGRUN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA (mTLS); needs --tls-cert.
+    #[arg(long, env = "LONGRUN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Settings {
@@ -121,6 +159,22 @@ impl Settings {
             interrupted: self.interrupted.or(fallback.interrupted),
             retention: self.retention.or(fallback.retention),
             keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
+            max_params_depth: self.max_params_depth.or(fallback.max_params_depth),
+            max_label_key_bytes: self.max_label_key_bytes.or(fallback.max_label_key_bytes),
+            max_label_value_bytes: self
+                .max_label_value_bytes
+                .or(fallback.max_label_value_bytes),
+            max_page_size: self.max_page_size.or(fallback.max_page_size),
+            max_watches_per_connection: self
+                .max_watches_per_connection
+                .or(fallback.max_watches_per_connection),
+            max_watches_per_tenant: self
+                .max_watches_per_tenant
+                .or(fallback.max_watches_per_tenant),
+            auth: self.auth.or(fallback.auth),
+            tls_cert: self.tls_cert.or(fallback.tls_cert),
+            tls_key: self.tls_key.or(fallback.tls_key),
+            tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
         }
     }
 }
@@ -188,7 +242,7 @@ impl WebhookSettings {
 }
 
 /// The config file: a `[server]` table with the same settings as the flags, an `[exec]`
-/// table, and a `[webhooks]` table.
+/// table, `[auth]`, `[quotas]` and `[webhooks]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
@@ -199,6 +253,10 @@ pub struct FileConfig {
     pub exec: ExecSettings,
     /// Webhook delivery settings.
     pub webhooks: WebhookSettings,
+    /// API keys and whether they are required.
+    pub auth: AuthSettings,
+    /// Per-tenant quotas.
+    pub quotas: QuotaSettings,
 }
 
 impl FileConfig {
@@ -233,6 +291,14 @@ pub struct Config {
     pub exec_commands: BTreeMap<String, ExecCommand>,
     /// Webhook checks and delivery.
     pub webhooks: WebhookConfig,
+    /// API keys.
+    pub auth: AuthConfig,
+    /// TLS, if served; plaintext h2c otherwise.
+    pub tls: Option<TlsFiles>,
+    /// Submits a second allowed to a tenant without its own rate; `None` for no limit.
+    pub submit_rate: Option<Rate>,
+    /// Per-tenant submit rates.
+    pub tenant_submit_rates: BTreeMap<String, Rate>,
 }
 
 impl Default for Config {
@@ -274,12 +340,14 @@ impl Config {
     /// Flags over file over defaults.
     pub fn resolve(flags: Settings, file: FileConfig) -> Self {
         let s = flags.or(file.settings);
+        let quotas = file.quotas;
+        let listen = s
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
         let limit_defaults = Limits::default();
         let exec_defaults = ExecutorConfig::default();
         Self {
-            listen: s
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            listen,
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("longrun-data")),
             metrics_listen: s.metrics_listen,
             store: s.store.unwrap_or(StoreKind::Sqlite),
@@ -295,6 +363,22 @@ impl Config {
                     .unwrap_or(limit_defaults.max_params_bytes),
                 max_input_bytes: s.max_input_bytes.unwrap_or(limit_defaults.max_input_bytes),
                 max_labels: s.max_labels.unwrap_or(limit_defaults.max_labels),
+                max_params_depth: s
+                    .max_params_depth
+                    .unwrap_or(limit_defaults.max_params_depth),
+                max_label_key_bytes: s
+                    .max_label_key_bytes
+                    .unwrap_or(limit_defaults.max_label_key_bytes),
+                max_label_value_bytes: s
+                    .max_label_value_bytes
+                    .unwrap_or(limit_defaults.max_label_value_bytes),
+                max_page_size: s.max_page_size.unwrap_or(limit_defaults.max_page_size),
+                max_watches_per_connection: s
+                    .max_watches_per_connection
+                    .unwrap_or(limit_defaults.max_watches_per_connection),
+                max_watches_per_tenant: s
+                    .max_watches_per_tenant
+                    .unwrap_or(limit_defaults.max_watches_per_tenant),
                 ..limit_defaults
             },
             executor: ExecutorConfig {
@@ -311,6 +395,15 @@ impl Config {
                     .unwrap_or(exec_defaults.retry_backoff_max),
                 cancel_grace: s.cancel_grace.unwrap_or(exec_defaults.cancel_grace),
                 interrupted_policy: s.interrupted.unwrap_or(exec_defaults.interrupted_policy),
+                max_queued_per_tenant: quotas.default.max_queued_jobs,
+                tenant_max_queued: quotas
+                    .tenants
+                    .iter()
+                    .filter_map(|(tenant, q)| {
+                        let limit = q.or(&quotas.default).max_queued_jobs?;
+                        Some((tenant.clone(), limit))
+                    })
+                    .collect(),
                 ..exec_defaults
             },
             shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
@@ -320,6 +413,31 @@ impl Config {
             keepalive_interval: s.keepalive_interval.unwrap_or(Duration::from_secs(30)),
             exec_commands: file.exec.commands,
             webhooks: file.webhooks.resolve(),
+            auth: AuthConfig {
+                // Off by default only where nobody else can connect.
+                enabled: match s.auth {
+                    Some(switch) => switch == Switch::On,
+                    None => file.auth.enabled.unwrap_or(!listen.ip().is_loopback()),
+                },
+                keys: file.auth.keys,
+            },
+            // A partial setting (a key without a certificate, a client CA alone) is kept with
+            // the missing paths empty, so that the server refuses it at start instead of
+            // silently serving plaintext.
+            tls: match (s.tls_cert, s.tls_key, s.tls_client_ca) {
+                (None, None, None) => None,
+                (cert, key, client_ca) => Some(TlsFiles {
+                    cert: cert.unwrap_or_default(),
+                    key: key.unwrap_or_default(),
+                    client_ca,
+                }),
+            },
+            submit_rate: quotas.default.rate(),
+            tenant_submit_rates: quotas
+                .tenants
+                .iter()
+                .filter_map(|(tenant, q)| Some((tenant.clone(), q.or(&quotas.default).rate()?)))
+                .collect(),
         }
     }
 }
@@ -396,5 +514,84 @@ mod tests {
     fn unknown_keys_in_the_file_are_refused() {
         let error = FileConfig::parse("[server]\nconcurency = 3").unwrap_err();
         assert!(error.to_string().contains("concurency"));
+    }
+
+    #[test]
+    fn auth_defaults_to_off_only_on_loopback() {
+        let on_loopback = Config::resolve(Settings::default(), FileConfig::default());
+        assert!(!on_loopback.auth.enabled);
+        let exposed = Settings {
+            listen: Some("0.0.0.0:50051".parse().unwrap()),
+            ..Settings::default()
+        };
+        assert!(
+            Config::resolve(exposed.clone(), FileConfig::default())
+                .auth
+                .enabled
+        );
+        let forced_off = Settings {
+            auth: Some(Switch::Off),
+            ..exposed
+        };
+        assert!(
+            !Config::resolve(forced_off, FileConfig::default())
+                .auth
+                .enabled
+        );
+        let file = FileConfig::parse("[auth]\nenabled = true").unwrap();
+        assert!(Config::resolve(Settings::default(), file).auth.enabled);
+    }
+
+    #[test]
+    fn quotas_have_defaults_and_per_tenant_overrides() {
+        let file = FileConfig::parse(
+            r#"
+            [quotas]
+            max_queued_jobs = 10
+            submits_per_second = 2.5
+
+            [quotas.tenants.big]
+            max_queued_jobs = 1000
+            submit_burst = 7
+
+            [[auth.keys]]
+            tenant = "big"
+            key_sha256 = "00"
+            "#,
+        )
+        .unwrap();
+        let config = Config::resolve(Settings::default(), file);
+        assert_eq!(config.executor.tenant_queue_limit("small"), Some(10));
+        assert_eq!(config.executor.tenant_queue_limit("big"), Some(1000));
+        assert_eq!(
+            config.submit_rate,
+            Some(Rate {
+                per_second: 2.5,
+                burst: 3
+            })
+        );
+        assert_eq!(
+            config.tenant_submit_rates.get("big"),
+            Some(&Rate {
+                per_second: 2.5,
+                burst: 7
+            })
+        );
+        assert_eq!(config.auth.keys.len(), 1);
+        assert!(FileConfig::parse("[quotas]\nmax_queued = 3").is_err());
+        assert!(FileConfig::parse("[quotas.tenants.a]\nmax_queued = 3").is_err());
+        assert!(FileConfig::parse("[auth]\nenable = true").is_err());
+    }
+
+    #[test]
+    fn tls_settings_come_from_flags_or_the_server_table() {
+        let file = FileConfig::parse(
+            "[server]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_client_ca = \"ca.pem\"",
+        )
+        .unwrap();
+        let tls = Config::resolve(Settings::default(), file).tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        assert!(Config::default().tls.is_none());
     }
 }

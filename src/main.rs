@@ -24,6 +24,9 @@ struct Cli {
 enum Command {
     /// Runs the service (durable embedded store in ./longrun-data by default; no setup needed).
     Serve(ServeArgs),
+    /// Prints the SHA-256 (hex) of an API key read from stdin, for `key_sha256` in the config
+    /// file's `[[auth.keys]]`: the server is only ever given the hash.
+    HashKey,
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -42,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::HashKey => hash_key(),
         Command::Client(command) => std::process::exit(cli::run(command).await),
     }
 }
@@ -83,6 +87,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .serve(listener, shutdown_signal())
         .await
         .context("serving")?;
+    Ok(())
+}
+
+/// Reads a key from stdin (one line; surrounding whitespace is not part of it) and prints its
+/// hash.
+fn hash_key() -> anyhow::Result<()> {
+    let mut key = String::new();
+    std::io::stdin()
+        .read_line(&mut key)
+        .context("reading the key from stdin")?;
+    let key = key.trim();
+    anyhow::ensure!(
+        !key.is_empty(),
+        "no key on stdin: pipe the key in, e.g. `echo -n \"$KEY\" | longrun hash-key`"
+    );
+    println!("{}", hex::encode(longrun::api::auth::hash_key(key)));
     Ok(())
 }
 

@@ -18,10 +18,11 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     actions::Registry,
     api::{
-        FILE_DESCRIPTOR_SET, JobsService, OperationsService,
+        ApiKeys, Authenticator, FILE_DESCRIPTOR_SET, JobsService, OperationsService,
         longrunning::operations_server::OperationsServer, pb::jobs_server::JobsServer,
+        quotas::SubmitRates,
     },
-    config::Config,
+    config::{Config, TlsFiles},
     events::Hub,
     executor::{Executor, ExecutorError},
     metrics::RpcTimingLayer,
@@ -50,6 +51,12 @@ pub enum ServeError {
     /// The webhook delivery worker could not start.
     #[error("webhook worker: {0}")]
     Webhooks(#[from] WorkerError),
+    /// The `[auth]` configuration cannot be used.
+    #[error("auth configuration: {0}")]
+    Auth(String),
+    /// The TLS files cannot be read or used.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
 }
 
 /// A longrun server: its executor runs from [`Server::start`] on; [`Server::serve`] picks up
@@ -58,6 +65,8 @@ pub struct Server {
     executor: Executor,
     config: Config,
     stopping: CancellationToken,
+    authenticator: Authenticator,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Server {
@@ -70,6 +79,12 @@ impl Server {
         registry: Registry,
         config: Config,
     ) -> Result<Self, ServeError> {
+        // Checked first, so that a server that could never serve starts nothing.
+        let authenticator = authenticator(&config)?;
+        let tls = match &config.tls {
+            Some(files) => Some(tls_config(files)?),
+            None => None,
+        };
         let executor = Executor::start(store, Hub::new(), registry, config.executor.clone());
         let stopping = CancellationToken::new();
         // Started before serving, so that what a previous run left in the outbox goes out at
@@ -91,6 +106,8 @@ impl Server {
             executor,
             config,
             stopping,
+            authenticator,
+            tls,
         })
     }
 
@@ -122,19 +139,32 @@ impl Server {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
+        let authenticator = self.authenticator.clone();
+        warn_if_exposed(&self.config, &listener);
+
         let limits = self.config.limits.clone();
         let max_message = limits.max_message_bytes;
         let service =
             JobsService::new(self.executor.clone(), limits.clone(), self.stopping.clone())
-                .with_webhooks(WebhookPolicy::new(&self.config.webhooks));
+                .with_webhooks(WebhookPolicy::new(&self.config.webhooks))
+                .with_submit_rates(SubmitRates::new(
+                    self.config.submit_rate,
+                    self.config.tenant_submit_rates.clone(),
+                ));
+        // Authentication wraps the two job services only: health and reflection stay open, so
+        // probes and `grpcurl list` work without a key.
         let jobs = JobsServer::new(service)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
+        let jobs =
+            tonic::service::interceptor::InterceptedService::new(jobs, authenticator.clone());
         let operations =
             OperationsService::new(self.executor.clone(), limits, self.stopping.clone());
         let operations = OperationsServer::new(operations)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
+        let operations =
+            tonic::service::interceptor::InterceptedService::new(operations, authenticator);
 
         let metrics = Arc::clone(self.executor.metrics());
         if let Some(addr) = self.config.metrics_listen {
@@ -173,7 +203,13 @@ impl Server {
         // Without TCP_NODELAY, small responses wait for delayed ACKs: ~40 ms a call.
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let transport = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls.clone() {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| ServeError::Tls(e.to_string()))?;
+        }
+        let transport = builder
             .layer(RpcTimingLayer::new(metrics))
             .http2_keepalive_interval(Some(self.config.keepalive_interval))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -219,6 +255,77 @@ impl Server {
         }
         transport.await?;
         Ok(())
+    }
+}
+
+/// The interceptor for the configured authentication; auth on without keys is refused, since
+/// such a server could never be used.
+fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
+    if !config.auth.enabled {
+        return Ok(Authenticator::off());
+    }
+    let keys = ApiKeys::from_hashes(
+        config
+            .auth
+            .keys
+            .iter()
+            .map(|k| (k.tenant.as_str(), k.key_sha256.as_str())),
+    )
+    .map_err(|e| ServeError::Auth(e.to_string()))?;
+    if keys.is_empty() {
+        return Err(ServeError::Auth(
+            "authentication is on but no API keys are configured: add [[auth.keys]] entries \
+             (tenant and key_sha256, from `longrun hash-key`) to the config file, or pass \
+             --auth off to serve everyone as the tenant `default`"
+                .to_owned(),
+        ));
+    }
+    tracing::info!(
+        keys = keys.len(),
+        "API keys required on longrun.v1.Jobs and Operations"
+    );
+    Ok(Authenticator::with_keys(keys))
+}
+
+/// Reads the PEM files into tonic's TLS config: a server identity, and a client CA for mTLS.
+fn tls_config(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
+    if files.cert.as_os_str().is_empty() || files.key.as_os_str().is_empty() {
+        return Err(ServeError::Tls(
+            "TLS needs both tls_cert and tls_key (tls_client_ca only adds client certificates)"
+                .to_owned(),
+        ));
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| ServeError::Tls(format!("reading {}: {e}", path.display())))
+    };
+    let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(tls)
+}
+
+/// Warns loudly when the server is reachable from other machines without authentication or
+/// without TLS.
+fn warn_if_exposed(config: &Config, listener: &TcpListener) {
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    if addr.ip().is_loopback() {
+        return;
+    }
+    if !config.auth.enabled {
+        tracing::warn!(
+            %addr,
+            "AUTHENTICATION IS OFF on a non-loopback address: anyone who can reach it can \
+             submit, read and cancel every job; configure [auth] keys"
+        );
+    }
+    if config.tls.is_none() {
+        tracing::warn!(
+            %addr,
+            "SERVING PLAINTEXT on a non-loopback address: API keys and job data cross the \
+             network unencrypted unless a sidecar encrypts them; pass --tls-cert and --tls-key"
+        );
     }
 }
 

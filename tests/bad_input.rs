@@ -22,11 +22,13 @@ const MAX_ACTIONS: usize = 3;
 const MAX_PARAMS_BYTES: usize = 1024;
 const MAX_INPUT_BYTES: usize = 1024;
 const MAX_LABELS: usize = 2;
-const MAX_LABEL_BYTES: usize = 16;
+const MAX_LABEL_KEY_BYTES: usize = 16;
+const MAX_LABEL_VALUE_BYTES: usize = 24;
+const MAX_PAGE_SIZE: i32 = 5;
 const MAX_KEY_BYTES: usize = 16;
 const MAX_ATTEMPTS_LIMIT: i32 = 100;
-/// Params may nest this deep; one level more is refused.
-const MAX_PARAMS_DEPTH: usize = 32;
+/// Params may nest this deep (configured: the default is 32); one level more is refused.
+const MAX_PARAMS_DEPTH: usize = 8;
 
 fn small_limits() -> Config {
     let mut config = test_config();
@@ -34,7 +36,9 @@ fn small_limits() -> Config {
     config.limits.max_params_bytes = MAX_PARAMS_BYTES;
     config.limits.max_input_bytes = MAX_INPUT_BYTES;
     config.limits.max_labels = MAX_LABELS;
-    config.limits.max_label_bytes = MAX_LABEL_BYTES;
+    config.limits.max_label_key_bytes = MAX_LABEL_KEY_BYTES;
+    config.limits.max_label_value_bytes = MAX_LABEL_VALUE_BYTES;
+    config.limits.max_params_depth = MAX_PARAMS_DEPTH;
     config.limits.max_idempotency_key_bytes = MAX_KEY_BYTES;
     config.executor.max_attempts_limit = MAX_ATTEMPTS_LIMIT as u32;
     config
@@ -168,7 +172,7 @@ async fn bad_submit_requests_are_refused_naming_the_field_and_store_nothing() {
     };
     let too_deep_field = format!(
         "actions[0].params.{}",
-        vec!["x"; MAX_PARAMS_DEPTH + 1].join(".")
+        ["x"; MAX_PARAMS_DEPTH + 1].join(".")
     );
 
     let cases: Vec<(&str, pb::SubmitRequest, String)> = vec![
@@ -268,7 +272,7 @@ async fn bad_submit_requests_are_refused_naming_the_field_and_store_nothing() {
         (
             "label value too long",
             with(vec![echo()], |r| {
-                r.labels = labels(&[("k", &"v".repeat(MAX_LABEL_BYTES + 1))])
+                r.labels = labels(&[("k", &"v".repeat(MAX_LABEL_VALUE_BYTES + 1))])
             }),
             "labels[\"k\"]".into(),
         ),
@@ -303,11 +307,14 @@ async fn bad_submit_requests_are_refused_naming_the_field_and_store_nothing() {
 async fn limits_are_inclusive_exactly_the_limit_is_accepted_and_one_more_refused() {
     let server = TestServer::start_with(small_limits(), registry()).await;
     let mut client = server.client.clone();
-    let long_label = "l".repeat(MAX_LABEL_BYTES);
+    let long_key = "k".repeat(MAX_LABEL_KEY_BYTES);
+    let too_long_key = "k".repeat(MAX_LABEL_KEY_BYTES + 1);
+    let long_value = "v".repeat(MAX_LABEL_VALUE_BYTES);
     let too_deep_field = format!(
         "actions[0].params.{}",
-        vec!["x"; MAX_PARAMS_DEPTH + 1].join(".")
+        ["x"; MAX_PARAMS_DEPTH + 1].join(".")
     );
+    let too_long_key_field = format!("labels[{too_long_key:?}]");
     let edges: Vec<(&str, pb::SubmitRequest, pb::SubmitRequest, &str)> = vec![
         (
             "actions",
@@ -338,12 +345,16 @@ async fn limits_are_inclusive_exactly_the_limit_is_accepted_and_one_more_refused
             "labels",
         ),
         (
-            "label bytes",
+            "label key bytes",
+            with(vec![echo()], |r| r.labels = labels(&[(&long_key, "v")])),
+            with(vec![echo()], |r| r.labels = labels(&[(&too_long_key, "v")])),
+            &too_long_key_field,
+        ),
+        (
+            "label value bytes",
+            with(vec![echo()], |r| r.labels = labels(&[("k", &long_value)])),
             with(vec![echo()], |r| {
-                r.labels = labels(&[(&long_label, &long_label)])
-            }),
-            with(vec![echo()], |r| {
-                r.labels = labels(&[("k", &"v".repeat(MAX_LABEL_BYTES + 1))])
+                r.labels = labels(&[("k", &"v".repeat(MAX_LABEL_VALUE_BYTES + 1))])
             }),
             "labels[\"k\"]",
         ),
@@ -535,4 +546,38 @@ async fn message_over_the_size_limit_is_refused_by_the_transport_and_stores_noth
     // The connection is still usable, and a message within the limit is accepted.
     submit(&mut client, request(vec![echo_with_input(1024)])).await;
     assert_eq!(list_all(&mut client).await.len(), 1);
+}
+
+#[tokio::test]
+async fn page_size_is_refused_one_over_the_configured_maximum() {
+    let mut config = small_limits();
+    config.limits.max_page_size = MAX_PAGE_SIZE as usize;
+    let server = TestServer::start_with(config, registry()).await;
+    let mut client = server.client.clone();
+    for _ in 0..(MAX_PAGE_SIZE + 1) {
+        submit(&mut client, request(vec![echo()])).await;
+    }
+    let at_limit = client
+        .list_jobs(pb::ListJobsRequest {
+            page_size: MAX_PAGE_SIZE,
+            ..Default::default()
+        })
+        .await
+        .expect("exactly the maximum page size is accepted")
+        .into_inner();
+    assert_eq!(at_limit.jobs.len(), MAX_PAGE_SIZE as usize);
+    let over = client
+        .list_jobs(pb::ListJobsRequest {
+            page_size: MAX_PAGE_SIZE + 1,
+            ..Default::default()
+        })
+        .await
+        .expect_err("one over is refused, not clamped");
+    assert_eq!(over.code(), tonic::Code::InvalidArgument);
+    assert_eq!(bad_request_fields(&over), vec!["page_size"]);
+    assert!(
+        over.message().contains(&MAX_PAGE_SIZE.to_string()),
+        "{}",
+        over.message()
+    );
 }

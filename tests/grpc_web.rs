@@ -18,6 +18,16 @@ async fn call(
     method: &str,
     request: impl prost::Message,
 ) -> (String, Vec<(u8, Vec<u8>)>) {
+    call_with(server, method, request, "").await
+}
+
+/// [`call`] with extra HTTP header lines (each ending in `\r\n`).
+async fn call_with(
+    server: &TestServer,
+    method: &str,
+    request: impl prost::Message,
+    extra_headers: &str,
+) -> (String, Vec<(u8, Vec<u8>)>) {
     let message = request.encode_to_vec();
     let mut body = vec![0u8];
     body.extend_from_slice(&(message.len() as u32).to_be_bytes());
@@ -25,7 +35,7 @@ async fn call(
     let head = format!(
         "POST /{method} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/grpc-web+proto\r\n\
          x-grpc-web: 1\r\naccept: application/grpc-web+proto\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n",
+         {extra_headers}connection: close\r\n\r\n",
         server.addr,
         body.len()
     );
@@ -168,4 +178,43 @@ async fn errors_arrive_as_a_trailers_only_response() {
     let code = tonic::Code::InvalidArgument as i32;
     assert!(head.contains(&format!("grpc-status: {code}")), "{head}");
     assert!(head.contains("grpc-message: "), "{head}");
+}
+
+#[tokio::test]
+async fn grpc_web_calls_need_an_api_key_when_the_server_requires_one() {
+    let server = TestServer::start_with(
+        auth_config(&[("acme", "web-key")]),
+        longrun::actions::Registry::with_builtins(),
+    )
+    .await;
+    let (head, frames) = call(
+        &server,
+        "longrun.v1.Jobs/ListJobs",
+        pb::ListJobsRequest::default(),
+    )
+    .await;
+    assert!(frames.is_empty(), "{frames:?}");
+    let code = tonic::Code::Unauthenticated as i32;
+    assert!(head.contains(&format!("grpc-status: {code}")), "{head}");
+
+    let mut keyed = keyed_client(server.addr, ApiKey::bearer("web-key")).await;
+    let job = keyed
+        .submit(request(vec![action("echo", serde_json::json!({}))]))
+        .await
+        .expect("submit")
+        .into_inner()
+        .job
+        .expect("job");
+    let (_, frames) = call_with(
+        &server,
+        "longrun.v1.Jobs/ListJobs",
+        pb::ListJobsRequest::default(),
+        "authorization: Bearer web-key\r\n",
+    )
+    .await;
+    assert_eq!(grpc_status(&frames), "0");
+    let listed = pb::ListJobsResponse::decode(frames[0].1.as_slice()).expect("decodes");
+    assert_eq!(listed.jobs.len(), 1);
+    assert_eq!(listed.jobs[0].id, job.id);
+    assert_eq!(listed.jobs[0].tenant, "acme");
 }

@@ -52,16 +52,20 @@ impl Store for SlowRecovery {
     async fn events_after(
         &self,
         after_seq: i64,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
         limit: usize,
     ) -> Result<EventPage, StoreError> {
-        self.inner.events_after(after_seq, labels, limit).await
+        self.inner
+            .events_after(after_seq, tenant, labels, limit)
+            .await
     }
     async fn unfinished_at(
         &self,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
     ) -> Result<(i64, Vec<Job>), StoreError> {
-        self.inner.unfinished_at(labels).await
+        self.inner.unfinished_at(tenant, labels).await
     }
     async fn purge_finished(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
         self.inner.purge_finished(before, limit).await

@@ -1,12 +1,12 @@
 //! The executor's limits seen through the API: the queue length, the concurrency limit and
-//! priorities.
+//! priorities; and the open-watch limits per connection and per tenant.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use longrun::api::pb::JobState;
+use longrun::api::pb::{self, JobState};
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
@@ -126,5 +126,94 @@ async fn higher_priority_jobs_start_first_and_equal_ones_in_submission_order() {
         order.push(by_name[&gate.next_started().await]);
     }
     assert_eq!(order, ["high", "mid", "low-1", "low-2", "neg"]);
+    gate.release(1);
+}
+
+/// Tries to open a watch of `job_id`: the stream, or the refusal.
+async fn try_watch(
+    client: &mut longrun::api::pb::jobs_client::JobsClient<tonic::transport::Channel>,
+    job_id: &str,
+) -> Result<tonic::Streaming<pb::WatchJobResponse>, tonic::Status> {
+    client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job_id.to_owned(),
+            after_version: 0,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Retries opening a watch until it is accepted (bounded): the server learns of a closed
+/// stream or connection shortly after the client drops it.
+async fn watch_once_freed(
+    client: &mut longrun::api::pb::jobs_client::JobsClient<tonic::transport::Channel>,
+    job_id: &str,
+) -> tonic::Streaming<pb::WatchJobResponse> {
+    for _ in 0..500 {
+        if let Ok(stream) = try_watch(client, job_id).await {
+            return stream;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the freed watch slot never came back");
+}
+
+#[tokio::test]
+async fn open_watches_are_limited_per_connection_and_per_tenant_and_freed_on_close() {
+    let gate = Gate::new(false);
+    let mut config = test_config();
+    config.limits.max_watches_per_connection = 2;
+    config.limits.max_watches_per_tenant = 3;
+    let server = TestServer::start_with(config, gate.registry()).await;
+    let mut first = server.client().await;
+    let job = submit(&mut first, request(vec![gated()])).await;
+    gate.next_started().await;
+
+    // Exactly the per-connection limit, then one more on the same connection.
+    let one = try_watch(&mut first, &job.id).await.expect("first watch");
+    let _two = first
+        .watch_jobs(pb::WatchJobsRequest::default())
+        .await
+        .expect("WatchJobs counts too");
+    let refused = try_watch(&mut first, &job.id)
+        .await
+        .expect_err("over the connection limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("max_watches_per_connection"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        refused
+            .get_details_error_info()
+            .map(|i| i.metadata["limit"].clone()),
+        Some("max_watches_per_connection".to_owned())
+    );
+
+    // Another connection of the same tenant: one more fits under the tenant's limit.
+    let mut second = server.client().await;
+    let three = try_watch(&mut second, &job.id).await.expect("third watch");
+    let refused = try_watch(&mut second, &job.id)
+        .await
+        .expect_err("over the tenant limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("max_watches_per_tenant"),
+        "{}",
+        refused.message()
+    );
+
+    // A stream the client drops frees its slot.
+    drop(one);
+    let _four = watch_once_freed(&mut second, &job.id).await;
+
+    // A client that goes away (its streams and connection dropped) frees every slot it held.
+    drop(three);
+    drop(_four);
+    drop(second);
+    let mut third = server.client().await;
+    let _five = watch_once_freed(&mut third, &job.id).await;
+    let _six = watch_once_freed(&mut first, &job.id).await;
     gate.release(1);
 }

@@ -133,3 +133,61 @@ async fn finished_jobs_are_removed_after_the_retention_period() {
         .await;
     assert!(still_there.is_ok(), "unfinished jobs are never removed");
 }
+
+/// Starts `longrun serve` with `args` on a memory store, stderr piped.
+fn serve_with(args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_longrun"))
+        .args(["serve", "--store", "memory"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("LONGRUN_AUTH")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start longrun serve")
+}
+
+#[test]
+fn on_a_non_loopback_address_auth_is_on_by_default_and_needs_keys() {
+    let child = serve_with(&["--listen", "0.0.0.0:0"]);
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let output = result
+        .recv_timeout(PATIENCE)
+        .expect("serve exits by itself in time")
+        .expect("output");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no API keys are configured"), "{stderr}");
+    assert!(stderr.contains("--auth off"), "says how to go on: {stderr}");
+}
+
+#[test]
+fn without_auth_or_tls_on_a_non_loopback_address_serve_warns_loudly() {
+    use std::io::BufRead as _;
+    let mut child = serve_with(&["--listen", "0.0.0.0:0", "--auth", "off"]);
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let (mut auth_warned, mut tls_warned) = (false, false);
+    while !(auth_warned && tls_warned) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = seen.recv_timeout(left).expect("both warnings in time");
+        auth_warned |= line.contains("WARN") && line.contains("AUTHENTICATION IS OFF");
+        tls_warned |= line.contains("WARN") && line.contains("SERVING PLAINTEXT");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

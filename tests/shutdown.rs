@@ -99,6 +99,7 @@ async fn submit_during_and_after_shutdown_is_refused_with_unavailable() {
             labels: Default::default(),
             before: None,
             limit: 100,
+            tenant: None,
         })
         .await
         .expect("list");

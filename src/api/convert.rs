@@ -15,8 +15,10 @@ use crate::job::{
     NewAction, NewJob, WebhookEvents,
 };
 
-/// How deep params may nest; deeper input is refused before it can cost stack or time.
-const MAX_PARAMS_DEPTH: usize = 32;
+/// How deep params may nest by default; deeper input is refused before it can cost stack or
+/// time. Protobuf decoding itself stops at 100 levels of messages (a `Value` level is two),
+/// so a configured depth above ~45 is never reached.
+pub const DEFAULT_MAX_PARAMS_DEPTH: usize = 32;
 
 /// Parses a job id, naming `field` when it is not a UUID.
 pub fn parse_job_id(field: &str, value: &str) -> Result<JobId, FieldViolation> {
@@ -76,7 +78,11 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
                 ),
             ));
         }
-        let params = match spec.params.map(|p| struct_to_json(p, 0)).transpose() {
+        let params = match spec
+            .params
+            .map(|p| struct_to_json(p, 0, limits.max_params_depth))
+            .transpose()
+        {
             Ok(params) => params.unwrap_or_default(),
             Err(v) => {
                 violations.push(v.under(&format!("{field}.params")));
@@ -122,6 +128,8 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
             labels: request.labels.into_iter().collect(),
             // Checked apart, by the webhook policy (it resolves the host: async).
             webhook: None,
+            // The service sets the caller's tenant: it is not part of the request.
+            ..NewJob::default()
         })
     } else {
         Err(violations)
@@ -148,18 +156,21 @@ pub fn check_labels(
     let mut keys: Vec<&String> = labels.keys().collect();
     keys.sort();
     for key in keys {
-        if key.is_empty() || key.len() > limits.max_label_bytes {
-            violations.push(FieldViolation::new(
-                format!("{field}[{key:?}]"),
-                format!("label keys must be 1 to {} bytes", limits.max_label_bytes),
-            ));
-        }
-        if labels[key].len() > limits.max_label_bytes {
+        if key.is_empty() || key.len() > limits.max_label_key_bytes {
             violations.push(FieldViolation::new(
                 format!("{field}[{key:?}]"),
                 format!(
-                    "label values must be at most {} bytes",
-                    limits.max_label_bytes
+                    "label keys must be 1 to {} bytes (max_label_key_bytes)",
+                    limits.max_label_key_bytes
+                ),
+            ));
+        }
+        if labels[key].len() > limits.max_label_value_bytes {
+            violations.push(FieldViolation::new(
+                format!("{field}[{key:?}]"),
+                format!(
+                    "label values must be at most {} bytes (max_label_value_bytes)",
+                    limits.max_label_value_bytes
                 ),
             ));
         }
@@ -180,24 +191,29 @@ pub fn duration(field: &str, d: prost_types::Duration) -> Result<Duration, Field
     Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
-fn struct_to_json(s: Struct, depth: usize) -> Result<Map<String, Value>, FieldViolation> {
+fn struct_to_json(
+    s: Struct,
+    depth: usize,
+    max_depth: usize,
+) -> Result<Map<String, Value>, FieldViolation> {
     let mut map = Map::new();
     for (key, value) in s.fields {
-        let value = value_to_json(value, depth + 1).map_err(|v| v.under(&key))?;
+        let value = value_to_json(value, depth + 1, max_depth).map_err(|v| v.under(&key))?;
         map.insert(key, value);
     }
     Ok(map)
 }
 
-/// A wire `Value` as JSON, refusing non-finite numbers and nesting past [`MAX_PARAMS_DEPTH`].
+/// A wire `Value` as JSON, refusing non-finite numbers and nesting past `max_depth`.
 pub(super) fn value_to_json(
     value: prost_types::Value,
     depth: usize,
+    max_depth: usize,
 ) -> Result<Value, FieldViolation> {
-    if depth > MAX_PARAMS_DEPTH {
+    if depth > max_depth {
         return Err(FieldViolation::new(
             "",
-            format!("nests deeper than {MAX_PARAMS_DEPTH} levels"),
+            format!("nests deeper than {max_depth} levels (max_params_depth)"),
         ));
     }
     Ok(match value.kind {
@@ -207,12 +223,14 @@ pub(super) fn value_to_json(
         Some(Kind::NumberValue(n)) => Number::from_f64(n)
             .map(Value::Number)
             .ok_or_else(|| FieldViolation::new("", "must be a finite number"))?,
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s, depth)?),
+        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s, depth, max_depth)?),
         Some(Kind::ListValue(list)) => Value::Array(
             list.values
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| value_to_json(v, depth + 1).map_err(|e| e.under(&format!("[{i}]"))))
+                .map(|(i, v)| {
+                    value_to_json(v, depth + 1, max_depth).map_err(|e| e.under(&format!("[{i}]")))
+                })
                 .collect::<Result<_, _>>()?,
         ),
     })
@@ -339,6 +357,7 @@ pub fn job(job: &Job) -> pb::Job {
         priority: job.priority,
         timeout: job.timeout.map(wire_duration),
         idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
+        tenant: job.tenant.clone(),
         // Never the secret: it is write-only.
         webhook: job.webhook.as_ref().map(|w| pb::Webhook {
             url: w.url.clone(),
@@ -389,7 +408,7 @@ mod tests {
     #[test]
     fn params_round_trip_through_struct() {
         let params = json!({"a": 1.5, "b": [true, null, "x"], "c": {"d": 2.0}});
-        let back = struct_to_json(to_struct(params.clone()), 0).unwrap();
+        let back = struct_to_json(to_struct(params.clone()), 0, DEFAULT_MAX_PARAMS_DEPTH).unwrap();
         assert_eq!(Value::Object(back), params);
     }
 
@@ -407,7 +426,12 @@ mod tests {
                 kind: Some(Kind::ListValue(list)),
             },
         );
-        assert_eq!(struct_to_json(s, 0).unwrap_err().field, "n[0]");
+        assert_eq!(
+            struct_to_json(s, 0, DEFAULT_MAX_PARAMS_DEPTH)
+                .unwrap_err()
+                .field,
+            "n[0]"
+        );
     }
 
     #[test]
@@ -416,7 +440,7 @@ mod tests {
         for _ in 0..40 {
             value = json!({ "x": value });
         }
-        let err = struct_to_json(to_struct(value), 0).unwrap_err();
+        let err = struct_to_json(to_struct(value), 0, DEFAULT_MAX_PARAMS_DEPTH).unwrap_err();
         assert!(err.field.starts_with("x.x."));
     }
 

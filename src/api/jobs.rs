@@ -10,9 +10,11 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Limits,
+    auth::{check_owner, owns, tenant},
     convert::{self, parse_job_id},
     paging::Page,
     pb::{self, jobs_server::Jobs},
+    quotas::{SubmitRates, WatchPermit, Watches},
     status::{invalid, invalid_field, job_not_finished, job_not_found, watch_status},
     wait,
 };
@@ -32,6 +34,8 @@ pub struct JobsService {
     limits: Arc<Limits>,
     stopping: CancellationToken,
     webhooks: Arc<WebhookPolicy>,
+    rates: Arc<SubmitRates>,
+    watches: Arc<Watches>,
 }
 
 impl JobsService {
@@ -40,9 +44,11 @@ impl JobsService {
     pub fn new(executor: Executor, limits: Limits, stopping: CancellationToken) -> Self {
         Self {
             executor,
+            watches: Watches::new(&limits),
             limits: Arc::new(limits),
             stopping,
             webhooks: Arc::default(),
+            rates: Arc::default(),
         }
     }
 
@@ -98,6 +104,18 @@ impl JobsService {
         Ok(job)
     }
 
+    /// Limits each tenant's submissions per second with `rates`.
+    pub fn with_submit_rates(mut self, rates: SubmitRates) -> Self {
+        self.rates = Arc::new(rates);
+        self
+    }
+
+    /// Counts a new watch stream against the per-connection and per-tenant limits.
+    fn open_watch<T>(&self, request: &Request<T>) -> Result<WatchPermit, Status> {
+        self.watches
+            .acquire(request.remote_addr(), &tenant(request))
+    }
+
     async fn wait_for(&self, id: JobId, until: Option<Instant>) -> Result<(pb::Job, bool), Status> {
         wait::wait_for(&self.executor, &self.stopping, id, until).await
     }
@@ -107,14 +125,17 @@ fn job_id(field: &str, value: &str) -> Result<JobId, Status> {
     parse_job_id(field, value).map_err(invalid_field)
 }
 
-/// The stream, counted in the open-watches gauge for as long as it lives.
+/// The stream, counted in the open-watches gauge and against the watch limits (`permit`) for
+/// as long as it lives: both are released when the stream is dropped, which tonic does when it
+/// ends, fails, or the client goes away.
 pub(super) fn counted<S: Stream + Send + 'static>(
     stream: S,
     metrics: &Arc<Metrics>,
+    permit: WatchPermit,
 ) -> impl Stream<Item = S::Item> + Send + 'static {
     let guard = WatchGuard::open(metrics);
     futures::StreamExt::map(stream, move |item| {
-        let _open = &guard;
+        let _open = (&guard, &permit);
         item
     })
 }
@@ -134,6 +155,7 @@ impl Jobs for JobsService {
             .and_then(|d| convert::duration("wait", d).ok())
             .filter(|d| !d.is_zero());
         let until = wait.and_then(|w| wait::wait_until(request.metadata(), Some(w)));
+        let tenant = tenant(&request);
         let mut request = request.into_inner();
         let webhook = request.webhook.take().map(|w| self.validate_webhook(w));
         // Every violation at once, the webhook's with the rest; the network (the webhook
@@ -147,9 +169,12 @@ impl Jobs for JobsService {
                 return Err(invalid(violations));
             }
         };
+        // Before the webhook's DNS lookup: a tenant over its rate costs the server nothing more.
+        self.rates.check(&tenant)?;
         if let Some(checked) = webhook {
             spec.webhook = Some(self.webhooks.guard(checked).await.map_err(invalid_field)?);
         }
+        spec.tenant = tenant.to_string();
         let job = self.executor.submit(spec).await?;
         tracing::Span::current().record("job_id", tracing::field::display(job.id));
         let job = match until {
@@ -175,6 +200,9 @@ impl Jobs for JobsService {
         let job = current(self.executor.store(), self.executor.hub(), id)
             .await
             .map_err(watch_status)?;
+        if !owns(&tenant(&request), &job) {
+            return Err(job_not_found(id));
+        }
         let job = self.with_deliveries(id, convert::job(&job)).await?;
         Ok(Response::new(pb::GetStatusResponse { job: Some(job) }))
     }
@@ -186,6 +214,8 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let tenant = tenant(&request);
+        let permit = self.open_watch(&request)?;
         let request = request.into_inner();
         let id = job_id("job_id", &request.job_id)?;
         if request.after_version < 0 {
@@ -194,6 +224,7 @@ impl Jobs for JobsService {
                 "must not be negative",
             )));
         }
+        check_owner(&self.executor, &tenant, id).await?;
         let store = Arc::clone(self.executor.store());
         let watch = JobWatch::open(store, self.executor.hub(), id, request.after_version)
             .await
@@ -223,6 +254,7 @@ impl Jobs for JobsService {
         Ok(Response::new(Box::pin(counted(
             stream,
             self.executor.metrics(),
+            permit,
         ))))
     }
 
@@ -233,16 +265,20 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::WatchJobsRequest>,
     ) -> Result<Response<Self::WatchJobsStream>, Status> {
+        let permit = self.open_watch(&request)?;
+        let tenant = tenant(&request);
         let stream = super::watch_jobs::open(
             &self.executor,
             &self.limits,
             self.stopping.clone(),
+            &tenant,
             request.into_inner(),
         )
         .await?;
         Ok(Response::new(Box::pin(counted(
             stream,
             self.executor.metrics(),
+            permit,
         ))))
     }
 
@@ -253,6 +289,7 @@ impl Jobs for JobsService {
     ) -> Result<Response<pb::WaitJobResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
         let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         let (job, done) = self.wait_for(id, until).await?;
         let job = self.with_deliveries(id, job).await?;
         Ok(Response::new(pb::WaitJobResponse {
@@ -267,6 +304,7 @@ impl Jobs for JobsService {
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         let job = self.executor.cancel(id).await?;
         Ok(Response::new(pb::CancelResponse {
             job: Some(convert::job(&job)),
@@ -278,6 +316,7 @@ impl Jobs for JobsService {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let tenant = tenant(&request);
         let request = request.into_inner();
         let mut violations = convert::check_labels("labels", &request.labels, &self.limits);
         let mut states = Vec::new();
@@ -309,6 +348,7 @@ impl Jobs for JobsService {
         let query = ListQuery {
             states,
             labels: request.labels.into_iter().collect(),
+            tenant: Some(tenant.to_string()),
             ..ListQuery::default()
         };
         let (jobs, next_page_token) = page.read(self.executor.store().as_ref(), query).await?;
@@ -324,6 +364,7 @@ impl Jobs for JobsService {
         request: Request<pb::DeleteJobRequest>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         match self.executor.store().delete(id).await? {
             Deleted::Removed => Ok(Response::new(pb::DeleteJobResponse {})),
             Deleted::NotFound => Err(job_not_found(id)),

@@ -1,15 +1,18 @@
 //! The gRPC surface: generated types, conversion to and from the domain, `Status` mapping, and
 //! the `longrun.v1.Jobs` service. This layer validates and delegates; it holds no job state.
 
+pub mod auth;
 pub mod convert;
 mod jobs;
 mod operations;
 mod operations_convert;
 mod paging;
+pub mod quotas;
 pub mod status;
 mod wait;
 mod watch_jobs;
 
+pub use auth::{ApiKeys, Authenticator, Tenant};
 pub use jobs::JobsService;
 pub use operations::OperationsService;
 
@@ -43,14 +46,25 @@ pub struct Limits {
     pub max_input_bytes: usize,
     /// Labels a job or a filter may have (default 64).
     pub max_labels: usize,
-    /// A label key or value, in bytes (default 256).
-    pub max_label_bytes: usize,
+    /// A label key, in bytes (default 256).
+    pub max_label_key_bytes: usize,
+    /// A label value, in bytes (default 256).
+    pub max_label_value_bytes: usize,
+    /// How deep an action's params may nest: objects and lists within the top-level object
+    /// (default 32).
+    pub max_params_depth: usize,
     /// An idempotency key, in bytes (default 256).
     pub max_idempotency_key_bytes: usize,
     /// `ListJobs` page size when the request gives none (default 50).
     pub default_page_size: usize,
-    /// The largest `ListJobs` page (default 1000).
+    /// The largest `ListJobs`/`ListOperations` page; a larger `page_size` is refused with
+    /// INVALID_ARGUMENT rather than clamped, so a client never mistakes a short page for the
+    /// end (default 1000).
     pub max_page_size: usize,
+    /// `WatchJob` and `WatchJobs` streams open at once on one connection (default 1000).
+    pub max_watches_per_connection: usize,
+    /// `WatchJob` and `WatchJobs` streams open at once by one tenant (default 10000).
+    pub max_watches_per_tenant: usize,
 }
 
 impl Default for Limits {
@@ -61,10 +75,14 @@ impl Default for Limits {
             max_params_bytes: 64 * 1024,
             max_input_bytes: 8 * 1024 * 1024,
             max_labels: 64,
-            max_label_bytes: 256,
+            max_label_key_bytes: 256,
+            max_label_value_bytes: 256,
+            max_params_depth: convert::DEFAULT_MAX_PARAMS_DEPTH,
             max_idempotency_key_bytes: 256,
             default_page_size: 50,
             max_page_size: 1000,
+            max_watches_per_connection: 1000,
+            max_watches_per_tenant: 10_000,
         }
     }
 }

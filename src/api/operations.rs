@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
-    Limits, convert,
+    Limits,
+    auth::{check_owner, owns, tenant},
+    convert,
     longrunning::{
         CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
         ListOperationsResponse, Operation, WaitOperationRequest, operations_server::Operations,
@@ -61,6 +63,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
+        let tenant = tenant(&request);
         let request = request.into_inner();
         if request.return_partial_success {
             // As the field's documentation asks of services that do not read across
@@ -89,6 +92,7 @@ impl Operations for OperationsService {
         }
         let query = ListQuery {
             states,
+            tenant: Some(tenant.to_string()),
             ..ListQuery::default()
         };
         let (jobs, next_page_token) = page.read(self.executor.store().as_ref(), query).await?;
@@ -108,6 +112,9 @@ impl Operations for OperationsService {
         let job = current(self.executor.store(), self.executor.hub(), id)
             .await
             .map_err(watch_status)?;
+        if !owns(&tenant(&request), &job) {
+            return Err(job_not_found(id));
+        }
         Ok(Response::new(operation(convert::job(&job))))
     }
 
@@ -119,6 +126,7 @@ impl Operations for OperationsService {
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
         let id = job_id(&request.get_ref().name)?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         match self.executor.store().delete(id).await? {
             Deleted::Removed => Ok(Response::new(())),
             Deleted::NotFound => Err(job_not_found(id)),
@@ -134,6 +142,7 @@ impl Operations for OperationsService {
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
         let id = job_id(&request.get_ref().name)?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         self.executor.cancel(id).await?;
         Ok(Response::new(()))
     }
@@ -147,6 +156,7 @@ impl Operations for OperationsService {
     ) -> Result<Response<Operation>, Status> {
         let id = job_id(&request.get_ref().name)?;
         let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
+        check_owner(&self.executor, &tenant(&request), id).await?;
         let (job, _) = wait::wait_for(&self.executor, &self.stopping, id, until).await?;
         Ok(Response::new(operation(job)))
     }

@@ -16,7 +16,12 @@ use prost::Message as _;
 use prost_types::Any;
 use tonic_types::pb::{ErrorInfo, Status};
 
-use super::{convert::value_to_json, longrunning::Operation, pb, status::ERROR_DOMAIN};
+use super::{
+    convert::{DEFAULT_MAX_PARAMS_DEPTH, value_to_json},
+    longrunning::Operation,
+    pb,
+    status::ERROR_DOMAIN,
+};
 use crate::job::{FieldViolation, JobId, JobState};
 
 /// The collection every operation name is in.
@@ -198,7 +203,7 @@ fn detail_text(value: &prost_types::Value) -> String {
     {
         return format!("{}", n as i64);
     }
-    match value_to_json(value.clone(), 0) {
+    match value_to_json(value.clone(), 0, DEFAULT_MAX_PARAMS_DEPTH) {
         Ok(serde_json::Value::String(s)) => s,
         Ok(other) => other.to_string(),
         Err(_) => String::new(),

@@ -148,6 +148,25 @@ impl From<ExecutorError> for Status {
                     details,
                 )
             }
+            ExecutorError::TenantQueueFull { tenant, limit } => {
+                let mut details = ErrorDetails::with_error_info(
+                    "TENANT_QUEUE_FULL",
+                    ERROR_DOMAIN,
+                    HashMap::from([
+                        ("tenant".to_owned(), tenant.clone()),
+                        ("max_queued_jobs".to_owned(), limit.to_string()),
+                    ]),
+                );
+                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+                Status::with_error_details(
+                    Code::ResourceExhausted,
+                    format!(
+                        "tenant {tenant} has {limit} jobs waiting, its quota (max_queued_jobs); \
+                         retry when some have started"
+                    ),
+                    details,
+                )
+            }
             ExecutorError::ShuttingDown => with_reason(
                 Code::Unavailable,
                 "SHUTTING_DOWN",

@@ -48,11 +48,12 @@ pub fn parse_cursor(value: &str) -> Result<Option<i64>, FieldViolation> {
         })
 }
 
-/// Validates the request and opens the stream; it ends with UNAVAILABLE when `stopping` fires.
+/// Validates the request and opens the stream of `tenant`'s jobs; it ends with UNAVAILABLE when `stopping` fires.
 pub async fn open(
     executor: &Executor,
     limits: &Limits,
     stopping: CancellationToken,
+    tenant: &str,
     request: pb::WatchJobsRequest,
 ) -> Result<WatchJobsStream, Status> {
     let mut violations = convert::check_labels("labels", &request.labels, limits);
@@ -76,6 +77,7 @@ pub async fn open(
     let watch = JobsWatch::open(
         std::sync::Arc::clone(executor.store()),
         executor.hub(),
+        Some(tenant.to_owned()),
         request.labels.into_iter().collect(),
         states,
         after,

@@ -124,7 +124,7 @@ fn print_job<M: prost::Message>(
 /// Prints a job's snapshot; exits 0 whatever its state.
 pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let printer = Printer::new(args.client.output)?;
-    let mut client = connect(&args.client.addr).await?;
+    let mut client = connect(&args.client).await?;
     let request = pb::GetStatusRequest { job_id: args.id };
     let response = client
         .get_status(request)
@@ -143,7 +143,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
 /// Waits for a job; the exit code tells how it ended, or that the wait ran out.
 pub async fn wait(args: WaitArgs) -> anyhow::Result<i32> {
     let printer = Printer::new(args.client.output)?;
-    let mut client = connect(&args.client.addr).await?;
+    let mut client = connect(&args.client).await?;
     let timeout = args
         .timeout
         .map(|t| wire_duration("--timeout", t))
@@ -170,7 +170,7 @@ pub async fn wait(args: WaitArgs) -> anyhow::Result<i32> {
 /// job may still be stopping: `wait` or `watch` it to see it end).
 pub async fn cancel(args: CancelArgs) -> anyhow::Result<i32> {
     let printer = Printer::new(args.client.output)?;
-    let mut client = connect(&args.client.addr).await?;
+    let mut client = connect(&args.client).await?;
     let request = pb::CancelRequest { job_id: args.id };
     let response = client.cancel(request).await.context("Cancel")?.into_inner();
     print_job(
@@ -188,7 +188,7 @@ pub async fn list(args: ListArgs) -> anyhow::Result<i32> {
         return Err(Usage("--page-size must not be negative".to_owned()).into());
     }
     let printer = Printer::new(args.client.output)?;
-    let mut client = connect(&args.client.addr).await?;
+    let mut client = connect(&args.client).await?;
     let labels: HashMap<String, String> = args.labels.into_iter().collect();
     let mut request = pb::ListJobsRequest {
         states: args
@@ -225,7 +225,7 @@ pub async fn list(args: ListArgs) -> anyhow::Result<i32> {
 /// Lists the server's actions.
 pub async fn actions(args: ActionsArgs) -> anyhow::Result<i32> {
     let printer = Printer::new(args.client.output)?;
-    let mut client = connect(&args.client.addr).await?;
+    let mut client = connect(&args.client).await?;
     let response = client
         .list_actions(pb::ListActionsRequest {})
         .await

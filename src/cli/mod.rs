@@ -16,7 +16,11 @@ use std::{io::Write as _, time::Duration};
 
 use anyhow::Context as _;
 use longrun::api::pb::{self, jobs_client::JobsClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 pub use commands::{ActionsArgs, CancelArgs, ListArgs, StatusArgs, WaitArgs};
 pub use submit::SubmitArgs;
@@ -65,9 +69,23 @@ pub enum Command {
 /// Options every client subcommand takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
-    /// The server's address (a bare host:port means plaintext http://host:port).
+    /// The server's address (a bare host:port means plaintext http://host:port; https://
+    /// means TLS).
     #[arg(long, env = "LONGRUN_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    /// The API key to send (as `authorization: Bearer <key>`) to a server that requires one.
+    /// Prefer the environment variable: a flag shows in the process list.
+    #[arg(long, env = "LONGRUN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A PEM CA certificate to trust for an https:// server, instead of the system roots.
+    #[arg(long, env = "LONGRUN_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// A PEM client certificate, for a server that requires one (mTLS); needs --client-key.
+    #[arg(long, env = "LONGRUN_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --client-cert.
+    #[arg(long, env = "LONGRUN_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
     /// How to print responses: a readable summary, or proto3 JSON (one object per line).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub output: Format,
@@ -150,24 +168,81 @@ impl Printer {
     }
 }
 
-/// Opens a channel to the server, or explains plainly that it cannot be reached.
-async fn connect(addr: &str) -> anyhow::Result<JobsClient<Channel>> {
+/// Adds the API key, when there is one, to every call.
+#[derive(Clone)]
+pub(crate) struct BearerKey(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for BearerKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of `longrun.v1.Jobs` that sends the API key.
+pub(crate) type Client = JobsClient<InterceptedService<Channel, BearerKey>>;
+
+/// Opens a channel to the server (over TLS for https://), or explains plainly that it cannot
+/// be reached.
+async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let addr = args.addr.as_str();
     let uri = if addr.contains("://") {
         addr.to_owned()
     } else {
         format!("http://{addr}")
     };
-    let endpoint = Endpoint::from_shared(uri)
+    let mut endpoint = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("--addr {addr:?} is not a valid address"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
+    let wants_tls = args.ca_cert.is_some() || args.client_cert.is_some();
+    if uri.starts_with("https://") || wants_tls {
+        if !uri.starts_with("https://") {
+            return Err(error::Usage(
+                "--ca-cert and --client-cert need an https:// --addr".to_owned(),
+            )
+            .into());
+        }
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("{flag}: reading {}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &args.ca_cert {
+            tls = tls.ca_certificate(Certificate::from_pem(read("--ca-cert", ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+            tls = tls.identity(Identity::from_pem(
+                read("--client-cert", cert)?,
+                read("--client-key", key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("setting up TLS for the connection")?;
+    }
+    let key = match &args.api_key {
+        Some(key) => Some(
+            format!("Bearer {}", key.trim())
+                .parse::<MetadataValue<Ascii>>()
+                .map_err(|_| error::Usage("--api-key must be printable ASCII".to_owned()))?,
+        ),
+        None => None,
+    };
     let channel = endpoint
         .connect()
         .await
         .map_err(|source| error::Unreachable::new(addr, &source))?;
-    Ok(JobsClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(JobsClient::with_interceptor(channel, BearerKey(key))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// The exit code for a job in `state` at the end of a command that followed it.

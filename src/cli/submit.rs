@@ -88,7 +88,7 @@ pub enum WebhookEventsArg {
 pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     let printer = Printer::new(args.client.output)?;
     let request = build_request(&args, &printer.json)?;
-    let mut client = connect(&args.client.addr).await?;
+    let mut client = connect(&args.client).await?;
     let response = client.submit(request).await.context("Submit")?.into_inner();
     let job = response
         .job

@@ -58,6 +58,10 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
         labels.sort();
         let _ = writeln!(text, "  labels:   {}", labels.join(", "));
     }
+    // Only worth a line when the server has tenants: without auth every job is `default`'s.
+    if !job.tenant.is_empty() && job.tenant != "default" {
+        let _ = writeln!(text, "  tenant:   {}", job.tenant);
+    }
     if let Some(created) = job.create_time.and_then(system_time) {
         let _ = writeln!(
             text,

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
-use longrun::api::pb::{self, jobs_client::JobsClient};
-use tonic::{Code, Status, transport::Channel};
+use longrun::api::pb;
+use tonic::{Code, Status};
 
 use super::{
-    ClientArgs, Printer, bars::View, connect, error::describe_status, is_terminal, job_exit_code,
-    parse_duration,
+    Client, ClientArgs, Printer, bars::View, connect, error::describe_status, is_terminal,
+    job_exit_code, parse_duration,
 };
 
 /// The first wait before reconnecting; doubled per failed attempt.
@@ -42,7 +42,7 @@ pub struct ReconnectArgs {
 /// Follows job `id` from now until it ends; the exit code tells how it ended.
 pub async fn run(args: WatchArgs) -> anyhow::Result<i32> {
     let printer = Printer::new(args.client.output)?;
-    let mut client = connect(&args.client.addr).await?;
+    let mut client = connect(&args.client).await?;
     // after_version 0: the stream starts with the current snapshot.
     let end = follow_from(&mut client, &printer, args.id, 0, &args.reconnect).await?;
     Ok(job_exit_code(&end))
@@ -51,7 +51,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<i32> {
 /// Follows a job already shown at `job.version` (just submitted) until it ends; returns the
 /// last snapshot.
 pub async fn follow(
-    client: &mut JobsClient<Channel>,
+    client: &mut Client,
     printer: &Printer,
     job: pb::Job,
     reconnect: &ReconnectArgs,
@@ -60,7 +60,7 @@ pub async fn follow(
 }
 
 async fn follow_from(
-    client: &mut JobsClient<Channel>,
+    client: &mut Client,
     printer: &Printer,
     job_id: String,
     after_version: i64,

@@ -136,10 +136,15 @@ impl Hub {
         }
     }
 
-    /// Opens a subscription to every job carrying all of `labels` (every job when empty).
+    /// Opens a subscription to every job of `tenant` (of any tenant when `None`) carrying all
+    /// of `labels` (every such job when empty).
     /// Subscribe first, then read the store, as with [`Hub::subscribe`].
-    pub fn subscribe_jobs(self: &Arc<Self>, labels: BTreeMap<String, String>) -> JobsSubscription {
-        JobsSubscription::open(self, labels)
+    pub fn subscribe_jobs(
+        self: &Arc<Self>,
+        tenant: Option<String>,
+        labels: BTreeMap<String, String>,
+    ) -> JobsSubscription {
+        JobsSubscription::open(self, tenant, labels)
     }
 
     /// How many jobs have an open channel (watched, or running).

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use super::Hub;
 use crate::{
     job::{Job, JobId},
-    store::has_labels,
+    store::{has_labels, in_tenant},
 };
 
 /// The newest snapshot of each job that changed since the reader last looked.
@@ -28,6 +28,8 @@ pub type Pending = HashMap<JobId, Arc<Job>>;
 /// One subscriber's mailbox.
 pub(super) struct Inbox {
     id: u64,
+    /// Only this tenant's jobs (every tenant's when `None`).
+    tenant: Option<String>,
     labels: BTreeMap<String, String>,
     pending: Mutex<Pending>,
     wakeup: Notify,
@@ -91,23 +93,26 @@ impl Selectors {
         }
         let registry = self.registry();
         for inbox in &registry.everything {
-            inbox.offer(job);
+            if in_tenant(job, inbox.tenant.as_deref()) {
+                inbox.offer(job);
+            }
         }
         for (key, value) in &job.labels {
             let Some(filed) = registry.by_label.get(key).and_then(|v| v.get(value)) else {
                 continue;
             };
             for inbox in filed {
-                if has_labels(job, &inbox.labels) {
+                if in_tenant(job, inbox.tenant.as_deref()) && has_labels(job, &inbox.labels) {
                     inbox.offer(job);
                 }
             }
         }
     }
 
-    fn add(&self, labels: BTreeMap<String, String>) -> Arc<Inbox> {
+    fn add(&self, tenant: Option<String>, labels: BTreeMap<String, String>) -> Arc<Inbox> {
         let inbox = Arc::new(Inbox {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            tenant,
             labels,
             pending: Mutex::default(),
             wakeup: Notify::new(),
@@ -163,9 +168,13 @@ pub struct JobsSubscription {
 }
 
 impl JobsSubscription {
-    pub(super) fn open(hub: &Arc<Hub>, labels: BTreeMap<String, String>) -> Self {
+    pub(super) fn open(
+        hub: &Arc<Hub>,
+        tenant: Option<String>,
+        labels: BTreeMap<String, String>,
+    ) -> Self {
         Self {
-            inbox: hub.selectors.add(labels),
+            inbox: hub.selectors.add(tenant, labels),
             hub: Arc::clone(hub),
         }
     }
@@ -211,7 +220,7 @@ mod tests {
     #[tokio::test]
     async fn a_subscriber_gets_only_jobs_carrying_all_its_labels() {
         let hub = Hub::new();
-        let sub = hub.subscribe_jobs(labels(&[("env", "prod"), ("team", "a")]));
+        let sub = hub.subscribe_jobs(None, labels(&[("env", "prod"), ("team", "a")]));
         let both = sample_job(1, &[("team", "a"), ("env", "prod"), ("x", "y")], None);
         let one = sample_job(1, &[("team", "a")], None);
         let other = sample_job(1, &[("team", "b"), ("env", "prod")], None);
@@ -229,7 +238,7 @@ mod tests {
     #[tokio::test]
     async fn the_inbox_keeps_one_newest_snapshot_per_job() {
         let hub = Hub::new();
-        let sub = hub.subscribe_jobs(BTreeMap::new());
+        let sub = hub.subscribe_jobs(None, BTreeMap::new());
         let mut job = sample_job(1, &[], None);
         job.start(SystemTime::now()).unwrap();
         job.start_action(0, SystemTime::now()).unwrap();
@@ -250,9 +259,9 @@ mod tests {
         let hub = Hub::new();
         let job = sample_job(1, &[("team", "a")], None);
         hub.publish(Arc::new(job.clone()));
-        let a = hub.subscribe_jobs(labels(&[("team", "a")]));
-        let b = hub.subscribe_jobs(labels(&[("team", "a")]));
-        let all = hub.subscribe_jobs(BTreeMap::new());
+        let a = hub.subscribe_jobs(None, labels(&[("team", "a")]));
+        let b = hub.subscribe_jobs(None, labels(&[("team", "a")]));
+        let all = hub.subscribe_jobs(None, BTreeMap::new());
         assert_eq!(hub.selectors.len(), 3);
         drop(a);
         hub.publish(Arc::new(job.clone()));
@@ -270,7 +279,7 @@ mod tests {
     #[tokio::test]
     async fn a_wakeup_sent_while_busy_is_kept() {
         let hub = Hub::new();
-        let sub = hub.subscribe_jobs(BTreeMap::new());
+        let sub = hub.subscribe_jobs(None, BTreeMap::new());
         hub.publish(Arc::new(sample_job(1, &[], None)));
         // Nobody was waiting when it was published; the wait must still return.
         tokio::time::timeout(Duration::from_secs(1), sub.changed())

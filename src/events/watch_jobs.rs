@@ -66,6 +66,8 @@ pub struct JobsEvent {
 pub struct JobsWatch {
     store: Arc<dyn Store>,
     subscription: JobsSubscription,
+    /// Only this tenant's jobs (every tenant's when `None`).
+    tenant: Option<String>,
     labels: BTreeMap<String, String>,
     /// Only deliver snapshots in these states; empty for all. Applied at delivery only: the
     /// stream still follows every matching job, so it knows when each one ends.
@@ -87,21 +89,24 @@ pub struct JobsWatch {
 }
 
 impl JobsWatch {
-    /// Opens a watch of the jobs carrying every one of `labels`. Without `after`, it first
+    /// Opens a watch of the jobs of `tenant` (of any tenant when `None`) carrying every one
+    /// of `labels`. Without `after`, it first
     /// yields the current snapshot of each matching unfinished job; with it, every logged
     /// change after that cursor. Then live changes either way.
     pub async fn open(
         store: Arc<dyn Store>,
         hub: &Arc<Hub>,
+        tenant: Option<String>,
         labels: BTreeMap<String, String>,
         states: Vec<JobState>,
         after: Option<i64>,
     ) -> Result<Self, WatchJobsError> {
         // Subscribe before reading, so a change in between is seen by one or the other.
-        let subscription = hub.subscribe_jobs(labels.clone());
+        let subscription = hub.subscribe_jobs(tenant.clone(), labels.clone());
         let mut watch = Self {
             store,
             subscription,
+            tenant,
             labels,
             states,
             scanned: 0,
@@ -114,7 +119,10 @@ impl JobsWatch {
         };
         match after {
             None => {
-                let (head, jobs) = watch.store.unfinished_at(&watch.labels).await?;
+                let (head, jobs) = watch
+                    .store
+                    .unfinished_at(watch.tenant.as_deref(), &watch.labels)
+                    .await?;
                 watch.scanned = head;
                 for job in jobs {
                     watch.deliver(Arc::new(job), head);
@@ -123,7 +131,7 @@ impl JobsWatch {
             Some(after) => {
                 let page = watch
                     .store
-                    .events_after(after, &watch.labels, EVENT_PAGE)
+                    .events_after(after, watch.tenant.as_deref(), &watch.labels, EVENT_PAGE)
                     .await?;
                 if page.removed_through > after {
                     return Err(WatchJobsError::HistoryGone {
@@ -153,7 +161,12 @@ impl JobsWatch {
             if self.behind {
                 let page = self
                     .store
-                    .events_after(self.scanned, &self.labels, EVENT_PAGE)
+                    .events_after(
+                        self.scanned,
+                        self.tenant.as_deref(),
+                        &self.labels,
+                        EVENT_PAGE,
+                    )
                     .await?;
                 self.accept(page);
             } else {

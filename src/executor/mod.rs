@@ -8,6 +8,7 @@ mod queue;
 mod run;
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
@@ -23,7 +24,7 @@ use crate::{
     metrics::Metrics,
     store::{Created, Store, StoreError},
 };
-use queue::{Holder, Scheduler, StopReason};
+use queue::{Full, Holder, Scheduler, StopReason};
 
 /// What to do with jobs that were RUNNING when the server stopped without finishing them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -59,6 +60,21 @@ pub struct ExecutorConfig {
     pub progress_persist_interval: Duration,
     /// What recovery does with jobs found RUNNING at start.
     pub interrupted_policy: InterruptedPolicy,
+    /// Jobs one tenant may have waiting in the queue, unless `tenant_max_queued` says
+    /// otherwise; `None` for no per-tenant limit (only `max_queue_length`).
+    pub max_queued_per_tenant: Option<usize>,
+    /// Per-tenant overrides of `max_queued_per_tenant`.
+    pub tenant_max_queued: BTreeMap<String, usize>,
+}
+
+impl ExecutorConfig {
+    /// How many jobs `tenant` may have waiting, if it is limited.
+    pub fn tenant_queue_limit(&self, tenant: &str) -> Option<usize> {
+        self.tenant_max_queued
+            .get(tenant)
+            .copied()
+            .or(self.max_queued_per_tenant)
+    }
 }
 
 impl Default for ExecutorConfig {
@@ -73,6 +89,8 @@ impl Default for ExecutorConfig {
             cancel_grace: Duration::from_secs(10),
             progress_persist_interval: Duration::from_secs(1),
             interrupted_policy: InterruptedPolicy::Requeue,
+            max_queued_per_tenant: None,
+            tenant_max_queued: BTreeMap::new(),
         }
     }
 }
@@ -90,6 +108,14 @@ pub enum ExecutorError {
     #[error("the queue is full ({limit} jobs waiting)")]
     QueueFull {
         /// The configured limit.
+        limit: usize,
+    },
+    /// The tenant has as many jobs waiting as it may.
+    #[error("tenant {tenant} has {limit} jobs waiting, its limit")]
+    TenantQueueFull {
+        /// The tenant.
+        tenant: String,
+        /// Its limit.
         limit: usize,
     },
     /// The server is shutting down and takes no new jobs.
@@ -213,7 +239,9 @@ impl Executor {
                 self.inner.commit_state(&job).await?;
             }
             if job.state == JobState::Queued {
-                self.inner.scheduler().enqueue(job.id, job.priority);
+                self.inner
+                    .scheduler()
+                    .enqueue(job.id, job.priority, &job.tenant);
             }
         }
         self.inner.recovered.cancel();
@@ -224,7 +252,7 @@ impl Executor {
 
     /// Validates, stores and queues a job. With an idempotency key already used, returns the
     /// job that holds it, unchanged.
-    pub async fn submit(&self, spec: NewJob) -> Result<Job, ExecutorError> {
+    pub async fn submit(&self, mut spec: NewJob) -> Result<Job, ExecutorError> {
         self.until_recovered().await?;
         if self.inner.accepting.is_cancelled() {
             return Err(ExecutorError::ShuttingDown);
@@ -233,9 +261,24 @@ impl Executor {
         if !violations.is_empty() {
             return Err(ExecutorError::Invalid(violations));
         }
+        if spec.tenant.is_empty() {
+            spec.tenant = crate::job::DEFAULT_TENANT.to_owned();
+        }
         let limit = self.inner.config.max_queue_length;
-        if !self.inner.scheduler().reserve(limit) {
-            return Err(ExecutorError::QueueFull { limit });
+        let tenant_limit = self.inner.config.tenant_queue_limit(&spec.tenant);
+        let reserved = self
+            .inner
+            .scheduler()
+            .reserve(limit, &spec.tenant, tenant_limit);
+        match reserved {
+            Ok(()) => {}
+            Err(Full::Queue) => return Err(ExecutorError::QueueFull { limit }),
+            Err(Full::Tenant) => {
+                return Err(ExecutorError::TenantQueueFull {
+                    tenant: spec.tenant,
+                    limit: tenant_limit.unwrap_or(0),
+                });
+            }
         }
         let job = Job::new(
             JobId::generate(),
@@ -245,11 +288,11 @@ impl Executor {
         );
         let created = self.inner.store.create(&job).await;
         let mut scheduler = self.inner.scheduler();
-        scheduler.unreserve();
+        scheduler.unreserve(&job.tenant);
         match created? {
             Created::Existing(existing) => Ok(*existing),
             Created::New => {
-                scheduler.enqueue(job.id, job.priority);
+                scheduler.enqueue(job.id, job.priority, &job.tenant);
                 drop(scheduler);
                 self.inner.metrics.transition(job.state.as_str());
                 self.inner.sync_gauges();

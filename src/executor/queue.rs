@@ -76,10 +76,23 @@ impl StopHandle {
 #[derive(Default)]
 pub struct Scheduler {
     queue: BTreeSet<QueueKey>,
-    queued: HashMap<JobId, QueueKey>,
+    /// Each queued job's place in `queue` and its tenant.
+    queued: HashMap<JobId, (QueueKey, Arc<str>)>,
     active: HashMap<JobId, StopHandle>,
     reserved: usize,
+    /// Per tenant: jobs queued plus slots reserved. Kept with every move in or out of the
+    /// queue, so the per-tenant quota is right across cancel, dispatch, retry and recovery.
+    per_tenant: HashMap<Arc<str>, usize>,
     next_seq: u64,
+}
+
+/// Why [`Scheduler::reserve`] refused a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The whole queue is at its limit.
+    Queue,
+    /// The tenant's share of the queue is at its limit.
+    Tenant,
 }
 
 /// Where a job is in the scheduler.
@@ -103,22 +116,57 @@ impl Scheduler {
         self.active.len()
     }
 
-    /// Reserves a queue slot if fewer than `limit` are taken.
-    pub fn reserve(&mut self, limit: usize) -> bool {
+    /// Jobs of `tenant` queued plus slots it has reserved.
+    pub fn tenant_queue_length(&self, tenant: &str) -> usize {
+        self.per_tenant.get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Reserves a queue slot for `tenant` if fewer than `limit` are taken in all and fewer
+    /// than `tenant_limit` (when set) by the tenant.
+    pub fn reserve(
+        &mut self,
+        limit: usize,
+        tenant: &str,
+        tenant_limit: Option<usize>,
+    ) -> Result<(), Full> {
         if self.queue_length() >= limit {
-            return false;
+            return Err(Full::Queue);
+        }
+        if tenant_limit.is_some_and(|max| self.tenant_queue_length(tenant) >= max) {
+            return Err(Full::Tenant);
         }
         self.reserved += 1;
-        true
+        self.count_in(tenant);
+        Ok(())
     }
 
-    /// Gives back a reserved slot, without enqueuing.
-    pub fn unreserve(&mut self) {
+    /// Gives back a slot `tenant` reserved, without enqueuing.
+    pub fn unreserve(&mut self, tenant: &str) {
         self.reserved = self.reserved.saturating_sub(1);
+        self.count_out(tenant);
     }
 
-    /// Adds a job to the queue (a no-op if it is already queued).
-    pub fn enqueue(&mut self, id: JobId, priority: i32) {
+    fn count_in(&mut self, tenant: &str) {
+        match self.per_tenant.get_mut(tenant) {
+            Some(count) => *count += 1,
+            None => {
+                self.per_tenant.insert(Arc::from(tenant), 1);
+            }
+        }
+    }
+
+    fn count_out(&mut self, tenant: &str) {
+        if let Some(count) = self.per_tenant.get_mut(tenant) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                // Tenants come and go: an idle one costs nothing.
+                self.per_tenant.remove(tenant);
+            }
+        }
+    }
+
+    /// Adds `tenant`'s job to the queue (a no-op if it is already queued).
+    pub fn enqueue(&mut self, id: JobId, priority: i32, tenant: &str) {
         if self.queued.contains_key(&id) {
             return;
         }
@@ -129,13 +177,16 @@ impl Scheduler {
         };
         self.next_seq += 1;
         self.queue.insert(key);
-        self.queued.insert(id, key);
+        self.queued.insert(id, (key, Arc::from(tenant)));
+        self.count_in(tenant);
     }
 
     /// Takes the next job to run and marks it active.
     pub fn pop(&mut self) -> Option<(JobId, StopHandle)> {
         let key = self.queue.pop_first()?;
-        self.queued.remove(&key.id);
+        if let Some((_, tenant)) = self.queued.remove(&key.id) {
+            self.count_out(&tenant);
+        }
         let handle = StopHandle::default();
         self.active.insert(key.id, handle.clone());
         Some((key.id, handle))
@@ -149,9 +200,9 @@ impl Scheduler {
     }
 
     /// Moves an active job back to the queue (after a retry backoff).
-    pub fn requeue(&mut self, id: JobId, priority: i32) {
+    pub fn requeue(&mut self, id: JobId, priority: i32, tenant: &str) {
         self.active.remove(&id);
-        self.enqueue(id, priority);
+        self.enqueue(id, priority, tenant);
     }
 
     /// Forgets an active job whose task ended.
@@ -161,8 +212,9 @@ impl Scheduler {
 
     /// Takes a job away from wherever it is, for a cancel.
     pub fn claim(&mut self, id: JobId) -> Holder {
-        if let Some(key) = self.queued.remove(&id) {
+        if let Some((key, tenant)) = self.queued.remove(&id) {
             self.queue.remove(&key);
+            self.count_out(&tenant);
             return Holder::Queue;
         }
         match self.active.get(&id) {
@@ -185,10 +237,10 @@ mod tests {
     fn higher_priority_first_then_fifo() {
         let mut s = Scheduler::default();
         let ids: Vec<JobId> = (0..4).map(|_| JobId::generate()).collect();
-        s.enqueue(ids[0], 0);
-        s.enqueue(ids[1], 5);
-        s.enqueue(ids[2], 0);
-        s.enqueue(ids[3], 5);
+        s.enqueue(ids[0], 0, "t");
+        s.enqueue(ids[1], 5, "t");
+        s.enqueue(ids[2], 0, "t");
+        s.enqueue(ids[3], 5, "t");
         let order: Vec<JobId> = std::iter::from_fn(|| s.pop().map(|(id, _)| id)).collect();
         assert_eq!(order, vec![ids[1], ids[3], ids[0], ids[2]]);
         assert_eq!(s.active_handles().len(), 4);
@@ -198,7 +250,7 @@ mod tests {
     fn claim_takes_a_queued_job_out_of_the_queue() {
         let mut s = Scheduler::default();
         let id = JobId::generate();
-        s.enqueue(id, 0);
+        s.enqueue(id, 0, "t");
         assert!(matches!(s.claim(id), Holder::Queue));
         assert!(s.pop().is_none());
         assert!(matches!(s.claim(id), Holder::Nobody));
@@ -207,13 +259,35 @@ mod tests {
     #[test]
     fn reservations_count_against_the_limit() {
         let mut s = Scheduler::default();
-        assert!(s.reserve(2));
-        assert!(s.reserve(2));
-        assert!(!s.reserve(2));
-        s.unreserve();
-        s.enqueue(JobId::generate(), 0);
+        assert_eq!(s.reserve(2, "t", None), Ok(()));
+        assert_eq!(s.reserve(2, "t", None), Ok(()));
+        assert_eq!(s.reserve(2, "t", None), Err(Full::Queue));
+        s.unreserve("t");
+        s.enqueue(JobId::generate(), 0, "t");
         assert_eq!(s.queue_length(), 2);
-        assert!(!s.reserve(2));
+        assert_eq!(s.reserve(2, "t", None), Err(Full::Queue));
+    }
+
+    #[test]
+    fn tenant_counts_follow_every_move_in_and_out_of_the_queue() {
+        let mut s = Scheduler::default();
+        let (a1, a2, b1) = (JobId::generate(), JobId::generate(), JobId::generate());
+        assert_eq!(s.reserve(100, "a", Some(2)), Ok(()));
+        s.unreserve("a");
+        s.enqueue(a1, 0, "a");
+        s.enqueue(a2, 0, "a");
+        s.enqueue(b1, 0, "b");
+        assert_eq!(s.reserve(100, "a", Some(2)), Err(Full::Tenant));
+        assert_eq!(s.reserve(100, "b", Some(2)), Ok(()));
+        s.unreserve("b");
+        assert!(matches!(s.claim(a2), Holder::Queue));
+        assert_eq!(s.tenant_queue_length("a"), 1);
+        let (popped, _) = s.pop().unwrap();
+        assert_eq!(popped, a1);
+        assert_eq!(s.tenant_queue_length("a"), 0);
+        s.requeue(a1, 0, "a");
+        assert_eq!(s.tenant_queue_length("a"), 1);
+        assert_eq!(s.tenant_queue_length("b"), 1);
     }
 
     #[test]

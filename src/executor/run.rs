@@ -299,7 +299,7 @@ impl Inner {
         tracing::info!(attempt = job.attempt, ?backoff, "job will be retried");
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {
-                self.scheduler().requeue(job.id, job.priority);
+                self.scheduler().requeue(job.id, job.priority, &job.tenant);
                 self.sync_gauges();
                 self.wake.notify_one();
             }

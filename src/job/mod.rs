@@ -6,7 +6,8 @@ mod state;
 mod webhook;
 
 pub use model::{
-    Action, Job, JobError, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
+    Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob,
+    Progress,
 };
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
 pub use webhook::{

@@ -20,6 +20,14 @@ use super::{ActionState, IllegalTransition, JobState, WebhookSpec};
 /// executor persists progress at least this often, so a restart can skip past them.
 pub const MAX_UNPERSISTED_VERSIONS: i64 = 1000;
 
+/// The tenant of every job when authentication is off, and of jobs stored before tenants
+/// existed.
+pub const DEFAULT_TENANT: &str = "default";
+
+fn default_tenant() -> String {
+    DEFAULT_TENANT.to_owned()
+}
+
 /// A job id: a UUIDv7, so ids sort by submission time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -161,6 +169,8 @@ pub struct NewJob {
     /// Where to report the job's state changes, if anywhere.
     #[serde(default)]
     pub webhook: Option<WebhookSpec>,
+    /// The tenant that owns the job; empty means [`DEFAULT_TENANT`].
+    pub tenant: String,
 }
 
 /// One action of a job, with its status.
@@ -211,8 +221,12 @@ pub struct Job {
     pub priority: i32,
     /// Labels given at submission.
     pub labels: BTreeMap<String, String>,
-    /// The idempotency key given at submission.
+    /// The idempotency key given at submission; unique within its tenant.
     pub idempotency_key: Option<String>,
+    /// The tenant that owns the job: only that tenant's callers see it. Snapshots stored
+    /// before tenants existed read as [`DEFAULT_TENANT`].
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     /// The per-attempt time limit.
     pub timeout: Option<Duration>,
     /// When it was submitted.
@@ -259,6 +273,11 @@ impl Job {
             priority: spec.priority,
             labels: spec.labels,
             idempotency_key: spec.idempotency_key,
+            tenant: if spec.tenant.is_empty() {
+                default_tenant()
+            } else {
+                spec.tenant
+            },
             timeout: spec.timeout,
             create_time: now,
             start_time: None,

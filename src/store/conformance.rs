@@ -35,8 +35,16 @@ pub fn sample_job(actions: usize, labels: &[(&str, &str)], key: Option<&str>) ->
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect::<BTreeMap<_, _>>(),
         webhook: None,
+        tenant: String::new(),
     };
     Job::new(JobId::generate(), spec, 1, SystemTime::now())
+}
+
+/// [`sample_job`] owned by `tenant`.
+pub fn tenant_job(tenant: &str, labels: &[(&str, &str)], key: Option<&str>) -> Job {
+    let mut job = sample_job(1, labels, key);
+    job.tenant = tenant.to_owned();
+    job
 }
 
 /// Runs every conformance check, each against a fresh store from `make`.
@@ -58,6 +66,98 @@ where
     removed_events_are_marked_and_never_reused(&make().await).await;
     unfinished_at_agrees_with_the_event_log(&make().await).await;
     outbox::run_all(&make).await;
+    tenants_are_kept_apart(&make().await).await;
+}
+
+async fn tenants_are_kept_apart(store: &impl Store) {
+    assert_eq!(
+        sample_job(1, &[], None).tenant,
+        crate::job::DEFAULT_TENANT,
+        "a job submitted without a tenant is the default tenant's"
+    );
+    // The same idempotency key in two tenants: two jobs; again in the first: its first job.
+    let a_keyed = tenant_job("a", &[("team", "x")], Some("k"));
+    let b_keyed = tenant_job("b", &[("team", "x")], Some("k"));
+    assert_eq!(store.create(&a_keyed).await.unwrap(), Created::New);
+    assert_eq!(store.create(&b_keyed).await.unwrap(), Created::New);
+    let again = tenant_job("a", &[], Some("k"));
+    assert_eq!(
+        store.create(&again).await.unwrap(),
+        Created::Existing(Box::new(a_keyed.clone()))
+    );
+    // Tenant b's jobs are newer and more numerous than a's: a's page must still be full.
+    let a_older = tenant_job("a", &[("team", "x")], None);
+    store.create(&a_older).await.unwrap();
+    let mut b_ids = vec![b_keyed.id];
+    for _ in 0..5 {
+        let job = tenant_job("b", &[("team", "x")], None);
+        store.create(&job).await.unwrap();
+        b_ids.push(job.id);
+    }
+    let query = |tenant: &str, limit, labels: &[(&str, &str)]| ListQuery {
+        tenant: Some(tenant.to_owned()),
+        limit,
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..ListQuery::default()
+    };
+    let ids = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let a_page = store.list(&query("a", 2, &[])).await.unwrap();
+    assert_eq!(ids(a_page), vec![a_older.id, a_keyed.id]);
+    let a_labelled = store.list(&query("a", 2, &[("team", "x")])).await.unwrap();
+    assert_eq!(ids(a_labelled), vec![a_older.id, a_keyed.id]);
+    let a_queued = ListQuery {
+        states: vec![JobState::Queued, JobState::Running],
+        ..query("a", 5, &[])
+    };
+    assert_eq!(ids(store.list(&a_queued).await.unwrap()).len(), 2);
+    let b_page = store.list(&query("b", 10, &[])).await.unwrap();
+    assert_eq!(b_page.len(), 6);
+    assert!(b_page.iter().all(|job| job.tenant == "b"));
+    let everyone = ListQuery {
+        limit: 100,
+        ..ListQuery::default()
+    };
+    assert_eq!(store.list(&everyone).await.unwrap().len(), 8);
+
+    // The event log and the unfinished snapshot, scoped the same way.
+    let no_labels = BTreeMap::new();
+    let a_events = store
+        .events_after(0, Some("a"), &no_labels, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        a_events
+            .events
+            .iter()
+            .map(|(_, j)| j.id)
+            .collect::<Vec<_>>(),
+        vec![a_keyed.id, a_older.id]
+    );
+    let b_first = store
+        .events_after(0, Some("b"), &no_labels, 1)
+        .await
+        .unwrap();
+    assert_eq!(b_first.events.len(), 1);
+    assert_eq!(b_first.events[0].1.id, b_keyed.id);
+    assert_eq!(
+        store
+            .events_after(0, None, &no_labels, 100)
+            .await
+            .unwrap()
+            .events
+            .len(),
+        8
+    );
+    let (_, b_unfinished) = store.unfinished_at(Some("b"), &no_labels).await.unwrap();
+    let mut unfinished_ids = ids(b_unfinished);
+    unfinished_ids.sort();
+    b_ids.sort();
+    assert_eq!(unfinished_ids, b_ids);
+    let (_, none_of_c) = store.unfinished_at(Some("c"), &no_labels).await.unwrap();
+    assert!(none_of_c.is_empty());
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -91,7 +191,7 @@ async fn events_number_logged_changes_in_commit_order(store: &impl Store) {
         .unwrap();
     store.save(&b).await.unwrap();
 
-    let page = store.events_after(0, &none, 100).await.unwrap();
+    let page = store.events_after(0, None, &none, 100).await.unwrap();
     let (keys, rising) = event_keys(&page);
     assert!(rising, "sequence numbers rise");
     assert_eq!(
@@ -108,10 +208,10 @@ async fn events_number_logged_changes_in_commit_order(store: &impl Store) {
     assert_eq!(page.removed_through, 0);
 
     let (third, _) = page.events[2];
-    let rest = store.events_after(third, &none, 100).await.unwrap();
+    let rest = store.events_after(third, None, &none, 100).await.unwrap();
     assert_eq!(event_keys(&rest).0, vec![(a.id, 3), (b.id, 2)]);
     let end = store
-        .events_after(page.scanned_to, &none, 100)
+        .events_after(page.scanned_to, None, &none, 100)
         .await
         .unwrap();
     assert!(end.events.is_empty());
@@ -132,22 +232,28 @@ async fn events_filter_by_labels_and_page(store: &impl Store) {
         }
     }
     let x = labels(&[("team", "x"), ("env", "prod")]);
-    let first = store.events_after(0, &x, 1).await.unwrap();
+    let first = store.events_after(0, None, &x, 1).await.unwrap();
     assert_eq!(event_keys(&first).0, wanted[..1]);
     assert_eq!(
         first.scanned_to, first.events[0].0,
         "a full page ends at its last event"
     );
-    let second = store.events_after(first.scanned_to, &x, 10).await.unwrap();
+    let second = store
+        .events_after(first.scanned_to, None, &x, 10)
+        .await
+        .unwrap();
     assert_eq!(event_keys(&second).0, wanted[1..]);
-    let all = store.events_after(0, &BTreeMap::new(), 10).await.unwrap();
+    let all = store
+        .events_after(0, None, &BTreeMap::new(), 10)
+        .await
+        .unwrap();
     assert_eq!(
         second.scanned_to,
         all.events.last().unwrap().0,
         "a short page covers up to the newest event, matching or not"
     );
     let nobody = store
-        .events_after(0, &labels(&[("team", "z")]), 10)
+        .events_after(0, None, &labels(&[("team", "z")]), 10)
         .await
         .unwrap();
     assert!(nobody.events.is_empty());
@@ -164,11 +270,11 @@ async fn removed_events_are_marked_and_never_reused(store: &impl Store) {
     gone.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
         .unwrap();
     store.save(&gone).await.unwrap();
-    let before = store.events_after(0, &none, 10).await.unwrap();
+    let before = store.events_after(0, None, &none, 10).await.unwrap();
     let head = before.scanned_to;
     assert_eq!(store.delete(gone.id).await.unwrap(), Deleted::Removed);
 
-    let after = store.events_after(0, &none, 10).await.unwrap();
+    let after = store.events_after(0, None, &none, 10).await.unwrap();
     assert_eq!(event_keys(&after).0, vec![(keep.id, 1)]);
     assert_eq!(
         after.removed_through, head,
@@ -178,7 +284,7 @@ async fn removed_events_are_marked_and_never_reused(store: &impl Store) {
 
     let next = sample_job(1, &[], None);
     store.create(&next).await.unwrap();
-    let page = store.events_after(head, &none, 10).await.unwrap();
+    let page = store.events_after(head, None, &none, 10).await.unwrap();
     assert_eq!(event_keys(&page).0, vec![(next.id, 1)]);
     assert!(
         page.events[0].0 > head,
@@ -189,7 +295,11 @@ async fn removed_events_are_marked_and_never_reused(store: &impl Store) {
     old.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
         .unwrap();
     store.save(&old).await.unwrap();
-    let newest = store.events_after(0, &none, 10).await.unwrap().scanned_to;
+    let newest = store
+        .events_after(0, None, &none, 10)
+        .await
+        .unwrap()
+        .scanned_to;
     assert_eq!(
         store
             .purge_finished(now + Duration::from_secs(1), 10)
@@ -197,7 +307,7 @@ async fn removed_events_are_marked_and_never_reused(store: &impl Store) {
             .unwrap(),
         1
     );
-    let purged = store.events_after(0, &none, 10).await.unwrap();
+    let purged = store.events_after(0, None, &none, 10).await.unwrap();
     assert_eq!(
         purged.removed_through, newest,
         "retention marks its removals too"
@@ -219,17 +329,20 @@ async fn unfinished_at_agrees_with_the_event_log(store: &impl Store) {
     store.save(&done).await.unwrap();
 
     let (head, jobs) = store
-        .unfinished_at(&labels(&[("team", "a")]))
+        .unfinished_at(None, &labels(&[("team", "a")]))
         .await
         .unwrap();
     assert_eq!(jobs, vec![running.clone()]);
-    let page = store.events_after(0, &BTreeMap::new(), 100).await.unwrap();
+    let page = store
+        .events_after(0, None, &BTreeMap::new(), 100)
+        .await
+        .unwrap();
     assert_eq!(
         head,
         page.events.last().unwrap().0,
         "the head is the newest event"
     );
-    let (_, all) = store.unfinished_at(&BTreeMap::new()).await.unwrap();
+    let (_, all) = store.unfinished_at(None, &BTreeMap::new()).await.unwrap();
     assert_eq!(
         all.iter().map(|j| j.id).collect::<Vec<_>>(),
         vec![running.id, other.id]

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     Created, Deleted, DueDelivery, EventPage, ListQuery, Store, StoreError, apply_attempt,
-    has_labels,
+    has_labels, in_tenant,
 };
 use crate::job::{AttemptOutcome, Delivery, DeliveryState, Job, JobId, JobState, delivery_for};
 
@@ -26,7 +26,8 @@ struct Inner {
     /// The last sequence number handed out.
     last_seq: i64,
     removed_through: i64,
-    keys: HashMap<String, JobId>,
+    /// Idempotency keys by tenant, then key.
+    keys: HashMap<(String, String), JobId>,
     /// The webhook outbox, by delivery id (UUIDv7: in order of writing).
     deliveries: BTreeMap<Uuid, Delivery>,
 }
@@ -62,7 +63,7 @@ impl Inner {
             self.removed_through = self.removed_through.max(seq);
         }
         if let Some(key) = &job.idempotency_key {
-            self.keys.remove(key);
+            self.keys.remove(&(job.tenant.clone(), key.clone()));
         }
         self.deliveries.retain(|_, d| d.job_id != id);
         Some(job)
@@ -91,10 +92,11 @@ impl Store for MemoryStore {
     async fn create(&self, job: &Job) -> Result<Created, StoreError> {
         let mut inner = self.write();
         if let Some(key) = &job.idempotency_key {
-            if let Some(existing) = inner.keys.get(key).and_then(|id| inner.jobs.get(id)) {
+            let scoped = (job.tenant.clone(), key.clone());
+            if let Some(existing) = inner.keys.get(&scoped).and_then(|id| inner.jobs.get(id)) {
                 return Ok(Created::Existing(Box::new(existing.clone())));
             }
-            inner.keys.insert(key.clone(), job.id);
+            inner.keys.insert(scoped, job.id);
         }
         inner.jobs.insert(job.id, job.clone());
         inner.log(job);
@@ -158,6 +160,7 @@ impl Store for MemoryStore {
     async fn events_after(
         &self,
         after_seq: i64,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
         limit: usize,
     ) -> Result<EventPage, StoreError> {
@@ -175,7 +178,7 @@ impl Store for MemoryStore {
             else {
                 return Err(StoreError::Corrupt(format!("event {seq} has no snapshot")));
             };
-            if !has_labels(job, labels) {
+            if !in_tenant(job, tenant) || !has_labels(job, labels) {
                 continue;
             }
             page.events.push((seq, job.clone()));
@@ -189,13 +192,14 @@ impl Store for MemoryStore {
 
     async fn unfinished_at(
         &self,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
     ) -> Result<(i64, Vec<Job>), StoreError> {
         let inner = self.read();
         let jobs = inner
             .jobs
             .values()
-            .filter(|job| !job.is_terminal() && has_labels(job, labels))
+            .filter(|job| !job.is_terminal() && in_tenant(job, tenant) && has_labels(job, labels))
             .cloned()
             .collect();
         Ok((inner.last_seq, jobs))

@@ -118,6 +118,9 @@ pub struct ListQuery {
     pub before: Option<JobId>,
     /// At most this many jobs.
     pub limit: usize,
+    /// Only this tenant's jobs; `None` for every tenant's. Filtered in the store, so a page is
+    /// never short because of other tenants' jobs.
+    pub tenant: Option<String>,
 }
 
 /// Whether `job` carries every one of `labels` with the same value.
@@ -127,10 +130,16 @@ pub fn has_labels(job: &Job, labels: &BTreeMap<String, String>) -> bool {
         .all(|(key, value)| job.labels.get(key) == Some(value))
 }
 
+/// Whether `job` belongs to `tenant` (every job does when it is `None`).
+pub fn in_tenant(job: &Job, tenant: Option<&str>) -> bool {
+    tenant.is_none_or(|tenant| job.tenant == tenant)
+}
+
 impl ListQuery {
-    /// Whether `job` passes the state and label filters.
+    /// Whether `job` passes the tenant, state and label filters.
     pub fn matches(&self, job: &Job) -> bool {
-        (self.states.is_empty() || self.states.contains(&job.state))
+        in_tenant(job, self.tenant.as_deref())
+            && (self.states.is_empty() || self.states.contains(&job.state))
             && has_labels(job, &self.labels)
     }
 }
@@ -169,7 +178,8 @@ pub struct DueDelivery {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores a new job (with its first log entry). When its idempotency key is already held
-    /// by another job, stores nothing and returns that job.
+    /// by another job of the same tenant, stores nothing and returns that job. Keys are scoped
+    /// by tenant: two tenants may use the same key and get different jobs.
     ///
     /// Like [`Store::save`], writes the webhook delivery that [`crate::job::delivery_for`]
     /// asks for in the same transaction.
@@ -199,20 +209,22 @@ pub trait Store: Send + Sync + 'static {
     /// Every job that is QUEUED or RUNNING, oldest first: what a restarted server must pick up.
     async fn unfinished(&self) -> Result<Vec<Job>, StoreError>;
 
-    /// Up to `limit` logged snapshots with a sequence number above `after_seq`, of jobs that
-    /// carry every one of `labels`, oldest first.
+    /// Up to `limit` logged snapshots with a sequence number above `after_seq`, of jobs of
+    /// `tenant` (any when `None`) that carry every one of `labels`, oldest first.
     async fn events_after(
         &self,
         after_seq: i64,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
         limit: usize,
     ) -> Result<EventPage, StoreError>;
 
-    /// Every QUEUED or RUNNING job that carries every one of `labels`, and the newest event's
-    /// sequence number, read at one moment: the snapshots show every event up to that number
-    /// and none after it.
+    /// Every QUEUED or RUNNING job of `tenant` (any when `None`) that carries every one of
+    /// `labels`, and the newest event's sequence number, read at one moment: the snapshots show
+    /// every event up to that number and none after it.
     async fn unfinished_at(
         &self,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
     ) -> Result<(i64, Vec<Job>), StoreError>;
 

@@ -569,3 +569,85 @@ pub async fn next_until(
     .await
     .expect("the wanted snapshot comes in time")
 }
+
+/// Sends `authorization: Bearer <key>` on every call (or the raw `authorization` value given
+/// with [`ApiKey::raw`]; nothing with [`ApiKey::none`]).
+#[derive(Clone)]
+pub struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl ApiKey {
+    /// `authorization: Bearer <key>`.
+    pub fn bearer(key: &str) -> Self {
+        Self::raw(&format!("Bearer {key}"))
+    }
+
+    /// `authorization: <value>`, as given.
+    pub fn raw(value: &str) -> Self {
+        Self(Some(value.parse().expect("ASCII metadata")))
+    }
+
+    /// No `authorization` metadata at all.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A `longrun.v1.Jobs` client that sends an API key.
+pub type KeyedClient = JobsClient<tonic::service::interceptor::InterceptedService<Channel, ApiKey>>;
+
+/// A `google.longrunning.Operations` client that sends an API key.
+pub type KeyedOperations = longrun::api::longrunning::operations_client::OperationsClient<
+    tonic::service::interceptor::InterceptedService<Channel, ApiKey>,
+>;
+
+/// A plaintext channel to `addr`.
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// A Jobs client of the server at `addr` that sends `key`.
+pub async fn keyed_client(addr: SocketAddr, key: ApiKey) -> KeyedClient {
+    JobsClient::with_interceptor(channel(addr).await, key)
+}
+
+/// An Operations client of the server at `addr` that sends `key`.
+pub async fn keyed_operations(addr: SocketAddr, key: ApiKey) -> KeyedOperations {
+    longrun::api::longrunning::operations_client::OperationsClient::with_interceptor(
+        channel(addr).await,
+        key,
+    )
+}
+
+/// [`test_config`] with authentication on and one API key per `(tenant, key)`.
+pub fn auth_config(keys: &[(&str, &str)]) -> Config {
+    let mut config = test_config();
+    config.auth = longrun::config::AuthConfig {
+        enabled: true,
+        keys: keys
+            .iter()
+            .map(|(tenant, key)| longrun::config::KeyEntry {
+                tenant: (*tenant).to_owned(),
+                key_sha256: hex::encode(longrun::api::auth::hash_key(key)),
+            })
+            .collect(),
+    };
+    config
+}

@@ -9,10 +9,12 @@ use super::{row::decode, sql_error};
 use crate::job::Job;
 use crate::store::{EventPage, StoreError};
 
-/// Up to `limit` logged snapshots after `after_seq` of jobs carrying every one of `labels`.
+/// Up to `limit` logged snapshots after `after_seq` of jobs of `tenant` (any when `None`)
+/// carrying every one of `labels`.
 pub(super) fn events_after(
     conn: &Connection,
     after_seq: i64,
+    tenant: Option<&str>,
     labels: &BTreeMap<String, String>,
     limit: usize,
 ) -> Result<EventPage, StoreError> {
@@ -22,6 +24,10 @@ pub(super) fn events_after(
     let (head, removed_through) = marks(&tx).map_err(fail)?;
     let mut sql = "SELECT seq, snapshot FROM log WHERE seq > ?".to_owned();
     let mut args = vec![Value::Integer(after_seq)];
+    if let Some(tenant) = tenant {
+        sql.push_str(" AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = log.job_id AND j.tenant = ?)");
+        args.push(Value::Text(tenant.to_owned()));
+    }
     label_filter("log.job_id", labels, &mut sql, &mut args);
     sql.push_str(" ORDER BY seq LIMIT ?");
     args.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
@@ -47,10 +53,11 @@ pub(super) fn events_after(
     })
 }
 
-/// Every QUEUED or RUNNING job carrying every one of `labels`, oldest first, and the newest
-/// event's number, as of one moment.
+/// Every QUEUED or RUNNING job of `tenant` (any when `None`) carrying every one of `labels`,
+/// oldest first, and the newest event's number, as of one moment.
 pub(super) fn unfinished_at(
     conn: &Connection,
+    tenant: Option<&str>,
     labels: &BTreeMap<String, String>,
 ) -> Result<(i64, Vec<Job>), StoreError> {
     let context = "reading unfinished jobs";
@@ -59,6 +66,10 @@ pub(super) fn unfinished_at(
     let (head, _) = marks(&tx).map_err(fail)?;
     let mut sql = "SELECT snapshot FROM jobs WHERE state IN ('QUEUED', 'RUNNING')".to_owned();
     let mut args = Vec::new();
+    if let Some(tenant) = tenant {
+        sql.push_str(" AND tenant = ?");
+        args.push(Value::Text(tenant.to_owned()));
+    }
     label_filter("jobs.id", labels, &mut sql, &mut args);
     sql.push_str(" ORDER BY id");
     let mut statement = tx.prepare_cached(&sql).map_err(fail)?;

@@ -225,22 +225,28 @@ impl Store for SqliteStore {
     async fn events_after(
         &self,
         after_seq: i64,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
         limit: usize,
     ) -> Result<EventPage, StoreError> {
         let labels = labels.clone();
+        let tenant = tenant.map(str::to_owned);
         self.readers
-            .run(move |conn| events::events_after(conn, after_seq, &labels, limit))
+            .run(move |conn| {
+                events::events_after(conn, after_seq, tenant.as_deref(), &labels, limit)
+            })
             .await
     }
 
     async fn unfinished_at(
         &self,
+        tenant: Option<&str>,
         labels: &BTreeMap<String, String>,
     ) -> Result<(i64, Vec<Job>), StoreError> {
         let labels = labels.clone();
+        let tenant = tenant.map(str::to_owned);
         self.readers
-            .run(move |conn| events::unfinished_at(conn, &labels))
+            .run(move |conn| events::unfinished_at(conn, tenant.as_deref(), &labels))
             .await
     }
 

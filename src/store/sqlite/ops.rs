@@ -37,8 +37,9 @@ pub(super) fn create(conn: &Connection, row: &JobRow) -> Result<CreateOutcome, S
         }
     }
     conn.prepare_cached(
-        "INSERT INTO jobs (id, state, version, priority, idempotency_key, end_time, snapshot)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO jobs
+             (id, state, version, priority, idempotency_key, end_time, snapshot, tenant)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -49,6 +50,7 @@ pub(super) fn create(conn: &Connection, row: &JobRow) -> Result<CreateOutcome, S
             row.idempotency_key,
             row.end_time,
             row.snapshot,
+            row.tenant,
         ])
     })
     .map_err(fail)?;

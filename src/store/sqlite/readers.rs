@@ -204,6 +204,10 @@ fn list_arm(query: &ListQuery, state: Option<JobState>, sql: &mut String, args: 
         sql.push_str(&format!(" AND {id} < ?"));
         args.push(Value::Text(id_text(before)));
     }
+    if let Some(tenant) = &query.tenant {
+        sql.push_str(" AND j.tenant = ?");
+        args.push(Value::Text(tenant.clone()));
+    }
     if let Some(state) = state {
         sql.push_str(" AND j.state = ?");
         args.push(Value::Text(state.as_str().to_owned()));

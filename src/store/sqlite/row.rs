@@ -17,7 +17,9 @@ pub(super) struct JobRow {
     /// Whether this snapshot belongs in the transition log.
     pub logged: bool,
     pub priority: i64,
+    /// The idempotency key scoped by tenant (see [`scoped_key`]).
     pub idempotency_key: Option<String>,
+    pub tenant: String,
     pub end_time: Option<i64>,
     /// Sorted by key, as `BTreeMap` iterates and as SQLite's binary collation orders text.
     pub labels: Vec<(String, String)>,
@@ -39,7 +41,11 @@ impl JobRow {
             version: job.version,
             logged: job.logged_version == job.version,
             priority: i64::from(job.priority),
-            idempotency_key: job.idempotency_key.clone(),
+            idempotency_key: job
+                .idempotency_key
+                .as_deref()
+                .map(|key| scoped_key(&job.tenant, key)),
+            tenant: job.tenant.clone(),
             end_time: job.end_time.map(unix_micros),
             labels: job
                 .labels
@@ -50,6 +56,13 @@ impl JobRow {
             delivery: delivery_for(None, job).map(|new| Delivery::pending(new, job)),
         })
     }
+}
+
+/// An idempotency key as stored: prefixed with its tenant's length and name, so the column's
+/// UNIQUE constraint holds per tenant and no two (tenant, key) pairs can spell the same text
+/// (migration 3 rewrites the keys stored before it with the tenant `default`).
+pub(super) fn scoped_key(tenant: &str, key: &str) -> String {
+    format!("{}:{tenant}:{key}", tenant.len())
 }
 
 /// The job stored as `snapshot`.
@@ -88,6 +101,13 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn scoped_keys_never_collide_across_tenants() {
+        assert_eq!(scoped_key("default", "k"), "7:default:k");
+        assert_ne!(scoped_key("a:b", "c"), scoped_key("a", "b:c"));
+        assert_ne!(scoped_key("a", "1:b"), scoped_key("a:1", "b"));
+    }
 
     #[test]
     fn micros_keep_order_around_the_epoch() {

@@ -8,7 +8,7 @@ use super::sql_error;
 use crate::store::StoreError;
 
 /// Every migration, in order; the schema version is the number applied (`PRAGMA user_version`).
-const MIGRATIONS: &[M<'static>] = &[
+pub(super) const MIGRATIONS: &[M<'static>] = &[
     M::up(
         // 1: jobs, their labels and their transition logs.
         //
@@ -128,6 +128,24 @@ const MIGRATIONS: &[M<'static>] = &[
         ) STRICT;
         CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
             WHERE state = 'PENDING';",
+    ),
+    M::up(
+        // Tenants: every job belongs to one; jobs stored before are the `default` tenant's.
+        //
+        // Idempotency keys become unique per tenant. The column-level UNIQUE of migration 1
+        // cannot be dropped without rebuilding `jobs` (and with it the foreign keys of
+        // job_labels, log and webhook_deliveries), so the column instead holds the key scoped by
+        // its tenant, `<tenant length>:<tenant>:<key>` (row.rs `scoped_key`): the same
+        // constraint then means "unique per (tenant, key)", and this stays one statement.
+        // The snapshot keeps the key as the client gave it.
+        //
+        // `jobs_tenant_state_id` serves tenant-scoped listing newest first, with or without a
+        // state filter (the state arms of a listing are each one range of it).
+        "ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+        UPDATE jobs SET idempotency_key = '7:default:' || idempotency_key
+            WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX jobs_tenant_state_id ON jobs (tenant, state, id);
+        CREATE INDEX jobs_tenant_id ON jobs (tenant, id);",
     ),
 ];
 

@@ -1,7 +1,7 @@
 //! The SQLite store against the shared conformance suite, and what only a durable store owes:
 //! reopening, locking, schema versions, constraints, a full disk.
 
-use std::{path::Path, sync::Mutex, time::SystemTime};
+use std::{collections::BTreeMap, path::Path, sync::Mutex, time::SystemTime};
 
 use rusqlite::Connection;
 use serde_json::json;
@@ -214,12 +214,18 @@ async fn list_agrees_with_the_memory_store() {
     for states in &state_sets {
         for labels in &label_sets {
             for before in [None, Some(ids[ids.len() / 2])] {
-                for limit in [0, 3, 100] {
+                for (limit, tenant) in [
+                    (0, None),
+                    (3, Some("default")),
+                    (100, None),
+                    (100, Some("x")),
+                ] {
                     let query = ListQuery {
                         states: states.clone(),
                         labels: labels.iter().cloned().collect(),
                         before,
                         limit,
+                        tenant: tenant.map(str::to_owned),
                     };
                     let listed =
                         |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
@@ -232,4 +238,90 @@ async fn list_agrees_with_the_memory_store() {
             }
         }
     }
+}
+
+/// Migration 3 (tenants) over a database that migrations 1 and 2 created and filled: the old
+/// jobs become the `default` tenant's, keep their idempotency keys (now per tenant) and their
+/// labels, transitions and events (the migration must not drop or cascade anything).
+#[tokio::test]
+async fn tenants_migration_keeps_old_jobs_as_the_default_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = crate::store::conformance::sample_job(1, &[("team", "a")], Some("old-key"));
+    {
+        let mut conn = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        rusqlite_migration::Migrations::from_slice(&schema::MIGRATIONS[..2])
+            .to_latest(&mut conn)
+            .unwrap();
+        // A snapshot as longrun wrote it before tenants: no `tenant` field.
+        let mut snapshot: serde_json::Value = serde_json::to_value(&old).unwrap();
+        snapshot.as_object_mut().unwrap().remove("tenant");
+        let snapshot = snapshot.to_string();
+        let id = old.id.to_string();
+        conn.execute(
+            "INSERT INTO jobs (id, state, version, priority, idempotency_key, end_time, snapshot)
+             VALUES (?1, 'QUEUED', 1, 7, 'old-key', NULL, ?2)",
+            rusqlite::params![id, snapshot],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO job_labels (job_id, key, value) VALUES (?1, 'team', 'a')",
+            [&id],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO transitions (job_id, version, snapshot) VALUES (?1, 1, ?2)",
+            rusqlite::params![id, snapshot],
+        )
+        .unwrap();
+        conn.execute("INSERT INTO events (job_id, version) VALUES (?1, 1)", [&id])
+            .unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+    }
+
+    let store = open(dir.path());
+    let version: i64 = raw(dir.path())
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, schema::supported_version());
+    let migrated = store
+        .get(old.id)
+        .await
+        .unwrap()
+        .expect("the old job is kept");
+    assert_eq!(migrated, old, "reads back whole, as the default tenant's");
+    assert_eq!(migrated.tenant, crate::job::DEFAULT_TENANT);
+    assert_eq!(store.transitions(old.id, 0).await.unwrap().len(), 1);
+    let labels = BTreeMap::from([("team".to_owned(), "a".to_owned())]);
+    let listed = store
+        .list(&ListQuery {
+            tenant: Some("default".to_owned()),
+            labels: labels.clone(),
+            limit: 10,
+            ..ListQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.len(),
+        1,
+        "labels survive and the tenant column is filled"
+    );
+    let events = store
+        .events_after(0, Some("default"), &labels, 10)
+        .await
+        .unwrap();
+    assert_eq!(events.events.len(), 1, "the event log survives");
+
+    // The old key still deduplicates for its tenant, and is free for another.
+    let retry = crate::store::conformance::sample_job(1, &[], Some("old-key"));
+    assert_eq!(
+        store.create(&retry).await.unwrap(),
+        Created::Existing(Box::new(old.clone()))
+    );
+    let other = crate::store::conformance::tenant_job("acme", &[], Some("old-key"));
+    assert_eq!(store.create(&other).await.unwrap(), Created::New);
+    store.close().await;
 }
