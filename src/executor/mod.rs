@@ -292,13 +292,19 @@ impl Executor {
         match created? {
             Created::Existing(existing) => Ok(*existing),
             Created::New => {
-                scheduler.enqueue(job.id, job.priority, &job.tenant);
+                let shared = Arc::new(job.clone());
+                scheduler.enqueue_with(
+                    job.id,
+                    job.priority,
+                    &job.tenant,
+                    Some(Arc::clone(&shared)),
+                );
                 drop(scheduler);
                 self.inner.metrics.transition(job.state.as_str());
                 self.inner.sync_gauges();
                 // Nobody watches a job by id before it exists, but WatchJobs selectors may
                 // match it: they learn of new jobs here.
-                self.inner.hub.publish(Arc::new(job.clone()));
+                self.inner.hub.publish(shared);
                 self.inner.wake.notify_one();
                 tracing::debug!(job_id = %job.id, "job queued");
                 Ok(job)
@@ -454,7 +460,7 @@ impl Inner {
                     Err(_) => return,
                 },
             };
-            let (id, handle) = loop {
+            let (id, handle, snapshot) = loop {
                 let next = self.scheduler().pop();
                 if let Some(next) = next {
                     self.sync_gauges();
@@ -469,7 +475,7 @@ impl Inner {
             let span = tracing::info_span!("job", job_id = %id);
             self.tracker.spawn(
                 async move {
-                    runner.run(id, handle, permit).await;
+                    runner.run(id, handle, snapshot, permit).await;
                 }
                 .instrument(span),
             );

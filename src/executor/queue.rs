@@ -13,7 +13,12 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use crate::job::JobId;
+use crate::job::{Job, JobId};
+
+/// Queued jobs whose snapshot the queue keeps, so that starting one needs no store read. A
+/// bound, not a cache: past it (a deep backlog) jobs are read from the store when they start,
+/// so memory does not grow with the queue.
+pub const MAX_QUEUED_SNAPSHOTS: usize = 4096;
 
 /// Higher priority first, then submission order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -79,6 +84,10 @@ pub struct Scheduler {
     /// Each queued job's place in `queue` and its tenant.
     queued: HashMap<JobId, (QueueKey, Arc<str>)>,
     active: HashMap<JobId, StopHandle>,
+    /// The current snapshot of some queued jobs (at most [`MAX_QUEUED_SNAPSHOTS`]). Only the
+    /// executor changes a queued job, and only after taking it out of the queue (`pop`,
+    /// `claim`), which drops its snapshot here: one found here is never stale.
+    snapshots: HashMap<JobId, Arc<Job>>,
     reserved: usize,
     /// Per tenant: jobs queued plus slots reserved. Kept with every move in or out of the
     /// queue, so the per-tenant quota is right across cancel, dispatch, retry and recovery.
@@ -167,8 +176,27 @@ impl Scheduler {
 
     /// Adds `tenant`'s job to the queue (a no-op if it is already queued).
     pub fn enqueue(&mut self, id: JobId, priority: i32, tenant: &str) {
+        self.enqueue_with(id, priority, tenant, None);
+    }
+
+    /// Adds `tenant`'s job to the queue with its current (stored) snapshot, which [`pop`]
+    /// hands back if there was room to keep it.
+    ///
+    /// [`pop`]: Scheduler::pop
+    pub fn enqueue_with(
+        &mut self,
+        id: JobId,
+        priority: i32,
+        tenant: &str,
+        snapshot: Option<Arc<Job>>,
+    ) {
         if self.queued.contains_key(&id) {
             return;
+        }
+        if let Some(job) = snapshot
+            && self.snapshots.len() < MAX_QUEUED_SNAPSHOTS
+        {
+            self.snapshots.insert(id, job);
         }
         let key = QueueKey {
             priority: Reverse(priority),
@@ -181,15 +209,15 @@ impl Scheduler {
         self.count_in(tenant);
     }
 
-    /// Takes the next job to run and marks it active.
-    pub fn pop(&mut self) -> Option<(JobId, StopHandle)> {
+    /// Takes the next job to run and marks it active; with its snapshot, if the queue kept it.
+    pub fn pop(&mut self) -> Option<(JobId, StopHandle, Option<Arc<Job>>)> {
         let key = self.queue.pop_first()?;
         if let Some((_, tenant)) = self.queued.remove(&key.id) {
             self.count_out(&tenant);
         }
         let handle = StopHandle::default();
         self.active.insert(key.id, handle.clone());
-        Some((key.id, handle))
+        Some((key.id, handle, self.snapshots.remove(&key.id)))
     }
 
     /// Gives an active job a fresh stop handle (after its last one fired for a timeout).
@@ -199,10 +227,10 @@ impl Scheduler {
         handle
     }
 
-    /// Moves an active job back to the queue (after a retry backoff).
-    pub fn requeue(&mut self, id: JobId, priority: i32, tenant: &str) {
+    /// Moves an active job back to the queue (after a retry backoff), with its snapshot.
+    pub fn requeue(&mut self, id: JobId, priority: i32, tenant: &str, snapshot: Option<Arc<Job>>) {
         self.active.remove(&id);
-        self.enqueue(id, priority, tenant);
+        self.enqueue_with(id, priority, tenant, snapshot);
     }
 
     /// Forgets an active job whose task ended.
@@ -215,6 +243,7 @@ impl Scheduler {
         if let Some((key, tenant)) = self.queued.remove(&id) {
             self.queue.remove(&key);
             self.count_out(&tenant);
+            self.snapshots.remove(&id);
             return Holder::Queue;
         }
         match self.active.get(&id) {
@@ -241,7 +270,7 @@ mod tests {
         s.enqueue(ids[1], 5, "t");
         s.enqueue(ids[2], 0, "t");
         s.enqueue(ids[3], 5, "t");
-        let order: Vec<JobId> = std::iter::from_fn(|| s.pop().map(|(id, _)| id)).collect();
+        let order: Vec<JobId> = std::iter::from_fn(|| s.pop().map(|(id, ..)| id)).collect();
         assert_eq!(order, vec![ids[1], ids[3], ids[0], ids[2]]);
         assert_eq!(s.active_handles().len(), 4);
     }
@@ -282,12 +311,41 @@ mod tests {
         s.unreserve("b");
         assert!(matches!(s.claim(a2), Holder::Queue));
         assert_eq!(s.tenant_queue_length("a"), 1);
-        let (popped, _) = s.pop().unwrap();
+        let (popped, ..) = s.pop().unwrap();
         assert_eq!(popped, a1);
         assert_eq!(s.tenant_queue_length("a"), 0);
-        s.requeue(a1, 0, "a");
+        s.requeue(a1, 0, "a", None);
         assert_eq!(s.tenant_queue_length("a"), 1);
         assert_eq!(s.tenant_queue_length("b"), 1);
+    }
+
+    #[test]
+    fn the_queue_hands_back_a_kept_snapshot_once_and_keeps_a_bounded_number() {
+        let mut s = Scheduler::default();
+        let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
+        s.enqueue_with(job.id, 0, "t", Some(Arc::clone(&job)));
+        let (id, _, snapshot) = s.pop().unwrap();
+        assert_eq!(id, job.id);
+        assert_eq!(snapshot.as_deref(), Some(&*job));
+        s.requeue(id, 0, "t", Some(Arc::clone(&job)));
+        assert!(matches!(s.claim(id), Holder::Queue));
+        assert!(
+            s.snapshots.is_empty(),
+            "a claimed job's snapshot goes with it"
+        );
+
+        for _ in 0..MAX_QUEUED_SNAPSHOTS + 10 {
+            let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
+            s.enqueue_with(job.id, 0, "t", Some(job));
+        }
+        assert_eq!(s.snapshots.len(), MAX_QUEUED_SNAPSHOTS);
+        let popped: Vec<bool> =
+            std::iter::from_fn(|| s.pop().map(|(.., kept)| kept.is_some())).collect();
+        assert_eq!(
+            popped.iter().filter(|kept| **kept).count(),
+            MAX_QUEUED_SNAPSHOTS
+        );
+        assert!(s.snapshots.is_empty());
     }
 
     #[test]

@@ -47,9 +47,10 @@ impl Inner {
         self: Arc<Self>,
         id: JobId,
         handle: StopHandle,
+        snapshot: Option<Arc<Job>>,
         permit: OwnedSemaphorePermit,
     ) {
-        let outcome = self.run_owned(id, &handle).await;
+        let outcome = self.run_owned(id, snapshot, &handle).await;
         // The worker slot is free from here on, also while a retry waits out its backoff.
         drop(permit);
         let outcome = match outcome {
@@ -64,8 +65,18 @@ impl Inner {
     }
 
     /// Runs one attempt and settles the job; returns it when it is to be retried.
-    async fn run_owned(&self, id: JobId, handle: &StopHandle) -> Result<Option<Job>, RunError> {
-        let Some(mut job) = self.store.get(id).await? else {
+    async fn run_owned(
+        &self,
+        id: JobId,
+        snapshot: Option<Arc<Job>>,
+        handle: &StopHandle,
+    ) -> Result<Option<Job>, RunError> {
+        // The queue's snapshot is the stored one (see `Scheduler::snapshots`): no read needed.
+        let stored = match snapshot {
+            Some(job) => Some(Arc::unwrap_or_clone(job)),
+            None => self.store.get(id).await?,
+        };
+        let Some(mut job) = stored else {
             return Ok(None);
         };
         if job.state != JobState::Queued {
@@ -299,7 +310,8 @@ impl Inner {
         tracing::info!(attempt = job.attempt, ?backoff, "job will be retried");
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {
-                self.scheduler().requeue(job.id, job.priority, &job.tenant);
+                let snapshot = Some(Arc::new(job.clone()));
+                self.scheduler().requeue(job.id, job.priority, &job.tenant, snapshot);
                 self.sync_gauges();
                 self.wake.notify_one();
             }
