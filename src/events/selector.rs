@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use super::Hub;
 use crate::{
     job::{Job, JobId},
-    store::{has_labels, in_tenant},
+    store::has_labels,
 };
 
 /// The newest snapshot of each job that changed since the reader last looked.
@@ -54,12 +54,13 @@ impl Inbox {
     }
 }
 
-/// Every selector subscriber, indexed by one of its labels.
+/// Every selector subscriber, indexed by its tenant and one of its labels.
 ///
-/// A subscriber is filed under its first label (key, then value): a job can only match it if
-/// the job carries that label, so a publish looks up the job's own few labels and never walks
-/// subscribers whose first label it lacks. Subscribers without labels match every job and are
-/// kept apart; a publish must offer to each of them anyway.
+/// A subscriber is filed under its tenant (or with those of every tenant), then under its
+/// first label (key, then value): a job can only match it if the job is that tenant's and
+/// carries that label, so a publish looks up the job's own tenant and few labels and never
+/// walks subscribers of other tenants or whose first label it lacks. Subscribers without
+/// labels match every job of their tenant and are kept apart within it.
 #[derive(Default)]
 pub(super) struct Selectors {
     /// How many subscribers exist: a publish skips the lock entirely when there are none.
@@ -70,10 +71,73 @@ pub(super) struct Selectors {
 
 #[derive(Default)]
 struct Registry {
+    /// Subscribers to one tenant's jobs, by tenant.
+    by_tenant: HashMap<String, Filed>,
+    /// Subscribers to every tenant's jobs.
+    any_tenant: Filed,
+}
+
+#[derive(Default)]
+struct Filed {
     /// First label key, then its value, to the subscribers filed there. Nested rather than
     /// keyed by `(key, value)` so a lookup borrows the job's strings instead of allocating.
     by_label: HashMap<String, HashMap<String, Vec<Arc<Inbox>>>>,
     everything: Vec<Arc<Inbox>>,
+}
+
+impl Filed {
+    fn offer(&self, job: &Arc<Job>) {
+        for inbox in &self.everything {
+            inbox.offer(job);
+        }
+        for (key, value) in &job.labels {
+            let Some(filed) = self.by_label.get(key).and_then(|v| v.get(value)) else {
+                continue;
+            };
+            for inbox in filed {
+                if has_labels(job, &inbox.labels) {
+                    inbox.offer(job);
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, inbox: &Arc<Inbox>) {
+        match inbox.labels.first_key_value() {
+            Some((key, value)) => self
+                .by_label
+                .entry(key.clone())
+                .or_default()
+                .entry(value.clone())
+                .or_default()
+                .push(Arc::clone(inbox)),
+            None => self.everything.push(Arc::clone(inbox)),
+        }
+    }
+
+    fn remove(&mut self, inbox: &Inbox) {
+        let id = inbox.id;
+        match inbox.labels.first_key_value() {
+            Some((key, value)) => {
+                if let Some(values) = self.by_label.get_mut(key) {
+                    if let Some(filed) = values.get_mut(value) {
+                        filed.retain(|other| other.id != id);
+                        if filed.is_empty() {
+                            values.remove(value);
+                        }
+                    }
+                    if values.is_empty() {
+                        self.by_label.remove(key);
+                    }
+                }
+            }
+            None => self.everything.retain(|other| other.id != id),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_label.is_empty() && self.everything.is_empty()
+    }
 }
 
 impl Selectors {
@@ -86,27 +150,17 @@ impl Selectors {
         self.registry.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Offers `job` to every subscriber whose labels it carries.
+    /// Offers `job` to every subscriber of its tenant (or of every tenant) whose labels it
+    /// carries.
     pub(super) fn publish(&self, job: &Arc<Job>) {
         if self.count.load(Ordering::Acquire) == 0 {
             return;
         }
         let registry = self.registry();
-        for inbox in &registry.everything {
-            if in_tenant(job, inbox.tenant.as_deref()) {
-                inbox.offer(job);
-            }
+        if let Some(filed) = registry.by_tenant.get(&job.tenant) {
+            filed.offer(job);
         }
-        for (key, value) in &job.labels {
-            let Some(filed) = registry.by_label.get(key).and_then(|v| v.get(value)) else {
-                continue;
-            };
-            for inbox in filed {
-                if in_tenant(job, inbox.tenant.as_deref()) && has_labels(job, &inbox.labels) {
-                    inbox.offer(job);
-                }
-            }
-        }
+        registry.any_tenant.offer(job);
     }
 
     fn add(&self, tenant: Option<String>, labels: BTreeMap<String, String>) -> Arc<Inbox> {
@@ -118,15 +172,13 @@ impl Selectors {
             wakeup: Notify::new(),
         });
         let mut registry = self.registry_mut();
-        match inbox.labels.first_key_value() {
-            Some((key, value)) => registry
-                .by_label
-                .entry(key.clone())
+        match &inbox.tenant {
+            Some(tenant) => registry
+                .by_tenant
+                .entry(tenant.clone())
                 .or_default()
-                .entry(value.clone())
-                .or_default()
-                .push(Arc::clone(&inbox)),
-            None => registry.everything.push(Arc::clone(&inbox)),
+                .add(&inbox),
+            None => registry.any_tenant.add(&inbox),
         }
         self.count.fetch_add(1, Ordering::AcqRel);
         inbox
@@ -134,22 +186,16 @@ impl Selectors {
 
     fn remove(&self, inbox: &Inbox) {
         let mut registry = self.registry_mut();
-        let id = inbox.id;
-        match inbox.labels.first_key_value() {
-            Some((key, value)) => {
-                if let Some(values) = registry.by_label.get_mut(key) {
-                    if let Some(filed) = values.get_mut(value) {
-                        filed.retain(|other| other.id != id);
-                        if filed.is_empty() {
-                            values.remove(value);
-                        }
-                    }
-                    if values.is_empty() {
-                        registry.by_label.remove(key);
+        match &inbox.tenant {
+            Some(tenant) => {
+                if let Some(filed) = registry.by_tenant.get_mut(tenant) {
+                    filed.remove(inbox);
+                    if filed.is_empty() {
+                        registry.by_tenant.remove(tenant);
                     }
                 }
             }
-            None => registry.everything.retain(|other| other.id != id),
+            None => registry.any_tenant.remove(inbox),
         }
         self.count.fetch_sub(1, Ordering::AcqRel);
     }
@@ -236,6 +282,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tenant_subscriber_gets_only_its_tenants_jobs_and_leaves_no_trace() {
+        use crate::store::conformance::tenant_job;
+        let hub = Hub::new();
+        let a_all = hub.subscribe_jobs(Some("a".to_owned()), BTreeMap::new());
+        let a_team = hub.subscribe_jobs(Some("a".to_owned()), labels(&[("team", "x")]));
+        let everyone = hub.subscribe_jobs(None, labels(&[("team", "x")]));
+        let a_job = tenant_job("a", &[("team", "x")], None);
+        let b_job = tenant_job("b", &[("team", "x")], None);
+        hub.publish(Arc::new(a_job.clone()));
+        hub.publish(Arc::new(b_job.clone()));
+        assert_eq!(a_all.take().keys().collect::<Vec<_>>(), vec![&a_job.id]);
+        assert_eq!(a_team.take().keys().collect::<Vec<_>>(), vec![&a_job.id]);
+        let mut both: Vec<_> = everyone.take().into_keys().collect();
+        both.sort();
+        let mut expected = vec![a_job.id, b_job.id];
+        expected.sort();
+        assert_eq!(both, expected);
+        drop((a_all, a_team, everyone));
+        let registry = hub.selectors.registry();
+        assert!(registry.by_tenant.is_empty() && registry.any_tenant.is_empty());
+    }
+
+    #[tokio::test]
     async fn the_inbox_keeps_one_newest_snapshot_per_job() {
         let hub = Hub::new();
         let sub = hub.subscribe_jobs(None, BTreeMap::new());
@@ -271,7 +340,7 @@ mod tests {
         drop(all);
         assert_eq!(hub.selectors.len(), 0);
         assert!(
-            hub.selectors.registry().by_label.is_empty(),
+            hub.selectors.registry().any_tenant.is_empty(),
             "index entries freed"
         );
     }
