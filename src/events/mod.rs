@@ -28,9 +28,19 @@ use crate::job::{Job, JobId, JobState};
 /// the channel was opened.
 pub type Snapshot = Option<Arc<Job>>;
 
+/// What a job's channel holds: the newest snapshot, and how many publishes the channel has
+/// seen (also those it ignored as older). A watcher that knows the count it last saw can tell
+/// whether it missed a publish: when it did not, no logged transition can hide between two
+/// versions it saw, and it need not read the log.
+#[derive(Clone, Default)]
+struct Slot {
+    job: Snapshot,
+    publishes: u64,
+}
+
 const SHARDS: usize = 32;
 
-type Shard = Mutex<HashMap<JobId, watch::Sender<Snapshot>>>;
+type Shard = Mutex<HashMap<JobId, watch::Sender<Slot>>>;
 
 /// The registry of per-job channels, sharded so that unrelated jobs rarely share a lock.
 pub struct Hub {
@@ -60,10 +70,7 @@ impl Hub {
         Arc::new(Self::default())
     }
 
-    fn shard(
-        &self,
-        id: &JobId,
-    ) -> std::sync::MutexGuard<'_, HashMap<JobId, watch::Sender<Snapshot>>> {
+    fn shard(&self, id: &JobId) -> std::sync::MutexGuard<'_, HashMap<JobId, watch::Sender<Slot>>> {
         let index = (self.hasher.hash_one(id) as usize) % self.shards.len();
         // Every critical section is a single map operation that cannot leave the map
         // inconsistent, so a poisoned lock is still safe to use.
@@ -87,11 +94,15 @@ impl Hub {
         let running = job.state == JobState::Running;
         match shard.get(&id) {
             Some(sender) => {
-                sender.send_if_modified(|current| match current {
-                    Some(held) if held.version >= job.version => false,
-                    _ => {
-                        *current = Some(job);
-                        true
+                sender.send_if_modified(|slot| {
+                    slot.publishes += 1;
+                    match &slot.job {
+                        // Counted all the same, so watchers see that a publish went by.
+                        Some(held) if held.version >= job.version => false,
+                        _ => {
+                            slot.job = Some(job);
+                            true
+                        }
                     }
                 });
                 if !running && sender.receiver_count() == 0 {
@@ -99,7 +110,11 @@ impl Hub {
                 }
             }
             None if running => {
-                shard.insert(id, watch::channel(Some(job)).0);
+                let slot = Slot {
+                    job: Some(job),
+                    publishes: 1,
+                };
+                shard.insert(id, watch::channel(slot).0);
             }
             None => {}
         }
@@ -116,7 +131,7 @@ impl Hub {
     pub fn latest(&self, id: JobId) -> Snapshot {
         self.shard(&id)
             .get(&id)
-            .and_then(|sender| sender.borrow().clone())
+            .and_then(|sender| sender.borrow().job.clone())
     }
 
     /// Opens a subscription to the job's changes. Subscribe first, then read the store: a
@@ -126,7 +141,7 @@ impl Hub {
             let mut shard = self.shard(&id);
             shard
                 .entry(id)
-                .or_insert_with(|| watch::channel(None).0)
+                .or_insert_with(|| watch::channel(Slot::default()).0)
                 .subscribe()
         };
         Subscription {
@@ -155,7 +170,7 @@ impl Hub {
             .sum()
     }
 
-    fn release(&self, id: JobId, receiver: watch::Receiver<Snapshot>) {
+    fn release(&self, id: JobId, receiver: watch::Receiver<Slot>) {
         let mut shard = self.shard(&id);
         drop(receiver);
         // A running job's newest snapshot stays for later readers; see `publish`.
@@ -163,6 +178,7 @@ impl Hub {
             sender.receiver_count() == 0
                 && sender
                     .borrow()
+                    .job
                     .as_ref()
                     .is_none_or(|job| job.state != JobState::Running)
         });
@@ -177,21 +193,29 @@ impl Hub {
 pub struct Subscription {
     hub: Arc<Hub>,
     id: JobId,
-    receiver: Option<watch::Receiver<Snapshot>>,
+    receiver: Option<watch::Receiver<Slot>>,
 }
 
 impl Subscription {
     /// Waits for a snapshot newer than `after_version` and returns it: the newest one, with any
     /// in-between progress coalesced away.
     pub async fn next_after(&mut self, after_version: i64) -> Arc<Job> {
+        self.next_counted(after_version).await.0
+    }
+
+    /// [`Subscription::next_after`], with the channel's publish count at that snapshot.
+    pub async fn next_counted(&mut self, after_version: i64) -> (Arc<Job>, u64) {
         let Some(receiver) = self.receiver.as_mut() else {
             return std::future::pending().await;
         };
         loop {
-            if let Some(job) = receiver.borrow_and_update().as_ref()
-                && job.version > after_version
             {
-                return Arc::clone(job);
+                let slot = receiver.borrow_and_update();
+                if let Some(job) = slot.job.as_ref()
+                    && job.version > after_version
+                {
+                    return (Arc::clone(job), slot.publishes);
+                }
             }
             // The hub owns the sender for as long as this subscription exists, so `changed`
             // only fails if the hub itself is gone; then nothing will ever change again.
@@ -203,7 +227,12 @@ impl Subscription {
 
     /// The newest snapshot seen on the channel, if any was published since it opened.
     pub fn latest(&self) -> Snapshot {
-        self.receiver.as_ref().and_then(|r| r.borrow().clone())
+        self.receiver.as_ref().and_then(|r| r.borrow().job.clone())
+    }
+
+    /// How many publishes the channel has seen so far.
+    pub fn publishes(&self) -> u64 {
+        self.receiver.as_ref().map_or(0, |r| r.borrow().publishes)
     }
 }
 

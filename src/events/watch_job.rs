@@ -40,6 +40,9 @@ pub struct JobWatch {
     subscription: Subscription,
     id: JobId,
     last_sent: i64,
+    /// The channel's publish count as of the newest snapshot this watch knows of; see
+    /// [`JobWatch::fill`].
+    publishes_seen: u64,
     pending: VecDeque<Arc<Job>>,
     done: bool,
 }
@@ -54,6 +57,9 @@ impl JobWatch {
     ) -> Result<Self, WatchError> {
         // Subscribe before reading, so a change in between is seen by one or the other.
         let subscription = hub.subscribe(id);
+        // Every publish counted here was of a change committed before the read below, so
+        // `current` covers it: only publishes after this count can bring anything newer.
+        let publishes_seen = subscription.publishes();
         let current = current(&store, hub, id).await?;
         if after_version > current.version {
             return Err(WatchError::FutureVersion {
@@ -82,6 +88,7 @@ impl JobWatch {
             subscription,
             id,
             last_sent: after_version,
+            publishes_seen,
             pending,
             done,
         })
@@ -107,10 +114,18 @@ impl JobWatch {
 
     /// Waits for the next change; when versions were coalesced away and a logged transition
     /// may be among them, replays the log first.
+    ///
+    /// Versions also skip without anything lost: the executor commits several changes as one
+    /// (a job's start with its first action's start), and nobody is told of the ones in
+    /// between. Every logged change is published once committed, so when this watch has seen
+    /// every publish (the count moved by exactly one) none can hide in the gap, and the log
+    /// read is skipped.
     async fn fill(&mut self) -> Result<(), StoreError> {
-        let newest = self.subscription.next_after(self.last_sent).await;
+        let (newest, publishes) = self.subscription.next_counted(self.last_sent).await;
+        let missed_a_publish = publishes != self.publishes_seen + 1;
+        self.publishes_seen = publishes;
         let skipped_some = newest.version > self.last_sent + 1;
-        if skipped_some && newest.logged_version > self.last_sent {
+        if skipped_some && missed_a_publish && newest.logged_version > self.last_sent {
             let missed = self.store.transitions(self.id, self.last_sent).await?;
             self.pending.extend(
                 missed
