@@ -549,3 +549,38 @@ async fn purge_and_delete_mark_removed_events() {
     assert_eq!(seqs, BTreeSet::from([3]));
     store.close().await;
 }
+
+/// Every write transaction takes the schema's write lock first, also against another process:
+/// while a plain connection holds it, a store's write waits, and it commits once released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_the_write_lock_of_other_processes() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let store = Arc::new(schema.open(PostgresOptions::default()).await.unwrap());
+    let other = schema.raw().await;
+    other
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
+            &[&WRITE_LOCK],
+        )
+        .await
+        .unwrap();
+    let job = sample_job(1, &[], None);
+    let create = tokio::spawn({
+        let (store, job) = (Arc::clone(&store), job.clone());
+        async move { store.create(&job).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!create.is_finished(), "the write waited for the lock");
+    assert_eq!(store.get(job.id).await.unwrap(), None, "reads do not wait");
+    other
+        .execute(
+            "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
+            &[&WRITE_LOCK],
+        )
+        .await
+        .unwrap();
+    assert_eq!(create.await.unwrap().unwrap(), Created::New);
+    assert_eq!(store.get(job.id).await.unwrap(), Some(job));
+    store.close().await;
+}

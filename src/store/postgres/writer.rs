@@ -9,13 +9,16 @@
 //! the committed numbers forming a prefix: a reader that saw number `n` has seen every event
 //! committed before it. A PostgreSQL sequence does not give that: two transactions may take
 //! numbers 5 and 6 and commit 6 first, and a reader in between sees 6 without 5, then skips 5
-//! for ever. So numbers come from a counter row (`event_log.head`) and every write transaction
+//! for ever. So numbers come from a counter row (`event_log.head`), and every write transaction
 //! first takes `pg_advisory_xact_lock(WRITE_LOCK, <schema>)`: the transaction that takes a
 //! number holds the lock until it has committed, so the next number is only taken (and
 //! committed) after it. Within one store the single writer task serializes batches anyway; the
-//! lock makes the same hold for two processes (replicas) on one database. PostgreSQL marks a
-//! transaction committed (visible to new snapshots) before it releases its locks, so the next
-//! holder's numbers can never be seen without this one's.
+//! lock makes the same hold for two processes (replicas) on one database. The counter row's own
+//! row lock would order the numbers too, but only from the first logged write on: taking the
+//! advisory lock first makes the whole transaction one critical section, so two processes'
+//! batches can never deadlock on jobs they both touch in different orders either. PostgreSQL
+//! marks a transaction committed (visible to new snapshots) before it releases its locks, so the
+//! next holder's numbers can never be seen without this one's.
 
 use std::sync::{
     Arc,
