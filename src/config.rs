@@ -15,18 +15,73 @@ use crate::{
     actions::{Exec, ExecCommand, Registry},
     api::{Limits, quotas::Rate},
     executor::{ExecutorConfig, InterruptedPolicy},
-    store::{MemoryStore, SqliteOptions, SqliteStore, Store, StoreError},
+    store::{
+        MemoryStore, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError,
+    },
     webhooks::WebhookConfig,
 };
 
-/// Which store keeps the jobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+/// Which store keeps the jobs. Parsed from `sqlite`, `memory`, or a `postgres://` (or
+/// `postgresql://`) URL.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub enum StoreKind {
     /// SQLite in the data directory: durable, the default.
     Sqlite,
     /// Process memory: nothing survives a restart (for tests and demos).
     Memory,
+    /// A PostgreSQL database; one serving process per database (and schema) for now.
+    Postgres(DatabaseUrl),
+}
+
+impl std::str::FromStr for StoreKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sqlite" => Ok(StoreKind::Sqlite),
+            "memory" => Ok(StoreKind::Memory),
+            url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(StoreKind::Postgres(DatabaseUrl(url.to_owned())))
+            }
+            _ => Err("expected `sqlite`, `memory` or a postgres:// URL".to_owned()),
+        }
+    }
+}
+
+impl TryFrom<String> for StoreKind {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// A PostgreSQL connection URL. It may hold a password, so it never prints: `Debug` shows
+/// only that it is set.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(DatabaseUrl(s.to_owned()))
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
@@ -47,9 +102,13 @@ pub struct Settings {
     /// Address to serve Prometheus metrics on, at `GET /metrics` [default: off].
     #[arg(long, env = "LONGRUN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Where jobs are kept [default: sqlite].
-    #[arg(long, value_enum, env = "LONGRUN_STORE")]
+    /// Where jobs are kept: `sqlite`, `memory` or a `postgres://user@host/db` URL
+    /// [default: sqlite, or PostgreSQL when LONGRUN_DATABASE_URL is set].
+    #[arg(long, env = "LONGRUN_STORE", hide_env_values = true)]
     pub store: Option<StoreKind>,
+    /// The PostgreSQL database to keep jobs in, when --store is not given (see docs/postgres.md).
+    #[arg(long, env = "LONGRUN_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<DatabaseUrl>,
     /// Jobs run at once [default: 16].
     #[arg(long)]
     pub concurrency: Option<usize>,
@@ -144,6 +203,7 @@ impl Settings {
             data_dir: self.data_dir.or(fallback.data_dir),
             metrics_listen: self.metrics_listen.or(fallback.metrics_listen),
             store: self.store.or(fallback.store),
+            database_url: self.database_url.or(fallback.database_url),
             concurrency: self.concurrency.or(fallback.concurrency),
             max_queue_length: self.max_queue_length.or(fallback.max_queue_length),
             max_message_bytes: self.max_message_bytes.or(fallback.max_message_bytes),
@@ -321,9 +381,20 @@ impl Config {
     }
 
     /// Opens the configured store: SQLite in the data directory (on a blocking thread: it
-    /// creates the directory, takes the lock and migrates), or memory.
+    /// creates the directory, takes the lock and migrates), PostgreSQL, or memory.
+    ///
+    /// This is the serving process's store: a PostgreSQL store is opened exclusive, so a second
+    /// server on the same database and schema fails with [`StoreError::ReplicaRunning`]
+    /// (several replicas are not supported yet).
     pub async fn open_store(&self) -> Result<Arc<dyn Store>, StoreError> {
-        Ok(match self.store {
+        Ok(match &self.store {
+            StoreKind::Postgres(url) => {
+                let options = PostgresOptions {
+                    exclusive: true,
+                    ..PostgresOptions::default()
+                };
+                Arc::new(PostgresStore::open(url.expose(), options).await?)
+            }
             StoreKind::Memory => Arc::new(MemoryStore::new()),
             StoreKind::Sqlite => {
                 let dir = self.data_dir.clone();
@@ -350,7 +421,11 @@ impl Config {
             listen,
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("longrun-data")),
             metrics_listen: s.metrics_listen,
-            store: s.store.unwrap_or(StoreKind::Sqlite),
+            store: match (s.store, s.database_url) {
+                (Some(store), _) => store,
+                (None, Some(url)) => StoreKind::Postgres(url),
+                (None, None) => StoreKind::Sqlite,
+            },
             limits: Limits {
                 max_message_bytes: s
                     .max_message_bytes
@@ -468,6 +543,39 @@ mod tests {
         assert_eq!(config.limits.max_actions_per_job, 100);
         assert_eq!(config.store, StoreKind::Sqlite);
         assert_eq!(config.retention, Duration::from_secs(14 * 86400));
+    }
+
+    #[test]
+    fn the_store_is_sqlite_memory_or_a_postgres_url() {
+        let url = "postgres://u:hunter2pw@db/jobs";
+        let flags = Settings {
+            store: Some(url.parse().unwrap()),
+            ..Settings::default()
+        };
+        let config = Config::resolve(flags, FileConfig::default());
+        let StoreKind::Postgres(parsed) = &config.store else {
+            panic!("not postgres: {:?}", config.store);
+        };
+        assert_eq!(parsed.expose(), url);
+        assert!(
+            !format!("{config:?}").contains("hunter2pw"),
+            "the URL's password never prints"
+        );
+        assert_eq!("memory".parse::<StoreKind>(), Ok(StoreKind::Memory));
+        assert!("mysql://x".parse::<StoreKind>().is_err());
+
+        // LONGRUN_DATABASE_URL (or the file's `database_url`) alone chooses PostgreSQL; an
+        // explicit store wins over it.
+        let file = FileConfig::parse("[server]\ndatabase_url = \"postgresql://db/x\"").unwrap();
+        assert!(matches!(
+            Config::resolve(Settings::default(), file.clone()).store,
+            StoreKind::Postgres(_)
+        ));
+        let flags = Settings {
+            store: Some(StoreKind::Sqlite),
+            ..Settings::default()
+        };
+        assert_eq!(Config::resolve(flags, file).store, StoreKind::Sqlite);
     }
 
     #[test]

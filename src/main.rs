@@ -71,9 +71,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = config
         .open_store()
         .await
-        .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
-    if config.store == StoreKind::Sqlite {
-        tracing::info!(dir = %config.data_dir.display(), "using the SQLite store");
+        .with_context(|| match &config.store {
+            StoreKind::Postgres(_) => "opening the PostgreSQL store".to_owned(),
+            _ => format!("opening the data directory {}", config.data_dir.display()),
+        })?;
+    match &config.store {
+        StoreKind::Sqlite => {
+            tracing::info!(dir = %config.data_dir.display(), "using the SQLite store");
+        }
+        StoreKind::Postgres(_) => tracing::info!("using the PostgreSQL store"),
+        StoreKind::Memory => {}
     }
     let registry = config.registry();
     let listen = config.listen;

@@ -102,10 +102,10 @@ impl From<StoreError> for Status {
                 tracing::error!(error = %error, "storage full");
                 Status::resource_exhausted(error.to_string())
             }
-            // Both only happen while opening a store, before anything is served.
-            StoreError::Locked { .. } | StoreError::IncompatibleSchema { .. } => {
-                Status::failed_precondition(error.to_string())
-            }
+            // These only happen while opening a store, before anything is served.
+            StoreError::Locked { .. }
+            | StoreError::IncompatibleSchema { .. }
+            | StoreError::ReplicaRunning { .. } => Status::failed_precondition(error.to_string()),
             StoreError::StaleVersion { .. } | StoreError::Missing(_) => {
                 Status::aborted(format!("concurrent change, try again: {error}"))
             }

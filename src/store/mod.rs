@@ -1,14 +1,16 @@
 //! Where jobs live. The [`Store`] trait is what the executor and the API rely on; each backend
-//! (memory for tests, SQLite embedded by default, PostgreSQL to scale out) implements it, and
+//! (memory for tests, SQLite embedded by default, PostgreSQL to share one database) implements it, and
 //! nothing outside this module writes SQL.
 
 mod memory;
+mod postgres;
 mod sqlite;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 
 pub use memory::MemoryStore;
+pub use postgres::{PostgresOptions, PostgresStats, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
 
 use std::{collections::BTreeMap, path::PathBuf, time::SystemTime};
@@ -63,6 +65,16 @@ pub enum StoreError {
     Locked {
         /// The data directory.
         path: PathBuf,
+    },
+    /// Another longrun server already serves this PostgreSQL database (and schema): several
+    /// replicas on one database are not supported yet.
+    #[error(
+        "another longrun replica is serving this database ({database}); running several \
+         replicas is not supported yet"
+    )]
+    ReplicaRunning {
+        /// The database (host, name and schema; never credentials).
+        database: String,
     },
     /// The stored data was written by a newer longrun that this one cannot read.
     #[error("stored schema version {found} is newer than the {supported} this longrun supports")]

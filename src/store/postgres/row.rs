@@ -1,0 +1,85 @@
+//! How a `Job` becomes a row and back. Encoding happens on the caller's task, not on the writer
+//! task, so the one writer spends its time on SQL only.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+
+use crate::job::{Delivery, Job, delivery_for};
+use crate::store::StoreError;
+
+/// A job ready to be written: the columns queries use, and the whole snapshot.
+#[derive(Debug)]
+pub(super) struct JobRow {
+    pub id: Uuid,
+    pub tenant: String,
+    pub state: &'static str,
+    pub version: i64,
+    /// Whether this snapshot belongs in the transition log.
+    pub logged: bool,
+    pub priority: i64,
+    pub idempotency_key: Option<String>,
+    pub end_time: Option<i64>,
+    /// Sorted by key, as `BTreeMap` iterates.
+    pub labels: Vec<(String, String)>,
+    pub snapshot: String,
+    /// The webhook delivery to write with this snapshot if the stored state differs (or the
+    /// job is new): see [`delivery_for`].
+    pub delivery: Option<Delivery>,
+}
+
+impl JobRow {
+    /// The row for `job`; every column is taken from this one snapshot.
+    pub fn encode(job: &Job) -> Result<Self, StoreError> {
+        let snapshot = serde_json::to_string(job)
+            .map_err(|e| StoreError::backend(format!("encoding job {}", job.id), e))?;
+        Ok(Self {
+            id: *job.id.as_uuid(),
+            tenant: job.tenant.clone(),
+            state: job.state.as_str(),
+            version: job.version,
+            logged: job.logged_version == job.version,
+            priority: i64::from(job.priority),
+            idempotency_key: job.idempotency_key.clone(),
+            end_time: job.end_time.map(unix_micros),
+            labels: job
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            snapshot,
+            delivery: delivery_for(None, job).map(|new| Delivery::pending(new, job)),
+        })
+    }
+}
+
+/// The job stored as `snapshot`.
+pub(super) fn decode(snapshot: &str) -> Result<Job, StoreError> {
+    serde_json::from_str(snapshot).map_err(|e| StoreError::Corrupt(format!("job snapshot: {e}")))
+}
+
+/// The time `micros` microseconds from the Unix epoch (the inverse of [`unix_micros`]).
+pub(super) fn from_unix_micros(micros: i64) -> SystemTime {
+    let offset = std::time::Duration::from_micros(micros.unsigned_abs());
+    if micros >= 0 {
+        UNIX_EPOCH.checked_add(offset)
+    } else {
+        UNIX_EPOCH.checked_sub(offset)
+    }
+    .unwrap_or(UNIX_EPOCH)
+}
+
+/// Microseconds since the Unix epoch, negative before it, saturating far from it.
+pub(super) fn unix_micros(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_micros())
+            .map(|m| -m)
+            .unwrap_or(i64::MIN),
+    }
+}
+
+/// A count or limit as SQL takes it, saturating.
+pub(super) fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}

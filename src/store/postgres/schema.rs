@@ -1,0 +1,70 @@
+//! The schema, as numbered SQL files applied in order. A released migration is never edited: a
+//! change is a new file at the end of [`MIGRATIONS`]. The version applied is recorded in
+//! `longrun_schema`, one row per migration.
+
+use deadpool_postgres::ClientWrapper;
+
+use super::{MIGRATION_LOCK, pg_error};
+use crate::store::StoreError;
+
+/// Every migration, in order: its number is its index + 1.
+pub(super) const MIGRATIONS: &[(&str, &str)] =
+    &[("0001_jobs", include_str!("migrations/0001_jobs.sql"))];
+
+/// The newest schema version this binary knows.
+#[cfg(test)]
+pub(super) fn supported_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Brings the schema in the connection's `search_path` up to the newest, refusing one written by
+/// a newer binary.
+///
+/// Everything runs in one transaction that first takes a transaction-scoped advisory lock, so
+/// stores (replicas) starting together migrate one after the other: the second waits, then
+/// finds the work done. The lock is scoped by the schema, so stores in different schemas of
+/// one database (the tests) do not wait for each other.
+pub(super) async fn migrate(client: &mut ClientWrapper) -> Result<(), StoreError> {
+    let migrations = MIGRATIONS;
+    let fail = |e| pg_error("migrating the schema", e);
+    let tx = client.transaction().await.map_err(fail)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))",
+        &[&MIGRATION_LOCK],
+    )
+    .await
+    .map_err(fail)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS longrun_schema (
+             version bigint PRIMARY KEY,
+             name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(fail)?;
+    let found: i64 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM longrun_schema", &[])
+        .await
+        .map_err(fail)?
+        .get(0);
+    let supported = migrations.len() as i64;
+    if found > supported {
+        // Nothing is written to a database we do not understand; the rollback on drop also
+        // undoes the (no-op) CREATE TABLE IF NOT EXISTS.
+        return Err(StoreError::IncompatibleSchema { found, supported });
+    }
+    for (index, (name, sql)) in migrations.iter().enumerate().skip(found as usize) {
+        let version = index as i64 + 1;
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| pg_error(format!("applying migration {name}"), e))?;
+        tx.execute(
+            "INSERT INTO longrun_schema (version, name) VALUES ($1, $2)",
+            &[&version, name],
+        )
+        .await
+        .map_err(fail)?;
+    }
+    tx.commit().await.map_err(fail)
+}

@@ -1,0 +1,586 @@
+//! The PostgreSQL store against the shared conformance suite, and what only it owes: migrations
+//! under an advisory lock, schema versions, group commit, event numbers in commit order across
+//! stores, and the serve lock.
+//!
+//! Every test runs only when `LONGRUN_TEST_DATABASE_URL` is set (`.ci/run` sets it), each store
+//! in a fresh schema of its own that is dropped when the test ends, passed or not.
+
+use std::{collections::BTreeSet, sync::Arc, sync::Mutex, time::SystemTime};
+
+use super::*;
+use crate::job::{JobError, JobState};
+use crate::store::conformance::{self, sample_job};
+
+/// The variable naming the database the tests may use.
+const URL_VARIABLE: &str = "LONGRUN_TEST_DATABASE_URL";
+
+/// The test database's URL, or `None` (after saying so) when tests must skip.
+fn database_url() -> Option<String> {
+    match std::env::var(URL_VARIABLE) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            println!("skipped: {URL_VARIABLE} not set");
+            None
+        }
+    }
+}
+
+/// A schema of its own for one test, dropped (with everything in it) when this is dropped,
+/// also while a failing test unwinds.
+struct TestSchema {
+    base_url: String,
+    name: String,
+}
+
+impl TestSchema {
+    async fn create(base_url: &str) -> TestSchema {
+        let name = format!("lr_test_{:016x}", rand::random::<u64>());
+        let (client, connection) = tokio_postgres::connect(base_url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .await
+            .unwrap();
+        TestSchema {
+            base_url: base_url.to_owned(),
+            name,
+        }
+    }
+
+    /// The database URL with this schema as the `search_path`.
+    fn url(&self) -> String {
+        with_schema(&self.base_url, &self.name)
+    }
+
+    /// A store in this schema.
+    async fn open(&self, options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        PostgresStore::open(&self.url(), options).await
+    }
+
+    /// A plain connection in this schema, around the store.
+    async fn raw(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(), NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        // Its own thread and runtime: Drop cannot await, and may run inside a runtime.
+        let (url, name) = (self.base_url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!(
+                        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {name} CASCADE"
+                    ))
+                    .await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test schema {}: {dropped:?}", self.name);
+        }
+    }
+}
+
+/// `url` with `schema` as its `search_path`, for URLs and for key=value strings.
+fn with_schema(url: &str, schema: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}options=-csearch_path%3D{schema}")
+    } else {
+        format!("{url} options='-csearch_path={schema}'")
+    }
+}
+
+#[tokio::test]
+async fn postgres_store_conforms() {
+    let Some(url) = database_url() else { return };
+    let schemas = Mutex::new(Vec::new());
+    let (schemas, url) = (&schemas, &url);
+    conformance::run_all(move || async move {
+        let schema = TestSchema::create(url).await;
+        let store = schema.open(PostgresOptions::default()).await.unwrap();
+        schemas.lock().unwrap().push(schema);
+        store
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn data_survives_close_and_reopen() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let now = SystemTime::now();
+    let mut job = sample_job(2, &[("team", "a")], Some("key-1"));
+    {
+        let store = schema.open(PostgresOptions::default()).await.unwrap();
+        store.create(&job).await.unwrap();
+        job.start(now).unwrap();
+        store.save(&job).await.unwrap();
+        store.close().await;
+        assert!(matches!(store.get(job.id).await, Err(StoreError::Closed)));
+        assert!(matches!(store.save(&job).await, Err(StoreError::Closed)));
+    }
+    let store = schema.open(PostgresOptions::default()).await.unwrap();
+    assert_eq!(store.get(job.id).await.unwrap(), Some(job.clone()));
+    let versions: Vec<i64> = store
+        .transitions(job.id, 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.version)
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+    let retry = sample_job(1, &[], Some("key-1"));
+    assert_eq!(
+        store.create(&retry).await.unwrap(),
+        Created::Existing(Box::new(job))
+    );
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_opening_together_migrate_once() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let opens: Vec<_> = (0..3)
+        .map(|_| {
+            let url = schema.url();
+            tokio::spawn(async move { PostgresStore::open(&url, PostgresOptions::default()).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for open in opens {
+        stores.push(open.await.unwrap().expect("every store opens"));
+    }
+    // And once more, over a migrated schema.
+    stores.push(schema.open(PostgresOptions::default()).await.unwrap());
+    let applied: Vec<i64> = schema
+        .raw()
+        .await
+        .query("SELECT version FROM longrun_schema ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        applied,
+        (1..=schema::supported_version()).collect::<Vec<_>>()
+    );
+    // All of them work on the one schema.
+    let job = sample_job(1, &[], None);
+    stores[0].create(&job).await.unwrap();
+    assert_eq!(stores[3].get(job.id).await.unwrap(), Some(job));
+    for store in stores {
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused_and_left_alone() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    schema
+        .open(PostgresOptions::default())
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let newer = schema::supported_version() + 1;
+    let raw = schema.raw().await;
+    raw.execute(
+        "INSERT INTO longrun_schema (version, name) VALUES ($1, 'from_the_future')",
+        &[&newer],
+    )
+    .await
+    .unwrap();
+    match schema.open(PostgresOptions::default()).await {
+        Err(StoreError::IncompatibleSchema { found, supported }) => {
+            assert_eq!((found, supported), (newer, schema::supported_version()));
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("a newer schema was opened"),
+    }
+    let count: i64 = raw
+        .query_one("SELECT count(*) FROM longrun_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, newer, "nothing was written");
+}
+
+#[tokio::test]
+async fn a_missing_schema_is_a_clear_error() {
+    let Some(url) = database_url() else { return };
+    let url = with_schema(&url, "lr_test_does_not_exist");
+    let error = PostgresStore::open(&url, PostgresOptions::default())
+        .await
+        .err()
+        .expect("no schema, no store");
+    assert!(
+        error.to_string().contains("opening the PostgreSQL store"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn the_database_checks_rows() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let store = schema.open(PostgresOptions::default()).await.unwrap();
+    let job = sample_job(1, &[], Some("k"));
+    store.create(&job).await.unwrap();
+    let raw = schema.raw().await;
+    let insert = |id: uuid::Uuid, tenant: &str, state: &str, key: Option<&str>| {
+        let (tenant, state, key) = (tenant.to_owned(), state.to_owned(), key.map(str::to_owned));
+        let raw = &raw;
+        async move {
+            raw.execute(
+                "INSERT INTO jobs (id, tenant, state, version, priority, idempotency_key, snapshot)
+                 VALUES ($1, $2, $3, 1, 0, $4, '{}')",
+                &[&id, &tenant, &state, &key],
+            )
+            .await
+        }
+    };
+    assert!(
+        insert(uuid::Uuid::now_v7(), "default", "BOGUS", None)
+            .await
+            .is_err(),
+        "CHECK on state"
+    );
+    assert!(
+        insert(uuid::Uuid::now_v7(), &job.tenant, "QUEUED", Some("k"))
+            .await
+            .is_err(),
+        "UNIQUE (tenant, idempotency_key)"
+    );
+    assert!(
+        insert(uuid::Uuid::now_v7(), "other", "QUEUED", Some("k"))
+            .await
+            .is_ok(),
+        "the same key in another tenant"
+    );
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_share_commits() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let store = Arc::new(schema.open(PostgresOptions::default()).await.unwrap());
+    let tasks: Vec<_> = (0..300)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.create(&sample_job(1, &[], None)).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), Created::New);
+    }
+    let stats = store.stats();
+    assert_eq!(stats.commands, 300);
+    assert!(
+        stats.batches < stats.commands / 4,
+        "300 concurrent creates took {} commits",
+        stats.batches
+    );
+    store.close().await;
+}
+
+/// Holds the writer, runs `spawn` (whose tasks queue `count` writes), waits until all are
+/// queued and lets the writer go, so that the writes share one batch. Returns their results
+/// and how many batches committed meanwhile.
+async fn queued_together<T>(
+    store: &PostgresStore,
+    count: usize,
+    spawn: impl FnOnce() -> Vec<tokio::task::JoinHandle<T>>,
+) -> (Vec<T>, u64) {
+    let release = store.hold_writer().await;
+    let tasks = spawn();
+    for _ in 0..100_000 {
+        if store.queued() >= count {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(store.queued() >= count, "the writes were queued");
+    let before = store.stats();
+    drop(release);
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    (results, store.stats().batches - before.batches)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_save_fails_alone_in_its_batch() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let store = Arc::new(schema.open(PostgresOptions::default()).await.unwrap());
+    let now = SystemTime::now();
+    let mut jobs = Vec::new();
+    for _ in 0..4 {
+        let job = sample_job(1, &[], None);
+        store.create(&job).await.unwrap();
+        jobs.push(job);
+    }
+    let mut stale = jobs[1].clone();
+    for job in &mut jobs {
+        job.start(now).unwrap();
+    }
+    stale.version = 1;
+    let missing = {
+        let mut job = sample_job(1, &[], None);
+        job.start(now).unwrap();
+        job
+    };
+    let saves = vec![
+        jobs[0].clone(),
+        jobs[1].clone(),
+        stale,
+        missing.clone(),
+        jobs[2].clone(),
+        jobs[3].clone(),
+    ];
+    let (results, commits) = queued_together(&store, saves.len(), || {
+        saves
+            .into_iter()
+            .map(|job| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.save(&job).await })
+            })
+            .collect()
+    })
+    .await;
+    assert_eq!(commits, 1);
+    assert!(
+        matches!(
+            results[2],
+            Err(StoreError::StaleVersion { attempted: 1, .. })
+        ),
+        "{:?}",
+        results[2]
+    );
+    assert!(
+        matches!(results[3], Err(StoreError::Missing(id)) if id == missing.id),
+        "{:?}",
+        results[3]
+    );
+    for (i, result) in results
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ![2, 3].contains(i))
+    {
+        assert!(result.is_ok(), "save {i} failed: {result:?}");
+    }
+    for job in &jobs {
+        assert_eq!(store.get(job.id).await.unwrap().as_ref(), Some(job));
+        assert_eq!(
+            store.transitions(job.id, 1).await.unwrap(),
+            vec![job.clone()]
+        );
+    }
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_twice_in_one_batch_stores_one_job() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let store = Arc::new(schema.open(PostgresOptions::default()).await.unwrap());
+    let jobs = [sample_job(1, &[], Some("k")), sample_job(1, &[], Some("k"))];
+    let creates = jobs.clone();
+    let (results, commits) = queued_together(&store, 2, || {
+        creates
+            .into_iter()
+            .map(|job| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.create(&job).await.unwrap() })
+            })
+            .collect()
+    })
+    .await;
+    assert_eq!(commits, 1);
+    let winner = if results[0] == Created::New { 0 } else { 1 };
+    assert_eq!(
+        results[1 - winner],
+        Created::Existing(Box::new(jobs[winner].clone()))
+    );
+    assert_eq!(store.get(jobs[1 - winner].id).await.unwrap(), None);
+    store.close().await;
+}
+
+/// Two stores on one schema (as two processes would be) write concurrently while a reader
+/// follows the event log with a cursor: the reader never skips a number, because committed
+/// numbers always form a prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_numbers_commit_in_order_across_stores() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let stores = [
+        Arc::new(schema.open(PostgresOptions::default()).await.unwrap()),
+        Arc::new(schema.open(PostgresOptions::default()).await.unwrap()),
+    ];
+    let writers: Vec<_> = (0..6)
+        .map(|i| {
+            let store = Arc::clone(&stores[i % 2]);
+            tokio::spawn(async move {
+                for _ in 0..25 {
+                    let mut job = sample_job(1, &[], None);
+                    store.create(&job).await.unwrap();
+                    job.start(SystemTime::now()).unwrap();
+                    store.save(&job).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let reader = {
+        let store = Arc::clone(&stores[0]);
+        let labels = BTreeMap::new();
+        async move {
+            let mut cursor = 0;
+            let mut seen = Vec::new();
+            // Bounded: 300 events, and every read that finds nothing yields first.
+            for _ in 0..100_000 {
+                let page = store.events_after(cursor, None, &labels, 7).await.unwrap();
+                for (seq, _) in &page.events {
+                    seen.push(*seq);
+                }
+                cursor = page.scanned_to;
+                if seen.len() >= 300 {
+                    break;
+                }
+                if page.events.is_empty() {
+                    tokio::task::yield_now().await;
+                }
+            }
+            seen
+        }
+    };
+    let (seen, _) = tokio::join!(reader, async {
+        for writer in writers {
+            writer.await.unwrap();
+        }
+    });
+    assert_eq!(
+        seen,
+        (1..=300).collect::<Vec<i64>>(),
+        "a number was skipped"
+    );
+    for store in stores {
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn only_one_exclusive_store_per_schema() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let exclusive = PostgresOptions {
+        exclusive: true,
+        ..PostgresOptions::default()
+    };
+    let first = schema.open(exclusive.clone()).await.unwrap();
+    match schema.open(exclusive.clone()).await {
+        Err(error @ StoreError::ReplicaRunning { .. }) => {
+            let message = error.to_string();
+            assert!(message.contains("another longrun replica is serving this database"));
+            assert!(message.contains(&schema.name), "{message}");
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("two exclusive stores on one schema"),
+    }
+    // Another schema of the same database is another service.
+    let other = TestSchema::create(&url).await;
+    other.open(exclusive.clone()).await.unwrap().close().await;
+    // Once the first is closed, its lock is free.
+    first.close().await;
+    schema.open(exclusive).await.unwrap().close().await;
+}
+
+#[tokio::test]
+async fn purge_and_delete_mark_removed_events() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let store = schema.open(PostgresOptions::default()).await.unwrap();
+    let mut job = sample_job(1, &[], None);
+    store.create(&job).await.unwrap();
+    job.cancel(
+        JobError::new("CANCELLED", "CANCELLED", "x"),
+        SystemTime::now(),
+    )
+    .unwrap();
+    store.save(&job).await.unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    let removed = store
+        .purge_finished(SystemTime::now() + Duration::from_secs(1), 10)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let page = store
+        .events_after(0, None, &BTreeMap::new(), 10)
+        .await
+        .unwrap();
+    assert!(page.events.is_empty());
+    assert_eq!((page.removed_through, page.scanned_to), (2, 2));
+    // A number is never handed out again.
+    let next = sample_job(1, &[], None);
+    store.create(&next).await.unwrap();
+    let seqs: BTreeSet<i64> = store
+        .events_after(0, None, &BTreeMap::new(), 10)
+        .await
+        .unwrap()
+        .events
+        .iter()
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert_eq!(seqs, BTreeSet::from([3]));
+    store.close().await;
+}
+
+/// Every write transaction takes the schema's write lock first, also against another process:
+/// while a plain connection holds it, a store's write waits, and it commits once released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_the_write_lock_of_other_processes() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let store = Arc::new(schema.open(PostgresOptions::default()).await.unwrap());
+    let other = schema.raw().await;
+    other
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
+            &[&WRITE_LOCK],
+        )
+        .await
+        .unwrap();
+    let job = sample_job(1, &[], None);
+    let create = tokio::spawn({
+        let (store, job) = (Arc::clone(&store), job.clone());
+        async move { store.create(&job).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!create.is_finished(), "the write waited for the lock");
+    assert_eq!(store.get(job.id).await.unwrap(), None, "reads do not wait");
+    other
+        .execute(
+            "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
+            &[&WRITE_LOCK],
+        )
+        .await
+        .unwrap();
+    assert_eq!(create.await.unwrap().unwrap(), Created::New);
+    assert_eq!(store.get(job.id).await.unwrap(), Some(job));
+    store.close().await;
+}

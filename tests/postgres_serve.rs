@@ -1,0 +1,194 @@
+//! `longrun serve --store postgres://…`, the real binary: a job submitted over gRPC succeeds,
+//! survives a restart, and a second server on the same database (and schema) is refused at
+//! once, since several replicas are not supported yet.
+//!
+//! Runs only when `LONGRUN_TEST_DATABASE_URL` is set (`.ci/run` sets it). The server's tables go
+//! in a fresh schema, chosen through the URL (`options=-csearch_path%3D<schema>`), which is
+//! dropped when the test ends.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use common::{PATIENCE, connect, get, request, sleep, submit, wait_done};
+use longrun::api::pb;
+
+const URL_VARIABLE: &str = "LONGRUN_TEST_DATABASE_URL";
+
+/// A schema of its own, dropped (with its tables) when this is dropped, passed or failed.
+struct TestSchema {
+    base_url: String,
+    name: String,
+}
+
+impl TestSchema {
+    fn create(base_url: &str) -> TestSchema {
+        let name = format!("lr_test_{:016x}", rand::random::<u64>());
+        run_sql(base_url, &format!("CREATE SCHEMA {name}")).expect("create the test schema");
+        TestSchema {
+            base_url: base_url.to_owned(),
+            name,
+        }
+    }
+
+    /// The URL that puts the server's tables in this schema.
+    fn url(&self) -> String {
+        let separator = if self.base_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{}{separator}options=-csearch_path%3D{}",
+            self.base_url, self.name
+        )
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let sql = format!(
+            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {} CASCADE",
+            self.name
+        );
+        if let Err(error) = run_sql(&self.base_url, &sql) {
+            eprintln!("could not drop test schema {}: {error}", self.name);
+        }
+    }
+}
+
+/// Runs `sql` on a connection of its own, on a thread and runtime of its own (so it also works
+/// in `Drop`, inside or outside a runtime).
+fn run_sql(url: &str, sql: &str) -> Result<(), String> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            client.batch_execute(&sql).await.map_err(|e| e.to_string())
+        })
+    })
+    .join()
+    .map_err(|_| "the SQL thread panicked".to_owned())?
+}
+
+fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// `longrun serve` on the database at `url`, given with `--store`.
+fn serve(url: &str, addr: SocketAddr) -> Child {
+    serve_command(addr)
+        .args(["--store", url])
+        .spawn()
+        .expect("start longrun serve")
+}
+
+/// `longrun serve` on the database at `url`, given as `LONGRUN_DATABASE_URL`.
+fn serve_from_env(url: &str, addr: SocketAddr) -> Child {
+    serve_command(addr)
+        .env("LONGRUN_DATABASE_URL", url)
+        .spawn()
+        .expect("start longrun serve")
+}
+
+fn serve_command(addr: SocketAddr) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_longrun"));
+    command
+        .args(["serve", "--listen", &addr.to_string()])
+        .env("RUST_LOG", "warn")
+        .env_remove("LONGRUN_AUTH")
+        .env_remove("LONGRUN_STORE")
+        .env_remove("LONGRUN_DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Waits, bounded, until the server accepts connections.
+async fn wait_until_serving(addr: SocketAddr, server: &mut Child) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Some(status) = server.try_wait().unwrap() {
+            panic!("the server exited with {status}");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops a server the way an operator does (SIGTERM) and waits for it, bounded.
+fn stop(server: Child) -> Output {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_bounded(server)
+}
+
+fn wait_bounded(server: Child) -> Output {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(server.wait_with_output());
+    });
+    result
+        .recv_timeout(PATIENCE)
+        .expect("the server exits in time")
+        .expect("output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_postgres_keeps_jobs_across_restarts_and_refuses_a_second_server() {
+    let Ok(base_url) = std::env::var(URL_VARIABLE) else {
+        println!("skipped: {URL_VARIABLE} not set");
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+
+    let addr = free_addr();
+    let mut server = serve(&url, addr);
+    wait_until_serving(addr, &mut server).await;
+    let mut client = connect(addr).await;
+    let job = submit(&mut client, request(vec![sleep(1, 1)])).await;
+    let done = wait_done(&mut client, &job.id).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded);
+
+    // A second server on the same database and schema (here named by LONGRUN_DATABASE_URL)
+    // stops at once, saying why.
+    let second = wait_bounded(serve_from_env(&url, free_addr()));
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another longrun replica is serving this database"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&schema.name), "names the schema: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let stopped = stop(server);
+    assert!(
+        stopped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+
+    // After a restart (from LONGRUN_DATABASE_URL this time) the job is there, as it ended.
+    let addr = free_addr();
+    let mut server = serve_from_env(&url, addr);
+    wait_until_serving(addr, &mut server).await;
+    let mut client = connect(addr).await;
+    let found = get(&mut client, &job.id).await;
+    assert_eq!(found.state(), pb::JobState::Succeeded);
+    assert_eq!(found.version, done.version);
+    stop(server);
+}
