@@ -147,6 +147,13 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         CREATE INDEX jobs_tenant_state_id ON jobs (tenant, state, id);
         CREATE INDEX jobs_tenant_id ON jobs (tenant, id);",
     ),
+    M::up(
+        // `jobs_state_id` served listings, which are all scoped by tenant now (the two
+        // indexes of the migration before); the cross-tenant reads by state (recovery,
+        // retention) use `jobs_state_end_time`. One index fewer to keep on every insert and
+        // every change of state.
+        "DROP INDEX jobs_state_id;",
+    ),
 ];
 
 /// The newest schema version this binary knows.
