@@ -310,6 +310,12 @@ impl Inner {
         tracing::info!(attempt = job.attempt, ?backoff, "job will be retried");
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {
+                if let Some(shared) = self.store.shared() {
+                    // Held through the backoff (so nobody runs it early); now anyone may.
+                    shared.release(job.id).await?;
+                    self.wake.notify_one();
+                    return Ok(());
+                }
                 let snapshot = Some(Arc::new(job.clone()));
                 self.scheduler().requeue(job.id, job.priority, &job.tenant, snapshot);
                 self.sync_gauges();
