@@ -156,7 +156,11 @@ async fn states_to_end(stream: &mut tonic::Streaming<pb::WatchJobResponse>) -> V
     tokio::time::timeout(PATIENCE, async {
         while let Some(message) = stream.next().await {
             let job = message.expect("stream message").job.expect("job");
-            assert!(job.version > version, "versions rise: {} after {version}", job.version);
+            assert!(
+                job.version > version,
+                "versions rise: {} after {version}",
+                job.version
+            );
             version = job.version;
             if states.last() != Some(&job.state()) {
                 states.push(job.state());
@@ -234,9 +238,10 @@ async fn every_job_runs_exactly_once_and_any_replica_watches_every_job() {
 
 /// The index of the gate (replica) on which the next gated run starts, with the job's id.
 async fn next_start(gates: &[Gate]) -> (usize, String) {
-    let starts = gates.iter().enumerate().map(|(index, gate)| {
-        Box::pin(async move { (index, gate.next_started().await) })
-    });
+    let starts = gates
+        .iter()
+        .enumerate()
+        .map(|(index, gate)| Box::pin(async move { (index, gate.next_started().await) }));
     futures::future::select_all(starts).await.0
 }
 

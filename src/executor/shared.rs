@@ -96,7 +96,7 @@ impl Inner {
         match change {
             Change::Event(job) => {
                 let queued = job.state == JobState::Queued;
-                self.hub.publish(Arc::new(job));
+                self.hub.publish(job);
                 if queued {
                     self.wake.notify_one();
                 }

@@ -292,8 +292,8 @@ pub trait Store: Send + Sync + 'static {
 /// A change the feed of a shared store tells of: see [`SharedStore::feed`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// A logged snapshot, committed by any replica; in commit order.
-    Event(Job),
+    /// A logged snapshot, committed by any replica; in commit order. Shared, as the hub takes it.
+    Event(std::sync::Arc<Job>),
     /// Some replica was asked to cancel this job; whichever replica runs it stops it.
     Cancel(JobId),
 }

@@ -148,7 +148,7 @@ async fn catch_up(
         let full = page.events.len() >= PAGE;
         for (seq, job) in page.events {
             changes
-                .send(Change::Event(job))
+                .send(Change::Event(std::sync::Arc::new(job)))
                 .await
                 .map_err(|_| Stop::Closed)?;
             *last_seq = (*last_seq).max(seq);
