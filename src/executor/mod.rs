@@ -156,6 +156,10 @@ pub(crate) struct Inner {
     /// jobs are claimed from the store under leases rather than queued in memory, and other
     /// replicas' changes arrive through the store's change feed (see `shared.rs`).
     shared: bool,
+    /// Fired by [`Executor::shutdown`] once no job task is left: the lease renewal and the
+    /// change feed of shared mode run until then (running jobs keep their leases, and can still
+    /// be cancelled from other replicas, while they drain).
+    drained: CancellationToken,
 }
 
 /// Runs jobs. Cheap to clone; all clones drive the same queue.
@@ -189,6 +193,7 @@ impl Executor {
             accepting: CancellationToken::new(),
             dispatching: CancellationToken::new(),
             recovered: CancellationToken::new(),
+            drained: CancellationToken::new(),
         });
         let dispatcher = Arc::clone(&inner);
         inner
@@ -419,6 +424,7 @@ impl Executor {
             .await
             .is_ok()
         {
+            inner.drained.cancel();
             inner.release_all().await;
             return;
         }
@@ -437,6 +443,7 @@ impl Executor {
         {
             tracing::error!("some jobs did not stop in time");
         }
+        inner.drained.cancel();
         inner.release_all().await;
     }
 }

@@ -40,11 +40,12 @@ impl Inner {
         let mut feed = shared.feed().await?;
         let lease = shared.lease();
 
+        // Not tracked: shutdown waits for the job tasks, and these serve them until then.
         let inner = Arc::clone(&self);
-        self.tracker.spawn(async move {
+        tokio::spawn(async move {
             loop {
                 let change = tokio::select! {
-                    _ = inner.dispatching.cancelled() => return,
+                    _ = inner.drained.cancelled() => return,
                     change = feed.recv() => change,
                 };
                 match change {
@@ -55,12 +56,12 @@ impl Inner {
         });
 
         let inner = Arc::clone(&self);
-        self.tracker.spawn(async move {
+        tokio::spawn(async move {
             let mut every = tokio::time::interval(lease / 3);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = inner.dispatching.cancelled() => return,
+                    _ = inner.drained.cancelled() => return,
                     _ = every.tick() => {}
                 }
                 if let Some(shared) = inner.shared_store()

@@ -75,12 +75,9 @@ pub enum StoreError {
         /// The data directory.
         path: PathBuf,
     },
-    /// Another longrun server already serves this PostgreSQL database (and schema): several
-    /// replicas on one database are not supported yet.
-    #[error(
-        "another longrun replica is serving this database ({database}); running several \
-         replicas is not supported yet"
-    )]
+    /// Another longrun store holds this PostgreSQL database (and schema) exclusively (see
+    /// `PostgresOptions::exclusive`).
+    #[error("another longrun process holds this database exclusively ({database})")]
     ReplicaRunning {
         /// The database (host, name and schema; never credentials).
         database: String,
