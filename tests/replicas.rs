@@ -181,6 +181,8 @@ async fn states_to_end(stream: &mut tonic::Streaming<pb::WatchJobResponse>) -> V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_job_runs_exactly_once_and_any_replica_watches_every_job() {
+    // WatchJob on another replica than the submitter, and WatchJobs on the first replica, see
+    // every transition of every job, wherever it ran, in order.
     let Some(base_url) = database_url() else {
         return;
     };
@@ -205,6 +207,13 @@ async fn every_job_runs_exactly_once_and_any_replica_watches_every_job() {
     for (server, _) in &replicas {
         clients.push(server.client().await);
     }
+    // A WatchJobs stream on the first replica, opened before any job exists: it must see every
+    // job, wherever it runs.
+    let mut all_jobs = clients[0]
+        .watch_jobs(pb::WatchJobsRequest::default())
+        .await
+        .expect("watch jobs")
+        .into_inner();
     let mut watches = Vec::new();
     for n in 0..JOBS {
         let job = submit(
@@ -223,6 +232,41 @@ async fn every_job_runs_exactly_once_and_any_replica_watches_every_job() {
             states,
             [pb::JobState::Running, pb::JobState::Succeeded],
             "job {id}"
+        );
+    }
+    let mut seen: HashMap<String, (i64, Vec<pb::JobState>)> = HashMap::new();
+    tokio::time::timeout(PATIENCE, async {
+        while seen
+            .values()
+            .filter(|(_, states)| states.last() == Some(&pb::JobState::Succeeded))
+            .count()
+            < JOBS
+        {
+            let message = all_jobs
+                .next()
+                .await
+                .expect("stream open")
+                .expect("message");
+            let job = message.job.expect("job");
+            let (version, states) = seen.entry(job.id.clone()).or_default();
+            assert!(job.version > *version, "versions rise for {}", job.id);
+            *version = job.version;
+            if states.last() != Some(&job.state()) {
+                states.push(job.state());
+            }
+        }
+    })
+    .await
+    .expect("WatchJobs sees every job end in time");
+    for (id, (_, states)) in &seen {
+        assert_eq!(
+            states,
+            &[
+                pb::JobState::Queued,
+                pb::JobState::Running,
+                pb::JobState::Succeeded
+            ],
+            "WatchJobs on the first replica, job {id}"
         );
     }
     let runs = runs.lock().expect("runs").clone();
