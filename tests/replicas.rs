@@ -424,3 +424,48 @@ async fn a_watcher_sees_every_state_when_its_replica_loses_the_listen_connection
         store.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_lost_a_job_stops_its_handler_while_another_runs_it() {
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let gates: Vec<Gate> = (0..2).map(|_| Gate::default()).collect();
+    let mut replicas = Vec::new();
+    for gate in &gates {
+        replicas.push(replica(&url, gate.registry()).await);
+    }
+    let mut client = replicas[0].0.client().await;
+    let job = submit(&mut client, request(vec![gated()])).await;
+    let (runner, started) = next_start(&gates).await;
+    assert_eq!(started, job.id);
+
+    // As if the runner had been cut off for longer than its lease: its lease is gone (owned by
+    // nobody alive, run out), so a reaper re-queues the job while the runner still runs it.
+    run_sql(
+        &base_url,
+        &format!(
+            "UPDATE {}.jobs SET lease_owner = '{}', lease_until = 0 WHERE id = '{}'",
+            schema.name,
+            uuid::Uuid::now_v7(),
+            job.id
+        ),
+    )
+    .expect("take the lease away");
+    // The runner notices at its next renewal and stops its handler.
+    gates[runner].until_idle().await;
+    // The job runs again (attempt 2), here or there, and ends once.
+    let (_, again) = next_start(&gates).await;
+    assert_eq!(again, job.id);
+    gates[0].release(1);
+    gates[1].release(1);
+    let mut watch = open_watch(&mut client, &job.id, 0).await;
+    let done = next_until(&mut watch, |job| job.state() == pb::JobState::Succeeded).await;
+    assert_eq!(done.attempt, 2);
+    for (server, store) in replicas {
+        server.stop().await;
+        store.close().await;
+    }
+}

@@ -5,9 +5,12 @@
 //! replica's watchers, new QUEUED jobs to its dispatcher and cancels to the job's owner.
 
 use std::{
+    collections::HashSet,
     sync::Arc,
     time::{Duration, SystemTime},
 };
+
+use tokio::time::Instant;
 
 use tracing::Instrument;
 
@@ -59,17 +62,13 @@ impl Inner {
         tokio::spawn(async move {
             let mut every = tokio::time::interval(lease / 3);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut renewed_at = Instant::now();
             loop {
                 tokio::select! {
                     _ = inner.drained.cancelled() => return,
                     _ = every.tick() => {}
                 }
-                if let Some(shared) = inner.shared_store()
-                    && let Err(error) = shared.renew_leases().await
-                {
-                    // The next tick tries again; the lease outlasts two missed renewals.
-                    tracing::warn!(%error, "renewing leases failed");
-                }
+                renewed_at = inner.renew(renewed_at, lease).await;
             }
         });
 
@@ -88,6 +87,44 @@ impl Inner {
             }
         });
         Ok(())
+    }
+
+    /// Renews this replica's leases; returns when they were last renewed. Stops the jobs it
+    /// runs that it no longer holds, so that a job never runs here and on the replica that took
+    /// it over at once for longer than a renewal interval: those whose lease was not renewed
+    /// (taken over), and all of them once no renewal has succeeded for a whole lease (every one
+    /// may have been taken over). Their saves are refused from then on anyway (see
+    /// [`StoreError::LeaseLost`]); this stops handlers that would not save for a long time.
+    async fn renew(&self, renewed_at: Instant, lease: Duration) -> Instant {
+        let Some(shared) = self.shared_store() else {
+            return renewed_at;
+        };
+        // Taken before the renewal: a job claimed while it runs is not renewed by it, and
+        // must not be taken for one that was lost.
+        let before = self.scheduler().active_jobs();
+        match shared.renew_leases().await {
+            Ok(held) => {
+                let held: HashSet<JobId> = held.into_iter().collect();
+                for (id, handle) in before {
+                    if !held.contains(&id) {
+                        tracing::warn!(job_id = %id, "lease lost to another replica; stopping the job here");
+                        handle.stop(StopReason::Shutdown);
+                    }
+                }
+                Instant::now()
+            }
+            Err(error) => {
+                // The next tick tries again; the lease outlasts two missed renewals.
+                tracing::warn!(%error, "renewing leases failed");
+                if renewed_at.elapsed() >= lease {
+                    for (id, handle) in before {
+                        tracing::warn!(job_id = %id, "lease could not be renewed in time; stopping the job here");
+                        handle.stop(StopReason::Shutdown);
+                    }
+                }
+                renewed_at
+            }
+        }
     }
 
     /// Passes a change from the feed on: the hub gets every snapshot (it ignores the versions it

@@ -310,8 +310,9 @@ pub trait SharedStore: Send + Sync {
     /// priority then age, in one statement; returns them, in that order, held by this replica.
     async fn claim(&self, limit: usize) -> Result<Vec<Job>, StoreError>;
 
-    /// Extends the lease of every job this replica holds; returns how many.
-    async fn renew_leases(&self) -> Result<u64, StoreError>;
+    /// Extends the lease of every QUEUED or RUNNING job this replica holds; returns them. A job
+    /// this replica runs that is not among them was taken over by another replica.
+    async fn renew_leases(&self) -> Result<Vec<JobId>, StoreError>;
 
     /// Gives up this replica's lease on a QUEUED job (after its retry backoff), so any replica
     /// may claim it.

@@ -71,18 +71,22 @@ impl SharedStore for PostgresStore {
         Ok(jobs)
     }
 
-    async fn renew_leases(&self) -> Result<u64, StoreError> {
+    async fn renew_leases(&self) -> Result<Vec<JobId>, StoreError> {
         let fail = |e| pg_error("renewing leases", e);
         let client = self.reader().await?;
         let sql = format!(
             "UPDATE jobs SET lease_until = {NOW_MICROS} + $2
-             WHERE lease_owner = $1 AND state IN ('QUEUED', 'RUNNING')"
+             WHERE lease_owner = $1 AND state IN ('QUEUED', 'RUNNING')
+             RETURNING id"
         );
         let statement = client.prepare_cached(&sql).await.map_err(fail)?;
-        client
-            .execute(&statement, &[&self.replica, &micros(self.lease)])
+        let rows = client
+            .query(&statement, &[&self.replica, &micros(self.lease)])
             .await
-            .map_err(fail)
+            .map_err(fail)?;
+        rows.iter()
+            .map(|row| Ok(JobId::from(row.try_get::<_, uuid::Uuid>(0).map_err(fail)?)))
+            .collect()
     }
 
     async fn release(&self, id: JobId) -> Result<(), StoreError> {
