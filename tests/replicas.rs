@@ -469,3 +469,33 @@ async fn a_replica_that_lost_a_job_stops_its_handler_while_another_runs_it() {
         store.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_whose_notification_was_missed_still_stops_the_job() {
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let gate = Gate::default();
+    let (server, store) = replica(&url, gate.registry()).await;
+    let mut client = server.client().await;
+    let job = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, job.id);
+    let mut watch = open_watch(&mut client, &job.id, 0).await;
+    // The mark a Cancel on another replica leaves, without its notification (as if the
+    // runner's LISTEN connection was down then): the runner finds it at its next renewal.
+    run_sql(
+        &base_url,
+        &format!(
+            "UPDATE {}.jobs SET cancel_requested = true WHERE id = '{}'",
+            schema.name, job.id
+        ),
+    )
+    .expect("mark the job");
+    let ended = next_until(&mut watch, |job| job.state() == pb::JobState::Cancelled).await;
+    assert_eq!(ended.state(), pb::JobState::Cancelled);
+    gate.until_idle().await;
+    server.stop().await;
+    store.close().await;
+}

@@ -103,12 +103,21 @@ impl Inner {
         // must not be taken for one that was lost.
         let before = self.scheduler().active_jobs();
         match shared.renew_leases().await {
-            Ok(held) => {
-                let held: HashSet<JobId> = held.into_iter().collect();
+            Ok(renewal) => {
+                let held: HashSet<JobId> = renewal.held.into_iter().collect();
                 for (id, handle) in before {
                     if !held.contains(&id) {
                         tracing::warn!(job_id = %id, "lease lost to another replica; stopping the job here");
                         handle.stop(StopReason::Shutdown);
+                    }
+                }
+                // Normally the notification came first; this covers one the feed missed.
+                for id in renewal.cancel_requested {
+                    if let Some(handle) = self.scheduler().active_handle(id)
+                        && handle.reason() == StopReason::None
+                    {
+                        tracing::info!(job_id = %id, "cancel requested by another replica");
+                        handle.stop(StopReason::Cancelled);
                     }
                 }
                 Instant::now()

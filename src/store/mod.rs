@@ -295,6 +295,15 @@ pub enum Change {
     Cancel(JobId),
 }
 
+/// What [`SharedStore::renew_leases`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Renewal {
+    /// The jobs whose lease was renewed: every QUEUED or RUNNING job this replica holds.
+    pub held: Vec<JobId>,
+    /// Those of them some replica asked to cancel (see [`SharedStore::request_cancel`]).
+    pub cancel_requested: Vec<JobId>,
+}
+
 /// A store several replicas (processes) share: they claim QUEUED jobs from it under leases
 /// instead of each keeping its own queue, and learn of each other's changes from its feed.
 ///
@@ -312,7 +321,7 @@ pub trait SharedStore: Send + Sync {
 
     /// Extends the lease of every QUEUED or RUNNING job this replica holds; returns them. A job
     /// this replica runs that is not among them was taken over by another replica.
-    async fn renew_leases(&self) -> Result<Vec<JobId>, StoreError>;
+    async fn renew_leases(&self) -> Result<Renewal, StoreError>;
 
     /// Gives up this replica's lease on a QUEUED job (after its retry backoff), so any replica
     /// may claim it.
@@ -329,8 +338,9 @@ pub trait SharedStore: Send + Sync {
     /// the meantime, or [`StoreError::StaleVersion`] if another replica saved it first.
     async fn save_expired(&self, job: &Job) -> Result<(), StoreError>;
 
-    /// Asks whichever replica runs the job to cancel it (a notification: it is lost if no
-    /// replica holds the job then).
+    /// Asks whichever replica runs the RUNNING job to cancel it: marks the job, and notifies
+    /// (at once, through the feed). A replica that missed the notification finds the mark at
+    /// its next renewal ([`Renewal::cancel_requested`]).
     async fn request_cancel(&self, id: JobId) -> Result<(), StoreError>;
 
     /// The change feed: every event logged from now on, by any replica, in order and without

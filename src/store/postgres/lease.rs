@@ -18,7 +18,7 @@ use super::{
     row::{JobRow, LeaseCheck, NOW_MICROS, decode, sql_limit},
 };
 use crate::job::{Job, JobId};
-use crate::store::{Change, SharedStore, StoreError};
+use crate::store::{Change, Renewal, SharedStore, StoreError};
 
 /// A duration in microseconds, as the lease columns count.
 fn micros(duration: Duration) -> i64 {
@@ -71,22 +71,28 @@ impl SharedStore for PostgresStore {
         Ok(jobs)
     }
 
-    async fn renew_leases(&self) -> Result<Vec<JobId>, StoreError> {
+    async fn renew_leases(&self) -> Result<Renewal, StoreError> {
         let fail = |e| pg_error("renewing leases", e);
         let client = self.reader().await?;
         let sql = format!(
             "UPDATE jobs SET lease_until = {NOW_MICROS} + $2
              WHERE lease_owner = $1 AND state IN ('QUEUED', 'RUNNING')
-             RETURNING id"
+             RETURNING id, cancel_requested"
         );
         let statement = client.prepare_cached(&sql).await.map_err(fail)?;
         let rows = client
             .query(&statement, &[&self.replica, &micros(self.lease)])
             .await
             .map_err(fail)?;
-        rows.iter()
-            .map(|row| Ok(JobId::from(row.try_get::<_, uuid::Uuid>(0).map_err(fail)?)))
-            .collect()
+        let mut renewal = Renewal::default();
+        for row in rows {
+            let id = JobId::from(row.try_get::<_, uuid::Uuid>(0).map_err(fail)?);
+            if row.try_get::<_, bool>(1).map_err(fail)? {
+                renewal.cancel_requested.push(id);
+            }
+            renewal.held.push(id);
+        }
+        Ok(renewal)
     }
 
     async fn release(&self, id: JobId) -> Result<(), StoreError> {
@@ -158,12 +164,19 @@ impl SharedStore for PostgresStore {
     async fn request_cancel(&self, id: JobId) -> Result<(), StoreError> {
         let fail = |e| pg_error(format!("requesting the cancel of job {id}"), e);
         let client = self.reader().await?;
+        // One statement: the mark and the notification commit together.
         let statement = client
-            .prepare_cached("SELECT pg_notify($1, $2)")
+            .prepare_cached(
+                "WITH marked AS (
+                     UPDATE jobs SET cancel_requested = true
+                     WHERE id = $1 AND state = 'RUNNING'
+                     RETURNING id)
+                 SELECT pg_notify($2, id::text) FROM marked",
+            )
             .await
             .map_err(fail)?;
         client
-            .execute(&statement, &[&CANCEL_CHANNEL, &id.to_string()])
+            .execute(&statement, &[id.as_uuid(), &CANCEL_CHANNEL])
             .await
             .map_err(fail)?;
         Ok(())

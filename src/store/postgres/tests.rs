@@ -658,7 +658,7 @@ async fn a_replica_whose_lease_ran_out_cannot_overwrite_the_job() {
     assert!(SharedStore::claim(&reaper, 1).await.unwrap().is_empty());
     job.start(SystemTime::now()).unwrap();
     owner.save(&job).await.unwrap();
-    assert_eq!(owner.renew_leases().await.unwrap(), vec![job.id]);
+    assert_eq!(owner.renew_leases().await.unwrap().held, vec![job.id]);
     assert!(reaper.expired(10).await.unwrap().is_empty(), "lease holds");
 
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
@@ -676,7 +676,7 @@ async fn a_replica_whose_lease_ran_out_cannot_overwrite_the_job() {
         owner.save(&job).await,
         Err(StoreError::LeaseLost(id)) if id == job.id
     ));
-    assert!(owner.renew_leases().await.unwrap().is_empty());
+    assert!(owner.renew_leases().await.unwrap().held.is_empty());
     // The re-queued job is claimable again, at attempt 2.
     let again = SharedStore::claim(&reaper, 1).await.unwrap();
     assert_eq!(again.len(), 1);
@@ -699,10 +699,30 @@ async fn the_feed_brings_other_replicas_events_and_cancels() {
             other => panic!("expected an event, got {other:?}"),
         }
     }
-    writer.request_cancel(jobs[0].id).await.unwrap();
+    // A cancel request reaches the feed, and marks a RUNNING job for its runner's renewal.
+    let mut running = SharedStore::claim(&writer, 1).await.unwrap().remove(0);
+    running.start(SystemTime::now()).unwrap();
+    writer.save(&running).await.unwrap();
+    match next_change(&mut feed).await {
+        crate::store::Change::Event(seen) => assert_eq!(seen.state, JobState::Running),
+        other => panic!("expected an event, got {other:?}"),
+    }
+    assert!(
+        writer
+            .renew_leases()
+            .await
+            .unwrap()
+            .cancel_requested
+            .is_empty()
+    );
+    writer.request_cancel(running.id).await.unwrap();
+    assert_eq!(
+        writer.renew_leases().await.unwrap().cancel_requested,
+        vec![running.id]
+    );
     assert_eq!(
         next_change(&mut feed).await,
-        crate::store::Change::Cancel(jobs[0].id)
+        crate::store::Change::Cancel(running.id)
     );
     writer.close().await;
     follower.close().await;

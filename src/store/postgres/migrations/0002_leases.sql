@@ -3,7 +3,13 @@
 -- database's clock) in the statement that claims them, renews the lease while it holds the job,
 -- and clears it when the job ends. A RUNNING job whose lease ran out belonged to a replica that
 -- died: any replica re-queues it. Both NULL for a job nobody holds.
-ALTER TABLE jobs ADD COLUMN lease_owner uuid, ADD COLUMN lease_until bigint;
+-- `cancel_requested` is set by a Cancel of a RUNNING job on any replica (with a notification to
+-- the runner); the runner also reads it at each renewal, so a lost notification only delays
+-- the cancel.
+ALTER TABLE jobs
+    ADD COLUMN lease_owner uuid,
+    ADD COLUMN lease_until bigint,
+    ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;
 -- The claim: QUEUED jobs by priority, then age.
 CREATE INDEX jobs_queued_priority_id ON jobs (priority DESC, id) WHERE state = 'QUEUED';
 -- Renewal and release of one replica's jobs.
