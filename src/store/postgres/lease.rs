@@ -7,7 +7,7 @@
 //! its lock. The changes of state that follow (RUNNING, the end, the reaper's re-queue) go
 //! through the writer like every other save, checked against the lease (see `ops::save`).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::writer::Command;
 use super::{
     CANCEL_CHANNEL, PostgresStore, feed, pg_error,
-    row::{JobRow, LeaseCheck, NOW_MICROS, decode, sql_limit},
+    row::{JobRow, LeaseCheck, NOW_MICROS, decode, sql_limit, unix_micros},
 };
 use crate::job::{Job, JobId};
 use crate::store::{Change, Renewal, SharedStore, StoreError};
@@ -159,6 +159,23 @@ impl SharedStore for PostgresStore {
         let mut row = JobRow::encode(job)?;
         row.lease = LeaseCheck::Expired;
         self.write(|reply| Command::Save { row, reply }).await
+    }
+
+    async fn claim_delivery(&self, id: uuid::Uuid, now: SystemTime) -> Result<bool, StoreError> {
+        let fail = |e| pg_error(format!("claiming webhook delivery {id}"), e);
+        let client = self.reader().await?;
+        let statement = client
+            .prepare_cached(
+                "UPDATE webhook_deliveries SET next_attempt_at = $2 + $3
+                 WHERE id = $1 AND state = 'PENDING' AND next_attempt_at <= $2",
+            )
+            .await
+            .map_err(fail)?;
+        let claimed = client
+            .execute(&statement, &[&id, &unix_micros(now), &micros(self.lease)])
+            .await
+            .map_err(fail)?;
+        Ok(claimed == 1)
     }
 
     async fn request_cancel(&self, id: JobId) -> Result<(), StoreError> {

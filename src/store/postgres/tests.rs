@@ -737,3 +737,27 @@ async fn next_change(
         .expect("a change in time")
         .expect("feed open")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_takes_each_due_delivery() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let a = schema.open(PostgresOptions::default()).await.unwrap();
+    let b = schema.open(PostgresOptions::default()).await.unwrap();
+    let mut job = sample_job(1, &[], None);
+    job.webhook = Some(crate::job::WebhookSpec {
+        url: "https://example.com/hook".to_owned(),
+        secret: "kept".to_owned(),
+        events: crate::job::WebhookEvents::All,
+    });
+    a.create(&job).await.unwrap();
+    let now = SystemTime::now();
+    let due = a.due_deliveries(now, 10).await.unwrap();
+    assert_eq!(due.len(), 1, "the QUEUED notification is due");
+    let id = due[0].delivery.id;
+    assert!(a.claim_delivery(id, now).await.unwrap());
+    assert!(!b.claim_delivery(id, now).await.unwrap(), "taken once");
+    assert!(b.due_deliveries(now, 10).await.unwrap().is_empty());
+    a.close().await;
+    b.close().await;
+}
