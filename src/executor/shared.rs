@@ -41,7 +41,8 @@ impl Inner {
             return Ok(());
         };
         let mut feed = shared.feed().await?;
-        let lease = shared.lease();
+        // Never zero: the intervals below are fractions of it.
+        let lease = shared.lease().max(Duration::from_millis(3));
 
         // Not tracked: shutdown waits for the job tasks, and these serve them until then.
         let inner = Arc::clone(&self);
