@@ -149,6 +149,12 @@ pub struct Settings {
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Option<Duration>,
+    /// With several replicas on one PostgreSQL database: how long a replica's claim on a job
+    /// lasts unless renewed, so how soon the jobs of a replica that died run elsewhere
+    /// [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub lease: Option<Duration>,
     /// What to do with jobs found RUNNING after a crash [default: requeue].
     #[arg(long, value_enum)]
     pub interrupted: Option<InterruptedPolicy>,
@@ -216,6 +222,7 @@ impl Settings {
             retry_backoff_max: self.retry_backoff_max.or(fallback.retry_backoff_max),
             cancel_grace: self.cancel_grace.or(fallback.cancel_grace),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
+            lease: self.lease.or(fallback.lease),
             interrupted: self.interrupted.or(fallback.interrupted),
             retention: self.retention.or(fallback.retention),
             keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
@@ -343,6 +350,8 @@ pub struct Config {
     pub executor: ExecutorConfig,
     /// How long running jobs may take to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// How long a replica's lease on a job lasts (PostgreSQL store only).
+    pub lease: Duration,
     /// How long finished jobs are kept.
     pub retention: Duration,
     /// HTTP/2 keepalive ping interval.
@@ -383,14 +392,13 @@ impl Config {
     /// Opens the configured store: SQLite in the data directory (on a blocking thread: it
     /// creates the directory, takes the lock and migrates), PostgreSQL, or memory.
     ///
-    /// This is the serving process's store: a PostgreSQL store is opened exclusive, so a second
-    /// server on the same database and schema fails with [`StoreError::ReplicaRunning`]
-    /// (several replicas are not supported yet).
+    /// Several servers may open one PostgreSQL database (and schema): they are replicas that
+    /// share its jobs, with leases of `lease`.
     pub async fn open_store(&self) -> Result<Arc<dyn Store>, StoreError> {
         Ok(match &self.store {
             StoreKind::Postgres(url) => {
                 let options = PostgresOptions {
-                    exclusive: true,
+                    lease: self.lease,
                     ..PostgresOptions::default()
                 };
                 Arc::new(PostgresStore::open(url.expose(), options).await?)
@@ -482,6 +490,7 @@ impl Config {
                 ..exec_defaults
             },
             shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
+            lease: s.lease.unwrap_or(Duration::from_secs(30)),
             retention: s
                 .retention
                 .unwrap_or(Duration::from_secs(14 * 24 * 60 * 60)),

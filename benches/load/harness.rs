@@ -26,6 +26,12 @@ impl Drop for Process {
     }
 }
 
+impl From<Child> for Process {
+    fn from(child: Child) -> Self {
+        Process(child)
+    }
+}
+
 impl Process {
     /// Resident memory now, from /proc/PID/status.
     pub fn rss_kib(&self) -> u64 {
@@ -92,7 +98,7 @@ fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
-fn free_addr() -> SocketAddr {
+pub fn free_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr")
 }

@@ -12,6 +12,7 @@
 //! cargo bench --bench load -- idle-memory [--streams 10000] [--connections 10]
 //! cargo bench --bench load -- stalled     [--updates 1000000]
 //! cargo bench --bench load -- poll-vs-push [--clients 10000] [--connections 10] [--period-s 20]
+//! cargo bench --bench load -- replicas    [--jobs 5000] [--in-flight 64] [--max-replicas 3] [--url postgres://…]
 //! cargo bench --bench load -- all
 //! ```
 //! Servers run as separate processes: the real `longrun` binary (`submit`, `restart`), this
@@ -25,6 +26,7 @@ mod fanout;
 mod harness;
 mod poll;
 mod push;
+mod replicas;
 mod resources;
 mod servers;
 
@@ -119,7 +121,19 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         period_s: u64,
     },
-    /// Every scenario with its defaults.
+    /// e2e no-op jobs across 1, 2, 3 replicas (real processes) on one PostgreSQL database
+    /// (`--url`, else LONGRUN_TEST_DATABASE_URL); each run in a fresh schema, dropped after.
+    Replicas {
+        #[arg(long, default_value_t = 5_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        #[arg(long, default_value_t = 3)]
+        max_replicas: usize,
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Every scenario with its defaults (not `replicas`, which needs a database).
     All,
     /// Internal: serve the bare echo service.
     ServeEcho {
@@ -172,6 +186,12 @@ async fn main() -> anyhow::Result<()> {
             connections,
             period_s,
         } => poll::poll_vs_push(clients, connections, Duration::from_secs(period_s)).await,
+        Scenario::Replicas {
+            jobs,
+            in_flight,
+            max_replicas,
+            url,
+        } => replicas::replicas(url, jobs, in_flight, max_replicas).await,
         Scenario::All => {
             durable::submit(20_000, 64).await?;
             push::e2e(20_000, 64, 2_000, Waiter::Watch).await?;

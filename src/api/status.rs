@@ -106,7 +106,7 @@ impl From<StoreError> for Status {
             StoreError::Locked { .. }
             | StoreError::IncompatibleSchema { .. }
             | StoreError::ReplicaRunning { .. } => Status::failed_precondition(error.to_string()),
-            StoreError::StaleVersion { .. } | StoreError::Missing(_) => {
+            StoreError::StaleVersion { .. } | StoreError::Missing(_) | StoreError::LeaseLost(_) => {
                 Status::aborted(format!("concurrent change, try again: {error}"))
             }
         }

@@ -6,6 +6,7 @@
 
 mod queue;
 mod run;
+mod shared;
 
 use std::{
     collections::BTreeMap,
@@ -151,6 +152,14 @@ pub(crate) struct Inner {
     /// Cancel wait for it: before it, a new job could be mistaken for an interrupted one, and
     /// a cancel could race the recovery's own write of the same job.
     recovered: CancellationToken,
+    /// Whether the store is shared by several replicas (see [`Store::shared`]): then QUEUED
+    /// jobs are claimed from the store under leases rather than queued in memory, and other
+    /// replicas' changes arrive through the store's change feed (see `shared.rs`).
+    shared: bool,
+    /// Fired by [`Executor::shutdown`] once no job task is left: the lease renewal and the
+    /// change feed of shared mode run until then (running jobs keep their leases, and can still
+    /// be cancelled from other replicas, while they drain).
+    drained: CancellationToken,
 }
 
 /// Runs jobs. Cheap to clone; all clones drive the same queue.
@@ -169,7 +178,9 @@ impl Executor {
         registry: Registry,
         config: ExecutorConfig,
     ) -> Self {
+        let shared = store.shared().is_some();
         let inner = Arc::new(Inner {
+            shared,
             store,
             hub,
             registry,
@@ -182,6 +193,7 @@ impl Executor {
             accepting: CancellationToken::new(),
             dispatching: CancellationToken::new(),
             recovered: CancellationToken::new(),
+            drained: CancellationToken::new(),
         });
         let dispatcher = Arc::clone(&inner);
         inner
@@ -218,7 +230,18 @@ impl Executor {
     /// Picks up what a previous run left: QUEUED jobs are queued again in their order; RUNNING
     /// ones were interrupted and are re-queued (attempt + 1) or failed with reason
     /// `INTERRUPTED`, as configured. Returns how many jobs were picked up.
+    ///
+    /// On a store shared by several replicas, picks up nothing: QUEUED jobs are claimed as
+    /// workers free up, and RUNNING ones may belong to a live replica; those of a dead one are
+    /// re-queued once their lease runs out. Starts following the other replicas instead.
     pub async fn recover(&self) -> Result<usize, ExecutorError> {
+        if self.inner.shared {
+            Arc::clone(&self.inner).start_shared().await?;
+            self.inner.recovered.cancel();
+            self.inner.wake.notify_one();
+            tracing::info!("serving jobs shared with other replicas");
+            return Ok(0);
+        }
         let unfinished = self.inner.store.unfinished().await?;
         let count = unfinished.len();
         for mut job in unfinished {
@@ -293,12 +316,16 @@ impl Executor {
             Created::Existing(existing) => Ok(*existing),
             Created::New => {
                 let shared = Arc::new(job.clone());
-                scheduler.enqueue_with(
-                    job.id,
-                    job.priority,
-                    &job.tenant,
-                    Some(Arc::clone(&shared)),
-                );
+                // A shared store's jobs are claimed from the store, by whichever replica is
+                // free first; this one is woken below to try.
+                if !self.inner.shared {
+                    scheduler.enqueue_with(
+                        job.id,
+                        job.priority,
+                        &job.tenant,
+                        Some(Arc::clone(&shared)),
+                    );
+                }
                 drop(scheduler);
                 self.inner.metrics.transition(job.state.as_str());
                 self.inner.sync_gauges();
@@ -348,6 +375,7 @@ impl Executor {
                 tracing::info!(job_id = %id, "cancel requested for a running job");
                 self.get(id).await
             }
+            Holder::Nobody if self.inner.shared => self.inner.cancel_shared(id).await,
             Holder::Queue | Holder::Nobody => {
                 let mut job = self.get(id).await?;
                 if job.state != JobState::Queued {
@@ -396,6 +424,8 @@ impl Executor {
             .await
             .is_ok()
         {
+            inner.drained.cancel();
+            inner.release_all().await;
             return;
         }
         let handles = inner.scheduler().active_handles();
@@ -413,6 +443,8 @@ impl Executor {
         {
             tracing::error!("some jobs did not stop in time");
         }
+        inner.drained.cancel();
+        inner.release_all().await;
     }
 }
 
@@ -466,9 +498,25 @@ impl Inner {
                     self.sync_gauges();
                     break next;
                 }
+                // Claims only as many as this replica can start now (the permit held and the
+                // free ones), so no job waits here that another replica could run.
+                if self.shared
+                    && self.recovered.is_cancelled()
+                    && self.claim(1 + self.permits.available_permits()).await > 0
+                {
+                    continue;
+                }
+                let idle = async {
+                    if self.shared {
+                        tokio::time::sleep(shared::IDLE_CLAIM_INTERVAL).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 tokio::select! {
                     _ = self.dispatching.cancelled() => return,
                     _ = self.wake.notified() => {}
+                    _ = idle => {}
                 }
             };
             let runner = Arc::clone(&self);

@@ -252,6 +252,19 @@ impl Scheduler {
         }
     }
 
+    /// The stop handle of the job, if a task here owns it.
+    pub fn active_handle(&self, id: JobId) -> Option<StopHandle> {
+        self.active.get(&id).cloned()
+    }
+
+    /// Every active job, with its stop handle.
+    pub fn active_jobs(&self) -> Vec<(JobId, StopHandle)> {
+        self.active
+            .iter()
+            .map(|(id, handle)| (*id, handle.clone()))
+            .collect()
+    }
+
     /// Every active job's stop handle.
     pub fn active_handles(&self) -> Vec<StopHandle> {
         self.active.values().cloned().collect()

@@ -57,8 +57,18 @@ impl Inner {
             Ok(Some(job)) => self.wait_and_requeue(job).await,
             other => other.map(|_| ()),
         };
-        if let Err(error) = outcome {
-            tracing::error!(%error, "job run aborted; the stored state stands until recovery");
+        match outcome {
+            Ok(()) => {}
+            // Shared store: another replica took the job over (its lease ran out here) or
+            // changed it first (cancelled it while it waited here): it is no longer ours.
+            Err(RunError::Store(
+                error @ (StoreError::LeaseLost(_) | StoreError::StaleVersion { .. }),
+            )) if self.shared => {
+                tracing::warn!(%error, "job no longer held by this replica; its run stopped");
+            }
+            Err(error) => {
+                tracing::error!(%error, "job run aborted; the stored state stands until recovery");
+            }
         }
         self.scheduler().finish(id);
         self.sync_gauges();
@@ -310,6 +320,12 @@ impl Inner {
         tracing::info!(attempt = job.attempt, ?backoff, "job will be retried");
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {
+                if let Some(shared) = self.store.shared() {
+                    // Held through the backoff (so nobody runs it early); now anyone may.
+                    shared.release(job.id).await?;
+                    self.wake.notify_one();
+                    return Ok(());
+                }
                 let snapshot = Some(Arc::new(job.clone()));
                 self.scheduler().requeue(job.id, job.priority, &job.tenant, snapshot);
                 self.sync_gauges();

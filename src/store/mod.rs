@@ -13,9 +13,14 @@ pub use memory::MemoryStore;
 pub use postgres::{PostgresOptions, PostgresStats, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
 
-use std::{collections::BTreeMap, path::PathBuf, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::job::{AttemptOutcome, Delivery, Job, JobId, JobState};
@@ -45,6 +50,10 @@ pub enum StoreError {
         /// The version that was to be saved.
         attempted: i64,
     },
+    /// This replica no longer holds the job's lease (it ran out, and another replica took the
+    /// job over): the save was refused, and the job is no longer this replica's to run.
+    #[error("job {0} was taken over by another replica: its lease ran out")]
+    LeaseLost(JobId),
     /// The job to save is not stored.
     #[error("job {0} is not stored")]
     Missing(JobId),
@@ -66,12 +75,9 @@ pub enum StoreError {
         /// The data directory.
         path: PathBuf,
     },
-    /// Another longrun server already serves this PostgreSQL database (and schema): several
-    /// replicas on one database are not supported yet.
-    #[error(
-        "another longrun replica is serving this database ({database}); running several \
-         replicas is not supported yet"
-    )]
+    /// Another longrun store holds this PostgreSQL database (and schema) exclusively (see
+    /// `PostgresOptions::exclusive`).
+    #[error("another longrun process holds this database exclusively ({database})")]
     ReplicaRunning {
         /// The database (host, name and schema; never credentials).
         database: String,
@@ -271,6 +277,81 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many deliveries are pending.
     async fn pending_deliveries(&self) -> Result<usize, StoreError>;
+
+    /// What the store offers to several replicas sharing it, when it can be shared (PostgreSQL);
+    /// `None` (the default) for a store only one process uses, whose executor keeps its queue
+    /// in memory.
+    fn shared(&self) -> Option<&dyn SharedStore> {
+        None
+    }
+}
+
+/// A change the feed of a shared store tells of: see [`SharedStore::feed`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A logged snapshot, committed by any replica; in commit order. Shared, as the hub takes it.
+    Event(std::sync::Arc<Job>),
+    /// Some replica was asked to cancel this job; whichever replica runs it stops it.
+    Cancel(JobId),
+}
+
+/// What [`SharedStore::renew_leases`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Renewal {
+    /// The jobs whose lease was renewed: every QUEUED or RUNNING job this replica holds.
+    pub held: Vec<JobId>,
+    /// Those of them some replica asked to cancel (see [`SharedStore::request_cancel`]).
+    pub cancel_requested: Vec<JobId>,
+}
+
+/// A store several replicas (processes) share: they claim QUEUED jobs from it under leases
+/// instead of each keeping its own queue, and learn of each other's changes from its feed.
+///
+/// The store knows which jobs this replica holds (claimed and not yet ended or released): its
+/// [`Store::save`] of such a job is refused with [`StoreError::LeaseLost`] once the lease ran
+/// out and another replica took the job, and releases the lease when the job ends.
+#[async_trait]
+pub trait SharedStore: Send + Sync {
+    /// How long a lease lasts unless renewed.
+    fn lease(&self) -> Duration;
+
+    /// Claims up to `limit` QUEUED jobs nobody holds (or whose holder's lease ran out), by
+    /// priority then age, in one statement; returns them, in that order, held by this replica.
+    async fn claim(&self, limit: usize) -> Result<Vec<Job>, StoreError>;
+
+    /// Extends the lease of every QUEUED or RUNNING job this replica holds; returns them. A job
+    /// this replica runs that is not among them was taken over by another replica.
+    async fn renew_leases(&self) -> Result<Renewal, StoreError>;
+
+    /// Gives up this replica's lease on a QUEUED job (after its retry backoff), so any replica
+    /// may claim it.
+    async fn release(&self, id: JobId) -> Result<(), StoreError>;
+
+    /// Gives up every QUEUED job this replica holds (at shutdown); returns how many.
+    async fn release_all(&self) -> Result<u64, StoreError>;
+
+    /// Up to `limit` RUNNING jobs whose lease ran out: their replica died.
+    async fn expired(&self, limit: usize) -> Result<Vec<Job>, StoreError>;
+
+    /// Saves a change (the re-queue or failure) of a job [`SharedStore::expired`] returned,
+    /// clearing its lease; refused with [`StoreError::LeaseLost`] if its lease was renewed in
+    /// the meantime, or [`StoreError::StaleVersion`] if another replica saved it first.
+    async fn save_expired(&self, job: &Job) -> Result<(), StoreError>;
+
+    /// Takes a due webhook delivery for one attempt by this replica: moves its next attempt a
+    /// lease ahead, so no other replica finds it due meanwhile (and one does if this replica
+    /// dies before recording the attempt). False when another replica took it first.
+    async fn claim_delivery(&self, id: Uuid, now: SystemTime) -> Result<bool, StoreError>;
+
+    /// Asks whichever replica runs the RUNNING job to cancel it: marks the job, and notifies
+    /// (at once, through the feed). A replica that missed the notification finds the mark at
+    /// its next renewal ([`Renewal::cancel_requested`]).
+    async fn request_cancel(&self, id: JobId) -> Result<(), StoreError>;
+
+    /// The change feed: every event logged from now on, by any replica, in order and without
+    /// gaps (a lost connection is reconnected and caught up from the log), and every cancel
+    /// request. Ends when the receiver is dropped.
+    async fn feed(&self) -> Result<mpsc::Receiver<Change>, StoreError>;
 }
 
 /// `delivery` after one attempt that ended with `outcome`.

@@ -144,6 +144,19 @@ impl WebhookWorker {
             if !self.lock_in_flight().insert(delivery.job.id) {
                 continue;
             }
+            // Replicas sharing a store all see the same due deliveries: one takes each.
+            if let Some(shared) = self.store.shared() {
+                let claimed = shared
+                    .claim_delivery(delivery.delivery.id, SystemTime::now())
+                    .await;
+                if !matches!(claimed, Ok(true)) {
+                    if let Err(error) = claimed {
+                        tracing::warn!(%error, "claiming a webhook delivery failed; will retry");
+                    }
+                    self.lock_in_flight().remove(&delivery.job.id);
+                    continue;
+                }
+            }
             let worker = self.clone();
             let span = tracing::info_span!(
                 "webhook_delivery",

@@ -6,10 +6,14 @@
 //! the first schema of the connection's `search_path` (`public` unless the URL says otherwise,
 //! e.g. `?options=-csearch_path%3Dlongrun`), and is migrated at open (see [`schema`]).
 //!
-//! Several replicas serving one database are not supported yet: a serving process opens its
-//! store with [`PostgresOptions::exclusive`], which holds a session advisory lock for the
-//! store's whole life, so a second server on the same database and schema is refused at once.
+//! Several replicas may serve one database: each store is one replica, with a random replica id,
+//! and implements [`SharedStore`]: QUEUED jobs are claimed under leases (see [`lease`]), every
+//! write batch that logs events notifies the other replicas, and each replica's change feed
+//! (see [`feed`]) follows the log. [`PostgresOptions::exclusive`] still lets a process insist on
+//! being the only one.
 
+mod feed;
+mod lease;
 mod ops;
 mod reads;
 mod row;
@@ -20,8 +24,8 @@ mod writer;
 mod tests;
 
 use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex, atomic::Ordering},
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, Mutex, MutexGuard, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -34,10 +38,10 @@ use tokio_postgres::{NoTls, error::SqlState};
 
 use self::{
     ops::{CreateOutcome, DeleteOutcome},
-    row::{JobRow, decode, sql_limit, unix_micros},
+    row::{JobRow, LeaseCheck, decode, sql_limit, unix_micros},
     writer::{Command, Counters, Reply, Writer},
 };
-use super::{Created, Deleted, DueDelivery, EventPage, ListQuery, Store, StoreError};
+use super::{Created, Deleted, DueDelivery, EventPage, ListQuery, SharedStore, Store, StoreError};
 use crate::job::{AttemptOutcome, Delivery, Job, JobId};
 
 /// Advisory lock keys: the first half of each two-key lock. The second half is
@@ -48,8 +52,13 @@ use crate::job::{AttemptOutcome, Delivery, Job, JobId};
 pub(super) const MIGRATION_LOCK: i32 = 0x6c72_0001;
 /// Held by every write transaction, so that event numbers are committed in order (writer.rs).
 pub(super) const WRITE_LOCK: i32 = 0x6c72_0002;
-/// Held for a serving process's whole life (session level), so only one serves a database.
+/// Held for an exclusive store's whole life (session level), so only one serves a database.
 pub(super) const SERVE_LOCK: i32 = 0x6c72_0003;
+
+/// The channel every write batch that logs events notifies, with the log's head as payload.
+pub(super) const EVENTS_CHANNEL: &str = "longrun_events";
+/// The channel cancel requests go to, with the job id as payload.
+pub(super) const CANCEL_CHANNEL: &str = "longrun_cancel";
 
 /// Tuning for [`PostgresStore`]; the defaults suit a small server.
 #[derive(Debug, Clone)]
@@ -64,9 +73,12 @@ pub struct PostgresOptions {
     /// How long to wait for a new connection, when the URL does not say. Default 10 s.
     pub connect_timeout: Duration,
     /// Hold a session advisory lock for the store's whole life, and fail with
-    /// [`StoreError::ReplicaRunning`] if another store holds it: what a serving process does,
-    /// since running several replicas on one database is not supported yet. Default false.
+    /// [`StoreError::ReplicaRunning`] if another store holds it: for a process that must be
+    /// the only one on its database. Default false: several replicas may share it.
     pub exclusive: bool,
+    /// How long a replica's claim on a job lasts unless renewed (it renews every third of it):
+    /// a replica that dies loses its jobs to the others after at most this long. Default 30 s.
+    pub lease: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -77,6 +89,7 @@ impl Default for PostgresOptions {
             read_connections: 8,
             connect_timeout: Duration::from_secs(10),
             exclusive: false,
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -101,6 +114,14 @@ pub struct PostgresStore {
     readers: Pool,
     /// The connection holding the serve lock, when opened exclusive; closing it releases it.
     serve_lock: Mutex<Option<tokio_postgres::Client>>,
+    /// Where the change feed connects (its own connection, outside the pools).
+    config: tokio_postgres::Config,
+    /// This replica's id: the owner of the leases it takes.
+    replica: uuid::Uuid,
+    lease: Duration,
+    /// The jobs this replica holds a lease on (claimed, not yet ended or released), whose saves
+    /// must still hold it.
+    held: Mutex<HashSet<uuid::Uuid>>,
 }
 
 impl PostgresStore {
@@ -157,7 +178,23 @@ impl PostgresStore {
             counters,
             readers,
             serve_lock: Mutex::new(serve_lock),
+            replica: uuid::Uuid::now_v7(),
+            lease: options.lease.max(Duration::from_millis(10)),
+            config,
+            held: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// This replica's id: the lease owner of the jobs it claims, and (as
+    /// `longrun-feed-<id>`) the `application_name` of its change feed's connection.
+    pub fn replica_id(&self) -> uuid::Uuid {
+        self.replica
+    }
+
+    /// The jobs this replica holds.
+    fn held(&self) -> MutexGuard<'_, HashSet<uuid::Uuid>> {
+        // Single set operations only: a poisoned lock still holds a consistent set.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Batches and commands committed so far.
@@ -318,8 +355,25 @@ impl Store for PostgresStore {
     }
 
     async fn save(&self, job: &Job) -> Result<(), StoreError> {
-        let row = JobRow::encode(job)?;
-        self.write(|reply| Command::Save { row, reply }).await
+        let mut row = JobRow::encode(job)?;
+        let id = row.id;
+        let held = self.held().contains(&id);
+        if held {
+            row.lease = LeaseCheck::Held(self.replica);
+        }
+        let saved = self.write(|reply| Command::Save { row, reply }).await;
+        let gone = match &saved {
+            Ok(()) => job.state.is_terminal(),
+            Err(error) => matches!(
+                error,
+                // Not StaleVersion: a late progress save gets that while the job is still ours.
+                StoreError::LeaseLost(_) | StoreError::Missing(_)
+            ),
+        };
+        if held && gone {
+            self.held().remove(&id);
+        }
+        saved
     }
 
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
@@ -406,6 +460,10 @@ impl Store for PostgresStore {
 
     async fn pending_deliveries(&self) -> Result<usize, StoreError> {
         reads::pending(&*self.reader().await?).await
+    }
+
+    fn shared(&self) -> Option<&dyn SharedStore> {
+        Some(self)
     }
 }
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::{
     pg_error,
     reads::{self, DELIVERY_COLUMNS},
-    row::{JobRow, from_unix_micros, unix_micros},
+    row::{JobRow, NOW_MICROS, from_unix_micros, unix_micros},
 };
 use crate::job::{AttemptOutcome, Delivery, JobId};
 use crate::store::{StoreError, apply_attempt};
@@ -90,16 +90,26 @@ pub(super) async fn save(client: &ClientWrapper, row: &JobRow) -> Result<(), Sto
     let fail = |e| pg_error(format!("saving job {}", row.id), e);
     // The stored state decides whether the webhook is told: the UPDATE returns it (from a
     // sub-select, which sees the row as it was before this statement).
-    let statement = client
-        .prepare_cached(
+    // The lease: a replica's own save must still hold it (and releases it once the job ends);
+    // the reaper's must find it run out (and clears it). See `LeaseCheck`.
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let release = format!("$7 = 2 OR ($7 = 1 AND $2 IN {TERMINAL_STATES})");
+        format!(
             "UPDATE jobs j SET state = $2, version = $3, priority = $4, end_time = $5,
-                 snapshot = $6
-             FROM (SELECT id, state FROM jobs WHERE id = $1) previous
-             WHERE j.id = previous.id AND j.version < $3
-             RETURNING previous.state",
+             snapshot = $6,
+             lease_owner = CASE WHEN {release} THEN NULL ELSE j.lease_owner END,
+             lease_until = CASE WHEN {release} THEN NULL ELSE j.lease_until END
+         FROM (SELECT id, state FROM jobs WHERE id = $1) previous
+         WHERE j.id = previous.id AND j.version < $3
+             AND ($7 = 0
+                  OR ($7 = 1 AND j.lease_owner IS NOT DISTINCT FROM $8)
+                  OR ($7 = 2 AND (j.lease_until IS NULL OR j.lease_until < {NOW_MICROS})))
+         RETURNING previous.state"
         )
-        .await
-        .map_err(fail)?;
+    });
+    let statement = client.prepare_cached(&SQL).await.map_err(fail)?;
+    let mode = row.lease.mode();
+    let owner = row.lease.owner();
     let previous = client
         .query_opt(
             &statement,
@@ -110,6 +120,8 @@ pub(super) async fn save(client: &ClientWrapper, row: &JobRow) -> Result<(), Sto
                 &row.priority,
                 &row.end_time,
                 &row.snapshot,
+                &mode,
+                &owner,
             ],
         )
         .await
@@ -123,13 +135,18 @@ pub(super) async fn save(client: &ClientWrapper, row: &JobRow) -> Result<(), Sto
             .query_opt(&statement, &[&row.id])
             .await
             .map_err(fail)?;
-        return Err(match stored {
-            None => StoreError::Missing(JobId::from(row.id)),
-            Some(stored) => StoreError::StaleVersion {
+        let Some(stored) = stored else {
+            return Err(StoreError::Missing(JobId::from(row.id)));
+        };
+        let stored: i64 = stored.try_get(0).map_err(fail)?;
+        return Err(if stored >= row.version {
+            StoreError::StaleVersion {
                 id: JobId::from(row.id),
-                stored: stored.try_get(0).map_err(fail)?,
+                stored,
                 attempted: row.version,
-            },
+            }
+        } else {
+            StoreError::LeaseLost(JobId::from(row.id))
         });
     };
     let previous: String = previous.try_get(0).map_err(fail)?;

@@ -26,7 +26,45 @@ pub(super) struct JobRow {
     /// The webhook delivery to write with this snapshot if the stored state differs (or the
     /// job is new): see [`delivery_for`].
     pub delivery: Option<Delivery>,
+    /// Which lease the save must respect (only saves check it; creates ignore it).
+    pub lease: LeaseCheck,
 }
+
+/// Which lease a save must respect: what keeps a replica that lost a job (its lease ran out
+/// and another replica re-queued it) from overwriting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LeaseCheck {
+    /// None: the job is not held by this store (one replica, or a cancel of a QUEUED job,
+    /// which the version check alone protects).
+    Ignore,
+    /// This replica must still hold the job's lease; the lease is released once the job ends.
+    Held(Uuid),
+    /// The job's lease must have run out (the reaper's save); the lease is cleared.
+    Expired,
+}
+
+impl LeaseCheck {
+    /// The mode as the save statement takes it.
+    pub fn mode(self) -> i32 {
+        match self {
+            LeaseCheck::Ignore => 0,
+            LeaseCheck::Held(_) => 1,
+            LeaseCheck::Expired => 2,
+        }
+    }
+
+    /// The replica that must hold the lease, for [`LeaseCheck::Held`].
+    pub fn owner(self) -> Option<Uuid> {
+        match self {
+            LeaseCheck::Held(owner) => Some(owner),
+            LeaseCheck::Ignore | LeaseCheck::Expired => None,
+        }
+    }
+}
+
+/// The database's clock in unix microseconds, as SQL: every replica's leases are measured by
+/// this one clock, never by the replicas' own.
+pub(super) const NOW_MICROS: &str = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint";
 
 impl JobRow {
     /// The row for `job`; every column is taken from this one snapshot.
@@ -49,6 +87,7 @@ impl JobRow {
                 .collect(),
             snapshot,
             delivery: delivery_for(None, job).map(|new| Delivery::pending(new, job)),
+            lease: LeaseCheck::Ignore,
         })
     }
 }

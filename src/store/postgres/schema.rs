@@ -8,8 +8,10 @@ use super::{MIGRATION_LOCK, pg_error};
 use crate::store::StoreError;
 
 /// Every migration, in order: its number is its index + 1.
-pub(super) const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_jobs", include_str!("migrations/0001_jobs.sql"))];
+pub(super) const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_jobs", include_str!("migrations/0001_jobs.sql")),
+    ("0002_leases", include_str!("migrations/0002_leases.sql")),
+];
 
 /// The newest schema version this binary knows.
 #[cfg(test)]

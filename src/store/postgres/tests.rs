@@ -1,6 +1,6 @@
 //! The PostgreSQL store against the shared conformance suite, and what only it owes: migrations
 //! under an advisory lock, schema versions, group commit, event numbers in commit order across
-//! stores, and the serve lock.
+//! stores, the serve lock, and what replicas share: claims, leases and the change feed.
 //!
 //! Every test runs only when `LONGRUN_TEST_DATABASE_URL` is set (`.ci/run` sets it), each store
 //! in a fresh schema of its own that is dropped when the test ends, passed or not.
@@ -496,7 +496,10 @@ async fn only_one_exclusive_store_per_schema() {
     match schema.open(exclusive.clone()).await {
         Err(error @ StoreError::ReplicaRunning { .. }) => {
             let message = error.to_string();
-            assert!(message.contains("another longrun replica is serving this database"));
+            assert!(
+                message.contains("holds this database exclusively"),
+                "{message}"
+            );
             assert!(message.contains(&schema.name), "{message}");
         }
         Err(other) => panic!("unexpected error {other}"),
@@ -583,4 +586,178 @@ async fn writes_wait_for_the_write_lock_of_other_processes() {
     assert_eq!(create.await.unwrap().unwrap(), Created::New);
     assert_eq!(store.get(job.id).await.unwrap(), Some(job));
     store.close().await;
+}
+
+/// `count` jobs with priorities cycling 0..3, created in `store`.
+async fn queued_jobs(store: &PostgresStore, count: usize) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for n in 0..count {
+        let mut job = sample_job(1, &[], None);
+        job.priority = (n % 3) as i32;
+        store.create(&job).await.unwrap();
+        jobs.push(job);
+    }
+    jobs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_claiming_together_never_take_the_same_job() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let a = Arc::new(schema.open(PostgresOptions::default()).await.unwrap());
+    let b = Arc::new(schema.open(PostgresOptions::default()).await.unwrap());
+    let jobs = queued_jobs(&a, 40).await;
+
+    // The first claim takes the highest priority first, then the oldest.
+    let first = SharedStore::claim(&*a, 2).await.unwrap();
+    let mut expected: Vec<&Job> = jobs.iter().collect();
+    expected.sort_by(|x, y| y.priority.cmp(&x.priority).then(x.id.cmp(&y.id)));
+    assert_eq!(
+        first.iter().map(|job| job.id).collect::<Vec<_>>(),
+        expected[..2].iter().map(|job| job.id).collect::<Vec<_>>()
+    );
+
+    let claim_all = |store: Arc<PostgresStore>| async move {
+        let mut taken = Vec::new();
+        for _ in 0..100 {
+            let claimed = SharedStore::claim(&*store, 3).await.unwrap();
+            if claimed.is_empty() {
+                break;
+            }
+            taken.extend(claimed.into_iter().map(|job| job.id));
+        }
+        taken
+    };
+    let (from_a, from_b) = tokio::join!(
+        tokio::spawn(claim_all(Arc::clone(&a))),
+        tokio::spawn(claim_all(Arc::clone(&b)))
+    );
+    let mut all: Vec<JobId> = first.iter().map(|job| job.id).collect();
+    all.extend(from_a.unwrap());
+    all.extend(from_b.unwrap());
+    let distinct: BTreeSet<JobId> = all.iter().copied().collect();
+    assert_eq!(all.len(), jobs.len(), "every job claimed once: {all:?}");
+    assert_eq!(distinct.len(), jobs.len());
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_lease_ran_out_cannot_overwrite_the_job() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let short = PostgresOptions {
+        lease: std::time::Duration::from_millis(200),
+        ..PostgresOptions::default()
+    };
+    let owner = schema.open(short.clone()).await.unwrap();
+    let reaper = schema.open(short).await.unwrap();
+    queued_jobs(&owner, 1).await;
+    let mut job = SharedStore::claim(&owner, 1).await.unwrap().remove(0);
+    // Claimed: nobody else can claim it while the lease holds.
+    assert!(SharedStore::claim(&reaper, 1).await.unwrap().is_empty());
+    job.start(SystemTime::now()).unwrap();
+    owner.save(&job).await.unwrap();
+    assert_eq!(owner.renew_leases().await.unwrap().held, vec![job.id]);
+    assert!(reaper.expired(10).await.unwrap().is_empty(), "lease holds");
+
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let mut taken = reaper.expired(10).await.unwrap().remove(0);
+    assert_eq!(taken.id, job.id);
+    taken.interrupt(SystemTime::now()).unwrap();
+    reaper.save_expired(&taken).await.unwrap();
+    // A second reaper finds nothing to do, and cannot save over the first.
+    assert!(reaper.expired(10).await.unwrap().is_empty());
+
+    // The old owner's next save (even one far ahead in versions) is refused.
+    job.version = taken.version + 10;
+    job.logged_version = job.version;
+    assert!(matches!(
+        owner.save(&job).await,
+        Err(StoreError::LeaseLost(id)) if id == job.id
+    ));
+    assert!(owner.renew_leases().await.unwrap().held.is_empty());
+    // The re-queued job is claimable again, at attempt 2.
+    let again = SharedStore::claim(&reaper, 1).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 2);
+    owner.close().await;
+    reaper.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_brings_other_replicas_events_and_cancels() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let writer = schema.open(PostgresOptions::default()).await.unwrap();
+    let follower = schema.open(PostgresOptions::default()).await.unwrap();
+    let mut feed = follower.feed().await.unwrap();
+    let jobs = queued_jobs(&writer, 2).await;
+    for job in &jobs {
+        match next_change(&mut feed).await {
+            crate::store::Change::Event(seen) => assert_eq!(seen.id, job.id),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    // A cancel request reaches the feed, and marks a RUNNING job for its runner's renewal.
+    let mut running = SharedStore::claim(&writer, 1).await.unwrap().remove(0);
+    running.start(SystemTime::now()).unwrap();
+    writer.save(&running).await.unwrap();
+    match next_change(&mut feed).await {
+        crate::store::Change::Event(seen) => assert_eq!(seen.state, JobState::Running),
+        other => panic!("expected an event, got {other:?}"),
+    }
+    assert!(
+        writer
+            .renew_leases()
+            .await
+            .unwrap()
+            .cancel_requested
+            .is_empty()
+    );
+    writer.request_cancel(running.id).await.unwrap();
+    assert_eq!(
+        writer.renew_leases().await.unwrap().cancel_requested,
+        vec![running.id]
+    );
+    assert_eq!(
+        next_change(&mut feed).await,
+        crate::store::Change::Cancel(running.id)
+    );
+    writer.close().await;
+    follower.close().await;
+}
+
+/// The feed's next change, bounded.
+async fn next_change(
+    feed: &mut tokio::sync::mpsc::Receiver<crate::store::Change>,
+) -> crate::store::Change {
+    tokio::time::timeout(std::time::Duration::from_secs(10), feed.recv())
+        .await
+        .expect("a change in time")
+        .expect("feed open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_takes_each_due_delivery() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let a = schema.open(PostgresOptions::default()).await.unwrap();
+    let b = schema.open(PostgresOptions::default()).await.unwrap();
+    let mut job = sample_job(1, &[], None);
+    job.webhook = Some(crate::job::WebhookSpec {
+        url: "https://example.com/hook".to_owned(),
+        secret: "kept".to_owned(),
+        events: crate::job::WebhookEvents::All,
+    });
+    a.create(&job).await.unwrap();
+    let now = SystemTime::now();
+    let due = a.due_deliveries(now, 10).await.unwrap();
+    assert_eq!(due.len(), 1, "the QUEUED notification is due");
+    let id = due[0].delivery.id;
+    assert!(a.claim_delivery(id, now).await.unwrap());
+    assert!(!b.claim_delivery(id, now).await.unwrap(), "taken once");
+    assert!(b.due_deliveries(now, 10).await.unwrap().is_empty());
+    a.close().await;
+    b.close().await;
 }

@@ -137,7 +137,9 @@ impl Writer {
         let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
         let mut commands = batch.drain(..);
         let mut broken = None;
+        let mut logged = false;
         for command in commands.by_ref() {
+            logged |= matches!(command, Command::Create { .. } | Command::Save { .. });
             match apply(&client, command, &mut self.commands).await {
                 Ok(Some(answer)) => answers.push(answer),
                 Ok(None) => {}
@@ -160,6 +162,15 @@ impl Writer {
             return;
         }
         drop(commands);
+        if logged && let Err(e) = notify(&client).await {
+            let failure = BatchFailure::from_error(&e);
+            discard(client);
+            tracing::error!(error = %failure.message, "a batch of writes was rolled back");
+            for answer in answers {
+                answer.send(Some(&failure));
+            }
+            return;
+        }
 
         let committed = answers.len() as u64;
         match client.batch_execute("COMMIT").await {
@@ -197,6 +208,22 @@ async fn begin(client: &ClientWrapper) -> Result<(), StoreError> {
         .await
         .map_err(fail)?;
     client.execute(&lock, &[&WRITE_LOCK]).await.map_err(fail)?;
+    Ok(())
+}
+
+/// Tells every replica's listener (see `feed.rs`) that events up to the log's head are
+/// coming: PostgreSQL delivers a notification at commit, in commit order, and only if the
+/// transaction commits.
+async fn notify(client: &ClientWrapper) -> Result<(), StoreError> {
+    let fail = |e| pg_error("notifying the other replicas", e);
+    let statement = client
+        .prepare_cached("SELECT pg_notify($1, head::text) FROM event_log WHERE id = 1")
+        .await
+        .map_err(fail)?;
+    client
+        .execute(&statement, &[&super::EVENTS_CHANNEL])
+        .await
+        .map_err(fail)?;
     Ok(())
 }
 

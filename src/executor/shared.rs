@@ -1,0 +1,285 @@
+//! Shared mode: the executor of one replica among several on one store (see
+//! [`SharedStore`]). Jobs are claimed from the store under leases when workers are free, the
+//! leases are renewed while held, a reaper on every replica re-queues the RUNNING jobs of
+//! replicas that died, and the store's change feed brings every replica's transitions to this
+//! replica's watchers, new QUEUED jobs to its dispatcher and cancels to the job's owner.
+
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::time::Instant;
+
+use tracing::Instrument;
+
+use super::{ExecutorError, Inner, InterruptedPolicy, cancelled_error, queue::StopReason};
+use crate::{
+    job::{Job, JobError, JobId, JobState},
+    store::{Change, SharedStore, StoreError},
+};
+
+/// How often an idle dispatcher claims anyway: a safety net for a wake-up that was missed
+/// (a notification arrives only while the feed is connected).
+pub(super) const IDLE_CLAIM_INTERVAL: Duration = Duration::from_secs(1);
+/// RUNNING jobs whose lease ran out that one reaper pass re-queues at most.
+const REAP_BATCH: usize = 256;
+/// Attempts at cancelling a job that keeps changing under the cancel (claimed, started).
+const CANCEL_TRIES: usize = 5;
+
+impl Inner {
+    /// The shared store; only called in shared mode.
+    fn shared_store(&self) -> Option<&dyn SharedStore> {
+        self.store.shared()
+    }
+
+    /// Starts following the store's feed and the lease renewal and reaper tasks; they stop
+    /// when the executor stops dispatching.
+    pub(super) async fn start_shared(self: Arc<Self>) -> Result<(), ExecutorError> {
+        let Some(shared) = self.shared_store() else {
+            return Ok(());
+        };
+        let mut feed = shared.feed().await?;
+        // Never zero: the intervals below are fractions of it.
+        let lease = shared.lease().max(Duration::from_millis(3));
+
+        // Not tracked: shutdown waits for the job tasks, and these serve them until then.
+        let inner = Arc::clone(&self);
+        tokio::spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    _ = inner.drained.cancelled() => return,
+                    change = feed.recv() => change,
+                };
+                match change {
+                    Some(change) => inner.apply_change(change),
+                    None => return,
+                }
+            }
+        });
+
+        let inner = Arc::clone(&self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(lease / 3);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut renewed_at = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = inner.drained.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                renewed_at = inner.renew(renewed_at, lease).await;
+            }
+        });
+
+        let inner = Arc::clone(&self);
+        self.tracker.spawn(async move {
+            let mut every = tokio::time::interval(lease / 2);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = inner.dispatching.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                if let Err(error) = inner.reap().await {
+                    tracing::warn!(%error, "re-queuing the jobs of a stopped replica failed");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Renews this replica's leases; returns when they were last renewed. Stops the jobs it
+    /// runs that it no longer holds, so that a job never runs here and on the replica that took
+    /// it over at once for longer than a renewal interval: those whose lease was not renewed
+    /// (taken over), and all of them once no renewal has succeeded for a whole lease (every one
+    /// may have been taken over). Their saves are refused from then on anyway (see
+    /// [`StoreError::LeaseLost`]); this stops handlers that would not save for a long time.
+    async fn renew(&self, renewed_at: Instant, lease: Duration) -> Instant {
+        let Some(shared) = self.shared_store() else {
+            return renewed_at;
+        };
+        // Taken before the renewal: a job claimed while it runs is not renewed by it, and
+        // must not be taken for one that was lost.
+        let before = self.scheduler().active_jobs();
+        match shared.renew_leases().await {
+            Ok(renewal) => {
+                let held: HashSet<JobId> = renewal.held.into_iter().collect();
+                for (id, handle) in before {
+                    if !held.contains(&id) {
+                        tracing::warn!(job_id = %id, "lease lost to another replica; stopping the job here");
+                        handle.stop(StopReason::Shutdown);
+                    }
+                }
+                // Normally the notification came first; this covers one the feed missed.
+                for id in renewal.cancel_requested {
+                    if let Some(handle) = self.scheduler().active_handle(id)
+                        && handle.reason() == StopReason::None
+                    {
+                        tracing::info!(job_id = %id, "cancel requested by another replica");
+                        handle.stop(StopReason::Cancelled);
+                    }
+                }
+                Instant::now()
+            }
+            Err(error) => {
+                // The next tick tries again; the lease outlasts two missed renewals.
+                tracing::warn!(%error, "renewing leases failed");
+                if renewed_at.elapsed() >= lease {
+                    for (id, handle) in before {
+                        tracing::warn!(job_id = %id, "lease could not be renewed in time; stopping the job here");
+                        handle.stop(StopReason::Shutdown);
+                    }
+                }
+                renewed_at
+            }
+        }
+    }
+
+    /// Passes a change from the feed on: the hub gets every snapshot (it ignores the versions it
+    /// has, so this replica's own are harmless), the dispatcher wakes for a QUEUED job, and the
+    /// job's task stops on a cancel request.
+    fn apply_change(&self, change: Change) {
+        match change {
+            Change::Event(job) => {
+                let queued = job.state == JobState::Queued;
+                self.hub.publish(job);
+                if queued {
+                    self.wake.notify_one();
+                }
+            }
+            Change::Cancel(id) => {
+                if let Some(handle) = self.scheduler().active_handle(id) {
+                    tracing::info!(job_id = %id, "cancel requested by another replica");
+                    handle.stop(StopReason::Cancelled);
+                }
+            }
+        }
+    }
+
+    /// Claims up to `limit` QUEUED jobs into the local queue; returns how many.
+    pub(super) async fn claim(&self, limit: usize) -> usize {
+        let Some(shared) = self.shared_store() else {
+            return 0;
+        };
+        match shared.claim(limit).await {
+            Ok(jobs) => {
+                let count = jobs.len();
+                let mut scheduler = self.scheduler();
+                for job in jobs {
+                    let job = Arc::new(job);
+                    scheduler.enqueue_with(
+                        job.id,
+                        job.priority,
+                        &job.tenant,
+                        Some(Arc::clone(&job)),
+                    );
+                }
+                count
+            }
+            Err(error) => {
+                tracing::warn!(%error, "claiming jobs failed");
+                0
+            }
+        }
+    }
+
+    /// Re-queues (or fails, as `interrupted_policy` says, like recovery after a restart) the
+    /// RUNNING jobs whose replica stopped renewing their lease.
+    async fn reap(&self) -> Result<(), StoreError> {
+        let Some(shared) = self.shared_store() else {
+            return Ok(());
+        };
+        for mut job in shared.expired(REAP_BATCH).await? {
+            let id = job.id;
+            let span = tracing::info_span!("job", job_id = %id);
+            async {
+                let now = SystemTime::now();
+                let changed = match self.config.interrupted_policy {
+                    InterruptedPolicy::Requeue => job.interrupt(now),
+                    InterruptedPolicy::Fail => job.fail(
+                        JobError::new(
+                            "ABORTED",
+                            "INTERRUPTED",
+                            "the replica running the job stopped",
+                        ),
+                        now,
+                    ),
+                };
+                if let Err(error) = changed {
+                    tracing::warn!(%error, "cannot re-queue a job whose lease ran out");
+                    return;
+                }
+                match shared.save_expired(&job).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            attempt = job.attempt,
+                            state = job.state.as_str(),
+                            "the replica running the job stopped; job taken over"
+                        );
+                        self.metrics.transition(job.state.as_str());
+                        let queued = job.state == JobState::Queued;
+                        self.hub.publish(Arc::new(job));
+                        if queued {
+                            self.wake.notify_one();
+                        }
+                    }
+                    // Renewed after all, or another replica's reaper was first.
+                    Err(StoreError::LeaseLost(_) | StoreError::StaleVersion { .. }) => {}
+                    Err(error) => tracing::warn!(%error, "re-queuing the job failed"),
+                }
+            }
+            .instrument(span)
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Cancels a job this replica does not hold: a QUEUED one at once (the version check makes
+    /// a replica that claimed it meanwhile lose either its start or this cancel, and this one
+    /// then tries again), a RUNNING one by asking its replica.
+    pub(super) async fn cancel_shared(&self, id: JobId) -> Result<Job, ExecutorError> {
+        let shared = self.shared_store().ok_or(ExecutorError::NotFound(id))?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut job = self
+                .store
+                .get(id)
+                .await?
+                .ok_or(ExecutorError::NotFound(id))?;
+            match job.state {
+                JobState::Queued => {
+                    job.cancel(cancelled_error(), SystemTime::now())
+                        .map_err(|source| ExecutorError::Illegal { id, source })?;
+                    match self.commit_state(&job).await {
+                        Ok(()) => {
+                            tracing::info!(job_id = %id, "queued job cancelled");
+                            return Ok(job);
+                        }
+                        Err(StoreError::StaleVersion { .. }) if tries < CANCEL_TRIES => continue,
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+                JobState::Running => {
+                    shared.request_cancel(id).await?;
+                    tracing::info!(job_id = %id, "cancel requested from the replica running it");
+                    return Ok(job);
+                }
+                _ => return Ok(job),
+            }
+        }
+    }
+
+    /// Gives up the QUEUED jobs this replica holds (claimed and not started, or interrupted by
+    /// the shutdown), so other replicas need not wait for their leases to run out.
+    pub(super) async fn release_all(&self) {
+        if let Some(shared) = self.shared_store() {
+            match shared.release_all().await {
+                Ok(released) => tracing::info!(jobs = released, "released queued jobs"),
+                Err(error) => tracing::warn!(%error, "releasing queued jobs failed"),
+            }
+        }
+    }
+}

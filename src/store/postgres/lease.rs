@@ -1,0 +1,205 @@
+//! Leases: how several replicas share the jobs of one database (see [`SharedStore`]).
+//!
+//! A replica claims QUEUED jobs in one statement that also writes its lease (`lease_owner`,
+//! `lease_until` by the database's clock); `FOR UPDATE SKIP LOCKED` lets replicas claim at the
+//! same time without waiting for each other or taking the same job. These statements run on
+//! pooled connections, outside the writer: they log nothing, so they need neither its order nor
+//! its lock. The changes of state that follow (RUNNING, the end, the reaper's re-queue) go
+//! through the writer like every other save, checked against the lease (see `ops::save`).
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use super::writer::Command;
+use super::{
+    CANCEL_CHANNEL, PostgresStore, feed, pg_error,
+    row::{JobRow, LeaseCheck, NOW_MICROS, decode, sql_limit, unix_micros},
+};
+use crate::job::{Job, JobId};
+use crate::store::{Change, Renewal, SharedStore, StoreError};
+
+/// A duration in microseconds, as the lease columns count.
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl SharedStore for PostgresStore {
+    fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    async fn claim(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let fail = |e| pg_error("claiming queued jobs", e);
+        let client = self.reader().await?;
+        let sql = format!(
+            "UPDATE jobs SET lease_owner = $1, lease_until = {NOW_MICROS} + $3
+             WHERE id IN (
+                 SELECT id FROM jobs
+                 WHERE state = 'QUEUED'
+                     AND (lease_owner IS NULL OR lease_until IS NULL
+                          OR lease_until < {NOW_MICROS})
+                 ORDER BY priority DESC, id
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING snapshot"
+        );
+        let statement = client.prepare_cached(&sql).await.map_err(fail)?;
+        let rows = client
+            .query(
+                &statement,
+                &[&self.replica, &sql_limit(limit), &micros(self.lease)],
+            )
+            .await
+            .map_err(fail)?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in rows {
+            let snapshot: String = row.try_get(0).map_err(fail)?;
+            jobs.push(decode(&snapshot)?);
+        }
+        {
+            let mut held = self.held();
+            held.extend(jobs.iter().map(|job| *job.id.as_uuid()));
+        }
+        // RETURNING keeps no order: the claim's own.
+        jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+        Ok(jobs)
+    }
+
+    async fn renew_leases(&self) -> Result<Renewal, StoreError> {
+        let fail = |e| pg_error("renewing leases", e);
+        let client = self.reader().await?;
+        let sql = format!(
+            "UPDATE jobs SET lease_until = {NOW_MICROS} + $2
+             WHERE lease_owner = $1 AND state IN ('QUEUED', 'RUNNING')
+             RETURNING id, cancel_requested"
+        );
+        let statement = client.prepare_cached(&sql).await.map_err(fail)?;
+        let rows = client
+            .query(&statement, &[&self.replica, &micros(self.lease)])
+            .await
+            .map_err(fail)?;
+        let mut renewal = Renewal::default();
+        for row in rows {
+            let id = JobId::from(row.try_get::<_, uuid::Uuid>(0).map_err(fail)?);
+            if row.try_get::<_, bool>(1).map_err(fail)? {
+                renewal.cancel_requested.push(id);
+            }
+            renewal.held.push(id);
+        }
+        Ok(renewal)
+    }
+
+    async fn release(&self, id: JobId) -> Result<(), StoreError> {
+        let fail = |e| pg_error(format!("releasing job {id}"), e);
+        let client = self.reader().await?;
+        let statement = client
+            .prepare_cached(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL
+                 WHERE id = $1 AND lease_owner = $2 AND state = 'QUEUED'",
+            )
+            .await
+            .map_err(fail)?;
+        client
+            .execute(&statement, &[id.as_uuid(), &self.replica])
+            .await
+            .map_err(fail)?;
+        self.held().remove(id.as_uuid());
+        Ok(())
+    }
+
+    async fn release_all(&self) -> Result<u64, StoreError> {
+        let fail = |e| pg_error("releasing queued jobs", e);
+        let client = self.reader().await?;
+        let statement = client
+            .prepare_cached(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL
+                 WHERE lease_owner = $1 AND state = 'QUEUED'
+                 RETURNING id",
+            )
+            .await
+            .map_err(fail)?;
+        let rows = client
+            .query(&statement, &[&self.replica])
+            .await
+            .map_err(fail)?;
+        let mut held = self.held();
+        for row in &rows {
+            let id: uuid::Uuid = row.try_get(0).map_err(fail)?;
+            held.remove(&id);
+        }
+        Ok(rows.len() as u64)
+    }
+
+    async fn expired(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let fail = |e| pg_error("reading jobs whose lease ran out", e);
+        let client = self.reader().await?;
+        let sql = format!(
+            "SELECT snapshot FROM jobs
+             WHERE state = 'RUNNING' AND (lease_until IS NULL OR lease_until < {NOW_MICROS})
+             ORDER BY id
+             LIMIT $1"
+        );
+        let statement = client.prepare_cached(&sql).await.map_err(fail)?;
+        let rows = client
+            .query(&statement, &[&sql_limit(limit)])
+            .await
+            .map_err(fail)?;
+        rows.iter()
+            .map(|row| decode(&row.try_get::<_, String>(0).map_err(fail)?))
+            .collect()
+    }
+
+    async fn save_expired(&self, job: &Job) -> Result<(), StoreError> {
+        let mut row = JobRow::encode(job)?;
+        row.lease = LeaseCheck::Expired;
+        self.write(|reply| Command::Save { row, reply }).await
+    }
+
+    async fn claim_delivery(&self, id: uuid::Uuid, now: SystemTime) -> Result<bool, StoreError> {
+        let fail = |e| pg_error(format!("claiming webhook delivery {id}"), e);
+        let client = self.reader().await?;
+        let statement = client
+            .prepare_cached(
+                "UPDATE webhook_deliveries SET next_attempt_at = $2 + $3
+                 WHERE id = $1 AND state = 'PENDING' AND next_attempt_at <= $2",
+            )
+            .await
+            .map_err(fail)?;
+        let claimed = client
+            .execute(&statement, &[&id, &unix_micros(now), &micros(self.lease)])
+            .await
+            .map_err(fail)?;
+        Ok(claimed == 1)
+    }
+
+    async fn request_cancel(&self, id: JobId) -> Result<(), StoreError> {
+        let fail = |e| pg_error(format!("requesting the cancel of job {id}"), e);
+        let client = self.reader().await?;
+        // One statement: the mark and the notification commit together.
+        let statement = client
+            .prepare_cached(
+                "WITH marked AS (
+                     UPDATE jobs SET cancel_requested = true
+                     WHERE id = $1 AND state = 'RUNNING'
+                     RETURNING id)
+                 SELECT pg_notify($2, id::text) FROM marked",
+            )
+            .await
+            .map_err(fail)?;
+        client
+            .execute(&statement, &[id.as_uuid(), &CANCEL_CHANNEL])
+            .await
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    async fn feed(&self) -> Result<mpsc::Receiver<Change>, StoreError> {
+        feed::start(self.config.clone(), self.readers.clone(), self.replica).await
+    }
+}

@@ -1,0 +1,501 @@
+//! Several replicas on one PostgreSQL database (issue #8): three servers in this process, each
+//! over its own `PostgresStore` on one schema, talked to through real clients on loopback ports.
+//! Every job runs exactly once, watchers on any replica see every job's states, a cancel on one
+//! replica stops the job on another, the jobs of a replica that stops abruptly finish elsewhere,
+//! and a lost LISTEN connection costs a watcher nothing.
+//!
+//! Runs only when `LONGRUN_TEST_DATABASE_URL` is set (`.ci/run` sets it); each test works in a
+//! schema of its own, dropped when it ends.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{
+    Gate, PATIENCE, TestServer, cancel, gated, next_until, open_watch, request, submit, test_config,
+};
+use longrun::{
+    actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
+    api::pb,
+    store::{PostgresOptions, PostgresStore, Store},
+};
+use tokio_stream::StreamExt;
+
+const URL_VARIABLE: &str = "LONGRUN_TEST_DATABASE_URL";
+/// Short, so that a stopped replica's jobs move on quickly.
+const LEASE: Duration = Duration::from_secs(1);
+
+/// A schema of its own, dropped (with its tables) when this is dropped, passed or failed.
+struct TestSchema {
+    base_url: String,
+    name: String,
+}
+
+impl TestSchema {
+    fn create(base_url: &str) -> TestSchema {
+        let name = format!("lr_test_{:016x}", rand::random::<u64>());
+        run_sql(base_url, &format!("CREATE SCHEMA {name}")).expect("create the test schema");
+        TestSchema {
+            base_url: base_url.to_owned(),
+            name,
+        }
+    }
+
+    fn url(&self) -> String {
+        let separator = if self.base_url.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{}{separator}options=-csearch_path%3D{}",
+            self.base_url, self.name
+        )
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let sql = format!(
+            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {} CASCADE",
+            self.name
+        );
+        if let Err(error) = run_sql(&self.base_url, &sql) {
+            eprintln!("could not drop test schema {}: {error}", self.name);
+        }
+    }
+}
+
+/// Runs `sql` on a connection of its own, on a thread and runtime of its own.
+fn run_sql(url: &str, sql: &str) -> Result<(), String> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            client.batch_execute(&sql).await.map_err(|e| e.to_string())
+        })
+    })
+    .join()
+    .map_err(|_| "the SQL thread panicked".to_owned())?
+}
+
+/// A replica's store on the test schema, with the short lease.
+async fn open_store(url: &str) -> Arc<PostgresStore> {
+    let options = PostgresOptions {
+        lease: LEASE,
+        read_connections: 4,
+        ..PostgresOptions::default()
+    };
+    Arc::new(PostgresStore::open(url, options).await.expect("open store"))
+}
+
+/// A replica: a server over its own store.
+async fn replica(url: &str, registry: Registry) -> (TestServer, Arc<PostgresStore>) {
+    let store = open_store(url).await;
+    let mut config = test_config();
+    config.lease = LEASE;
+    config.executor.concurrency = 4;
+    let server = TestServer::start_on(Arc::clone(&store) as Arc<dyn Store>, config, registry).await;
+    (server, store)
+}
+
+/// A test action (`count`) that records which replica ran which job, then succeeds.
+#[derive(Clone)]
+struct Count {
+    replica: usize,
+    runs: Arc<Mutex<HashMap<String, Vec<usize>>>>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Count {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Test action: counts its runs.".to_owned(),
+            params: Vec::new(),
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, ctx: ActionContext) -> Result<serde_json::Value, HandlerError> {
+        self.runs
+            .lock()
+            .expect("runs")
+            .entry(ctx.job_id.to_string())
+            .or_default()
+            .push(self.replica);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(serde_json::json!({}))
+    }
+}
+
+fn database_url() -> Option<String> {
+    match std::env::var(URL_VARIABLE) {
+        Ok(url) => Some(url),
+        Err(_) => {
+            println!("skipped: {URL_VARIABLE} not set");
+            None
+        }
+    }
+}
+
+/// Reads a watch to the job's end; returns the states seen, checking that versions rise.
+async fn states_to_end(stream: &mut tonic::Streaming<pb::WatchJobResponse>) -> Vec<pb::JobState> {
+    let mut states: Vec<pb::JobState> = Vec::new();
+    let mut version = 0;
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(message) = stream.next().await {
+            let job = message.expect("stream message").job.expect("job");
+            assert!(
+                job.version > version,
+                "versions rise: {} after {version}",
+                job.version
+            );
+            version = job.version;
+            if states.last() != Some(&job.state()) {
+                states.push(job.state());
+            }
+            if matches!(
+                job.state(),
+                pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled
+            ) {
+                return;
+            }
+        }
+        panic!("the watch ended before the job did");
+    })
+    .await
+    .expect("the job ends in time");
+    states
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_job_runs_exactly_once_and_any_replica_watches_every_job() {
+    // WatchJob on another replica than the submitter, and WatchJobs on the first replica, see
+    // every transition of every job, wherever it ran, in order.
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let runs = Arc::new(Mutex::new(HashMap::new()));
+    let mut replicas = Vec::new();
+    for index in 0..3 {
+        let mut registry = Registry::with_builtins();
+        registry.register(
+            "count",
+            Count {
+                replica: index,
+                runs: Arc::clone(&runs),
+            },
+        );
+        replicas.push(replica(&url, registry).await);
+    }
+
+    const JOBS: usize = 60;
+    let mut clients = Vec::new();
+    for (server, _) in &replicas {
+        clients.push(server.client().await);
+    }
+    // A WatchJobs stream on the first replica, opened before any job exists: it must see every
+    // job, wherever it runs.
+    let mut all_jobs = clients[0]
+        .watch_jobs(pb::WatchJobsRequest::default())
+        .await
+        .expect("watch jobs")
+        .into_inner();
+    let mut watches = Vec::new();
+    for n in 0..JOBS {
+        let job = submit(
+            &mut clients[n % 3],
+            request(vec![common::action("count", serde_json::json!({}))]),
+        )
+        .await;
+        // Watched on another replica than the one it was submitted to, resuming after the
+        // submitted version: every later transition must come, from the log or the feed.
+        let stream = open_watch(&mut clients[(n + 1) % 3], &job.id, job.version).await;
+        watches.push((job.id, stream));
+    }
+    for (id, stream) in &mut watches {
+        let states = states_to_end(stream).await;
+        assert_eq!(
+            states,
+            [pb::JobState::Running, pb::JobState::Succeeded],
+            "job {id}"
+        );
+    }
+    let mut seen: HashMap<String, (i64, Vec<pb::JobState>)> = HashMap::new();
+    tokio::time::timeout(PATIENCE, async {
+        while seen
+            .values()
+            .filter(|(_, states)| states.last() == Some(&pb::JobState::Succeeded))
+            .count()
+            < JOBS
+        {
+            let message = all_jobs
+                .next()
+                .await
+                .expect("stream open")
+                .expect("message");
+            let job = message.job.expect("job");
+            let (version, states) = seen.entry(job.id.clone()).or_default();
+            assert!(job.version > *version, "versions rise for {}", job.id);
+            *version = job.version;
+            if states.last() != Some(&job.state()) {
+                states.push(job.state());
+            }
+        }
+    })
+    .await
+    .expect("WatchJobs sees every job end in time");
+    for (id, (_, states)) in &seen {
+        assert_eq!(
+            states,
+            &[
+                pb::JobState::Queued,
+                pb::JobState::Running,
+                pb::JobState::Succeeded
+            ],
+            "WatchJobs on the first replica, job {id}"
+        );
+    }
+    let runs = runs.lock().expect("runs").clone();
+    assert_eq!(runs.len(), JOBS, "every job ran");
+    for (id, ran_on) in &runs {
+        assert_eq!(ran_on.len(), 1, "job {id} ran once, not on {ran_on:?}");
+    }
+    for (server, store) in replicas {
+        server.stop().await;
+        store.close().await;
+    }
+}
+
+/// The index of the gate (replica) on which the next gated run starts, with the job's id.
+async fn next_start(gates: &[Gate]) -> (usize, String) {
+    let starts = gates
+        .iter()
+        .enumerate()
+        .map(|(index, gate)| Box::pin(async move { (index, gate.next_started().await) }));
+    futures::future::select_all(starts).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_on_one_replica_stops_the_job_on_another() {
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let gates: Vec<Gate> = (0..3).map(|_| Gate::default()).collect();
+    let mut replicas = Vec::new();
+    for gate in &gates {
+        replicas.push(replica(&url, gate.registry()).await);
+    }
+    let mut client = replicas[0].0.client().await;
+    let job = submit(&mut client, request(vec![gated()])).await;
+    let (runner, started) = next_start(&gates).await;
+    assert_eq!(started, job.id);
+
+    let other = (runner + 1) % 3;
+    let mut canceller = replicas[other].0.client().await;
+    let mut watch = open_watch(&mut canceller, &job.id, 0).await;
+    cancel(&mut canceller, &job.id).await;
+    let ended = next_until(&mut watch, |job| job.state() == pb::JobState::Cancelled).await;
+    assert_eq!(ended.state(), pb::JobState::Cancelled);
+    // The runner's handler saw its token and returned (it is not merely abandoned).
+    gates[runner].until_idle().await;
+    for (server, store) in replicas {
+        server.stop().await;
+        store.close().await;
+    }
+}
+
+/// A replica on a runtime of its own, so that it can be stopped abruptly: dropping the runtime
+/// ends all its tasks where they stand, without any shutdown, like `kill -9`.
+struct Doomed {
+    addr: std::net::SocketAddr,
+    kill: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Doomed {
+    fn start(url: &str, registry: Registry) -> Doomed {
+        let url = url.to_owned();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (kill, killed) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let server = runtime.block_on(async { replica(&url, registry).await });
+            addr_tx.send(server.0.addr).expect("send addr");
+            let _ = killed.recv();
+            // Nothing of the server may run its shutdown: forget it, then drop every task.
+            std::mem::forget(server);
+            runtime.shutdown_background();
+        });
+        let addr = addr_rx.recv_timeout(PATIENCE).expect("the replica starts");
+        Doomed { addr, kill, thread }
+    }
+
+    fn kill(self) {
+        let _ = self.kill.send(());
+        self.thread.join().expect("the replica's thread");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_jobs_of_a_replica_stopped_abruptly_finish_on_another() {
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let doomed_gate = Gate::default();
+    let doomed = Doomed::start(&url, doomed_gate.registry());
+    let mut client = common::connect(doomed.addr).await;
+    let job = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(doomed_gate.next_started().await, job.id);
+    drop(client);
+
+    // The survivor starts only now, so the job surely ran on the doomed replica first.
+    let gate = Gate::default();
+    let (survivor, store) = replica(&url, gate.registry()).await;
+    doomed.kill();
+    let mut client = survivor.client().await;
+    let mut watch = open_watch(&mut client, &job.id, 0).await;
+    // After the lease runs out, the survivor re-queues the job and runs it (attempt 2).
+    assert_eq!(gate.next_started().await, job.id);
+    gate.release(1);
+    let done = next_until(&mut watch, |job| job.state() == pb::JobState::Succeeded).await;
+    assert_eq!(done.attempt, 2);
+    survivor.stop().await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_sees_every_state_when_its_replica_loses_the_listen_connection() {
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let gates: Vec<Gate> = (0..2).map(|_| Gate::default()).collect();
+    let mut replicas = Vec::new();
+    for gate in &gates {
+        replicas.push(replica(&url, gate.registry()).await);
+    }
+    let mut client = replicas[0].0.client().await;
+    let job = submit(&mut client, request(vec![gated()])).await;
+    let (running_on, started) = next_start(&gates).await;
+    assert_eq!(started, job.id);
+    // The other replica watches: it learns of every state from its feed.
+    let (watcher, watcher_store) = &replicas[1 - running_on];
+    let mut client = watcher.client().await;
+    let mut watch = open_watch(&mut client, &job.id, 0).await;
+    next_until(&mut watch, |job| job.state() == pb::JobState::Running).await;
+    let application = format!("longrun-feed-{}", watcher_store.replica_id());
+    run_sql(
+        &base_url,
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = '{application}'"
+        ),
+    )
+    .expect("terminate the feed's connection");
+    // Finishes while the watcher's feed is (probably) still reconnecting.
+    gates[running_on].release(1);
+    let done = next_until(&mut watch, |job| job.state() == pb::JobState::Succeeded).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded);
+    for (server, store) in replicas {
+        server.stop().await;
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_lost_a_job_stops_its_handler_while_another_runs_it() {
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let gates: Vec<Gate> = (0..2).map(|_| Gate::default()).collect();
+    let mut replicas = Vec::new();
+    for gate in &gates {
+        replicas.push(replica(&url, gate.registry()).await);
+    }
+    let mut client = replicas[0].0.client().await;
+    let job = submit(&mut client, request(vec![gated()])).await;
+    let (runner, started) = next_start(&gates).await;
+    assert_eq!(started, job.id);
+
+    // As if the runner had been cut off for longer than its lease: its lease is gone (owned by
+    // nobody alive, run out), so a reaper re-queues the job while the runner still runs it.
+    run_sql(
+        &base_url,
+        &format!(
+            "UPDATE {}.jobs SET lease_owner = '{}', lease_until = 0 WHERE id = '{}'",
+            schema.name,
+            uuid::Uuid::now_v7(),
+            job.id
+        ),
+    )
+    .expect("take the lease away");
+    // The runner notices at its next renewal and stops its handler.
+    gates[runner].until_idle().await;
+    // The job runs again (attempt 2), here or there, and ends once.
+    let (_, again) = next_start(&gates).await;
+    assert_eq!(again, job.id);
+    gates[0].release(1);
+    gates[1].release(1);
+    let mut watch = open_watch(&mut client, &job.id, 0).await;
+    let done = next_until(&mut watch, |job| job.state() == pb::JobState::Succeeded).await;
+    assert_eq!(done.attempt, 2);
+    for (server, store) in replicas {
+        server.stop().await;
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_whose_notification_was_missed_still_stops_the_job() {
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let gate = Gate::default();
+    let (server, store) = replica(&url, gate.registry()).await;
+    let mut client = server.client().await;
+    let job = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, job.id);
+    let mut watch = open_watch(&mut client, &job.id, 0).await;
+    // The mark a Cancel on another replica leaves, without its notification (as if the
+    // runner's LISTEN connection was down then): the runner finds it at its next renewal.
+    run_sql(
+        &base_url,
+        &format!(
+            "UPDATE {}.jobs SET cancel_requested = true WHERE id = '{}'",
+            schema.name, job.id
+        ),
+    )
+    .expect("mark the job");
+    let ended = next_until(&mut watch, |job| job.state() == pb::JobState::Cancelled).await;
+    assert_eq!(ended.state(), pb::JobState::Cancelled);
+    gate.until_idle().await;
+    server.stop().await;
+    store.close().await;
+}
