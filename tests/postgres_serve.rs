@@ -1,6 +1,7 @@
 //! `longrun serve --store postgres://…`, the real binary: a job submitted over gRPC succeeds,
 //! survives a restart, and a second server on the same database (and schema) serves the same
-//! jobs as a replica (tests/replicas.rs tests replicas in depth).
+//! jobs as a replica (tests/replicas.rs tests replicas in depth); a replica killed with SIGKILL
+//! mid-job loses its lease and another replica runs the job to the end.
 //!
 //! Runs only when `LONGRUN_TEST_DATABASE_URL` is set (`.ci/run` sets it). The server's tables go
 //! in a fresh schema, chosen through the URL (`options=-csearch_path%3D<schema>`), which is
@@ -14,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use common::{PATIENCE, connect, get, request, sleep, submit, wait_done};
+use common::{PATIENCE, connect, request, sleep, submit, until_state, wait_done};
 use longrun::api::pb;
 
 const URL_VARIABLE: &str = "LONGRUN_TEST_DATABASE_URL";
@@ -128,6 +129,30 @@ async fn wait_until_serving(addr: SocketAddr, server: &mut Child) {
     }
 }
 
+/// GetStatus on a server that was just started: the port accepts before the server is ready
+/// to answer, so UNAVAILABLE is retried (bounded); any other error fails with its status.
+async fn get_when_ready(
+    client: &mut longrun::api::pb::jobs_client::JobsClient<tonic::transport::Channel>,
+    job_id: &str,
+) -> pb::Job {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let request = pb::GetStatusRequest {
+            job_id: job_id.to_owned(),
+        };
+        match client.get_status(request).await {
+            Ok(response) => return response.into_inner().job.expect("job in response"),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("GetStatus of {job_id}: {status:?}"),
+        }
+    }
+}
+
 /// Stops a server the way an operator does (SIGTERM) and waits for it, bounded.
 fn stop(server: Child) -> Output {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap());
@@ -169,7 +194,7 @@ async fn serve_on_postgres_keeps_jobs_across_restarts_and_serves_them_from_a_sec
     let mut second = serve_from_env(&url, second_addr);
     wait_until_serving(second_addr, &mut second).await;
     let mut second_client = connect(second_addr).await;
-    let seen = get(&mut second_client, &job.id).await;
+    let seen = get_when_ready(&mut second_client, &job.id).await;
     assert_eq!(seen.state(), pb::JobState::Succeeded);
     let second = stop(second);
     assert!(
@@ -190,8 +215,56 @@ async fn serve_on_postgres_keeps_jobs_across_restarts_and_serves_them_from_a_sec
     let mut server = serve_from_env(&url, addr);
     wait_until_serving(addr, &mut server).await;
     let mut client = connect(addr).await;
-    let found = get(&mut client, &job.id).await;
+    let found = get_when_ready(&mut client, &job.id).await;
     assert_eq!(found.state(), pb::JobState::Succeeded);
     assert_eq!(found.version, done.version);
     stop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_a_replica_killed_mid_run_finishes_on_another_replica() {
+    let Ok(base_url) = std::env::var(URL_VARIABLE) else {
+        println!("skipped: {URL_VARIABLE} not set");
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let lease = ["--lease", "1s"];
+
+    // Only the first replica runs at first, so it is the one that claims the job.
+    let first_addr = free_addr();
+    let mut first = serve_command(first_addr)
+        .args(["--store", &url])
+        .args(lease)
+        .spawn()
+        .expect("start the first replica");
+    wait_until_serving(first_addr, &mut first).await;
+    let mut first_client = connect(first_addr).await;
+    let mut spec = request(vec![sleep(3_000, 3)]);
+    spec.max_attempts = 3;
+    let job = submit(&mut first_client, spec).await;
+    until_state(&mut first_client, &job.id, pb::JobState::Running).await;
+
+    let second_addr = free_addr();
+    let mut second = serve_command(second_addr)
+        .args(["--store", &url])
+        .args(lease)
+        .spawn()
+        .expect("start the second replica");
+    wait_until_serving(second_addr, &mut second).await;
+    first.kill().expect("SIGKILL the first replica");
+    let _ = wait_bounded(first);
+
+    // The survivor's reaper re-queues the job once the dead replica's lease runs out, then
+    // runs it again from the start: attempt 2.
+    let mut second_client = connect(second_addr).await;
+    let done = wait_done(&mut second_client, &job.id).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
+    assert_eq!(done.attempt, 2, "the interrupted attempt counts");
+    let stopped = stop(second);
+    assert!(
+        stopped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
 }
