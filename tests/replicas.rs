@@ -16,7 +16,8 @@ use std::{
 };
 
 use common::{
-    Gate, PATIENCE, TestServer, cancel, gated, next_until, open_watch, request, submit, test_config,
+    Gate, PATIENCE, TestServer, cancel, gated, next_until, open_watch, request, sleep, submit,
+    test_config,
 };
 use longrun::{
     actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
@@ -498,4 +499,53 @@ async fn a_cancel_whose_notification_was_missed_still_stops_the_job() {
     gate.until_idle().await;
     server.stop().await;
     store.close().await;
+}
+
+/// Reads a watch to the job's end; returns the progress percents of its RUNNING messages.
+async fn running_percents(stream: &mut tonic::Streaming<pb::WatchJobResponse>) -> Vec<i32> {
+    let mut percents = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(message) = stream.next().await {
+            let job = message.expect("stream message").job.expect("job");
+            if job.state() == pb::JobState::Running {
+                percents.push(job.progress.map_or(0, |p| p.percent));
+            }
+        }
+    })
+    .await
+    .expect("the job ends in time");
+    percents
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn progress_of_a_job_reaches_watchers_on_every_replica() {
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(replica(&url, Registry::with_builtins()).await);
+    }
+    let mut first = replicas[0].0.client().await;
+    let mut second = replicas[1].0.client().await;
+    // Progress is written at most about once a second per job: a 2.5 s job is written
+    // mid-run at least once, wherever it runs.
+    let job = submit(&mut first, request(vec![sleep(2_500, 10)])).await;
+    let mut watches = [
+        open_watch(&mut first, &job.id, 0).await,
+        open_watch(&mut second, &job.id, 0).await,
+    ];
+    for (index, watch) in watches.iter_mut().enumerate() {
+        let percents = running_percents(watch).await;
+        assert!(
+            percents.iter().any(|p| *p > 0 && *p < 100),
+            "the watcher on replica {index} saw no progress mid-run: {percents:?}"
+        );
+    }
+    for (server, store) in replicas {
+        server.stop().await;
+        store.close().await;
+    }
 }

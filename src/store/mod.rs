@@ -289,7 +289,8 @@ pub trait Store: Send + Sync + 'static {
 /// A change the feed of a shared store tells of: see [`SharedStore::feed`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// A logged snapshot, committed by any replica; in commit order. Shared, as the hub takes it.
+    /// A snapshot committed by any replica: each logged one, in commit order, and the newest
+    /// snapshot of a job whose progress was saved. Shared, as the hub takes it.
     Event(std::sync::Arc<Job>),
     /// Some replica was asked to cancel this job; whichever replica runs it stops it.
     Cancel(JobId),

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use uuid::Uuid;
 
-use super::{CANCEL_CHANNEL, EVENTS_CHANNEL, pg_error, pool_error, reads};
+use super::{CANCEL_CHANNEL, EVENTS_CHANNEL, PROGRESS_CHANNEL, pg_error, pool_error, reads};
 use crate::job::JobId;
 use crate::store::{Change, StoreError};
 
@@ -118,6 +118,8 @@ async fn follow(
                     tracing::warn!(payload = note.payload(), %error, "bad cancel request")
                 }
             }
+        } else if note.channel() == PROGRESS_CHANNEL {
+            progress(readers, changes, note.payload()).await?;
         } else if note
             .payload()
             .parse::<i64>()
@@ -126,6 +128,36 @@ async fn follow(
             catch_up(readers, changes, last_seq).await?;
         }
     }
+}
+
+/// Passes on the current snapshot of a job whose progress another replica saved. Progress is
+/// not logged, so one missed while the feed was away is simply superseded by the next.
+async fn progress(
+    readers: &Pool,
+    changes: &mpsc::Sender<Change>,
+    payload: &str,
+) -> Result<(), Stop> {
+    let id = match payload.parse::<JobId>() {
+        Ok(id) => id,
+        Err(error) => {
+            tracing::warn!(payload, %error, "bad progress notification");
+            return Ok(());
+        }
+    };
+    let job = {
+        let client = readers
+            .get()
+            .await
+            .map_err(|e| Stop::Failed(pool_error(e)))?;
+        reads::get(&client, id).await.map_err(Stop::Failed)?
+    };
+    if let Some(job) = job {
+        changes
+            .send(Change::Event(std::sync::Arc::new(job)))
+            .await
+            .map_err(|_| Stop::Closed)?;
+    }
+    Ok(())
 }
 
 /// Passes on every event after `last_seq`, page by page, moving `last_seq` along.
@@ -192,7 +224,9 @@ async fn listen(
         }
     });
     client
-        .batch_execute(&format!("LISTEN {EVENTS_CHANNEL}; LISTEN {CANCEL_CHANNEL}"))
+        .batch_execute(&format!(
+            "LISTEN {EVENTS_CHANNEL}; LISTEN {CANCEL_CHANNEL}; LISTEN {PROGRESS_CHANNEL}"
+        ))
         .await
         .map_err(fail)?;
     Ok((client, received))

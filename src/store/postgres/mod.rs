@@ -59,6 +59,10 @@ pub(super) const SERVE_LOCK: i32 = 0x6c72_0003;
 pub(super) const EVENTS_CHANNEL: &str = "longrun_events";
 /// The channel cancel requests go to, with the job id as payload.
 pub(super) const CANCEL_CHANNEL: &str = "longrun_cancel";
+/// The channel a write batch that saves progress (not logged) notifies, once per job, with the
+/// job id as payload: the other replicas' watchers then see progress too, as often as it is
+/// written (at most about once a second per job).
+pub(super) const PROGRESS_CHANNEL: &str = "longrun_progress";
 
 /// Tuning for [`PostgresStore`]; the defaults suit a small server.
 #[derive(Debug, Clone)]

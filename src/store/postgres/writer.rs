@@ -138,8 +138,14 @@ impl Writer {
         let mut commands = batch.drain(..);
         let mut broken = None;
         let mut logged = false;
+        let mut progressed: Vec<String> = Vec::new();
         for command in commands.by_ref() {
             logged |= matches!(command, Command::Create { .. } | Command::Save { .. });
+            if let Command::Save { row, .. } = &command
+                && !row.logged
+            {
+                progressed.push(row.id.to_string());
+            }
             match apply(&client, command, &mut self.commands).await {
                 Ok(Some(answer)) => answers.push(answer),
                 Ok(None) => {}
@@ -162,7 +168,7 @@ impl Writer {
             return;
         }
         drop(commands);
-        if logged && let Err(e) = notify(&client).await {
+        if let Err(e) = notify(&client, logged, &progressed).await {
             let failure = BatchFailure::from_error(&e);
             discard(client);
             tracing::error!(error = %failure.message, "a batch of writes was rolled back");
@@ -212,18 +218,35 @@ async fn begin(client: &ClientWrapper) -> Result<(), StoreError> {
 }
 
 /// Tells every replica's listener (see `feed.rs`) that events up to the log's head are
-/// coming: PostgreSQL delivers a notification at commit, in commit order, and only if the
-/// transaction commits.
-async fn notify(client: &ClientWrapper) -> Result<(), StoreError> {
+/// coming (when the batch logged any), and which jobs' progress it saved: PostgreSQL delivers
+/// a notification at commit, in commit order, and only if the transaction commits.
+async fn notify(
+    client: &ClientWrapper,
+    logged: bool,
+    progressed: &[String],
+) -> Result<(), StoreError> {
     let fail = |e| pg_error("notifying the other replicas", e);
-    let statement = client
-        .prepare_cached("SELECT pg_notify($1, head::text) FROM event_log WHERE id = 1")
-        .await
-        .map_err(fail)?;
-    client
-        .execute(&statement, &[&super::EVENTS_CHANNEL])
-        .await
-        .map_err(fail)?;
+    if logged {
+        let statement = client
+            .prepare_cached("SELECT pg_notify($1, head::text) FROM event_log WHERE id = 1")
+            .await
+            .map_err(fail)?;
+        client
+            .execute(&statement, &[&super::EVENTS_CHANNEL])
+            .await
+            .map_err(fail)?;
+    }
+    if !progressed.is_empty() {
+        // Identical notifications in one transaction are sent once: one per job.
+        let statement = client
+            .prepare_cached("SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id")
+            .await
+            .map_err(fail)?;
+        client
+            .execute(&statement, &[&super::PROGRESS_CHANNEL, &progressed])
+            .await
+            .map_err(fail)?;
+    }
     Ok(())
 }
 
