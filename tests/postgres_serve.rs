@@ -15,73 +15,9 @@ use std::{
     time::Duration,
 };
 
+use common::postgres::{TestSchema, database_url};
 use common::{PATIENCE, connect, request, sleep, submit, until_state, wait_done};
 use longrun::api::pb;
-
-const URL_VARIABLE: &str = "LONGRUN_TEST_DATABASE_URL";
-
-/// A schema of its own, dropped (with its tables) when this is dropped, passed or failed.
-struct TestSchema {
-    base_url: String,
-    name: String,
-}
-
-impl TestSchema {
-    fn create(base_url: &str) -> TestSchema {
-        let name = format!("lr_test_{:016x}", rand::random::<u64>());
-        run_sql(base_url, &format!("CREATE SCHEMA {name}")).expect("create the test schema");
-        TestSchema {
-            base_url: base_url.to_owned(),
-            name,
-        }
-    }
-
-    /// The URL that puts the server's tables in this schema.
-    fn url(&self) -> String {
-        let separator = if self.base_url.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        format!(
-            "{}{separator}options=-csearch_path%3D{}",
-            self.base_url, self.name
-        )
-    }
-}
-
-impl Drop for TestSchema {
-    fn drop(&mut self) {
-        let sql = format!(
-            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {} CASCADE",
-            self.name
-        );
-        if let Err(error) = run_sql(&self.base_url, &sql) {
-            eprintln!("could not drop test schema {}: {error}", self.name);
-        }
-    }
-}
-
-/// Runs `sql` on a connection of its own, on a thread and runtime of its own (so it also works
-/// in `Drop`, inside or outside a runtime).
-fn run_sql(url: &str, sql: &str) -> Result<(), String> {
-    let (url, sql) = (url.to_owned(), sql.to_owned());
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        runtime.block_on(async move {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(connection);
-            client.batch_execute(&sql).await.map_err(|e| e.to_string())
-        })
-    })
-    .join()
-    .map_err(|_| "the SQL thread panicked".to_owned())?
-}
 
 fn free_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -173,8 +109,7 @@ fn wait_bounded(server: Child) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_on_postgres_keeps_jobs_across_restarts_and_serves_them_from_a_second_replica() {
-    let Ok(base_url) = std::env::var(URL_VARIABLE) else {
-        println!("skipped: {URL_VARIABLE} not set");
+    let Some(base_url) = database_url() else {
         return;
     };
     let schema = TestSchema::create(&base_url);
@@ -223,8 +158,7 @@ async fn serve_on_postgres_keeps_jobs_across_restarts_and_serves_them_from_a_sec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_of_a_replica_killed_mid_run_finishes_on_another_replica() {
-    let Ok(base_url) = std::env::var(URL_VARIABLE) else {
-        println!("skipped: {URL_VARIABLE} not set");
+    let Some(base_url) = database_url() else {
         return;
     };
     let schema = TestSchema::create(&base_url);

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use common::postgres::{TestSchema, database_url, run_sql};
 use common::{
     Gate, PATIENCE, TestServer, cancel, gated, next_until, open_watch, request, sleep, submit,
     test_config,
@@ -26,70 +27,8 @@ use longrun::{
 };
 use tokio_stream::StreamExt;
 
-const URL_VARIABLE: &str = "LONGRUN_TEST_DATABASE_URL";
 /// Short, so that a stopped replica's jobs move on quickly.
 const LEASE: Duration = Duration::from_secs(1);
-
-/// A schema of its own, dropped (with its tables) when this is dropped, passed or failed.
-struct TestSchema {
-    base_url: String,
-    name: String,
-}
-
-impl TestSchema {
-    fn create(base_url: &str) -> TestSchema {
-        let name = format!("lr_test_{:016x}", rand::random::<u64>());
-        run_sql(base_url, &format!("CREATE SCHEMA {name}")).expect("create the test schema");
-        TestSchema {
-            base_url: base_url.to_owned(),
-            name,
-        }
-    }
-
-    fn url(&self) -> String {
-        let separator = if self.base_url.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        format!(
-            "{}{separator}options=-csearch_path%3D{}",
-            self.base_url, self.name
-        )
-    }
-}
-
-impl Drop for TestSchema {
-    fn drop(&mut self) {
-        let sql = format!(
-            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {} CASCADE",
-            self.name
-        );
-        if let Err(error) = run_sql(&self.base_url, &sql) {
-            eprintln!("could not drop test schema {}: {error}", self.name);
-        }
-    }
-}
-
-/// Runs `sql` on a connection of its own, on a thread and runtime of its own.
-fn run_sql(url: &str, sql: &str) -> Result<(), String> {
-    let (url, sql) = (url.to_owned(), sql.to_owned());
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        runtime.block_on(async move {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(connection);
-            client.batch_execute(&sql).await.map_err(|e| e.to_string())
-        })
-    })
-    .join()
-    .map_err(|_| "the SQL thread panicked".to_owned())?
-}
 
 /// A replica's store on the test schema, with the short lease.
 async fn open_store(url: &str) -> Arc<PostgresStore> {
@@ -137,16 +76,6 @@ impl Handler for Count {
             .push(self.replica);
         tokio::time::sleep(Duration::from_millis(5)).await;
         Ok(serde_json::json!({}))
-    }
-}
-
-fn database_url() -> Option<String> {
-    match std::env::var(URL_VARIABLE) {
-        Ok(url) => Some(url),
-        Err(_) => {
-            println!("skipped: {URL_VARIABLE} not set");
-            None
-        }
     }
 }
 
