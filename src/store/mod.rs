@@ -2,6 +2,7 @@
 //! (memory for tests, SQLite embedded by default, PostgreSQL to share one database) implements it, and
 //! nothing outside this module writes SQL.
 
+mod batch;
 mod memory;
 mod postgres;
 mod sqlite;

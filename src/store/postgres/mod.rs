@@ -39,9 +39,12 @@ use tokio_postgres::{NoTls, error::SqlState};
 use self::{
     ops::{CreateOutcome, DeleteOutcome},
     row::{JobRow, LeaseCheck, decode, sql_limit, unix_micros},
-    writer::{Command, Counters, Reply, Writer},
+    writer::{Command, Counters, Writer},
 };
-use super::{Created, Deleted, DueDelivery, EventPage, ListQuery, SharedStore, Store, StoreError};
+use super::{
+    Created, Deleted, DueDelivery, EventPage, ListQuery, SharedStore, Store, StoreError,
+    batch::Reply,
+};
 use crate::job::{AttemptOutcome, Delivery, Job, JobId};
 
 /// Advisory lock keys: the first half of each two-key lock. The second half is

@@ -26,7 +26,7 @@ use std::sync::{
 };
 
 use deadpool_postgres::{ClientWrapper, Object, Pool};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use super::{
@@ -36,10 +36,10 @@ use super::{
     row::JobRow,
 };
 use crate::job::{AttemptOutcome, Delivery};
-use crate::store::StoreError;
-
-/// Where a command's result goes.
-pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+use crate::store::{
+    StoreError,
+    batch::{Answer, BatchFailure, Reply, respond},
+};
 
 /// A write, sent to the writer task.
 pub(super) enum Command {
@@ -71,8 +71,8 @@ pub(super) enum Command {
     /// of its own choosing.
     #[cfg(test)]
     Hold {
-        entered: oneshot::Sender<()>,
-        release: oneshot::Receiver<()>,
+        entered: tokio::sync::oneshot::Sender<()>,
+        release: tokio::sync::oneshot::Receiver<()>,
     },
 }
 
@@ -118,7 +118,7 @@ impl Writer {
         let client = match self.pool.get().await {
             Ok(client) => client,
             Err(e) => {
-                let failure = BatchFailure::new("connecting the writer", &e);
+                let failure = BatchFailure::new("connecting the writer", false, &e);
                 for command in batch.drain(..) {
                     fail(command, &failure, &mut self.commands);
                 }
@@ -194,7 +194,7 @@ impl Writer {
             Err(e) => {
                 // The outcome of a failed COMMIT (a lost connection) is unknown; callers are
                 // told it failed, so at worst a write they were told failed is stored.
-                let failure = BatchFailure::new("committing a batch of writes", &e);
+                let failure = BatchFailure::new("committing a batch of writes", false, &e);
                 discard(client);
                 tracing::error!(error = %failure.message, "a batch of writes failed to commit");
                 for answer in answers {
@@ -298,20 +298,6 @@ async fn apply(
     }))
 }
 
-/// The answer to hold until the commit; a command that broke the batch is told at once.
-fn respond<T: Send + 'static>(
-    reply: Reply<T>,
-    outcome: Result<Result<T, StoreError>, BatchFailure>,
-) -> Result<Answer, BatchFailure> {
-    match outcome {
-        Ok(result) => Ok(Answer::new(reply, result)),
-        Err(failure) => {
-            let _ = reply.send(Err(failure.error()));
-            Err(failure)
-        }
-    }
-}
-
 /// Answers a command of a batch that could not run.
 fn fail(command: Command, failure: &BatchFailure, queue: &mut mpsc::Receiver<Command>) {
     let answer = match command {
@@ -344,7 +330,7 @@ async fn isolated<T>(
         client
             .batch_execute(sql)
             .await
-            .map_err(|e| BatchFailure::new("isolating a write", &e))
+            .map_err(|e| BatchFailure::new("isolating a write", false, &e))
     };
     savepoint("SAVEPOINT command").await?;
     match op.await {
@@ -357,72 +343,6 @@ async fn isolated<T>(
             savepoint("ROLLBACK TO SAVEPOINT command").await?;
             savepoint("RELEASE SAVEPOINT command").await?;
             Ok(Err(error))
-        }
-    }
-}
-
-/// Sends a held result, or the batch's failure in its place.
-type Deliver = Box<dyn FnOnce(Option<&BatchFailure>) + Send>;
-
-/// A command's result, held until its batch commits.
-struct Answer {
-    send: Deliver,
-}
-
-impl Answer {
-    fn new<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Self {
-        Self {
-            send: Box::new(move |failure| {
-                let result = match failure {
-                    // A command that failed on its own keeps its own error.
-                    Some(failure) if result.is_ok() => Err(failure.error()),
-                    _ => result,
-                };
-                // The caller may have stopped waiting; its write is committed all the same.
-                let _ = reply.send(result);
-            }),
-        }
-    }
-
-    /// Tells the caller; `failure` when the batch did not commit.
-    fn send(self, failure: Option<&BatchFailure>) {
-        (self.send)(failure)
-    }
-}
-
-/// Why a whole batch failed, told to each of its callers.
-struct BatchFailure {
-    context: String,
-    full: bool,
-    message: String,
-}
-
-impl BatchFailure {
-    fn new(context: &str, error: &dyn std::fmt::Display) -> Self {
-        Self {
-            context: context.to_owned(),
-            full: false,
-            message: error.to_string(),
-        }
-    }
-
-    fn from_error(error: &StoreError) -> Self {
-        Self {
-            context: "writing a batch of changes".to_owned(),
-            full: matches!(error, StoreError::Full { .. }),
-            message: error.to_string(),
-        }
-    }
-
-    /// The error each caller gets (the backend's error cannot be cloned, its text can).
-    fn error(&self) -> StoreError {
-        if self.full {
-            StoreError::Full {
-                context: self.context.clone(),
-                source: self.message.clone().into(),
-            }
-        } else {
-            StoreError::backend(self.context.clone(), self.message.clone())
         }
     }
 }

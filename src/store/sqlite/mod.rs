@@ -33,9 +33,9 @@ use self::{
     ops::{CreateOutcome, DeleteOutcome},
     readers::Readers,
     row::{JobRow, decode, id_text, unix_micros},
-    writer::{Command, Counters, Reply, Writer},
+    writer::{Command, Counters, Writer},
 };
-use super::{Created, Deleted, DueDelivery, EventPage, ListQuery, Store, StoreError};
+use super::{Created, Deleted, DueDelivery, EventPage, ListQuery, Store, StoreError, batch::Reply};
 use crate::job::{AttemptOutcome, Delivery, Job, JobId};
 
 /// The database file inside the data directory.

@@ -13,7 +13,7 @@ use std::{
 };
 
 use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use uuid::Uuid;
 
@@ -23,10 +23,10 @@ use super::{
     row::JobRow,
 };
 use crate::job::{AttemptOutcome, Delivery};
-use crate::store::StoreError;
-
-/// Where a command's result goes.
-pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+use crate::store::{
+    StoreError,
+    batch::{Answer, BatchFailure, Reply, respond},
+};
 
 /// A write, sent to the writer thread.
 pub(super) enum Command {
@@ -58,7 +58,7 @@ pub(super) enum Command {
     /// batch of its own choosing.
     #[cfg(test)]
     Hold {
-        entered: oneshot::Sender<()>,
+        entered: tokio::sync::oneshot::Sender<()>,
         release: std::sync::mpsc::Receiver<()>,
     },
     /// Runs raw SQL on the write connection, as one command of a batch.
@@ -137,7 +137,7 @@ impl Writer {
         {
             Ok(tx) => tx,
             Err(e) => {
-                let failure = BatchFailure::sql("starting a write transaction", &e);
+                let failure = sql_failure("starting a write transaction", &e);
                 for command in batch.drain(..) {
                     fail(command, &failure, &mut self.commands);
                 }
@@ -185,7 +185,7 @@ impl Writer {
                 }
             }
             Err(e) => {
-                let failure = BatchFailure::sql("committing a batch of writes", &e);
+                let failure = sql_failure("committing a batch of writes", &e);
                 tracing::error!(error = %failure.message, "a batch of writes failed to commit");
                 for answer in answers {
                     answer.send(Some(&failure));
@@ -240,20 +240,6 @@ fn apply(
     }))
 }
 
-/// The answer to hold until the commit; a command that broke the batch is told at once.
-fn respond<T: Send + 'static>(
-    reply: Reply<T>,
-    outcome: Result<Result<T, StoreError>, BatchFailure>,
-) -> Result<Answer, BatchFailure> {
-    match outcome {
-        Ok(result) => Ok(Answer::new(reply, result)),
-        Err(failure) => {
-            let _ = reply.send(Err(failure.error()));
-            Err(failure)
-        }
-    }
-}
-
 /// Answers a command of a batch that could not run.
 fn fail(command: Command, failure: &BatchFailure, queue: &mut mpsc::Receiver<Command>) {
     let answer = match command {
@@ -285,7 +271,7 @@ fn isolated<T>(
     let savepoint = |sql: &str| {
         conn.prepare_cached(sql)
             .and_then(|mut statement| statement.execute([]))
-            .map_err(|e| BatchFailure::sql("isolating a write", &e))
+            .map_err(|e| sql_failure("isolating a write", &e))
     };
     savepoint("SAVEPOINT command")?;
     match op(conn) {
@@ -306,68 +292,8 @@ fn isolated<T>(
     }
 }
 
-/// Sends a held result, or the batch's failure in its place.
-type Deliver = Box<dyn FnOnce(Option<&BatchFailure>) + Send>;
-
-/// A command's result, held until its batch commits.
-struct Answer {
-    send: Deliver,
-}
-
-impl Answer {
-    fn new<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Self {
-        Self {
-            send: Box::new(move |failure| {
-                let result = match failure {
-                    // A command that failed on its own keeps its own error.
-                    Some(failure) if result.is_ok() => Err(failure.error()),
-                    _ => result,
-                };
-                // The caller may have stopped waiting; its write is committed all the same.
-                let _ = reply.send(result);
-            }),
-        }
-    }
-
-    /// Tells the caller; `failure` when the batch did not commit.
-    fn send(self, failure: Option<&BatchFailure>) {
-        (self.send)(failure)
-    }
-}
-
-/// Why a whole batch failed, told to each of its callers.
-struct BatchFailure {
-    context: String,
-    full: bool,
-    message: String,
-}
-
-impl BatchFailure {
-    fn sql(context: &str, error: &rusqlite::Error) -> Self {
-        Self {
-            context: context.to_owned(),
-            full: error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
-            message: error.to_string(),
-        }
-    }
-
-    fn from_error(error: &StoreError) -> Self {
-        Self {
-            context: "writing a batch of changes".to_owned(),
-            full: matches!(error, StoreError::Full { .. }),
-            message: error.to_string(),
-        }
-    }
-
-    /// The error each caller gets (the backend's error cannot be cloned, its text can).
-    fn error(&self) -> StoreError {
-        if self.full {
-            StoreError::Full {
-                context: self.context.clone(),
-                source: self.message.clone().into(),
-            }
-        } else {
-            StoreError::backend(self.context.clone(), self.message.clone())
-        }
-    }
+/// A batch failure from SQLite's error; a full disk is told as such.
+fn sql_failure(context: &str, error: &rusqlite::Error) -> BatchFailure {
+    let full = error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull);
+    BatchFailure::new(context, full, error)
 }
