@@ -5,6 +5,7 @@
 mod batch;
 mod memory;
 mod postgres;
+mod snapshot;
 mod sqlite;
 
 #[cfg(test)]

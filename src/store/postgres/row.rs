@@ -1,12 +1,12 @@
 //! How a `Job` becomes a row and back. Encoding happens on the caller's task, not on the writer
 //! task, so the one writer spends its time on SQL only.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use uuid::Uuid;
 
 use crate::job::{Delivery, Job, delivery_for};
 use crate::store::StoreError;
+
+pub(super) use crate::store::snapshot::{decode, from_unix_micros, unix_micros};
 
 /// A job ready to be written: the columns queries use, and the whole snapshot.
 #[derive(Debug)]
@@ -89,32 +89,6 @@ impl JobRow {
             delivery: delivery_for(None, job).map(|new| Delivery::pending(new, job)),
             lease: LeaseCheck::Ignore,
         })
-    }
-}
-
-/// The job stored as `snapshot`.
-pub(super) fn decode(snapshot: &str) -> Result<Job, StoreError> {
-    serde_json::from_str(snapshot).map_err(|e| StoreError::Corrupt(format!("job snapshot: {e}")))
-}
-
-/// The time `micros` microseconds from the Unix epoch (the inverse of [`unix_micros`]).
-pub(super) fn from_unix_micros(micros: i64) -> SystemTime {
-    let offset = std::time::Duration::from_micros(micros.unsigned_abs());
-    if micros >= 0 {
-        UNIX_EPOCH.checked_add(offset)
-    } else {
-        UNIX_EPOCH.checked_sub(offset)
-    }
-    .unwrap_or(UNIX_EPOCH)
-}
-
-/// Microseconds since the Unix epoch, negative before it, saturating far from it.
-pub(super) fn unix_micros(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_micros())
-            .map(|m| -m)
-            .unwrap_or(i64::MIN),
     }
 }
 

@@ -1,10 +1,10 @@
 //! How a `Job` becomes a row and back. Encoding happens on the caller's task, not on the writer
 //! thread, so the one writer spends its time on SQL only.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use crate::job::{Delivery, Job, JobId, delivery_for};
 use crate::store::StoreError;
+
+pub(super) use crate::store::snapshot::{decode, from_unix_micros, unix_micros};
 
 /// A job ready to be written: the columns queries use, and the whole snapshot.
 #[derive(Debug)]
@@ -65,41 +65,13 @@ pub(super) fn scoped_key(tenant: &str, key: &str) -> String {
     format!("{}:{tenant}:{key}", tenant.len())
 }
 
-/// The job stored as `snapshot`.
-pub(super) fn decode(snapshot: &str) -> Result<Job, StoreError> {
-    serde_json::from_str(snapshot).map_err(|e| StoreError::Corrupt(format!("job snapshot: {e}")))
-}
-
-/// The time `micros` microseconds from the Unix epoch (the inverse of [`unix_micros`]).
-pub(super) fn from_unix_micros(micros: i64) -> SystemTime {
-    let offset = std::time::Duration::from_micros(micros.unsigned_abs());
-    if micros >= 0 {
-        UNIX_EPOCH.checked_add(offset)
-    } else {
-        UNIX_EPOCH.checked_sub(offset)
-    }
-    .unwrap_or(UNIX_EPOCH)
-}
-
 /// The text form of an id, as stored in the `id` columns.
 pub(super) fn id_text(id: JobId) -> String {
     id.to_string()
 }
 
-/// Microseconds since the Unix epoch, negative before it, saturating far from it.
-pub(super) fn unix_micros(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_micros())
-            .map(|m| -m)
-            .unwrap_or(i64::MIN),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
@@ -107,13 +79,5 @@ mod tests {
         assert_eq!(scoped_key("default", "k"), "7:default:k");
         assert_ne!(scoped_key("a:b", "c"), scoped_key("a", "b:c"));
         assert_ne!(scoped_key("a", "1:b"), scoped_key("a:1", "b"));
-    }
-
-    #[test]
-    fn micros_keep_order_around_the_epoch() {
-        let second = Duration::from_secs(1);
-        assert_eq!(unix_micros(UNIX_EPOCH + second), 1_000_000);
-        assert_eq!(unix_micros(UNIX_EPOCH - second), -1_000_000);
-        assert_eq!(unix_micros(UNIX_EPOCH), 0);
     }
 }
