@@ -76,6 +76,9 @@ pub struct SqliteStats {
     pub batches: u64,
     /// Write commands those transactions carried.
     pub commands: u64,
+    /// Batches run a second time, each command in its own savepoint, because one of their
+    /// commands failed.
+    pub reruns: u64,
 }
 
 /// Jobs in a SQLite database in a data directory, durable once a call returns.
@@ -147,6 +150,7 @@ impl SqliteStore {
         SqliteStats {
             batches: self.counters.batches.load(Ordering::Relaxed),
             commands: self.counters.commands.load(Ordering::Relaxed),
+            reruns: self.counters.reruns.load(Ordering::Relaxed),
         }
     }
 
@@ -382,7 +386,10 @@ impl SqliteStore {
         let commands = self.commands.as_ref().expect("open store");
         assert!(
             commands
-                .send(Command::Hold { entered, release })
+                .send(Command::Hold {
+                    entered: Some(entered),
+                    release
+                })
                 .await
                 .is_ok(),
             "writer running"

@@ -26,6 +26,7 @@ async fn concurrent_creates_share_commits() {
     }
     let stats = store.stats();
     assert_eq!(stats.commands, 500);
+    assert_eq!(stats.reruns, 0, "no command failed, so no batch ran twice");
     assert!(
         stats.batches < stats.commands / 4,
         "500 concurrent creates took {} commits",
@@ -35,12 +36,12 @@ async fn concurrent_creates_share_commits() {
 
 /// Holds the writer, runs `spawn` (whose tasks queue `count` writes), waits until all are
 /// queued and lets the writer go, so that the writes share one batch. Returns their results
-/// and how many batches committed meanwhile.
+/// and how many batches committed meanwhile and how many of them ran twice.
 async fn queued_together<T>(
     store: &SqliteStore,
     count: usize,
     spawn: impl FnOnce() -> Vec<tokio::task::JoinHandle<T>>,
-) -> (Vec<T>, u64) {
+) -> (Vec<T>, u64, u64) {
     let release = store.hold_writer().await;
     let tasks = spawn();
     while store.queued() < count {
@@ -52,7 +53,12 @@ async fn queued_together<T>(
     for task in tasks {
         results.push(task.await.unwrap());
     }
-    (results, store.stats().batches - before.batches)
+    let after = store.stats();
+    (
+        results,
+        after.batches - before.batches,
+        after.reruns - before.reruns,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +84,7 @@ async fn a_stale_save_fails_alone_in_its_batch() {
         jobs[2].clone(),
         jobs[3].clone(),
     ];
-    let (results, commits) = queued_together(&store, saves.len(), || {
+    let (results, commits, reruns) = queued_together(&store, saves.len(), || {
         saves
             .into_iter()
             .map(|job| {
@@ -89,6 +95,10 @@ async fn a_stale_save_fails_alone_in_its_batch() {
     })
     .await;
     assert_eq!(commits, 1);
+    assert_eq!(
+        reruns, 1,
+        "the stale save made its batch run again, command by command"
+    );
     assert!(matches!(
         results[2],
         // `stored` is 1 or 2, as the stale save queued before or after the good one.
@@ -112,7 +122,7 @@ async fn same_key_twice_in_one_batch_stores_one_job() {
     let store = Arc::new(open(dir.path()));
     let jobs = [sample_job(1, &[], Some("k")), sample_job(1, &[], Some("k"))];
     let creates = jobs.clone();
-    let (results, commits) = queued_together(&store, 2, || {
+    let (results, commits, reruns) = queued_together(&store, 2, || {
         creates
             .into_iter()
             .map(|job| {
@@ -123,6 +133,7 @@ async fn same_key_twice_in_one_batch_stores_one_job() {
     })
     .await;
     assert_eq!(commits, 1);
+    assert_eq!(reruns, 0, "a taken key is an answer, not a failure");
     // The tasks may queue in either order; whichever came first wins.
     let winner = if results[0] == Created::New { 0 } else { 1 };
     let loser = 1 - winner;
@@ -178,7 +189,7 @@ async fn a_full_disk_in_a_batch_never_acknowledges_a_lost_write() {
         .params
         .insert("blob".to_owned(), json!("x".repeat(64 * 1024)));
     let creates = jobs.clone();
-    let (results, _) = queued_together(&store, creates.len(), || {
+    let (results, _, _) = queued_together(&store, creates.len(), || {
         creates
             .into_iter()
             .map(|job| {
