@@ -43,6 +43,105 @@ pub async fn submit(requests: usize, in_flight: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The store alone, in this process: `jobs` creates with `concurrency` writers, then for each
+/// job the two saves a no-op run makes (RUNNING, SUCCEEDED). Reports writes/s and this
+/// process's CPU per job, so a change to the SQLite schema or writer can be compared without
+/// gRPC in the way (`cargo bench --bench load -- store --jobs 40000`).
+pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
+    println!("== SQLite store alone: {jobs} creates, then 2 saves each, {concurrency} writers");
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default())?);
+    let made: Vec<Job> = (0..jobs).map(|_| queued_job()).collect();
+    let shares = split(made, concurrency);
+
+    let (cpu, started) = (crate::harness::own_cpu(), Instant::now());
+    let mut tasks = Vec::new();
+    for share in shares.clone() {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            for job in &share {
+                store.create(job).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    report("create", jobs, started.elapsed(), crate::harness::own_cpu() - cpu, &store);
+
+    let before = store.stats();
+    let (cpu, started) = (crate::harness::own_cpu(), Instant::now());
+    let mut tasks = Vec::new();
+    for share in shares {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let now = SystemTime::now();
+            for mut job in share {
+                job.start(now)?;
+                store.save(&job).await?;
+                job.start_action(0, now)?;
+                job.succeed_action(0, serde_json::json!({"ok": true}), now)?;
+                job.succeed(now)?;
+                store.save(&job).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let after = store.stats();
+    report(
+        "run (2 saves)",
+        jobs,
+        started.elapsed(),
+        crate::harness::own_cpu() - cpu,
+        &store,
+    );
+    println!(
+        "  commits for the saves: {} ({:.1} saves each)",
+        after.batches - before.batches,
+        (after.commands - before.commands) as f64 / (after.batches - before.batches).max(1) as f64
+    );
+    store.close().await;
+    Ok(())
+}
+
+fn report(what: &str, jobs: usize, took: Duration, cpu: Duration, store: &SqliteStore) {
+    let stats = store.stats();
+    println!(
+        "{what:<16} {:>9.0} jobs/s  cpu {:>6.1} us/job  ({} commits so far, {} commands)",
+        jobs as f64 / took.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / jobs as f64,
+        stats.batches,
+        stats.commands,
+    );
+}
+
+fn split<T: Clone>(items: Vec<T>, parts: usize) -> Vec<Vec<T>> {
+    let mut shares = vec![Vec::new(); parts.max(1)];
+    for (i, item) in items.into_iter().enumerate() {
+        shares[i % parts.max(1)].push(item);
+    }
+    shares
+}
+
+/// A queued one-action job like the benchmark's Submit makes.
+fn queued_job() -> Job {
+    let spec = NewJob {
+        actions: vec![NewAction {
+            name: "sleep".to_owned(),
+            params: [("duration_ms".to_owned(), serde_json::json!(3_600_000.0))]
+                .into_iter()
+                .collect(),
+            input: Default::default(),
+        }],
+        ..NewJob::default()
+    };
+    Job::new(JobId::generate(), spec, 1, SystemTime::now())
+}
+
 fn sleep_request(duration_ms: u64) -> pb::SubmitRequest {
     let params = prost_types::Struct {
         fields: [(

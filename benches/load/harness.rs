@@ -47,21 +47,7 @@ impl Process {
 
     /// CPU time used so far (user + system), from /proc/PID/stat.
     pub fn cpu(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
-        // Fields after the command name, which is in parentheses: utime and stime are the
-        // 14th and 15th fields of the line, the 12th and 13th after ")".
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / clock_ticks() as f64)
+        cpu_of(&self.0.id().to_string())
     }
 
     /// Samples RSS every `every` until `done` fires; returns (first, peak, last) in KiB.
@@ -86,6 +72,29 @@ impl Process {
         let end = self.rss_kib();
         (first, peak.max(end), end)
     }
+}
+
+/// CPU time this process has used so far (user + system).
+pub fn own_cpu() -> Duration {
+    cpu_of("self")
+}
+
+/// CPU time (user + system) of process `pid` ("self" for this one), from /proc/PID/stat.
+fn cpu_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses: utime and stime are the
+    // 14th and 15th fields of the line, the 12th and 13th after ")".
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / clock_ticks() as f64)
 }
 
 fn clock_ticks() -> u64 {

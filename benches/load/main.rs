@@ -55,6 +55,13 @@ enum Scenario {
         #[arg(long, default_value_t = 64)]
         in_flight: usize,
     },
+    /// The SQLite store alone, in process: creates, then the saves of a run; CPU per job.
+    Store {
+        #[arg(long, default_value_t = 40_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// Restart time, memory and GetStatus latency with many finished jobs stored.
     Restart {
         #[arg(long, default_value_t = 1_000_000)]
@@ -153,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
             requests,
             in_flight,
         } => durable::submit(requests, in_flight).await,
+        Scenario::Store { jobs, concurrency } => durable::store(jobs, concurrency).await,
         Scenario::Restart { jobs } => durable::restart(jobs).await,
         Scenario::E2e {
             jobs,
