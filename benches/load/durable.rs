@@ -68,7 +68,13 @@ pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
     for task in tasks {
         task.await??;
     }
-    report("create", jobs, started.elapsed(), crate::harness::own_cpu() - cpu, &store);
+    report(
+        "create",
+        jobs,
+        started.elapsed(),
+        crate::harness::own_cpu() - cpu,
+        &store,
+    );
 
     let before = store.stats();
     let (cpu, started) = (crate::harness::own_cpu(), Instant::now());

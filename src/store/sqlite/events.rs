@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, Transaction, types::Value};
 
-use super::{row::decode, sql_error};
+use super::{
+    row::{CURRENT_SNAPSHOT, decode},
+    sql_error,
+};
 use crate::job::Job;
 use crate::store::{EventPage, StoreError};
 
@@ -64,14 +67,15 @@ pub(super) fn unfinished_at(
     let fail = |e| sql_error(context, e);
     let tx = conn.unchecked_transaction().map_err(fail)?;
     let (head, _) = marks(&tx).map_err(fail)?;
-    let mut sql = "SELECT snapshot FROM jobs WHERE state IN ('QUEUED', 'RUNNING')".to_owned();
+    let mut sql =
+        format!("SELECT {CURRENT_SNAPSHOT} FROM jobs j WHERE j.state IN ('QUEUED', 'RUNNING')");
     let mut args = Vec::new();
     if let Some(tenant) = tenant {
-        sql.push_str(" AND tenant = ?");
+        sql.push_str(" AND j.tenant = ?");
         args.push(Value::Text(tenant.to_owned()));
     }
-    label_filter("jobs.id", labels, &mut sql, &mut args);
-    sql.push_str(" ORDER BY id");
+    label_filter("j.id", labels, &mut sql, &mut args);
+    sql.push_str(" ORDER BY j.id");
     let mut statement = tx.prepare_cached(&sql).map_err(fail)?;
     let mut rows = statement
         .query(rusqlite::params_from_iter(args))

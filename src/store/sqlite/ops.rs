@@ -3,7 +3,11 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{outbox, row::JobRow, sql_error};
+use super::{
+    outbox,
+    row::{CURRENT_SNAPSHOT, IN_LOG, JobRow},
+    sql_error,
+};
 use crate::store::StoreError;
 
 /// The terminal states, as SQL: the jobs that may be deleted or purged.
@@ -29,7 +33,9 @@ pub(super) fn create(conn: &Connection, row: &JobRow) -> Result<CreateOutcome, S
     let fail = |e| sql_error(format!("creating job {}", row.id_text), e);
     if let Some(key) = &row.idempotency_key {
         let existing: Option<String> = conn
-            .prepare_cached("SELECT snapshot FROM jobs WHERE idempotency_key = ?1")
+            .prepare_cached(&format!(
+                "SELECT {CURRENT_SNAPSHOT} FROM jobs j WHERE j.idempotency_key = ?1"
+            ))
             .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
             .map_err(fail)?;
         if let Some(snapshot) = existing {
@@ -49,7 +55,7 @@ pub(super) fn create(conn: &Connection, row: &JobRow) -> Result<CreateOutcome, S
             row.priority,
             row.idempotency_key,
             row.end_time,
-            row.snapshot,
+            row.row_snapshot(),
             row.tenant,
         ])
     })
@@ -86,7 +92,7 @@ pub(super) fn save(conn: &Connection, row: &JobRow) -> Result<(), StoreError> {
                 row.version,
                 row.priority,
                 row.end_time,
-                row.snapshot,
+                row.row_snapshot(),
             ])
         })
         .map_err(fail)?;
@@ -129,7 +135,9 @@ pub(super) fn delete(conn: &Connection, id: &str) -> Result<DeleteOutcome, Store
         return Ok(DeleteOutcome::Removed);
     }
     let found: Option<String> = conn
-        .prepare_cached("SELECT snapshot FROM jobs WHERE id = ?1")
+        .prepare_cached(&format!(
+            "SELECT {CURRENT_SNAPSHOT} FROM jobs j WHERE j.id = ?1"
+        ))
         .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
         .map_err(fail)?;
     Ok(found.map_or(DeleteOutcome::NotFound, DeleteOutcome::NotTerminal))
@@ -173,6 +181,13 @@ fn sync_labels(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM job_labels WHERE job_id = ?1")?
         .execute([&row.id_text])?;
     insert_labels(conn, row)
+}
+
+impl JobRow {
+    /// What `jobs.snapshot` holds for this row: nothing when the snapshot goes to the log.
+    fn row_snapshot(&self) -> &str {
+        if self.logged { IN_LOG } else { &self.snapshot }
+    }
 }
 
 /// Appends the snapshot to the job's log under the next global sequence number: one above

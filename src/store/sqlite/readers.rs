@@ -14,7 +14,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags, Rows, types::Value};
 
 use super::{
-    row::{decode, id_text},
+    row::{CURRENT_SNAPSHOT, decode, id_text},
     sql_error,
 };
 use crate::job::{Job, JobId, JobState};
@@ -121,7 +121,7 @@ pub(super) fn get(conn: &Connection, id: JobId) -> Result<Option<Job>, StoreErro
     let mut jobs = query_jobs(
         conn,
         "reading a job",
-        "SELECT snapshot FROM jobs WHERE id = ?1",
+        &format!("SELECT {CURRENT_SNAPSHOT} FROM jobs j WHERE j.id = ?1"),
         &[Value::Text(id_text(id))],
     )?;
     Ok(jobs.pop())
@@ -146,7 +146,10 @@ pub(super) fn unfinished(conn: &Connection) -> Result<Vec<Job>, StoreError> {
     query_jobs(
         conn,
         "reading unfinished jobs",
-        "SELECT snapshot FROM jobs WHERE state IN ('QUEUED', 'RUNNING') ORDER BY id",
+        &format!(
+            "SELECT {CURRENT_SNAPSHOT} FROM jobs j WHERE j.state IN ('QUEUED', 'RUNNING') \
+             ORDER BY j.id"
+        ),
         &[],
     )
 }
@@ -188,15 +191,18 @@ fn list_arm(query: &ListQuery, state: Option<JobState>, sql: &mut String, args: 
     // yields that label's jobs already in id order: no sort, and it stops at the limit.
     let id = match labels.next() {
         Some((key, value)) => {
-            sql.push_str(
-                "SELECT j.snapshot, l.job_id FROM job_labels l JOIN jobs j ON j.id = l.job_id
-                 WHERE l.key = ? AND l.value = ?",
-            );
+            sql.push_str(&format!(
+                "SELECT {CURRENT_SNAPSHOT}, lb.job_id FROM job_labels lb
+                 JOIN jobs j ON j.id = lb.job_id
+                 WHERE lb.key = ? AND lb.value = ?"
+            ));
             args.extend([Value::Text(key.clone()), Value::Text(value.clone())]);
-            "l.job_id"
+            "lb.job_id"
         }
         None => {
-            sql.push_str("SELECT j.snapshot, j.id FROM jobs j WHERE 1");
+            sql.push_str(&format!(
+                "SELECT {CURRENT_SNAPSHOT}, j.id FROM jobs j WHERE 1"
+            ));
             "j.id"
         }
     };

@@ -154,6 +154,14 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         // every change of state.
         "DROP INDEX jobs_state_id;",
     ),
+    M::up(
+        // No table changes; a change of what `jobs.snapshot` may hold. From this version on it
+        // is '' when the job's current version is logged, whose snapshot is then only in its
+        // `log` row (row.rs `IN_LOG`, read through `CURRENT_SNAPSHOT`), so each logged
+        // snapshot is written once. Rows written whole before stay valid. The version bump
+        // makes an older binary refuse this database instead of misreading ''.
+        "-- jobs.snapshot may now be '' (in the log)",
+    ),
 ];
 
 /// The newest schema version this binary knows.

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 mod batching;
 mod outbox;
 
+use super::row::CURRENT_SNAPSHOT;
 use super::*;
 use crate::job::{JobError, JobState};
 use crate::store::conformance::{self, sample_job};
@@ -144,7 +145,7 @@ async fn state_columns_match_the_snapshot() {
     store.close().await;
     let (state, snapshot_state, end_time): (String, String, i64) = raw(dir.path())
         .query_row(
-            "SELECT state, snapshot ->> '$.state', end_time FROM jobs",
+            &format!("SELECT state, ({CURRENT_SNAPSHOT}) ->> '$.state', end_time FROM jobs j"),
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
@@ -152,6 +153,53 @@ async fn state_columns_match_the_snapshot() {
     assert_eq!(state, JobState::Cancelled.as_str());
     assert_eq!(snapshot_state, state);
     assert_eq!(Some(end_time), job.end_time.map(unix_micros));
+}
+
+/// A logged version's snapshot is written once, in its log row; a progress save (not logged)
+/// keeps its snapshot in the job's row; a row written whole by an older binary still reads.
+#[tokio::test]
+async fn each_snapshot_is_stored_once() {
+    let dir = TempDir::new().unwrap();
+    let store = open(dir.path());
+    let now = SystemTime::now();
+    let mut job = sample_job(1, &[], None);
+    store.create(&job).await.unwrap();
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    store.save(&job).await.unwrap();
+    let row_snapshot = |job: &Job| -> String {
+        raw(dir.path())
+            .query_row(
+                "SELECT snapshot FROM jobs WHERE id = ?1",
+                [id_text(job.id)],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(row_snapshot(&job), row::IN_LOG, "RUNNING is logged");
+    assert_eq!(store.get(job.id).await.unwrap().as_ref(), Some(&job));
+
+    assert!(job.report_progress(0, crate::job::Progress::percent(40, "working"), now));
+    store.save(&job).await.unwrap();
+    assert_ne!(job.logged_version, job.version, "progress is not logged");
+    assert_eq!(decode(&row_snapshot(&job)).unwrap(), job);
+    assert_eq!(store.get(job.id).await.unwrap().as_ref(), Some(&job));
+    assert_eq!(store.unfinished().await.unwrap(), vec![job.clone()]);
+
+    // As an older binary stored it: the whole snapshot in the row as well as in the log.
+    let mut older = sample_job(1, &[], None);
+    store.create(&older).await.unwrap();
+    older.start(now).unwrap();
+    store.save(&older).await.unwrap();
+    let whole = serde_json::to_string(&older).unwrap();
+    store
+        .execute(&format!(
+            "UPDATE jobs SET snapshot = '{whole}' WHERE id = '{}'",
+            id_text(older.id)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.get(older.id).await.unwrap(), Some(older));
 }
 
 #[tokio::test]
