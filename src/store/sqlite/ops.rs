@@ -28,8 +28,41 @@ pub(super) enum DeleteOutcome {
     NotTerminal(String),
 }
 
+/// The number the next logged snapshot takes. Read once per batch rather than per row: the
+/// writer is the only writer, so no one else takes a number meanwhile, and asking for it in
+/// each INSERT made SQLite copy every new log row through a temporary table (an INSERT that
+/// reads its own table).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LogHead {
+    next: i64,
+}
+
+impl LogHead {
+    /// One above both the newest logged number and every removed one, so a number is never
+    /// handed out twice, even after the newest rows were deleted. Both are index seeks.
+    pub(super) fn read(conn: &Connection) -> rusqlite::Result<Self> {
+        let next = conn
+            .prepare_cached(
+                "SELECT max(coalesce((SELECT max(seq) FROM log), 0), removed_through) + 1
+                 FROM event_log WHERE id = 1",
+            )?
+            .query_row([], |r| r.get(0))?;
+        Ok(Self { next })
+    }
+
+    fn take(&mut self) -> i64 {
+        let seq = self.next;
+        self.next += 1;
+        seq
+    }
+}
+
 /// Stores a new job and its first log entry, unless its idempotency key is taken.
-pub(super) fn create(conn: &Connection, row: &JobRow) -> Result<CreateOutcome, StoreError> {
+pub(super) fn create(
+    conn: &Connection,
+    row: &JobRow,
+    head: &mut LogHead,
+) -> Result<CreateOutcome, StoreError> {
     let fail = |e| sql_error(format!("creating job {}", row.id_text), e);
     if let Some(key) = &row.idempotency_key {
         let existing: Option<String> = conn
@@ -61,7 +94,7 @@ pub(super) fn create(conn: &Connection, row: &JobRow) -> Result<CreateOutcome, S
     })
     .map_err(fail)?;
     insert_labels(conn, row).map_err(fail)?;
-    log_transition(conn, row).map_err(fail)?;
+    log_transition(conn, row, head).map_err(fail)?;
     if let Some(delivery) = &row.delivery {
         outbox::insert(conn, delivery).map_err(fail)?;
     }
@@ -69,7 +102,7 @@ pub(super) fn create(conn: &Connection, row: &JobRow) -> Result<CreateOutcome, S
 }
 
 /// Replaces a job's snapshot with a newer version, logging it when it is a transition.
-pub(super) fn save(conn: &Connection, row: &JobRow) -> Result<(), StoreError> {
+pub(super) fn save(conn: &Connection, row: &JobRow, head: &mut LogHead) -> Result<(), StoreError> {
     let fail = |e| sql_error(format!("saving job {}", row.id_text), e);
     // The stored state decides whether the webhook is told: read only for jobs that may need
     // a delivery, so saves of other jobs cost nothing more.
@@ -112,7 +145,7 @@ pub(super) fn save(conn: &Connection, row: &JobRow) -> Result<(), StoreError> {
     }
     sync_labels(conn, row).map_err(fail)?;
     if row.logged {
-        log_transition(conn, row).map_err(fail)?;
+        log_transition(conn, row, head).map_err(fail)?;
     }
     if let Some(delivery) = &row.delivery
         && previous.as_deref() != Some(row.state)
@@ -190,16 +223,12 @@ impl JobRow {
     }
 }
 
-/// Appends the snapshot to the job's log under the next global sequence number: one above
-/// both the newest logged number and every removed one, so a number is never handed out
-/// twice, even after the newest rows were deleted. Both are index seeks, not scans.
-fn log_transition(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
+/// Appends the snapshot to the job's log under the next global sequence number.
+fn log_transition(conn: &Connection, row: &JobRow, head: &mut LogHead) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "INSERT INTO log (seq, job_id, version, snapshot)
-         SELECT max(coalesce((SELECT max(seq) FROM log), 0), removed_through) + 1, ?1, ?2, ?3
-         FROM event_log WHERE id = 1",
+        "INSERT INTO log (seq, job_id, version, snapshot) VALUES (?1, ?2, ?3, ?4)",
     )?
-    .execute(params![row.id_text, row.version, row.snapshot])?;
+    .execute(params![head.take(), row.id_text, row.version, row.snapshot])?;
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use super::{
-    ops::{self, CreateOutcome, DeleteOutcome},
+    ops::{self, CreateOutcome, DeleteOutcome, LogHead},
     outbox,
     row::JobRow,
 };
@@ -136,10 +136,10 @@ impl Writer {
 
     /// Runs `batch` (emptying it) in one transaction and answers each caller after the commit.
     fn commit(&mut self, batch: &mut Vec<Command>) {
-        let Some(tx) = begin(&mut self.conn, batch, &mut self.commands) else {
+        let Some((tx, mut head)) = begin(&mut self.conn, batch, &mut self.commands) else {
             return;
         };
-        let outcomes = run_plainly(&tx, batch, &mut self.commands);
+        let outcomes = run_plainly(&tx, &mut head, batch, &mut self.commands);
         let Some(outcomes) = outcomes else {
             // A command failed, perhaps halfway through its writes: undo the whole batch and
             // run it again with each command in its own savepoint.
@@ -160,14 +160,14 @@ impl Writer {
     /// Runs `batch` (emptying it) with a savepoint around each command, so that a command that
     /// fails undoes only its own writes, and commits the rest.
     fn commit_isolated(&mut self, batch: &mut Vec<Command>) {
-        let Some(tx) = begin(&mut self.conn, batch, &mut self.commands) else {
+        let Some((tx, mut head)) = begin(&mut self.conn, batch, &mut self.commands) else {
             return;
         };
         let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
         let mut commands = batch.drain(..);
         let mut broken = None;
         for command in commands.by_ref() {
-            match apply(&tx, command, &mut self.commands) {
+            match apply(&tx, &mut head, command, &mut self.commands) {
                 Ok(Some(answer)) => answers.push(answer),
                 Ok(None) => {}
                 Err(failure) => {
@@ -217,18 +217,25 @@ impl Writer {
     }
 }
 
-/// Starts a batch's write transaction; on failure every command of `batch` is told.
+/// Starts a batch's write transaction and reads the log's next number; on failure every
+/// command of `batch` is told.
 fn begin<'c>(
     conn: &'c mut Connection,
     batch: &mut Vec<Command>,
     queue: &mut mpsc::Receiver<Command>,
-) -> Option<rusqlite::Transaction<'c>> {
+) -> Option<(rusqlite::Transaction<'c>, LogHead)> {
     if !conn.is_autocommit() {
         // A failed commit can leave a transaction open; it holds nothing we want.
         let _ = conn.execute_batch("ROLLBACK");
     }
-    match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => Some(tx),
+    let started = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .and_then(|tx| {
+            let head = LogHead::read(&tx)?;
+            Ok((tx, head))
+        });
+    match started {
+        Ok(started) => Some(started),
         Err(e) => {
             let failure = sql_failure("starting a write transaction", &e);
             for command in batch.drain(..) {
@@ -276,14 +283,15 @@ impl Outcome {
 /// fails: the transaction then holds partial writes and must be rolled back.
 fn run_plainly(
     conn: &Connection,
+    head: &mut LogHead,
     batch: &mut [Command],
     queue: &mut mpsc::Receiver<Command>,
 ) -> Option<Vec<Outcome>> {
     let mut outcomes = Vec::with_capacity(batch.len());
     for command in batch.iter_mut() {
         let outcome = match command {
-            Command::Create { row, .. } => ops::create(conn, row).map(Outcome::Created),
-            Command::Save { row, .. } => ops::save(conn, row).map(|()| Outcome::Saved),
+            Command::Create { row, .. } => ops::create(conn, row, head).map(Outcome::Created),
+            Command::Save { row, .. } => ops::save(conn, row, head).map(|()| Outcome::Saved),
             Command::Delete { id, .. } => ops::delete(conn, id).map(Outcome::Deleted),
             Command::Purge {
                 ended_before,
@@ -330,24 +338,31 @@ fn hold(
 /// `Err` when the whole transaction is lost and the batch must be abandoned.
 fn apply(
     conn: &Connection,
+    head: &mut LogHead,
     command: Command,
     queue: &mut mpsc::Receiver<Command>,
 ) -> Result<Option<Answer>, BatchFailure> {
     Ok(Some(match command {
-        Command::Create { row, reply } => respond(reply, isolated(conn, |c| ops::create(c, &row)))?,
-        Command::Save { row, reply } => respond(reply, isolated(conn, |c| ops::save(c, &row)))?,
-        Command::Delete { id, reply } => respond(reply, isolated(conn, |c| ops::delete(c, &id)))?,
+        Command::Create { row, reply } => respond(
+            reply,
+            isolated(conn, head, |c, head| ops::create(c, &row, head)),
+        )?,
+        Command::Save { row, reply } => respond(
+            reply,
+            isolated(conn, head, |c, head| ops::save(c, &row, head)),
+        )?,
+        Command::Delete { id, reply } => respond(reply, isolated(conn, head, |c, _| ops::delete(c, &id)))?,
         Command::Purge {
             ended_before,
             limit,
             reply,
         } => respond(
             reply,
-            isolated(conn, |c| ops::purge(c, ended_before, limit)),
+            isolated(conn, head, |c, _| ops::purge(c, ended_before, limit)),
         )?,
         Command::RecordAttempt { id, outcome, reply } => respond(
             reply,
-            isolated(conn, |c| outbox::record_attempt(c, id, &outcome)),
+            isolated(conn, head, |c, _| outbox::record_attempt(c, id, &outcome)),
         )?,
         Command::Close => {
             // Commands already queued are still received; new ones are refused.
@@ -365,7 +380,7 @@ fn apply(
         #[cfg(test)]
         Command::Execute { sql, reply } => respond(
             reply,
-            isolated(conn, |c| {
+            isolated(conn, head, |c, _| {
                 c.execute_batch(&sql)
                     .map_err(|e| super::sql_error("executing test SQL", e))
             }),
@@ -398,10 +413,12 @@ fn fail(command: Command, failure: &BatchFailure, queue: &mut mpsc::Receiver<Com
     answer.send(None);
 }
 
-/// Runs `op` inside a savepoint, so that its failure undoes its own writes and nothing else.
+/// Runs `op` inside a savepoint, so that its failure undoes its own writes and nothing else
+/// (the log numbers it took included: they are handed out again, so the log has no gaps).
 fn isolated<T>(
     conn: &Connection,
-    op: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    head: &mut LogHead,
+    op: impl FnOnce(&Connection, &mut LogHead) -> Result<T, StoreError>,
 ) -> Result<Result<T, StoreError>, BatchFailure> {
     let savepoint = |sql: &str| {
         conn.prepare_cached(sql)
@@ -409,7 +426,8 @@ fn isolated<T>(
             .map_err(|e| sql_failure("isolating a write", &e))
     };
     savepoint("SAVEPOINT command")?;
-    match op(conn) {
+    let head_before = *head;
+    match op(conn, head) {
         Ok(value) => {
             savepoint("RELEASE command")?;
             Ok(Ok(value))
@@ -422,6 +440,7 @@ fn isolated<T>(
             }
             savepoint("ROLLBACK TO command")?;
             savepoint("RELEASE command")?;
+            *head = head_before;
             Ok(Err(error))
         }
     }
