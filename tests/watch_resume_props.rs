@@ -109,6 +109,10 @@ async fn run_case(
                     continue;
                 }
                 store.save(&job).await.unwrap();
+                // Readers may run between the commit and its publish, as in the server.
+                if writer_yields[(n + 1) % writer_yields.len()] {
+                    tokio::task::yield_now().await;
+                }
                 hub.publish(Arc::new(job.clone()));
                 if writer_yields[n % writer_yields.len()] {
                     tokio::task::yield_now().await;
@@ -123,7 +127,11 @@ async fn run_case(
     let mut last_version = 1;
     let mut session = 0;
     'watching: loop {
-        let mut watch = JobWatch::open(Arc::clone(&store), &hub, id, last_version)
+        // Every other session starts from the hub's snapshot instead of a store read, as a
+        // server not sharing its store does (Executor::newest_in_memory).
+        let from_memory = session % 2 == 1;
+        let in_memory = || from_memory.then(|| hub.latest(id)).flatten();
+        let mut watch = JobWatch::open(Arc::clone(&store), &hub, id, last_version, in_memory)
             .await
             .expect("resume is always possible while the job exists");
         let budget = reads[session % reads.len()].max(1);

@@ -182,7 +182,7 @@ pub fn owns(tenant: &str, job: &Job) -> bool {
 /// A job's tenant never changes, so a live snapshot in the hub (a job being run or watched)
 /// answers without a store read; the call that follows still reports a job removed meanwhile.
 pub async fn check_owner(executor: &Executor, tenant: &str, id: JobId) -> Result<(), Status> {
-    let owned = match executor.hub().latest(id) {
+    let owned = match executor.in_memory(id) {
         Some(live) => owns(tenant, &live),
         None => executor
             .store()

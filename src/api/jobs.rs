@@ -226,9 +226,12 @@ impl Jobs for JobsService {
         }
         check_owner(&self.executor, &tenant, id).await?;
         let store = Arc::clone(self.executor.store());
-        let watch = JobWatch::open(store, self.executor.hub(), id, request.after_version)
-            .await
-            .map_err(watch_status)?;
+        let executor = &self.executor;
+        let watch = JobWatch::open(store, executor.hub(), id, request.after_version, || {
+            executor.newest_in_memory(id)
+        })
+        .await
+        .map_err(watch_status)?;
         let stopping = self.stopping.clone();
         let stream = futures::stream::unfold(Some(watch), move |watch| {
             let stopping = stopping.clone();

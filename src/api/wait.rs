@@ -50,7 +50,9 @@ pub(super) async fn wait_for(
     id: JobId,
     until: Option<Instant>,
 ) -> Result<(pb::Job, bool), Status> {
-    let wait = wait_terminal(executor.store(), executor.hub(), id, until);
+    let wait = wait_terminal(executor.store(), executor.hub(), id, until, || {
+        executor.newest_in_memory(id)
+    });
     let (job, done) = tokio::select! {
         waited = wait => waited.map_err(watch_status)?,
         _ = stopping.cancelled() => {

@@ -49,18 +49,23 @@ pub struct JobWatch {
 
 impl JobWatch {
     /// Opens a watch of job `id` that resumes after `after_version` (0: from now).
+    ///
+    /// `in_memory` is asked, once subscribed, for the job's newest snapshot held in memory
+    /// (see `Executor::newest_in_memory`); the store is read only when it has none, or one
+    /// older than `after_version`.
     pub async fn open(
         store: Arc<dyn Store>,
         hub: &Arc<Hub>,
         id: JobId,
         after_version: i64,
+        in_memory: impl FnOnce() -> Option<Arc<Job>>,
     ) -> Result<Self, WatchError> {
         // Subscribe before reading, so a change in between is seen by one or the other.
         let subscription = hub.subscribe(id);
         // Every publish counted here was of a change committed before the read below, so
         // `current` covers it: only publishes after this count can bring anything newer.
         let publishes_seen = subscription.publishes();
-        let current = current(&store, hub, id).await?;
+        let current = newest(&store, hub, id, after_version, in_memory).await?;
         if after_version > current.version {
             return Err(WatchError::FutureVersion {
                 id,
@@ -81,7 +86,7 @@ impl JobWatch {
         }
         let done = current.version == after_version && current.is_terminal();
         if current.version > after_version {
-            pending.push_back(Arc::new(current));
+            pending.push_back(current);
         }
         Ok(Self {
             store,
@@ -149,16 +154,32 @@ pub async fn current(store: &Arc<dyn Store>, hub: &Hub, id: JobId) -> Result<Job
     })
 }
 
+/// The job's newest snapshot once subscribed: the one held in memory if it is at least
+/// `at_least`, else [`current`].
+async fn newest(
+    store: &Arc<dyn Store>,
+    hub: &Hub,
+    id: JobId,
+    at_least: i64,
+    in_memory: impl FnOnce() -> Option<Arc<Job>>,
+) -> Result<Arc<Job>, WatchError> {
+    match in_memory() {
+        Some(job) if job.version >= at_least => Ok(job),
+        _ => Ok(Arc::new(current(store, hub, id).await?)),
+    }
+}
+
 /// Waits until job `id` is terminal or `until` passes; returns the job as it is then, and
-/// whether it is terminal.
+/// whether it is terminal. `in_memory` as for [`JobWatch::open`].
 pub async fn wait_terminal(
     store: &Arc<dyn Store>,
     hub: &Arc<Hub>,
     id: JobId,
     until: Option<Instant>,
+    in_memory: impl FnOnce() -> Option<Arc<Job>>,
 ) -> Result<(Arc<Job>, bool), WatchError> {
     let mut subscription = hub.subscribe(id);
-    let mut job = Arc::new(current(store, hub, id).await?);
+    let mut job = newest(store, hub, id, 0, in_memory).await?;
     let deadline = async {
         match until {
             Some(at) => tokio::time::sleep_until(at).await,

@@ -222,6 +222,28 @@ impl Executor {
         &self.inner.registry
     }
 
+    /// A snapshot of job `id` held in memory, without a store read: the newest published one
+    /// (jobs running or watched) or, for a queued job, the one it was queued with. `None`
+    /// says nothing about whether the job exists. Every job keeps its tenant, so this answers
+    /// "whose job is it" in any mode; see [`Executor::newest_in_memory`] for "what is it now".
+    pub fn in_memory(&self, id: JobId) -> Option<Arc<Job>> {
+        self.inner
+            .hub
+            .latest(id)
+            .or_else(|| self.inner.scheduler().queued_snapshot(id))
+    }
+
+    /// [`Executor::in_memory`], when that is the job's newest committed (or pushed) state as
+    /// of the call: every change this process commits is published after it, so at worst a
+    /// change is on its way to the hub's subscribers. Always `None` on a store shared with
+    /// other replicas, whose changes reach this process's hub late.
+    pub fn newest_in_memory(&self, id: JobId) -> Option<Arc<Job>> {
+        if self.inner.shared {
+            return None;
+        }
+        self.in_memory(id)
+    }
+
     /// Jobs waiting in the queue now.
     pub fn queue_length(&self) -> usize {
         self.inner.scheduler().queue_length()

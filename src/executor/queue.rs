@@ -209,6 +209,13 @@ impl Scheduler {
         self.count_in(tenant);
     }
 
+    /// The snapshot a queued job was queued with, if the queue kept it. Nothing changes a
+    /// queued job but a cancel, which takes it out of the queue first: while the job is here,
+    /// this is its newest snapshot.
+    pub fn queued_snapshot(&self, id: JobId) -> Option<Arc<Job>> {
+        self.snapshots.get(&id).cloned()
+    }
+
     /// Takes the next job to run and marks it active; with its snapshot, if the queue kept it.
     pub fn pop(&mut self) -> Option<(JobId, StopHandle, Option<Arc<Job>>)> {
         let key = self.queue.pop_first()?;

@@ -351,7 +351,9 @@ fn apply(
             reply,
             isolated(conn, head, |c, head| ops::save(c, &row, head)),
         )?,
-        Command::Delete { id, reply } => respond(reply, isolated(conn, head, |c, _| ops::delete(c, &id)))?,
+        Command::Delete { id, reply } => {
+            respond(reply, isolated(conn, head, |c, _| ops::delete(c, &id)))?
+        }
         Command::Purge {
             ended_before,
             limit,
