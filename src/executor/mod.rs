@@ -230,7 +230,7 @@ impl Executor {
         self.inner
             .hub
             .latest(id)
-            .or_else(|| self.inner.scheduler().queued_snapshot(id))
+            .or_else(|| self.inner.scheduler().held_snapshot(id))
     }
 
     /// [`Executor::in_memory`], when that is the job's newest committed (or pushed) state as
@@ -484,6 +484,8 @@ impl Inner {
     /// Saves a change, then tells watchers about it.
     async fn commit(&self, job: &Job) -> Result<(), StoreError> {
         self.store.save(job).await?;
+        // Before the publish: once told, the starting snapshot is no longer the newest.
+        self.scheduler().started(job.id);
         self.hub.publish(Arc::new(job.clone()));
         Ok(())
     }

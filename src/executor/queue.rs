@@ -88,6 +88,10 @@ pub struct Scheduler {
     /// executor changes a queued job, and only after taking it out of the queue (`pop`,
     /// `claim`), which drops its snapshot here: one found here is never stale.
     snapshots: HashMap<JobId, Arc<Job>>,
+    /// The snapshots of jobs taken out of the queue to run, until their first change is
+    /// committed ([`Scheduler::started`]): still their newest, and what a watcher arriving
+    /// meanwhile starts from without a store read.
+    starting: HashMap<JobId, Arc<Job>>,
     reserved: usize,
     /// Per tenant: jobs queued plus slots reserved. Kept with every move in or out of the
     /// queue, so the per-tenant quota is right across cancel, dispatch, retry and recovery.
@@ -193,10 +197,14 @@ impl Scheduler {
         if self.queued.contains_key(&id) {
             return;
         }
-        if let Some(job) = snapshot
-            && self.snapshots.len() < MAX_QUEUED_SNAPSHOTS
-        {
-            self.snapshots.insert(id, job);
+        self.starting.remove(&id);
+        match snapshot {
+            Some(job) if self.snapshots.len() < MAX_QUEUED_SNAPSHOTS => {
+                self.snapshots.insert(id, job);
+            }
+            _ => {
+                self.snapshots.remove(&id);
+            }
         }
         let key = QueueKey {
             priority: Reverse(priority),
@@ -209,11 +217,20 @@ impl Scheduler {
         self.count_in(tenant);
     }
 
-    /// The snapshot a queued job was queued with, if the queue kept it. Nothing changes a
-    /// queued job but a cancel, which takes it out of the queue first: while the job is here,
-    /// this is its newest snapshot.
-    pub fn queued_snapshot(&self, id: JobId) -> Option<Arc<Job>> {
-        self.snapshots.get(&id).cloned()
+    /// The snapshot a queued or starting job was queued with, if the queue kept it. Nothing
+    /// changes a queued job but a cancel, which takes it out of the queue first, and a
+    /// starting job's first change drops it here before it is published: while found here,
+    /// it is the job's newest snapshot.
+    pub fn held_snapshot(&self, id: JobId) -> Option<Arc<Job>> {
+        self.snapshots
+            .get(&id)
+            .or_else(|| self.starting.get(&id))
+            .cloned()
+    }
+
+    /// Drops a starting job's snapshot: a change of it is committed and about to be told.
+    pub fn started(&mut self, id: JobId) {
+        self.starting.remove(&id);
     }
 
     /// Takes the next job to run and marks it active; with its snapshot, if the queue kept it.
@@ -224,7 +241,11 @@ impl Scheduler {
         }
         let handle = StopHandle::default();
         self.active.insert(key.id, handle.clone());
-        Some((key.id, handle, self.snapshots.remove(&key.id)))
+        let snapshot = self.snapshots.remove(&key.id);
+        if let Some(job) = &snapshot {
+            self.starting.insert(key.id, Arc::clone(job));
+        }
+        Some((key.id, handle, snapshot))
     }
 
     /// Gives an active job a fresh stop handle (after its last one fired for a timeout).
@@ -243,6 +264,7 @@ impl Scheduler {
     /// Forgets an active job whose task ended.
     pub fn finish(&mut self, id: JobId) {
         self.active.remove(&id);
+        self.starting.remove(&id);
     }
 
     /// Takes a job away from wherever it is, for a cancel.
@@ -366,6 +388,35 @@ mod tests {
             MAX_QUEUED_SNAPSHOTS
         );
         assert!(s.snapshots.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_is_held_while_queued_and_starting_and_never_after() {
+        let mut s = Scheduler::default();
+        let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
+        let id = job.id;
+        s.enqueue_with(id, 0, "t", Some(Arc::clone(&job)));
+        assert_eq!(s.held_snapshot(id).as_deref(), Some(&*job), "queued");
+        s.pop().unwrap();
+        assert_eq!(s.held_snapshot(id).as_deref(), Some(&*job), "starting");
+        s.started(id);
+        assert!(
+            s.held_snapshot(id).is_none(),
+            "its first change is committed"
+        );
+
+        s.requeue(id, 0, "t", Some(Arc::clone(&job)));
+        s.pop().unwrap();
+        s.finish(id);
+        assert!(
+            s.held_snapshot(id).is_none(),
+            "its task ended before any change"
+        );
+
+        s.enqueue_with(id, 0, "t", Some(Arc::clone(&job)));
+        s.pop().unwrap();
+        s.requeue(id, 0, "t", None);
+        assert!(s.held_snapshot(id).is_none(), "requeued without a snapshot");
     }
 
     #[test]
