@@ -7,6 +7,8 @@
 mod queue;
 mod run;
 mod shared;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::BTreeMap,
@@ -14,7 +16,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
@@ -25,7 +27,7 @@ use crate::{
     metrics::Metrics,
     store::{Created, Store, StoreError},
 };
-use queue::{Full, Holder, Scheduler, StopReason};
+use queue::{Full, Holder, Scheduler, StopHandle, StopReason};
 
 /// What to do with jobs that were RUNNING when the server stopped without finishing them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -166,6 +168,12 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct Executor {
     inner: Arc<Inner>,
+}
+
+/// A worker slot taken for one job, and the handle that stops it.
+struct Worker {
+    permit: OwnedSemaphorePermit,
+    handle: StopHandle,
 }
 
 impl Executor {
@@ -331,6 +339,9 @@ impl Executor {
             self.inner.config.default_max_attempts,
             SystemTime::now(),
         );
+        if let Some(worker) = self.inner.free_worker(&job) {
+            return self.submit_and_start(job, worker).await;
+        }
         let created = self.inner.store.create(&job).await;
         let mut scheduler = self.inner.scheduler();
         scheduler.unreserve(&job.tenant);
@@ -359,6 +370,57 @@ impl Executor {
                 Ok(job)
             }
         }
+    }
+
+    /// Stores a new job and its start in one go (see [`Inner::free_worker`]): the job's
+    /// creation and its RUNNING snapshot go to the store as one write, so they share one
+    /// commit instead of waiting for two in turn. Each is still durable before anyone is told
+    /// of it, and the handler starts only after both are.
+    async fn submit_and_start(&self, job: Job, worker: Worker) -> Result<Job, ExecutorError> {
+        let Worker { permit, handle } = worker;
+        let mut running = job.clone();
+        let now = SystemTime::now();
+        let stored = match running
+            .start(now)
+            .and_then(|()| running.start_action(0, now))
+        {
+            Ok(()) => self
+                .inner
+                .store
+                .create_started(&job, &running)
+                .await
+                .map_err(ExecutorError::from),
+            Err(source) => Err(ExecutorError::Illegal { id: job.id, source }),
+        };
+        {
+            let mut scheduler = self.inner.scheduler();
+            scheduler.unreserve(&job.tenant);
+            if stored.is_err() {
+                scheduler.finish(job.id);
+            }
+        }
+        if let Err(error) = stored {
+            self.inner.sync_gauges();
+            return Err(error);
+        }
+        self.inner.metrics.transition(job.state.as_str());
+        self.inner.hub.publish(Arc::new(job.clone()));
+        self.inner.metrics.transition(running.state.as_str());
+        self.inner.hub.publish(Arc::new(running.clone()));
+        self.inner.sync_gauges();
+        let runner = Arc::clone(&self.inner);
+        let id = job.id;
+        let span = tracing::info_span!("job", job_id = %id);
+        self.inner.tracker.spawn(
+            async move {
+                runner
+                    .run(id, handle, run::Start::Committed(Box::new(running)), permit)
+                    .await;
+            }
+            .instrument(span),
+        );
+        tracing::debug!(job_id = %id, "job stored and started");
+        Ok(job)
     }
 
     fn validate(&self, spec: &NewJob) -> Vec<FieldViolation> {
@@ -481,6 +543,27 @@ impl Inner {
         self.scheduler.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A worker for `job` right away, if it may skip the queue: this process owns its jobs
+    /// (no shared store), nothing is queued that should go first, a worker is free, and the
+    /// job has no idempotency key (whose owner the store decides) and an action to start.
+    /// The job is then marked active, so a cancel finds its task.
+    fn free_worker(&self, job: &Job) -> Option<Worker> {
+        if self.shared
+            || self.accepting.is_cancelled()
+            || job.idempotency_key.is_some()
+            || job.actions.is_empty()
+        {
+            return None;
+        }
+        let mut scheduler = self.scheduler();
+        if scheduler.waiting() > 0 {
+            return None;
+        }
+        let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        let handle = scheduler.activate(job.id);
+        Some(Worker { permit, handle })
+    }
+
     /// Saves a change, then tells watchers about it.
     async fn commit(&self, job: &Job) -> Result<(), StoreError> {
         self.store.save(job).await?;
@@ -547,7 +630,9 @@ impl Inner {
             let span = tracing::info_span!("job", job_id = %id);
             self.tracker.spawn(
                 async move {
-                    runner.run(id, handle, snapshot, permit).await;
+                    runner
+                        .run(id, handle, run::Start::Queued(snapshot), permit)
+                        .await;
                 }
                 .instrument(span),
             );

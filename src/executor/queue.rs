@@ -124,6 +124,11 @@ impl Scheduler {
         self.queued.len() + self.reserved
     }
 
+    /// Jobs waiting in the queue (not counting reserved slots).
+    pub fn waiting(&self) -> usize {
+        self.queued.len()
+    }
+
     /// Jobs owned by a task (running, or waiting out a retry backoff).
     pub fn active_count(&self) -> usize {
         self.active.len()
@@ -246,6 +251,13 @@ impl Scheduler {
             self.starting.insert(key.id, Arc::clone(job));
         }
         Some((key.id, handle, snapshot))
+    }
+
+    /// Marks a job that never went through the queue active, with a fresh stop handle.
+    pub fn activate(&mut self, id: JobId) -> StopHandle {
+        let handle = StopHandle::default();
+        self.active.insert(id, handle.clone());
+        handle
     }
 
     /// Gives an active job a fresh stop handle (after its last one fired for a timeout).

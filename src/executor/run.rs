@@ -33,6 +33,15 @@ struct ProgressTracker {
     last_persist: Instant,
 }
 
+/// Where an owner task takes its job from.
+pub(super) enum Start {
+    /// Out of the queue, with its (stored) snapshot if the queue kept it: the task starts it.
+    Queued(Option<Arc<Job>>),
+    /// Started already: RUNNING with its first action started, committed and published (by a
+    /// Submit that found a worker free and nothing queued, see `Executor::submit`).
+    Committed(Box<Job>),
+}
+
 /// How one attempt ended.
 enum Attempt {
     Succeeded,
@@ -47,10 +56,10 @@ impl Inner {
         self: Arc<Self>,
         id: JobId,
         handle: StopHandle,
-        snapshot: Option<Arc<Job>>,
+        start: Start,
         permit: OwnedSemaphorePermit,
     ) {
-        let outcome = self.run_owned(id, snapshot, &handle).await;
+        let outcome = self.run_owned(id, start, &handle).await;
         // The worker slot is free from here on, also while a retry waits out its backoff.
         drop(permit);
         let outcome = match outcome {
@@ -78,27 +87,37 @@ impl Inner {
     async fn run_owned(
         &self,
         id: JobId,
-        snapshot: Option<Arc<Job>>,
+        start: Start,
         handle: &StopHandle,
     ) -> Result<Option<Job>, RunError> {
-        // The queue's snapshot is the stored one (see `Scheduler::snapshots`): no read needed.
-        let stored = match snapshot {
-            Some(job) => Some(Arc::unwrap_or_clone(job)),
-            None => self.store.get(id).await?,
+        let (mut job, started_action) = match start {
+            Start::Committed(job) => {
+                let running = job.running_action();
+                (*job, running)
+            }
+            Start::Queued(snapshot) => {
+                // The queue's snapshot is the stored one (see `Scheduler::snapshots`): no
+                // read needed.
+                let stored = match snapshot {
+                    Some(job) => Some(Arc::unwrap_or_clone(job)),
+                    None => self.store.get(id).await?,
+                };
+                let Some(mut job) = stored else {
+                    return Ok(None);
+                };
+                if job.state != JobState::Queued {
+                    // Cancelled (or deleted) while it waited in the queue.
+                    return Ok(None);
+                }
+                // Committed together with the first action's start: one durable write, and
+                // nobody is told of a RUNNING job whose action has not started yet.
+                job.start(SystemTime::now())?;
+                (job, None)
+            }
         };
-        let Some(mut job) = stored else {
-            return Ok(None);
-        };
-        if job.state != JobState::Queued {
-            // Cancelled (or deleted) while it waited in the queue.
-            return Ok(None);
-        }
-        // Committed together with the first action's start: one durable write, and nobody
-        // is told of a RUNNING job whose action has not started yet.
-        job.start(SystemTime::now())?;
         tracing::info!(attempt = job.attempt, "job started");
 
-        let outcome = self.run_attempt(&mut job, handle).await?;
+        let outcome = self.run_attempt(&mut job, handle, started_action).await?;
         let now = SystemTime::now();
         let error = match outcome {
             Attempt::Succeeded => {
@@ -136,7 +155,13 @@ impl Inner {
     }
 
     /// Runs the job's remaining actions in order; stops at the first that does not succeed.
-    async fn run_attempt(&self, job: &mut Job, handle: &StopHandle) -> Result<Attempt, RunError> {
+    /// `started_action`: an action whose start is committed already, to run first.
+    async fn run_attempt(
+        &self,
+        job: &mut Job,
+        handle: &StopHandle,
+        started_action: Option<usize>,
+    ) -> Result<Attempt, RunError> {
         let deadline = job.timeout.map(|timeout| Instant::now() + timeout);
         let attempt_done = CancellationToken::new();
         let _stop_timer = attempt_done.clone().drop_guard();
@@ -149,22 +174,32 @@ impl Inner {
                 }
             });
         }
-        let mut first_action = true;
-        while let Some(index) = job.next_action() {
-            if handle.token().is_cancelled() && handle.reason() != StopReason::Timeout {
-                return Ok(Attempt::Stopped(handle.reason()));
-            }
-            job.start_action(index, SystemTime::now())?;
-            // This write also carries what came just before and was not told to anyone yet:
-            // the job's start, or the previous action's success. Each change is in memory
-            // only until then, so fewer fsyncs, and watchers never see a state the store
-            // does not have.
-            if first_action {
-                self.commit_state(job).await?;
-                first_action = false;
-            } else {
-                self.commit(job).await?;
-            }
+        let mut first_action = started_action.is_none();
+        let mut started_action = started_action;
+        loop {
+            let index = match started_action.take() {
+                Some(index) => index,
+                None => {
+                    let Some(index) = job.next_action() else {
+                        break;
+                    };
+                    if handle.token().is_cancelled() && handle.reason() != StopReason::Timeout {
+                        return Ok(Attempt::Stopped(handle.reason()));
+                    }
+                    job.start_action(index, SystemTime::now())?;
+                    // This write also carries what came just before and was not told to anyone
+                    // yet: the job's start, or the previous action's success. Each change is in
+                    // memory only until then, so fewer fsyncs, and watchers never see a state
+                    // the store does not have.
+                    if first_action {
+                        self.commit_state(job).await?;
+                        first_action = false;
+                    } else {
+                        self.commit(job).await?;
+                    }
+                    index
+                }
+            };
             let started = std::time::Instant::now();
             let result = self.run_action(job, index, handle, deadline).await?;
             let outcome = match &result {

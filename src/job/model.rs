@@ -326,6 +326,13 @@ impl Job {
         self.state.is_terminal()
     }
 
+    /// The index of the action running now, if one is.
+    pub fn running_action(&self) -> Option<usize> {
+        self.actions
+            .iter()
+            .position(|a| a.state == ActionState::Running)
+    }
+
     /// The index of the next action to run: the first one that has not succeeded.
     pub fn next_action(&self) -> Option<usize> {
         self.actions

@@ -205,6 +205,23 @@ pub trait Store: Send + Sync + 'static {
     /// asks for in the same transaction.
     async fn create(&self, job: &Job) -> Result<Created, StoreError>;
 
+    /// Stores a new job together with its next snapshot `started` (as [`Store::save`] would),
+    /// so that a job started the moment it is submitted costs one commit, not two in turn.
+    /// Only for jobs without an idempotency key. On error, neither is stored.
+    ///
+    /// The default creates, then saves (and removes nothing if the save fails, so it is for
+    /// stores whose saves of a just-created job cannot fail); the SQLite store does both in
+    /// one command of one transaction.
+    async fn create_started(&self, job: &Job, started: &Job) -> Result<(), StoreError> {
+        match self.create(job).await? {
+            Created::New => self.save(started).await,
+            Created::Existing(_) => Err(StoreError::backend(
+                format!("creating job {}", job.id),
+                "create_started is for jobs without an idempotency key",
+            )),
+        }
+    }
+
     /// Saves a changed job. Its version must be above the stored one. When
     /// `job.logged_version == job.version`, the snapshot is also appended to the job's
     /// transition log; progress-only snapshots replace the current one and are not logged.

@@ -204,6 +204,17 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn create_started(&self, job: &Job, started: &Job) -> Result<(), StoreError> {
+        let row = JobRow::encode(job)?;
+        let started = Box::new(JobRow::encode(started)?);
+        self.write(|reply| Command::CreateStarted {
+            row,
+            started,
+            reply,
+        })
+        .await
+    }
+
     async fn save(&self, job: &Job) -> Result<(), StoreError> {
         let row = JobRow::encode(job)?;
         self.write(|reply| Command::Save { row, reply }).await

@@ -101,6 +101,24 @@ pub(super) fn create(
     Ok(CreateOutcome::New)
 }
 
+/// Stores a new job (which has no idempotency key) and then its next snapshot `started`.
+/// An error leaves the transaction with partial writes: the caller's savepoint or rollback
+/// undoes them.
+pub(super) fn create_started(
+    conn: &Connection,
+    row: &JobRow,
+    started: &JobRow,
+    head: &mut LogHead,
+) -> Result<(), StoreError> {
+    match create(conn, row, head)? {
+        CreateOutcome::New => save(conn, started, head),
+        CreateOutcome::Existing(_) => Err(StoreError::backend(
+            format!("creating job {}", row.id_text),
+            "create_started is for jobs without an idempotency key",
+        )),
+    }
+}
+
 /// Replaces a job's snapshot with a newer version, logging it when it is a transition.
 pub(super) fn save(conn: &Connection, row: &JobRow, head: &mut LogHead) -> Result<(), StoreError> {
     let fail = |e| sql_error(format!("saving job {}", row.id_text), e);

@@ -40,6 +40,12 @@ pub(super) enum Command {
         row: JobRow,
         reply: Reply<CreateOutcome>,
     },
+    /// A create and the save of the job's next snapshot, as one command: both or neither.
+    CreateStarted {
+        row: JobRow,
+        started: Box<JobRow>,
+        reply: Reply<()>,
+    },
     Save {
         row: JobRow,
         reply: Reply<()>,
@@ -264,7 +270,10 @@ impl Outcome {
             (Command::Create { reply, .. }, Outcome::Created(created)) => {
                 Answer::new(reply, Ok(created))
             }
-            (Command::Save { reply, .. }, Outcome::Saved) => Answer::new(reply, Ok(())),
+            (
+                Command::Save { reply, .. } | Command::CreateStarted { reply, .. },
+                Outcome::Saved,
+            ) => Answer::new(reply, Ok(())),
             (Command::Delete { reply, .. }, Outcome::Deleted(deleted)) => {
                 Answer::new(reply, Ok(deleted))
             }
@@ -291,6 +300,9 @@ fn run_plainly(
     for command in batch.iter_mut() {
         let outcome = match command {
             Command::Create { row, .. } => ops::create(conn, row, head).map(Outcome::Created),
+            Command::CreateStarted { row, started, .. } => {
+                ops::create_started(conn, row, started, head).map(|()| Outcome::Saved)
+            }
             Command::Save { row, .. } => ops::save(conn, row, head).map(|()| Outcome::Saved),
             Command::Delete { id, .. } => ops::delete(conn, id).map(Outcome::Deleted),
             Command::Purge {
@@ -347,6 +359,16 @@ fn apply(
             reply,
             isolated(conn, head, |c, head| ops::create(c, &row, head)),
         )?,
+        Command::CreateStarted {
+            row,
+            started,
+            reply,
+        } => respond(
+            reply,
+            isolated(conn, head, |c, head| {
+                ops::create_started(c, &row, &started, head)
+            }),
+        )?,
         Command::Save { row, reply } => respond(
             reply,
             isolated(conn, head, |c, head| ops::save(c, &row, head)),
@@ -394,7 +416,9 @@ fn apply(
 fn fail(command: Command, failure: &BatchFailure, queue: &mut mpsc::Receiver<Command>) {
     let answer = match command {
         Command::Create { reply, .. } => Answer::new(reply, Err(failure.error())),
-        Command::Save { reply, .. } => Answer::new(reply, Err(failure.error())),
+        Command::Save { reply, .. } | Command::CreateStarted { reply, .. } => {
+            Answer::new(reply, Err(failure.error()))
+        }
         Command::Delete { reply, .. } => Answer::new(reply, Err(failure.error())),
         Command::Purge { reply, .. } => Answer::new(reply, Err(failure.error())),
         Command::RecordAttempt { reply, .. } => Answer::new(reply, Err(failure.error())),
