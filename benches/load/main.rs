@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --bench load -- submit      [--requests 20000] [--in-flight 64]
 //! cargo bench --bench load -- restart     [--jobs 1000000]
+//! cargo bench --bench load -- store       [--jobs 40000] [--concurrency 64]   (SQLite store alone, in process)
 //! cargo bench --bench load -- e2e         [--jobs 20000] [--in-flight 64] [--serial 2000] [--waiter watch|wait]
 //! cargo bench --bench load -- burst       [--jobs 1000] [--connections 1] [--rounds 3] [--waiter watch|wait]
 //! cargo bench --bench load -- fanout-one  [--streams 10000] [--connections 10] [--repeats 1000]
