@@ -179,7 +179,7 @@ pub fn owns(tenant: &str, job: &Job) -> bool {
 /// Succeeds when job `id` exists and belongs to `tenant`; otherwise the very NOT_FOUND an
 /// unknown id gets, so another tenant's ids cannot even be confirmed to exist.
 ///
-/// A job's tenant never changes, so a live snapshot in the hub (a job being run or watched)
+/// A job's tenant never changes, so a snapshot held in memory (a job queued, run or watched)
 /// answers without a store read; the call that follows still reports a job removed meanwhile.
 pub async fn check_owner(executor: &Executor, tenant: &str, id: JobId) -> Result<(), Status> {
     let owned = match executor.in_memory(id) {
