@@ -75,10 +75,11 @@ pub(super) fn create(
             return Ok(CreateOutcome::Existing(snapshot));
         }
     }
+    let seq = row.logged.then(|| head.take());
     conn.prepare_cached(
-        "INSERT INTO jobs
-             (id, state, version, priority, idempotency_key, end_time, snapshot, tenant)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO jobs (id, state, version, priority, idempotency_key, end_time, snapshot,
+                           tenant, snapshot_seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -90,11 +91,14 @@ pub(super) fn create(
             row.end_time,
             row.row_snapshot(),
             row.tenant,
+            seq,
         ])
     })
     .map_err(fail)?;
     insert_labels(conn, row).map_err(fail)?;
-    log_transition(conn, row, head).map_err(fail)?;
+    if let Some(seq) = seq {
+        log_transition(conn, row, seq).map_err(fail)?;
+    }
     if let Some(delivery) = &row.delivery {
         outbox::insert(conn, delivery).map_err(fail)?;
     }
@@ -131,9 +135,11 @@ pub(super) fn save(conn: &Connection, row: &JobRow, head: &mut LogHead) -> Resul
             .map_err(fail)?,
         None => None,
     };
+    let seq = row.logged.then(|| head.take());
     let updated = conn
         .prepare_cached(
-            "UPDATE jobs SET state = ?2, version = ?3, priority = ?4, end_time = ?5, snapshot = ?6
+            "UPDATE jobs SET state = ?2, version = ?3, priority = ?4, end_time = ?5,
+                             snapshot = ?6, snapshot_seq = ?7
              WHERE id = ?1 AND version < ?3",
         )
         .and_then(|mut s| {
@@ -144,6 +150,7 @@ pub(super) fn save(conn: &Connection, row: &JobRow, head: &mut LogHead) -> Resul
                 row.priority,
                 row.end_time,
                 row.row_snapshot(),
+                seq,
             ])
         })
         .map_err(fail)?;
@@ -162,8 +169,8 @@ pub(super) fn save(conn: &Connection, row: &JobRow, head: &mut LogHead) -> Resul
         });
     }
     sync_labels(conn, row).map_err(fail)?;
-    if row.logged {
-        log_transition(conn, row, head).map_err(fail)?;
+    if let Some(seq) = seq {
+        log_transition(conn, row, seq).map_err(fail)?;
     }
     if let Some(delivery) = &row.delivery
         && previous.as_deref() != Some(row.state)
@@ -241,12 +248,12 @@ impl JobRow {
     }
 }
 
-/// Appends the snapshot to the job's log under the next global sequence number.
-fn log_transition(conn: &Connection, row: &JobRow, head: &mut LogHead) -> rusqlite::Result<()> {
+/// Appends the snapshot to the job's log under `seq`, a number from the batch's [`LogHead`].
+fn log_transition(conn: &Connection, row: &JobRow, seq: i64) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO log (seq, job_id, version, snapshot) VALUES (?1, ?2, ?3, ?4)",
     )?
-    .execute(params![head.take(), row.id_text, row.version, row.snapshot])?;
+    .execute(params![seq, row.id_text, row.version, row.snapshot])?;
     Ok(())
 }
 

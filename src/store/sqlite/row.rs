@@ -7,14 +7,15 @@ use crate::store::StoreError;
 pub(super) use crate::store::snapshot::{decode, from_unix_micros, unix_micros};
 
 /// What `jobs.snapshot` holds when the job's current version is logged: its snapshot is then
-/// only in its `log` row (see [`CURRENT_SNAPSHOT`]). Every logged version would otherwise be
-/// written twice, and a Submit's bytes were most of what each commit wrote.
+/// only in its `log` row, whose `seq` is in `jobs.snapshot_seq` (see [`CURRENT_SNAPSHOT`]).
+/// Every logged version would otherwise be written twice, and a Submit's bytes were most of
+/// what each commit wrote.
 pub(super) const IN_LOG: &str = "";
 
 /// The current snapshot of the `jobs` row aliased `j`, as a SQL expression: the row's own
-/// snapshot, or the log row of its version when the row says [`IN_LOG`].
-pub(super) const CURRENT_SNAPSHOT: &str = "CASE WHEN j.snapshot <> '' THEN j.snapshot ELSE \
-     (SELECT l.snapshot FROM log l WHERE l.job_id = j.id AND l.version = j.version) END";
+/// snapshot, or (a rowid lookup) the log row `snapshot_seq` names.
+pub(super) const CURRENT_SNAPSHOT: &str = "CASE WHEN j.snapshot_seq IS NULL THEN j.snapshot \
+     ELSE (SELECT l.snapshot FROM log l WHERE l.seq = j.snapshot_seq) END";
 
 /// A job ready to be written: the columns queries use, and the whole snapshot.
 #[derive(Debug)]

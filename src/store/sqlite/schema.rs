@@ -155,12 +155,12 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         "DROP INDEX jobs_state_id;",
     ),
     M::up(
-        // No table changes; a change of what `jobs.snapshot` may hold. From this version on it
-        // is '' when the job's current version is logged, whose snapshot is then only in its
-        // `log` row (row.rs `IN_LOG`, read through `CURRENT_SNAPSHOT`), so each logged
-        // snapshot is written once. Rows written whole before stay valid. The version bump
-        // makes an older binary refuse this database instead of misreading ''.
-        "-- jobs.snapshot may now be '' (in the log)",
+        // Each logged snapshot written once: when a job's current version is logged,
+        // `snapshot_seq` names its `log` row and `snapshot` holds '' (row.rs `IN_LOG`, read
+        // through `CURRENT_SNAPSHOT`). Rows written before (no `snapshot_seq`) keep their whole
+        // snapshot and stay valid. An older binary would misread '', and the version bump
+        // makes it refuse this database instead.
+        "ALTER TABLE jobs ADD COLUMN snapshot_seq INTEGER;",
     ),
 ];
 

@@ -177,6 +177,19 @@ async fn each_snapshot_is_stored_once() {
             .unwrap()
     };
     assert_eq!(row_snapshot(&job), row::IN_LOG, "RUNNING is logged");
+    let pointed: (String, i64) = raw(dir.path())
+        .query_row(
+            "SELECT l.job_id, l.version FROM jobs j JOIN log l ON l.seq = j.snapshot_seq
+             WHERE j.id = ?1",
+            [id_text(job.id)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        pointed,
+        (id_text(job.id), job.version),
+        "the row names its log row"
+    );
     assert_eq!(store.get(job.id).await.unwrap().as_ref(), Some(&job));
 
     assert!(job.report_progress(0, crate::job::Progress::percent(40, "working"), now));
@@ -194,7 +207,7 @@ async fn each_snapshot_is_stored_once() {
     let whole = serde_json::to_string(&older).unwrap();
     store
         .execute(&format!(
-            "UPDATE jobs SET snapshot = '{whole}' WHERE id = '{}'",
+            "UPDATE jobs SET snapshot = '{whole}', snapshot_seq = NULL WHERE id = '{}'",
             id_text(older.id)
         ))
         .await
