@@ -99,6 +99,7 @@ impl Server {
         .spawn();
         tokio::spawn(sweep_retention(
             Arc::clone(executor.store()),
+            Arc::clone(executor.hub()),
             config.retention,
             stopping.clone(),
         ));
@@ -341,7 +342,12 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 }
 
 /// Removes finished jobs older than `retention`, in small batches, every so often.
-async fn sweep_retention(store: Arc<dyn Store>, retention: Duration, stopping: CancellationToken) {
+async fn sweep_retention(
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    retention: Duration,
+    stopping: CancellationToken,
+) {
     let period = (retention / 100).clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut ticks = tokio::time::interval(period);
     loop {
@@ -353,7 +359,12 @@ async fn sweep_retention(store: Arc<dyn Store>, retention: Duration, stopping: C
             continue;
         };
         loop {
-            match store.purge_finished(cutoff, RETENTION_BATCH).await {
+            let purged = store.purge_finished(cutoff, RETENTION_BATCH).await;
+            if matches!(purged, Ok(removed) if removed > 0) {
+                // Which jobs went is not told; the ones the hub remembers may be among them.
+                hub.forget_ended();
+            }
+            match purged {
                 Ok(removed) if removed == RETENTION_BATCH => tokio::task::yield_now().await,
                 Ok(removed) => {
                     if removed > 0 {

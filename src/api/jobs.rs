@@ -369,7 +369,10 @@ impl Jobs for JobsService {
         let id = job_id("job_id", &request.get_ref().job_id)?;
         check_owner(&self.executor, &tenant(&request), id).await?;
         match self.executor.store().delete(id).await? {
-            Deleted::Removed => Ok(Response::new(pb::DeleteJobResponse {})),
+            Deleted::Removed => {
+                self.executor.hub().forget(id);
+                Ok(Response::new(pb::DeleteJobResponse {}))
+            }
             Deleted::NotFound => Err(job_not_found(id)),
             Deleted::NotTerminal(job) => Err(job_not_finished(id, job.state)),
         }

@@ -128,7 +128,10 @@ impl Operations for OperationsService {
         let id = job_id(&request.get_ref().name)?;
         check_owner(&self.executor, &tenant(&request), id).await?;
         match self.executor.store().delete(id).await? {
-            Deleted::Removed => Ok(Response::new(())),
+            Deleted::Removed => {
+                self.executor.hub().forget(id);
+                Ok(Response::new(()))
+            }
             Deleted::NotFound => Err(job_not_found(id)),
             Deleted::NotTerminal(job) => Err(job_not_finished(id, job.state)),
         }

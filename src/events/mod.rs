@@ -8,7 +8,7 @@
 //! channel, and publishing to it costs one hash lookup.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     hash::{BuildHasher, RandomState},
     sync::{Arc, Mutex},
 };
@@ -40,6 +40,32 @@ struct Slot {
 
 const SHARDS: usize = 32;
 
+/// How many of the newest ended jobs the hub remembers (see [`Hub::latest`]).
+const RECENTLY_ENDED: usize = 1024;
+
+/// The snapshots of the jobs that ended last, oldest first out.
+#[derive(Default)]
+struct RecentlyEnded {
+    order: VecDeque<JobId>,
+    jobs: HashMap<JobId, Arc<Job>>,
+}
+
+impl RecentlyEnded {
+    fn insert(&mut self, job: Arc<Job>) {
+        let id = job.id;
+        if self.jobs.insert(id, job).is_none() {
+            self.order.push_back(id);
+            // `order` may also hold ids forgotten since: it stays bounded all the same, and
+            // evicting one of those only drops a cache entry early.
+            while self.order.len() > RECENTLY_ENDED {
+                if let Some(old) = self.order.pop_front() {
+                    self.jobs.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 type Shard = Mutex<HashMap<JobId, watch::Sender<Slot>>>;
 
 /// The registry of per-job channels, sharded so that unrelated jobs rarely share a lock.
@@ -51,6 +77,10 @@ pub struct Hub {
     /// Woken when a transition of a job with a webhook is published: the store may have
     /// written a delivery with it (see [`Hub::webhook_wake`]).
     webhook_wake: tokio::sync::Notify,
+    /// A watch or wait opened right after its job ended (the usual case for quick jobs)
+    /// starts from here instead of reading the store. An ended job changes only by being
+    /// removed, which the remover tells the hub ([`Hub::forget`], [`Hub::forget_ended`]).
+    recently_ended: Mutex<RecentlyEnded>,
 }
 
 impl Default for Hub {
@@ -60,6 +90,7 @@ impl Default for Hub {
             hasher: RandomState::new(),
             selectors: selector::Selectors::default(),
             webhook_wake: tokio::sync::Notify::new(),
+            recently_ended: Mutex::default(),
         }
     }
 }
@@ -89,6 +120,9 @@ impl Hub {
             self.webhook_wake.notify_one();
         }
         self.selectors.publish(&job);
+        if job.is_terminal() {
+            self.ended().insert(Arc::clone(&job));
+        }
         let mut shard = self.shard(&job.id);
         let id = job.id;
         let running = job.state == JobState::Running;
@@ -127,11 +161,32 @@ impl Hub {
         &self.webhook_wake
     }
 
-    /// The newest published snapshot of a running (or watched) job, if any.
+    /// The newest published snapshot of a running (or watched) job, or of one of the jobs
+    /// that ended last, if any.
     pub fn latest(&self, id: JobId) -> Snapshot {
         self.shard(&id)
             .get(&id)
             .and_then(|sender| sender.borrow().job.clone())
+            .or_else(|| self.ended().jobs.get(&id).cloned())
+    }
+
+    /// Forgets an ended job that was removed from the store.
+    pub fn forget(&self, id: JobId) {
+        self.ended().jobs.remove(&id);
+    }
+
+    /// Forgets every ended job remembered: some were removed from the store (by retention).
+    pub fn forget_ended(&self) {
+        let mut ended = self.ended();
+        ended.jobs.clear();
+        ended.order.clear();
+    }
+
+    fn ended(&self) -> std::sync::MutexGuard<'_, RecentlyEnded> {
+        // Each critical section is one map operation: a poisoned lock is still consistent.
+        self.recently_ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Opens a subscription to the job's changes. Subscribe first, then read the store: a
@@ -250,6 +305,52 @@ mod tests {
     use crate::store::conformance::sample_job;
     use std::time::{Duration, SystemTime};
 
+    #[test]
+    fn the_jobs_that_ended_last_are_remembered_until_removed() {
+        let hub = Hub::new();
+        let now = SystemTime::now();
+        let ended = |_| {
+            let mut job = sample_job(1, &[], None);
+            job.cancel(
+                crate::job::JobError::new("CANCELLED", "CANCELLED", "x"),
+                now,
+            )
+            .unwrap();
+            Arc::new(job)
+        };
+        let first = ended(0);
+        hub.publish(Arc::clone(&first));
+        assert_eq!(
+            hub.latest(first.id),
+            Some(Arc::clone(&first)),
+            "no channel needed"
+        );
+        hub.forget(first.id);
+        assert_eq!(hub.latest(first.id), None, "removed from the store");
+
+        let jobs: Vec<Arc<Job>> = (0..RECENTLY_ENDED + 5).map(ended).collect();
+        for job in &jobs {
+            hub.publish(Arc::clone(job));
+        }
+        assert_eq!(hub.latest(jobs[0].id), None, "the oldest fell out");
+        assert!(hub.latest(jobs[RECENTLY_ENDED + 4].id).is_some());
+        assert!(hub.ended().jobs.len() <= RECENTLY_ENDED);
+        hub.forget_ended();
+        assert_eq!(
+            hub.latest(jobs[RECENTLY_ENDED + 4].id),
+            None,
+            "retention ran"
+        );
+
+        let queued = Arc::new(sample_job(1, &[], None));
+        hub.publish(Arc::clone(&queued));
+        assert_eq!(
+            hub.latest(queued.id),
+            None,
+            "only ended jobs are remembered"
+        );
+    }
+
     #[tokio::test]
     async fn watcher_gets_newest_snapshot_and_skips_older_ones() {
         let hub = Hub::new();
@@ -267,7 +368,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn running_jobs_keep_their_newest_snapshot_and_others_nothing() {
+    async fn running_and_ended_jobs_keep_their_newest_snapshot_and_queued_ones_nothing() {
         let hub = Hub::new();
         let mut job = sample_job(1, &[], None);
         hub.publish(Arc::new(job.clone()));
@@ -278,8 +379,12 @@ mod tests {
         job.cancel(crate::job::JobError::default(), SystemTime::now())
             .unwrap();
         hub.publish(Arc::new(job.clone()));
-        assert!(hub.latest(job.id).is_none());
-        assert_eq!(hub.watched_jobs(), 0);
+        assert_eq!(hub.watched_jobs(), 0, "the channel goes with the run");
+        assert_eq!(
+            hub.latest(job.id).map(|j| j.state),
+            Some(crate::job::JobState::Cancelled),
+            "the ended snapshot is remembered (recently ended jobs)"
+        );
     }
 
     #[tokio::test]
