@@ -1,6 +1,7 @@
 //! The domain: jobs, their actions, states and legal transitions, versions and errors.
 //! Nothing here knows about gRPC or SQL.
 
+mod encoding;
 mod model;
 mod state;
 mod webhook;

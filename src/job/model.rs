@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::{ActionState, IllegalTransition, JobState, WebhookSpec};
+use super::{
+    ActionState, IllegalTransition, JobState, WebhookSpec,
+    encoding::{base64_bytes, is_default, opt_unix_nanos, unix_nanos},
+};
 
 /// How many progress-only versions a running job may be ahead of its stored snapshot: the
 /// executor persists progress at least this often, so a restart can skip past them.
@@ -120,6 +123,7 @@ pub struct JobError {
     /// A human-readable explanation.
     pub message: String,
     /// Further structured details.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub details: Map<String, Value>,
 }
 
@@ -181,19 +185,36 @@ pub struct Action {
     /// Its parameters.
     pub params: Map<String, Value>,
     /// Its binary input.
-    #[serde(with = "base64_bytes")]
+    #[serde(
+        with = "base64_bytes",
+        default,
+        skip_serializing_if = "Bytes::is_empty"
+    )]
     pub input: Bytes,
     /// Its state.
     pub state: ActionState,
     /// Its own progress.
+    #[serde(default, skip_serializing_if = "is_default")]
     pub progress: Progress,
     /// Its result, once it has succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
     /// Why it failed, was cancelled, or was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
     /// When it last started.
+    #[serde(
+        with = "opt_unix_nanos",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub start_time: Option<SystemTime>,
     /// When it last stopped.
+    #[serde(
+        with = "opt_unix_nanos",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub end_time: Option<SystemTime>,
 }
 
@@ -212,6 +233,7 @@ pub struct Job {
     /// Its actions, in order.
     pub actions: Vec<Action>,
     /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
     /// The current attempt, 1 for the first run.
     pub attempt: u32,
@@ -220,22 +242,37 @@ pub struct Job {
     /// Higher runs first.
     pub priority: i32,
     /// Labels given at submission.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// The idempotency key given at submission; unique within its tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// The tenant that owns the job: only that tenant's callers see it. Snapshots stored
     /// before tenants existed read as [`DEFAULT_TENANT`].
     #[serde(default = "default_tenant")]
     pub tenant: String,
     /// The per-attempt time limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
     /// When it was submitted.
+    #[serde(with = "unix_nanos")]
     pub create_time: SystemTime,
     /// When it last started running.
+    #[serde(
+        with = "opt_unix_nanos",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub start_time: Option<SystemTime>,
     /// When it reached a terminal state.
+    #[serde(
+        with = "opt_unix_nanos",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub end_time: Option<SystemTime>,
     /// When it last changed.
+    #[serde(with = "unix_nanos")]
     pub update_time: SystemTime,
     /// Where its state changes are reported, if anywhere (absent from snapshots written before
     /// webhooks existed, hence the default).
@@ -532,26 +569,6 @@ impl Job {
                 action.end_time = Some(now);
             }
         }
-    }
-}
-
-/// Binary inputs as base64 strings in serialized snapshots: a quarter bigger than the bytes,
-/// where serde's default (an array of numbers) would be three to four times bigger.
-mod base64_bytes {
-    use base64::{Engine as _, engine::general_purpose::STANDARD};
-    use bytes::Bytes;
-    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
-
-    pub fn serialize<S: Serializer>(bytes: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        STANDARD
-            .decode(text)
-            .map(Bytes::from)
-            .map_err(D::Error::custom)
     }
 }
 

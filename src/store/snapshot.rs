@@ -1,5 +1,6 @@
 //! How a job snapshot and a time are kept in a durable store's columns, the same in every
-//! backend: the snapshot as the serde_json of the whole `Job`, times as unix microseconds.
+//! backend: the snapshot as the serde_json of the whole `Job` (compact: see `job/encoding.rs`),
+//! times as unix microseconds.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

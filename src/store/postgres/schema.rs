@@ -11,6 +11,10 @@ use crate::store::StoreError;
 pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_jobs", include_str!("migrations/0001_jobs.sql")),
     ("0002_leases", include_str!("migrations/0002_leases.sql")),
+    (
+        "0003_compact_snapshots",
+        include_str!("migrations/0003_compact_snapshots.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.

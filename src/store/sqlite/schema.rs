@@ -162,6 +162,13 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         // makes it refuse this database instead.
         "ALTER TABLE jobs ADD COLUMN snapshot_seq INTEGER;",
     ),
+    M::up(
+        // 8: snapshots are written compactly (job/encoding.rs): times as integer nanoseconds,
+        // empty fields left out. Nothing in the tables changes, and rows written before read as
+        // they did; the version moves only so that an older binary, which cannot read the new
+        // snapshots, refuses this database with a clear error instead of failing row by row.
+        "-- the snapshot encoding changed; no table did",
+    ),
 ];
 
 /// The newest schema version this binary knows.
