@@ -44,7 +44,8 @@ pub enum InterruptedPolicy {
 /// The executor's limits and timings.
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
-    /// Jobs run at once.
+    /// Jobs run at once: jobs whose start is being committed or whose handlers are running.
+    /// A job whose handlers are done no longer counts while its end is committed.
     pub concurrency: usize,
     /// Jobs waiting in the queue at most; Submit past it is refused.
     pub max_queue_length: usize,

@@ -59,9 +59,7 @@ impl Inner {
         start: Start,
         permit: OwnedSemaphorePermit,
     ) {
-        let outcome = self.run_owned(id, start, &handle).await;
-        // The worker slot is free from here on, also while a retry waits out its backoff.
-        drop(permit);
+        let outcome = self.run_owned(id, start, &handle, permit).await;
         let outcome = match outcome {
             Ok(Some(job)) => self.wait_and_requeue(job).await,
             other => other.map(|_| ()),
@@ -83,12 +81,14 @@ impl Inner {
         self.sync_gauges();
     }
 
-    /// Runs one attempt and settles the job; returns it when it is to be retried.
+    /// Runs one attempt and settles the job; returns it when it is to be retried. `permit`, the
+    /// worker slot, is given back as soon as the attempt's handlers are done.
     async fn run_owned(
         &self,
         id: JobId,
         start: Start,
         handle: &StopHandle,
+        permit: OwnedSemaphorePermit,
     ) -> Result<Option<Job>, RunError> {
         let (mut job, started_action) = match start {
             Start::Committed(job) => {
@@ -118,6 +118,12 @@ impl Inner {
         tracing::info!(attempt = job.attempt, "job started");
 
         let outcome = self.run_attempt(&mut job, handle, started_action).await?;
+        // The slot bounds running handlers, and this job's are done: the next job starts while
+        // this one's end is committed (the two writes often share a commit), and the slot
+        // stays free while a retry waits out its backoff. Holding it through that commit
+        // left every slot idle for one fsync per job, which capped no-op jobs at about
+        // `concurrency` per fsync time.
+        drop(permit);
         let now = SystemTime::now();
         let error = match outcome {
             Attempt::Succeeded => {

@@ -1,12 +1,21 @@
 //! The executor against the real SQLite store: what a Submit costs the store.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
+use async_trait::async_trait;
+use serde_json::Value;
 use tempfile::TempDir;
+use tokio::sync::Notify;
 
 use super::{Executor, ExecutorConfig};
 use crate::{
-    actions::Registry,
+    actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
     events::Hub,
     job::{JobState, NewAction, NewJob},
     store::{SqliteOptions, SqliteStore, Store},
@@ -23,6 +32,102 @@ fn sleep_spec(duration_ms: u64) -> NewJob {
         }],
         ..NewJob::default()
     }
+}
+
+fn spec(action: &str) -> NewJob {
+    NewJob {
+        actions: vec![NewAction {
+            name: action.to_owned(),
+            params: Default::default(),
+            input: Default::default(),
+        }],
+        ..NewJob::default()
+    }
+}
+
+/// An action that returns once its gate is opened, counting its starts.
+#[derive(Clone, Default)]
+struct Gated {
+    gate: Arc<Notify>,
+    started: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Handler for Gated {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Waits for the test's gate.".to_owned(),
+            params: vec![],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, _ctx: ActionContext) -> Result<Value, HandlerError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.gate.notified().await;
+        Ok(Value::Null)
+    }
+}
+
+/// Polls `done` every 10 ms for up to 5 s.
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..500 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// The worker slot bounds running handlers: once a job's handler returns, the next job starts
+/// without waiting for the first one's end to be committed, so the two writes can share one
+/// commit instead of leaving the slot idle for a whole fsync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_frees_its_slot_when_its_handlers_return_before_its_end_is_committed() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    let gated = Gated::default();
+    let mut registry = Registry::with_builtins();
+    registry.register("gated", gated.clone());
+    let config = ExecutorConfig {
+        concurrency: 1,
+        ..ExecutorConfig::default()
+    };
+    let executor = Executor::start(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Hub::new(),
+        registry,
+        config,
+    );
+    executor.recover().await.unwrap();
+
+    let first = executor.submit(spec("gated")).await.unwrap();
+    assert!(eventually(|| gated.started.load(Ordering::SeqCst) == 1).await);
+    let second = executor.submit(spec("echo")).await.unwrap();
+    assert_eq!(second.state, JobState::Queued, "the only slot is taken");
+
+    let release = store.hold_writer().await;
+    gated.gate.notify_one();
+    // The first job's SUCCEEDED and the second's RUNNING both wait for the held writer.
+    assert!(
+        eventually(|| store.queued() == 2).await,
+        "the second job's start was not written while the first job's end waited: {} queued",
+        store.queued()
+    );
+    drop(release);
+    for id in [first.id, second.id] {
+        let mut state = None;
+        for _ in 0..500 {
+            state = store.get(id).await.unwrap().map(|job| job.state);
+            if state == Some(JobState::Succeeded) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state, Some(JobState::Succeeded));
+    }
+    executor.shutdown(Duration::from_secs(1)).await;
 }
 
 /// A job submitted while a worker is free and nothing is queued is created and started in

@@ -391,7 +391,7 @@ fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, Store
 #[cfg(test)]
 impl SqliteStore {
     /// Blocks the writer until the returned sender is used or dropped.
-    async fn hold_writer(&self) -> std::sync::mpsc::Sender<()> {
+    pub(crate) async fn hold_writer(&self) -> std::sync::mpsc::Sender<()> {
         let (release_tx, release) = std::sync::mpsc::channel();
         let (entered, entered_rx) = oneshot::channel();
         let commands = self.commands.as_ref().expect("open store");
@@ -410,7 +410,7 @@ impl SqliteStore {
     }
 
     /// Write commands waiting for the writer.
-    fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.commands
             .as_ref()
             .map_or(0, |c| c.max_capacity() - c.capacity())
