@@ -22,16 +22,6 @@
 //! this process over loopback.
 
 mod client;
-
-/// The `longrun` binary's allocator, for every server the bench runs (longrun and the bare
-/// baselines alike), so that each ratio compares like with like. mimalloc instead of glibc's
-/// malloc: a server that decodes, encodes and frees many small
-/// messages across threads spent a sixth to a third of its worker time in glibc's malloc and
-/// free. Built with arenas committed on demand (`.cargo/config.toml`), which keeps resident
-/// memory per idle watch stream level with glibc's. See BENCHMARKS.md, fifth session.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod durable;
 mod fanout;
 mod harness;
@@ -161,6 +151,11 @@ enum Scenario {
     /// Internal: serve longrun with the bench handlers.
     ServeLongrun(servers::ServeLongrun),
 }
+
+/// The `longrun` binary's allocator (see `src/main.rs`), for every server the bench runs —
+/// longrun and the bare baselines alike — so that each ratio compares like with like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

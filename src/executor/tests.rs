@@ -1,4 +1,5 @@
-//! The executor against the real SQLite store: what a Submit costs the store.
+//! The executor against the real SQLite store: what a Submit costs the store, and how a run's
+//! writes share commits.
 
 use std::{
     sync::{
