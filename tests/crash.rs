@@ -10,12 +10,12 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use common::{PATIENCE, connect, request, sleep};
+use common::{PATIENCE, Spawned, connect, request, sleep};
 use longrun::{
     api::pb::{self, JobState},
     job,
@@ -34,16 +34,16 @@ fn free_addr() -> SocketAddr {
     listener.local_addr().expect("addr")
 }
 
-fn spawn_server(dir: &Path, addr: SocketAddr) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_longrun"))
-        .args(["serve", "--listen", &addr.to_string(), "--concurrency", "8"])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start longrun serve")
+fn spawn_server(dir: &Path, addr: SocketAddr) -> Spawned {
+    Spawned::spawn(
+        Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["serve", "--listen", &addr.to_string(), "--concurrency", "8"])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    )
 }
 
 fn record(acked: &Acked, job: &pb::Job, key: Option<&str>) {

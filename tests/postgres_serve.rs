@@ -11,12 +11,12 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use common::postgres::{TestSchema, database_url};
-use common::{PATIENCE, connect, request, sleep, submit, until_state, wait_done};
+use common::{PATIENCE, Spawned, connect, request, sleep, submit, until_state, wait_done};
 use longrun::api::pb;
 
 fn free_addr() -> SocketAddr {
@@ -25,19 +25,13 @@ fn free_addr() -> SocketAddr {
 }
 
 /// `longrun serve` on the database at `url`, given with `--store`.
-fn serve(url: &str, addr: SocketAddr) -> Child {
-    serve_command(addr)
-        .args(["--store", url])
-        .spawn()
-        .expect("start longrun serve")
+fn serve(url: &str, addr: SocketAddr) -> Spawned {
+    Spawned::spawn(serve_command(addr).args(["--store", url]))
 }
 
 /// `longrun serve` on the database at `url`, given as `LONGRUN_DATABASE_URL`.
-fn serve_from_env(url: &str, addr: SocketAddr) -> Child {
-    serve_command(addr)
-        .env("LONGRUN_DATABASE_URL", url)
-        .spawn()
-        .expect("start longrun serve")
+fn serve_from_env(url: &str, addr: SocketAddr) -> Spawned {
+    Spawned::spawn(serve_command(addr).env("LONGRUN_DATABASE_URL", url))
 }
 
 fn serve_command(addr: SocketAddr) -> Command {
@@ -54,7 +48,7 @@ fn serve_command(addr: SocketAddr) -> Command {
 }
 
 /// Waits, bounded, until the server accepts connections.
-async fn wait_until_serving(addr: SocketAddr, server: &mut Child) {
+async fn wait_until_serving(addr: SocketAddr, server: &mut Spawned) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         if let Some(status) = server.try_wait().unwrap() {
@@ -90,21 +84,10 @@ async fn get_when_ready(
 }
 
 /// Stops a server the way an operator does (SIGTERM) and waits for it, bounded.
-fn stop(server: Child) -> Output {
+fn stop(server: Spawned) -> Output {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    wait_bounded(server)
-}
-
-fn wait_bounded(server: Child) -> Output {
-    let (done, result) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(server.wait_with_output());
-    });
-    result
-        .recv_timeout(PATIENCE)
-        .expect("the server exits in time")
-        .expect("output")
+    server.wait_bounded()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,11 +150,11 @@ async fn a_job_of_a_replica_killed_mid_run_finishes_on_another_replica() {
 
     // Only the first replica runs at first, so it is the one that claims the job.
     let first_addr = free_addr();
-    let mut first = serve_command(first_addr)
-        .args(["--store", &url])
-        .args(lease)
-        .spawn()
-        .expect("start the first replica");
+    let mut first = Spawned::spawn(
+        serve_command(first_addr)
+            .args(["--store", &url])
+            .args(lease),
+    );
     wait_until_serving(first_addr, &mut first).await;
     let mut first_client = connect(first_addr).await;
     let mut spec = request(vec![sleep(3_000, 3)]);
@@ -180,14 +163,14 @@ async fn a_job_of_a_replica_killed_mid_run_finishes_on_another_replica() {
     until_state(&mut first_client, &job.id, pb::JobState::Running).await;
 
     let second_addr = free_addr();
-    let mut second = serve_command(second_addr)
-        .args(["--store", &url])
-        .args(lease)
-        .spawn()
-        .expect("start the second replica");
+    let mut second = Spawned::spawn(
+        serve_command(second_addr)
+            .args(["--store", &url])
+            .args(lease),
+    );
     wait_until_serving(second_addr, &mut second).await;
     first.kill().expect("SIGKILL the first replica");
-    let _ = wait_bounded(first);
+    let _ = first.wait_bounded();
 
     // The survivor's reaper re-queues the job once the dead replica's lease runs out, then
     // runs it again from the start: attempt 2.

@@ -9,36 +9,28 @@ use std::{
     time::Duration,
 };
 
-use common::{PATIENCE, TestServer, request, sleep, submit, test_config, wait_done};
+use common::{PATIENCE, Spawned, TestServer, request, sleep, submit, test_config, wait_done};
 use longrun::{
     actions::Registry,
     api::pb,
     store::{SqliteOptions, SqliteStore},
 };
 
-fn serve(dir: &std::path::Path, listen: &str) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_longrun"))
-        .args(["serve", "--listen", listen])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start longrun serve")
+fn serve(dir: &std::path::Path, listen: &str) -> Spawned {
+    Spawned::spawn(
+        Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["serve", "--listen", listen])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
 }
 
 /// Runs `serve` expecting it to exit by itself, bounded.
 fn serve_expecting_exit(dir: &std::path::Path) -> Output {
-    let child = serve(dir, "127.0.0.1:0");
-    let (done, result) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    result
-        .recv_timeout(PATIENCE)
-        .expect("serve exits by itself in time")
-        .expect("output")
+    serve(dir, "127.0.0.1:0").wait_bounded()
 }
 
 #[test]
@@ -135,29 +127,21 @@ async fn finished_jobs_are_removed_after_the_retention_period() {
 }
 
 /// Starts `longrun serve` with `args` on a memory store, stderr piped.
-fn serve_with(args: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_longrun"))
-        .args(["serve", "--store", "memory"])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env_remove("LONGRUN_AUTH")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start longrun serve")
+fn serve_with(args: &[&str]) -> Spawned {
+    Spawned::spawn(
+        Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["serve", "--store", "memory"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env_remove("LONGRUN_AUTH")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
 }
 
 #[test]
 fn on_a_non_loopback_address_auth_is_on_by_default_and_needs_keys() {
-    let child = serve_with(&["--listen", "0.0.0.0:0"]);
-    let (done, result) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(child.wait_with_output());
-    });
-    let output = result
-        .recv_timeout(PATIENCE)
-        .expect("serve exits by itself in time")
-        .expect("output");
+    let output = serve_with(&["--listen", "0.0.0.0:0"]).wait_bounded();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no API keys are configured"), "{stderr}");

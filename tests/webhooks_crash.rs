@@ -7,12 +7,12 @@ mod common;
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use common::{
-    PATIENCE, action, connect, get,
+    PATIENCE, Spawned, action, connect, get,
     webhook_receiver::{Receiver, Reply},
 };
 use longrun::api::pb::{self, WebhookDeliveryState, WebhookEvents};
@@ -22,22 +22,22 @@ fn free_addr() -> SocketAddr {
     listener.local_addr().expect("addr")
 }
 
-fn spawn_server(dir: &Path, config: &Path, addr: SocketAddr) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_longrun"))
-        .args(["serve", "--listen", &addr.to_string()])
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start longrun serve")
+fn spawn_server(dir: &Path, config: &Path, addr: SocketAddr) -> Spawned {
+    Spawned::spawn(
+        Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["serve", "--listen", &addr.to_string()])
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    )
 }
 
 /// Kills the server with SIGKILL and reaps it.
-fn kill_9(mut server: Child) {
+fn kill_9(mut server: Spawned) {
     server.kill().expect("SIGKILL the server");
     server.wait().expect("reap the server");
 }

@@ -652,3 +652,56 @@ pub fn auth_config(keys: &[(&str, &str)]) -> Config {
     };
     config
 }
+
+/// A spawned `longrun` process, killed and reaped when dropped: a test that fails halfway
+/// leaves no server running behind it. Derefs to the [`std::process::Child`].
+pub struct Spawned(Option<std::process::Child>);
+
+impl Spawned {
+    /// Spawns `command`.
+    pub fn spawn(command: &mut std::process::Command) -> Self {
+        Self(Some(command.spawn().expect("start longrun")))
+    }
+
+    /// Waits for the process to exit by itself and returns its output; kills it and fails the
+    /// test if that takes longer than [`PATIENCE`].
+    pub fn wait_bounded(mut self) -> std::process::Output {
+        let child = self.0.take().expect("a spawned process");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(child.wait_with_output());
+        });
+        match result.recv_timeout(PATIENCE) {
+            Ok(output) => output.expect("output"),
+            Err(_) => {
+                // The waiting thread owns the child and reaps it once it is killed.
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                panic!("the process did not exit within {PATIENCE:?}");
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("a spawned process")
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("a spawned process")
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
