@@ -44,11 +44,14 @@ pub async fn submit(requests: usize, in_flight: usize) -> anyhow::Result<()> {
 }
 
 /// The store alone, in this process: `jobs` creates with `concurrency` writers, then for each
-/// job the two saves a no-op run makes (RUNNING, SUCCEEDED). Reports writes/s and this
+/// job the two saves a no-op run makes (RUNNING, SUCCEEDED), then `jobs` more created already
+/// started (`create_started`). Reports writes/s and this
 /// process's CPU per job, so a change to the SQLite schema or writer can be compared without
 /// gRPC in the way (`cargo bench --bench load -- store --jobs 40000`).
 pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
-    println!("== SQLite store alone: {jobs} creates, then 2 saves each, {concurrency} writers");
+    println!(
+        "== SQLite store alone: {jobs} creates, then 2 saves each, then {jobs} created started; {concurrency} writers"
+    );
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default())?);
     let made: Vec<Job> = (0..jobs).map(|_| queued_job()).collect();
@@ -109,6 +112,35 @@ pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
         "  commits for the saves: {} ({:.1} saves each)",
         after.batches - before.batches,
         (after.commands - before.commands) as f64 / (after.batches - before.batches).max(1) as f64
+    );
+
+    // As many jobs again, each created already started: the one write of a Submit that finds
+    // a worker free (the path every job of `e2e` and `burst` takes).
+    let made: Vec<Job> = (0..jobs).map(|_| queued_job()).collect();
+    let (cpu, started) = (crate::harness::own_cpu(), Instant::now());
+    let mut tasks = Vec::new();
+    for share in split(made, concurrency) {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let now = SystemTime::now();
+            for job in share {
+                let mut running = job.clone();
+                running.start(now)?;
+                running.start_action(0, now)?;
+                store.create_started(&job, &running).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    report(
+        "create started",
+        jobs,
+        started.elapsed(),
+        crate::harness::own_cpu() - cpu,
+        &store,
     );
     store.close().await;
     Ok(())

@@ -55,6 +55,7 @@ where
     Fut: Future<Output = S>,
 {
     create_and_get_round_trip(&make().await).await;
+    create_started_stores_the_started_job_and_logs_both(&make().await).await;
     idempotency_key_returns_first_job(&make().await).await;
     save_logs_state_changes_but_not_progress(&make().await).await;
     save_refuses_stale_versions(&make().await).await;
@@ -355,6 +356,67 @@ async fn create_and_get_round_trip(store: &impl Store) {
     let stored = store.get(job.id).await.unwrap().expect("stored job");
     assert_eq!(stored, job, "a stored job reads back exactly");
     assert_eq!(store.get(JobId::generate()).await.unwrap(), None);
+}
+
+/// `create_started` leaves what `create` then `save` would: the started snapshot current, both
+/// snapshots logged in order, the job found by its labels and new state, and a webhook that
+/// reports every state told of both.
+async fn create_started_stores_the_started_job_and_logs_both(store: &impl Store) {
+    let now = SystemTime::now();
+    let mut job = sample_job(2, &[("team", "a")], None);
+    job.webhook = Some(crate::job::WebhookSpec {
+        url: "https://example.com/hook".to_owned(),
+        secret: "s".to_owned(),
+        events: crate::job::WebhookEvents::All,
+    });
+    let mut started = job.clone();
+    started.start(now).unwrap();
+    started.start_action(0, now).unwrap();
+    store.create_started(&job, &started).await.unwrap();
+
+    assert_eq!(store.get(job.id).await.unwrap(), Some(started.clone()));
+    let log = store.transitions(job.id, 0).await.unwrap();
+    assert_eq!(
+        log,
+        vec![job.clone(), started.clone()],
+        "both snapshots, in order"
+    );
+    let none = BTreeMap::new();
+    let page = store.events_after(0, None, &none, 10).await.unwrap();
+    assert_eq!(event_keys(&page), (vec![(job.id, 1), (job.id, 3)], true));
+
+    let running = ListQuery {
+        states: vec![JobState::Running],
+        labels: labels(&[("team", "a")]),
+        limit: 10,
+        ..ListQuery::default()
+    };
+    assert_eq!(store.list(&running).await.unwrap(), vec![started.clone()]);
+    let queued = ListQuery {
+        states: vec![JobState::Queued],
+        limit: 10,
+        ..ListQuery::default()
+    };
+    assert!(store.list(&queued).await.unwrap().is_empty());
+    let (_, unfinished) = store.unfinished_at(None, &none).await.unwrap();
+    assert_eq!(unfinished, vec![started.clone()]);
+    let reported: Vec<(JobState, i64)> = store
+        .deliveries(job.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| (d.job_state, d.job_version))
+        .collect();
+    assert_eq!(
+        reported,
+        vec![(JobState::Queued, 1), (JobState::Running, 3)]
+    );
+
+    // The job goes on from there as any other.
+    started.succeed_action(0, json!(1), now).unwrap();
+    started.start_action(1, now).unwrap();
+    store.save(&started).await.unwrap();
+    assert_eq!(store.get(job.id).await.unwrap(), Some(started));
 }
 
 async fn idempotency_key_returns_first_job(store: &impl Store) {

@@ -76,25 +76,7 @@ pub(super) fn create(
         }
     }
     let seq = row.logged.then(|| head.take());
-    conn.prepare_cached(
-        "INSERT INTO jobs (id, state, version, priority, idempotency_key, end_time, snapshot,
-                           tenant, snapshot_seq)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            row.id_text,
-            row.state,
-            row.version,
-            row.priority,
-            row.idempotency_key,
-            row.end_time,
-            row.row_snapshot(),
-            row.tenant,
-            seq,
-        ])
-    })
-    .map_err(fail)?;
+    insert_job(conn, row, seq).map_err(fail)?;
     insert_labels(conn, row).map_err(fail)?;
     if let Some(seq) = seq {
         log_transition(conn, row, seq).map_err(fail)?;
@@ -105,7 +87,10 @@ pub(super) fn create(
     Ok(CreateOutcome::New)
 }
 
-/// Stores a new job (which has no idempotency key) and then its next snapshot `started`.
+/// Stores a new job (which has no idempotency key) already at its next snapshot `started`:
+/// both snapshots are logged, in order, but the `jobs` row is written once, as `started`,
+/// rather than inserted as `row` and then updated (which moved its entries in both state
+/// indexes within the same transaction: about a third of what this command cost the writer).
 /// An error leaves the transaction with partial writes: the caller's savepoint or rollback
 /// undoes them.
 pub(super) fn create_started(
@@ -114,13 +99,33 @@ pub(super) fn create_started(
     started: &JobRow,
     head: &mut LogHead,
 ) -> Result<(), StoreError> {
-    match create(conn, row, head)? {
-        CreateOutcome::New => save(conn, started, head),
-        CreateOutcome::Existing(_) => Err(StoreError::backend(
+    let fail = |e| sql_error(format!("creating job {}", row.id_text), e);
+    if row.idempotency_key.is_some() || row.id != started.id {
+        return Err(StoreError::backend(
             format!("creating job {}", row.id_text),
-            "create_started is for jobs without an idempotency key",
-        )),
+            "create_started is for a job without an idempotency key and its own next snapshot",
+        ));
     }
+    let created_seq = row.logged.then(|| head.take());
+    let started_seq = started.logged.then(|| head.take());
+    insert_job(conn, started, started_seq).map_err(fail)?;
+    insert_labels(conn, started).map_err(fail)?;
+    for (logged, seq) in [(row, created_seq), (started, started_seq)] {
+        if let Some(seq) = seq {
+            log_transition(conn, logged, seq).map_err(fail)?;
+        }
+    }
+    // As `create` then `save` would: the new job's delivery, then the started one's if its
+    // state differs from the one just stored.
+    if let Some(delivery) = &row.delivery {
+        outbox::insert(conn, delivery).map_err(fail)?;
+    }
+    if let Some(delivery) = &started.delivery
+        && started.state != row.state
+    {
+        outbox::insert(conn, delivery).map_err(fail)?;
+    }
+    Ok(())
 }
 
 /// Replaces a job's snapshot with a newer version, logging it when it is a transition.
@@ -212,6 +217,27 @@ pub(super) fn purge(conn: &Connection, ended_before: i64, limit: i64) -> Result<
     ))
     .and_then(|mut s| s.execute(params![ended_before, limit]))
     .map_err(|e| sql_error("purging finished jobs", e))
+}
+
+/// Inserts the `jobs` row for `row`; `seq` names its log row when its snapshot is logged.
+fn insert_job(conn: &Connection, row: &JobRow, seq: Option<i64>) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO jobs (id, state, version, priority, idempotency_key, end_time, snapshot,
+                           tenant, snapshot_seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        row.id_text,
+        row.state,
+        row.version,
+        row.priority,
+        row.idempotency_key,
+        row.end_time,
+        row.row_snapshot(),
+        row.tenant,
+        seq,
+    ])?;
+    Ok(())
 }
 
 fn insert_labels(conn: &Connection, row: &JobRow) -> rusqlite::Result<()> {
