@@ -45,9 +45,9 @@ pub async fn submit(requests: usize, in_flight: usize) -> anyhow::Result<()> {
 
 /// The store alone, in this process: `jobs` creates with `concurrency` writers, then for each
 /// job the two saves a no-op run makes (RUNNING, SUCCEEDED), then `jobs` more created already
-/// started (`create_started`). Reports writes/s and this
-/// process's CPU per job, so a change to the SQLite schema or writer can be compared without
-/// gRPC in the way (`cargo bench --bench load -- store --jobs 40000`).
+/// started (`create_started`). Reports writes/s and this process's CPU per job, so a change to
+/// the SQLite schema or writer can be compared without gRPC in the way
+/// (`cargo bench --bench load -- store --jobs 40000`).
 pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
     println!(
         "== SQLite store alone: {jobs} creates, then 2 saves each, then {jobs} created started; {concurrency} writers"
@@ -57,57 +57,34 @@ pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
     let made: Vec<Job> = (0..jobs).map(|_| queued_job()).collect();
     let shares = split(made, concurrency);
 
-    let (cpu, started) = (crate::harness::own_cpu(), Instant::now());
-    let mut tasks = Vec::new();
-    for share in shares.clone() {
-        let store = Arc::clone(&store);
-        tasks.push(tokio::spawn(async move {
+    phase(
+        "create",
+        &store,
+        shares.clone(),
+        |store, share| async move {
             for job in &share {
                 store.create(job).await?;
             }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    report(
-        "create",
-        jobs,
-        started.elapsed(),
-        crate::harness::own_cpu() - cpu,
-        &store,
-    );
+            Ok(())
+        },
+    )
+    .await?;
 
     let before = store.stats();
-    let (cpu, started) = (crate::harness::own_cpu(), Instant::now());
-    let mut tasks = Vec::new();
-    for share in shares {
-        let store = Arc::clone(&store);
-        tasks.push(tokio::spawn(async move {
-            let now = SystemTime::now();
-            for mut job in share {
-                job.start(now)?;
-                store.save(&job).await?;
-                job.start_action(0, now)?;
-                job.succeed_action(0, serde_json::json!({"ok": true}), now)?;
-                job.succeed(now)?;
-                store.save(&job).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
+    phase("run (2 saves)", &store, shares, |store, share| async move {
+        let now = SystemTime::now();
+        for mut job in share {
+            job.start(now)?;
+            store.save(&job).await?;
+            job.start_action(0, now)?;
+            job.succeed_action(0, serde_json::json!({"ok": true}), now)?;
+            job.succeed(now)?;
+            store.save(&job).await?;
+        }
+        Ok(())
+    })
+    .await?;
     let after = store.stats();
-    report(
-        "run (2 saves)",
-        jobs,
-        started.elapsed(),
-        crate::harness::own_cpu() - cpu,
-        &store,
-    );
     println!(
         "  commits for the saves: {} ({:.1} saves each)",
         after.batches - before.batches,
@@ -117,11 +94,12 @@ pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
     // As many jobs again, each created already started: the one write of a Submit that finds
     // a worker free (the path every job of `e2e` and `burst` takes).
     let made: Vec<Job> = (0..jobs).map(|_| queued_job()).collect();
-    let (cpu, started) = (crate::harness::own_cpu(), Instant::now());
-    let mut tasks = Vec::new();
-    for share in split(made, concurrency) {
-        let store = Arc::clone(&store);
-        tasks.push(tokio::spawn(async move {
+    let shares = split(made, concurrency);
+    phase(
+        "create started",
+        &store,
+        shares,
+        |store, share| async move {
             let now = SystemTime::now();
             for job in share {
                 let mut running = job.clone();
@@ -129,20 +107,42 @@ pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
                 running.start_action(0, now)?;
                 store.create_started(&job, &running).await?;
             }
-            anyhow::Ok(())
-        }));
-    }
+            Ok(())
+        },
+    )
+    .await?;
+    store.close().await;
+    Ok(())
+}
+
+/// Runs `work` on each share of jobs in its own task, all at once, and reports the phase's
+/// jobs/s and CPU per job under `what`.
+async fn phase<F, Fut>(
+    what: &str,
+    store: &Arc<SqliteStore>,
+    shares: Vec<Vec<Job>>,
+    work: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Arc<SqliteStore>, Vec<Job>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let jobs = shares.iter().map(Vec::len).sum();
+    let (cpu, started) = (crate::harness::own_cpu(), Instant::now());
+    let tasks: Vec<_> = shares
+        .into_iter()
+        .map(|share| tokio::spawn(work(Arc::clone(store), share)))
+        .collect();
     for task in tasks {
         task.await??;
     }
     report(
-        "create started",
+        what,
         jobs,
         started.elapsed(),
         crate::harness::own_cpu() - cpu,
-        &store,
+        store,
     );
-    store.close().await;
     Ok(())
 }
 
