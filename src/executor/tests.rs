@@ -18,7 +18,7 @@ use super::{Executor, ExecutorConfig};
 use crate::{
     actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
     events::Hub,
-    job::{JobState, NewAction, NewJob},
+    job::{JobId, JobState, NewAction, NewJob},
     store::{SqliteOptions, SqliteStore, Store},
 };
 
@@ -81,18 +81,16 @@ async fn eventually(mut done: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// The worker slot bounds running handlers: once a job's handler returns, the next job starts
-/// without waiting for the first one's end to be committed, so the two writes can share one
-/// commit instead of leaving the slot idle for a whole fsync.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_frees_its_slot_when_its_handlers_return_before_its_end_is_committed() {
-    let dir = TempDir::new().unwrap();
+/// An executor with `registry` and `concurrency` workers on a fresh SQLite store in `dir`,
+/// recovered and ready for Submits.
+async fn start_on_sqlite(
+    dir: &TempDir,
+    registry: Registry,
+    concurrency: usize,
+) -> (Arc<SqliteStore>, Executor) {
     let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
-    let gated = Gated::default();
-    let mut registry = Registry::with_builtins();
-    registry.register("gated", gated.clone());
     let config = ExecutorConfig {
-        concurrency: 1,
+        concurrency,
         ..ExecutorConfig::default()
     };
     let executor = Executor::start(
@@ -102,6 +100,30 @@ async fn a_job_frees_its_slot_when_its_handlers_return_before_its_end_is_committ
         config,
     );
     executor.recover().await.unwrap();
+    (store, executor)
+}
+
+/// The state job `id` ends in as stored, waiting up to 5 s for it to end.
+async fn stored_end(store: &SqliteStore, id: JobId) -> Option<JobState> {
+    for _ in 0..500 {
+        match store.get(id).await.unwrap() {
+            Some(stored) if stored.is_terminal() => return Some(stored.state),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    None
+}
+
+/// The worker slot bounds running handlers: once a job's handler returns, the next job starts
+/// without waiting for the first one's end to be committed, so the two writes can share one
+/// commit instead of leaving the slot idle for a whole fsync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_frees_its_slot_when_its_handlers_return_before_its_end_is_committed() {
+    let dir = TempDir::new().unwrap();
+    let gated = Gated::default();
+    let mut registry = Registry::with_builtins();
+    registry.register("gated", gated.clone());
+    let (store, executor) = start_on_sqlite(&dir, registry, 1).await;
 
     let first = executor.submit(spec("gated")).await.unwrap();
     assert!(eventually(|| gated.started.load(Ordering::SeqCst) == 1).await);
@@ -118,15 +140,7 @@ async fn a_job_frees_its_slot_when_its_handlers_return_before_its_end_is_committ
     );
     drop(release);
     for id in [first.id, second.id] {
-        let mut state = None;
-        for _ in 0..500 {
-            state = store.get(id).await.unwrap().map(|job| job.state);
-            if state == Some(JobState::Succeeded) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(state, Some(JobState::Succeeded));
+        assert_eq!(stored_end(&store, id).await, Some(JobState::Succeeded));
     }
     executor.shutdown(Duration::from_secs(1)).await;
 }
@@ -136,18 +150,7 @@ async fn a_job_frees_its_slot_when_its_handlers_return_before_its_end_is_committ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_started_at_submission_shares_one_commit_with_its_creation() {
     let dir = TempDir::new().unwrap();
-    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
-    let config = ExecutorConfig {
-        concurrency: 4,
-        ..ExecutorConfig::default()
-    };
-    let executor = Executor::start(
-        Arc::clone(&store) as Arc<dyn Store>,
-        Hub::new(),
-        Registry::with_builtins(),
-        config,
-    );
-    executor.recover().await.unwrap();
+    let (store, executor) = start_on_sqlite(&dir, Registry::with_builtins(), 4).await;
 
     let before = store.stats();
     let job = executor.submit(sleep_spec(600_000)).await.unwrap();
@@ -170,16 +173,6 @@ async fn a_job_started_at_submission_shares_one_commit_with_its_creation() {
     );
 
     executor.cancel(job.id).await.unwrap();
-    let mut ended = None;
-    for _ in 0..500 {
-        match store.get(job.id).await.unwrap() {
-            Some(stored) if stored.is_terminal() => {
-                ended = Some(stored.state);
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    assert_eq!(ended, Some(JobState::Cancelled));
+    assert_eq!(stored_end(&store, job.id).await, Some(JobState::Cancelled));
     executor.shutdown(Duration::from_secs(1)).await;
 }
