@@ -1,12 +1,16 @@
 //! The client side: job requests, and many open streams (WatchJob or the bare Subscribe)
 //! reporting what each one saw to one place.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use longrun::api::pb::{self, jobs_client::JobsClient};
 use serde_json::Value;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Channel;
 
 use crate::{
@@ -81,9 +85,14 @@ pub async fn submit_all(
 /// Submits one job and waits until a watcher is told it ended; fails unless it SUCCEEDED.
 pub async fn submit_and_see(
     client: &mut JobsClient<Channel>,
-    request: pb::SubmitRequest,
-    waiter: Waiter,
+    mut request: pb::SubmitRequest,
+    waiting: &Waiting,
 ) -> anyhow::Result<()> {
+    if let Waiting::Stream(ends) = waiting {
+        request
+            .labels
+            .insert(ends.label.0.clone(), ends.label.1.clone());
+    }
     let job_id = client
         .submit(request)
         .await?
@@ -91,8 +100,8 @@ pub async fn submit_and_see(
         .job
         .map(|j| j.id)
         .unwrap_or_default();
-    let last = match waiter {
-        Waiter::Watch => {
+    let last = match waiting {
+        Waiting::Watch => {
             let mut stream = client
                 .watch_job(pb::WatchJobRequest {
                     job_id,
@@ -106,7 +115,7 @@ pub async fn submit_and_see(
             }
             last
         }
-        Waiter::Wait => {
+        Waiting::Wait => {
             client
                 .wait_job(pb::WaitJobRequest {
                     job_id,
@@ -119,6 +128,7 @@ pub async fn submit_and_see(
                 .into_inner()
                 .job
         }
+        Waiting::Stream(ends) => Some(ends.wait(job_id).await?),
     };
     match last {
         Some(job) if job.state == pb::JobState::Succeeded as i32 => Ok(()),
@@ -133,6 +143,117 @@ pub enum Waiter {
     Watch,
     /// Submit, then WaitJob.
     Wait,
+    /// Submit with a label; one WatchJobs stream, opened before the first Submit, reports
+    /// the end of every job carrying it (the way a service that submits many jobs waits).
+    Stream,
+}
+
+/// A [`Waiter`], ready to wait: for [`Waiter::Stream`], with its stream open.
+pub enum Waiting {
+    Watch,
+    Wait,
+    Stream(Arc<Ends>),
+}
+
+impl Waiting {
+    pub async fn open(waiter: Waiter, channel: &Channel) -> anyhow::Result<Self> {
+        Ok(match waiter {
+            Waiter::Watch => Self::Watch,
+            Waiter::Wait => Self::Wait,
+            Waiter::Stream => Self::Stream(Ends::open(channel).await?),
+        })
+    }
+}
+
+/// The ends of the jobs carrying one label, as one WatchJobs stream reports them, handed to
+/// whoever waits for each job (the end may arrive before its Submit's answer).
+pub struct Ends {
+    label: (String, String),
+    jobs: Mutex<HashMap<String, End>>,
+    _stop: DropGuard,
+}
+
+enum End {
+    Awaited(oneshot::Sender<pb::Job>),
+    Seen(Box<pb::Job>),
+}
+
+impl Ends {
+    /// Opens the stream; every job submitted with [`Ends`]'s label after this returns is seen.
+    async fn open(channel: &Channel) -> anyhow::Result<Arc<Self>> {
+        let label = ("bench_run".to_owned(), uuid::Uuid::now_v7().to_string());
+        let request = pb::WatchJobsRequest {
+            labels: HashMap::from([label.clone()]),
+            states: vec![
+                pb::JobState::Succeeded as i32,
+                pb::JobState::Failed as i32,
+                pb::JobState::Cancelled as i32,
+            ],
+            after_cursor: String::new(),
+        };
+        let mut stream = JobsClient::new(channel.clone())
+            .watch_jobs(request)
+            .await?
+            .into_inner();
+        let stop = CancellationToken::new();
+        let ends = Arc::new(Self {
+            label,
+            jobs: Mutex::default(),
+            _stop: stop.clone().drop_guard(),
+        });
+        let weak = Arc::downgrade(&ends);
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    message = stream.message() => message,
+                };
+                let job = match message {
+                    Ok(Some(pb::WatchJobsResponse { job: Some(job), .. })) => job,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return,
+                    Err(e) => {
+                        eprintln!("WatchJobs stream failed: {e}");
+                        return;
+                    }
+                };
+                let Some(ends) = weak.upgrade() else { return };
+                let mut jobs = ends.lock();
+                match jobs.remove(&job.id) {
+                    Some(End::Awaited(waiter)) => {
+                        let _ = waiter.send(job);
+                    }
+                    _ => {
+                        jobs.insert(job.id.clone(), End::Seen(Box::new(job)));
+                    }
+                }
+            }
+        });
+        Ok(ends)
+    }
+
+    /// The job's terminal snapshot, once the stream has reported it.
+    async fn wait(&self, job_id: String) -> anyhow::Result<pb::Job> {
+        let ended = {
+            let mut jobs = self.lock();
+            match jobs.remove(&job_id) {
+                Some(End::Seen(job)) => return Ok(*job),
+                _ => {
+                    let (sender, ended) = oneshot::channel();
+                    jobs.insert(job_id.clone(), End::Awaited(sender));
+                    ended
+                }
+            }
+        };
+        tokio::time::timeout(PATIENCE, ended)
+            .await
+            .map_err(|_| anyhow::anyhow!("job {job_id}: no end on the stream in {PATIENCE:?}"))?
+            .map_err(|_| anyhow::anyhow!("job {job_id}: the WatchJobs stream ended"))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, End>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What one stream saw: its index, the step it shows (bare: the broadcast's seq; longrun:

@@ -6,8 +6,8 @@
 //! cargo bench --bench load -- submit      [--requests 20000] [--in-flight 64]
 //! cargo bench --bench load -- restart     [--jobs 1000000]
 //! cargo bench --bench load -- store       [--jobs 40000] [--concurrency 64]   (SQLite store alone, in process)
-//! cargo bench --bench load -- e2e         [--jobs 20000] [--in-flight 64] [--serial 2000] [--waiter watch|wait]
-//! cargo bench --bench load -- burst       [--jobs 1000] [--connections 1] [--rounds 3] [--waiter watch|wait]
+//! cargo bench --bench load -- e2e         [--jobs 20000] [--in-flight 64] [--serial 2000] [--waiter watch|wait|stream]
+//! cargo bench --bench load -- burst       [--jobs 1000] [--connections 1] [--rounds 3] [--waiter watch|wait|stream]
 //! cargo bench --bench load -- fanout-one  [--streams 10000] [--connections 10] [--repeats 1000]
 //! cargo bench --bench load -- fanout-all  [--streams 10000] [--connections 10] [--rounds 3]
 //! cargo bench --bench load -- idle-memory [--streams 10000] [--connections 10]
@@ -209,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::All => {
             durable::submit(20_000, 64).await?;
             push::e2e(20_000, 64, 2_000, Waiter::Watch).await?;
+            push::e2e(20_000, 64, 2_000, Waiter::Stream).await?;
             push::burst(1_000, 1, 3, Waiter::Watch).await?;
             fanout::fanout_one(10_000, 10, 1_000).await?;
             fanout::fanout_all(10_000, 10, 3).await?;

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::{
-    client::{Waiter, job, submit_and_see},
+    client::{Waiter, Waiting, job, submit_and_see},
     echo,
     harness::{
         PATIENCE, Percentiles, bare_echo, channel, channels, echo_client, line, measure, ms,
@@ -32,10 +32,12 @@ pub async fn e2e(
     let baseline_serial = bare_echo(serial, 1).await?;
 
     let server = spawn_bench_server()?;
-    let client = JobsClient::new(channel(server.addr).await?);
+    let connection = channel(server.addr).await?;
+    let waiting = Arc::new(Waiting::open(waiter, &connection).await?);
+    let client = JobsClient::new(connection);
     let run = move |_| {
-        let mut client = client.clone();
-        async move { submit_and_see(&mut client, job("echo", json!({})), waiter).await }
+        let (mut client, waiting) = (client.clone(), Arc::clone(&waiting));
+        async move { submit_and_see(&mut client, job("echo", json!({})), &waiting).await }
     };
     let run = Arc::new(run);
     let (warm, busy, one) = (Arc::clone(&run), Arc::clone(&run), run);
@@ -118,6 +120,7 @@ pub async fn burst(
     let bare = channels(addr, connections).await?;
     let server = spawn_bench_server()?;
     let conns = channels(server.addr, connections).await?;
+    let waiting = Arc::new(Waiting::open(waiter, &conns[0]).await?);
     let (mut bare_total, mut bare_each, mut total, mut each) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds.max(1) {
         let (t, e) = at_once(jobs, |n| {
@@ -137,7 +140,8 @@ pub async fn burst(
         bare_each.push(e);
         let (t, e) = at_once(jobs, |n| {
             let mut client = JobsClient::new(conns[n % conns.len()].clone());
-            async move { submit_and_see(&mut client, job("echo", json!({})), waiter).await }
+            let waiting = Arc::clone(&waiting);
+            async move { submit_and_see(&mut client, job("echo", json!({})), &waiting).await }
         })
         .await?;
         total.push(t);

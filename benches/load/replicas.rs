@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use longrun::api::pb::jobs_client::JobsClient;
 use serde_json::json;
 
-use crate::client::{Waiter, job, submit_and_see};
+use crate::client::{Waiting, job, submit_and_see};
 use crate::harness::{Process, channel, figure, free_addr, measure};
 
 /// Where the database is: `--url`, else this variable (the tests' own).
@@ -72,7 +72,7 @@ async fn run(
         let clients = Arc::clone(&clients);
         async move {
             let mut client = clients[n % clients.len()].clone();
-            submit_and_see(&mut client, job("echo", json!({})), Waiter::Watch).await
+            submit_and_see(&mut client, job("echo", json!({})), &Waiting::Watch).await
         }
     };
     let call = Arc::new(call);
