@@ -8,7 +8,7 @@ use std::{
 
 use longrun::{
     api::pb::{self, jobs_client::JobsClient},
-    job::{Job, JobId, NewAction, NewJob},
+    job::{Job, JobId, NewAction, NewJob, Progress},
     store::{SqliteOptions, SqliteStore, Store},
 };
 
@@ -45,12 +45,12 @@ pub async fn submit(requests: usize, in_flight: usize) -> anyhow::Result<()> {
 
 /// The store alone, in this process: `jobs` creates with `concurrency` writers, then for each
 /// job the two saves a no-op run makes (RUNNING, SUCCEEDED), then `jobs` more created already
-/// started (`create_started`). Reports writes/s and this process's CPU per job, so a change to
+/// started (`create_started`), then two progress saves for each of those. Reports writes/s and this process's CPU per job, so a change to
 /// the SQLite schema or writer can be compared without gRPC in the way
 /// (`cargo bench --bench load -- store --jobs 40000`).
 pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
     println!(
-        "== SQLite store alone: {jobs} creates, then 2 saves each, then {jobs} created started; {concurrency} writers"
+        "== SQLite store alone: {jobs} creates, then 2 saves each, then {jobs} created started, then 2 progress saves each; {concurrency} writers"
     );
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default())?);
@@ -94,18 +94,41 @@ pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
     // As many jobs again, each created already started: the one write of a Submit that finds
     // a worker free (the path every job of `e2e` and `burst` takes).
     let made: Vec<Job> = (0..jobs).map(|_| queued_job()).collect();
-    let shares = split(made, concurrency);
+    let now = SystemTime::now();
+    let mut running = Vec::with_capacity(made.len());
+    for job in &made {
+        let mut started = job.clone();
+        started.start(now)?;
+        started.start_action(0, now)?;
+        running.push(started);
+    }
+    let pairs: Vec<(Job, Job)> = made.into_iter().zip(running.iter().cloned()).collect();
     phase(
         "create started",
         &store,
-        shares,
+        split(pairs, concurrency),
+        |store, share| async move {
+            for (job, started) in share {
+                store.create_started(&job, &started).await?;
+            }
+            Ok(())
+        },
+    )
+    .await?;
+
+    // Then two progress reports saved for each of those running jobs: the write a handler's
+    // progress costs once per `progress_persist_interval`.
+    phase(
+        "progress (2)",
+        &store,
+        split(running, concurrency),
         |store, share| async move {
             let now = SystemTime::now();
-            for job in share {
-                let mut running = job.clone();
-                running.start(now)?;
-                running.start_action(0, now)?;
-                store.create_started(&job, &running).await?;
+            for mut job in share {
+                for step in 1..=2 {
+                    job.report_progress(0, Progress::of(step, 2, "bench"), now);
+                    store.save(&job).await?;
+                }
             }
             Ok(())
         },
@@ -117,14 +140,14 @@ pub async fn store(jobs: usize, concurrency: usize) -> anyhow::Result<()> {
 
 /// Runs `work` on each share of jobs in its own task, all at once, and reports the phase's
 /// jobs/s and CPU per job under `what`.
-async fn phase<F, Fut>(
+async fn phase<T, F, Fut>(
     what: &str,
     store: &Arc<SqliteStore>,
-    shares: Vec<Vec<Job>>,
+    shares: Vec<Vec<T>>,
     work: F,
 ) -> anyhow::Result<()>
 where
-    F: Fn(Arc<SqliteStore>, Vec<Job>) -> Fut,
+    F: Fn(Arc<SqliteStore>, Vec<T>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let jobs = shares.iter().map(Vec::len).sum();

@@ -138,6 +138,14 @@ pub async fn fanout_all(streams: usize, connections: usize, rounds: u64) -> anyh
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let each_ms = |rounds: &[Duration]| -> Vec<String> {
+        rounds.iter().map(|d| format!("{:.1}", ms(*d))).collect()
+    };
+    println!(
+        "  progress rounds, ms: longrun {:?}, bare {:?}",
+        each_ms(&progress),
+        each_ms(&bare)
+    );
     let bare = Percentiles::of(bare);
     line(
         "all watchers told of the change (progress)",

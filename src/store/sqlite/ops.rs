@@ -132,6 +132,9 @@ pub(super) fn create_started(
 /// Replaces a job's snapshot with a newer version, logging it when it is a transition.
 pub(super) fn save(conn: &Connection, row: &JobRow, head: &mut LogHead) -> Result<(), StoreError> {
     let fail = |e| sql_error(format!("saving job {}", row.id_text), e);
+    if !row.logged && save_progress(conn, row).map_err(fail)? {
+        return Ok(());
+    }
     // The stored state decides whether the webhook is told: read only for jobs that may need
     // a delivery, so saves of other jobs cost nothing more.
     let previous: Option<String> = match row.delivery {
@@ -184,6 +187,25 @@ pub(super) fn save(conn: &Connection, row: &JobRow, head: &mut LogHead) -> Resul
         outbox::insert(conn, delivery).map_err(fail)?;
     }
     Ok(())
+}
+
+/// Saves a snapshot that only reports progress, if the stored row is an older version in the
+/// same state; `false` (nothing written) otherwise, for [`save`]'s general path to sort out.
+///
+/// A progress report changes nothing but the running action's progress, the version and the
+/// update time (`Job::report_progress`): no state, end time, priority or label. Setting only
+/// `version` and `snapshot` keeps SQLite away from both state indexes (it maintains only the
+/// indexes on columns an UPDATE sets; the general path sets `state` and `end_time`, so it deletes
+/// and re-inserts their entries even when the values stay) and skips the label read. Progress is
+/// the write a long job makes most often: one per `progress_persist_interval` while it reports.
+fn save_progress(conn: &Connection, row: &JobRow) -> rusqlite::Result<bool> {
+    let updated = conn
+        .prepare_cached(
+            "UPDATE jobs SET version = ?2, snapshot = ?3, snapshot_seq = NULL
+             WHERE id = ?1 AND version < ?2 AND state = ?4",
+        )?
+        .execute(params![row.id_text, row.version, row.snapshot, row.state])?;
+    Ok(updated > 0)
 }
 
 /// Removes a terminal job; its labels and log go with it (ON DELETE CASCADE).

@@ -215,6 +215,82 @@ async fn each_snapshot_is_stored_once() {
     assert_eq!(store.get(older.id).await.unwrap(), Some(older));
 }
 
+/// A progress save writes only the version and the snapshot when the stored row is an older
+/// version in the same state; otherwise it takes the general path, which also moves the state
+/// columns, or refuses a stale version. Every index stays consistent with its table.
+#[tokio::test]
+async fn a_progress_save_moves_only_what_progress_changes() {
+    let dir = TempDir::new().unwrap();
+    let store = open(dir.path());
+    let now = SystemTime::now();
+    let columns = |job: &Job| -> (String, i64, Option<i64>, i64) {
+        raw(dir.path())
+            .query_row(
+                "SELECT state, version, snapshot_seq, (SELECT count(*) FROM log WHERE job_id = ?1)
+                 FROM jobs WHERE id = ?1",
+                [id_text(job.id)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap()
+    };
+    let progress = |job: &mut Job, percent| {
+        assert!(job.report_progress(0, crate::job::Progress::percent(percent, "working"), now));
+        assert_ne!(job.logged_version, job.version, "progress is not logged");
+    };
+
+    // Stored RUNNING, saved RUNNING with progress: the narrow update.
+    let mut job = sample_job(1, &[], None);
+    let mut started = job.clone();
+    started.start(now).unwrap();
+    started.start_action(0, now).unwrap();
+    store.create_started(&job, &started).await.unwrap();
+    job = started;
+    progress(&mut job, 30);
+    store.save(&job).await.unwrap();
+    assert_eq!(columns(&job), ("RUNNING".to_owned(), job.version, None, 2));
+    assert_eq!(store.get(job.id).await.unwrap().as_ref(), Some(&job));
+
+    // An older progress snapshot arriving late is refused and changes nothing.
+    let late = job.clone();
+    progress(&mut job, 60);
+    store.save(&job).await.unwrap();
+    let mut older = late;
+    older.version = job.version - 1;
+    assert!(matches!(
+        store.save(&older).await,
+        Err(StoreError::StaleVersion { .. })
+    ));
+    assert_eq!(store.get(job.id).await.unwrap().as_ref(), Some(&job));
+
+    // The next transition is logged and named by the row again.
+    job.succeed_action(0, json!(1), now).unwrap();
+    job.succeed(now).unwrap();
+    store.save(&job).await.unwrap();
+    let (state, version, seq, logged) = columns(&job);
+    assert_eq!(
+        (state.as_str(), version, logged),
+        ("SUCCEEDED", job.version, 3)
+    );
+    assert!(seq.is_some());
+
+    // Stored QUEUED, saved with progress after a start that was never saved on its own: the
+    // state columns must move, so the general path runs.
+    let mut queued = sample_job(1, &[], None);
+    store.create(&queued).await.unwrap();
+    queued.start(now).unwrap();
+    queued.start_action(0, now).unwrap();
+    progress(&mut queued, 10);
+    store.save(&queued).await.unwrap();
+    assert_eq!(columns(&queued).0, "RUNNING");
+    assert_eq!(store.unfinished().await.unwrap(), vec![queued.clone()]);
+
+    store.close().await;
+    let check: String = raw(dir.path())
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
 #[tokio::test]
 async fn a_full_disk_is_a_clear_error_and_passes() {
     let dir = TempDir::new().unwrap();
