@@ -6,7 +6,7 @@
 //! cargo bench --bench load -- submit      [--requests 20000] [--in-flight 64]
 //! cargo bench --bench load -- restart     [--jobs 1000000]
 //! cargo bench --bench load -- store       [--jobs 40000] [--concurrency 64]   (SQLite store alone, in process)
-//! cargo bench --bench load -- e2e         [--jobs 20000] [--in-flight 64] [--serial 2000] [--waiter watch|wait|stream]
+//! cargo bench --bench load -- e2e         [--jobs 20000] [--in-flight 64] [--serial 2000] [--waiter watch|wait|stream] [--server bench|binary]
 //! cargo bench --bench load -- burst       [--jobs 1000] [--connections 1] [--rounds 3] [--waiter watch|wait|stream]
 //! cargo bench --bench load -- fanout-one  [--streams 10000] [--connections 10] [--repeats 1000]
 //! cargo bench --bench load -- fanout-all  [--streams 10000] [--connections 10] [--rounds 3]
@@ -78,6 +78,8 @@ enum Scenario {
         serial: usize,
         #[arg(long, value_enum, default_value = "watch")]
         waiter: Waiter,
+        #[arg(long, value_enum, default_value = "bench")]
+        server: push::Server,
     },
     /// Jobs submitted at once, each with its own waiter: time until all are told.
     Burst {
@@ -173,7 +175,8 @@ async fn main() -> anyhow::Result<()> {
             in_flight,
             serial,
             waiter,
-        } => push::e2e(jobs, in_flight, serial, waiter).await,
+            server,
+        } => push::e2e(jobs, in_flight, serial, waiter, server).await,
         Scenario::Burst {
             jobs,
             connections,
@@ -208,8 +211,8 @@ async fn main() -> anyhow::Result<()> {
         } => replicas::replicas(url, jobs, in_flight, max_replicas).await,
         Scenario::All => {
             durable::submit(20_000, 64).await?;
-            push::e2e(20_000, 64, 2_000, Waiter::Watch).await?;
-            push::e2e(20_000, 64, 2_000, Waiter::Stream).await?;
+            push::e2e(20_000, 64, 2_000, Waiter::Watch, push::Server::Bench).await?;
+            push::e2e(20_000, 64, 2_000, Waiter::Stream, push::Server::Bench).await?;
             push::burst(1_000, 1, 3, Waiter::Watch).await?;
             fanout::fanout_one(10_000, 10, 1_000).await?;
             fanout::fanout_all(10_000, 10, 3).await?;

@@ -14,9 +14,19 @@ use crate::{
     echo,
     harness::{
         PATIENCE, Percentiles, bare_echo, channel, channels, echo_client, line, measure, ms,
-        spawn_bench_server, spawn_echo,
+        spawn_bench_server, spawn_echo, spawn_longrun,
     },
 };
+
+/// Which longrun server `e2e` loads.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Server {
+    /// The bench server (the library assembled as `longrun serve` does, concurrency 50,000).
+    Bench,
+    /// The real `longrun serve` binary with its defaults (concurrency 16), on a fresh data
+    /// directory: what a user runs.
+    Binary,
+}
 
 /// No-op jobs through the whole path, `in_flight` at a time, then one at a time.
 pub async fn e2e(
@@ -24,15 +34,28 @@ pub async fn e2e(
     in_flight: usize,
     serial: usize,
     waiter: Waiter,
+    server: Server,
 ) -> anyhow::Result<()> {
     println!(
-        "== e2e: {jobs} echo jobs, {in_flight} in flight, Submit then {waiter:?} until terminal; then {serial} one at a time"
+        "== e2e: {jobs} echo jobs, {in_flight} in flight, Submit then {waiter:?} until terminal; then {serial} one at a time; {server:?} server"
     );
     let baseline = bare_echo(jobs, in_flight).await?;
     let baseline_serial = bare_echo(serial, 1).await?;
 
-    let server = spawn_bench_server()?;
-    let connection = channel(server.addr).await?;
+    let data_dir = tempfile::tempdir()?;
+    // Held until the end: dropping either stops its server.
+    let (_bench, _binary, addr) = match server {
+        Server::Bench => {
+            let bench = spawn_bench_server()?;
+            let addr = bench.addr;
+            (Some(bench), None, addr)
+        }
+        Server::Binary => {
+            let (process, addr) = spawn_longrun(data_dir.path(), &[])?;
+            (None, Some(process), addr)
+        }
+    };
+    let connection = channel(addr).await?;
     let waiting = Arc::new(Waiting::open(waiter, &connection).await?);
     let client = JobsClient::new(connection);
     let run = move |_| {
