@@ -30,7 +30,8 @@ pub enum StoreKind {
     Sqlite,
     /// Process memory: nothing survives a restart (for tests and demos).
     Memory,
-    /// A PostgreSQL database; one serving process per database (and schema) for now.
+    /// A PostgreSQL database; several servers on one database (and schema) serve its jobs as
+    /// replicas.
     Postgres(DatabaseUrl),
 }
 

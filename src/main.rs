@@ -40,7 +40,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// A TOML config file: a `[server]` table with the settings below, and `[exec.commands.*]`.
+    /// A TOML config file: a `[server]` table with the settings below, and `[exec.commands.*]`,
+    /// `[webhooks]`, `[quotas]` and `[auth]` (see docs/operations.md).
     #[arg(long, env = "LONGRUN_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
