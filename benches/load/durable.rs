@@ -13,6 +13,7 @@ use longrun::{
 };
 
 use crate::harness::{Process, Rate, bare_echo, channel, line, measure, spawn_longrun};
+use tonic::transport::Channel;
 
 pub async fn submit(requests: usize, in_flight: usize) -> anyhow::Result<()> {
     println!("== durable Submit, {requests} calls, {in_flight} in flight on one connection");
@@ -275,41 +276,44 @@ fn finished_job() -> Job {
     job
 }
 
-/// Starts a server on `dir`, returns it, how long until it answered, and GetStatus latencies
-/// for `ids`.
-async fn start_and_probe(dir: &Path, ids: &[JobId]) -> anyhow::Result<(Process, Duration, Rate)> {
+/// Starts a server on `dir`; returns it, a client, and how long until it answered a GetStatus
+/// (for `ready_job`, when given: until it finds that job).
+async fn start(
+    dir: &Path,
+    ready_job: Option<JobId>,
+) -> anyhow::Result<(Process, JobsClient<Channel>, Duration)> {
     let started = Instant::now();
     let (server, addr) = spawn_longrun(dir, &[])?;
-    let client = JobsClient::new(channel(addr).await?);
-    let probe = ids.first().map(ToString::to_string).unwrap_or_default();
+    let mut client = JobsClient::new(channel(addr).await?);
+    let job_id = ready_job.map(|id| id.to_string()).unwrap_or_default();
     loop {
-        let mut c = client.clone();
-        let answered = c
+        let answered = client
             .get_status(pb::GetStatusRequest {
-                job_id: probe.clone(),
+                job_id: job_id.clone(),
             })
             .await;
-        if answered.is_ok() || ids.is_empty() {
+        if answered.is_ok() || ready_job.is_none() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let ready = started.elapsed();
+    Ok((server, client, started.elapsed()))
+}
+
+/// GetStatus latencies for `ids`, 64 in flight.
+async fn probe(client: JobsClient<Channel>, ids: &[JobId]) -> anyhow::Result<Rate> {
     let ids: Arc<Vec<String>> = Arc::new(ids.iter().map(ToString::to_string).collect());
-    let rate = measure(20_000, 64, move |n| {
+    measure(20_000, 64, move |n| {
         let mut client = client.clone();
-        let id = ids
-            .get((n.wrapping_mul(7919)) % ids.len().max(1))
-            .cloned()
-            .unwrap_or_else(|| JobId::generate().to_string());
+        let id = ids[n.wrapping_mul(7919) % ids.len()].clone();
         async move {
-            // Unknown ids (NOT_FOUND) still measure the lookup on the empty store.
-            let _ = client.get_status(pb::GetStatusRequest { job_id: id }).await;
+            client
+                .get_status(pb::GetStatusRequest { job_id: id })
+                .await?;
             Ok(())
         }
     })
-    .await?;
-    Ok((server, ready, rate))
+    .await
 }
 
 pub async fn restart(jobs: usize) -> anyhow::Result<()> {
@@ -333,16 +337,19 @@ pub async fn restart(jobs: usize) -> anyhow::Result<()> {
     let few = SMALL_STORE.min(jobs);
     let small = tempfile::tempdir()?;
     let small_ids = seed_finished_jobs(small.path(), few).await?;
-    let (small_server, small_ready, small_rate) = start_and_probe(small.path(), &small_ids).await?;
+    let (small_server, client, small_ready) =
+        start(small.path(), small_ids.first().copied()).await?;
+    let small_rate = probe(client, &small_ids).await?;
     let small_rss = small_server.rss_kib();
     drop(small_server);
 
     let empty = tempfile::tempdir()?;
-    let (empty_server, empty_ready, _) = start_and_probe(empty.path(), &[]).await?;
+    let (empty_server, _, empty_ready) = start(empty.path(), None).await?;
     let empty_rss = empty_server.rss_kib();
     drop(empty_server);
 
-    let (full_server, full_ready, full_rate) = start_and_probe(full.path(), &ids).await?;
+    let (full_server, client, full_ready) = start(full.path(), ids.first().copied()).await?;
+    let full_rate = probe(client, &ids).await?;
     let full_rss = full_server.rss_kib();
     drop(full_server);
 

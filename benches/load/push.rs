@@ -42,8 +42,7 @@ pub async fn e2e(
     let baseline = bare_echo(jobs, in_flight).await?;
     let baseline_serial = bare_echo(serial, 1).await?;
 
-    let data_dir = tempfile::tempdir()?;
-    // Held until the end: dropping either stops its server.
+    // Held until the end: dropping either stops its server (the binary's with its data).
     let (_bench, _binary, addr) = match server {
         Server::Bench => {
             let bench = spawn_bench_server()?;
@@ -51,8 +50,9 @@ pub async fn e2e(
             (Some(bench), None, addr)
         }
         Server::Binary => {
+            let data_dir = tempfile::tempdir()?;
             let (process, addr) = spawn_longrun(data_dir.path(), &[])?;
-            (None, Some(process), addr)
+            (None, Some((process, data_dir)), addr)
         }
     };
     let connection = channel(addr).await?;
