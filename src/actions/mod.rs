@@ -4,20 +4,22 @@
 mod builtin;
 mod exec;
 mod params;
+mod progress;
 
 pub use builtin::{Echo, Fail, Sha256, Sleep};
 pub use exec::{Exec, ExecCommand};
 pub use params::{ParamInfo, ParamType, str_param, u64_param};
+pub use progress::{ProgressReceiver, ProgressReporter};
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{FieldViolation, JobError, JobId, Progress};
+use crate::job::{FieldViolation, JobError, JobId};
 
 /// What a handler says about itself in `ListActions`.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,41 +39,6 @@ pub struct ActionInfo {
     pub name: String,
     /// Its description.
     pub description: ActionDescription,
-}
-
-/// Reports an action's progress to the executor. Cheap to clone and never blocks: reports
-/// that come faster than watchers read are coalesced to the newest.
-#[derive(Clone)]
-pub struct ProgressReporter {
-    sender: Arc<watch::Sender<Option<Progress>>>,
-}
-
-impl ProgressReporter {
-    /// A reporter and the receiving end the executor reads from.
-    pub fn channel() -> (Self, watch::Receiver<Option<Progress>>) {
-        let (sender, receiver) = watch::channel(None);
-        (
-            Self {
-                sender: Arc::new(sender),
-            },
-            receiver,
-        )
-    }
-
-    /// Reports progress.
-    pub fn report(&self, progress: Progress) {
-        self.sender.send_replace(Some(progress));
-    }
-
-    /// Reports `current` of `total` units done.
-    pub fn units(&self, current: u64, total: u64, message: impl Into<String>) {
-        self.report(Progress::of(current, total, message));
-    }
-
-    /// Reports a percent done.
-    pub fn percent(&self, percent: u8, message: impl Into<String>) {
-        self.report(Progress::percent(percent, message));
-    }
 }
 
 /// Everything a handler gets to run one action.

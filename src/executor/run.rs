@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Inner, cancelled_error, queue::StopHandle, queue::StopReason};
 use crate::{
-    actions::{ActionContext, HandlerError, ProgressReporter},
+    actions::{ActionContext, HandlerError, ProgressReceiver, ProgressReporter},
     job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress},
     store::StoreError,
 };
@@ -28,7 +28,7 @@ enum RunError {
 
 /// A running action's progress channel and when its progress was last written.
 struct ProgressTracker {
-    receiver: tokio::sync::watch::Receiver<Option<Progress>>,
+    receiver: ProgressReceiver,
     persisted_version: i64,
     last_persist: Instant,
 }
@@ -273,13 +273,16 @@ impl Inner {
             deadline,
         };
         let span = tracing::info_span!("action", index, name = %action.name);
-        let mut run = std::pin::pin!(tracing::Instrument::instrument(handler.run(ctx), span));
         let mut tracker = ProgressTracker {
             receiver: progress_rx,
             persisted_version: job.version,
             last_persist: Instant::now(),
         };
-        let mut progress_open = true;
+        // Reports made while the handler is polled are taken by the `next()` branch right
+        // after, in the same poll, so they need not wake this task (see `actions::progress`).
+        let mut run = tracker
+            .receiver
+            .polling(tracing::Instrument::instrument(handler.run(ctx), span));
         let mut grace_ends: Option<Instant> = None;
         loop {
             let grace = async {
@@ -291,15 +294,12 @@ impl Inner {
             tokio::select! {
                 biased;
                 result = &mut run => {
-                    self.apply_progress(job, index, &mut tracker, true).await?;
+                    let reported = tracker.receiver.take();
+                    self.apply_progress(job, index, &mut tracker, reported, true).await?;
                     return Ok(result);
                 }
-                changed = tracker.receiver.changed(), if progress_open => {
-                    if changed.is_err() {
-                        progress_open = false;
-                        continue;
-                    }
-                    self.apply_progress(job, index, &mut tracker, false).await?;
+                reported = tracker.receiver.next() => {
+                    self.apply_progress(job, index, &mut tracker, Some(reported), false).await?;
                 }
                 _ = handle.token().cancelled(), if grace_ends.is_none() => {
                     grace_ends = Some(Instant::now() + self.config.cancel_grace);
@@ -312,9 +312,9 @@ impl Inner {
         }
     }
 
-    /// Applies the newest reported progress. Unless `last` (the handler has returned, and the
-    /// state change that follows saves and publishes a newer version anyway), publishes it at
-    /// once — progress is not a transition, so watchers need not wait for the disk — and writes
+    /// Applies the newest reported progress, if any. Unless `last` (the handler has returned,
+    /// and the state change that follows saves and publishes a newer version anyway), publishes
+    /// it at once — progress is not a transition, so watchers need not wait for the disk — and writes
     /// it when enough time has gone by (in the background) or enough versions (waiting, so the
     /// store never falls more than [`MAX_UNPERSISTED_VERSIONS`] behind what was shown).
     async fn apply_progress(
@@ -322,9 +322,9 @@ impl Inner {
         job: &mut Job,
         index: usize,
         tracker: &mut ProgressTracker,
+        reported: Option<Progress>,
         last: bool,
     ) -> Result<(), RunError> {
-        let reported = tracker.receiver.borrow_and_update().clone();
         let Some(progress) = reported else {
             return Ok(());
         };

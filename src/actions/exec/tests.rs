@@ -5,12 +5,12 @@ use std::{path::Path, time::Duration};
 use bytes::Bytes;
 use nix::{errno::Errno, sys::signal::kill, unistd::Pid};
 use serde_json::{Map, Value, json};
-use tokio::{sync::watch, time::timeout};
+use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::{
-    actions::{ProgressReporter, Registry},
+    actions::{ProgressReceiver, ProgressReporter, Registry},
     job::{JobId, Progress},
 };
 
@@ -42,7 +42,7 @@ fn params(value: Value) -> Map<String, Value> {
     value.as_object().cloned().unwrap_or_default()
 }
 
-fn ctx(command: &str, input: &'static [u8]) -> (ActionContext, watch::Receiver<Option<Progress>>) {
+fn ctx(command: &str, input: &'static [u8]) -> (ActionContext, ProgressReceiver) {
     let (progress, receiver) = ProgressReporter::channel();
     let ctx = ActionContext {
         job_id: JobId::generate(),
@@ -112,16 +112,13 @@ async fn progress_lines_are_reported_and_output_is_kept() {
         "count",
         sh("echo hello; echo '@progress 40 copying'; echo '@progress 3/4 step 3'; echo bye"),
     )]);
-    let (ctx, mut progress) = ctx("count", b"");
+    let (ctx, progress) = ctx("count", b"");
     let result = run(&handler, ctx).await.unwrap();
     assert_eq!(
         result,
         json!({"exit_code": 0, "stdout_tail": ["hello", "bye"]})
     );
-    assert_eq!(
-        progress.borrow_and_update().clone(),
-        Some(Progress::of(3, 4, "step 3"))
-    );
+    assert_eq!(progress.take(), Some(Progress::of(3, 4, "step 3")));
 }
 
 #[tokio::test]
@@ -129,10 +126,7 @@ async fn percent_progress_reaches_the_reporter() {
     let handler = exec([("half", sh("echo '@progress 50 halfway'"))]);
     let (ctx, progress) = ctx("half", b"");
     run(&handler, ctx).await.unwrap();
-    assert_eq!(
-        progress.borrow().clone(),
-        Some(Progress::percent(50, "halfway"))
-    );
+    assert_eq!(progress.take(), Some(Progress::percent(50, "halfway")));
 }
 
 #[tokio::test]
