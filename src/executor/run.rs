@@ -313,10 +313,11 @@ impl Inner {
     }
 
     /// Applies the newest reported progress, if any. Unless `last` (the handler has returned,
-    /// and the state change that follows saves and publishes a newer version anyway), publishes
-    /// it at once — progress is not a transition, so watchers need not wait for the disk — and writes
-    /// it when enough time has gone by (in the background) or enough versions (waiting, so the
-    /// store never falls more than [`MAX_UNPERSISTED_VERSIONS`] behind what was shown).
+    /// and the state change that follows saves and publishes a newer version anyway),
+    /// publishes it at once — progress is not a transition, so watchers need not wait for the
+    /// disk — and writes it when enough time has gone by (in the background) or enough
+    /// versions (waiting, so the store never falls more than [`MAX_UNPERSISTED_VERSIONS`]
+    /// behind what was shown).
     async fn apply_progress(
         &self,
         job: &mut Job,
