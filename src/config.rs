@@ -146,6 +146,12 @@ pub struct Settings {
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub cancel_grace: Option<Duration>,
+    /// How often a running job's progress is written to the store at most; watchers,
+    /// GetStatus and listings on this server see every report at once either way [default: 1s
+    /// with PostgreSQL, where it is how soon the other replicas see progress; 10s otherwise].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub progress_persist_interval: Option<Duration>,
     /// How long running jobs may take to finish on shutdown before they are stopped [default: 30s].
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -222,6 +228,9 @@ impl Settings {
             retry_backoff: self.retry_backoff.or(fallback.retry_backoff),
             retry_backoff_max: self.retry_backoff_max.or(fallback.retry_backoff_max),
             cancel_grace: self.cancel_grace.or(fallback.cancel_grace),
+            progress_persist_interval: self
+                .progress_persist_interval
+                .or(fallback.progress_persist_interval),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             lease: self.lease.or(fallback.lease),
             interrupted: self.interrupted.or(fallback.interrupted),
@@ -426,15 +435,16 @@ impl Config {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
         let limit_defaults = Limits::default();
         let exec_defaults = ExecutorConfig::default();
+        let store = match (s.store, s.database_url) {
+            (Some(store), _) => store,
+            (None, Some(url)) => StoreKind::Postgres(url),
+            (None, None) => StoreKind::Sqlite,
+        };
         Self {
             listen,
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("longrun-data")),
             metrics_listen: s.metrics_listen,
-            store: match (s.store, s.database_url) {
-                (Some(store), _) => store,
-                (None, Some(url)) => StoreKind::Postgres(url),
-                (None, None) => StoreKind::Sqlite,
-            },
+            store,
             limits: Limits {
                 max_message_bytes: s
                     .max_message_bytes
@@ -478,6 +488,7 @@ impl Config {
                     .retry_backoff_max
                     .unwrap_or(exec_defaults.retry_backoff_max),
                 cancel_grace: s.cancel_grace.unwrap_or(exec_defaults.cancel_grace),
+                progress_persist_interval: s.progress_persist_interval,
                 interrupted_policy: s.interrupted.unwrap_or(exec_defaults.interrupted_policy),
                 max_queued_per_tenant: quotas.default.max_queued_jobs,
                 tenant_max_queued: quotas
@@ -553,6 +564,33 @@ mod tests {
         assert_eq!(config.limits.max_actions_per_job, 100);
         assert_eq!(config.store, StoreKind::Sqlite);
         assert_eq!(config.retention, Duration::from_secs(14 * 86400));
+    }
+
+    #[test]
+    fn progress_is_written_every_second_only_where_other_replicas_read_it() {
+        let interval = |flags: Settings, file: &str, shared: bool| {
+            Config::resolve(flags, FileConfig::parse(file).unwrap())
+                .executor
+                .progress_write_interval(shared)
+        };
+        assert_eq!(
+            interval(Settings::default(), "", false),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            interval(Settings::default(), "", true),
+            Duration::from_secs(1)
+        );
+        let file = "[server]\nprogress_persist_interval = \"2s\"";
+        assert_eq!(
+            interval(Settings::default(), file, true),
+            Duration::from_secs(2)
+        );
+        let flag = Settings {
+            progress_persist_interval: Some(Duration::from_millis(500)),
+            ..Settings::default()
+        };
+        assert_eq!(interval(flag, file, false), Duration::from_millis(500));
     }
 
     #[test]

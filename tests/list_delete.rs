@@ -383,3 +383,72 @@ async fn state_filter_unspecified_matches_nothing_as_the_proto_documents() {
     let listed = list(&mut client, by_states(&[JobState::Unspecified])).await;
     assert!(listed.jobs.is_empty());
 }
+
+/// Progress is written to the store only now and then; a listing read from the store (ListJobs,
+/// ListOperations, the start of WatchJobs) shows a running job with its newest progress all
+/// the same, as GetStatus and watchers do.
+#[tokio::test]
+async fn listings_show_a_running_jobs_newest_progress_not_the_stored_one() {
+    let mut config = test_config();
+    config.executor.progress_persist_interval = Some(std::time::Duration::from_secs(3600));
+    let server = TestServer::start_with(config, longrun::actions::Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+    // A step (and a progress report) every 100 ms, for an hour.
+    let job = submit(&mut client, request(vec![sleep(3_600_000, 36_000)])).await;
+    let steps = |job: &pb::Job| {
+        job.actions[0]
+            .progress
+            .as_ref()
+            .map_or(0, |progress| progress.current)
+    };
+    let reported = until(&mut client, &job.id, |j| steps(j) >= 2).await;
+
+    let listed = list(&mut client, pb::ListJobsRequest::default()).await.jobs;
+    assert_eq!(ids(&listed), vec![job.id.clone()]);
+    assert!(
+        steps(&listed[0]) >= 2 && listed[0].version >= reported.version,
+        "listed at step {} and version {}, watched at step {} and version {}",
+        steps(&listed[0]),
+        listed[0].version,
+        steps(&reported),
+        reported.version
+    );
+
+    let mut operations = longrun::api::longrunning::operations_client::OperationsClient::new(
+        channel(server.addr).await,
+    );
+    let listed = operations
+        .list_operations(longrun::api::longrunning::ListOperationsRequest::default())
+        .await
+        .expect("ListOperations")
+        .into_inner()
+        .operations;
+    let metadata = listed[0].metadata.as_ref().expect("metadata");
+    let listed: pb::Job = prost::Message::decode(metadata.value.as_slice()).expect("a Job");
+    assert!(
+        steps(&listed) >= 2,
+        "ListOperations at step {}",
+        steps(&listed)
+    );
+
+    // WatchJobs without a cursor starts with a snapshot of each unfinished job.
+    let mut stream = client
+        .watch_jobs(pb::WatchJobsRequest::default())
+        .await
+        .expect("WatchJobs")
+        .into_inner();
+    let first = tokio::time::timeout(PATIENCE, futures::StreamExt::next(&mut stream))
+        .await
+        .expect("the first snapshot in time")
+        .expect("a message")
+        .expect("not an error")
+        .job
+        .expect("a job");
+    assert!(
+        steps(&first) >= 2,
+        "WatchJobs began at step {}",
+        steps(&first)
+    );
+
+    cancel(&mut client, &job.id).await;
+}

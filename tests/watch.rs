@@ -362,7 +362,7 @@ async fn watch_opened_after_a_progress_update_sees_that_progress() {
     let mut registry = Registry::with_builtins();
     registry.register("half", HalfThenWait(reported_tx));
     let config = test_config();
-    let bound = config.executor.progress_persist_interval + Duration::from_secs(1);
+    let bound = config.executor.progress_write_interval(false) + Duration::from_secs(1);
     let server = TestServer::start_with(config, registry).await;
     let mut client = server.client.clone();
     let job = submit(&mut client, request(vec![action("half", json!({}))])).await;

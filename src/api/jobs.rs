@@ -354,9 +354,9 @@ impl Jobs for JobsService {
             tenant: Some(tenant.to_string()),
             ..ListQuery::default()
         };
-        let (jobs, next_page_token) = page.read(self.executor.store().as_ref(), query).await?;
+        let (jobs, next_page_token) = page.read(&self.executor, query).await?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(convert::job).collect(),
+            jobs: jobs.iter().map(|job| convert::job(job)).collect(),
             next_page_token,
         }))
     }

@@ -95,7 +95,7 @@ impl Operations for OperationsService {
             tenant: Some(tenant.to_string()),
             ..ListQuery::default()
         };
-        let (jobs, next_page_token) = page.read(self.executor.store().as_ref(), query).await?;
+        let (jobs, next_page_token) = page.read(&self.executor, query).await?;
         Ok(Response::new(ListOperationsResponse {
             operations: jobs.iter().map(|j| operation(convert::job(j))).collect(),
             next_page_token,

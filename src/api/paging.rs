@@ -2,10 +2,13 @@
 //! `Operations/ListOperations`: both page over the store's newest-first list, and a page token
 //! is the id of the last job of the previous page.
 
+use std::sync::Arc;
+
 use super::Limits;
 use crate::{
+    executor::Executor,
     job::{FieldViolation, Job, JobId},
-    store::{ListQuery, Store, StoreError},
+    store::{ListQuery, StoreError},
 };
 
 /// A validated page request.
@@ -56,16 +59,17 @@ impl Page {
     }
 
     /// Reads this page of `query` (whose `before` and `limit` it sets) and the token of the
-    /// next one, empty when there are no more jobs.
+    /// next one, empty when there are no more jobs. Running jobs show their newest progress
+    /// (see [`crate::events::Hub::with_newest_progress`]).
     pub async fn read(
         self,
-        store: &dyn Store,
+        executor: &Executor,
         mut query: ListQuery,
-    ) -> Result<(Vec<Job>, String), StoreError> {
+    ) -> Result<(Vec<Arc<Job>>, String), StoreError> {
         query.before = self.before;
         // One more than asked tells whether another page exists.
         query.limit = self.limit + 1;
-        let mut jobs = store.list(&query).await?;
+        let mut jobs = executor.store().list(&query).await?;
         let next_page_token = if jobs.len() > self.limit {
             jobs.truncate(self.limit);
             jobs.last()
@@ -74,6 +78,11 @@ impl Page {
         } else {
             String::new()
         };
+        let hub = executor.hub();
+        let jobs = jobs
+            .into_iter()
+            .map(|job| hub.with_newest_progress(job))
+            .collect();
         Ok((jobs, next_page_token))
     }
 }

@@ -170,6 +170,21 @@ impl Hub {
             .or_else(|| self.ended().jobs.get(&id).cloned())
     }
 
+    /// `job` as read from the store, or the newest published snapshot of it when that is
+    /// newer only by progress (the same logged transition). Progress is written to the store
+    /// only now and then, so a listing read from it would otherwise show progress older than
+    /// what GetStatus and watchers see.
+    pub fn with_newest_progress(&self, job: Job) -> Arc<Job> {
+        if job.state == JobState::Running
+            && let Some(newest) = self.latest(job.id)
+            && newest.version > job.version
+            && newest.logged_version == job.logged_version
+        {
+            return newest;
+        }
+        Arc::new(job)
+    }
+
     /// Forgets an ended job that was removed from the store.
     pub fn forget(&self, id: JobId) {
         self.ended().jobs.remove(&id);
@@ -385,6 +400,41 @@ mod tests {
             Some(crate::job::JobState::Cancelled),
             "the ended snapshot is remembered (recently ended jobs)"
         );
+    }
+
+    #[test]
+    fn a_stored_job_reads_with_the_newest_progress_but_never_a_newer_transition() {
+        let hub = Hub::new();
+        let now = SystemTime::now();
+        let mut job = sample_job(1, &[], None);
+        let queued = job.clone();
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        let stored = job.clone();
+        assert!(job.report_progress(0, crate::job::Progress::percent(40, ""), now));
+        hub.publish(Arc::new(job.clone()));
+
+        let listed = hub.with_newest_progress(stored.clone());
+        assert_eq!(listed.version, job.version, "progress the store lacks");
+        assert_eq!(listed.progress().percent, 40);
+        assert_eq!(
+            hub.with_newest_progress(job.clone()).version,
+            job.version,
+            "the stored copy when it is as new"
+        );
+        assert_eq!(
+            hub.with_newest_progress(queued.clone()).version,
+            queued.version,
+            "only running jobs take progress"
+        );
+
+        // A newer transition is left to the store: a listing filtered on the stored state
+        // must not show another one.
+        job.cancel(crate::job::JobError::default(), now).unwrap();
+        hub.publish(Arc::new(job.clone()));
+        let listed = hub.with_newest_progress(stored.clone());
+        assert_eq!(listed.state, JobState::Running);
+        assert_eq!(listed.version, stored.version);
     }
 
     #[tokio::test]

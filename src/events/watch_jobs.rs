@@ -125,7 +125,8 @@ impl JobsWatch {
                     .await?;
                 watch.scanned = head;
                 for job in jobs {
-                    watch.deliver(Arc::new(job), head);
+                    // Progress is not logged: the newest is as true at `head` as the stored.
+                    watch.deliver(hub.with_newest_progress(job), head);
                 }
             }
             Some(after) => {

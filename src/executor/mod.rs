@@ -60,8 +60,9 @@ pub struct ExecutorConfig {
     /// How long a cancelled or timed-out handler may take to stop before it is dropped.
     pub cancel_grace: Duration,
     /// How often a running job's progress is written to the store at most (progress is
-    /// pushed to watchers at once either way).
-    pub progress_persist_interval: Duration,
+    /// pushed to watchers at once either way); `None` for the store's default, see
+    /// [`ExecutorConfig::progress_write_interval`].
+    pub progress_persist_interval: Option<Duration>,
     /// What recovery does with jobs found RUNNING at start.
     pub interrupted_policy: InterruptedPolicy,
     /// Jobs one tenant may have waiting in the queue, unless `tenant_max_queued` says
@@ -72,6 +73,17 @@ pub struct ExecutorConfig {
 }
 
 impl ExecutorConfig {
+    /// How often a running job's progress is written to the store at most: as configured,
+    /// else 1 s on a store `shared` with other replicas (it is how soon they see progress)
+    /// and 10 s on one only this server reads. There, stored progress serves only listings
+    /// (which take the newer one from memory, see [`crate::events::Hub::with_newest_progress`])
+    /// and whoever opens the database; an interrupted job starts its actions over. Writing it
+    /// every second would be most of what a job that reports once a second costs.
+    pub fn progress_write_interval(&self, shared: bool) -> Duration {
+        self.progress_persist_interval
+            .unwrap_or(Duration::from_secs(if shared { 1 } else { 10 }))
+    }
+
     /// How many jobs `tenant` may have waiting, if it is limited.
     pub fn tenant_queue_limit(&self, tenant: &str) -> Option<usize> {
         self.tenant_max_queued
@@ -91,7 +103,7 @@ impl Default for ExecutorConfig {
             retry_backoff_initial: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(60),
             cancel_grace: Duration::from_secs(10),
-            progress_persist_interval: Duration::from_secs(1),
+            progress_persist_interval: None,
             interrupted_policy: InterruptedPolicy::Requeue,
             max_queued_per_tenant: None,
             tenant_max_queued: BTreeMap::new(),

@@ -336,7 +336,8 @@ impl Inner {
         self.hub.publish(Arc::clone(&snapshot));
         if job.version - tracker.persisted_version >= MAX_UNPERSISTED_VERSIONS - 1 {
             self.store.save(job).await?;
-        } else if tracker.last_persist.elapsed() >= self.config.progress_persist_interval {
+        } else if tracker.last_persist.elapsed() >= self.config.progress_write_interval(self.shared)
+        {
             let store = Arc::clone(&self.store);
             self.tracker.spawn(async move {
                 match store.save(&snapshot).await {
