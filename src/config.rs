@@ -435,16 +435,15 @@ impl Config {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
         let limit_defaults = Limits::default();
         let exec_defaults = ExecutorConfig::default();
-        let store = match (s.store, s.database_url) {
-            (Some(store), _) => store,
-            (None, Some(url)) => StoreKind::Postgres(url),
-            (None, None) => StoreKind::Sqlite,
-        };
         Self {
             listen,
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("longrun-data")),
             metrics_listen: s.metrics_listen,
-            store,
+            store: match (s.store, s.database_url) {
+                (Some(store), _) => store,
+                (None, Some(url)) => StoreKind::Postgres(url),
+                (None, None) => StoreKind::Sqlite,
+            },
             limits: Limits {
                 max_message_bytes: s
                     .max_message_bytes
