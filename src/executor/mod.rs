@@ -292,7 +292,7 @@ impl Executor {
                 let now = SystemTime::now();
                 let outcome = match self.inner.config.interrupted_policy {
                     InterruptedPolicy::Requeue => job.interrupt(now),
-                    InterruptedPolicy::Fail => job.fail(
+                    InterruptedPolicy::Fail => job.fail_interrupted(
                         JobError::new(
                             "ABORTED",
                             "INTERRUPTED",

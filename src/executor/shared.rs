@@ -198,7 +198,7 @@ impl Inner {
                 let now = SystemTime::now();
                 let changed = match self.config.interrupted_policy {
                     InterruptedPolicy::Requeue => job.interrupt(now),
-                    InterruptedPolicy::Fail => job.fail(
+                    InterruptedPolicy::Fail => job.fail_interrupted(
                         JobError::new(
                             "ABORTED",
                             "INTERRUPTED",

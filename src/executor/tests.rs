@@ -14,11 +14,11 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::Notify;
 
-use super::{Executor, ExecutorConfig};
+use super::{Executor, ExecutorConfig, InterruptedPolicy};
 use crate::{
     actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
-    events::Hub,
-    job::{JobId, JobState, NewAction, NewJob},
+    events::{Hub, JobWatch},
+    job::{Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress},
     store::{SqliteOptions, SqliteStore, Store},
 };
 
@@ -175,4 +175,54 @@ async fn a_job_started_at_submission_shares_one_commit_with_its_creation() {
     executor.cancel(job.id).await.unwrap();
     assert_eq!(stored_end(&store, job.id).await, Some(JobState::Cancelled));
     executor.shutdown(Duration::from_secs(1)).await;
+}
+
+/// With `interrupted = fail`, a job found RUNNING at start ends FAILED at a version past any
+/// progress a watcher may have been shown before the crash (progress is persisted only now
+/// and then), so a watcher resuming after such a version is told how the job ended.
+#[tokio::test]
+async fn a_job_failed_for_its_interruption_can_be_resumed_after_unpersisted_versions() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    let now = std::time::SystemTime::now();
+    // As a crashed server leaves it: started, progress persisted once.
+    let mut job = Job::new(JobId::generate(), sleep_spec(60_000), 1, now);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    assert!(job.report_progress(0, Progress::percent(10, "persisted"), now));
+    store.create(&job).await.unwrap();
+    let stored_version = job.version;
+    // Versions a watcher saw published but the crash kept from the disk.
+    let seen_before_the_crash = stored_version + 50;
+
+    let config = ExecutorConfig {
+        interrupted_policy: InterruptedPolicy::Fail,
+        ..ExecutorConfig::default()
+    };
+    let hub = Hub::new();
+    let executor = Executor::start(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::clone(&hub),
+        Registry::with_builtins(),
+        config,
+    );
+    assert_eq!(executor.recover().await.unwrap(), 1);
+
+    let ended = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(ended.state, JobState::Failed);
+    assert_eq!(ended.error.as_ref().unwrap().reason, "INTERRUPTED");
+    assert!(ended.version > stored_version + MAX_UNPERSISTED_VERSIONS);
+
+    let mut watch = JobWatch::open(
+        Arc::clone(&store) as Arc<dyn Store>,
+        &hub,
+        job.id,
+        seen_before_the_crash,
+        || None,
+    )
+    .await
+    .expect("resuming after a version shown before the crash");
+    let told = watch.next().await.unwrap().unwrap();
+    assert_eq!(told.state, JobState::Failed);
+    assert!(watch.next().await.is_none(), "the stream ends after it");
 }

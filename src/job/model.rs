@@ -531,6 +531,20 @@ impl Job {
         Ok(())
     }
 
+    /// RUNNING → FAILED because the server stopped while the job ran and the configured policy
+    /// gives up on such jobs: [`Job::fail`] with `error`, and the same version jump as
+    /// [`Job::interrupt`], so a watcher that saw unpersisted progress can still resume.
+    pub fn fail_interrupted(
+        &mut self,
+        error: JobError,
+        now: SystemTime,
+    ) -> Result<(), IllegalTransition> {
+        self.fail(error, now)?;
+        self.version += MAX_UNPERSISTED_VERSIONS;
+        self.logged_version = self.version;
+        Ok(())
+    }
+
     /// Whether another attempt is allowed after this one.
     pub fn has_attempts_left(&self) -> bool {
         self.attempt < self.max_attempts

@@ -145,3 +145,18 @@ fn ids_parse_and_sort_by_time() {
     assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
     assert!("nope".parse::<JobId>().is_err());
 }
+
+#[test]
+fn failing_an_interrupted_job_jumps_versions_too() {
+    let now = SystemTime::now();
+    let mut job = job(1, 3);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    let seen = job.version;
+    job.fail_interrupted(JobError::new("ABORTED", "INTERRUPTED", "stopped"), now)
+        .unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.actions[0].state, ActionState::Cancelled);
+    assert!(job.version > seen + MAX_UNPERSISTED_VERSIONS);
+    assert_eq!(job.version, job.logged_version);
+}
