@@ -36,6 +36,9 @@ impl Store for SlowRecovery {
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         self.inner.get(id).await
     }
+    async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
+        self.inner.by_idempotency_key(tenant, key).await
+    }
     async fn transitions(&self, id: JobId, after: i64) -> Result<Vec<Job>, StoreError> {
         self.inner.transitions(id, after).await
     }

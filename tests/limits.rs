@@ -66,6 +66,35 @@ async fn full_queue_refuses_submit_with_queue_full_and_retry_info_and_stores_not
     gate.release(3);
 }
 
+/// A Submit retried with its idempotency key (its first answer was lost) gets the job it
+/// created back even when the queue has filled up since: the job was accepted, and a refusal
+/// would invite a resubmission under a new key. A new key is still refused.
+#[tokio::test]
+async fn an_idempotent_retry_finds_its_job_when_the_queue_is_full() {
+    let gate = Gate::default();
+    let server = TestServer::start_with(config(1, 2), gate.registry()).await;
+    let mut client = server.client.clone();
+    let running = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, running.id);
+    let keyed = |key: &str| pb::SubmitRequest {
+        idempotency_key: key.to_owned(),
+        ..request(vec![gated()])
+    };
+    let first = submit(&mut client, keyed("order-1")).await;
+    submit(&mut client, request(vec![gated()])).await;
+
+    let retried = submit(&mut client, keyed("order-1")).await;
+    assert_eq!(retried.id, first.id);
+    assert_eq!(retried.version, first.version, "unchanged");
+    let status = client
+        .submit(keyed("order-2"))
+        .await
+        .expect_err("a new key still finds the queue full");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(list_all(&mut client).await.len(), 3, "nothing more stored");
+    gate.release(3);
+}
+
 #[tokio::test]
 async fn running_jobs_never_exceed_the_concurrency_limit_and_all_finish() {
     let gate = Gate::default();

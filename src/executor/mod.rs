@@ -336,15 +336,26 @@ impl Executor {
             .inner
             .scheduler()
             .reserve(limit, &spec.tenant, tenant_limit);
-        match reserved {
-            Ok(()) => {}
-            Err(Full::Queue) => return Err(ExecutorError::QueueFull { limit }),
-            Err(Full::Tenant) => {
-                return Err(ExecutorError::TenantQueueFull {
+        if let Err(full) = reserved {
+            // A retry of a Submit whose answer was lost finds its job, whatever the queue
+            // holds now: the job was accepted, and refusing would invite a resubmission under
+            // a new key. Looked up only here, so accepted Submits never pay for it.
+            if let Some(key) = &spec.idempotency_key
+                && let Some(existing) = self
+                    .inner
+                    .store
+                    .by_idempotency_key(&spec.tenant, key)
+                    .await?
+            {
+                return Ok(existing);
+            }
+            return Err(match full {
+                Full::Queue => ExecutorError::QueueFull { limit },
+                Full::Tenant => ExecutorError::TenantQueueFull {
                     tenant: spec.tenant,
                     limit: tenant_limit.unwrap_or(0),
-                });
-            }
+                },
+            });
         }
         let job = Job::new(
             JobId::generate(),

@@ -428,6 +428,23 @@ async fn idempotency_key_returns_first_job(store: &impl Store) {
         Created::Existing(Box::new(first.clone()))
     );
     assert_eq!(store.get(second.id).await.unwrap(), None, "nothing stored");
+    let tenant = &first.tenant;
+    assert_eq!(
+        store.by_idempotency_key(tenant, "key-1").await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(
+        store.by_idempotency_key(tenant, "key-2").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .by_idempotency_key("another-tenant", "key-1")
+            .await
+            .unwrap(),
+        None,
+        "keys are per tenant"
+    );
 }
 
 async fn save_logs_state_changes_but_not_progress(store: &impl Store) {

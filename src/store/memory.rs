@@ -130,6 +130,16 @@ impl Store for MemoryStore {
         Ok(self.read().jobs.get(&id).cloned())
     }
 
+    async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
+        let inner = self.read();
+        let scoped = (tenant.to_owned(), key.to_owned());
+        Ok(inner
+            .keys
+            .get(&scoped)
+            .and_then(|id| inner.jobs.get(id))
+            .cloned())
+    }
+
     async fn transitions(&self, id: JobId, after_version: i64) -> Result<Vec<Job>, StoreError> {
         Ok(self
             .read()

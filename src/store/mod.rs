@@ -234,6 +234,9 @@ pub trait Store: Send + Sync + 'static {
     /// The job's current snapshot.
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
 
+    /// The current snapshot of the job of `tenant` that holds idempotency key `key`.
+    async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError>;
+
     /// The logged snapshots of the job with a version above `after_version`, oldest first.
     async fn transitions(&self, id: JobId, after_version: i64) -> Result<Vec<Job>, StoreError>;
 

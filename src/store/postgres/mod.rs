@@ -387,6 +387,10 @@ impl Store for PostgresStore {
         reads::get(&*self.reader().await?, id).await
     }
 
+    async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
+        reads::by_idempotency_key(&*self.reader().await?, tenant, key).await
+    }
+
     async fn transitions(&self, id: JobId, after_version: i64) -> Result<Vec<Job>, StoreError> {
         reads::transitions(&*self.reader().await?, id, after_version).await
     }

@@ -61,6 +61,23 @@ pub(super) async fn get(client: &ClientWrapper, id: JobId) -> Result<Option<Job>
     Ok(snapshots(&rows, 0, context)?.pop())
 }
 
+/// The job of `tenant` holding idempotency key `key`.
+pub(super) async fn by_idempotency_key(
+    client: &ClientWrapper,
+    tenant: &str,
+    key: &str,
+) -> Result<Option<Job>, StoreError> {
+    let context = "reading a job by its idempotency key";
+    let rows = query(
+        client,
+        context,
+        "SELECT snapshot FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+        &vec![Box::new(tenant.to_owned()), Box::new(key.to_owned())],
+    )
+    .await?;
+    Ok(snapshots(&rows, 0, context)?.pop())
+}
+
 /// The job's logged snapshots after `after_version`, oldest first.
 pub(super) async fn transitions(
     client: &ClientWrapper,

@@ -224,6 +224,13 @@ impl Store for SqliteStore {
         self.readers.run(move |conn| readers::get(conn, id)).await
     }
 
+    async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
+        let scoped = row::scoped_key(tenant, key);
+        self.readers
+            .run(move |conn| readers::by_idempotency_key(conn, scoped))
+            .await
+    }
+
     async fn transitions(&self, id: JobId, after_version: i64) -> Result<Vec<Job>, StoreError> {
         self.readers
             .run(move |conn| readers::transitions(conn, id, after_version))

@@ -127,6 +127,20 @@ pub(super) fn get(conn: &Connection, id: JobId) -> Result<Option<Job>, StoreErro
     Ok(jobs.pop())
 }
 
+/// The job holding idempotency key `scoped_key` (as stored: see `row::scoped_key`).
+pub(super) fn by_idempotency_key(
+    conn: &Connection,
+    scoped_key: String,
+) -> Result<Option<Job>, StoreError> {
+    let mut jobs = query_jobs(
+        conn,
+        "reading a job by its idempotency key",
+        &format!("SELECT {CURRENT_SNAPSHOT} FROM jobs j WHERE j.idempotency_key = ?1"),
+        &[Value::Text(scoped_key)],
+    )?;
+    Ok(jobs.pop())
+}
+
 /// The job's logged snapshots after `after_version`, oldest first.
 pub(super) fn transitions(
     conn: &Connection,
