@@ -71,8 +71,12 @@ async fn cancelling_a_running_sleep_job_cancels_it_promptly_and_the_action_is_ca
     let server = TestServer::start_with(config, Registry::with_builtins()).await;
     let mut client = server.client.clone();
     let job = submit(&mut client, request(vec![sleep(60_000, 600)])).await;
-    until(&mut client, &job.id, |j| {
-        action_state(&j.actions[0]) == ActionState::Running
+    // A few steps in: progress is published at once but stored only now and then.
+    let seen = until(&mut client, &job.id, |j| {
+        j.actions[0]
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.current >= 3)
     })
     .await;
 
@@ -82,6 +86,12 @@ async fn cancelling_a_running_sleep_job_cancels_it_promptly_and_the_action_is_ca
         state(&answer),
         JobState::Running | JobState::Cancelled
     ));
+    assert!(
+        answer.version >= seen.version,
+        "the answer is the newest snapshot, not the stored one: {} < {}",
+        answer.version,
+        seen.version
+    );
     let done = wait_done(&mut client, &job.id).await;
     let took = asked.elapsed();
     assert_eq!(state(&done), JobState::Cancelled);
@@ -136,10 +146,16 @@ async fn cancelling_a_job_waiting_for_its_retry_backoff_cancels_it() {
     .await;
     assert_eq!(waiting.attempt, 2);
 
-    cancel(&mut client, &job.id).await;
+    let answer = cancel(&mut client, &job.id).await;
+    assert_eq!(
+        state(&answer),
+        JobState::Cancelled,
+        "a job waiting between attempts is queued: Cancel answers with its cancellation"
+    );
+    assert!(answer.version > waiting.version);
     // Bounded far below the hour of backoff.
     let done = wait_done(&mut client, &job.id).await;
-    assert_eq!(state(&done), JobState::Cancelled);
+    assert_eq!(done, answer, "nothing changed after the answer");
     assert_eq!(done.attempt, 2, "the retry never started");
     assert_eq!(done.error.as_ref().unwrap().code, "CANCELLED");
 }

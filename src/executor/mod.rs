@@ -22,12 +22,25 @@ use tracing::Instrument;
 
 use crate::{
     actions::Registry,
-    events::Hub,
+    events::{self, Hub, WatchError},
     job::{FieldViolation, IllegalTransition, Job, JobError, JobId, JobState, NewJob},
     metrics::Metrics,
     store::{Created, Store, StoreError},
 };
 use queue::{Full, Holder, Scheduler, StopHandle, StopReason};
+
+/// How long Cancel waits for a job waiting out a retry's backoff to commit its cancellation
+/// (its task does so as soon as it is told; this only bounds a store that has stalled).
+const CANCEL_SETTLE: Duration = Duration::from_secs(5);
+
+fn watch_error(error: WatchError) -> ExecutorError {
+    match error {
+        WatchError::NotFound(id) => ExecutorError::NotFound(id),
+        WatchError::Store(error) => ExecutorError::Store(error),
+        // Only asked of watches that resume after a version; none is asked for here.
+        WatchError::FutureVersion { id, .. } => ExecutorError::NotFound(id),
+    }
+}
 
 /// What to do with jobs that were RUNNING when the server stopped without finishing them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -480,8 +493,22 @@ impl Executor {
         match holder {
             Holder::Task(handle) => {
                 handle.stop(StopReason::Cancelled);
-                tracing::info!(job_id = %id, "cancel requested for a running job");
-                self.get(id).await
+                tracing::info!(job_id = %id, "cancel requested for a job held by its task");
+                let store = &self.inner.store;
+                let hub = &self.inner.hub;
+                let newest = events::current(store, hub, id).await.map_err(watch_error)?;
+                if newest.state != JobState::Queued {
+                    // Running: its handler is told to stop and given the grace period; the
+                    // answer is the newest snapshot, progress included.
+                    return Ok(newest);
+                }
+                // Waiting out a retry's backoff: its task commits the cancellation at once,
+                // so the caller is told CANCELLED, as for any queued job.
+                let until = tokio::time::Instant::now() + CANCEL_SETTLE;
+                let (job, _) = events::wait_terminal(store, hub, id, Some(until), || None)
+                    .await
+                    .map_err(watch_error)?;
+                Ok(Arc::unwrap_or_clone(job))
             }
             Holder::Nobody if self.inner.shared => self.inner.cancel_shared(id).await,
             Holder::Queue | Holder::Nobody => {
