@@ -12,8 +12,9 @@ use std::{
 use async_trait::async_trait;
 use common::*;
 use longrun::{
-    api::pb::JobState,
-    job::{AttemptOutcome, Delivery, Job, JobId},
+    actions::Registry,
+    api::pb::{self, JobState},
+    job::{AttemptOutcome, Delivery, Job, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob},
     store::{Created, Deleted, DueDelivery, EventPage, ListQuery, MemoryStore, Store, StoreError},
 };
 use tokio::sync::Semaphore;
@@ -174,4 +175,76 @@ async fn not_serving_while_recovering_then_serving_then_not_serving_while_draini
     );
     gate.release(1);
     server.stop().await;
+}
+
+/// Reads wait for recovery as Submit does: until it has run, the store holds what the
+/// previous process left, such as a job RUNNING at its last saved version, below the
+/// progress versions its watchers were shown. A watch resumed after one of those in that
+/// window was refused as "from the future" (and the CLI gave up on it).
+#[tokio::test]
+async fn reads_made_while_recovering_wait_for_it_and_see_its_outcome() {
+    let store = Arc::new(SlowRecovery {
+        inner: MemoryStore::new(),
+        recover: Semaphore::new(0),
+    });
+    // As a killed server leaves it: running, its progress saved some versions back.
+    let now = SystemTime::now();
+    let spec = NewJob {
+        actions: vec![NewAction {
+            name: "sleep".to_owned(),
+            params: serde_json::Map::new(),
+            input: Default::default(),
+        }],
+        ..NewJob::default()
+    };
+    let mut left = Job::new(JobId::generate(), spec, 1, now);
+    left.start(now).unwrap();
+    left.start_action(0, now).unwrap();
+    store.create(&left).await.unwrap();
+    let shown_before_the_crash = left.version + 20;
+
+    let server =
+        TestServer::start_unready(store.clone(), test_config(), Registry::with_builtins()).await;
+    let id = left.id.to_string();
+    let mut client = server.client.clone();
+    let watch_id = id.clone();
+    let watching = tokio::spawn(async move {
+        let mut stream = client
+            .watch_job(pb::WatchJobRequest {
+                job_id: watch_id,
+                after_version: shown_before_the_crash,
+            })
+            .await?
+            .into_inner();
+        stream.message().await
+    });
+    let mut client = server.client.clone();
+    let status_id = id.clone();
+    let reading = tokio::spawn(async move { get(&mut client, &status_id).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!watching.is_finished(), "WatchJob waits for recovery");
+    assert!(!reading.is_finished(), "GetStatus waits for recovery");
+
+    store.recover.add_permits(1);
+    let first = tokio::time::timeout(PATIENCE, watching)
+        .await
+        .expect("the watch answers after recovery")
+        .expect("watch task")
+        .expect("resumed, not refused")
+        .expect("a message")
+        .job
+        .expect("job");
+    assert!(
+        first.version > left.version + MAX_UNPERSISTED_VERSIONS,
+        "{}",
+        first.version
+    );
+    let read = tokio::time::timeout(PATIENCE, reading)
+        .await
+        .expect("GetStatus answers after recovery")
+        .expect("status task");
+    assert!(
+        read.attempt >= 2,
+        "the interrupted run was re-queued: {read:?}"
+    );
 }

@@ -182,6 +182,7 @@ pub fn owns(tenant: &str, job: &Job) -> bool {
 /// A job's tenant never changes, so a snapshot held in memory (a job queued, run or watched)
 /// answers without a store read; the call that follows still reports a job removed meanwhile.
 pub async fn check_owner(executor: &Executor, tenant: &str, id: JobId) -> Result<(), Status> {
+    executor.until_recovered().await?;
     let owned = match executor.in_memory(id) {
         Some(live) => owns(tenant, &live),
         None => executor

@@ -197,6 +197,7 @@ impl Jobs for JobsService {
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
+        self.executor.until_recovered().await?;
         let job = current(self.executor.store(), self.executor.hub(), id)
             .await
             .map_err(watch_status)?;
@@ -354,6 +355,7 @@ impl Jobs for JobsService {
             tenant: Some(tenant.to_string()),
             ..ListQuery::default()
         };
+        self.executor.until_recovered().await?;
         let (jobs, next_page_token) = page.read(&self.executor, query).await?;
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.iter().map(|job| convert::job(job)).collect(),

@@ -95,6 +95,7 @@ impl Operations for OperationsService {
             tenant: Some(tenant.to_string()),
             ..ListQuery::default()
         };
+        self.executor.until_recovered().await?;
         let (jobs, next_page_token) = page.read(&self.executor, query).await?;
         Ok(Response::new(ListOperationsResponse {
             operations: jobs.iter().map(|j| operation(convert::job(j))).collect(),
@@ -109,6 +110,7 @@ impl Operations for OperationsService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let id = job_id(&request.get_ref().name)?;
+        self.executor.until_recovered().await?;
         let job = current(self.executor.store(), self.executor.hub(), id)
             .await
             .map_err(watch_status)?;

@@ -530,8 +530,10 @@ impl Executor {
         self.inner.recovered.is_cancelled()
     }
 
-    /// Waits until [`Executor::recover`] has run; refuses once shutting down instead.
-    async fn until_recovered(&self) -> Result<(), ExecutorError> {
+    /// Waits until [`Executor::recover`] has run; refuses once shutting down instead. Reads
+    /// wait too: until then the store holds what the previous process left (a job RUNNING at
+    /// its last saved version, below the versions its watchers were shown).
+    pub async fn until_recovered(&self) -> Result<(), ExecutorError> {
         tokio::select! {
             biased;
             _ = self.inner.recovered.cancelled() => Ok(()),
