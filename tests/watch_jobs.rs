@@ -157,6 +157,32 @@ async fn a_states_filter_sends_only_those_states() {
     assert_eq!(succeeded(&seen).len(), 10, "one message per job");
 }
 
+/// JOB_STATE_UNSPECIFIED in the filter matches nothing, as documented and as in ListJobs:
+/// alone it delivers nothing; beside a real state it adds nothing to it.
+#[tokio::test]
+async fn unspecified_in_a_states_filter_matches_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let mut nothing = watch_jobs(&mut client, &[], &[JobState::Unspecified], "")
+        .await
+        .expect("accepted, not refused");
+    let mut succeeded_only = watch_jobs(
+        &mut client,
+        &[],
+        &[JobState::Unspecified, JobState::Succeeded],
+        "",
+    )
+    .await
+    .unwrap();
+    let job = submit(&mut client, request(vec![sleep(10, 2)])).await;
+    let seen = read_until(&mut succeeded_only, |s| !s.is_empty()).await;
+    assert_eq!(seen[0].job.as_ref().unwrap().id, job.id);
+    assert_eq!(state(seen[0].job.as_ref().unwrap()), JobState::Succeeded);
+    wait_done(&mut client, &job.id).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(200), nothing.next()).await;
+    assert!(quiet.is_err(), "nothing delivered: {quiet:?}");
+}
+
 #[tokio::test]
 async fn resuming_from_a_cursor_taken_mid_way_misses_nothing_and_repeats_nothing() {
     let server = TestServer::start().await;

@@ -102,10 +102,12 @@ pub fn check(declared: &[ParamInfo], params: &Map<String, Value>) -> Vec<FieldVi
                 ));
             }
             Some(param) if !value.is_null() && !param.kind.accepts(value) => {
-                violations.push(FieldViolation::new(
-                    key.clone(),
-                    format!("must be of type {}", param.kind.as_str()),
-                ));
+                let expected = match param.kind {
+                    // "integer" alone reads as if -1 were one.
+                    ParamType::Integer => "must be a whole number, 0 or more".to_owned(),
+                    kind => format!("must be of type {}", kind.as_str()),
+                };
+                violations.push(FieldViolation::new(key.clone(), expected));
             }
             Some(_) => {}
         }
@@ -152,7 +154,9 @@ mod tests {
     fn integers_accept_whole_doubles_only() {
         assert!(check(&declared(), &map(json!({"n": 5.0}))).is_empty());
         assert_eq!(check(&declared(), &map(json!({"n": 5.5})))[0].field, "n");
-        assert_eq!(check(&declared(), &map(json!({"n": -1})))[0].field, "n");
+        let negative = &check(&declared(), &map(json!({"n": -1})))[0];
+        assert_eq!(negative.field, "n");
+        assert_eq!(negative.description, "must be a whole number, 0 or more");
     }
 
     #[test]

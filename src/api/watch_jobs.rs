@@ -61,6 +61,8 @@ pub async fn open(
     for (i, value) in request.states.iter().enumerate() {
         match convert::domain_job_state(*value) {
             Some(state) => states.push(state),
+            // Documented as matching nothing, as in ListJobs: no job is ever in that state.
+            None if *value == pb::JobState::Unspecified as i32 => {}
             None => violations.push(FieldViolation::new(
                 format!("states[{i}]"),
                 format!("{value} is not a job state"),
@@ -74,12 +76,14 @@ pub async fn open(
     if !violations.is_empty() {
         return Err(invalid(violations));
     }
+    executor.until_recovered().await?;
     let watch = JobsWatch::open(
         std::sync::Arc::clone(executor.store()),
         executor.hub(),
         Some(tenant.to_owned()),
         request.labels.into_iter().collect(),
-        states,
+        // A filter of only JOB_STATE_UNSPECIFIED delivers nothing, as documented.
+        (!request.states.is_empty()).then_some(states),
         after,
     )
     .await?;

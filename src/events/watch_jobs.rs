@@ -69,9 +69,10 @@ pub struct JobsWatch {
     /// Only this tenant's jobs (every tenant's when `None`).
     tenant: Option<String>,
     labels: BTreeMap<String, String>,
-    /// Only deliver snapshots in these states; empty for all. Applied at delivery only: the
-    /// stream still follows every matching job, so it knows when each one ends.
-    states: Vec<JobState>,
+    /// Only deliver snapshots in these states; `None` for all (and an empty list for none).
+    /// Applied at delivery only: the stream still follows every matching job, so it knows
+    /// when each one ends.
+    states: Option<Vec<JobState>>,
     /// Every event up to here has been read from the log.
     scanned: i64,
     /// The log may hold events after `scanned` that have not been read yet.
@@ -98,7 +99,7 @@ impl JobsWatch {
         hub: &Arc<Hub>,
         tenant: Option<String>,
         labels: BTreeMap<String, String>,
-        states: Vec<JobState>,
+        states: Option<Vec<JobState>>,
         after: Option<i64>,
     ) -> Result<Self, WatchJobsError> {
         // Subscribe before reading, so a change in between is seen by one or the other.
@@ -253,7 +254,11 @@ impl JobsWatch {
             return;
         }
         *sent = job.version;
-        if self.states.is_empty() || self.states.contains(&job.state) {
+        if self
+            .states
+            .as_ref()
+            .is_none_or(|states| states.contains(&job.state))
+        {
             self.queue.push_back(JobsEvent { job, cursor });
         }
     }
