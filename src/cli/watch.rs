@@ -140,6 +140,10 @@ pub struct Resume {
     after_version: i64,
     policy: ExponentialBuilder,
     delays: ExponentialBackoff,
+    /// How long to keep waiting between failed attempts in a row.
+    budget: Duration,
+    /// The waits handed out since the last message got through.
+    waited: Duration,
 }
 
 impl Resume {
@@ -151,13 +155,14 @@ impl Resume {
             .with_max_delay(MAX_RETRY_DELAY)
             .with_factor(2.0)
             .with_jitter()
-            .without_max_times()
-            .with_total_delay(Some(give_up_after));
+            .without_max_times();
         Self {
             job_id,
             after_version,
             delays: policy.build(),
             policy,
+            budget: give_up_after,
+            waited: Duration::ZERO,
         }
     }
 
@@ -173,6 +178,7 @@ impl Resume {
     /// any message means the connection works, so the backoff starts over.
     pub fn observe(&mut self, job: &pb::Job) -> bool {
         self.delays = self.policy.build();
+        self.waited = Duration::ZERO;
         if job.version <= self.after_version {
             return false;
         }
@@ -180,9 +186,17 @@ impl Resume {
         true
     }
 
-    /// How long to wait before the next attempt, or `None` to give up.
+    /// How long to wait before the next attempt, or `None` to give up once the waits since
+    /// the last message add up to the budget. The last wait is cut to what is left of it, so
+    /// the watch gives up after the budget, not as soon as a full wait would overrun it.
     pub fn next_delay(&mut self) -> Option<Duration> {
-        self.delays.next()
+        let left = self
+            .budget
+            .checked_sub(self.waited)
+            .filter(|d| !d.is_zero())?;
+        let delay = self.delays.next()?.min(left);
+        self.waited += delay;
+        Some(delay)
     }
 }
 
@@ -239,8 +253,13 @@ mod tests {
             attempts += 1;
             assert!(attempts < 100, "never gave up");
         }
-        assert!(waited <= budget, "{waited:?}");
+        assert_eq!(waited, budget, "gave up after the whole budget, not before");
         assert!(attempts >= 3, "only {attempts} attempts");
+        resume.observe(&job(1));
+        assert!(
+            resume.next_delay().is_some(),
+            "a message starts the budget over"
+        );
     }
 
     #[test]
