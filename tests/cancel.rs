@@ -121,6 +121,8 @@ async fn handler_ignoring_its_cancellation_is_stopped_after_the_grace_period() {
         JobState::Running,
         "still running while the handler ignores the cancel"
     );
+    assert!(answer.cancel_requested);
+    assert!(get(&mut client, &job.id).await.cancel_requested);
     let done = wait_done(&mut client, &job.id).await;
     let took = asked.elapsed();
     assert_eq!(state(&done), JobState::Cancelled);

@@ -358,6 +358,7 @@ pub fn job(job: &Job) -> pb::Job {
         timeout: job.timeout.map(wire_duration),
         idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
         tenant: job.tenant.clone(),
+        cancel_requested: job.cancel_requested,
         // Never the secret: it is write-only.
         webhook: job.webhook.as_ref().map(|w| pb::Webhook {
             url: w.url.clone(),

@@ -29,8 +29,8 @@ use crate::{
 };
 use queue::{Full, Holder, Scheduler, StopHandle, StopReason};
 
-/// How long Cancel waits for a job waiting out a retry's backoff to commit its cancellation
-/// (its task does so as soon as it is told; this only bounds a store that has stalled).
+/// How long Cancel waits for the task holding a job to store the cancel (see
+/// [`Executor::cancel`]).
 const CANCEL_SETTLE: Duration = Duration::from_secs(5);
 
 fn watch_error(error: WatchError) -> ExecutorError {
@@ -302,19 +302,9 @@ impl Executor {
         let count = unfinished.len();
         for mut job in unfinished {
             if job.state == JobState::Running {
-                let now = SystemTime::now();
-                let outcome = match self.inner.config.interrupted_policy {
-                    InterruptedPolicy::Requeue => job.interrupt(now),
-                    InterruptedPolicy::Fail => job.fail_interrupted(
-                        JobError::new(
-                            "ABORTED",
-                            "INTERRUPTED",
-                            "the server stopped while the job was running",
-                        ),
-                        now,
-                    ),
-                };
-                outcome.map_err(|source| ExecutorError::Illegal { id: job.id, source })?;
+                self.inner
+                    .settle_interrupted(&mut job, "the server stopped while the job was running")
+                    .map_err(|source| ExecutorError::Illegal { id: job.id, source })?;
                 self.inner.commit_state(&job).await?;
             }
             if job.state == JobState::Queued {
@@ -492,22 +482,28 @@ impl Executor {
         self.inner.sync_gauges();
         match holder {
             Holder::Task(handle) => {
+                // Subscribed first, so the task's answer to the stop cannot slip by.
+                let mut changes = self.inner.hub.subscribe(id);
                 handle.stop(StopReason::Cancelled);
                 tracing::info!(job_id = %id, "cancel requested for a job held by its task");
                 let store = &self.inner.store;
-                let hub = &self.inner.hub;
-                let newest = events::current(store, hub, id).await.map_err(watch_error)?;
-                if newest.state != JobState::Queued {
-                    // Running: its handler is told to stop and given the grace period; the
-                    // answer is the newest snapshot, progress included.
-                    return Ok(newest);
-                }
-                // Waiting out a retry's backoff: its task commits the cancellation at once,
-                // so the caller is told CANCELLED, as for any queued job.
+                let mut job = Arc::new(
+                    events::current(store, &self.inner.hub, id)
+                        .await
+                        .map_err(watch_error)?,
+                );
+                // The task stores the request at once (a running job's handler then gets the
+                // grace period to stop), or the cancellation itself (a job between retries,
+                // QUEUED to clients, or between actions): answered once that is durable, so
+                // an acknowledged Cancel survives a crash. The bound only covers a stalled
+                // store, or a job already stopping for its timeout.
                 let until = tokio::time::Instant::now() + CANCEL_SETTLE;
-                let (job, _) = events::wait_terminal(store, hub, id, Some(until), || None)
-                    .await
-                    .map_err(watch_error)?;
+                while !(job.is_terminal() || job.cancel_requested) {
+                    match tokio::time::timeout_at(until, changes.next_after(job.version)).await {
+                        Ok(newer) => job = newer,
+                        Err(_) => break,
+                    }
+                }
                 Ok(Arc::unwrap_or_clone(job))
             }
             Holder::Nobody if self.inner.shared => self.inner.cancel_shared(id).await,
@@ -590,6 +586,23 @@ fn cancelled_error() -> JobError {
 }
 
 impl Inner {
+    /// Ends or re-queues a job found RUNNING with nobody running it (the server, or the
+    /// replica that held it, stopped): CANCELLED when a Cancel had reached it (the cancel
+    /// stands), else as `interrupted_policy` says. Versions jump past any progress shown but
+    /// not stored.
+    fn settle_interrupted(&self, job: &mut Job, why: &str) -> Result<(), IllegalTransition> {
+        let now = SystemTime::now();
+        if job.cancel_requested {
+            return job.cancel_interrupted(cancelled_error(), now);
+        }
+        match self.config.interrupted_policy {
+            InterruptedPolicy::Requeue => job.interrupt(now),
+            InterruptedPolicy::Fail => {
+                job.fail_interrupted(JobError::new("ABORTED", "INTERRUPTED", why), now)
+            }
+        }
+    }
+
     fn scheduler(&self) -> MutexGuard<'_, Scheduler> {
         // Scheduler methods never panic halfway through an update; a poisoned lock would only
         // come from a panic elsewhere while holding it, and its data is still consistent.

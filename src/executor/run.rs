@@ -303,6 +303,13 @@ impl Inner {
                 }
                 _ = handle.token().cancelled(), if grace_ends.is_none() => {
                     grace_ends = Some(Instant::now() + self.config.cancel_grace);
+                    if handle.reason() == StopReason::Cancelled {
+                        // Stored before the handler is waited for: a server that dies meanwhile
+                        // ends the job CANCELLED at its restart instead of running it again.
+                        job.request_cancel(SystemTime::now())?;
+                        self.commit(job).await?;
+                        tracker.persisted_version = job.version;
+                    }
                 }
                 _ = grace => {
                     tracing::warn!(grace = ?self.config.cancel_grace, "handler ignored its cancellation; dropped");

@@ -14,9 +14,9 @@ use tokio::time::Instant;
 
 use tracing::Instrument;
 
-use super::{ExecutorError, Inner, InterruptedPolicy, cancelled_error, queue::StopReason};
+use super::{ExecutorError, Inner, cancelled_error, queue::StopReason};
 use crate::{
-    job::{Job, JobError, JobId, JobState},
+    job::{Job, JobId, JobState},
     store::{Change, SharedStore, StoreError},
 };
 
@@ -195,18 +195,8 @@ impl Inner {
             let id = job.id;
             let span = tracing::info_span!("job", job_id = %id);
             async {
-                let now = SystemTime::now();
-                let changed = match self.config.interrupted_policy {
-                    InterruptedPolicy::Requeue => job.interrupt(now),
-                    InterruptedPolicy::Fail => job.fail_interrupted(
-                        JobError::new(
-                            "ABORTED",
-                            "INTERRUPTED",
-                            "the replica running the job stopped",
-                        ),
-                        now,
-                    ),
-                };
+                let changed =
+                    self.settle_interrupted(&mut job, "the replica running the job stopped");
                 if let Err(error) = changed {
                     tracing::warn!(%error, "cannot re-queue a job whose lease ran out");
                     return;

@@ -226,3 +226,60 @@ async fn a_job_failed_for_its_interruption_can_be_resumed_after_unpersisted_vers
     assert_eq!(told.state, JobState::Failed);
     assert!(watch.next().await.is_none(), "the stream ends after it");
 }
+
+/// A Cancel of a running job is answered once the request is stored: the job is still
+/// RUNNING (its handler has the grace period to stop) but marked, so a crash meanwhile cannot
+/// undo the cancel (see the next test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_of_a_running_job_is_stored_before_it_is_answered() {
+    let dir = TempDir::new().unwrap();
+    let gated = Gated::default();
+    let mut registry = Registry::with_builtins();
+    registry.register("gated", gated.clone());
+    let (store, executor) = start_on_sqlite(&dir, registry, 1).await;
+    let job = executor.submit(spec("gated")).await.unwrap();
+    assert!(eventually(|| gated.started.load(Ordering::SeqCst) == 1).await);
+
+    // The handler ignores the cancel: the job stays RUNNING for the whole grace period.
+    let answer = executor.cancel(job.id).await.unwrap();
+    assert_eq!(answer.state, JobState::Running);
+    assert!(answer.cancel_requested);
+    let stored = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, JobState::Running);
+    assert!(stored.cancel_requested, "durable when answered");
+    // A handler that completes its work in spite of the cancel: the work is done.
+    gated.gate.notify_one();
+    assert_eq!(stored_end(&store, job.id).await, Some(JobState::Succeeded));
+    executor.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A job found RUNNING at start with a stored cancel request ends CANCELLED (whatever the
+/// interrupted policy) at a version past those shown before the crash; it is not run again.
+#[tokio::test]
+async fn a_job_whose_cancel_was_stored_before_a_crash_ends_cancelled_at_restart() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    let now = std::time::SystemTime::now();
+    let mut job = Job::new(JobId::generate(), sleep_spec(60_000), 1, now);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    job.request_cancel(now).unwrap();
+    store.create(&job).await.unwrap();
+
+    let (_, executor) = {
+        let hub = Hub::new();
+        let executor = Executor::start(
+            Arc::clone(&store) as Arc<dyn Store>,
+            hub,
+            Registry::with_builtins(),
+            ExecutorConfig::default(),
+        );
+        (store.clone(), executor)
+    };
+    assert_eq!(executor.recover().await.unwrap(), 1);
+    let ended = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(ended.state, JobState::Cancelled);
+    assert_eq!(ended.attempt, 1, "not run again");
+    assert!(ended.version > job.version + MAX_UNPERSISTED_VERSIONS);
+    assert_eq!(executor.queue_length(), 0);
+}

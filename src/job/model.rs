@@ -278,6 +278,11 @@ pub struct Job {
     /// webhooks existed, hence the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookSpec>,
+    /// A Cancel reached the job while it ran and its handler is stopping. Stored, so a server
+    /// that dies before the handler has stopped ends the job CANCELLED at its restart instead
+    /// of running it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
 }
 
 impl Job {
@@ -321,6 +326,7 @@ impl Job {
             end_time: None,
             update_time: now,
             webhook: spec.webhook,
+            cancel_requested: false,
         }
     }
 
@@ -540,9 +546,40 @@ impl Job {
         now: SystemTime,
     ) -> Result<(), IllegalTransition> {
         self.fail(error, now)?;
+        self.jump_past_unpersisted();
+        Ok(())
+    }
+
+    /// RUNNING → CANCELLED because the server stopped while the job's handler was stopping
+    /// for a Cancel ([`Job::request_cancel`]): the cancel stands, with the version jump of
+    /// [`Job::interrupt`].
+    pub fn cancel_interrupted(
+        &mut self,
+        error: JobError,
+        now: SystemTime,
+    ) -> Result<(), IllegalTransition> {
+        self.cancel(error, now)?;
+        self.jump_past_unpersisted();
+        Ok(())
+    }
+
+    /// Marks a RUNNING job as asked to cancel while its handler stops: a logged change, so it
+    /// is stored before the Cancel is answered.
+    pub fn request_cancel(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
+        if self.state != JobState::Running {
+            return Err(IllegalTransition {
+                from: self.state.as_str().to_owned(),
+                to: "cancel requested".to_owned(),
+            });
+        }
+        self.cancel_requested = true;
+        self.bump(now, true);
+        Ok(())
+    }
+
+    fn jump_past_unpersisted(&mut self) {
         self.version += MAX_UNPERSISTED_VERSIONS;
         self.logged_version = self.version;
-        Ok(())
     }
 
     /// Whether another attempt is allowed after this one.

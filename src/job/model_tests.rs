@@ -147,6 +147,26 @@ fn ids_parse_and_sort_by_time() {
 }
 
 #[test]
+fn only_a_running_job_can_be_asked_to_cancel_and_the_request_is_logged() {
+    let now = SystemTime::now();
+    let mut job = job(1, 1);
+    assert!(
+        job.request_cancel(now).is_err(),
+        "queued: cancelled at once instead"
+    );
+    job.start(now).unwrap();
+    let before = job.version;
+    job.request_cancel(now).unwrap();
+    assert!(job.cancel_requested);
+    assert_eq!(job.version, before + 1);
+    assert_eq!(job.logged_version, job.version);
+    job.cancel_interrupted(JobError::new("CANCELLED", "CANCELLED", "cancelled"), now)
+        .unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    assert!(job.version > before + MAX_UNPERSISTED_VERSIONS);
+}
+
+#[test]
 fn failing_an_interrupted_job_jumps_versions_too() {
     let now = SystemTime::now();
     let mut job = job(1, 3);

@@ -140,7 +140,7 @@ impl SharedStore for PostgresStore {
         let fail = |e| pg_error("reading jobs whose lease ran out", e);
         let client = self.reader().await?;
         let sql = format!(
-            "SELECT snapshot FROM jobs
+            "SELECT snapshot, cancel_requested FROM jobs
              WHERE state = 'RUNNING' AND (lease_until IS NULL OR lease_until < {NOW_MICROS})
              ORDER BY id
              LIMIT $1"
@@ -151,7 +151,13 @@ impl SharedStore for PostgresStore {
             .await
             .map_err(fail)?;
         rows.iter()
-            .map(|row| decode(&row.try_get::<_, String>(0).map_err(fail)?))
+            .map(|row| {
+                let mut job = decode(&row.try_get::<_, String>(0).map_err(fail)?)?;
+                // A Cancel made on another replica (`request_cancel`) that the dead one never
+                // stored in the snapshot still stands.
+                job.cancel_requested |= row.try_get::<_, bool>(1).map_err(fail)?;
+                Ok(job)
+            })
             .collect()
     }
 

@@ -660,10 +660,13 @@ async fn a_replica_whose_lease_ran_out_cannot_overwrite_the_job() {
     owner.save(&job).await.unwrap();
     assert_eq!(owner.renew_leases().await.unwrap().held, vec![job.id]);
     assert!(reaper.expired(10).await.unwrap().is_empty(), "lease holds");
+    // A Cancel made on another replica that the owner never stored in the snapshot.
+    reaper.request_cancel(job.id).await.unwrap();
 
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let mut taken = reaper.expired(10).await.unwrap().remove(0);
     assert_eq!(taken.id, job.id);
+    assert!(taken.cancel_requested, "the reaper sees the cancel request");
     taken.interrupt(SystemTime::now()).unwrap();
     reaper.save_expired(&taken).await.unwrap();
     // A second reaper finds nothing to do, and cannot save over the first.
