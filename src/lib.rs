@@ -14,7 +14,8 @@
 //! server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
 //! ```
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: one audited exception, `actions::exec::process::die_with_server`.
+#![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
 

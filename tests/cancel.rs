@@ -196,22 +196,6 @@ async fn cancel_is_idempotent_and_returns_a_finished_job_unchanged() {
     );
 }
 
-/// Whether the process is gone: no such pid, or only a zombie left to reap.
-fn process_gone(pid: i32) -> bool {
-    use nix::{errno::Errno, sys::signal::kill, unistd::Pid};
-    match kill(Pid::from_raw(pid), None) {
-        Err(Errno::ESRCH) => true,
-        _ => std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                // The state follows the parenthesised command name.
-                let rest = &stat[stat.rfind(')')? + 1..];
-                rest.split_whitespace().next().map(|s| s == "Z")
-            })
-            .unwrap_or(true),
-    }
-}
-
 #[tokio::test]
 async fn cancelled_exec_command_that_ignores_sigterm_is_killed() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -653,6 +653,22 @@ pub fn auth_config(keys: &[(&str, &str)]) -> Config {
     config
 }
 
+/// Whether the process is gone: no such pid, or only a zombie left to reap.
+pub fn process_gone(pid: i32) -> bool {
+    use nix::{errno::Errno, sys::signal::kill, unistd::Pid};
+    match kill(Pid::from_raw(pid), None) {
+        Err(Errno::ESRCH) => true,
+        _ => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the parenthesised command name.
+                let rest = &stat[stat.rfind(')')? + 1..];
+                rest.split_whitespace().next().map(|s| s == "Z")
+            })
+            .unwrap_or(true),
+    }
+}
+
 /// A spawned `longrun` process, killed and reaped when dropped: a test that fails halfway
 /// leaves no server running behind it. Derefs to the [`std::process::Child`].
 pub struct Spawned(Option<std::process::Child>);

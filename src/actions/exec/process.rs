@@ -86,6 +86,36 @@ impl Drop for GroupGuard {
     }
 }
 
+/// Has the command killed (SIGKILL) when the server dies without stopping it (kill -9, a
+/// crash), which otherwise leaves it running beside the attempt that recovery starts again.
+///
+/// Linux ties this signal to the thread that starts the command, not to the process: the
+/// commands are started from the runtime's worker threads, which live as long as the server.
+/// Only the command's own process is covered, not processes it starts itself.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_server(cmd: &mut Command) {
+    let server = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only makes two
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The server may have died between the fork and the prctl: then nobody would
+            // send the signal.
+            if nix::unistd::getppid() != server {
+                return Err(io::Error::other(
+                    "the server exited while starting the command",
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_server(_cmd: &mut Command) {}
+
 /// Runs `command` with `args` to its end, or until `cancel` fires: then SIGTERM to the group,
 /// and SIGKILL if the leader has not exited after `grace`.
 pub(super) async fn run(
@@ -101,15 +131,14 @@ pub(super) async fn run(
     if let Some(dir) = &command.working_dir {
         cmd.current_dir(dir);
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         // Its own group, so one signal reaches everything the command starts.
-        .process_group(0)
-        .spawn()
-        .map_err(Stopped::Spawn)?;
+        .process_group(0);
+    die_with_server(&mut cmd);
+    let mut child = cmd.spawn().map_err(Stopped::Spawn)?;
     let pid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
