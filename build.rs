@@ -29,6 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `google.rpc.Status` and its detail messages already exist in tonic-types, which the
         // rich error model uses; one type for both keeps conversions away.
         .extern_path(".google.rpc", "::tonic_types::pb")
+        // tonic-prost's codec, with params nested past protobuf's recursion limit refused as
+        // bad input (see `src/api/codec.rs`).
+        .codec_path("crate::api::codec::LongrunCodec")
         .compile_fds(descriptors)?;
 
     // The benchmark harness's bare echo service: not part of the public contract, only

@@ -213,6 +213,13 @@ async fn bad_submit_requests_are_refused_naming_the_field_and_store_nothing() {
             too_deep_field,
         ),
         (
+            // Past protobuf's own recursion limit: refused while decoding, before the
+            // configured depth is checked, and still as bad input.
+            "params nested too deep to decode",
+            request(vec![nested(40)]),
+            "actions.params".into(),
+        ),
+        (
             "negative max_attempts",
             with(vec![echo()], |r| r.max_attempts = -1),
             "max_attempts".into(),

@@ -16,8 +16,9 @@ use crate::job::{
 };
 
 /// How deep params may nest by default; deeper input is refused before it can cost stack or
-/// time. Protobuf decoding itself stops at 100 levels of messages (a `Value` level is two),
-/// so a configured depth above ~45 is never reached.
+/// time. Protobuf decoding itself stops at 100 levels of messages (a level of objects is
+/// three: Struct, map entry, Value), so objects nested past ~32 are refused while decoding
+/// (`api::codec`), whatever the configured depth.
 pub const DEFAULT_MAX_PARAMS_DEPTH: usize = 32;
 
 /// Parses a job id, naming `field` when it is not a UUID.

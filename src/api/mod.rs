@@ -2,6 +2,7 @@
 //! the `longrun.v1.Jobs` service. This layer validates and delegates; it holds no job state.
 
 pub mod auth;
+pub mod codec;
 pub mod convert;
 mod jobs;
 mod operations;

@@ -1,0 +1,114 @@
+//! The protobuf codec of the generated services: tonic-prost's, except that a request nested
+//! past protobuf's recursion limit is refused as INVALID_ARGUMENT naming the params.
+//!
+//! Params are a `google.protobuf.Struct`; each level of objects inside it is three levels of
+//! messages (Struct, its map entry, Value), and prost stops decoding at 100. So params nested
+//! about 32 objects deep never reach the `max_params_depth` check: the decoder refuses them
+//! first, which tonic answers INTERNAL with the decoder's trace. That is bad input, not a
+//! server fault, so it is answered like the depth check's own refusal. Other decoding
+//! failures stay INTERNAL, as gRPC's status code table says for a request that cannot be
+//! parsed.
+
+use std::marker::PhantomData;
+
+use prost::Message;
+use tonic::{
+    Status,
+    codec::{Codec, DecodeBuf, Decoder},
+};
+use tonic_prost::{ProstCodec, ProstEncoder};
+
+use super::status::invalid;
+use crate::job::FieldViolation;
+
+/// See the module documentation. `T` is encoded, `U` decoded.
+#[derive(Debug, Clone, Default)]
+pub struct LongrunCodec<T, U> {
+    prost: ProstCodec<T, U>,
+}
+
+impl<T, U> Codec for LongrunCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = LongrunDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.prost.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        LongrunDecoder(PhantomData)
+    }
+}
+
+/// Decodes `U`, telling nesting past the recursion limit apart (see the module).
+#[derive(Debug, Clone, Default)]
+pub struct LongrunDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default> Decoder for LongrunDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        U::decode(buf).map(Some).map_err(decode_error)
+    }
+}
+
+fn decode_error(error: prost::DecodeError) -> Status {
+    let text = error.to_string();
+    if text.contains("recursion limit reached") {
+        return invalid(vec![FieldViolation::new(
+            "actions.params",
+            "nests too deeply to decode (protobuf stops at about 32 levels of objects); \
+             see max_params_depth",
+        )]);
+    }
+    Status::internal(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_types::{Struct, Value, value::Kind};
+
+    fn nested(levels: usize) -> Struct {
+        let mut inner = Struct::default();
+        for _ in 0..levels {
+            inner = Struct {
+                fields: [(
+                    "a".to_owned(),
+                    Value {
+                        kind: Some(Kind::StructValue(inner)),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            };
+        }
+        inner
+    }
+
+    fn decode_error_of(message: &Struct) -> Option<Status> {
+        let encoded = message.encode_to_vec();
+        Struct::decode(encoded.as_slice()).err().map(decode_error)
+    }
+
+    #[test]
+    fn nesting_past_the_recursion_limit_is_invalid_argument_naming_the_params() {
+        assert!(decode_error_of(&nested(30)).is_none(), "decodes");
+        let status = decode_error_of(&nested(40)).expect("too deep for prost");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("actions.params"), "{status:?}");
+    }
+
+    #[test]
+    fn other_decoding_failures_stay_internal() {
+        let status = decode_error(Struct::decode(&[0xff_u8, 0xff][..]).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::Internal);
+    }
+}
