@@ -55,7 +55,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::HashKey => hash_key(),
+        Command::HashKey => {
+            // As the client commands report: `error:` and exit code 2 for what the user gave
+            // (the anyhow default, 1, means "the job ended FAILED" in this CLI).
+            if let Err(error) = hash_key() {
+                eprintln!("error: {error:#}");
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Client(command) => std::process::exit(cli::run(command).await),
     }
 }

@@ -315,3 +315,23 @@ async fn watch_json_prints_each_snapshot_with_rising_versions() {
     let last = run.json_lines().pop().unwrap();
     assert_eq!(last["job"]["state"], "JOB_STATE_SUCCEEDED");
 }
+
+/// `hash-key` without a key on stdin is a usage mistake: exit code 2 and `error:`, as for
+/// every other command (1 means "the job ended FAILED").
+#[tokio::test]
+async fn hash_key_without_a_key_is_a_usage_error() {
+    let run = longrun("http://127.0.0.1:9", &["hash-key"]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.starts_with("error: no key on stdin"), "{run:?}");
+}
+
+/// An https:// address for a server without TLS says so, instead of asking whether the
+/// server is running.
+#[tokio::test]
+async fn an_https_address_for_a_plaintext_server_says_it_does_not_answer_tls() {
+    let server = TestServer::start().await;
+    let url = server.url().replacen("http://", "https://", 1);
+    let run = longrun(&url, &["list"]).await;
+    assert_eq!(run.code, 5, "{run:?}");
+    assert!(run.stderr.contains("does not answer TLS"), "{run:?}");
+}

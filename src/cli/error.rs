@@ -14,18 +14,27 @@ pub struct Usage(pub String);
 
 /// The server could not be reached at all.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach longrun at {addr}: is `longrun serve` running? ({cause})")]
+#[error("cannot reach longrun at {addr}: {hint} ({cause})")]
 pub struct Unreachable {
     addr: String,
+    hint: &'static str,
     cause: String,
 }
 
 impl Unreachable {
     /// Wraps a connection failure, keeping its innermost cause (e.g. "Connection refused").
     pub fn new(addr: &str, error: &(dyn std::error::Error + 'static)) -> Self {
+        let cause = root_cause(error);
+        // rustls reading a plaintext HTTP/2 server's first bytes as a TLS record.
+        let hint = if cause.contains("InvalidContentType") {
+            "it does not answer TLS; for a server without TLS use an http:// address"
+        } else {
+            "is `longrun serve` running?"
+        };
         Self {
             addr: addr.to_owned(),
-            cause: root_cause(error),
+            hint,
+            cause,
         }
     }
 }
