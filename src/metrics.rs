@@ -2,6 +2,7 @@
 //! text on `--metrics-listen` (`GET /metrics`).
 
 use std::{
+    collections::HashSet,
     net::SocketAddr,
     sync::Arc,
     task::{Context, Poll},
@@ -230,13 +231,45 @@ impl Metrics {
 #[derive(Clone)]
 pub struct RpcTimingLayer {
     metrics: Arc<Metrics>,
+    methods: Arc<HashSet<String>>,
 }
+
+/// The `method` label of a request for a path no service serves. Recorded before routing
+/// (and before authentication), a label taken from the path as sent would let anyone add
+/// series without end.
+pub const UNKNOWN_METHOD: &str = "unknown";
 
 impl RpcTimingLayer {
     /// Records into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            methods: Arc::new(served_methods()),
+        }
     }
+}
+
+/// The path of every method the server serves: those of the services in the served
+/// descriptors, plus health and reflection.
+fn served_methods() -> HashSet<String> {
+    let mut methods: HashSet<String> = [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    // The descriptors are compiled in by build.rs: they always decode.
+    if let Ok(pool) = prost_reflect::DescriptorPool::decode(crate::api::FILE_DESCRIPTOR_SET) {
+        for service in pool.services() {
+            for method in service.methods() {
+                methods.insert(format!("/{}/{}", service.full_name(), method.name()));
+            }
+        }
+    }
+    methods
 }
 
 impl<S> tower::Layer<S> for RpcTimingLayer {
@@ -246,6 +279,7 @@ impl<S> tower::Layer<S> for RpcTimingLayer {
         RpcTiming {
             inner,
             metrics: Arc::clone(&self.metrics),
+            methods: Arc::clone(&self.methods),
         }
     }
 }
@@ -255,6 +289,7 @@ impl<S> tower::Layer<S> for RpcTimingLayer {
 pub struct RpcTiming<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    methods: Arc<HashSet<String>>,
 }
 
 impl<S, B> tower::Service<axum::http::Request<B>> for RpcTiming<S>
@@ -271,7 +306,12 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        let method = request.uri().path().to_owned();
+        let path = request.uri().path();
+        let method = if self.methods.contains(path) {
+            path.to_owned()
+        } else {
+            UNKNOWN_METHOD.to_owned()
+        };
         let metrics = Arc::clone(&self.metrics);
         let started = Instant::now();
         let response = self.inner.call(request);

@@ -88,3 +88,58 @@ async fn metrics_count_jobs_actions_rpcs_and_open_watches() {
     assert_eq!(value(&text, "longrun_jobs_running"), 1.0);
     assert_eq!(value(&text, "longrun_queue_depth"), 0.0);
 }
+
+/// The `method` label only ever names a served method: a call to any other path (nothing
+/// checks a caller's key before this is recorded) counts as `unknown`, so nobody can make the
+/// metrics grow by inventing paths.
+#[tokio::test]
+async fn calls_to_unknown_paths_share_one_method_label() {
+    let metrics_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut config = test_config();
+    config.metrics_listen = Some(metrics_addr);
+    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for n in 0..5 {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let path = format!("/invented.Service{n}/Method{n}").parse().unwrap();
+        let status = grpc
+            .unary(
+                tonic::Request::new(pb::GetStatusRequest::default()),
+                path,
+                tonic_prost::ProstCodec::<pb::GetStatusRequest, pb::GetStatusResponse>::default(),
+            )
+            .await
+            .expect_err("nothing serves that path");
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+    }
+    let mut client = server.client.clone();
+    client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap();
+
+    let text = scrape(metrics_addr).await;
+    assert!(!text.contains("invented"), "{text}");
+    assert_eq!(
+        value(
+            &text,
+            "longrun_rpc_duration_seconds_count{method=\"unknown\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "longrun_rpc_duration_seconds_count{method=\"/longrun.v1.Jobs/ListJobs\"}"
+        ),
+        1.0
+    );
+}
