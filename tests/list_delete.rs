@@ -189,6 +189,70 @@ async fn paging_covers_every_job_exactly_once_and_the_last_page_has_no_token() {
     }
 }
 
+/// A page whose jobs would not fit in one response of `max_message_bytes` ends early, with a
+/// token after its last job, rather than failing every read of it; ListOperations alike.
+#[tokio::test]
+async fn a_page_too_large_for_one_message_ends_early_and_paging_still_covers_every_job() {
+    let mut config = test_config();
+    config.limits.max_message_bytes = 64 * 1024;
+    let server = TestServer::start_with(config, longrun::actions::Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+    // ~12 KiB of params a job, echoed back as its result: ~24 KiB a snapshot.
+    let message = "x".repeat(12 * 1024);
+    let mut submitted = Vec::new();
+    for _ in 0..6 {
+        let job = submit(
+            &mut client,
+            request(vec![action("echo", json!({ "message": message }))]),
+        )
+        .await;
+        wait_done(&mut client, &job.id).await;
+        submitted.push(job.id);
+    }
+    submitted.reverse();
+
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list(
+            &mut client,
+            pb::ListJobsRequest {
+                page_token: token.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(!page.jobs.is_empty());
+        pages.push(ids(&page.jobs));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        assert!(pages.len() <= 6, "paging ends");
+    }
+    assert!(
+        pages.len() > 1,
+        "the default page of 50 was split: {pages:?}"
+    );
+    assert_eq!(pages.concat(), submitted, "each job once, newest first");
+
+    let mut operations = longrun::api::longrunning::operations_client::OperationsClient::connect(
+        format!("http://{}", server.addr),
+    )
+    .await
+    .unwrap();
+    let first = operations
+        .list_operations(longrun::api::longrunning::ListOperationsRequest {
+            name: "operations".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("the first page fits")
+        .into_inner();
+    assert!(first.operations.len() < 6);
+    assert!(!first.next_page_token.is_empty());
+}
+
 #[tokio::test]
 async fn deleting_a_finished_job_removes_it_and_frees_its_idempotency_key() {
     let server = TestServer::start().await;

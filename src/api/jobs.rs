@@ -356,9 +356,17 @@ impl Jobs for JobsService {
             ..ListQuery::default()
         };
         self.executor.until_recovered().await?;
-        let (jobs, next_page_token) = page.read(&self.executor, query).await?;
+        let (jobs, mut next_page_token) = page.read(&self.executor, query).await?;
+        let mut jobs: Vec<pb::Job> = jobs.iter().map(|job| convert::job(job)).collect();
+        super::paging::fit_message(
+            &mut jobs,
+            &mut next_page_token,
+            self.limits.max_message_bytes,
+            prost::Message::encoded_len,
+            |job| job.id.clone(),
+        );
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(|job| convert::job(job)).collect(),
+            jobs,
             next_page_token,
         }))
     }

@@ -96,9 +96,20 @@ impl Operations for OperationsService {
             ..ListQuery::default()
         };
         self.executor.until_recovered().await?;
-        let (jobs, next_page_token) = page.read(&self.executor, query).await?;
+        let (jobs, mut next_page_token) = page.read(&self.executor, query).await?;
+        let mut operations: Vec<(String, Operation)> = jobs
+            .iter()
+            .map(|j| (j.id.to_string(), operation(convert::job(j))))
+            .collect();
+        super::paging::fit_message(
+            &mut operations,
+            &mut next_page_token,
+            self.limits.max_message_bytes,
+            |(_, op)| prost::Message::encoded_len(op),
+            |(id, _)| id.clone(),
+        );
         Ok(Response::new(ListOperationsResponse {
-            operations: jobs.iter().map(|j| operation(convert::job(j))).collect(),
+            operations: operations.into_iter().map(|(_, op)| op).collect(),
             next_page_token,
             unreachable: Vec::new(),
         }))
