@@ -59,8 +59,14 @@ pub struct WebhookWorker {
     allow: Arc<AllowList>,
     client: reqwest::Client,
     bodies: BodyWriter,
-    /// Jobs with an attempt in flight: never two of one job at once.
+    /// Jobs with an attempt in flight, or whose attempt ended since the last scan began: never
+    /// two of one job at once.
     in_flight: Arc<Mutex<HashSet<JobId>>>,
+    /// Jobs whose attempt ended (and was recorded), to leave `in_flight` when the next scan
+    /// begins. Not at once: a scan whose store read began before the record may hold the
+    /// delivery as still due, and would send it again (seen on SQLite, whose reads are
+    /// awaited on another thread while attempts end).
+    ended: Arc<Mutex<Vec<JobId>>>,
     permits: Arc<Semaphore>,
     tasks: TaskTracker,
     stopping: CancellationToken,
@@ -100,6 +106,7 @@ impl WebhookWorker {
             client,
             bodies: BodyWriter::new()?,
             in_flight: Arc::default(),
+            ended: Arc::default(),
             permits: Arc::new(Semaphore::new(concurrency)),
             tasks: TaskTracker::new(),
             stopping,
@@ -128,7 +135,14 @@ impl WebhookWorker {
     /// Starts an attempt for each due delivery that has no attempt of its job in flight, as
     /// far as free permits go.
     async fn scan(&self) {
-        let busy = self.lock_in_flight().len();
+        let ended: Vec<JobId> = std::mem::take(&mut *lock(&self.ended));
+        let busy = {
+            let mut in_flight = self.lock_in_flight();
+            for job_id in ended {
+                in_flight.remove(&job_id);
+            }
+            in_flight.len()
+        };
         let limit = busy + self.permits.available_permits().max(1);
         let due = match self.store.due_deliveries(SystemTime::now(), limit).await {
             Ok(due) => due,
@@ -171,7 +185,7 @@ impl WebhookWorker {
                         _ = worker.attempt(delivery) => {}
                         _ = worker.stopping.cancelled() => {}
                     }
-                    worker.lock_in_flight().remove(&job_id);
+                    lock(&worker.ended).push(job_id);
                     drop(permit);
                     worker.hub.webhook_wake().notify_one();
                 }
@@ -185,8 +199,7 @@ impl WebhookWorker {
     }
 
     fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<JobId>> {
-        // Each critical section is one set operation: a poisoned lock is still consistent.
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.in_flight)
     }
 
     /// One attempt of one delivery, recorded in the store.
@@ -353,6 +366,12 @@ fn describe(error: &reqwest::Error, timeout: Duration) -> String {
         source = cause.source();
     }
     text
+}
+
+/// Each critical section on the worker's sets is one operation on them: a poisoned lock is
+/// still consistent.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
