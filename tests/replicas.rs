@@ -239,7 +239,11 @@ async fn a_cancel_on_one_replica_stops_the_job_on_another() {
     let other = (runner + 1) % 3;
     let mut canceller = replicas[other].0.client().await;
     let mut watch = open_watch(&mut canceller, &job.id, 0).await;
-    cancel(&mut canceller, &job.id).await;
+    let answer = cancel(&mut canceller, &job.id).await;
+    assert!(
+        answer.state() == pb::JobState::Cancelled || answer.cancel_requested,
+        "the answer shows the stored request: {answer:?}"
+    );
     let ended = next_until(&mut watch, |job| job.state() == pb::JobState::Cancelled).await;
     assert_eq!(ended.state(), pb::JobState::Cancelled);
     // The runner's handler saw its token and returned (it is not merely abandoned).

@@ -255,6 +255,8 @@ impl Inner {
                 JobState::Running => {
                     shared.request_cancel(id).await?;
                     tracing::info!(job_id = %id, "cancel requested from the replica running it");
+                    // Stored now (the column), before the running replica has heard of it.
+                    job.cancel_requested = true;
                     return Ok(job);
                 }
                 _ => return Ok(job),

@@ -48,17 +48,26 @@ fn snapshots(rows: &[Row], column: usize, context: &str) -> Result<Vec<Job>, Sto
         .collect()
 }
 
-/// The job's current snapshot.
+/// The job's current snapshot, marked `cancel_requested` as soon as a Cancel made on any
+/// replica is stored (the replica running the job writes it into the snapshot only once it
+/// has been told).
 pub(super) async fn get(client: &ClientWrapper, id: JobId) -> Result<Option<Job>, StoreError> {
     let context = "reading a job";
     let rows = query(
         client,
         context,
-        "SELECT snapshot FROM jobs WHERE id = $1",
+        "SELECT snapshot, cancel_requested FROM jobs WHERE id = $1",
         &vec![Box::new(*id.as_uuid())],
     )
     .await?;
-    Ok(snapshots(&rows, 0, context)?.pop())
+    let Some(mut job) = snapshots(&rows, 0, context)?.pop() else {
+        return Ok(None);
+    };
+    if let Some(row) = rows.first() {
+        let requested: bool = row.try_get(1).map_err(|e| pg_error(context, e))?;
+        job.cancel_requested |= requested && job.state == crate::job::JobState::Running;
+    }
+    Ok(Some(job))
 }
 
 /// The job of `tenant` holding idempotency key `key`.

@@ -719,6 +719,15 @@ async fn the_feed_brings_other_replicas_events_and_cancels() {
             .is_empty()
     );
     writer.request_cancel(running.id).await.unwrap();
+    assert!(
+        follower
+            .get(running.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .cancel_requested,
+        "any replica reads the stored request at once"
+    );
     assert_eq!(
         writer.renew_leases().await.unwrap().cancel_requested,
         vec![running.id]
