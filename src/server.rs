@@ -57,6 +57,26 @@ pub enum ServeError {
     /// The TLS files cannot be read or used.
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// A setting is out of its range.
+    #[error("configuration: {0}")]
+    Setting(String),
+}
+
+/// Refuses settings no server could use as documented, naming the setting.
+fn check_settings(config: &Config) -> Result<(), ServeError> {
+    let executor = &config.executor;
+    if executor.concurrency == 0 {
+        return Err(ServeError::Setting(
+            "concurrency must be at least 1".to_owned(),
+        ));
+    }
+    if !(1..=executor.max_attempts_limit).contains(&executor.default_max_attempts) {
+        return Err(ServeError::Setting(format!(
+            "default_max_attempts must be between 1 and {} (what a Submit may ask for)",
+            executor.max_attempts_limit
+        )));
+    }
+    Ok(())
 }
 
 /// A longrun server: its executor runs from [`Server::start`] on; [`Server::serve`] picks up
@@ -80,6 +100,7 @@ impl Server {
         config: Config,
     ) -> Result<Self, ServeError> {
         // Checked first, so that a server that could never serve starts nothing.
+        check_settings(&config)?;
         let authenticator = authenticator(&config)?;
         let tls = match &config.tls {
             Some(files) => Some(tls_config(files)?),

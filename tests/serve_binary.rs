@@ -175,3 +175,29 @@ fn without_auth_or_tls_on_a_non_loopback_address_serve_warns_loudly() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Settings out of their range stop `serve` at once, naming the setting, instead of a server
+/// that runs nothing (`concurrency 0`) or gives jobs more attempts than a Submit may ask for.
+#[test]
+fn settings_out_of_range_are_refused_naming_them() {
+    for (flag, value, named) in [
+        ("--concurrency", "0", "concurrency"),
+        ("--default-max-attempts", "1000", "default_max_attempts"),
+        ("--default-max-attempts", "0", "default_max_attempts"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Spawned::spawn(
+            Command::new(env!("CARGO_BIN_EXE_longrun"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--store", "memory"])
+                .args([flag, value])
+                .current_dir(dir.path())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .wait_bounded();
+        assert!(!output.status.success(), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(named), "{flag} {value}: {stderr}");
+    }
+}
