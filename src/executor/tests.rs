@@ -266,16 +266,12 @@ async fn a_job_whose_cancel_was_stored_before_a_crash_ends_cancelled_at_restart(
     job.request_cancel(now).unwrap();
     store.create(&job).await.unwrap();
 
-    let (_, executor) = {
-        let hub = Hub::new();
-        let executor = Executor::start(
-            Arc::clone(&store) as Arc<dyn Store>,
-            hub,
-            Registry::with_builtins(),
-            ExecutorConfig::default(),
-        );
-        (store.clone(), executor)
-    };
+    let executor = Executor::start(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Hub::new(),
+        Registry::with_builtins(),
+        ExecutorConfig::default(),
+    );
     assert_eq!(executor.recover().await.unwrap(), 1);
     let ended = store.get(job.id).await.unwrap().unwrap();
     assert_eq!(ended.state, JobState::Cancelled);
