@@ -69,6 +69,38 @@ impl DatabaseUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Where it points, for messages: hosts, ports and database, never the user or password.
+    pub fn target(&self) -> String {
+        let Ok(config) = self.0.parse::<tokio_postgres::Config>() else {
+            return "(a URL that does not parse)".to_owned();
+        };
+        let ports = config.get_ports();
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let host = match host {
+                    tokio_postgres::config::Host::Tcp(host) => host.clone(),
+                    tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+                };
+                match ports.get(i).or(ports.first()) {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host,
+                }
+            })
+            .collect();
+        let hosts = if hosts.is_empty() {
+            "localhost".to_owned()
+        } else {
+            hosts.join(",")
+        };
+        format!(
+            "{hosts}/{}",
+            config.get_dbname().unwrap_or("(default database)")
+        )
+    }
 }
 
 impl std::fmt::Debug for DatabaseUrl {
@@ -608,6 +640,16 @@ mod tests {
             !format!("{config:?}").contains("hunter2pw"),
             "the URL's password never prints"
         );
+        assert_eq!(
+            parsed.target(),
+            "db:5432/jobs",
+            "where, for messages; never who"
+        );
+        let several: StoreKind = "postgres://u:pw@a:5433,b/x".parse().unwrap();
+        let StoreKind::Postgres(several) = several else {
+            panic!("not postgres");
+        };
+        assert_eq!(several.target(), "a:5433,b:5432/x");
         assert_eq!("memory".parse::<StoreKind>(), Ok(StoreKind::Memory));
         assert!("mysql://x".parse::<StoreKind>().is_err());
 

@@ -92,7 +92,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .open_store()
         .await
         .with_context(|| match &config.store {
-            StoreKind::Postgres(_) => "opening the PostgreSQL store".to_owned(),
+            StoreKind::Postgres(url) => {
+                format!("opening the PostgreSQL store at {}", url.target())
+            }
             _ => format!("opening the data directory {}", config.data_dir.display()),
         })?;
     match &config.store {
@@ -100,7 +102,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(dir = %config.data_dir.display(), "using the SQLite store");
         }
         StoreKind::Postgres(_) => tracing::info!("using the PostgreSQL store"),
-        StoreKind::Memory => {}
+        StoreKind::Memory => {
+            tracing::warn!("using the memory store: jobs do not survive a restart");
+        }
     }
     let registry = config.registry();
     let listen = config.listen;
