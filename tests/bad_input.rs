@@ -115,6 +115,14 @@ fn echo_with_params_of(bytes: usize) -> pb::ActionSpec {
         .expect("some message length encodes to exactly that size")
 }
 
+/// A `nest` action whose params encode to exactly `bytes` bytes.
+fn nest_with_params_of(bytes: usize) -> pb::ActionSpec {
+    (0..bytes)
+        .map(|n| action("nest", json!({"x": {"pad": "m".repeat(n)}})))
+        .find(|spec| spec.params.as_ref().unwrap().encoded_len() == bytes)
+        .expect("some pad length encodes to exactly that size")
+}
+
 fn echo_with_input(bytes: usize) -> pb::ActionSpec {
     let mut spec = echo();
     spec.input = vec![b'i'; bytes].into();
@@ -587,4 +595,25 @@ async fn page_size_is_refused_one_over_the_configured_maximum() {
         "{}",
         over.message()
     );
+}
+
+/// A job's params together may take at most half of `max_message_bytes`: its snapshots repeat
+/// them, with its results, in one response. Exactly half is accepted; one byte more is
+/// refused naming `actions`, before anything is stored or run.
+#[tokio::test]
+async fn a_job_whose_params_could_not_be_read_back_in_one_response_is_refused() {
+    let mut config = test_config();
+    config.limits.max_message_bytes = 4096;
+    config.limits.max_params_bytes = 2048;
+    let server = TestServer::start_with(config, registry()).await;
+    let mut client = server.client.clone();
+    // `nest` returns an empty result, so the finished job fits as well.
+    let at_limit = request(vec![nest_with_params_of(1024), nest_with_params_of(1024)]);
+    let job = submit(&mut client, at_limit).await;
+    assert_eq!(
+        state(&wait_done(&mut client, &job.id).await),
+        pb::JobState::Succeeded
+    );
+    let over = request(vec![nest_with_params_of(1024), nest_with_params_of(1025)]);
+    assert_refused(&mut client, "params over half a message", over, "actions").await;
 }

@@ -54,12 +54,14 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
         ));
     }
     let mut actions = Vec::with_capacity(request.actions.len());
+    let mut all_params_size = 0;
     for (i, spec) in request.actions.into_iter().enumerate() {
         let field = format!("actions[{i}]");
         if spec.name.is_empty() {
             violations.push(FieldViolation::new(format!("{field}.name"), "is required"));
         }
         let params_size = spec.params.as_ref().map_or(0, prost::Message::encoded_len);
+        all_params_size += params_size;
         if params_size > limits.max_params_bytes {
             violations.push(FieldViolation::new(
                 format!("{field}.params"),
@@ -95,6 +97,19 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
             params,
             input: spec.input,
         });
+    }
+    // Every snapshot of the job repeats its params, and must fit in one response with the
+    // results to come: a job that could not be read back is refused now, not after it ran.
+    let params_budget = limits.max_message_bytes / 2;
+    if all_params_size > params_budget {
+        violations.push(FieldViolation::new(
+            "actions",
+            format!(
+                "their params add up to {all_params_size} bytes encoded; a job may carry at \
+                 most {params_budget} (half of max_message_bytes: its snapshots repeat them, \
+                 with its results, in one response)"
+            ),
+        ));
     }
     let idempotency_key = non_empty(request.idempotency_key);
     if let Some(key) = &idempotency_key
