@@ -24,7 +24,7 @@ use crate::{
     },
     config::{Config, TlsFiles},
     events::Hub,
-    executor::{Executor, ExecutorError},
+    executor::{Executor, ExecutorConfig, ExecutorError},
     metrics::RpcTimingLayer,
     store::Store,
     webhooks::{WebhookPolicy, WebhookWorker, WorkerError},
@@ -106,7 +106,15 @@ impl Server {
             Some(files) => Some(tls_config(files)?),
             None => None,
         };
-        let executor = Executor::start(store, Hub::new(), registry, config.executor.clone());
+        let mut executor_config = config.executor.clone();
+        // Whatever the executor was given, results must leave a job readable in one response.
+        executor_config.max_results_bytes =
+            executor_config
+                .max_results_bytes
+                .min(ExecutorConfig::results_budget(
+                    config.limits.max_message_bytes,
+                ));
+        let executor = Executor::start(store, Hub::new(), registry, executor_config);
         let stopping = CancellationToken::new();
         // Started before serving, so that what a previous run left in the outbox goes out at
         // once; it stops with the rest once the server has drained.

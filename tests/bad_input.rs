@@ -617,3 +617,32 @@ async fn a_job_whose_params_could_not_be_read_back_in_one_response_is_refused() 
     let over = request(vec![nest_with_params_of(1024), nest_with_params_of(1025)]);
     assert_refused(&mut client, "params over half a message", over, "actions").await;
 }
+
+/// A result that would make its job too large to send back fails its action with
+/// `RESULT_TOO_LARGE` (not retried): the job stays readable. A result within the budget
+/// (7/16 of `max_message_bytes`) is kept.
+#[tokio::test]
+async fn a_result_that_would_make_its_job_unreadable_fails_its_action() {
+    let mut config = test_config();
+    config.limits.max_message_bytes = 4096;
+    let server = TestServer::start_with(config, registry()).await;
+    let mut client = server.client.clone();
+    let echo_of = |len: usize| action("echo", json!({"message": "m".repeat(len)}));
+
+    let fits = submit(&mut client, request(vec![echo_of(1000)])).await;
+    let fits = wait_done(&mut client, &fits.id).await;
+    assert_eq!(state(&fits), pb::JobState::Succeeded);
+
+    let mut req = request(vec![echo_of(1900)]);
+    req.max_attempts = 3;
+    let too_large = submit(&mut client, req).await;
+    let ended = wait_done(&mut client, &too_large.id).await;
+    assert_eq!(state(&ended), pb::JobState::Failed);
+    assert_eq!(ended.attempt, 1, "not retried");
+    let error = ended.actions[0].error.as_ref().expect("the action's error");
+    assert_eq!(error.reason, "RESULT_TOO_LARGE");
+    assert!(ended.actions[0].result.is_none());
+    // Still readable, alone and in a listing (whose pages fit a message: one job each here).
+    get(&mut client, &too_large.id).await;
+    assert_eq!(list_all(&mut client).await[0].id, too_large.id);
+}

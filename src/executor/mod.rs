@@ -66,6 +66,11 @@ pub struct ExecutorConfig {
     pub default_max_attempts: u32,
     /// The upper bound for `max_attempts` in a Submit.
     pub max_attempts_limit: u32,
+    /// How large a job's results may be together, as sent (see [`crate::job::wire_size`]): an
+    /// action whose result would take them past it fails with `RESULT_TOO_LARGE`, so that
+    /// the job can still be read back in one response. A server lowers it to what its message
+    /// size limit allows ([`ExecutorConfig::results_budget`]).
+    pub max_results_bytes: usize,
     /// The wait before the first retry; doubled for each further one.
     pub retry_backoff_initial: Duration,
     /// The longest wait between retries.
@@ -86,6 +91,14 @@ pub struct ExecutorConfig {
 }
 
 impl ExecutorConfig {
+    /// The results budget for responses of at most `max_message_bytes`: a job's params take
+    /// up to half of a response (refused at Submit past that), its results up to seven
+    /// sixteenths, and the rest of the snapshot (states, times, errors, labels) the last
+    /// sixteenth.
+    pub fn results_budget(max_message_bytes: usize) -> usize {
+        max_message_bytes / 16 * 7
+    }
+
     /// How often a running job's progress is written to the store at most: as configured,
     /// else 1 s on a store `shared` with other replicas (it is how soon they see progress)
     /// and 10 s on one only this server reads. There, stored progress serves only listings
@@ -113,6 +126,7 @@ impl Default for ExecutorConfig {
             max_queue_length: 100_000,
             default_max_attempts: 1,
             max_attempts_limit: 100,
+            max_results_bytes: Self::results_budget(16 * 1024 * 1024),
             retry_backoff_initial: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(60),
             cancel_grace: Duration::from_secs(10),

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Inner, cancelled_error, queue::StopHandle, queue::StopReason};
 use crate::{
     actions::{ActionContext, HandlerError, ProgressReceiver, ProgressReporter},
-    job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress},
+    job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress, wire_size},
     store::StoreError,
 };
 
@@ -182,6 +182,13 @@ impl Inner {
         }
         let mut first_action = started_action.is_none();
         let mut started_action = started_action;
+        // Results kept from an earlier attempt count too.
+        let mut results_size: usize = job
+            .actions
+            .iter()
+            .filter_map(|action| action.result.as_ref())
+            .map(wire_size)
+            .sum();
         loop {
             let index = match started_action.take() {
                 Some(index) => index,
@@ -217,8 +224,27 @@ impl Inner {
                 .action_ran(&job.actions[index].name, outcome, started);
             let now = SystemTime::now();
             match result {
-                // Saved with the next action's start, or with the job's own end.
-                Ok(value) => job.succeed_action(index, value, now)?,
+                Ok(value) => {
+                    let size = wire_size(&value);
+                    let budget = self.config.max_results_bytes;
+                    if results_size + size > budget {
+                        let error = HandlerError::permanent(
+                            "RESOURCE_EXHAUSTED",
+                            "RESULT_TOO_LARGE",
+                            format!(
+                                "action {index}'s result is {size} bytes as sent; with the \
+                                 job's other results it would pass the {budget} bytes a job's \
+                                 results may take (7/16 of max_message_bytes), and the job \
+                                 could not be read back"
+                            ),
+                        );
+                        job.fail_action(index, error.error.clone(), now)?;
+                        return Ok(Attempt::Failed(error));
+                    }
+                    results_size += size;
+                    // Saved with the next action's start, or with the job's own end.
+                    job.succeed_action(index, value, now)?;
+                }
                 Err(_) if handle.reason() == StopReason::Timeout => {
                     let error = HandlerError::new(
                         "DEADLINE_EXCEEDED",

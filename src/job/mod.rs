@@ -5,6 +5,7 @@ mod encoding;
 mod model;
 mod state;
 mod webhook;
+mod wire;
 
 pub use model::{
     Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob,
@@ -14,6 +15,7 @@ pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
 pub use webhook::{
     AttemptOutcome, Delivery, DeliveryState, NewDelivery, WebhookEvents, WebhookSpec, delivery_for,
 };
+pub use wire::wire_size;
 
 use std::fmt;
 
