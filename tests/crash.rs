@@ -10,12 +10,11 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     path::Path,
-    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use common::{PATIENCE, Spawned, connect, request, sleep};
+use common::{PATIENCE, Spawned, connect, free_addr, request, sleep, spawn_serve};
 use longrun::{
     api::pb::{self, JobState},
     job,
@@ -29,21 +28,8 @@ static START: std::sync::LazyLock<std::time::Instant> =
 
 type Acked = Arc<Mutex<HashMap<String, (String, i64)>>>;
 
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
-}
-
 fn spawn_server(dir: &Path, addr: SocketAddr) -> Spawned {
-    Spawned::spawn(
-        Command::new(env!("CARGO_BIN_EXE_longrun"))
-            .args(["serve", "--listen", &addr.to_string(), "--concurrency", "8"])
-            .arg("--data-dir")
-            .arg(dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit()),
-    )
+    spawn_serve(dir, addr, &["--concurrency".as_ref(), "8".as_ref()])
 }
 
 fn record(acked: &Acked, job: &pb::Job, key: Option<&str>) {

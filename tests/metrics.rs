@@ -39,15 +39,18 @@ fn value(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
 
-#[tokio::test]
-async fn metrics_count_jobs_actions_rpcs_and_open_watches() {
-    let metrics_addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+/// A server with its metrics endpoint on a free loopback port.
+async fn server_with_metrics() -> (TestServer, std::net::SocketAddr) {
     let mut config = test_config();
+    let metrics_addr = free_addr();
     config.metrics_listen = Some(metrics_addr);
     let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    (server, metrics_addr)
+}
+
+#[tokio::test]
+async fn metrics_count_jobs_actions_rpcs_and_open_watches() {
+    let (server, metrics_addr) = server_with_metrics().await;
     let mut client = server.client.clone();
 
     for _ in 0..3 {
@@ -94,13 +97,7 @@ async fn metrics_count_jobs_actions_rpcs_and_open_watches() {
 /// metrics grow by inventing paths.
 #[tokio::test]
 async fn calls_to_unknown_paths_share_one_method_label() {
-    let metrics_addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
-    let mut config = test_config();
-    config.metrics_listen = Some(metrics_addr);
-    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let (server, metrics_addr) = server_with_metrics().await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
         .unwrap()
         .connect()

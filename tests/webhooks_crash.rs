@@ -4,36 +4,16 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use common::{
-    PATIENCE, Spawned, action, connect, get,
+    PATIENCE, Spawned, action, connect, free_addr, get, spawn_serve,
     webhook_receiver::{Receiver, Reply},
 };
 use longrun::api::pb::{self, WebhookDeliveryState, WebhookEvents};
 
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
-}
-
 fn spawn_server(dir: &Path, config: &Path, addr: SocketAddr) -> Spawned {
-    Spawned::spawn(
-        Command::new(env!("CARGO_BIN_EXE_longrun"))
-            .args(["serve", "--listen", &addr.to_string()])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit()),
-    )
+    spawn_serve(dir, addr, &["--config".as_ref(), config.as_os_str()])
 }
 
 /// Kills the server with SIGKILL and reaps it.

@@ -669,6 +669,31 @@ pub fn process_gone(pid: i32) -> bool {
     }
 }
 
+/// A free loopback address (bound, then released) for a `longrun serve` process to listen on.
+pub fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// The real binary serving `data_dir` on `addr`, with `extra` arguments; its warnings go to
+/// the test's stderr.
+pub fn spawn_serve(
+    data_dir: &std::path::Path,
+    addr: SocketAddr,
+    extra: &[&std::ffi::OsStr],
+) -> Spawned {
+    Spawned::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["serve", "--listen", &addr.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit()),
+    )
+}
+
 /// A spawned `longrun` process, killed and reaped when dropped: a test that fails halfway
 /// leaves no server running behind it. Derefs to the [`std::process::Child`].
 pub struct Spawned(Option<std::process::Child>);
