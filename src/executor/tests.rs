@@ -177,6 +177,14 @@ async fn a_job_started_at_submission_shares_one_commit_with_its_creation() {
     executor.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A one-action `sleep` job that has started its action, not yet stored.
+fn running_job(now: std::time::SystemTime) -> Job {
+    let mut job = Job::new(JobId::generate(), sleep_spec(60_000), 1, now);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    job
+}
+
 /// With `interrupted = fail`, a job found RUNNING at start ends FAILED at a version past any
 /// progress a watcher may have been shown before the crash (progress is persisted only now
 /// and then), so a watcher resuming after such a version is told how the job ended.
@@ -186,9 +194,7 @@ async fn a_job_failed_for_its_interruption_can_be_resumed_after_unpersisted_vers
     let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
     let now = std::time::SystemTime::now();
     // As a crashed server leaves it: started, progress persisted once.
-    let mut job = Job::new(JobId::generate(), sleep_spec(60_000), 1, now);
-    job.start(now).unwrap();
-    job.start_action(0, now).unwrap();
+    let mut job = running_job(now);
     assert!(job.report_progress(0, Progress::percent(10, "persisted"), now));
     store.create(&job).await.unwrap();
     let stored_version = job.version;
@@ -260,9 +266,7 @@ async fn a_job_whose_cancel_was_stored_before_a_crash_ends_cancelled_at_restart(
     let dir = TempDir::new().unwrap();
     let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
     let now = std::time::SystemTime::now();
-    let mut job = Job::new(JobId::generate(), sleep_spec(60_000), 1, now);
-    job.start(now).unwrap();
-    job.start_action(0, now).unwrap();
+    let mut job = running_job(now);
     job.request_cancel(now).unwrap();
     store.create(&job).await.unwrap();
 
