@@ -19,7 +19,7 @@ mod selector;
 mod watch_job;
 mod watch_jobs;
 pub use selector::{JobsSubscription, Pending};
-pub use watch_job::{JobWatch, WatchError, current, wait_terminal};
+pub use watch_job::{JobWatch, WatchError, current, wait_terminal, wait_until};
 pub use watch_jobs::{JobsEvent, JobsWatch, WatchJobsError};
 
 use crate::job::{Job, JobId, JobState};

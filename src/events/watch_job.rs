@@ -178,6 +178,19 @@ pub async fn wait_terminal(
     until: Option<Instant>,
     in_memory: impl FnOnce() -> Option<Arc<Job>>,
 ) -> Result<(Arc<Job>, bool), WatchError> {
+    wait_until(store, hub, id, until, in_memory, Job::is_terminal).await
+}
+
+/// Waits until a snapshot of job `id` satisfies `done` or `until` passes; returns the job as
+/// it is then, and whether it satisfies `done`. `in_memory` as for [`JobWatch::open`].
+pub async fn wait_until(
+    store: &Arc<dyn Store>,
+    hub: &Arc<Hub>,
+    id: JobId,
+    until: Option<Instant>,
+    in_memory: impl FnOnce() -> Option<Arc<Job>>,
+    done: impl Fn(&Job) -> bool,
+) -> Result<(Arc<Job>, bool), WatchError> {
     let mut subscription = hub.subscribe(id);
     let mut job = newest(store, hub, id, 0, in_memory).await?;
     let deadline = async {
@@ -187,7 +200,7 @@ pub async fn wait_terminal(
         }
     };
     tokio::pin!(deadline);
-    while !job.is_terminal() {
+    while !done(&job) {
         tokio::select! {
             next = subscription.next_after(job.version) => job = next,
             _ = &mut deadline => return Ok((job, false)),

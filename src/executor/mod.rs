@@ -496,28 +496,24 @@ impl Executor {
         self.inner.sync_gauges();
         match holder {
             Holder::Task(handle) => {
-                // Subscribed first, so the task's answer to the stop cannot slip by.
-                let mut changes = self.inner.hub.subscribe(id);
                 handle.stop(StopReason::Cancelled);
                 tracing::info!(job_id = %id, "cancel requested for a job held by its task");
-                let store = &self.inner.store;
-                let mut job = Arc::new(
-                    events::current(store, &self.inner.hub, id)
-                        .await
-                        .map_err(watch_error)?,
-                );
                 // The task stores the request at once (a running job's handler then gets the
                 // grace period to stop), or the cancellation itself (a job between retries,
                 // QUEUED to clients, or between actions): answered once that is durable, so
                 // an acknowledged Cancel survives a crash. The bound only covers a stalled
                 // store, or a job already stopping for its timeout.
                 let until = tokio::time::Instant::now() + CANCEL_SETTLE;
-                while !(job.is_terminal() || job.cancel_requested) {
-                    match tokio::time::timeout_at(until, changes.next_after(job.version)).await {
-                        Ok(newer) => job = newer,
-                        Err(_) => break,
-                    }
-                }
+                let (job, _) = events::wait_until(
+                    &self.inner.store,
+                    &self.inner.hub,
+                    id,
+                    Some(until),
+                    || None,
+                    |job| job.is_terminal() || job.cancel_requested,
+                )
+                .await
+                .map_err(watch_error)?;
                 Ok(Arc::unwrap_or_clone(job))
             }
             Holder::Nobody if self.inner.shared => self.inner.cancel_shared(id).await,
