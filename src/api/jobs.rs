@@ -357,16 +357,16 @@ impl Jobs for JobsService {
         };
         self.executor.until_recovered().await?;
         let (jobs, mut next_page_token) = page.read(&self.executor, query).await?;
-        let mut jobs: Vec<pb::Job> = jobs.iter().map(|job| convert::job(job)).collect();
+        let mut page_jobs: Vec<pb::Job> = jobs.iter().map(|job| convert::job(job)).collect();
         super::paging::fit_message(
-            &mut jobs,
+            &mut page_jobs,
+            &jobs,
             &mut next_page_token,
             self.limits.max_message_bytes,
             prost::Message::encoded_len,
-            |job| job.id.clone(),
         );
         Ok(Response::new(pb::ListJobsResponse {
-            jobs,
+            jobs: page_jobs,
             next_page_token,
         }))
     }

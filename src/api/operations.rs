@@ -97,19 +97,17 @@ impl Operations for OperationsService {
         };
         self.executor.until_recovered().await?;
         let (jobs, mut next_page_token) = page.read(&self.executor, query).await?;
-        let mut operations: Vec<(String, Operation)> = jobs
-            .iter()
-            .map(|j| (j.id.to_string(), operation(convert::job(j))))
-            .collect();
+        let mut operations: Vec<Operation> =
+            jobs.iter().map(|j| operation(convert::job(j))).collect();
         super::paging::fit_message(
             &mut operations,
+            &jobs,
             &mut next_page_token,
             self.limits.max_message_bytes,
-            |(_, op)| prost::Message::encoded_len(op),
-            |(id, _)| id.clone(),
+            prost::Message::encoded_len,
         );
         Ok(Response::new(ListOperationsResponse {
-            operations: operations.into_iter().map(|(_, op)| op).collect(),
+            operations,
             next_page_token,
             unreachable: Vec::new(),
         }))

@@ -90,16 +90,17 @@ impl Page {
 /// Room in a response for what is not a page item (the token, framing).
 const RESPONSE_OVERHEAD: usize = 1024;
 
-/// Shortens a page whose items would not fit in one response of `max_message_bytes`, ending it
-/// early with a token after its last item: a client reads the rest on the next page, instead
-/// of every read of the page failing. `size` is an item's encoded size, `id` its job's id.
-/// A page keeps at least one item (a single job is bounded when it is submitted).
+/// Shortens a page whose items (one per job of `jobs`, in order) would not fit in one response
+/// of `max_message_bytes`, ending it early with a token after its last item: a client reads
+/// the rest on the next page, instead of every read of the page failing. `size` is an item's
+/// encoded size. A page keeps at least one item (a single job is bounded when it is
+/// submitted).
 pub(super) fn fit_message<T>(
     items: &mut Vec<T>,
+    jobs: &[Arc<Job>],
     next_page_token: &mut String,
     max_message_bytes: usize,
     size: impl Fn(&T) -> usize,
-    id: impl Fn(&T) -> String,
 ) {
     let budget = max_message_bytes.saturating_sub(RESPONSE_OVERHEAD);
     let mut total = 0;
@@ -114,8 +115,8 @@ pub(super) fn fit_message<T>(
         .max(1);
     if fits < items.len() {
         items.truncate(fits);
-        if let Some(last) = items.last() {
-            *next_page_token = id(last);
+        if let Some(last) = jobs.get(fits - 1) {
+            *next_page_token = last.id.to_string();
         }
     }
 }
@@ -124,29 +125,38 @@ pub(super) fn fit_message<T>(
 mod tests {
     use super::*;
 
+    fn jobs(n: usize) -> Vec<Arc<Job>> {
+        (0..n)
+            .map(|_| {
+                Arc::new(Job::new(
+                    JobId::generate(),
+                    crate::job::NewJob::default(),
+                    1,
+                    std::time::SystemTime::now(),
+                ))
+            })
+            .collect()
+    }
+
     #[test]
     fn a_page_too_large_for_one_message_ends_early_with_a_token_after_its_last_item() {
-        let mut items = vec![("a", 600), ("b", 600), ("c", 600)];
+        let three = jobs(3);
+        let mut items = vec![600, 600, 600];
         let mut token = String::new();
-        fit_message(
-            &mut items,
-            &mut token,
-            1024 + 1300,
-            |i| i.1,
-            |i| i.0.to_owned(),
-        );
-        assert_eq!(items, [("a", 600), ("b", 600)]);
-        assert_eq!(token, "b");
+        fit_message(&mut items, &three, &mut token, 1024 + 1300, |i| *i);
+        assert_eq!(items, [600, 600]);
+        assert_eq!(token, three[1].id.to_string());
 
-        let mut one = vec![("big", 10_000), ("next", 1)];
+        let two = jobs(2);
+        let mut one = vec![10_000, 1];
         let mut token = "unchanged".to_owned();
-        fit_message(&mut one, &mut token, 2048, |i| i.1, |i| i.0.to_owned());
-        assert_eq!(one, [("big", 10_000)], "at least one item");
-        assert_eq!(token, "big");
+        fit_message(&mut one, &two, &mut token, 2048, |i| *i);
+        assert_eq!(one, [10_000], "at least one item");
+        assert_eq!(token, two[0].id.to_string());
 
-        let mut small = vec![("x", 10), ("y", 10)];
+        let mut small = vec![10, 10];
         let mut token = "next".to_owned();
-        fit_message(&mut small, &mut token, 4096, |i| i.1, |i| i.0.to_owned());
+        fit_message(&mut small, &two, &mut token, 4096, |i| *i);
         assert_eq!(small.len(), 2);
         assert_eq!(token, "next", "a page that fits is left as it is");
     }
