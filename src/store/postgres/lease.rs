@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::writer::Command;
 use super::{
-    CANCEL_CHANNEL, PostgresStore, feed, pg_error,
+    CANCEL_CHANNEL, PostgresStore, feed, pg_error, reads,
     row::{JobRow, LeaseCheck, NOW_MICROS, decode, sql_limit, unix_micros},
 };
 use crate::job::{Job, JobId};
@@ -150,14 +150,10 @@ impl SharedStore for PostgresStore {
             .query(&statement, &[&sql_limit(limit)])
             .await
             .map_err(fail)?;
+        // A Cancel made on another replica that the dead one never stored in the snapshot
+        // still stands.
         rows.iter()
-            .map(|row| {
-                let mut job = decode(&row.try_get::<_, String>(0).map_err(fail)?)?;
-                // A Cancel made on another replica (`request_cancel`) that the dead one never
-                // stored in the snapshot still stands.
-                job.cancel_requested |= row.try_get::<_, bool>(1).map_err(fail)?;
-                Ok(job)
-            })
+            .map(|row| reads::snapshot_with_cancel_request(row, "reading jobs whose lease ran out"))
             .collect()
     }
 

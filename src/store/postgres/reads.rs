@@ -48,9 +48,19 @@ fn snapshots(rows: &[Row], column: usize, context: &str) -> Result<Vec<Job>, Sto
         .collect()
 }
 
-/// The job's current snapshot, marked `cancel_requested` as soon as a Cancel made on any
-/// replica is stored (the replica running the job writes it into the snapshot only once it
-/// has been told).
+/// A row of `snapshot, cancel_requested`: the snapshot, marked `cancel_requested` when the
+/// column says a Cancel made on any replica (`request_cancel`) is stored for the running job,
+/// which its replica writes into the snapshot only once it has been told (or never, if it
+/// died first).
+pub(super) fn snapshot_with_cancel_request(row: &Row, context: &str) -> Result<Job, StoreError> {
+    let snapshot: &str = row.try_get(0).map_err(|e| pg_error(context, e))?;
+    let requested: bool = row.try_get(1).map_err(|e| pg_error(context, e))?;
+    let mut job = decode(snapshot)?;
+    job.cancel_requested |= requested && job.state == crate::job::JobState::Running;
+    Ok(job)
+}
+
+/// The job's current snapshot, marked `cancel_requested` as soon as the request is stored.
 pub(super) async fn get(client: &ClientWrapper, id: JobId) -> Result<Option<Job>, StoreError> {
     let context = "reading a job";
     let rows = query(
@@ -60,14 +70,9 @@ pub(super) async fn get(client: &ClientWrapper, id: JobId) -> Result<Option<Job>
         &vec![Box::new(*id.as_uuid())],
     )
     .await?;
-    let Some(mut job) = snapshots(&rows, 0, context)?.pop() else {
-        return Ok(None);
-    };
-    if let Some(row) = rows.first() {
-        let requested: bool = row.try_get(1).map_err(|e| pg_error(context, e))?;
-        job.cancel_requested |= requested && job.state == crate::job::JobState::Running;
-    }
-    Ok(Some(job))
+    rows.first()
+        .map(|row| snapshot_with_cancel_request(row, context))
+        .transpose()
 }
 
 /// The job of `tenant` holding idempotency key `key`.
