@@ -81,10 +81,7 @@ impl DatabaseUrl {
             .iter()
             .enumerate()
             .map(|(i, host)| {
-                let host = match host {
-                    tokio_postgres::config::Host::Tcp(host) => host.clone(),
-                    tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-                };
+                let host = crate::store::host_text(host);
                 match ports.get(i).or(ports.first()) {
                     Some(port) => format!("{host}:{port}"),
                     None => host,

@@ -12,6 +12,7 @@ mod sqlite;
 pub(crate) mod conformance;
 
 pub use memory::MemoryStore;
+pub(crate) use postgres::host_text;
 pub use postgres::{PostgresOptions, PostgresStats, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
 

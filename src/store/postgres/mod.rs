@@ -284,12 +284,19 @@ async fn describe(config: &tokio_postgres::Config, client: &Object) -> Result<St
             "no schema of the search_path exists: create it, or fix the `options` in the URL",
         ));
     };
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
-        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
-        None => "localhost".to_owned(),
-    };
+    let host = config
+        .get_hosts()
+        .first()
+        .map_or_else(|| "localhost".to_owned(), host_text);
     Ok(format!("{host}/{database}, schema {schema}"))
+}
+
+/// A host of a connection config, for messages: its name, address or socket directory.
+pub(crate) fn host_text(host: &tokio_postgres::config::Host) -> String {
+    match host {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+    }
 }
 
 /// Takes the serve lock on a connection of its own, outside any pool, kept for the store's
