@@ -147,6 +147,35 @@ async fn list_jobs_filters_by_labels_and_every_label_must_match() {
     assert!(list(&mut client, req).await.jobs.is_empty());
 }
 
+/// The ids on each page of ListJobs with `page_size`, following tokens until one is empty:
+/// no page empty, and no more than `most` pages (so paging ends).
+async fn every_page(
+    client: &mut pb::jobs_client::JobsClient<tonic::transport::Channel>,
+    page_size: i32,
+    most: usize,
+) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list(
+            client,
+            pb::ListJobsRequest {
+                page_size,
+                page_token: token.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(!page.jobs.is_empty(), "no empty page (size {page_size})");
+        pages.push(ids(&page.jobs));
+        token = page.next_page_token;
+        if token.is_empty() {
+            return pages;
+        }
+        assert!(pages.len() <= most, "paging ends (size {page_size})");
+    }
+}
+
 #[tokio::test]
 async fn paging_covers_every_job_exactly_once_and_the_last_page_has_no_token() {
     let server = TestServer::start().await;
@@ -158,27 +187,11 @@ async fn paging_covers_every_job_exactly_once_and_the_last_page_has_no_token() {
     submitted.reverse();
 
     for page_size in 1..=7 {
-        let mut pages = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = list(
-                &mut client,
-                pb::ListJobsRequest {
-                    page_size,
-                    page_token: token.clone(),
-                    ..Default::default()
-                },
-            )
-            .await;
-            assert!(page.jobs.len() <= page_size as usize);
-            assert!(!page.jobs.is_empty(), "no empty page (size {page_size})");
-            pages.push(ids(&page.jobs));
-            token = page.next_page_token;
-            if token.is_empty() {
-                break;
-            }
-            assert!(pages.len() <= 6, "paging ends (size {page_size})");
-        }
+        let pages = every_page(&mut client, page_size, 6).await;
+        assert!(
+            pages.iter().all(|page| page.len() <= page_size as usize),
+            "size {page_size}: {pages:?}"
+        );
         let expected_pages = submitted.len().div_ceil(page_size as usize);
         assert_eq!(pages.len(), expected_pages, "page size {page_size}");
         let all: Vec<String> = pages.concat();
@@ -211,25 +224,7 @@ async fn a_page_too_large_for_one_message_ends_early_and_paging_still_covers_eve
     }
     submitted.reverse();
 
-    let mut pages = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = list(
-            &mut client,
-            pb::ListJobsRequest {
-                page_token: token.clone(),
-                ..Default::default()
-            },
-        )
-        .await;
-        assert!(!page.jobs.is_empty());
-        pages.push(ids(&page.jobs));
-        token = page.next_page_token;
-        if token.is_empty() {
-            break;
-        }
-        assert!(pages.len() <= 6, "paging ends");
-    }
+    let pages = every_page(&mut client, 0, 6).await;
     assert!(
         pages.len() > 1,
         "the default page of 50 was split: {pages:?}"
