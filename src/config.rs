@@ -338,11 +338,11 @@ impl WebhookSettings {
         WebhookConfig {
             secret: self.secret.filter(|s| !s.is_empty()),
             allow_hosts: self.allow_hosts,
-            max_attempts: self.max_attempts.unwrap_or(defaults.max_attempts).max(1),
+            max_attempts: self.max_attempts.unwrap_or(defaults.max_attempts),
             backoff: self.backoff.unwrap_or(defaults.backoff),
             backoff_max: self.backoff_max.unwrap_or(defaults.backoff_max),
             timeout: self.timeout.unwrap_or(defaults.timeout),
-            concurrency: self.concurrency.unwrap_or(defaults.concurrency).max(1),
+            concurrency: self.concurrency.unwrap_or(defaults.concurrency),
         }
     }
 }

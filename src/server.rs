@@ -62,21 +62,65 @@ pub enum ServeError {
     Setting(String),
 }
 
-/// Refuses settings no server could use as documented, naming the setting.
+/// The smallest `max_message_bytes` taken: below it a job could carry next to nothing, once
+/// its snapshot has been shared out (see [`crate::job::job_budget`]).
+pub const MIN_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// Refuses settings no server could use as documented, naming each setting out of its range:
+/// a value that would make every call of some kind fail, or a timer that would fire at once,
+/// is a typo far more often than an intent, and serving with it would only hide the mistake.
 fn check_settings(config: &Config) -> Result<(), ServeError> {
-    let executor = &config.executor;
-    if executor.concurrency == 0 {
-        return Err(ServeError::Setting(
-            "concurrency must be at least 1".to_owned(),
-        ));
-    }
+    let (executor, limits, webhooks) = (&config.executor, &config.limits, &config.webhooks);
+    let mut problems = Vec::new();
+    let mut at_least_one = |name: &str, value: usize| {
+        if value == 0 {
+            problems.push(format!("{name} must be at least 1"));
+        }
+    };
+    at_least_one("concurrency", executor.concurrency);
+    // A Submit holds a queue slot while it is stored, even one that starts at once.
+    at_least_one("max_queue_length", executor.max_queue_length);
+    at_least_one("max_actions_per_job", limits.max_actions_per_job);
+    at_least_one("max_page_size", limits.max_page_size);
+    at_least_one(
+        "max_watches_per_connection",
+        limits.max_watches_per_connection,
+    );
+    at_least_one("max_watches_per_tenant", limits.max_watches_per_tenant);
+    at_least_one("[webhooks] max_attempts", webhooks.max_attempts as usize);
+    at_least_one("[webhooks] concurrency", webhooks.concurrency);
     if !(1..=executor.max_attempts_limit).contains(&executor.default_max_attempts) {
-        return Err(ServeError::Setting(format!(
+        problems.push(format!(
             "default_max_attempts must be between 1 and {} (what a Submit may ask for)",
             executor.max_attempts_limit
-        )));
+        ));
     }
-    Ok(())
+    if limits.max_message_bytes < MIN_MESSAGE_BYTES {
+        problems.push(format!(
+            "max_message_bytes must be at least {MIN_MESSAGE_BYTES}"
+        ));
+    }
+    for (name, value) in [
+        ("lease", config.lease),
+        ("retention", config.retention),
+        ("keepalive_interval", config.keepalive_interval),
+        ("[webhooks] timeout", webhooks.timeout),
+    ] {
+        if value.is_zero() {
+            problems.push(format!("{name} must be longer than 0s"));
+        }
+    }
+    if executor.retry_backoff_max < executor.retry_backoff_initial {
+        problems.push("retry_backoff_max must not be shorter than retry_backoff".to_owned());
+    }
+    if webhooks.backoff_max < webhooks.backoff {
+        problems.push("[webhooks] backoff_max must not be shorter than backoff".to_owned());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ServeError::Setting(problems.join("; ")))
+    }
 }
 
 /// A longrun server: its executor runs from [`Server::start`] on; [`Server::serve`] picks up

@@ -176,28 +176,102 @@ fn without_auth_or_tls_on_a_non_loopback_address_serve_warns_loudly() {
     child.wait().unwrap();
 }
 
+/// `serve` with `args` (and `config`, written to a file, when given) in a fresh directory,
+/// waited for: it is expected to stop by itself.
+fn serve_refusing(args: &[&str], config: Option<&str>) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_longrun"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", "memory"])
+        .args(args)
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(text) = config {
+        let path = dir.path().join("longrun.toml");
+        std::fs::write(&path, text).unwrap();
+        command.arg("--config").arg(&path);
+    }
+    Spawned::spawn(&mut command).wait_bounded()
+}
+
 /// Settings out of their range stop `serve` at once, naming the setting, instead of a server
-/// that runs nothing (`concurrency 0`) or gives jobs more attempts than a Submit may ask for.
+/// that runs nothing (`concurrency 0`), refuses every Submit (`max_queue_length 0`), fires a
+/// timer at once (`retention 0s`) or gives jobs more attempts than a Submit may ask for.
 #[test]
 fn settings_out_of_range_are_refused_naming_them() {
     for (flag, value, named) in [
         ("--concurrency", "0", "concurrency"),
+        ("--max-queue-length", "0", "max_queue_length"),
         ("--default-max-attempts", "1000", "default_max_attempts"),
         ("--default-max-attempts", "0", "default_max_attempts"),
+        ("--max-actions-per-job", "0", "max_actions_per_job"),
+        ("--max-page-size", "0", "max_page_size"),
+        (
+            "--max-watches-per-connection",
+            "0",
+            "max_watches_per_connection",
+        ),
+        ("--max-watches-per-tenant", "0", "max_watches_per_tenant"),
+        ("--max-message-bytes", "16383", "max_message_bytes"),
+        ("--lease", "0s", "lease"),
+        ("--retention", "0s", "retention"),
+        ("--keepalive-interval", "0s", "keepalive_interval"),
+        ("--retry-backoff-max", "10ms", "retry_backoff_max"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let output = Spawned::spawn(
-            Command::new(env!("CARGO_BIN_EXE_longrun"))
-                .args(["serve", "--listen", "127.0.0.1:0", "--store", "memory"])
-                .args([flag, value])
-                .current_dir(dir.path())
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-        )
-        .wait_bounded();
+        let output = serve_refusing(&[flag, value], None);
         assert!(!output.status.success(), "{flag} {value}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(named), "{flag} {value}: {stderr}");
     }
+    // The webhook settings live only in the file; and every problem is named, not the first.
+    let output = serve_refusing(
+        &[],
+        Some(
+            "[webhooks]\nmax_attempts = 0\nconcurrency = 0\ntimeout = \"0s\"\nbackoff = \"1m\"\nbackoff_max = \"1s\"\n",
+        ),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for named in [
+        "[webhooks] max_attempts",
+        "[webhooks] concurrency",
+        "[webhooks] timeout",
+        "[webhooks] backoff_max",
+    ] {
+        assert!(stderr.contains(named), "{named}: {stderr}");
+    }
+}
+
+/// The edges themselves are taken: the smallest message limit, a queue of one, a hundred
+/// attempts, pages of one, retries at once; and that server runs a job.
+#[tokio::test]
+async fn settings_at_the_edge_of_their_range_are_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = common::free_addr();
+    let _server = common::spawn_serve(
+        dir.path(),
+        addr,
+        &[
+            "--max-message-bytes",
+            "4096",
+            "--max-queue-length",
+            "1",
+            "--default-max-attempts",
+            "100",
+            "--max-page-size",
+            "1",
+            "--retry-backoff",
+            "0s",
+            "--retry-backoff-max",
+            "0s",
+        ]
+        .map(std::ffi::OsStr::new),
+    );
+    let mut client = common::connect(addr).await;
+    let job = submit(&mut client, request(vec![sleep(1, 1)])).await;
+    assert_eq!(job.max_attempts, 100);
+    let done = wait_done(&mut client, &job.id).await;
+    assert_eq!(common::state(&done), pb::JobState::Succeeded);
 }

@@ -31,7 +31,8 @@ impl Page {
         violations: &mut Vec<FieldViolation>,
     ) -> Self {
         let limit = match usize::try_from(page_size) {
-            Ok(0) => limits.default_page_size,
+            // A server configured with small pages keeps its default within them.
+            Ok(0) => limits.default_page_size.min(limits.max_page_size),
             Ok(n) if n <= limits.max_page_size => n,
             _ => {
                 violations.push(FieldViolation::new(
@@ -136,6 +137,20 @@ mod tests {
                 ))
             })
             .collect()
+    }
+
+    #[test]
+    fn a_default_page_stays_within_a_smaller_configured_maximum() {
+        let limits = Limits {
+            max_page_size: 10,
+            ..Limits::default()
+        };
+        let mut violations = Vec::new();
+        let page = Page::parse(0, "", &limits, "ListJobs", &mut violations);
+        assert_eq!((page.limit, violations.len()), (10, 0));
+        let page = Page::parse(11, "", &limits, "ListJobs", &mut violations);
+        assert_eq!(page.limit, 0);
+        assert_eq!(violations[0].field, "page_size");
     }
 
     #[test]
