@@ -115,14 +115,6 @@ fn echo_with_params_of(bytes: usize) -> pb::ActionSpec {
         .expect("some message length encodes to exactly that size")
 }
 
-/// A `nest` action whose params encode to exactly `bytes` bytes.
-fn nest_with_params_of(bytes: usize) -> pb::ActionSpec {
-    (0..bytes)
-        .map(|n| action("nest", json!({"x": {"pad": "m".repeat(n)}})))
-        .find(|spec| spec.params.as_ref().unwrap().encoded_len() == bytes)
-        .expect("some pad length encodes to exactly that size")
-}
-
 fn echo_with_input(bytes: usize) -> pb::ActionSpec {
     let mut spec = echo();
     spec.input = vec![b'i'; bytes].into();
@@ -548,18 +540,18 @@ async fn bad_list_requests_are_refused_naming_the_field() {
 #[tokio::test]
 async fn message_over_the_size_limit_is_refused_by_the_transport_and_stores_nothing() {
     let mut config = test_config();
-    config.limits.max_message_bytes = 4096;
+    config.limits.max_message_bytes = 16 * 1024;
     let server = TestServer::start_with(config, Registry::with_builtins()).await;
     let mut client = server.client.clone();
     let status = client
-        .submit(request(vec![echo_with_input(8192)]))
+        .submit(request(vec![echo_with_input(32 * 1024)]))
         .await
         .expect_err("refused");
     // tonic refuses a message over `max_decoding_message_size` before the service sees it.
     assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
     assert!(list_all(&mut client).await.is_empty(), "nothing stored");
     // The connection is still usable, and a message within the limit is accepted.
-    submit(&mut client, request(vec![echo_with_input(1024)])).await;
+    submit(&mut client, request(vec![echo_with_input(4096)])).await;
     assert_eq!(list_all(&mut client).await.len(), 1);
 }
 
@@ -597,34 +589,67 @@ async fn page_size_is_refused_one_over_the_configured_maximum() {
     );
 }
 
-/// A job's params together may take at most half of `max_message_bytes`: its snapshots repeat
-/// them, with its results, in one response. Exactly half is accepted; one byte more is
-/// refused naming `actions`, before anything is stored or run.
+/// What a Submit puts in its job (params, labels, names, as sent, plus 64 bytes per action and
+/// 256 for what the run adds) may take a quarter of `max_message_bytes` less 512 bytes: a
+/// finished operation carries the job twice, with its results. Exactly that is accepted (and
+/// the job, once run, reads back through every view); one byte more is refused naming the
+/// larger part, before anything is stored or run.
 #[tokio::test]
-async fn a_job_whose_params_could_not_be_read_back_in_one_response_is_refused() {
+async fn a_job_that_could_not_be_read_back_in_one_response_is_refused() {
+    const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+    const SUBMITTED_BUDGET: usize = (MAX_MESSAGE_BYTES / 2 - 1024) / 2;
     let mut config = test_config();
-    config.limits.max_message_bytes = 4096;
-    config.limits.max_params_bytes = 2048;
+    config.limits.max_message_bytes = MAX_MESSAGE_BYTES;
+    config.limits.max_params_bytes = MAX_MESSAGE_BYTES;
     let server = TestServer::start_with(config, registry()).await;
     let mut client = server.client.clone();
-    // `nest` returns an empty result, so the finished job fits as well.
-    let at_limit = request(vec![nest_with_params_of(1024), nest_with_params_of(1024)]);
-    let job = submit(&mut client, at_limit).await;
+    let submitted = |req: &pb::SubmitRequest| req.encoded_len() + 64 * req.actions.len() + 256;
+    let with_pad = |n: usize, label_count: usize| {
+        let mut req = request(vec![
+            action("nest", json!({"x": {"pad": "m".repeat(n)}})),
+            action("nest", json!({})),
+        ]);
+        req.labels = (0..label_count)
+            .map(|i| (format!("k{i}"), "v".repeat(200)))
+            .collect();
+        req
+    };
+    let pad = (0..SUBMITTED_BUDGET)
+        .find(|n| submitted(&with_pad(*n, 0)) == SUBMITTED_BUDGET)
+        .expect("some pad reaches the budget exactly");
+    let job = submit(&mut client, with_pad(pad, 0)).await;
     assert_eq!(
         state(&wait_done(&mut client, &job.id).await),
         pb::JobState::Succeeded
     );
-    let over = request(vec![nest_with_params_of(1024), nest_with_params_of(1025)]);
-    assert_refused(&mut client, "params over half a message", over, "actions").await;
+    let mut operations = longrun::api::longrunning::operations_client::OperationsClient::new(
+        common::channel(server.addr).await,
+    );
+    let operation = operations
+        .get_operation(longrun::api::longrunning::GetOperationRequest {
+            name: format!("operations/{}", job.id),
+        })
+        .await
+        .expect("the finished job reads back as an operation, carrying it twice")
+        .into_inner();
+    assert!(operation.done);
+
+    let over = with_pad(pad + 1, 0);
+    assert_eq!(submitted(&over), SUBMITTED_BUDGET + 1);
+    assert_refused(&mut client, "one byte over", over, "actions").await;
+    // Labels count too, and are named when they are the larger part.
+    let labelled = with_pad(0, 20);
+    assert!(submitted(&labelled) > SUBMITTED_BUDGET);
+    assert_refused(&mut client, "labels over", labelled, "labels").await;
 }
 
 /// A result that would make its job too large to send back fails its action with
 /// `RESULT_TOO_LARGE` (not retried): the job stays readable. A result within the budget
-/// (7/16 of `max_message_bytes`) is kept.
+/// (7/16 of the job's share of a message, see `longrun::job::job_budget`) is kept.
 #[tokio::test]
 async fn a_result_that_would_make_its_job_unreadable_fails_its_action() {
     let mut config = test_config();
-    config.limits.max_message_bytes = 4096;
+    config.limits.max_message_bytes = 16 * 1024;
     let server = TestServer::start_with(config, registry()).await;
     let mut client = server.client.clone();
     let echo_of = |len: usize| action("echo", json!({"message": "m".repeat(len)}));
@@ -633,7 +658,7 @@ async fn a_result_that_would_make_its_job_unreadable_fails_its_action() {
     let fits = wait_done(&mut client, &fits.id).await;
     assert_eq!(state(&fits), pb::JobState::Succeeded);
 
-    let mut req = request(vec![echo_of(1900)]);
+    let mut req = request(vec![echo_of(3200)]);
     req.max_attempts = 3;
     let too_large = submit(&mut client, req).await;
     let ended = wait_done(&mut client, &too_large.id).await;

@@ -6,6 +6,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use prost::Message;
 use prost_types::{Struct, Timestamp, value::Kind};
 use serde_json::{Map, Number, Value};
 
@@ -53,6 +54,19 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
             ),
         ));
     }
+    // What the request carries that no snapshot repeats: inputs, and the webhook (kept apart).
+    let unrepeated: usize = request
+        .actions
+        .iter()
+        .filter(|spec| !spec.input.is_empty())
+        .map(|spec| framed_len(spec.input.len()))
+        .sum::<usize>()
+        + request
+            .webhook
+            .as_ref()
+            .map_or(0, |w| framed_len(w.encoded_len()));
+    let submitted_size = request.encoded_len().saturating_sub(unrepeated);
+    let action_count = request.actions.len();
     let mut actions = Vec::with_capacity(request.actions.len());
     let mut all_params_size = 0;
     for (i, spec) in request.actions.into_iter().enumerate() {
@@ -98,16 +112,23 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
             input: spec.input,
         });
     }
-    // Every snapshot of the job repeats its params, and must fit in one response with the
-    // results to come: a job that could not be read back is refused now, not after it ran.
-    let params_budget = limits.max_message_bytes / 2;
-    if all_params_size > params_budget {
+    // Every snapshot of the job repeats what the Submit gave, and must fit in one response with
+    // the results to come: a job that could not be read back is refused now, not after it ran.
+    let budget = job::submitted_budget(limits.max_message_bytes);
+    let labels_size = labels_wire_size(&request.labels);
+    let submitted = submitted_size + RUN_RESERVE_PER_ACTION * action_count + RUN_RESERVE_PER_JOB;
+    if submitted > budget {
         violations.push(FieldViolation::new(
-            "actions",
+            if labels_size > all_params_size {
+                "labels"
+            } else {
+                "actions"
+            },
             format!(
-                "their params add up to {all_params_size} bytes encoded; a job may carry at \
-                 most {params_budget} (half of max_message_bytes: its snapshots repeat them, \
-                 with its results, in one response)"
+                "the job as submitted takes {submitted} bytes as sent (params {all_params_size}, \
+                 labels {labels_size}, the rest names and what its run adds); a job may take \
+                 at most {budget} (a quarter of max_message_bytes: an operation carries the job \
+                 twice, with its results)"
             ),
         ));
     }
@@ -150,6 +171,24 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
     } else {
         Err(violations)
     }
+}
+
+/// Room reserved in a job's snapshot, at Submit, for what running each action adds (its state,
+/// times and progress figures) and the job itself (its times, attempt, error code).
+const RUN_RESERVE_PER_ACTION: usize = 64;
+const RUN_RESERVE_PER_JOB: usize = 256;
+
+/// A length-delimited field of `len` bytes as sent: tag, length varint, bytes.
+fn framed_len(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// A label map as sent, entries framed.
+fn labels_wire_size(labels: &std::collections::HashMap<String, String>) -> usize {
+    labels
+        .iter()
+        .map(|(key, value)| framed_len(framed_len(key.len()) + framed_len(value.len())))
+        .sum()
 }
 
 /// Checks a label map (of a job or of a filter) against the limits.

@@ -91,12 +91,10 @@ pub struct ExecutorConfig {
 }
 
 impl ExecutorConfig {
-    /// The results budget for responses of at most `max_message_bytes`: a job's params take
-    /// up to half of a response (refused at Submit past that), its results up to seven
-    /// sixteenths, and the rest of the snapshot (states, times, errors, labels) the last
-    /// sixteenth.
+    /// The results budget for responses of at most `max_message_bytes` (see
+    /// [`crate::job::job_budget`] for how a job's snapshot is shared out).
     pub fn results_budget(max_message_bytes: usize) -> usize {
-        max_message_bytes / 16 * 7
+        crate::job::results_budget(max_message_bytes)
     }
 
     /// How often a running job's progress is written to the store at most: as configured,

@@ -234,7 +234,7 @@ impl Inner {
                             format!(
                                 "action {index}'s result is {size} bytes as sent; with the \
                                  job's other results it would pass the {budget} bytes a job's \
-                                 results may take (7/16 of max_message_bytes), and the job \
+                                 results may take (see max_message_bytes), and the job \
                                  could not be read back"
                             ),
                         );

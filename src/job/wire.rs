@@ -22,6 +22,30 @@ pub fn wire_size(value: &Value) -> usize {
     }
 }
 
+/// Room in a response for what surrounds a job: an operation's name, its `Any` type URLs,
+/// framing.
+const ENVELOPE_BYTES: usize = 1024;
+
+/// The most one job's snapshot may take, as sent, in responses of at most
+/// `max_message_bytes`: half of one, less an envelope, because a finished
+/// `google.longrunning.Operation` carries the job twice (as `metadata` and as `response`).
+/// A Submit may fill half of it (params, labels, names: [`submitted_budget`]), results seven
+/// sixteenths ([`results_budget`]), and the last sixteenth is left for what a run adds
+/// (states, times, progress, errors).
+pub fn job_budget(max_message_bytes: usize) -> usize {
+    (max_message_bytes / 2).saturating_sub(ENVELOPE_BYTES)
+}
+
+/// What a Submit may put in its job's snapshot: half of [`job_budget`].
+pub fn submitted_budget(max_message_bytes: usize) -> usize {
+    job_budget(max_message_bytes) / 2
+}
+
+/// What a job's results may take together, as sent: seven sixteenths of [`job_budget`].
+pub fn results_budget(max_message_bytes: usize) -> usize {
+    job_budget(max_message_bytes) / 16 * 7
+}
+
 /// A length-delimited field of `len` bytes: tag, length varint, bytes.
 fn framed(len: usize) -> usize {
     1 + varint_len(len) + len
