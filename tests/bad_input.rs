@@ -255,6 +255,22 @@ async fn bad_submit_requests_are_refused_naming_the_field_and_store_nothing() {
             "timeout".into(),
         ),
         (
+            // Stored, it would break every JSON client reading the job back.
+            "timeout past google.protobuf.Duration's range",
+            with(vec![echo()], |r| {
+                r.timeout = Some(prost_types::Duration {
+                    seconds: 1_000_000_000_000,
+                    nanos: 0,
+                })
+            }),
+            "timeout".into(),
+        ),
+        (
+            "zero timeout (unset means none)",
+            with(vec![echo()], |r| r.timeout = Some(millis(0))),
+            "timeout".into(),
+        ),
+        (
             "too many actions",
             request(vec![echo(); MAX_ACTIONS + 1]),
             "actions".into(),

@@ -142,7 +142,15 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
         ));
     }
     let timeout = match request.timeout.map(|d| duration("timeout", d)).transpose() {
-        Ok(timeout) => timeout.filter(|d| !d.is_zero()),
+        // Zero is more likely a unit mistake than a wish for no limit, which is "unset".
+        Ok(Some(zero)) if zero.is_zero() => {
+            violations.push(FieldViolation::new(
+                "timeout",
+                "must be longer than 0s; leave it unset for no time limit",
+            ));
+            None
+        }
+        Ok(timeout) => timeout,
         Err(v) => {
             violations.push(v);
             None
@@ -237,11 +245,28 @@ fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-/// Converts a wire duration, refusing negative or malformed ones.
+/// The longest duration a `google.protobuf.Duration` may hold (about 10,000 years): a longer
+/// one would be stored, and then break every JSON client that reads it back.
+const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+
+/// Converts a wire duration, refusing negative, malformed and out-of-range ones.
 pub fn duration(field: &str, d: prost_types::Duration) -> Result<Duration, FieldViolation> {
-    let invalid = || FieldViolation::new(field, "must be a non-negative duration");
-    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
-        return Err(invalid());
+    if d.seconds < 0 || (d.seconds == 0 && d.nanos < 0) {
+        return Err(FieldViolation::new(field, "must not be negative"));
+    }
+    if !(0..1_000_000_000).contains(&d.nanos) {
+        return Err(FieldViolation::new(
+            field,
+            "is not a valid duration: nanos must be 0 to 999999999 when seconds is positive",
+        ));
+    }
+    if d.seconds > MAX_DURATION_SECONDS {
+        return Err(FieldViolation::new(
+            field,
+            format!(
+                "must be at most {MAX_DURATION_SECONDS}s, the longest google.protobuf.Duration"
+            ),
+        ));
     }
     Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }
@@ -517,11 +542,23 @@ mod tests {
     }
 
     #[test]
-    fn negative_durations_are_refused() {
-        let d = prost_types::Duration {
-            seconds: -1,
-            nanos: 0,
-        };
-        assert_eq!(duration("wait", d).unwrap_err().field, "wait");
+    fn durations_out_of_range_are_refused_with_what_is_wrong() {
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        let refused = |seconds, nanos| duration("wait", d(seconds, nanos)).unwrap_err();
+        assert_eq!(refused(-1, 0).field, "wait");
+        assert!(refused(-1, 0).description.contains("negative"));
+        assert!(refused(0, -1).description.contains("negative"));
+        assert!(refused(1, -1).description.contains("nanos"));
+        assert!(refused(0, 1_000_000_000).description.contains("nanos"));
+        assert!(
+            refused(MAX_DURATION_SECONDS + 1, 0)
+                .description
+                .contains("at most")
+        );
+        assert_eq!(
+            duration("wait", d(MAX_DURATION_SECONDS, 999_999_999)).unwrap(),
+            Duration::new(MAX_DURATION_SECONDS as u64, 999_999_999)
+        );
+        assert_eq!(duration("wait", d(0, 0)).unwrap(), Duration::ZERO);
     }
 }
