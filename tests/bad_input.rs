@@ -687,3 +687,72 @@ async fn a_result_that_would_make_its_job_unreadable_fails_its_action() {
     get(&mut client, &too_large.id).await;
     assert_eq!(list_all(&mut client).await[0].id, too_large.id);
 }
+
+/// An error repeats at most a little of what the client sent, and lists at most a few kilobytes
+/// of violations: errors travel in HTTP/2 headers, and grpc-core clients drop a response whose
+/// headers pass 8 KiB, reporting RESOURCE_EXHAUSTED instead of the error. Each case still
+/// names its field.
+#[tokio::test]
+async fn errors_stay_small_whatever_the_client_sent() {
+    use tonic_types::StatusExt;
+    let mut config = test_config();
+    config.limits.max_params_bytes = 64 * 1024;
+    let server = TestServer::start_with(config, registry()).await;
+    let mut client = server.client.clone();
+    let huge = "x".repeat(20_000);
+    let assert_small = |status: &tonic::Status, field: &str| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}");
+        let details = status.details().len();
+        assert!(
+            status.message().len() <= 1536 && details <= 2560,
+            "{field}: message {} bytes, details {details} bytes",
+            status.message().len()
+        );
+        let fields = bad_request_fields(status);
+        assert!(
+            fields.first().is_some_and(|f| f.starts_with(field)),
+            "{field}: {fields:?}"
+        );
+    };
+    let status = client
+        .get_status(pb::GetStatusRequest {
+            job_id: huge.clone(),
+        })
+        .await
+        .expect_err("a 20,000-byte job id");
+    assert_small(&status, "job_id");
+
+    let label_key = with(vec![echo()], |r| r.labels = labels(&[(&huge, "v")]));
+    let status = client
+        .submit(label_key)
+        .await
+        .expect_err("a huge label key");
+    assert_small(&status, "labels");
+
+    let params_key = request(vec![action("echo", json!({ huge.clone(): 1 }))]);
+    let status = client
+        .submit(params_key)
+        .await
+        .expect_err("a huge params key");
+    assert_small(&status, "actions[0].params");
+
+    // A hundred bad actions: a few are listed, the rest counted.
+    const MANY: usize = 100; // the default max_actions_per_job
+    let many = request(vec![action("echo", json!({"message": 5})); MANY]);
+    let status = client.submit(many).await.expect_err("many bad actions");
+    assert_small(&status, "actions[0].params");
+    let listed = status
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .len();
+    assert!(listed < MANY, "{listed}");
+    assert!(
+        status
+            .message()
+            .ends_with(&format!("and {} more", MANY - listed)),
+        "{}",
+        status.message()
+    );
+    assert!(list_all(&mut client).await.is_empty(), "nothing stored");
+}

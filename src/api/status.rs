@@ -18,15 +18,53 @@ use crate::{
 /// `google.longrunning` operations report them).
 pub const ERROR_DOMAIN: &str = "longrun.dev";
 
-/// INVALID_ARGUMENT with one `BadRequest` field violation per problem.
+/// How much of one violation an error repeats, and how much of them all: errors travel in
+/// HTTP/2 headers, and grpc-core clients drop a response whose headers pass 8 KiB (reporting
+/// RESOURCE_EXHAUSTED instead of the error); the message goes there twice (as `grpc-message`,
+/// and inside `grpc-status-details-bin`, base64). A field path or description can hold
+/// whatever the client sent (an id, a label key, a params key), so each is cut, and past a
+/// kilobyte the rest are counted rather than listed.
+const MAX_FIELD_BYTES: usize = 128;
+const MAX_DESCRIPTION_BYTES: usize = 256;
+const MAX_LISTED_BYTES: usize = 1024;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying how long it was.
+fn clip(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
+/// INVALID_ARGUMENT with one `BadRequest` field violation per problem (as many as fit; the
+/// message says how many more there are).
 pub fn invalid(violations: Vec<FieldViolation>) -> Status {
-    let message = violations
+    let total = violations.len();
+    let mut listed = Vec::new();
+    let mut bytes = 0;
+    for v in violations {
+        let field = clip(v.field, MAX_FIELD_BYTES);
+        let description = clip(v.description, MAX_DESCRIPTION_BYTES);
+        bytes += field.len() + description.len();
+        if bytes > MAX_LISTED_BYTES && !listed.is_empty() {
+            break;
+        }
+        listed.push(FieldViolation { field, description });
+    }
+    let mut message = listed
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ");
+    if listed.len() < total {
+        message.push_str(&format!("; and {} more", total - listed.len()));
+    }
     let mut details = ErrorDetails::new();
-    for v in violations {
+    for v in listed {
         details.add_bad_request_violation(v.field, v.description);
     }
     Status::with_error_details(
