@@ -756,3 +756,32 @@ async fn errors_stay_small_whatever_the_client_sent() {
     );
     assert!(list_all(&mut client).await.is_empty(), "nothing stored");
 }
+
+/// A Submit with several problems names them all at once, those only the actions' handlers
+/// can judge (an unknown action, a param of the wrong type) with the rest.
+#[tokio::test]
+async fn every_bad_field_of_a_submit_is_named_at_once() {
+    let server = TestServer::start_with(test_config(), registry()).await;
+    let mut client = server.client.clone();
+    let mut req = request(vec![
+        action("no-such-action", json!({})),
+        action("echo", json!({"message": 5})),
+    ]);
+    req.max_attempts = -1;
+    req.labels = labels(&[("", "x")]);
+    let status = client.submit(req).await.expect_err("refused");
+    let mut fields = bad_request_fields(&status);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "actions[0].name",
+            "actions[1].params.message",
+            "labels[\"\"]",
+            "max_attempts"
+        ],
+        "{}",
+        status.message()
+    );
+    assert!(list_all(&mut client).await.is_empty(), "nothing stored");
+}

@@ -35,8 +35,14 @@ pub fn parse_job_id(field: &str, value: &str) -> Result<JobId, FieldViolation> {
     })
 }
 
-/// Converts and validates a Submit request against the server's limits.
-pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Vec<FieldViolation>> {
+/// Converts and validates a Submit request against the server's limits. A request refused
+/// here also has its actions checked against `registry` (the executor checks them for a
+/// request that passes), so that every bad field is named at once.
+pub fn new_job(
+    request: pb::SubmitRequest,
+    limits: &Limits,
+    registry: &crate::actions::Registry,
+) -> Result<NewJob, Vec<FieldViolation>> {
     let mut violations = Vec::new();
     if request.actions.is_empty() {
         violations.push(FieldViolation::new(
@@ -68,6 +74,8 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
     let submitted_size = request.encoded_len().saturating_sub(unrepeated);
     let action_count = request.actions.len();
     let mut actions = Vec::with_capacity(request.actions.len());
+    // Actions whose name and params converted, so that the registry can judge them.
+    let mut checkable = Vec::with_capacity(request.actions.len());
     let mut all_params_size = 0;
     for (i, spec) in request.actions.into_iter().enumerate() {
         let field = format!("actions[{i}]");
@@ -100,8 +108,12 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
             .map(|p| struct_to_json(p, 0, limits.max_params_depth))
             .transpose()
         {
-            Ok(params) => params.unwrap_or_default(),
+            Ok(params) => {
+                checkable.push(!spec.name.is_empty());
+                params.unwrap_or_default()
+            }
             Err(v) => {
+                checkable.push(false);
                 violations.push(v.under(&format!("{field}.params")));
                 Map::new()
             }
@@ -163,6 +175,18 @@ pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Ve
         violations.push(FieldViolation::new("max_attempts", "must not be negative"));
     }
     violations.extend(check_labels("labels", &request.labels, limits));
+    if !violations.is_empty() {
+        for (i, action) in actions.iter().enumerate() {
+            if checkable[i] {
+                violations.extend(
+                    registry
+                        .validate(&action.name, &action.params)
+                        .into_iter()
+                        .map(|v| v.under(&format!("actions[{i}]"))),
+                );
+            }
+        }
+    }
     if violations.is_empty() {
         Ok(NewJob {
             actions,

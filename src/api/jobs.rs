@@ -160,7 +160,10 @@ impl Jobs for JobsService {
         let webhook = request.webhook.take().map(|w| self.validate_webhook(w));
         // Every violation at once, the webhook's with the rest; the network (the webhook
         // host's DNS) only for a request otherwise valid.
-        let (mut spec, webhook) = match (convert::new_job(request, &self.limits), webhook) {
+        let (mut spec, webhook) = match (
+            convert::new_job(request, &self.limits, self.executor.registry()),
+            webhook,
+        ) {
             (Ok(spec), None) => (spec, None),
             (Ok(spec), Some(Ok(checked))) => (spec, Some(checked)),
             (Ok(_), Some(Err(violations))) => return Err(invalid(violations)),
