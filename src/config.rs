@@ -163,6 +163,12 @@ pub struct Settings {
     /// Attempts a job gets when its Submit does not say [default: 1].
     #[arg(long)]
     pub default_max_attempts: Option<u32>,
+    /// The most attempts a Submit may ask for; more is INVALID_ARGUMENT [default: 100].
+    #[arg(long)]
+    pub max_attempts_limit: Option<u32>,
+    /// An idempotency key, in bytes [default: 256].
+    #[arg(long)]
+    pub max_idempotency_key_bytes: Option<usize>,
     /// The wait before the first retry, doubled for each further one [default: 1s].
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -254,6 +260,10 @@ impl Settings {
             max_input_bytes: self.max_input_bytes.or(fallback.max_input_bytes),
             max_labels: self.max_labels.or(fallback.max_labels),
             default_max_attempts: self.default_max_attempts.or(fallback.default_max_attempts),
+            max_attempts_limit: self.max_attempts_limit.or(fallback.max_attempts_limit),
+            max_idempotency_key_bytes: self
+                .max_idempotency_key_bytes
+                .or(fallback.max_idempotency_key_bytes),
             retry_backoff: self.retry_backoff.or(fallback.retry_backoff),
             retry_backoff_max: self.retry_backoff_max.or(fallback.retry_backoff_max),
             cancel_grace: self.cancel_grace.or(fallback.cancel_grace),
@@ -495,6 +505,9 @@ impl Config {
                     .max_label_value_bytes
                     .unwrap_or(limit_defaults.max_label_value_bytes),
                 max_page_size: s.max_page_size.unwrap_or(limit_defaults.max_page_size),
+                max_idempotency_key_bytes: s
+                    .max_idempotency_key_bytes
+                    .unwrap_or(limit_defaults.max_idempotency_key_bytes),
                 max_watches_per_connection: s
                     .max_watches_per_connection
                     .unwrap_or(limit_defaults.max_watches_per_connection),
@@ -509,6 +522,9 @@ impl Config {
                 default_max_attempts: s
                     .default_max_attempts
                     .unwrap_or(exec_defaults.default_max_attempts),
+                max_attempts_limit: s
+                    .max_attempts_limit
+                    .unwrap_or(exec_defaults.max_attempts_limit),
                 retry_backoff_initial: s
                     .retry_backoff
                     .unwrap_or(exec_defaults.retry_backoff_initial),
@@ -578,15 +594,20 @@ mod tests {
             concurrency = 3
             max_queue_length = 7
             cancel_grace = "250ms"
+            max_attempts_limit = 20
+            max_idempotency_key_bytes = 64
             "#,
         )
         .unwrap();
         let flags = Settings {
             concurrency: Some(5),
+            max_idempotency_key_bytes: Some(32),
             ..Settings::default()
         };
         let config = Config::resolve(flags, file);
         assert_eq!(config.executor.concurrency, 5);
+        assert_eq!(config.executor.max_attempts_limit, 20);
+        assert_eq!(config.limits.max_idempotency_key_bytes, 32);
         assert_eq!(config.executor.max_queue_length, 7);
         assert_eq!(config.executor.cancel_grace, Duration::from_millis(250));
         assert_eq!(config.limits.max_actions_per_job, 100);

@@ -81,7 +81,14 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
     // A Submit holds a queue slot while it is stored, even one that starts at once.
     at_least_one("max_queue_length", executor.max_queue_length);
     at_least_one("max_actions_per_job", limits.max_actions_per_job);
+    // A label key must have a byte (an empty key is refused), so 0 would refuse every label.
+    at_least_one("max_label_key_bytes", limits.max_label_key_bytes);
     at_least_one("max_page_size", limits.max_page_size);
+    at_least_one(
+        "max_idempotency_key_bytes",
+        limits.max_idempotency_key_bytes,
+    );
+    at_least_one("max_attempts_limit", executor.max_attempts_limit as usize);
     at_least_one(
         "max_watches_per_connection",
         limits.max_watches_per_connection,
@@ -91,9 +98,29 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
     at_least_one("[webhooks] concurrency", webhooks.concurrency);
     if !(1..=executor.max_attempts_limit).contains(&executor.default_max_attempts) {
         problems.push(format!(
-            "default_max_attempts must be between 1 and {} (what a Submit may ask for)",
+            "default_max_attempts must be between 1 and {} (max_attempts_limit: what a Submit \
+             may ask for)",
             executor.max_attempts_limit
         ));
+    }
+    let tenant_rates = config
+        .tenant_submit_rates
+        .iter()
+        .map(|(tenant, rate)| (format!("[quotas.tenants.{tenant}]"), rate));
+    for (table, rate) in config
+        .submit_rate
+        .iter()
+        .map(|rate| ("[quotas]".to_owned(), rate))
+        .chain(tenant_rates)
+    {
+        if !(rate.per_second.is_finite() && rate.per_second > 0.0) {
+            problems.push(format!(
+                "{table} submits_per_second must be a number above 0"
+            ));
+        }
+        if rate.burst == 0 {
+            problems.push(format!("{table} submit_burst must be at least 1"));
+        }
     }
     if limits.max_message_bytes < MIN_MESSAGE_BYTES {
         problems.push(format!(

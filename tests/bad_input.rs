@@ -26,7 +26,7 @@ const MAX_LABEL_KEY_BYTES: usize = 16;
 const MAX_LABEL_VALUE_BYTES: usize = 24;
 const MAX_PAGE_SIZE: i32 = 5;
 const MAX_KEY_BYTES: usize = 16;
-const MAX_ATTEMPTS_LIMIT: i32 = 100;
+const MAX_ATTEMPTS_LIMIT: i32 = 7;
 /// Params may nest this deep (configured: the default is 32); one level more is refused.
 const MAX_PARAMS_DEPTH: usize = 8;
 

@@ -207,6 +207,7 @@ fn settings_out_of_range_are_refused_naming_them() {
         ("--default-max-attempts", "1000", "default_max_attempts"),
         ("--default-max-attempts", "0", "default_max_attempts"),
         ("--max-actions-per-job", "0", "max_actions_per_job"),
+        ("--max-label-key-bytes", "0", "max_label_key_bytes"),
         ("--max-page-size", "0", "max_page_size"),
         (
             "--max-watches-per-connection",
@@ -225,12 +226,16 @@ fn settings_out_of_range_are_refused_naming_them() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(named), "{flag} {value}: {stderr}");
     }
-    // The webhook settings live only in the file; and every problem is named, not the first.
+    // The webhook settings and quotas live only in the file; and every problem is named, not
+    // only the first.
     let output = serve_refusing(
         &[],
-        Some(
-            "[webhooks]\nmax_attempts = 0\nconcurrency = 0\ntimeout = \"0s\"\nbackoff = \"1m\"\nbackoff_max = \"1s\"\n",
-        ),
+        Some(concat!(
+            "[webhooks]\nmax_attempts = 0\nconcurrency = 0\ntimeout = \"0s\"\n",
+            "backoff = \"1m\"\nbackoff_max = \"1s\"\n",
+            "[quotas]\nsubmits_per_second = nan\n",
+            "[quotas.tenants.batch]\nsubmits_per_second = -1\nsubmit_burst = 0\n",
+        )),
     );
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -239,6 +244,9 @@ fn settings_out_of_range_are_refused_naming_them() {
         "[webhooks] concurrency",
         "[webhooks] timeout",
         "[webhooks] backoff_max",
+        "[quotas] submits_per_second",
+        "[quotas.tenants.batch] submits_per_second",
+        "[quotas.tenants.batch] submit_burst",
     ] {
         assert!(stderr.contains(named), "{named}: {stderr}");
     }
@@ -255,7 +263,7 @@ async fn settings_at_the_edge_of_their_range_are_taken() {
         addr,
         &[
             "--max-message-bytes",
-            "4096",
+            "16384",
             "--max-queue-length",
             "1",
             "--default-max-attempts",

@@ -62,13 +62,11 @@ impl TenantQuota {
 
     pub(super) fn rate(&self) -> Option<Rate> {
         let per_second = self.submits_per_second?;
+        // Kept as given: `serve` refuses a rate that is not above 0 or a burst of 0, naming it.
         let burst = self
             .submit_burst
             .unwrap_or_else(|| per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
-        Some(Rate {
-            per_second: per_second.max(0.0),
-            burst: burst.max(1),
-        })
+        Some(Rate { per_second, burst })
     }
 }
 
