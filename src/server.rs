@@ -152,6 +152,12 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
 
 /// A longrun server: its executor runs from [`Server::start`] on; [`Server::serve`] picks up
 /// the jobs a previous run left unfinished and exposes everything over gRPC.
+///
+/// Dropping a server that was never served (its listener could not be bound, say) stops its
+/// executor and background tasks: in-process calls then fail with
+/// [`ExecutorError::ShuttingDown`], and the store is let go of once those tasks end (an
+/// embedder that must reopen the same SQLite directory at once calls
+/// [`crate::store::SqliteStore::close`] on its own handle, which waits for that).
 pub struct Server {
     executor: Executor,
     config: Config,
@@ -356,6 +362,14 @@ impl Server {
         }
         transport.await?;
         Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // After `serve` these have fired already; without it, nothing else would fire them.
+        self.stopping.cancel();
+        self.executor.abandon();
     }
 }
 

@@ -283,3 +283,51 @@ async fn settings_at_the_edge_of_their_range_are_taken() {
     let done = wait_done(&mut client, &job.id).await;
     assert_eq!(common::state(&done), pb::JobState::Succeeded);
 }
+
+/// A server dropped without serving (its listener could not be bound, say) stops what it
+/// started: in-process calls fail as shutting down instead of waiting forever, and the data
+/// directory is let go of, so that it can be opened again.
+#[tokio::test]
+async fn a_server_dropped_without_serving_stops_and_lets_go_of_its_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    let server = longrun::server::Server::start(store, Registry::with_builtins(), test_config())
+        .await
+        .unwrap();
+    let executor = server.executor().clone();
+    drop(server);
+    let submitted = tokio::time::timeout(
+        PATIENCE,
+        executor.submit(longrun::job::NewJob {
+            actions: vec![longrun::job::NewAction {
+                name: "echo".to_owned(),
+                params: serde_json::Map::new(),
+                input: Default::default(),
+            }],
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("answered, not left waiting for a recovery that never comes");
+    assert!(
+        matches!(
+            submitted,
+            Err(longrun::executor::ExecutorError::ShuttingDown)
+        ),
+        "{submitted:?}"
+    );
+    drop(executor);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match SqliteStore::open(dir.path(), SqliteOptions::default()) {
+            Ok(store) => break store.close().await,
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still held: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

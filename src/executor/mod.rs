@@ -553,6 +553,20 @@ impl Executor {
             .ok_or(ExecutorError::NotFound(id))
     }
 
+    /// Stops at once what runs on its own, for a server dropped without serving: new and
+    /// waiting calls fail with [`ExecutorError::ShuttingDown`], the dispatcher stops. Jobs it
+    /// runs (there are none before recovery, which serving starts) are told to stop.
+    pub(crate) fn abandon(&self) {
+        let inner = &self.inner;
+        inner.accepting.cancel();
+        inner.dispatching.cancel();
+        inner.tracker.close();
+        for handle in inner.scheduler().active_handles() {
+            handle.stop(StopReason::Shutdown);
+        }
+        inner.drained.cancel();
+    }
+
     /// Stops taking new jobs and lets running ones finish for up to `grace`; then tells the
     /// rest to stop, waits up to the cancel grace period, and returns. Interrupted jobs are
     /// left QUEUED with `attempt + 1`, so a durable store runs them again after a restart.
