@@ -385,7 +385,11 @@ impl FileConfig {
 /// The resolved configuration of a server.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address to serve on.
+    /// Address `longrun serve` binds. [`crate::server::Server::serve`] serves on the listener
+    /// it is given instead, but this address still decides the default of `auth` (off only
+    /// on loopback) in [`Config::resolve`]: an embedder that binds another address sets
+    /// `auth.enabled` itself (`serve` warns loudly when a listener that is not loopback
+    /// serves without authentication).
     pub listen: SocketAddr,
     /// Directory of the embedded store.
     pub data_dir: PathBuf,

@@ -66,7 +66,7 @@ fn number(n: f64) -> Value {
 /// A test action taking one object param `x`, to carry deeply nested params.
 struct Nest;
 
-#[async_trait::async_trait]
+#[longrun::actions::async_trait] // the re-export embedders use
 impl Handler for Nest {
     fn describe(&self) -> ActionDescription {
         ActionDescription {

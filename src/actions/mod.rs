@@ -11,9 +11,12 @@ pub use exec::{Exec, ExecCommand};
 pub use params::{ParamInfo, ParamType, str_param, u64_param};
 pub use progress::{ProgressReceiver, ProgressReporter};
 
+/// The attribute [`Handler`] implementations need (`#[longrun::actions::async_trait]` on the
+/// `impl`), re-exported so that an embedder need not depend on `async-trait` itself.
+pub use async_trait::async_trait;
+
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
@@ -105,7 +108,12 @@ impl HandlerError {
     }
 }
 
-/// Runs one kind of action. Implement it to add your own actions to a server.
+/// Runs one kind of action. Implement it to add your own actions to a server, with
+/// [`macro@async_trait`] on the `impl` (re-exported here).
+///
+/// A handler reports progress through `ctx.progress`, stops soon after `ctx.cancel` fires
+/// (a Cancel, the job's timeout, or shutdown; one that does not is dropped after the cancel
+/// grace period), and returns a JSON result or a [`HandlerError`], permanent or retryable.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// What the action does and which params it takes.
