@@ -14,7 +14,11 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use crate::job::Progress;
+use crate::job::{Progress, truncate};
+
+/// The longest progress message kept, in bytes: every snapshot of the job repeats it (every
+/// action's last one), and the job must still fit in one response.
+pub const MAX_PROGRESS_MESSAGE_BYTES: usize = 1024;
 
 #[derive(Default)]
 struct Slot {
@@ -52,8 +56,11 @@ impl ProgressReporter {
         )
     }
 
-    /// Reports progress.
-    pub fn report(&self, progress: Progress) {
+    /// Reports progress. A message past [`MAX_PROGRESS_MESSAGE_BYTES`] is cut.
+    pub fn report(&self, mut progress: Progress) {
+        if progress.message.len() > MAX_PROGRESS_MESSAGE_BYTES {
+            progress.message = truncate(&progress.message, MAX_PROGRESS_MESSAGE_BYTES);
+        }
         let waker = {
             let mut slot = lock(&self.shared);
             slot.newest = Some(progress);
@@ -145,6 +152,17 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
+
+    #[test]
+    fn a_long_progress_message_is_cut_at_a_character_boundary() {
+        let (reporter, receiver) = ProgressReporter::channel();
+        reporter.percent(5, "é".repeat(MAX_PROGRESS_MESSAGE_BYTES));
+        let taken = receiver.take().expect("a report");
+        assert!(taken.message.len() <= MAX_PROGRESS_MESSAGE_BYTES + '…'.len_utf8());
+        assert!(taken.message.ends_with('…'));
+        reporter.percent(6, "short");
+        assert_eq!(receiver.take().expect("a report").message, "short");
+    }
 
     struct CountingWaker(AtomicUsize);
 

@@ -33,11 +33,11 @@ fn clip(text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &text[..end], text.len())
+    format!(
+        "{} ({} bytes)",
+        crate::job::truncate(&text, max),
+        text.len()
+    )
 }
 
 /// INVALID_ARGUMENT with one `BadRequest` field violation per problem (as many as fit; the

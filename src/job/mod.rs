@@ -19,6 +19,19 @@ pub use wire::{job_budget, results_budget, submitted_budget, wire_size};
 
 use std::fmt;
 
+/// `text` cut to at most `max` bytes at a character boundary, with `…` added when cut: for
+/// text from handlers or clients that is repeated in snapshots or errors.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// One thing wrong with a request, naming the field as a client would write its path
 /// (`actions[1].params.duration_ms`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -78,17 +78,7 @@ fn parse_progress(rest: &str) -> Option<Line<'_>> {
     })
 }
 
-/// `text` cut to at most `max` bytes at a character boundary, with `…` added when cut.
-pub(super) fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
-}
+pub(super) use crate::job::truncate;
 
 /// The last few lines of a stream, each cut to [`TAIL_LINE_BYTES`].
 #[derive(Debug, Clone)]
