@@ -363,3 +363,27 @@ async fn grpc_web_over_http1_works_over_tls() {
         "the job in the response"
     );
 }
+
+/// A key that is not the certificate's stops the server at start, saying so, rather than at
+/// serve time with tonic's bare "transport error".
+#[tokio::test]
+async fn a_key_that_does_not_match_the_certificate_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let mut config = tls_config(&dir, &ca, None);
+    let other = ca.sign(&["localhost"]);
+    config.tls.as_mut().unwrap().key = write(&dir, "other.key", &other.key);
+    let refused = Server::start(
+        Arc::new(MemoryStore::new()),
+        Registry::with_builtins(),
+        config,
+    )
+    .await
+    .err()
+    .expect("refused at start");
+    let text = refused.to_string();
+    assert!(
+        text.contains("tls_key") && text.contains("KeyMismatch"),
+        "{text}"
+    );
+}
