@@ -511,3 +511,38 @@ async fn listings_show_a_running_jobs_newest_progress_not_the_stored_one() {
 
     cancel(&mut client, &job.id).await;
 }
+
+/// A page token reads the next page of the query it came from, whatever the page size; with
+/// another filter, or altered, it is INVALID_ARGUMENT naming `page_token`, never some other
+/// page.
+#[tokio::test]
+async fn a_page_token_is_bound_to_its_query() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let mut labelled = request(vec![echo()]);
+    labelled.labels = HashMap::from([("team".to_owned(), "a".to_owned())]);
+    for _ in 0..3 {
+        submit(&mut client, labelled.clone()).await;
+    }
+    let query = |page_size, page_token: &str| pb::ListJobsRequest {
+        labels: labelled.labels.clone(),
+        page_size,
+        page_token: page_token.to_owned(),
+        ..Default::default()
+    };
+    let first = list(&mut client, query(1, "")).await;
+    let token = first.next_page_token;
+    let rest = list(&mut client, query(5, &token)).await;
+    assert_eq!(rest.jobs.len(), 2, "the page size may change");
+
+    let mut other_filter = query(1, &token);
+    other_filter.labels.clear();
+    let mut altered = token.clone().into_bytes();
+    altered[3] = if altered[3] == b'A' { b'B' } else { b'A' };
+    let altered = query(1, std::str::from_utf8(&altered).unwrap());
+    for (what, request) in [("another filter", other_filter), ("altered", altered)] {
+        let status = client.list_jobs(request).await.expect_err(what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}");
+        assert_eq!(bad_request_fields(&status), ["page_token"], "{what}");
+    }
+}

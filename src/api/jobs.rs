@@ -339,9 +339,18 @@ impl Jobs for JobsService {
             }
         }
         let matches_nothing = !request.states.is_empty() && states.is_empty();
+        let states_text = format!("{:?}", request.states);
+        let mut labels: Vec<(&String, &String)> = request.labels.iter().collect();
+        labels.sort();
+        let scope = super::paging::scope(
+            ["ListJobs", tenant.as_ref(), &states_text]
+                .into_iter()
+                .chain(labels.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()])),
+        );
         let page = Page::parse(
             request.page_size,
             &request.page_token,
+            scope,
             &self.limits,
             "ListJobs",
             &mut violations,
@@ -362,6 +371,7 @@ impl Jobs for JobsService {
         let (jobs, mut next_page_token) = page.read(&self.executor, query).await?;
         let mut page_jobs: Vec<pb::Job> = jobs.iter().map(|job| convert::job(job)).collect();
         super::paging::fit_message(
+            &page,
             &mut page_jobs,
             &jobs,
             &mut next_page_token,

@@ -80,9 +80,16 @@ impl Operations for OperationsService {
             violations.push(v);
             Vec::new()
         });
+        let scope = super::paging::scope([
+            "ListOperations",
+            tenant.as_ref(),
+            &request.name,
+            &request.filter,
+        ]);
         let page = Page::parse(
             request.page_size,
             &request.page_token,
+            scope,
             &self.limits,
             "ListOperations",
             &mut violations,
@@ -100,6 +107,7 @@ impl Operations for OperationsService {
         let mut operations: Vec<Operation> =
             jobs.iter().map(|j| operation(convert::job(j))).collect();
         super::paging::fit_message(
+            &page,
             &mut operations,
             &jobs,
             &mut next_page_token,

@@ -1,8 +1,13 @@
 //! Page size and page token handling shared by `Jobs/ListJobs` and
-//! `Operations/ListOperations`: both page over the store's newest-first list, and a page token
-//! is the id of the last job of the previous page.
+//! `Operations/ListOperations`: both page over the store's newest-first list. A page token
+//! names the last job of the previous page and is bound to the query it came from: a token
+//! used with another filter, another method or another tenant, or altered, is refused rather
+//! than silently giving some other page.
 
 use std::sync::Arc;
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use sha2::{Digest, Sha256};
 
 use super::Limits;
 use crate::{
@@ -11,6 +16,11 @@ use crate::{
     store::{ListQuery, StoreError},
 };
 
+/// How much of the digest a token carries: enough that a token from another query, or an
+/// edited one, is caught; not a secret (a client could forge one for its own queries, which
+/// only reads what it may read anyway).
+const CHECK_BYTES: usize = 8;
+
 /// A validated page request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Page {
@@ -18,6 +28,29 @@ pub(super) struct Page {
     pub limit: usize,
     /// Only jobs older than this one (the previous page's last).
     pub before: Option<JobId>,
+    /// The digest of the query's parts that must not change from page to page.
+    scope: [u8; 32],
+}
+
+/// The digest of what a query's pages share: each part is length-prefixed, so that parts
+/// cannot run into each other.
+pub(super) fn scope<'a>(parts: impl IntoIterator<Item = &'a str>) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher.finalize().into()
+}
+
+fn check(scope: &[u8; 32], id: &JobId) -> [u8; CHECK_BYTES] {
+    let digest = Sha256::new()
+        .chain_update(scope)
+        .chain_update(id.as_uuid().as_bytes())
+        .finalize();
+    let mut check = [0; CHECK_BYTES];
+    check.copy_from_slice(&digest[..CHECK_BYTES]);
+    check
 }
 
 impl Page {
@@ -26,6 +59,7 @@ impl Page {
     pub fn parse(
         page_size: i32,
         page_token: &str,
+        scope: [u8; 32],
         limits: &Limits,
         method: &str,
         violations: &mut Vec<FieldViolation>,
@@ -45,18 +79,39 @@ impl Page {
         let before = if page_token.is_empty() {
             None
         } else {
-            match page_token.parse::<JobId>() {
-                Ok(id) => Some(id),
-                Err(_) => {
-                    violations.push(FieldViolation::new(
-                        "page_token",
-                        format!("is not a token from a previous {method} response"),
-                    ));
-                    None
-                }
+            let id = Self::token_id(page_token, &scope);
+            if id.is_none() {
+                violations.push(FieldViolation::new(
+                    "page_token",
+                    format!(
+                        "is not a token from a previous {method} response with the same \
+                         filter (only page_size may change from page to page)"
+                    ),
+                ));
             }
+            id
         };
-        Self { limit, before }
+        Self {
+            limit,
+            before,
+            scope,
+        }
+    }
+
+    /// The job a token names, if it is a token this query gave.
+    fn token_id(token: &str, scope: &[u8; 32]) -> Option<JobId> {
+        let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
+        let (id, given) = bytes.split_at_checked(16)?;
+        let id = JobId::from(uuid::Uuid::from_slice(id).ok()?);
+        (given == check(scope, &id)).then_some(id)
+    }
+
+    /// The token of the page after the one that ends with `last`.
+    pub fn token_after(&self, last: &JobId) -> String {
+        let mut bytes = Vec::with_capacity(16 + CHECK_BYTES);
+        bytes.extend_from_slice(last.as_uuid().as_bytes());
+        bytes.extend_from_slice(&check(&self.scope, last));
+        URL_SAFE_NO_PAD.encode(bytes)
     }
 
     /// Reads this page of `query` (whose `before` and `limit` it sets) and the token of the
@@ -74,7 +129,7 @@ impl Page {
         let next_page_token = if jobs.len() > self.limit {
             jobs.truncate(self.limit);
             jobs.last()
-                .map(|job| job.id.to_string())
+                .map(|job| self.token_after(&job.id))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -97,6 +152,7 @@ const RESPONSE_OVERHEAD: usize = 1024;
 /// encoded size. A page keeps at least one item (a single job is bounded when it is
 /// submitted).
 pub(super) fn fit_message<T>(
+    page: &Page,
     items: &mut Vec<T>,
     jobs: &[Arc<Job>],
     next_page_token: &mut String,
@@ -117,7 +173,7 @@ pub(super) fn fit_message<T>(
     if fits < items.len() {
         items.truncate(fits);
         if let Some(last) = jobs.get(fits - 1) {
-            *next_page_token = last.id.to_string();
+            *next_page_token = page.token_after(&last.id);
         }
     }
 }
@@ -139,39 +195,86 @@ mod tests {
             .collect()
     }
 
+    fn first_page(limits: &Limits) -> Page {
+        let mut violations = Vec::new();
+        let page = Page::parse(
+            0,
+            "",
+            scope(["ListJobs"]),
+            limits,
+            "ListJobs",
+            &mut violations,
+        );
+        assert!(violations.is_empty());
+        page
+    }
+
     #[test]
     fn a_default_page_stays_within_a_smaller_configured_maximum() {
         let limits = Limits {
             max_page_size: 10,
             ..Limits::default()
         };
+        assert_eq!(first_page(&limits).limit, 10);
         let mut violations = Vec::new();
-        let page = Page::parse(0, "", &limits, "ListJobs", &mut violations);
-        assert_eq!((page.limit, violations.len()), (10, 0));
-        let page = Page::parse(11, "", &limits, "ListJobs", &mut violations);
+        let page = Page::parse(
+            11,
+            "",
+            scope(["ListJobs"]),
+            &limits,
+            "ListJobs",
+            &mut violations,
+        );
         assert_eq!(page.limit, 0);
         assert_eq!(violations[0].field, "page_size");
     }
 
     #[test]
+    fn a_token_reads_back_only_in_the_query_it_came_from_and_unaltered() {
+        let limits = Limits::default();
+        let id = JobId::generate();
+        let token = first_page(&limits).token_after(&id);
+        let parse = |token: &str, scope: [u8; 32]| {
+            let mut violations = Vec::new();
+            let page = Page::parse(0, token, scope, &limits, "ListJobs", &mut violations);
+            (page.before, violations.len())
+        };
+        assert_eq!(parse(&token, scope(["ListJobs"])), (Some(id), 0));
+        assert_eq!(parse(&token, scope(["ListJobs", "label"])).1, 1);
+        assert_eq!(parse(&token, scope(["ListOperations"])).1, 1);
+        // Any one character changed, the id's or the check's, is caught.
+        for i in 0..token.len() {
+            let mut altered = token.clone().into_bytes();
+            altered[i] = if altered[i] == b'A' { b'B' } else { b'A' };
+            let altered = String::from_utf8(altered).unwrap();
+            assert_eq!(parse(&altered, scope(["ListJobs"])).1, 1, "{altered}");
+        }
+        // The bare job ids older servers gave are not tokens.
+        assert_eq!(parse(&id.to_string(), scope(["ListJobs"])).1, 1);
+        // Parts cannot run into each other.
+        assert_ne!(scope(["ab", "c"]), scope(["a", "bc"]));
+    }
+
+    #[test]
     fn a_page_too_large_for_one_message_ends_early_with_a_token_after_its_last_item() {
+        let page = first_page(&Limits::default());
         let three = jobs(3);
         let mut items = vec![600, 600, 600];
         let mut token = String::new();
-        fit_message(&mut items, &three, &mut token, 1024 + 1300, |i| *i);
+        fit_message(&page, &mut items, &three, &mut token, 1024 + 1300, |i| *i);
         assert_eq!(items, [600, 600]);
-        assert_eq!(token, three[1].id.to_string());
+        assert_eq!(token, page.token_after(&three[1].id));
 
         let two = jobs(2);
         let mut one = vec![10_000, 1];
         let mut token = "unchanged".to_owned();
-        fit_message(&mut one, &two, &mut token, 2048, |i| *i);
+        fit_message(&page, &mut one, &two, &mut token, 2048, |i| *i);
         assert_eq!(one, [10_000], "at least one item");
-        assert_eq!(token, two[0].id.to_string());
+        assert_eq!(token, page.token_after(&two[0].id));
 
         let mut small = vec![10, 10];
         let mut token = "next".to_owned();
-        fit_message(&mut small, &two, &mut token, 4096, |i| *i);
+        fit_message(&page, &mut small, &two, &mut token, 4096, |i| *i);
         assert_eq!(small.len(), 2);
         assert_eq!(token, "next", "a page that fits is left as it is");
     }
