@@ -163,7 +163,13 @@ impl Inner {
         let Some(shared) = self.shared_store() else {
             return 0;
         };
-        match shared.claim(limit).await {
+        let running_here: Vec<JobId> = self
+            .scheduler()
+            .active_jobs()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        match shared.claim(limit, &running_here).await {
             Ok(jobs) => {
                 let count = jobs.len();
                 let mut scheduler = self.scheduler();

@@ -341,7 +341,10 @@ pub trait SharedStore: Send + Sync {
 
     /// Claims up to `limit` QUEUED jobs nobody holds (or whose holder's lease ran out), by
     /// priority then age, in one statement; returns them, in that order, held by this replica.
-    async fn claim(&self, limit: usize) -> Result<Vec<Job>, StoreError>;
+    /// Jobs in `running_here` are left alone: a run of them is still winding down in this
+    /// process (its lease was lost and the job re-queued meanwhile), and claiming one again
+    /// would start a second run beside it, and keep its lease from ever looking lost.
+    async fn claim(&self, limit: usize, running_here: &[JobId]) -> Result<Vec<Job>, StoreError>;
 
     /// Extends the lease of every QUEUED or RUNNING job this replica holds; returns them. A job
     /// this replica runs that is not among them was taken over by another replica.

@@ -31,7 +31,7 @@ impl SharedStore for PostgresStore {
         self.lease
     }
 
-    async fn claim(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+    async fn claim(&self, limit: usize, running_here: &[JobId]) -> Result<Vec<Job>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -44,6 +44,7 @@ impl SharedStore for PostgresStore {
                  WHERE state = 'QUEUED'
                      AND (lease_owner IS NULL OR lease_until IS NULL
                           OR lease_until < {NOW_MICROS})
+                     AND NOT (id = ANY($4))
                  ORDER BY priority DESC, id
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED)
@@ -53,7 +54,15 @@ impl SharedStore for PostgresStore {
         let rows = client
             .query(
                 &statement,
-                &[&self.replica, &sql_limit(limit), &micros(self.lease)],
+                &[
+                    &self.replica,
+                    &sql_limit(limit),
+                    &micros(self.lease),
+                    &running_here
+                        .iter()
+                        .map(|id| *id.as_uuid())
+                        .collect::<Vec<_>>(),
+                ],
             )
             .await
             .map_err(fail)?;
