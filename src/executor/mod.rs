@@ -4,6 +4,8 @@
 //! Every change to a job is saved through the [`Store`] before it is published through the
 //! [`Hub`], so nobody is ever told of a state that could be lost.
 
+#[cfg(test)]
+mod attempt_tests;
 mod queue;
 mod run;
 mod shared;

@@ -2,10 +2,13 @@
 //! honours cancellation and timeouts, and decides between success, retry and failure.
 
 use std::{
+    any::Any,
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use futures::FutureExt as _;
 use serde_json::Value;
 use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +19,27 @@ use crate::{
     job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress, wire_size},
     store::StoreError,
 };
+
+/// How much of a panic's message a failed action keeps: enough to recognise the bug, not so
+/// much that a panic formatting a large value bloats every snapshot of the job.
+pub(super) const MAX_PANIC_MESSAGE_BYTES: usize = 1024;
+
+/// The failure a handler's panic makes of its action: retryable, as a bug may depend on the
+/// input or the moment and the job's `max_attempts` bounds the retries anyway.
+pub(super) fn handler_panicked(payload: &(dyn Any + Send)) -> HandlerError {
+    let text = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    let message = if text.len() > MAX_PANIC_MESSAGE_BYTES {
+        let end = text.floor_char_boundary(MAX_PANIC_MESSAGE_BYTES);
+        format!("the action's handler panicked: {}…", &text[..end])
+    } else {
+        format!("the action's handler panicked: {text}")
+    };
+    HandlerError::new("INTERNAL", "HANDLER_PANICKED", message)
+}
 
 /// Why the owner task gave up on its job before deciding its fate.
 #[derive(Debug, thiserror::Error)]
@@ -304,11 +328,20 @@ impl Inner {
             persisted_version: job.version,
             last_persist: Instant::now(),
         };
+        // A panic would otherwise unwind through this task and leave the job RUNNING with
+        // nobody to end it. Whatever the handler's future held is dropped unused after one,
+        // hence the assertion. A handler written without `async_trait` may panic before it
+        // returns its future, so the call is guarded as well as the polls.
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| handler.run(ctx)));
+        let handler_run = match started {
+            Ok(handler_run) => handler_run,
+            Err(payload) => return Ok(Err(self.panicked(job, index, payload))),
+        };
         // Reports made while the handler is polled are taken by the `next()` branch right
         // after, in the same poll, so they need not wake this task (see `actions::progress`).
-        let mut run = tracker
-            .receiver
-            .polling(tracing::Instrument::instrument(handler.run(ctx), span));
+        let mut run = tracker.receiver.polling(
+            AssertUnwindSafe(tracing::Instrument::instrument(handler_run, span)).catch_unwind(),
+        );
         let mut grace_ends: Option<Instant> = None;
         loop {
             let grace = async {
@@ -322,7 +355,7 @@ impl Inner {
                 result = &mut run => {
                     let reported = tracker.receiver.take();
                     self.apply_progress(job, index, &mut tracker, reported, true).await?;
-                    return Ok(result);
+                    return Ok(result.unwrap_or_else(|payload| Err(self.panicked(job, index, payload))));
                 }
                 reported = tracker.receiver.next() => {
                     self.apply_progress(job, index, &mut tracker, Some(reported), false).await?;
@@ -343,6 +376,19 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Logs a handler's panic and turns it into its action's failure.
+    fn panicked(&self, job: &Job, index: usize, payload: Box<dyn Any + Send>) -> HandlerError {
+        let error = handler_panicked(&*payload);
+        tracing::error!(
+            job_id = %job.id,
+            action = index,
+            attempt = job.attempt,
+            panic = %error.error.message,
+            "an action's handler panicked; its attempt fails"
+        );
+        error
     }
 
     /// Applies the newest reported progress, if any. Unless `last` (the handler has returned,

@@ -35,7 +35,7 @@ fn sleep_spec(duration_ms: u64) -> NewJob {
     }
 }
 
-fn spec(action: &str) -> NewJob {
+pub(super) fn spec(action: &str) -> NewJob {
     NewJob {
         actions: vec![NewAction {
             name: action.to_owned(),
@@ -71,7 +71,7 @@ impl Handler for Gated {
 }
 
 /// Polls `done` every 10 ms for up to 5 s.
-async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+pub(super) async fn eventually(mut done: impl FnMut() -> bool) -> bool {
     for _ in 0..500 {
         if done() {
             return true;

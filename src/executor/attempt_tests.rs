@@ -1,0 +1,199 @@
+//! How an attempt ends when its handler does not simply return: a panic.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::{
+    Executor, ExecutorConfig,
+    run::{MAX_PANIC_MESSAGE_BYTES, handler_panicked},
+    tests::spec,
+};
+use crate::{
+    actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
+    events::{Hub, JobWatch},
+    job::{ActionState, Job, JobId, JobState, NewJob},
+    store::{MemoryStore, Store},
+};
+
+/// How long a test waits for a job to end before it calls the job stuck.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// An action that panics on the attempts up to `panic_attempts`, then returns its attempt.
+/// With `in_task`, the panic happens in a task it spawns and awaits, and reaches the handler
+/// through the task's join handle.
+struct Panicky {
+    panic_attempts: u32,
+    in_task: bool,
+}
+
+#[async_trait]
+impl Handler for Panicky {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Panics, as a handler with a bug does.".to_owned(),
+            params: vec![],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
+        if ctx.attempt > self.panic_attempts {
+            return Ok(json!({ "attempt": ctx.attempt }));
+        }
+        if self.in_task {
+            let task = tokio::spawn(async { a_bug() });
+            return match task.await {
+                Ok(_) => Ok(Value::Null),
+                Err(error) => std::panic::resume_unwind(error.into_panic()),
+            };
+        }
+        panic!("handler bug on attempt {}", ctx.attempt);
+    }
+}
+
+fn a_bug() -> u32 {
+    panic!("handler bug in a task")
+}
+
+/// One worker, and retries without a noticeable wait.
+fn one_worker_quick_retries() -> ExecutorConfig {
+    ExecutorConfig {
+        concurrency: 1,
+        retry_backoff_initial: Duration::from_millis(1),
+        retry_backoff_max: Duration::from_millis(1),
+        ..ExecutorConfig::default()
+    }
+}
+
+/// An executor on a fresh memory store, recovered and ready for Submits.
+async fn start(registry: Registry, config: ExecutorConfig) -> Executor {
+    let executor = Executor::start(Arc::new(MemoryStore::new()), Hub::new(), registry, config);
+    executor.recover().await.unwrap();
+    executor
+}
+
+fn with_attempts(mut spec: NewJob, max_attempts: u32) -> NewJob {
+    spec.max_attempts = Some(max_attempts);
+    spec
+}
+
+/// Watches job `id` from its submission as a client would, and returns the terminal snapshot
+/// that ends the watch; panics if the job has not ended after [`PATIENCE`].
+async fn watch_to_end(executor: &Executor, id: JobId) -> Arc<Job> {
+    let store: Arc<dyn Store> = Arc::clone(executor.store());
+    let mut watch = JobWatch::open(store, executor.hub(), id, 0, || None)
+        .await
+        .unwrap();
+    let mut last = None;
+    let ended = tokio::time::timeout(PATIENCE, async {
+        while let Some(job) = watch.next().await {
+            last = Some(job.unwrap());
+        }
+    })
+    .await;
+    let last = last.expect("the watch shows the job");
+    assert!(
+        ended.is_ok(),
+        "job still {} at attempt {}/{} after {PATIENCE:?}",
+        last.state,
+        last.attempt,
+        last.max_attempts
+    );
+    last
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_fails_its_attempt_and_the_job_is_retried() {
+    let mut registry = Registry::empty();
+    registry.register(
+        "panicky",
+        Panicky {
+            panic_attempts: 1,
+            in_task: false,
+        },
+    );
+    let executor = start(registry, one_worker_quick_retries()).await;
+    let job = executor
+        .submit(with_attempts(spec("panicky"), 2))
+        .await
+        .unwrap();
+
+    let ended = watch_to_end(&executor, job.id).await;
+    assert_eq!((ended.state, ended.attempt), (JobState::Succeeded, 2));
+    assert_eq!(ended.actions[0].result, Some(json!({ "attempt": 2 })));
+    executor.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The job ends FAILED with the panic's text once no attempt is left; its worker slot is free
+/// for the next job, and a Cancel answers with the ended job at once.
+#[tokio::test]
+async fn a_handler_that_panics_every_attempt_fails_the_job_and_frees_its_worker() {
+    let mut registry = Registry::with_builtins();
+    registry.register(
+        "panicky",
+        Panicky {
+            panic_attempts: u32::MAX,
+            in_task: true,
+        },
+    );
+    let executor = start(registry, one_worker_quick_retries()).await;
+    let job = executor
+        .submit(with_attempts(spec("panicky"), 2))
+        .await
+        .unwrap();
+
+    let ended = watch_to_end(&executor, job.id).await;
+    assert_eq!((ended.state, ended.attempt), (JobState::Failed, 2));
+    let error = ended.error.as_ref().expect("the job says why it failed");
+    assert_eq!(
+        (error.code.as_str(), error.reason.as_str()),
+        ("INTERNAL", "HANDLER_PANICKED")
+    );
+    assert!(
+        error.message.contains("handler bug in a task"),
+        "{}",
+        error.message
+    );
+    assert_eq!(ended.actions[0].state, ActionState::Failed);
+    assert_eq!(ended.actions[0].error.as_ref(), Some(error));
+
+    let cancelled = executor.cancel(job.id).await.unwrap();
+    assert_eq!(
+        cancelled.state,
+        JobState::Failed,
+        "unchanged, and not stuck"
+    );
+    assert!(!cancelled.cancel_requested);
+
+    let next = executor.submit(spec("echo")).await.unwrap();
+    assert_eq!(
+        watch_to_end(&executor, next.id).await.state,
+        JobState::Succeeded,
+        "the only worker is free again"
+    );
+    executor.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn a_panic_message_is_kept_whole_up_to_a_bound_and_cut_on_a_char_boundary() {
+    let short = handler_panicked(&"index out of bounds");
+    assert_eq!(
+        short.error.message,
+        "the action's handler panicked: index out of bounds"
+    );
+    assert!(short.retryable);
+
+    let long = "é".repeat(MAX_PANIC_MESSAGE_BYTES);
+    let cut = handler_panicked(&long).error.message;
+    assert!(
+        cut.len() < MAX_PANIC_MESSAGE_BYTES + 100,
+        "{} bytes",
+        cut.len()
+    );
+    assert!(cut.ends_with("é…"), "{cut}");
+
+    let opaque = handler_panicked(&42_u8);
+    assert!(opaque.error.message.contains("without a message"));
+}
