@@ -1,9 +1,11 @@
-//! How an attempt ends when its handler does not simply return: a panic.
+//! How an attempt ends when its handler does not simply return (a panic), and what a
+//! shutdown does to a job between attempts.
 
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
+use tempfile::TempDir;
 
 use super::{
     Executor, ExecutorConfig,
@@ -13,8 +15,8 @@ use super::{
 use crate::{
     actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
     events::{Hub, JobWatch},
-    job::{ActionState, Job, JobId, JobState, NewJob},
-    store::{MemoryStore, Store},
+    job::{ActionState, Job, JobId, JobState, NewAction, NewJob},
+    store::{MemoryStore, SqliteOptions, SqliteStore, Store},
 };
 
 /// How long a test waits for a job to end before it calls the job stuck.
@@ -79,29 +81,41 @@ fn with_attempts(mut spec: NewJob, max_attempts: u32) -> NewJob {
     spec
 }
 
-/// Watches job `id` from its submission as a client would, and returns the terminal snapshot
-/// that ends the watch; panics if the job has not ended after [`PATIENCE`].
-async fn watch_to_end(executor: &Executor, id: JobId) -> Arc<Job> {
+/// Watches job `id` from its submission as a client would, until a snapshot satisfies `until`
+/// (at the latest the terminal one, which ends the watch), and returns that snapshot; panics
+/// if none has after [`PATIENCE`].
+async fn watch_until(executor: &Executor, id: JobId, until: impl Fn(&Job) -> bool) -> Arc<Job> {
     let store: Arc<dyn Store> = Arc::clone(executor.store());
     let mut watch = JobWatch::open(store, executor.hub(), id, 0, || None)
         .await
         .unwrap();
-    let mut last = None;
-    let ended = tokio::time::timeout(PATIENCE, async {
+    let mut last: Option<Arc<Job>> = None;
+    let seen = tokio::time::timeout(PATIENCE, async {
         while let Some(job) = watch.next().await {
-            last = Some(job.unwrap());
+            let job = job.unwrap();
+            let done = until(&job);
+            last = Some(job);
+            if done {
+                return true;
+            }
         }
+        false
     })
     .await;
     let last = last.expect("the watch shows the job");
     assert!(
-        ended.is_ok(),
+        seen == Ok(true),
         "job still {} at attempt {}/{} after {PATIENCE:?}",
         last.state,
         last.attempt,
         last.max_attempts
     );
     last
+}
+
+/// [`watch_until`] the job ends.
+async fn watch_to_end(executor: &Executor, id: JobId) -> Arc<Job> {
+    watch_until(executor, id, Job::is_terminal).await
 }
 
 #[tokio::test]
@@ -196,4 +210,57 @@ fn a_panic_message_is_kept_whole_up_to_a_bound_and_cut_on_a_char_boundary() {
 
     let opaque = handler_panicked(&42_u8);
     assert!(opaque.error.message.contains("without a message"));
+}
+
+/// A shutdown does not wait for a job that is only waiting out its backoff before a retry: no
+/// handler runs, so there is nothing for the grace period to let finish. The job stays QUEUED
+/// in the store, and the next start runs it at once.
+#[tokio::test]
+async fn a_job_waiting_to_be_retried_does_not_hold_the_shutdown_and_runs_at_the_next_start() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    let long_backoff = ExecutorConfig {
+        retry_backoff_initial: Duration::from_secs(3600),
+        retry_backoff_max: Duration::from_secs(3600),
+        ..ExecutorConfig::default()
+    };
+    let start = || async {
+        let executor = Executor::start(
+            Arc::clone(&store) as Arc<dyn Store>,
+            Hub::new(),
+            Registry::with_builtins(),
+            long_backoff.clone(),
+        );
+        executor.recover().await.unwrap();
+        executor
+    };
+    let executor = start().await;
+    let fails_once = NewJob {
+        actions: vec![NewAction {
+            name: "fail".to_owned(),
+            params: [("fail_attempts".to_owned(), json!(1))]
+                .into_iter()
+                .collect(),
+            input: Default::default(),
+        }],
+        ..with_attempts(NewJob::default(), 2)
+    };
+    let job = executor.submit(fails_once).await.unwrap();
+    watch_until(&executor, job.id, |job| {
+        job.state == JobState::Queued && job.attempt == 2
+    })
+    .await;
+
+    let shutdown = executor.shutdown(Duration::from_secs(3600));
+    assert!(
+        tokio::time::timeout(PATIENCE, shutdown).await.is_ok(),
+        "the shutdown waited for the job's backoff"
+    );
+    let stored = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!((stored.state, stored.attempt), (JobState::Queued, 2));
+
+    let restarted = start().await;
+    let ended = watch_to_end(&restarted, job.id).await;
+    assert_eq!((ended.state, ended.attempt), (JobState::Succeeded, 2));
+    restarted.shutdown(Duration::from_secs(1)).await;
 }

@@ -560,6 +560,11 @@ impl Executor {
     /// Stops taking new jobs and lets running ones finish for up to `grace`; then tells the
     /// rest to stop, waits up to the cancel grace period, and returns. Interrupted jobs are
     /// left QUEUED with `attempt + 1`, so a durable store runs them again after a restart.
+    ///
+    /// Only jobs whose handlers run get the grace period. A job waiting out its backoff
+    /// before a retry (or taken from the queue but not started) stops waiting at once and
+    /// stays QUEUED, as its retry was stored: a durable store runs it at the next start right
+    /// away, without the rest of its backoff.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
         inner.accepting.cancel();

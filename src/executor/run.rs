@@ -133,6 +133,12 @@ impl Inner {
                     // Cancelled (or deleted) while it waited in the queue.
                     return Ok(None);
                 }
+                if self.dispatching.is_cancelled() {
+                    // Taken out of the queue just as the shutdown began: no handler runs
+                    // yet, so the job stays QUEUED for the next start rather than holding the
+                    // shutdown for its grace period.
+                    return Ok(None);
+                }
                 // Committed together with the first action's start: one durable write, and
                 // nobody is told of a RUNNING job whose action has not started yet.
                 job.start(SystemTime::now())?;
@@ -434,7 +440,9 @@ impl Inner {
     }
 
     /// Waits out the backoff before a retry, then puts the job back in the queue. A cancel
-    /// during the wait cancels the job; a shutdown leaves it QUEUED for recovery.
+    /// during the wait cancels the job. A shutdown ends the wait at once: the job is QUEUED
+    /// in the store already (its retry was committed before the wait), and the next start
+    /// runs it without waiting out the rest of the backoff, which is not stored.
     async fn wait_and_requeue(&self, mut job: Job) -> Result<(), RunError> {
         // The attempt's handle may have fired (a timeout); the wait gets a fresh one.
         let handle = self.scheduler().rearm(job.id);
@@ -459,6 +467,11 @@ impl Inner {
                     self.commit_state(&job).await?;
                     tracing::info!("job cancelled while waiting to be retried");
                 }
+            }
+            // No handler runs during the wait: nothing for the shutdown's grace period to let
+            // finish. On a shared store the job stays held until the shutdown releases it.
+            _ = self.dispatching.cancelled() => {
+                tracing::info!("shutting down: job left queued for its retry at the next start");
             }
         }
         Ok(())
