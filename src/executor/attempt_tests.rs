@@ -1,7 +1,13 @@
-//! How an attempt ends when its handler does not simply return (a panic), and what a
-//! shutdown does to a job between attempts.
+//! How an attempt ends when its handler does not simply return (a panic) or returns too late
+//! (past the job's timeout), and what a shutdown does to a job between attempts.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -55,6 +61,48 @@ impl Handler for Panicky {
     }
 }
 
+/// An action that goes on past its cancellation (the job's timeout, here) and then completes
+/// its work.
+struct Overrun;
+
+#[async_trait]
+impl Handler for Overrun {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Returns once told to stop, with its work done.".to_owned(),
+            params: vec![],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
+        ctx.cancel.cancelled().await;
+        Ok(json!("done anyway"))
+    }
+}
+
+/// An action that counts its starts.
+#[derive(Clone, Default)]
+struct Counted {
+    starts: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Handler for Counted {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Counts its starts.".to_owned(),
+            params: vec![],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, _ctx: ActionContext) -> Result<Value, HandlerError> {
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        Ok(Value::Null)
+    }
+}
+
 fn a_bug() -> u32 {
     panic!("handler bug in a task")
 }
@@ -74,6 +122,18 @@ async fn start(registry: Registry, config: ExecutorConfig) -> Executor {
     let executor = Executor::start(Arc::new(MemoryStore::new()), Hub::new(), registry, config);
     executor.recover().await.unwrap();
     executor
+}
+
+/// A job of the actions `names`, in order, without params, limited to `timeout` an attempt.
+fn timed_job(names: &[&str], timeout: Duration) -> NewJob {
+    NewJob {
+        actions: names
+            .iter()
+            .map(|name| spec(name).actions.remove(0))
+            .collect(),
+        timeout: Some(timeout),
+        ..NewJob::default()
+    }
 }
 
 fn with_attempts(mut spec: NewJob, max_attempts: u32) -> NewJob {
@@ -263,4 +323,60 @@ async fn a_job_waiting_to_be_retried_does_not_hold_the_shutdown_and_runs_at_the_
     let ended = watch_to_end(&restarted, job.id).await;
     assert_eq!((ended.state, ended.attempt), (JobState::Succeeded, 2));
     restarted.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Once an attempt is out of time no further action starts, even when the one before returned
+/// success after the deadline: that success is kept, the attempt fails right there with
+/// TIMEOUT, and the action not started ends SKIPPED, as every action a failed job did not run.
+#[tokio::test]
+async fn no_action_starts_once_the_attempt_is_out_of_time() {
+    let counted = Counted::default();
+    let mut registry = Registry::empty();
+    registry.register("overrun", Overrun);
+    registry.register("counted", counted.clone());
+    let executor = start(registry, ExecutorConfig::default()).await;
+    let job = executor
+        .submit(timed_job(
+            &["overrun", "counted"],
+            Duration::from_millis(50),
+        ))
+        .await
+        .unwrap();
+
+    let ended = watch_to_end(&executor, job.id).await;
+    assert_eq!(counted.starts.load(Ordering::SeqCst), 0, "never started");
+    assert_eq!(ended.state, JobState::Failed);
+    let error = ended.error.as_ref().expect("the job says why it failed");
+    assert_eq!(
+        (error.code.as_str(), error.reason.as_str()),
+        ("DEADLINE_EXCEEDED", "TIMEOUT")
+    );
+    assert_eq!(ended.actions[0].state, ActionState::Succeeded);
+    assert_eq!(ended.actions[0].result, Some(json!("done anyway")));
+    assert_eq!(ended.actions[1].state, ActionState::Skipped);
+    let note = ended.actions[1]
+        .error
+        .as_ref()
+        .expect("a skipped action says why");
+    assert_eq!(note.reason, "NOT_RUN");
+    assert!(note.message.contains("timeout"), "{}", note.message);
+    executor.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A handler that completes its work after the timeout has fired, within the grace period,
+/// keeps its result: the job's last action succeeded, so the job does.
+#[tokio::test]
+async fn a_result_that_arrives_after_the_timeout_is_kept() {
+    let mut registry = Registry::empty();
+    registry.register("overrun", Overrun);
+    let executor = start(registry, ExecutorConfig::default()).await;
+    let job = executor
+        .submit(timed_job(&["overrun"], Duration::from_millis(50)))
+        .await
+        .unwrap();
+
+    let ended = watch_to_end(&executor, job.id).await;
+    assert_eq!(ended.state, JobState::Succeeded);
+    assert_eq!(ended.actions[0].result, Some(json!("done anyway")));
+    executor.shutdown(Duration::from_secs(1)).await;
 }

@@ -41,6 +41,18 @@ pub(super) fn handler_panicked(payload: &(dyn Any + Send)) -> HandlerError {
     HandlerError::new("INTERNAL", "HANDLER_PANICKED", message)
 }
 
+/// The failure of an attempt that ran past the job's timeout.
+fn timed_out(job: &Job) -> HandlerError {
+    HandlerError::new(
+        "DEADLINE_EXCEEDED",
+        "TIMEOUT",
+        format!(
+            "the attempt ran longer than the job's timeout of {:?}",
+            job.timeout.unwrap_or_default()
+        ),
+    )
+}
+
 /// Why the owner task gave up on its job before deciding its fate.
 #[derive(Debug, thiserror::Error)]
 enum RunError {
@@ -162,7 +174,8 @@ impl Inner {
                 tracing::info!("job succeeded");
                 None
             }
-            // A timeout is reported as the running action's failure, never as a stop.
+            // A timeout is reported as a failure (the running action's, or the attempt's
+            // between actions), never as a stop.
             Attempt::Stopped(StopReason::Cancelled | StopReason::Timeout | StopReason::None) => {
                 job.cancel(cancelled_error(), now)?;
                 self.commit_state(&job).await?;
@@ -190,7 +203,8 @@ impl Inner {
         Ok(None)
     }
 
-    /// Runs the job's remaining actions in order; stops at the first that does not succeed.
+    /// Runs the job's remaining actions in order; stops at the first that does not succeed,
+    /// or before the next one once the attempt is out of time (see the job's timeout).
     /// `started_action`: an action whose start is committed already, to run first.
     async fn run_attempt(
         &self,
@@ -226,8 +240,19 @@ impl Inner {
                     let Some(index) = job.next_action() else {
                         break;
                     };
-                    if handle.token().is_cancelled() && handle.reason() != StopReason::Timeout {
-                        return Ok(Attempt::Stopped(handle.reason()));
+                    let reason = handle.reason();
+                    if !matches!(reason, StopReason::None | StopReason::Timeout) {
+                        return Ok(Attempt::Stopped(reason));
+                    }
+                    // Out of time: the attempt fails here, as a timeout (never as a stop, which
+                    // would make it CANCELLED, nor as the next action's failure, which would
+                    // start a handler only to stop it). The deadline is read as well, for a
+                    // timer that has not fired yet. An attempt's first start is always made,
+                    // as the job's own start is committed with it.
+                    let out_of_time = reason == StopReason::Timeout
+                        || deadline.is_some_and(|deadline| Instant::now() >= deadline);
+                    if out_of_time && !first_action {
+                        return Ok(Attempt::Failed(timed_out(job)));
                     }
                     job.start_action(index, SystemTime::now())?;
                     // This write also carries what came just before and was not told to anyone
@@ -276,14 +301,7 @@ impl Inner {
                     job.succeed_action(index, value, now)?;
                 }
                 Err(_) if handle.reason() == StopReason::Timeout => {
-                    let error = HandlerError::new(
-                        "DEADLINE_EXCEEDED",
-                        "TIMEOUT",
-                        format!(
-                            "the attempt ran longer than the job's timeout of {:?}",
-                            job.timeout.unwrap_or_default()
-                        ),
-                    );
+                    let error = timed_out(job);
                     job.fail_action(index, error.error.clone(), now)?;
                     return Ok(Attempt::Failed(error));
                 }
