@@ -38,10 +38,7 @@ pub fn parse_job_id(field: &str, value: &str) -> Result<JobId, FieldViolation> {
 pub fn new_job(request: pb::SubmitRequest, limits: &Limits) -> Result<NewJob, Vec<FieldViolation>> {
     let mut violations = Vec::new();
     if request.actions.is_empty() {
-        violations.push(FieldViolation::new(
-            "actions",
-            "at least one action is required",
-        ));
+        violations.push(FieldViolation::new("actions", job::NO_ACTIONS));
     }
     if request.actions.len() > limits.max_actions_per_job {
         violations.push(FieldViolation::new(

@@ -467,18 +467,19 @@ impl Executor {
     }
 
     fn validate(&self, spec: &NewJob) -> Vec<FieldViolation> {
-        let mut violations: Vec<FieldViolation> = spec
-            .actions
-            .iter()
-            .enumerate()
-            .flat_map(|(i, action)| {
-                self.inner
-                    .registry
-                    .validate(&action.name, &action.params)
-                    .into_iter()
-                    .map(move |v| v.under(&format!("actions[{i}]")))
-            })
-            .collect();
+        let mut violations = Vec::new();
+        // The API refuses such a job at its edge; a program submitting in-process does not
+        // go through it, and a job with nothing to run would simply succeed.
+        if spec.actions.is_empty() {
+            violations.push(FieldViolation::new("actions", crate::job::NO_ACTIONS));
+        }
+        violations.extend(spec.actions.iter().enumerate().flat_map(|(i, action)| {
+            self.inner
+                .registry
+                .validate(&action.name, &action.params)
+                .into_iter()
+                .map(move |v| v.under(&format!("actions[{i}]")))
+        }));
         let limit = self.inner.config.max_attempts_limit;
         if spec.max_attempts.is_some_and(|n| n > limit) {
             violations.push(FieldViolation::new(
@@ -628,14 +629,10 @@ impl Inner {
 
     /// A worker for `job` right away, if it may skip the queue: this process owns its jobs
     /// (no shared store), nothing is queued that should go first, a worker is free, and the
-    /// job has no idempotency key (whose owner the store decides) and an action to start.
-    /// The job is then marked active, so a cancel finds its task.
+    /// job has no idempotency key (whose owner the store decides). The job is then marked
+    /// active, so a cancel finds its task.
     fn free_worker(&self, job: &Job) -> Option<Worker> {
-        if self.shared
-            || self.accepting.is_cancelled()
-            || job.idempotency_key.is_some()
-            || job.actions.is_empty()
-        {
+        if self.shared || self.accepting.is_cancelled() || job.idempotency_key.is_some() {
             return None;
         }
         let mut scheduler = self.scheduler();
