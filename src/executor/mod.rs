@@ -614,7 +614,20 @@ impl Inner {
             return job.cancel_interrupted(cancelled_error(), now);
         }
         match self.config.interrupted_policy {
-            InterruptedPolicy::Requeue => job.interrupt(now),
+            InterruptedPolicy::Requeue => {
+                job.interrupt(now)?;
+                // By policy, but worth an operator's eye: a job that keeps taking its server
+                // down with it (an abort, running out of memory) is re-queued at every start.
+                if job.attempt > job.max_attempts {
+                    tracing::warn!(
+                        job_id = %job.id,
+                        attempt = job.attempt,
+                        max_attempts = job.max_attempts,
+                        "interrupted job re-queued past its max_attempts, as interruptions allow"
+                    );
+                }
+                Ok(())
+            }
             InterruptedPolicy::Fail => {
                 job.fail_interrupted(JobError::new("ABORTED", "INTERRUPTED", why), now)
             }
