@@ -45,10 +45,7 @@ pub fn new_job(
 ) -> Result<NewJob, Vec<FieldViolation>> {
     let mut violations = Vec::new();
     if request.actions.is_empty() {
-        violations.push(FieldViolation::new(
-            "actions",
-            "at least one action is required",
-        ));
+        violations.push(FieldViolation::new("actions", job::NO_ACTIONS));
     }
     if request.actions.len() > limits.max_actions_per_job {
         violations.push(FieldViolation::new(

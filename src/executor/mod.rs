@@ -4,6 +4,8 @@
 //! Every change to a job is saved through the [`Store`] before it is published through the
 //! [`Hub`], so nobody is ever told of a state that could be lost.
 
+#[cfg(test)]
+mod attempt_tests;
 mod queue;
 mod run;
 mod shared;
@@ -463,18 +465,19 @@ impl Executor {
     }
 
     fn validate(&self, spec: &NewJob) -> Vec<FieldViolation> {
-        let mut violations: Vec<FieldViolation> = spec
-            .actions
-            .iter()
-            .enumerate()
-            .flat_map(|(i, action)| {
-                self.inner
-                    .registry
-                    .validate(&action.name, &action.params)
-                    .into_iter()
-                    .map(move |v| v.under(&format!("actions[{i}]")))
-            })
-            .collect();
+        let mut violations = Vec::new();
+        // The API refuses such a job at its edge; a program submitting in-process does not
+        // go through it, and a job with nothing to run would simply succeed.
+        if spec.actions.is_empty() {
+            violations.push(FieldViolation::new("actions", crate::job::NO_ACTIONS));
+        }
+        violations.extend(spec.actions.iter().enumerate().flat_map(|(i, action)| {
+            self.inner
+                .registry
+                .validate(&action.name, &action.params)
+                .into_iter()
+                .map(move |v| v.under(&format!("actions[{i}]")))
+        }));
         let limit = self.inner.config.max_attempts_limit;
         if spec.max_attempts.is_some_and(|n| n > limit) {
             violations.push(FieldViolation::new(
@@ -570,6 +573,11 @@ impl Executor {
     /// Stops taking new jobs and lets running ones finish for up to `grace`; then tells the
     /// rest to stop, waits up to the cancel grace period, and returns. Interrupted jobs are
     /// left QUEUED with `attempt + 1`, so a durable store runs them again after a restart.
+    ///
+    /// Only jobs whose handlers run get the grace period. A job waiting out its backoff
+    /// before a retry (or taken from the queue but not started) stops waiting at once and
+    /// stays QUEUED, as its retry was stored: a durable store runs it at the next start right
+    /// away, without the rest of its backoff.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
         inner.accepting.cancel();
@@ -618,7 +626,20 @@ impl Inner {
             return job.cancel_interrupted(cancelled_error(), now);
         }
         match self.config.interrupted_policy {
-            InterruptedPolicy::Requeue => job.interrupt(now),
+            InterruptedPolicy::Requeue => {
+                job.interrupt(now)?;
+                // By policy, but worth an operator's eye: a job that keeps taking its server
+                // down with it (an abort, running out of memory) is re-queued at every start.
+                if job.attempt > job.max_attempts {
+                    tracing::warn!(
+                        job_id = %job.id,
+                        attempt = job.attempt,
+                        max_attempts = job.max_attempts,
+                        "interrupted job re-queued past its max_attempts, as interruptions allow"
+                    );
+                }
+                Ok(())
+            }
             InterruptedPolicy::Fail => {
                 job.fail_interrupted(JobError::new("ABORTED", "INTERRUPTED", why), now)
             }
@@ -633,14 +654,10 @@ impl Inner {
 
     /// A worker for `job` right away, if it may skip the queue: this process owns its jobs
     /// (no shared store), nothing is queued that should go first, a worker is free, and the
-    /// job has no idempotency key (whose owner the store decides) and an action to start.
-    /// The job is then marked active, so a cancel finds its task.
+    /// job has no idempotency key (whose owner the store decides). The job is then marked
+    /// active, so a cancel finds its task.
     fn free_worker(&self, job: &Job) -> Option<Worker> {
-        if self.shared
-            || self.accepting.is_cancelled()
-            || job.idempotency_key.is_some()
-            || job.actions.is_empty()
-        {
+        if self.shared || self.accepting.is_cancelled() || job.idempotency_key.is_some() {
             return None;
         }
         let mut scheduler = self.scheduler();

@@ -2,10 +2,13 @@
 //! honours cancellation and timeouts, and decides between success, retry and failure.
 
 use std::{
+    any::Any,
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use futures::FutureExt as _;
 use serde_json::Value;
 use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +19,39 @@ use crate::{
     job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress, wire_size},
     store::StoreError,
 };
+
+/// How much of a panic's message a failed action keeps: enough to recognise the bug, not so
+/// much that a panic formatting a large value bloats every snapshot of the job.
+pub(super) const MAX_PANIC_MESSAGE_BYTES: usize = 1024;
+
+/// The failure a handler's panic makes of its action: retryable, as a bug may depend on the
+/// input or the moment and the job's `max_attempts` bounds the retries anyway.
+pub(super) fn handler_panicked(payload: &(dyn Any + Send)) -> HandlerError {
+    let text = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    let message = if text.len() > MAX_PANIC_MESSAGE_BYTES {
+        let end = text.floor_char_boundary(MAX_PANIC_MESSAGE_BYTES);
+        format!("the action's handler panicked: {}…", &text[..end])
+    } else {
+        format!("the action's handler panicked: {text}")
+    };
+    HandlerError::new("INTERNAL", "HANDLER_PANICKED", message)
+}
+
+/// The failure of an attempt that ran past the job's timeout.
+fn timed_out(job: &Job) -> HandlerError {
+    HandlerError::new(
+        "DEADLINE_EXCEEDED",
+        "TIMEOUT",
+        format!(
+            "the attempt ran longer than the job's timeout of {:?}",
+            job.timeout.unwrap_or_default()
+        ),
+    )
+}
 
 /// Why the owner task gave up on its job before deciding its fate.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +145,12 @@ impl Inner {
                     // Cancelled (or deleted) while it waited in the queue.
                     return Ok(None);
                 }
+                if self.dispatching.is_cancelled() {
+                    // Taken out of the queue just as the shutdown began: no handler runs
+                    // yet, so the job stays QUEUED for the next start rather than holding the
+                    // shutdown for its grace period.
+                    return Ok(None);
+                }
                 // Committed together with the first action's start: one durable write, and
                 // nobody is told of a RUNNING job whose action has not started yet.
                 job.start(SystemTime::now())?;
@@ -132,7 +174,8 @@ impl Inner {
                 tracing::info!("job succeeded");
                 None
             }
-            // A timeout is reported as the running action's failure, never as a stop.
+            // A timeout is reported as a failure (the running action's, or the attempt's
+            // between actions), never as a stop.
             Attempt::Stopped(StopReason::Cancelled | StopReason::Timeout | StopReason::None) => {
                 job.cancel(cancelled_error(), now)?;
                 self.commit_state(&job).await?;
@@ -160,7 +203,8 @@ impl Inner {
         Ok(None)
     }
 
-    /// Runs the job's remaining actions in order; stops at the first that does not succeed.
+    /// Runs the job's remaining actions in order; stops at the first that does not succeed,
+    /// or before the next one once the attempt is out of time (see the job's timeout).
     /// `started_action`: an action whose start is committed already, to run first.
     async fn run_attempt(
         &self,
@@ -196,8 +240,19 @@ impl Inner {
                     let Some(index) = job.next_action() else {
                         break;
                     };
-                    if handle.token().is_cancelled() && handle.reason() != StopReason::Timeout {
-                        return Ok(Attempt::Stopped(handle.reason()));
+                    let reason = handle.reason();
+                    if !matches!(reason, StopReason::None | StopReason::Timeout) {
+                        return Ok(Attempt::Stopped(reason));
+                    }
+                    // Out of time: the attempt fails here, as a timeout (never as a stop, which
+                    // would make it CANCELLED, nor as the next action's failure, which would
+                    // start a handler only to stop it). The deadline is read as well, for a
+                    // timer that has not fired yet. An attempt's first start is always made,
+                    // as the job's own start is committed with it.
+                    let out_of_time = reason == StopReason::Timeout
+                        || deadline.is_some_and(|deadline| Instant::now() >= deadline);
+                    if out_of_time && !first_action {
+                        return Ok(Attempt::Failed(timed_out(job)));
                     }
                     job.start_action(index, SystemTime::now())?;
                     // This write also carries what came just before and was not told to anyone
@@ -246,14 +301,7 @@ impl Inner {
                     job.succeed_action(index, value, now)?;
                 }
                 Err(_) if handle.reason() == StopReason::Timeout => {
-                    let error = HandlerError::new(
-                        "DEADLINE_EXCEEDED",
-                        "TIMEOUT",
-                        format!(
-                            "the attempt ran longer than the job's timeout of {:?}",
-                            job.timeout.unwrap_or_default()
-                        ),
-                    );
+                    let error = timed_out(job);
                     job.fail_action(index, error.error.clone(), now)?;
                     return Ok(Attempt::Failed(error));
                 }
@@ -304,11 +352,20 @@ impl Inner {
             persisted_version: job.version,
             last_persist: Instant::now(),
         };
+        // A panic would otherwise unwind through this task and leave the job RUNNING with
+        // nobody to end it. Whatever the handler's future held is dropped unused after one,
+        // hence the assertion. A handler written without `async_trait` may panic before it
+        // returns its future, so the call is guarded as well as the polls.
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| handler.run(ctx)));
+        let handler_run = match started {
+            Ok(handler_run) => handler_run,
+            Err(payload) => return Ok(Err(self.panicked(job, index, payload))),
+        };
         // Reports made while the handler is polled are taken by the `next()` branch right
         // after, in the same poll, so they need not wake this task (see `actions::progress`).
-        let mut run = tracker
-            .receiver
-            .polling(tracing::Instrument::instrument(handler.run(ctx), span));
+        let mut run = tracker.receiver.polling(
+            AssertUnwindSafe(tracing::Instrument::instrument(handler_run, span)).catch_unwind(),
+        );
         let mut grace_ends: Option<Instant> = None;
         loop {
             let grace = async {
@@ -322,7 +379,7 @@ impl Inner {
                 result = &mut run => {
                     let reported = tracker.receiver.take();
                     self.apply_progress(job, index, &mut tracker, reported, true).await?;
-                    return Ok(result);
+                    return Ok(result.unwrap_or_else(|payload| Err(self.panicked(job, index, payload))));
                 }
                 reported = tracker.receiver.next() => {
                     self.apply_progress(job, index, &mut tracker, Some(reported), false).await?;
@@ -343,6 +400,19 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Logs a handler's panic and turns it into its action's failure.
+    fn panicked(&self, job: &Job, index: usize, payload: Box<dyn Any + Send>) -> HandlerError {
+        let error = handler_panicked(&*payload);
+        tracing::error!(
+            job_id = %job.id,
+            action = index,
+            attempt = job.attempt,
+            panic = %error.error.message,
+            "an action's handler panicked; its attempt fails"
+        );
+        error
     }
 
     /// Applies the newest reported progress, if any. Unless `last` (the handler has returned,
@@ -388,7 +458,9 @@ impl Inner {
     }
 
     /// Waits out the backoff before a retry, then puts the job back in the queue. A cancel
-    /// during the wait cancels the job; a shutdown leaves it QUEUED for recovery.
+    /// during the wait cancels the job. A shutdown ends the wait at once: the job is QUEUED
+    /// in the store already (its retry was committed before the wait), and the next start
+    /// runs it without waiting out the rest of the backoff, which is not stored.
     async fn wait_and_requeue(&self, mut job: Job) -> Result<(), RunError> {
         // The attempt's handle may have fired (a timeout); the wait gets a fresh one.
         let handle = self.scheduler().rearm(job.id);
@@ -413,6 +485,11 @@ impl Inner {
                     self.commit_state(&job).await?;
                     tracing::info!("job cancelled while waiting to be retried");
                 }
+            }
+            // No handler runs during the wait: nothing for the shutdown's grace period to let
+            // finish. On a shared store the job stays held until the shutdown releases it.
+            _ = self.dispatching.cancelled() => {
+                tracing::info!("shutting down: job left queued for its retry at the next start");
             }
         }
         Ok(())

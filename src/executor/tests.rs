@@ -14,11 +14,13 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::Notify;
 
-use super::{Executor, ExecutorConfig, InterruptedPolicy};
+use super::{Executor, ExecutorConfig, ExecutorError, InterruptedPolicy};
 use crate::{
     actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
     events::{Hub, JobWatch},
-    job::{Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress},
+    job::{
+        FieldViolation, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
+    },
     store::{SqliteOptions, SqliteStore, Store},
 };
 
@@ -35,7 +37,7 @@ fn sleep_spec(duration_ms: u64) -> NewJob {
     }
 }
 
-fn spec(action: &str) -> NewJob {
+pub(super) fn spec(action: &str) -> NewJob {
     NewJob {
         actions: vec![NewAction {
             name: action.to_owned(),
@@ -71,7 +73,7 @@ impl Handler for Gated {
 }
 
 /// Polls `done` every 10 ms for up to 5 s.
-async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+pub(super) async fn eventually(mut done: impl FnMut() -> bool) -> bool {
     for _ in 0..500 {
         if done() {
             return true;
@@ -282,4 +284,28 @@ async fn a_job_whose_cancel_was_stored_before_a_crash_ends_cancelled_at_restart(
     assert_eq!(ended.attempt, 1, "not run again");
     assert!(ended.version > job.version + MAX_UNPERSISTED_VERSIONS);
     assert_eq!(executor.queue_length(), 0);
+}
+
+/// A job without actions is refused in-process as at the API's edge, with the same words, and
+/// nothing is written: it would otherwise succeed having run nothing.
+#[tokio::test]
+async fn a_job_without_actions_is_refused_and_not_stored() {
+    let dir = TempDir::new().unwrap();
+    let (store, executor) = start_on_sqlite(&dir, Registry::with_builtins(), 1).await;
+
+    let before = store.stats();
+    let refused = executor.submit(NewJob::default()).await;
+    let Err(ExecutorError::Invalid(violations)) = refused else {
+        panic!("accepted: {refused:?}");
+    };
+    assert_eq!(
+        violations,
+        [FieldViolation::new(
+            "actions",
+            "at least one action is required"
+        )]
+    );
+    assert_eq!(store.stats().commands, before.commands, "nothing written");
+    assert_eq!(executor.queue_length(), 0);
+    executor.shutdown(Duration::from_secs(1)).await;
 }

@@ -32,6 +32,10 @@ pub fn truncate(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
+/// What a job without actions is refused with, wherever it is submitted (the API's edge and
+/// the executor, for programs that submit in-process).
+pub(crate) const NO_ACTIONS: &str = "at least one action is required";
+
 /// One thing wrong with a request, naming the field as a client would write its path
 /// (`actions[1].params.duration_ms`).
 #[derive(Debug, Clone, PartialEq, Eq)]
