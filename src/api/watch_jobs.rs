@@ -12,40 +12,59 @@ use super::{
     status::invalid,
 };
 use crate::{
-    events::{JobsEvent, JobsWatch},
+    events::{Cursor, JobsEvent, JobsWatch},
     executor::Executor,
-    job::FieldViolation,
+    job::{FieldViolation, JobId},
 };
 
 /// What every cursor starts with: lets a later release change the format and still tell
-/// its own cursors from these.
+/// its own cursors from these. `e` + an event number; `s` + an event number + `.` + a job id
+/// while the first snapshots are being sent.
 const CURSOR_PREFIX: &str = "e";
+const SNAPSHOTS_PREFIX: &str = "s";
 
 /// The stream of a `WatchJobs` call.
 pub type WatchJobsStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchJobsResponse, Status>> + Send>>;
 
-/// The wire form of a position in the event log.
-pub fn encode_cursor(seq: i64) -> String {
-    format!("{CURSOR_PREFIX}{seq}")
+/// The wire form of a stream position.
+pub fn encode_cursor(cursor: Cursor) -> String {
+    match cursor {
+        Cursor::After(seq) => format!("{CURSOR_PREFIX}{seq}"),
+        Cursor::Snapshots { seq, through } => format!("{SNAPSHOTS_PREFIX}{seq}.{through}"),
+    }
 }
 
 /// Reads a cursor back; `None` for an empty one.
-pub fn parse_cursor(value: &str) -> Result<Option<i64>, FieldViolation> {
+pub fn parse_cursor(value: &str) -> Result<Option<Cursor>, FieldViolation> {
     if value.is_empty() {
         return Ok(None);
     }
-    value
-        .strip_prefix(CURSOR_PREFIX)
-        .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|digits| digits.parse::<i64>().ok())
-        .map(Some)
-        .ok_or_else(|| {
-            FieldViolation::new(
-                "after_cursor",
-                format!("is not a cursor from a WatchJobs response: {value:?}"),
-            )
+    let seq = |digits: &str| {
+        digits
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| digits.parse::<i64>().ok())
+            .flatten()
+    };
+    let parsed = if let Some(rest) = value.strip_prefix(CURSOR_PREFIX) {
+        seq(rest).map(Cursor::After)
+    } else if let Some(rest) = value.strip_prefix(SNAPSHOTS_PREFIX) {
+        rest.split_once('.').and_then(|(digits, id)| {
+            Some(Cursor::Snapshots {
+                seq: seq(digits)?,
+                through: id.parse::<JobId>().ok()?,
+            })
         })
+    } else {
+        None
+    };
+    parsed.map(Some).ok_or_else(|| {
+        FieldViolation::new(
+            "after_cursor",
+            format!("is not a cursor from a WatchJobs response: {value:?}"),
+        )
+    })
 }
 
 /// Validates the request and opens the stream of `tenant`'s jobs; it ends with UNAVAILABLE when `stopping` fires.
@@ -121,7 +140,15 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
-        assert_eq!(parse_cursor(&encode_cursor(42)).unwrap(), Some(42));
+        for cursor in [
+            Cursor::After(42),
+            Cursor::Snapshots {
+                seq: 7,
+                through: JobId::generate(),
+            },
+        ] {
+            assert_eq!(parse_cursor(&encode_cursor(cursor)).unwrap(), Some(cursor));
+        }
         assert_eq!(parse_cursor("").unwrap(), None);
         for bad in [
             "42",
@@ -131,6 +158,11 @@ mod tests {
             "x42",
             "e1.5",
             "e99999999999999999999",
+            "s7",
+            "s7.",
+            "s.0190b6c4-7d1e-7c3a-9f0e-1b2c3d4e5f60",
+            "s-1.0190b6c4-7d1e-7c3a-9f0e-1b2c3d4e5f60",
+            "s7.nope",
         ] {
             let violation = parse_cursor(bad).expect_err(bad);
             assert_eq!(violation.field, "after_cursor");

@@ -20,7 +20,7 @@ mod watch_job;
 mod watch_jobs;
 pub use selector::{JobsSubscription, Pending};
 pub use watch_job::{JobWatch, WatchError, current, wait_terminal, wait_until};
-pub use watch_jobs::{JobsEvent, JobsWatch, WatchJobsError};
+pub use watch_jobs::{Cursor, JobsEvent, JobsWatch, WatchJobsError};
 
 use crate::job::{Job, JobId, JobState};
 

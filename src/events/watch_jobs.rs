@@ -53,13 +53,47 @@ pub enum WatchJobsError {
     Store(#[from] StoreError),
 }
 
+/// Where a stream stands, to resume after: see [`JobsWatch::open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// Every logged change up to this event has been delivered.
+    After(i64),
+    /// The stream is still sending its first snapshots (in job id order): every logged change
+    /// up to `seq` has been delivered, and the snapshot of every job unfinished then with an
+    /// id up to `through`; the rest are still to come. A resume sends the changes after `seq`
+    /// of the jobs the client has, then the current snapshots of the rest.
+    Snapshots {
+        /// The newest event delivered.
+        seq: i64,
+        /// The last job whose first snapshot was delivered.
+        through: JobId,
+    },
+}
+
+impl Cursor {
+    /// The event the cursor is at.
+    pub fn seq(&self) -> i64 {
+        match *self {
+            Cursor::After(seq) | Cursor::Snapshots { seq, .. } => seq,
+        }
+    }
+}
+
 /// One message of the stream.
 #[derive(Debug, Clone)]
 pub struct JobsEvent {
     /// The snapshot.
     pub job: Arc<Job>,
-    /// The event-log position to resume after, to see everything that follows this message.
-    pub cursor: i64,
+    /// The position to resume after, to see everything that follows this message.
+    pub cursor: Cursor,
+}
+
+/// First snapshots not sent yet: of the jobs unfinished at event `at` with ids after the
+/// client's last one. They go out once every change up to `at` of the jobs the client has
+/// is out, so that a cursor never runs ahead of what the client was sent.
+struct PendingSnapshots {
+    at: i64,
+    jobs: Vec<Arc<Job>>,
 }
 
 /// One open `WatchJobs` stream.
@@ -87,20 +121,25 @@ pub struct JobsWatch {
     /// count of caught-up reads when it was taken.
     waiting: HashMap<JobId, (Arc<Job>, u64)>,
     queue: VecDeque<JobsEvent>,
+    /// While first snapshots are still to come: the last job whose snapshot the client has.
+    snapshots_through: Option<JobId>,
+    pending: Option<PendingSnapshots>,
 }
 
 impl JobsWatch {
     /// Opens a watch of the jobs of `tenant` (of any tenant when `None`) carrying every one
-    /// of `labels`. Without `after`, it first
-    /// yields the current snapshot of each matching unfinished job; with it, every logged
-    /// change after that cursor. Then live changes either way.
+    /// of `labels`. Without `after`, it first yields the current snapshot of each matching
+    /// unfinished job, in id order; after a [`Cursor::After`], every logged change after it;
+    /// after a [`Cursor::Snapshots`] (the connection dropped during the first snapshots), the
+    /// changes after it of the jobs the client has, then the current snapshots of the rest.
+    /// Then live changes, whichever way it started.
     pub async fn open(
         store: Arc<dyn Store>,
         hub: &Arc<Hub>,
         tenant: Option<String>,
         labels: BTreeMap<String, String>,
         states: Option<Vec<JobState>>,
-        after: Option<i64>,
+        after: Option<Cursor>,
     ) -> Result<Self, WatchJobsError> {
         // Subscribe before reading, so a change in between is seen by one or the other.
         let subscription = hub.subscribe_jobs(tenant.clone(), labels.clone());
@@ -117,41 +156,92 @@ impl JobsWatch {
             finished: Vec::new(),
             waiting: HashMap::new(),
             queue: VecDeque::new(),
+            snapshots_through: None,
+            pending: None,
         };
-        match after {
-            None => {
-                let (head, jobs) = watch
-                    .store
-                    .unfinished_at(watch.tenant.as_deref(), &watch.labels)
-                    .await?;
-                watch.scanned = head;
-                for job in jobs {
-                    // Progress is not logged: the newest is as true at `head` as the stored.
-                    watch.deliver(hub.with_newest_progress(job), head);
-                }
+        let (after, through) = match after {
+            None => (None, None),
+            Some(Cursor::After(seq)) => (Some(seq), None),
+            Some(Cursor::Snapshots { seq, through }) => (Some(seq), Some(through)),
+        };
+        if after.is_none() || through.is_some() {
+            let (head, mut jobs) = watch
+                .store
+                .unfinished_at(watch.tenant.as_deref(), &watch.labels)
+                .await?;
+            jobs.retain(|job| through.is_none_or(|through| job.id > through));
+            jobs.sort_by_key(|job| job.id);
+            let jobs: Vec<Arc<Job>> = jobs
+                .into_iter()
+                // Progress is not logged: the newest is as true at `head` as the stored.
+                .map(|job| hub.with_newest_progress(job))
+                .collect();
+            for job in &jobs {
+                // Their changes up to `head` are in these snapshots: the replay passes them
+                // over, and later ones follow the snapshot.
+                watch.sent.insert(job.id, job.version);
             }
-            Some(after) => {
-                let page = watch
-                    .store
-                    .events_after(after, watch.tenant.as_deref(), &watch.labels, EVENT_PAGE)
-                    .await?;
-                if page.removed_through > after {
-                    return Err(WatchJobsError::HistoryGone {
-                        after,
-                        removed_through: page.removed_through,
-                    });
-                }
-                if page.scanned_to < after {
-                    return Err(WatchJobsError::FutureCursor {
-                        after,
-                        head: page.scanned_to,
-                    });
-                }
-                watch.scanned = after;
-                watch.accept(page);
+            watch.pending = Some(PendingSnapshots { at: head, jobs });
+            watch.snapshots_through = through;
+            if after.is_none() {
+                watch.scanned = head;
+                watch.flush_snapshots();
             }
         }
+        if let Some(after) = after {
+            let page = watch
+                .store
+                .events_after(after, watch.tenant.as_deref(), &watch.labels, EVENT_PAGE)
+                .await?;
+            if page.removed_through > after {
+                return Err(WatchJobsError::HistoryGone {
+                    after,
+                    removed_through: page.removed_through,
+                });
+            }
+            if page.scanned_to < after {
+                return Err(WatchJobsError::FutureCursor {
+                    after,
+                    head: page.scanned_to,
+                });
+            }
+            watch.scanned = after;
+            watch.accept(page);
+        }
         Ok(watch)
+    }
+
+    /// The cursor of a message delivered at event `seq`.
+    fn cursor_at(&self, seq: i64) -> Cursor {
+        match self.snapshots_through {
+            Some(through) if self.pending.is_some() => Cursor::Snapshots { seq, through },
+            _ => Cursor::After(seq),
+        }
+    }
+
+    /// Sends the first snapshots still to come, once the replay has reached the event they
+    /// were read at. Each message's cursor names its job: a resume from it sends the rest.
+    fn flush_snapshots(&mut self) {
+        let Some(pending) = self.pending.take_if(|p| p.at <= self.scanned) else {
+            return;
+        };
+        for job in pending.jobs {
+            if self
+                .sent
+                .get(&job.id)
+                .is_some_and(|sent| *sent > job.version)
+            {
+                // A newer snapshot (live progress) went out already.
+                continue;
+            }
+            let cursor = Cursor::Snapshots {
+                seq: pending.at,
+                through: job.id,
+            };
+            self.snapshots_through = Some(job.id);
+            self.queue_if_wanted(JobsEvent { job, cursor });
+        }
+        self.snapshots_through = None;
     }
 
     /// The next message; waits for one as long as it takes.
@@ -185,12 +275,17 @@ impl JobsWatch {
             self.caught_up_reads += 1;
         }
         for (seq, job) in page.events {
+            if self.pending.as_ref().is_some_and(|p| p.at < seq) {
+                self.scanned = seq - 1;
+                self.flush_snapshots();
+            }
             if job.is_terminal() {
                 self.finished.push(job.id);
             }
             self.deliver(Arc::new(job), seq);
         }
         self.scanned = self.scanned.max(page.scanned_to);
+        self.flush_snapshots();
     }
 
     /// Takes the inbox and delivers what the log does not cover: progress, and the newest
@@ -247,19 +342,24 @@ impl JobsWatch {
         Ok(())
     }
 
-    /// Records `job` as delivered and queues it if its state is wanted.
-    fn deliver(&mut self, job: Arc<Job>, cursor: i64) {
+    /// Records `job` as delivered at event `seq` and queues it if its state is wanted.
+    fn deliver(&mut self, job: Arc<Job>, seq: i64) {
         let sent = self.sent.entry(job.id).or_insert(0);
         if job.version <= *sent {
             return;
         }
         *sent = job.version;
+        let cursor = self.cursor_at(seq);
+        self.queue_if_wanted(JobsEvent { job, cursor });
+    }
+
+    fn queue_if_wanted(&mut self, event: JobsEvent) {
         if self
             .states
             .as_ref()
-            .is_none_or(|states| states.contains(&job.state))
+            .is_none_or(|states| states.contains(&event.job.state))
         {
-            self.queue.push_back(JobsEvent { job, cursor });
+            self.queue.push_back(event);
         }
     }
 
