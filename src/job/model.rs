@@ -127,7 +127,43 @@ pub struct JobError {
     pub details: Map<String, Value>,
 }
 
+/// The longest error message kept, in bytes; longer ones are cut.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+/// The largest error details kept, as sent (see [`super::wire_size`]); larger ones are
+/// replaced by a note saying how large they were.
+pub const MAX_ERROR_DETAILS_BYTES: usize = 8192;
+/// The longest error code or reason kept, in bytes.
+const MAX_ERROR_NAME_BYTES: usize = 128;
+
 impl JobError {
+    /// This error within the sizes a job keeps: a handler's error is repeated in every
+    /// snapshot of its job from then on, which must still fit in one response.
+    pub fn bounded(mut self) -> Self {
+        let cut = |text: &mut String, max: usize| {
+            if text.len() > max {
+                *text = super::truncate(text, max);
+            }
+        };
+        cut(&mut self.code, MAX_ERROR_NAME_BYTES);
+        cut(&mut self.reason, MAX_ERROR_NAME_BYTES);
+        cut(&mut self.message, MAX_ERROR_MESSAGE_BYTES);
+        let details_size: usize = self
+            .details
+            .iter()
+            .map(|(key, value)| key.len() + super::wire_size(value))
+            .sum();
+        if details_size > MAX_ERROR_DETAILS_BYTES {
+            self.details = Map::from_iter([(
+                "details_dropped".to_owned(),
+                Value::String(format!(
+                    "the details were {details_size} bytes as sent, more than the \
+                     {MAX_ERROR_DETAILS_BYTES} kept"
+                )),
+            )]);
+        }
+        self
+    }
+
     /// An error with no details.
     pub fn new(
         code: impl Into<String>,
@@ -467,7 +503,7 @@ impl Job {
     ) -> Result<(), IllegalTransition> {
         let action = self.action_mut(index)?;
         action.state = action.state.transition(ActionState::Failed)?;
-        action.error = Some(error);
+        action.error = Some(error.bounded());
         action.end_time = Some(now);
         self.bump(now, true);
         Ok(())
@@ -489,6 +525,7 @@ impl Job {
 
     /// → FAILED with `error`; the actions not run yet are marked SKIPPED and say why.
     pub fn fail(&mut self, error: JobError, now: SystemTime) -> Result<(), IllegalTransition> {
+        let error = error.bounded();
         self.set_state(JobState::Failed)?;
         self.end_remaining_actions(&error, now);
         self.error = Some(error);
@@ -499,6 +536,7 @@ impl Job {
 
     /// → CANCELLED: a running action is marked CANCELLED, the others not run SKIPPED.
     pub fn cancel(&mut self, error: JobError, now: SystemTime) -> Result<(), IllegalTransition> {
+        let error = error.bounded();
         self.set_state(JobState::Cancelled)?;
         self.end_remaining_actions(&error, now);
         self.error = Some(error);
@@ -609,7 +647,11 @@ impl Job {
                     JobError::new(
                         "ABORTED",
                         "NOT_RUN",
-                        format!("action {index} was not run: {}", error.message),
+                        // Every action not run repeats it: a short form each.
+                        format!(
+                            "action {index} was not run: {}",
+                            super::truncate(&error.message, 256)
+                        ),
                     ),
                 ),
                 _ => continue,

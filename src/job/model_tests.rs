@@ -75,6 +75,38 @@ fn failing_action_skips_the_rest() {
 }
 
 #[test]
+fn a_handlers_huge_error_is_kept_within_bounds_wherever_it_is_repeated() {
+    let now = SystemTime::now();
+    let mut job = job(100, 1);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    let mut error = JobError::new("C".repeat(1000), "R".repeat(1000), "m".repeat(100_000));
+    error
+        .details
+        .insert("blob".to_owned(), json!("d".repeat(100_000)));
+    job.fail_action(0, error.clone(), now).unwrap();
+    job.fail(error, now).unwrap();
+    let kept = job.error.as_ref().unwrap();
+    assert!(kept.message.len() <= MAX_ERROR_MESSAGE_BYTES + '…'.len_utf8());
+    assert!(kept.code.len() < 200 && kept.reason.len() < 200);
+    assert!(
+        kept.details.contains_key("details_dropped"),
+        "{:?}",
+        kept.details.keys()
+    );
+    assert_eq!(job.actions[0].error.as_ref(), Some(kept));
+    // The 99 actions not run each say why, briefly.
+    let notes: usize = job.actions[1..]
+        .iter()
+        .map(|a| a.error.as_ref().unwrap().message.len())
+        .sum();
+    assert!(notes < 99 * 300, "{notes}");
+    // Small details are kept as they are.
+    let small = JobError::new("INTERNAL", "BOOM", "it broke");
+    assert_eq!(small.clone().bounded(), small);
+}
+
+#[test]
 fn retry_keeps_succeeded_actions_and_bumps_attempt() {
     let now = SystemTime::now();
     let mut job = job(2, 3);
