@@ -178,14 +178,17 @@ async fn watch_to_end(executor: &Executor, id: JobId) -> Arc<Job> {
     watch_until(executor, id, Job::is_terminal).await
 }
 
-#[tokio::test]
-async fn a_handler_that_panics_fails_its_attempt_and_the_job_is_retried() {
-    let mut registry = Registry::empty();
+/// Runs a two-attempt `panicky` job (added to `registry`) on one worker to its end.
+async fn run_panicky(
+    mut registry: Registry,
+    panic_attempts: u32,
+    in_task: bool,
+) -> (Executor, Arc<Job>) {
     registry.register(
         "panicky",
         Panicky {
-            panic_attempts: 1,
-            in_task: false,
+            panic_attempts,
+            in_task,
         },
     );
     let executor = start(registry, one_worker_quick_retries()).await;
@@ -193,8 +196,13 @@ async fn a_handler_that_panics_fails_its_attempt_and_the_job_is_retried() {
         .submit(with_attempts(spec("panicky"), 2))
         .await
         .unwrap();
-
     let ended = watch_to_end(&executor, job.id).await;
+    (executor, ended)
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_fails_its_attempt_and_the_job_is_retried() {
+    let (executor, ended) = run_panicky(Registry::empty(), 1, false).await;
     assert_eq!((ended.state, ended.attempt), (JobState::Succeeded, 2));
     assert_eq!(ended.actions[0].result, Some(json!({ "attempt": 2 })));
     executor.shutdown(Duration::from_secs(1)).await;
@@ -204,21 +212,7 @@ async fn a_handler_that_panics_fails_its_attempt_and_the_job_is_retried() {
 /// for the next job, and a Cancel answers with the ended job at once.
 #[tokio::test]
 async fn a_handler_that_panics_every_attempt_fails_the_job_and_frees_its_worker() {
-    let mut registry = Registry::with_builtins();
-    registry.register(
-        "panicky",
-        Panicky {
-            panic_attempts: u32::MAX,
-            in_task: true,
-        },
-    );
-    let executor = start(registry, one_worker_quick_retries()).await;
-    let job = executor
-        .submit(with_attempts(spec("panicky"), 2))
-        .await
-        .unwrap();
-
-    let ended = watch_to_end(&executor, job.id).await;
+    let (executor, ended) = run_panicky(Registry::with_builtins(), u32::MAX, true).await;
     assert_eq!((ended.state, ended.attempt), (JobState::Failed, 2));
     let error = ended.error.as_ref().expect("the job says why it failed");
     assert_eq!(
@@ -233,7 +227,7 @@ async fn a_handler_that_panics_every_attempt_fails_the_job_and_frees_its_worker(
     assert_eq!(ended.actions[0].state, ActionState::Failed);
     assert_eq!(ended.actions[0].error.as_ref(), Some(error));
 
-    let cancelled = executor.cancel(job.id).await.unwrap();
+    let cancelled = executor.cancel(ended.id).await.unwrap();
     assert_eq!(
         cancelled.state,
         JobState::Failed,
