@@ -32,12 +32,10 @@ pub(super) fn handler_panicked(payload: &(dyn Any + Send)) -> HandlerError {
         .copied()
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("a panic without a message");
-    let message = if text.len() > MAX_PANIC_MESSAGE_BYTES {
-        let end = text.floor_char_boundary(MAX_PANIC_MESSAGE_BYTES);
-        format!("the action's handler panicked: {}…", &text[..end])
-    } else {
-        format!("the action's handler panicked: {text}")
-    };
+    let message = format!(
+        "the action's handler panicked: {}",
+        crate::job::truncate(text, MAX_PANIC_MESSAGE_BYTES)
+    );
     HandlerError::new("INTERNAL", "HANDLER_PANICKED", message)
 }
 
