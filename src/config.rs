@@ -197,7 +197,8 @@ pub struct Settings {
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub lease: Option<Duration>,
-    /// What to do with jobs found RUNNING after a crash [default: requeue].
+    /// What to do with jobs found RUNNING after a crash: `requeue` while they have attempts
+    /// left (else fail with INTERRUPTED), or `fail` all [default: requeue].
     #[arg(long, value_enum)]
     pub interrupted: Option<InterruptedPolicy>,
     /// How long finished jobs are kept [default: 14days].

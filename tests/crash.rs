@@ -50,6 +50,8 @@ async fn submitter(addr: SocketAddr, acked: Acked, worker: usize, cycle: usize) 
         let key = format!("c{cycle}-w{worker}-n{n}");
         let mut req = request(vec![sleep(10 + (n % 5) * 10, 4)]);
         req.idempotency_key = key.clone();
+        // Every kill may interrupt it; after a crash a job runs again only with an attempt left.
+        req.max_attempts = 100;
         match client.submit(req).await {
             Ok(response) => record(&acked, &response.into_inner().job.unwrap(), Some(&key)),
             Err(_) => return,

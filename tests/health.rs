@@ -195,6 +195,8 @@ async fn reads_made_while_recovering_wait_for_it_and_see_its_outcome() {
             params: serde_json::Map::new(),
             input: Default::default(),
         }],
+        // An attempt to spare, so that recovery re-queues it.
+        max_attempts: Some(2),
         ..NewJob::default()
     };
     let mut left = Job::new(JobId::generate(), spec, 1, now);

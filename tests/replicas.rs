@@ -50,6 +50,12 @@ async fn replica(url: &str, registry: Registry) -> (TestServer, Arc<PostgresStor
     (server, store)
 }
 
+/// `request` with `attempts` attempts.
+fn with_attempts(mut request: pb::SubmitRequest, attempts: i32) -> pb::SubmitRequest {
+    request.max_attempts = attempts;
+    request
+}
+
 /// A test action (`count`) that records which replica ran which job, then succeeds.
 #[derive(Clone)]
 struct Count {
@@ -300,7 +306,8 @@ async fn the_jobs_of_a_replica_stopped_abruptly_finish_on_another() {
     let doomed_gate = Gate::default();
     let doomed = Doomed::start(&url, doomed_gate.registry());
     let mut client = common::connect(doomed.addr).await;
-    let job = submit(&mut client, request(vec![gated()])).await;
+    // An attempt to spare: the replica that takes it over runs it again.
+    let job = submit(&mut client, with_attempts(request(vec![gated()]), 2)).await;
     assert_eq!(doomed_gate.next_started().await, job.id);
     drop(client);
 
@@ -372,7 +379,8 @@ async fn a_replica_that_lost_a_job_stops_its_handler_while_another_runs_it() {
         replicas.push(replica(&url, gate.registry()).await);
     }
     let mut client = replicas[0].0.client().await;
-    let job = submit(&mut client, request(vec![gated()])).await;
+    // An attempt to spare: the replica that takes it over runs it again.
+    let job = submit(&mut client, with_attempts(request(vec![gated()]), 2)).await;
     let (runner, started) = next_start(&gates).await;
     assert_eq!(started, job.id);
 

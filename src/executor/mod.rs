@@ -48,11 +48,11 @@ fn watch_error(error: WatchError) -> ExecutorError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum InterruptedPolicy {
-    /// Queue them again with `attempt + 1` (even past `max_attempts`: an interruption is not
-    /// the job's fault).
+    /// Queue them again with `attempt + 1` while they have attempts left; fail the others
+    /// with reason `INTERRUPTED`.
     #[default]
     Requeue,
-    /// Fail them with reason `INTERRUPTED`.
+    /// Fail them all with reason `INTERRUPTED`.
     Fail,
 }
 
@@ -626,20 +626,18 @@ impl Inner {
             return job.cancel_interrupted(cancelled_error(), now);
         }
         match self.config.interrupted_policy {
-            InterruptedPolicy::Requeue => {
-                job.interrupt(now)?;
-                // By policy, but worth an operator's eye: a job that keeps taking its server
-                // down with it (an abort, running out of memory) is re-queued at every start.
-                if job.attempt > job.max_attempts {
-                    tracing::warn!(
-                        job_id = %job.id,
-                        attempt = job.attempt,
-                        max_attempts = job.max_attempts,
-                        "interrupted job re-queued past its max_attempts, as interruptions allow"
-                    );
-                }
-                Ok(())
-            }
+            // A crash (or a replica's) is not the job's fault, but a job that keeps taking its
+            // server down with it (an abort, running out of memory) must not run forever:
+            // attempts bound it as they bound failures.
+            InterruptedPolicy::Requeue if job.attempt < job.max_attempts => job.interrupt(now),
+            InterruptedPolicy::Requeue => job.fail_interrupted(
+                JobError::new(
+                    "ABORTED",
+                    "INTERRUPTED",
+                    format!("{why}, and it had no attempts left"),
+                ),
+                now,
+            ),
             InterruptedPolicy::Fail => {
                 job.fail_interrupted(JobError::new("ABORTED", "INTERRUPTED", why), now)
             }

@@ -187,6 +187,50 @@ fn running_job(now: std::time::SystemTime) -> Job {
     job
 }
 
+/// With the default `interrupted = requeue`, a job found RUNNING at start runs again if it has
+/// an attempt left, and ends FAILED with reason INTERRUPTED if not: a job that keeps taking
+/// its server down cannot run forever.
+#[tokio::test]
+async fn after_a_crash_a_running_job_runs_again_only_with_an_attempt_left() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
+    let now = std::time::SystemTime::now();
+    let last_attempt = running_job(now);
+    let mut spare = Job::new(
+        JobId::generate(),
+        NewJob {
+            max_attempts: Some(2),
+            ..sleep_spec(60_000)
+        },
+        1,
+        now,
+    );
+    spare.start(now).unwrap();
+    spare.start_action(0, now).unwrap();
+    for job in [&last_attempt, &spare] {
+        store.create(job).await.unwrap();
+    }
+    let executor = Executor::start(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Hub::new(),
+        Registry::with_builtins(),
+        ExecutorConfig::default(),
+    );
+    assert_eq!(executor.recover().await.unwrap(), 2);
+
+    let failed = store.get(last_attempt.id).await.unwrap().unwrap();
+    assert_eq!((failed.state, failed.attempt), (JobState::Failed, 1));
+    let error = failed.error.as_ref().unwrap();
+    assert_eq!(
+        (error.code.as_str(), error.reason.as_str()),
+        ("ABORTED", "INTERRUPTED")
+    );
+    let requeued = store.get(spare.id).await.unwrap().unwrap();
+    assert_eq!(requeued.attempt, 2);
+    assert!(!requeued.is_terminal(), "{:?}", requeued.state);
+    executor.shutdown(Duration::from_millis(100)).await;
+}
+
 /// With `interrupted = fail`, a job found RUNNING at start ends FAILED at a version past any
 /// progress a watcher may have been shown before the crash (progress is persisted only now
 /// and then), so a watcher resuming after such a version is told how the job ended.
