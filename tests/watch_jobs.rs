@@ -329,6 +329,53 @@ async fn a_cursor_from_before_a_removed_job_is_refused_not_silently_resumed() {
     );
 }
 
+/// Deleting a job another stream could never have matched leaves that stream's cursor good:
+/// only the history a resume would have replayed makes it expire.
+#[tokio::test]
+async fn deleting_a_job_outside_a_selector_leaves_its_cursors_good() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let labelled = |team: &str| {
+        let mut req = request(vec![sleep(1, 1)]);
+        req.labels = labels(&[("team", team)]);
+        req
+    };
+    let mut stream = watch_jobs(&mut client, &[("team", "a")], &[], "")
+        .await
+        .unwrap();
+    let mine = submit(&mut client, labelled("a")).await;
+    let seen = read_until(&mut stream, |s| !s.is_empty()).await;
+    let cursor = seen[0].cursor.clone();
+    drop(stream);
+    let deleter = client.clone();
+    let delete = |id: String| {
+        let mut client = deleter.clone();
+        async move {
+            client
+                .delete_job(pb::DeleteJobRequest { job_id: id })
+                .await
+                .unwrap();
+        }
+    };
+    let other = submit(&mut client, labelled("b")).await;
+    wait_done(&mut client, &other.id).await;
+    delete(other.id.clone()).await;
+    let mut resumed = watch_jobs(&mut client, &[("team", "a")], &[], &cursor)
+        .await
+        .expect("another selector's deletion takes nothing from this stream");
+    let rest = read_until(&mut resumed, |s| succeeded(s).contains(&mine.id)).await;
+    assert!(rest.iter().all(|m| m.job.as_ref().unwrap().id == mine.id));
+    drop(resumed);
+
+    // This selector's own deletion does take history a resume would replay.
+    wait_done(&mut client, &mine.id).await;
+    delete(mine.id.clone()).await;
+    let status = watch_jobs(&mut client, &[("team", "a")], &[], &cursor)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+}
+
 async fn open_sqlite(dir: &std::path::Path) -> Arc<dyn Store> {
     // The previous server releases the directory as it finishes stopping.
     let deadline = tokio::time::Instant::now() + PATIENCE;

@@ -282,6 +282,25 @@ async fn removed_events_are_marked_and_never_reused(store: &impl Store) {
         "the newest removed event is marked"
     );
     assert_eq!(after.scanned_to, head, "the head does not move back");
+    // A deleted job's history is gone only for readers it could have matched.
+    let other_labels = store
+        .events_after(0, None, &labels(&[("team", "z")]), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        other_labels.removed_through, 0,
+        "not a job of this selector"
+    );
+    let other_tenant = store
+        .events_after(0, Some("someone-else"), &none, 10)
+        .await
+        .unwrap();
+    assert_eq!(other_tenant.removed_through, 0, "not a job of this tenant");
+    let own_tenant = store
+        .events_after(0, Some(gone.tenant.as_str()), &none, 10)
+        .await
+        .unwrap();
+    assert_eq!(own_tenant.removed_through, head);
 
     let next = sample_job(1, &[], None);
     store.create(&next).await.unwrap();
@@ -312,6 +331,14 @@ async fn removed_events_are_marked_and_never_reused(store: &impl Store) {
     assert_eq!(
         purged.removed_through, newest,
         "retention marks its removals too"
+    );
+    let purged = store
+        .events_after(0, None, &labels(&[("team", "z")]), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        purged.removed_through, newest,
+        "for every reader: retention removes too many jobs to say which"
     );
 }
 

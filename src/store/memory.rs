@@ -25,7 +25,11 @@ struct Inner {
     events: BTreeMap<i64, JobId>,
     /// The last sequence number handed out.
     last_seq: i64,
+    /// The highest number retention removed (it removes many jobs: one mark for all).
     removed_through: i64,
+    /// Jobs removed one by one (DeleteJob), by their newest event: a resume is refused only
+    /// by those it could have matched. Dropped once retention's mark passes them.
+    deleted: BTreeMap<i64, (String, BTreeMap<String, String>)>,
     /// Idempotency keys by tenant, then key.
     keys: HashMap<(String, String), JobId>,
     /// The webhook outbox, by delivery id (UUIDv7: in order of writing).
@@ -56,11 +60,21 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn remove(&mut self, id: JobId) -> Option<Job> {
+    /// Removes a job with its history: `one_by_one` for a DeleteJob (remembered with what its
+    /// events matched), else for retention (raising the one mark).
+    fn remove(&mut self, id: JobId, one_by_one: bool) -> Option<Job> {
         let job = self.jobs.remove(&id)?;
+        let mut newest = 0;
         for (seq, _) in self.log.remove(&id).unwrap_or_default() {
             self.events.remove(&seq);
-            self.removed_through = self.removed_through.max(seq);
+            newest = newest.max(seq);
+        }
+        if one_by_one {
+            self.deleted
+                .insert(newest, (job.tenant.clone(), job.labels.clone()));
+        } else {
+            self.removed_through = self.removed_through.max(newest);
+            self.deleted = self.deleted.split_off(&(self.removed_through + 1));
         }
         if let Some(key) = &job.idempotency_key {
             self.keys.remove(&(job.tenant.clone(), key.clone()));
@@ -175,9 +189,19 @@ impl Store for MemoryStore {
         limit: usize,
     ) -> Result<EventPage, StoreError> {
         let inner = self.read();
+        let deleted_matching = inner
+            .deleted
+            .range(after_seq.saturating_add(1)..)
+            .filter(|(_, (job_tenant, job_labels))| {
+                tenant.is_none_or(|tenant| tenant == job_tenant)
+                    && labels.iter().all(|(k, v)| job_labels.get(k) == Some(v))
+            })
+            .map(|(seq, _)| *seq)
+            .max()
+            .unwrap_or(0);
         let mut page = EventPage {
             scanned_to: inner.last_seq,
-            removed_through: inner.removed_through,
+            removed_through: inner.removed_through.max(deleted_matching),
             ..EventPage::default()
         };
         for (&seq, id) in inner.events.range(after_seq.saturating_add(1)..) {
@@ -221,7 +245,7 @@ impl Store for MemoryStore {
             None => Ok(Deleted::NotFound),
             Some(job) if !job.is_terminal() => Ok(Deleted::NotTerminal(Box::new(job.clone()))),
             Some(_) => {
-                inner.remove(id);
+                inner.remove(id, true);
                 Ok(Deleted::Removed)
             }
         }
@@ -251,7 +275,7 @@ impl Store for MemoryStore {
             .take(limit)
             .collect();
         for id in &expired {
-            inner.remove(*id);
+            inner.remove(*id, false);
         }
         Ok(expired.len())
     }

@@ -174,8 +174,10 @@ pub struct EventPage {
     /// `events`. The last event's when the page is full, else the newest event's, so a reader
     /// whose filter matches rarely still moves forward.
     pub scanned_to: i64,
-    /// The highest sequence number of any event removed with its job (retention or delete):
-    /// history at or below it is no longer complete.
+    /// The highest sequence number of any event removed with its job that this read's tenant
+    /// and labels could have matched (retention's removals count whatever they matched; a
+    /// DeleteJob only for streams its job matched): history at or below it is no longer
+    /// complete for this reader.
     pub removed_through: i64,
 }
 

@@ -166,6 +166,21 @@ pub(super) async fn save(client: &ClientWrapper, row: &JobRow) -> Result<(), Sto
 /// the log's trigger raises `removed_through`.
 pub(super) async fn delete(client: &ClientWrapper, id: Uuid) -> Result<DeleteOutcome, StoreError> {
     let fail = |e| pg_error(format!("deleting job {id}"), e);
+    // First what its events matched (migration 4): the log's trigger then leaves the one mark
+    // alone for them, and only the streams the job could have matched are refused a resume.
+    let statement = client
+        .prepare_cached(&format!(
+            "INSERT INTO removed_jobs (seq, job_id, tenant, labels)
+             SELECT (SELECT max(seq) FROM log WHERE job_id = j.id), j.id, j.tenant,
+                    (SELECT coalesce(jsonb_object_agg(key, value), '{{}}'::jsonb)
+                     FROM job_labels WHERE job_id = j.id)
+             FROM jobs j
+             WHERE j.id = $1 AND j.state IN {TERMINAL_STATES}
+                 AND EXISTS (SELECT 1 FROM log WHERE job_id = j.id)"
+        ))
+        .await
+        .map_err(fail)?;
+    client.execute(&statement, &[&id]).await.map_err(fail)?;
     let statement = client
         .prepare_cached(&format!(
             "DELETE FROM jobs WHERE id = $1 AND state IN {TERMINAL_STATES}"
@@ -206,6 +221,15 @@ pub(super) async fn purge(
         .execute(&statement, &[&ended_before, &limit])
         .await
         .map_err(fail)?;
+    // Deleted jobs at or below the mark say nothing the mark does not.
+    let statement = client
+        .prepare_cached(
+            "DELETE FROM removed_jobs
+             WHERE seq <= (SELECT removed_through FROM event_log WHERE id = 1)",
+        )
+        .await
+        .map_err(fail)?;
+    client.execute(&statement, &[]).await.map_err(fail)?;
     Ok(usize::try_from(removed).unwrap_or(usize::MAX))
 }
 

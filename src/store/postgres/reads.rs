@@ -173,17 +173,32 @@ pub(super) async fn events_after(
     }
     label_filter("l.job_id", labels, &mut filter, &mut params);
     params.push(Box::new(sql_limit(limit)));
+    let limit_param = params.len();
+    // Jobs removed by DeleteJob count only where they could have matched (migration 4).
+    let mut deleted = String::new();
+    if let Some(tenant) = tenant {
+        params.push(Box::new(tenant.to_owned()));
+        deleted.push_str(&format!(" AND r.tenant = ${}", params.len()));
+    }
+    if !labels.is_empty() {
+        let selector = serde_json::to_string(labels)
+            .map_err(|e| StoreError::Corrupt(format!("label selector: {e}")))?;
+        params.push(Box::new(selector));
+        deleted.push_str(&format!(" AND r.labels @> ${}::text::jsonb", params.len()));
+    }
     // The LEFT JOIN keeps the marks' row when no event matches.
     let sql = format!(
-        "SELECT m.head, m.removed_through, e.seq, e.snapshot
+        "SELECT m.head,
+                greatest(m.removed_through, (SELECT coalesce(max(r.seq), 0) FROM removed_jobs r
+                                             WHERE r.seq > $1{deleted})),
+                e.seq, e.snapshot
          FROM event_log m LEFT JOIN LATERAL (
              SELECT l.seq, l.snapshot FROM log l
              WHERE l.seq > $1{filter}
-             ORDER BY l.seq LIMIT ${}
+             ORDER BY l.seq LIMIT ${limit_param}
          ) e ON true
          WHERE m.id = 1
-         ORDER BY e.seq",
-        params.len()
+         ORDER BY e.seq"
     );
     let rows = query(client, context, &sql, &params).await?;
     let fail = |e| pg_error(context, e);

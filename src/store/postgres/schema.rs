@@ -15,6 +15,10 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         "0003_compact_snapshots",
         include_str!("migrations/0003_compact_snapshots.sql"),
     ),
+    (
+        "0004_removed_jobs",
+        include_str!("migrations/0004_removed_jobs.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.

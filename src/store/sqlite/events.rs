@@ -24,7 +24,8 @@ pub(super) fn events_after(
     let context = "reading the event log";
     let fail = |e| sql_error(context, e);
     let tx = conn.unchecked_transaction().map_err(fail)?;
-    let (head, removed_through) = marks(&tx).map_err(fail)?;
+    let (head, mark) = marks(&tx).map_err(fail)?;
+    let removed_through = mark.max(deleted_through(&tx, after_seq, tenant, labels)?);
     let mut sql = "SELECT seq, snapshot FROM log WHERE seq > ?".to_owned();
     let mut args = vec![Value::Integer(after_seq)];
     if let Some(tenant) = tenant {
@@ -89,13 +90,46 @@ pub(super) fn unfinished_at(
 }
 
 /// The last number handed out (the newest logged one, or a removed one above it) and the
-/// highest number removed.
+/// highest number retention removed.
 fn marks(tx: &Transaction<'_>) -> rusqlite::Result<(i64, i64)> {
     tx.prepare_cached(
-        "SELECT max(coalesce((SELECT max(seq) FROM log), 0), removed_through), removed_through
+        "SELECT max(coalesce((SELECT max(seq) FROM log), 0), removed_through,
+                    coalesce((SELECT max(seq) FROM removed_jobs), 0)),
+                removed_through
          FROM event_log WHERE id = 1",
     )?
     .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// The newest event after `after_seq` of a job removed by DeleteJob that a reader of `tenant`
+/// and `labels` could have matched; 0 for none. Deletions are few, and the labels are
+/// compared here rather than in SQL.
+fn deleted_through(
+    tx: &Transaction<'_>,
+    after_seq: i64,
+    tenant: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> Result<i64, StoreError> {
+    let fail = |e| sql_error("reading removed jobs", e);
+    let mut statement = tx
+        .prepare_cached(
+            "SELECT seq, labels FROM removed_jobs
+             WHERE seq > ?1 AND (?2 IS NULL OR tenant = ?2)
+             ORDER BY seq DESC",
+        )
+        .map_err(fail)?;
+    let mut rows = statement
+        .query(rusqlite::params![after_seq, tenant])
+        .map_err(fail)?;
+    while let Some(row) = rows.next().map_err(fail)? {
+        let job_labels: String = row.get(1).map_err(fail)?;
+        let job_labels: BTreeMap<String, String> = serde_json::from_str(&job_labels)
+            .map_err(|e| StoreError::Corrupt(format!("removed job labels: {e}")))?;
+        if labels.iter().all(|(k, v)| job_labels.get(k) == Some(v)) {
+            return row.get(0).map_err(fail);
+        }
+    }
+    Ok(0)
 }
 
 /// Appends one `EXISTS` per label: each is a primary-key lookup in `job_labels`.

@@ -43,7 +43,8 @@ impl LogHead {
     pub(super) fn read(conn: &Connection) -> rusqlite::Result<Self> {
         let next = conn
             .prepare_cached(
-                "SELECT max(coalesce((SELECT max(seq) FROM log), 0), removed_through) + 1
+                "SELECT max(coalesce((SELECT max(seq) FROM log), 0), removed_through,
+                            coalesce((SELECT max(seq) FROM removed_jobs), 0)) + 1
                  FROM event_log WHERE id = 1",
             )?
             .query_row([], |r| r.get(0))?;
@@ -211,13 +212,34 @@ fn save_progress(conn: &Connection, row: &JobRow) -> rusqlite::Result<bool> {
 /// Removes a terminal job; its labels and log go with it (ON DELETE CASCADE).
 pub(super) fn delete(conn: &Connection, id: &str) -> Result<DeleteOutcome, StoreError> {
     let fail = |e| sql_error(format!("deleting job {id}"), e);
-    let removed = conn
+    // What its events matched, to be remembered in `removed_jobs` instead of raising the one
+    // mark (which the log's trigger does, and is set back below: one writer, one transaction).
+    let removed: Option<(Option<i64>, String, String, i64)> = conn
         .prepare_cached(&format!(
-            "DELETE FROM jobs WHERE id = ?1 AND state IN {TERMINAL_STATES}"
+            "SELECT (SELECT max(seq) FROM log WHERE job_id = ?1), j.tenant,
+                    (SELECT json_group_object(key, value) FROM job_labels WHERE job_id = ?1),
+                    (SELECT removed_through FROM event_log WHERE id = 1)
+             FROM jobs j WHERE j.id = ?1 AND j.state IN {TERMINAL_STATES}"
         ))
-        .and_then(|mut s| s.execute([id]))
+        .and_then(|mut s| {
+            s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()
+        })
         .map_err(fail)?;
-    if removed > 0 {
+    if let Some((newest, tenant, labels, mark)) = removed {
+        conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")
+            .and_then(|mut s| s.execute([id]))
+            .map_err(fail)?;
+        conn.prepare_cached("UPDATE event_log SET removed_through = ?1 WHERE id = 1")
+            .and_then(|mut s| s.execute([mark]))
+            .map_err(fail)?;
+        if let Some(newest) = newest {
+            conn.prepare_cached(
+                "INSERT INTO removed_jobs (seq, tenant, labels) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut s| s.execute(params![newest, tenant, labels]))
+            .map_err(fail)?;
+        }
         return Ok(DeleteOutcome::Removed);
     }
     let found: Option<String> = conn
@@ -232,14 +254,24 @@ pub(super) fn delete(conn: &Connection, id: &str) -> Result<DeleteOutcome, Store
 /// Removes up to `limit` terminal jobs that ended before `ended_before` (unix micros). The
 /// limit keeps each purge a short part of one batch, so retention never stalls submissions.
 pub(super) fn purge(conn: &Connection, ended_before: i64, limit: i64) -> Result<usize, StoreError> {
-    conn.prepare_cached(&format!(
-        "DELETE FROM jobs WHERE id IN (
-             SELECT id FROM jobs
-             WHERE state IN {TERMINAL_STATES} AND end_time < ?1
-             LIMIT ?2)"
-    ))
-    .and_then(|mut s| s.execute(params![ended_before, limit]))
-    .map_err(|e| sql_error("purging finished jobs", e))
+    let fail = |e| sql_error("purging finished jobs", e);
+    let purged = conn
+        .prepare_cached(&format!(
+            "DELETE FROM jobs WHERE id IN (
+                 SELECT id FROM jobs
+                 WHERE state IN {TERMINAL_STATES} AND end_time < ?1
+                 LIMIT ?2)"
+        ))
+        .and_then(|mut s| s.execute(params![ended_before, limit]))
+        .map_err(fail)?;
+    // Deleted jobs at or below the mark say nothing the mark does not.
+    conn.prepare_cached(
+        "DELETE FROM removed_jobs
+         WHERE seq <= (SELECT removed_through FROM event_log WHERE id = 1)",
+    )
+    .and_then(|mut s| s.execute([]))
+    .map_err(fail)?;
+    Ok(purged)
 }
 
 /// Inserts the `jobs` row for `row`; `seq` names its log row when its snapshot is logged.

@@ -169,6 +169,18 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         // snapshots, refuses this database with a clear error instead of failing row by row.
         "-- the snapshot encoding changed; no table did",
     ),
+    M::up(
+        // 9: a job removed by DeleteJob no longer raises `event_log.removed_through` (which
+        // refused every older WatchJobs cursor, of any tenant and selector): it is remembered
+        // here by its newest event, with its tenant and labels (a JSON object), so that only
+        // the streams it could have matched are refused. Retention still raises the one mark
+        // (it removes too many jobs to list), and drops the rows the mark has passed.
+        "CREATE TABLE removed_jobs (
+            seq INTEGER PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            labels TEXT NOT NULL
+        ) STRICT;",
+    ),
 ];
 
 /// The newest schema version this binary knows.
