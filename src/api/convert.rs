@@ -272,14 +272,16 @@ const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
 
 /// Converts a wire duration, refusing negative, malformed and out-of-range ones.
 pub fn duration(field: &str, d: prost_types::Duration) -> Result<Duration, FieldViolation> {
-    if d.seconds < 0 || (d.seconds == 0 && d.nanos < 0) {
-        return Err(FieldViolation::new(field, "must not be negative"));
-    }
-    if !(0..1_000_000_000).contains(&d.nanos) {
+    let signs_differ = (d.seconds < 0 && d.nanos > 0) || (d.seconds > 0 && d.nanos < 0);
+    if signs_differ || d.nanos.unsigned_abs() >= 1_000_000_000 {
         return Err(FieldViolation::new(
             field,
-            "is not a valid duration: nanos must be 0 to 999999999 when seconds is positive",
+            "is not a valid duration: nanos must be -999999999 to 999999999, with the sign of \
+             seconds",
         ));
+    }
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(FieldViolation::new(field, "must not be negative"));
     }
     if d.seconds > MAX_DURATION_SECONDS {
         return Err(FieldViolation::new(
@@ -569,7 +571,9 @@ mod tests {
         assert_eq!(refused(-1, 0).field, "wait");
         assert!(refused(-1, 0).description.contains("negative"));
         assert!(refused(0, -1).description.contains("negative"));
+        assert!(refused(-1, -5).description.contains("negative"));
         assert!(refused(1, -1).description.contains("nanos"));
+        assert!(refused(-1, 5).description.contains("nanos"));
         assert!(refused(0, 1_000_000_000).description.contains("nanos"));
         assert!(
             refused(MAX_DURATION_SECONDS + 1, 0)
