@@ -62,12 +62,12 @@ pub fn new_job(
         .actions
         .iter()
         .filter(|spec| !spec.input.is_empty())
-        .map(|spec| framed_len(spec.input.len()))
+        .map(|spec| job::framed(spec.input.len()))
         .sum::<usize>()
         + request
             .webhook
             .as_ref()
-            .map_or(0, |w| framed_len(w.encoded_len()));
+            .map_or(0, |w| job::framed(w.encoded_len()));
     let submitted_size = request.encoded_len().saturating_sub(unrepeated);
     let action_count = request.actions.len();
     let mut actions = Vec::with_capacity(request.actions.len());
@@ -124,9 +124,10 @@ pub fn new_job(
     // Every snapshot of the job repeats what the Submit gave, and must fit in one response with
     // the results to come: a job that could not be read back is refused now, not after it ran.
     let budget = job::submitted_budget(limits.max_message_bytes);
-    let labels_size = labels_wire_size(&request.labels);
     let submitted = submitted_size + RUN_RESERVE_PER_ACTION * action_count + RUN_RESERVE_PER_JOB;
     if submitted > budget {
+        // Only a refused job is told which part is the larger.
+        let labels_size = labels_wire_size(&request.labels);
         violations.push(FieldViolation::new(
             if labels_size > all_params_size {
                 "labels"
@@ -207,16 +208,11 @@ pub fn new_job(
 const RUN_RESERVE_PER_ACTION: usize = 64;
 const RUN_RESERVE_PER_JOB: usize = 256;
 
-/// A length-delimited field of `len` bytes as sent: tag, length varint, bytes.
-fn framed_len(len: usize) -> usize {
-    1 + prost::encoding::encoded_len_varint(len as u64) + len
-}
-
 /// A label map as sent, entries framed.
 fn labels_wire_size(labels: &std::collections::HashMap<String, String>) -> usize {
     labels
         .iter()
-        .map(|(key, value)| framed_len(framed_len(key.len()) + framed_len(value.len())))
+        .map(|(key, value)| job::framed(job::framed(key.len()) + job::framed(value.len())))
         .sum()
 }
 

@@ -15,7 +15,7 @@ pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
 pub use webhook::{
     AttemptOutcome, Delivery, DeliveryState, NewDelivery, WebhookEvents, WebhookSpec, delivery_for,
 };
-pub use wire::{job_budget, results_budget, submitted_budget, wire_size};
+pub use wire::{framed, job_budget, results_budget, submitted_budget, wire_size};
 
 use std::fmt;
 

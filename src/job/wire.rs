@@ -47,7 +47,7 @@ pub fn results_budget(max_message_bytes: usize) -> usize {
 }
 
 /// A length-delimited field of `len` bytes: tag, length varint, bytes.
-fn framed(len: usize) -> usize {
+pub fn framed(len: usize) -> usize {
     1 + varint_len(len) + len
 }
 
