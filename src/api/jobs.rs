@@ -368,18 +368,16 @@ impl Jobs for JobsService {
             ..ListQuery::default()
         };
         self.executor.until_recovered().await?;
-        let (jobs, mut next_page_token) = page.read(&self.executor, query).await?;
-        let mut page_jobs: Vec<pb::Job> = jobs.iter().map(|job| convert::job(job)).collect();
-        super::paging::fit_message(
-            &page,
-            &mut page_jobs,
-            &jobs,
-            &mut next_page_token,
-            self.limits.max_message_bytes,
-            prost::Message::encoded_len,
-        );
+        let (jobs, next_page_token) = page
+            .read_items(
+                &self.executor,
+                query,
+                self.limits.max_message_bytes,
+                convert::job,
+            )
+            .await?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: page_jobs,
+            jobs,
             next_page_token,
         }))
     }

@@ -103,17 +103,14 @@ impl Operations for OperationsService {
             ..ListQuery::default()
         };
         self.executor.until_recovered().await?;
-        let (jobs, mut next_page_token) = page.read(&self.executor, query).await?;
-        let mut operations: Vec<Operation> =
-            jobs.iter().map(|j| operation(convert::job(j))).collect();
-        super::paging::fit_message(
-            &page,
-            &mut operations,
-            &jobs,
-            &mut next_page_token,
-            self.limits.max_message_bytes,
-            prost::Message::encoded_len,
-        );
+        let (operations, next_page_token) = page
+            .read_items(
+                &self.executor,
+                query,
+                self.limits.max_message_bytes,
+                |job| operation(convert::job(job)),
+            )
+            .await?;
         Ok(Response::new(ListOperationsResponse {
             operations,
             next_page_token,

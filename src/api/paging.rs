@@ -117,7 +117,7 @@ impl Page {
     /// Reads this page of `query` (whose `before` and `limit` it sets) and the token of the
     /// next one, empty when there are no more jobs. Running jobs show their newest progress
     /// (see [`crate::events::Hub::with_newest_progress`]).
-    pub async fn read(
+    async fn read(
         self,
         executor: &Executor,
         mut query: ListQuery,
@@ -140,6 +140,29 @@ impl Page {
             .map(|job| hub.with_newest_progress(job))
             .collect();
         Ok((jobs, next_page_token))
+    }
+
+    /// Reads this page of `query` as response items (`item` of each job), shortened where
+    /// they would not fit in one response of `max_message_bytes` (see [`fit_message`]), and
+    /// the token of the next page.
+    pub async fn read_items<T: prost::Message>(
+        self,
+        executor: &Executor,
+        query: ListQuery,
+        max_message_bytes: usize,
+        item: impl Fn(&Job) -> T,
+    ) -> Result<(Vec<T>, String), StoreError> {
+        let (jobs, mut next_page_token) = self.read(executor, query).await?;
+        let mut items: Vec<T> = jobs.iter().map(|job| item(job)).collect();
+        fit_message(
+            &self,
+            &mut items,
+            &jobs,
+            &mut next_page_token,
+            max_message_bytes,
+            T::encoded_len,
+        );
+        Ok((items, next_page_token))
     }
 }
 
