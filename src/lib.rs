@@ -29,3 +29,16 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod webhooks;
+
+/// `error` followed by each of its causes, `: `-separated: some libraries' own text says
+/// only "transport error", and the reason is in the causes.
+pub(crate) fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

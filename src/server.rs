@@ -183,13 +183,6 @@ impl Server {
             Some(files) => Some(tls_config(files)?),
             None => None,
         };
-        if let Some(tls) = &tls {
-            // The certificate and key are only checked against each other when a transport is
-            // built: built here once, so that a mismatch stops the server before it starts.
-            tonic::transport::Server::builder()
-                .tls_config(tls.clone())
-                .map_err(tls_error)?;
-        }
         let mut executor_config = config.executor.clone();
         // Whatever the executor was given, results must leave a job readable in one response.
         executor_config.max_results_bytes =
@@ -407,21 +400,17 @@ fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
     Ok(Authenticator::with_keys(keys))
 }
 
-/// Reads the PEM files into tonic's TLS config: a server identity, and a client CA for mTLS.
 /// A TLS error with its causes: tonic's own text is only "transport error".
 fn tls_error(error: tonic::transport::Error) -> ServeError {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
     ServeError::Tls(format!(
         "the certificate and key cannot be used (is tls_key the private key of tls_cert?): \
-         {text}"
+         {}",
+        crate::with_causes(&error)
     ))
 }
 
+/// Reads the PEM files into tonic's TLS config: a server identity, and a client CA for mTLS;
+/// a certificate and key that do not belong together are refused here.
 fn tls_config(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
     if files.cert.as_os_str().is_empty() || files.key.as_os_str().is_empty() {
         return Err(ServeError::Tls(
@@ -437,6 +426,11 @@ fn tls_config(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, Ser
     if let Some(ca) = &files.client_ca {
         tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
     }
+    // The certificate and key are only checked against each other when a transport is built:
+    // built here once, so that a mismatch stops the server before it starts.
+    tonic::transport::Server::builder()
+        .tls_config(tls.clone())
+        .map_err(tls_error)?;
     Ok(tls)
 }
 
