@@ -70,15 +70,6 @@ pub enum Cursor {
     },
 }
 
-impl Cursor {
-    /// The event the cursor is at.
-    pub fn seq(&self) -> i64 {
-        match *self {
-            Cursor::After(seq) | Cursor::Snapshots { seq, .. } => seq,
-        }
-    }
-}
-
 /// One message of the stream.
 #[derive(Debug, Clone)]
 pub struct JobsEvent {
@@ -94,6 +85,8 @@ pub struct JobsEvent {
 struct PendingSnapshots {
     at: i64,
     jobs: Vec<Arc<Job>>,
+    /// The last job whose first snapshot the client has, when it resumed during them.
+    through: Option<JobId>,
 }
 
 /// One open `WatchJobs` stream.
@@ -121,8 +114,6 @@ pub struct JobsWatch {
     /// count of caught-up reads when it was taken.
     waiting: HashMap<JobId, (Arc<Job>, u64)>,
     queue: VecDeque<JobsEvent>,
-    /// While first snapshots are still to come: the last job whose snapshot the client has.
-    snapshots_through: Option<JobId>,
     pending: Option<PendingSnapshots>,
 }
 
@@ -156,7 +147,6 @@ impl JobsWatch {
             finished: Vec::new(),
             waiting: HashMap::new(),
             queue: VecDeque::new(),
-            snapshots_through: None,
             pending: None,
         };
         let (after, through) = match after {
@@ -181,8 +171,11 @@ impl JobsWatch {
                 // over, and later ones follow the snapshot.
                 watch.sent.insert(job.id, job.version);
             }
-            watch.pending = Some(PendingSnapshots { at: head, jobs });
-            watch.snapshots_through = through;
+            watch.pending = Some(PendingSnapshots {
+                at: head,
+                jobs,
+                through,
+            });
             if after.is_none() {
                 watch.scanned = head;
                 watch.flush_snapshots();
@@ -213,9 +206,9 @@ impl JobsWatch {
 
     /// The cursor of a message delivered at event `seq`.
     fn cursor_at(&self, seq: i64) -> Cursor {
-        match self.snapshots_through {
-            Some(through) if self.pending.is_some() => Cursor::Snapshots { seq, through },
-            _ => Cursor::After(seq),
+        match self.pending.as_ref().and_then(|pending| pending.through) {
+            Some(through) => Cursor::Snapshots { seq, through },
+            None => Cursor::After(seq),
         }
     }
 
@@ -238,10 +231,8 @@ impl JobsWatch {
                 seq: pending.at,
                 through: job.id,
             };
-            self.snapshots_through = Some(job.id);
             self.queue_if_wanted(JobsEvent { job, cursor });
         }
-        self.snapshots_through = None;
     }
 
     /// The next message; waits for one as long as it takes.
