@@ -561,9 +561,7 @@ impl Executor {
     /// runs (there are none before recovery, which serving starts) are told to stop.
     pub(crate) fn abandon(&self) {
         let inner = &self.inner;
-        inner.accepting.cancel();
-        inner.dispatching.cancel();
-        inner.tracker.close();
+        inner.stop_taking_jobs();
         for handle in inner.scheduler().active_handles() {
             handle.stop(StopReason::Shutdown);
         }
@@ -580,9 +578,7 @@ impl Executor {
     /// away, without the rest of its backoff.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
-        inner.accepting.cancel();
-        inner.dispatching.cancel();
-        inner.tracker.close();
+        inner.stop_taking_jobs();
         if tokio::time::timeout(grace, inner.tracker.wait())
             .await
             .is_ok()
@@ -616,6 +612,14 @@ fn cancelled_error() -> JobError {
 }
 
 impl Inner {
+    /// Refuses new and waiting calls, stops dispatching, and lets the job tracker end once its
+    /// tasks have: the first steps of every way the executor stops.
+    fn stop_taking_jobs(&self) {
+        self.accepting.cancel();
+        self.dispatching.cancel();
+        self.tracker.close();
+    }
+
     /// Ends or re-queues a job found RUNNING with nobody running it (the server, or the
     /// replica that held it, stopped): CANCELLED when a Cancel had reached it (the cancel
     /// stands), else as `interrupted_policy` says. Versions jump past any progress shown but

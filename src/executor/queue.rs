@@ -307,6 +307,11 @@ impl Scheduler {
     }
 
     /// Every active job's stop handle.
+    /// Every active job's id.
+    pub fn active_ids(&self) -> Vec<JobId> {
+        self.active.keys().copied().collect()
+    }
+
     pub fn active_handles(&self) -> Vec<StopHandle> {
         self.active.values().cloned().collect()
     }

@@ -163,12 +163,7 @@ impl Inner {
         let Some(shared) = self.shared_store() else {
             return 0;
         };
-        let running_here: Vec<JobId> = self
-            .scheduler()
-            .active_jobs()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let running_here = self.scheduler().active_ids();
         match shared.claim(limit, &running_here).await {
             Ok(jobs) => {
                 let count = jobs.len();
