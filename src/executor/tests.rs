@@ -181,7 +181,12 @@ async fn a_job_started_at_submission_shares_one_commit_with_its_creation() {
 
 /// A one-action `sleep` job that has started its action, not yet stored.
 fn running_job(now: std::time::SystemTime) -> Job {
-    let mut job = Job::new(JobId::generate(), sleep_spec(60_000), 1, now);
+    running_job_of(sleep_spec(60_000), now)
+}
+
+/// `spec` as a crashed server leaves it: started, its first action running.
+fn running_job_of(spec: NewJob, now: std::time::SystemTime) -> Job {
+    let mut job = Job::new(JobId::generate(), spec, 1, now);
     job.start(now).unwrap();
     job.start_action(0, now).unwrap();
     job
@@ -196,17 +201,13 @@ async fn after_a_crash_a_running_job_runs_again_only_with_an_attempt_left() {
     let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
     let now = std::time::SystemTime::now();
     let last_attempt = running_job(now);
-    let mut spare = Job::new(
-        JobId::generate(),
+    let spare = running_job_of(
         NewJob {
             max_attempts: Some(2),
             ..sleep_spec(60_000)
         },
-        1,
         now,
     );
-    spare.start(now).unwrap();
-    spare.start_action(0, now).unwrap();
     for job in [&last_attempt, &spare] {
         store.create(job).await.unwrap();
     }
