@@ -81,9 +81,37 @@ impl Handler for Nest {
     }
 }
 
+/// A test action whose own params check panics when `x` is given: a bug in an embedder's
+/// handler.
+struct Touchy;
+
+#[longrun::actions::async_trait]
+impl Handler for Touchy {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Test action whose params check panics on `x`.".to_owned(),
+            params: vec![ParamInfo::optional("x", ParamType::Number, "a number")],
+            uses_input: false,
+        }
+    }
+
+    fn validate(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), Vec<longrun::job::FieldViolation>> {
+        assert!(!params.contains_key("x"), "touchy cannot bear x");
+        Ok(())
+    }
+
+    async fn run(&self, _ctx: ActionContext) -> Result<serde_json::Value, HandlerError> {
+        Ok(json!({}))
+    }
+}
+
 fn registry() -> Registry {
     let mut registry = Registry::with_builtins();
     registry.register("nest", Nest);
+    registry.register("touchy", Touchy);
     registry
 }
 
@@ -784,4 +812,39 @@ async fn every_bad_field_of_a_submit_is_named_at_once() {
         status.message()
     );
     assert!(list_all(&mut client).await.is_empty(), "nothing stored");
+}
+
+#[tokio::test]
+async fn a_params_check_that_panics_is_an_internal_error_and_stores_nothing() {
+    let server = TestServer::start_with(small_limits(), registry()).await;
+    let mut client = server.client.clone();
+
+    let status = client
+        .submit(request(vec![action("touchy", json!({"x": 1}))]))
+        .await
+        .expect_err("a panicking check refuses the job");
+    assert_eq!(status.code(), Code::Internal, "{}", status.message());
+    assert!(
+        status.message().contains("touchy cannot bear x"),
+        "the panic is told: {}",
+        status.message()
+    );
+    let info = {
+        use tonic_types::StatusExt;
+        status.get_details_error_info().expect("ErrorInfo")
+    };
+    assert_eq!(info.reason, "VALIDATE_PANICKED");
+    assert_eq!(info.metadata["action"], "touchy");
+    assert!(list_all(&mut client).await.is_empty(), "nothing stored");
+
+    // The same connection and server go on serving.
+    let job = client
+        .submit(request(vec![action("touchy", json!({}))]))
+        .await
+        .expect("the same action without x is taken")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(list_all(&mut client).await.len(), 1);
+    assert!(!job.id.is_empty());
 }

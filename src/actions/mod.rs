@@ -116,7 +116,8 @@ impl HandlerError {
 /// grace period), and returns a JSON result or a [`HandlerError`], permanent or retryable.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
-    /// What the action does and which params it takes.
+    /// What the action does and which params it takes. Asked once, when the handler is
+    /// registered: the registry keeps the answer for every Submit and `ListActions`.
     fn describe(&self) -> ActionDescription;
 
     /// Checks params beyond their declared types (ranges, combinations). Called at Submit,
@@ -132,7 +133,25 @@ pub trait Handler: Send + Sync + 'static {
 /// The handlers a server runs, by action name.
 #[derive(Clone, Default)]
 pub struct Registry {
-    handlers: BTreeMap<String, Arc<dyn Handler>>,
+    handlers: BTreeMap<String, Registered>,
+}
+
+/// A handler with the description it gave when it was registered.
+#[derive(Clone)]
+struct Registered {
+    handler: Arc<dyn Handler>,
+    description: ActionDescription,
+}
+
+/// A handler's [`Handler::validate`] panicked: the params could not be checked, which is the
+/// server's fault, not the caller's.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("the {action:?} action's params check panicked: {message}")]
+pub struct ValidatePanicked {
+    /// The action whose handler panicked.
+    pub action: String,
+    /// The panic's message.
+    pub message: String,
 }
 
 impl Registry {
@@ -151,51 +170,92 @@ impl Registry {
         registry
     }
 
-    /// Adds (or replaces) the handler for `name`.
+    /// Adds (or replaces) the handler for `name`, asking it for its description now.
     pub fn register(&mut self, name: impl Into<String>, handler: impl Handler) -> &mut Self {
-        self.handlers.insert(name.into(), Arc::new(handler));
+        let description = handler.describe();
+        self.handlers.insert(
+            name.into(),
+            Registered {
+                handler: Arc::new(handler),
+                description,
+            },
+        );
         self
     }
 
     /// The handler for `name`.
     pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
-        self.handlers.get(name).cloned()
+        self.handlers
+            .get(name)
+            .map(|registered| Arc::clone(&registered.handler))
     }
 
     /// Every registered action, by name.
     pub fn list(&self) -> Vec<ActionInfo> {
         self.handlers
             .iter()
-            .map(|(name, handler)| ActionInfo {
+            .map(|(name, registered)| ActionInfo {
                 name: name.clone(),
-                description: handler.describe(),
+                description: registered.description.clone(),
             })
             .collect()
     }
 
     /// Checks one submitted action: its name is registered, its params have the declared
     /// names and types, and pass the handler's own checks. Fields are named relative to the
-    /// action (`name`, `params.steps`).
-    pub fn validate(&self, name: &str, params: &Map<String, Value>) -> Vec<FieldViolation> {
-        let Some(handler) = self.get(name) else {
+    /// action (`name`, `params.steps`). A panic in the handler's own checks is caught, logged
+    /// and returned as such.
+    pub fn validate(
+        &self,
+        name: &str,
+        params: &Map<String, Value>,
+    ) -> Result<Vec<FieldViolation>, ValidatePanicked> {
+        let Some(registered) = self.handlers.get(name) else {
             let known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
-            return vec![FieldViolation::new(
+            return Ok(vec![FieldViolation::new(
                 "name",
                 format!(
                     "unknown action {name:?}; this server runs: {}",
                     known.join(", ")
                 ),
-            )];
+            )]);
         };
-        let description = handler.describe();
-        let mut violations = params::check(&description.params, params);
-        if violations.is_empty()
-            && let Err(more) = handler.validate(params)
-        {
-            violations = more;
+        let mut violations = params::check(&registered.description.params, params);
+        if violations.is_empty() {
+            let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                registered.handler.validate(params)
+            }));
+            match checked {
+                Ok(Ok(())) => {}
+                Ok(Err(more)) => violations = more,
+                Err(payload) => {
+                    let panicked = ValidatePanicked {
+                        action: name.to_owned(),
+                        message: crate::job::truncate(
+                            panic_text(&*payload),
+                            MAX_PANIC_MESSAGE_BYTES,
+                        ),
+                    };
+                    tracing::error!(error = %panicked, "an action's params check panicked");
+                    return Err(panicked);
+                }
+            }
         }
-        violations.into_iter().map(|v| v.under("params")).collect()
+        Ok(violations.into_iter().map(|v| v.under("params")).collect())
     }
+}
+
+/// How much of a panic's message an error keeps: enough to recognise the bug, not so much that
+/// a panic formatting a large value bloats every snapshot of the job.
+pub(crate) const MAX_PANIC_MESSAGE_BYTES: usize = 1024;
+
+/// A panic's message, as `panic!` gives it.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 #[cfg(test)]
@@ -213,7 +273,7 @@ mod tests {
     #[test]
     fn unknown_action_is_named() {
         let registry = Registry::with_builtins();
-        let violations = registry.validate("nope", &Map::new());
+        let violations = registry.validate("nope", &Map::new()).unwrap();
         assert_eq!(violations.len(), 1);
         assert_eq!(violations[0].field, "name");
         assert!(violations[0].description.contains("sleep"));
@@ -225,14 +285,70 @@ mod tests {
         assert!(
             registry
                 .validate("sleep", &params(json!({"duration_ms": 5})))
+                .unwrap()
                 .is_empty()
         );
-        let violations = registry.validate("sleep", &params(json!({"duration_ms": "long"})));
+        let violations = registry
+            .validate("sleep", &params(json!({"duration_ms": "long"})))
+            .unwrap();
         assert_eq!(violations[0].field, "params.duration_ms");
-        let violations = registry.validate("sleep", &params(json!({"bogus": 1})));
+        let violations = registry
+            .validate("sleep", &params(json!({"bogus": 1})))
+            .unwrap();
         assert_eq!(violations[0].field, "params.bogus");
-        let violations = registry.validate("sleep", &params(json!({"steps": 0})));
+        let violations = registry
+            .validate("sleep", &params(json!({"steps": 0})))
+            .unwrap();
         assert_eq!(violations[0].field, "params.steps");
+    }
+
+    /// Counts the calls of `describe`, and panics in `validate` when params carry `boom`.
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+    #[async_trait]
+    impl Handler for Counted {
+        fn describe(&self) -> ActionDescription {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ActionDescription {
+                description: "counted".to_owned(),
+                params: vec![ParamInfo::optional("boom", ParamType::Boolean, "panic")],
+                uses_input: false,
+            }
+        }
+
+        fn validate(&self, params: &Map<String, Value>) -> Result<(), Vec<FieldViolation>> {
+            if params.contains_key("boom") {
+                panic!("boom at {}", "validate");
+            }
+            Ok(())
+        }
+
+        async fn run(&self, _ctx: ActionContext) -> Result<Value, HandlerError> {
+            Ok(Value::Null)
+        }
+    }
+
+    #[test]
+    fn a_description_is_asked_once_and_a_panicking_check_is_caught() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut registry = Registry::empty();
+        registry.register("counted", Counted(Arc::clone(&calls)));
+        for _ in 0..3 {
+            assert!(
+                registry
+                    .validate("counted", &Map::new())
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+        assert_eq!(registry.list()[0].description.description, "counted");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        let panicked = registry
+            .validate("counted", &params(json!({"boom": true})))
+            .unwrap_err();
+        assert_eq!(panicked.action, "counted");
+        assert_eq!(panicked.message, "boom at validate");
     }
 
     #[test]

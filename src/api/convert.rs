@@ -176,12 +176,11 @@ pub fn new_job(
     if !violations.is_empty() {
         for (i, action) in actions.iter().enumerate() {
             if checkable[i] {
-                violations.extend(
-                    registry
-                        .validate(&action.name, &action.params)
-                        .into_iter()
-                        .map(|v| v.under(&format!("actions[{i}]"))),
-                );
+                // A panicking check was logged; the request is refused for its other
+                // fields anyway.
+                if let Ok(found) = registry.validate(&action.name, &action.params) {
+                    violations.extend(found.into_iter().map(|v| v.under(&format!("actions[{i}]"))));
+                }
             }
         }
     }

@@ -217,6 +217,12 @@ impl From<ExecutorError> for Status {
                 format!("job {id}: {source}"),
                 HashMap::from([("job_id".to_owned(), id.to_string())]),
             ),
+            ExecutorError::ValidatePanicked(panicked) => with_reason(
+                Code::Internal,
+                "VALIDATE_PANICKED",
+                panicked.to_string(),
+                HashMap::from([("action".to_owned(), panicked.action)]),
+            ),
             ExecutorError::Store(error) => error.into(),
         }
     }

@@ -173,6 +173,9 @@ pub enum ExecutorError {
         #[source]
         source: IllegalTransition,
     },
+    /// An action's own params check panicked (a bug in its handler).
+    #[error(transparent)]
+    ValidatePanicked(#[from] crate::actions::ValidatePanicked),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -340,7 +343,7 @@ impl Executor {
         if self.inner.accepting.is_cancelled() {
             return Err(ExecutorError::ShuttingDown);
         }
-        let violations = self.validate(&spec);
+        let violations = self.validate(&spec)?;
         if !violations.is_empty() {
             return Err(ExecutorError::Invalid(violations));
         }
@@ -464,20 +467,17 @@ impl Executor {
         Ok(job)
     }
 
-    fn validate(&self, spec: &NewJob) -> Vec<FieldViolation> {
+    fn validate(&self, spec: &NewJob) -> Result<Vec<FieldViolation>, ExecutorError> {
         let mut violations = Vec::new();
         // The API refuses such a job at its edge; a program submitting in-process does not
         // go through it, and a job with nothing to run would simply succeed.
         if spec.actions.is_empty() {
             violations.push(FieldViolation::new("actions", crate::job::NO_ACTIONS));
         }
-        violations.extend(spec.actions.iter().enumerate().flat_map(|(i, action)| {
-            self.inner
-                .registry
-                .validate(&action.name, &action.params)
-                .into_iter()
-                .map(move |v| v.under(&format!("actions[{i}]")))
-        }));
+        for (i, action) in spec.actions.iter().enumerate() {
+            let found = self.inner.registry.validate(&action.name, &action.params)?;
+            violations.extend(found.into_iter().map(|v| v.under(&format!("actions[{i}]"))));
+        }
         let limit = self.inner.config.max_attempts_limit;
         if spec.max_attempts.is_some_and(|n| n > limit) {
             violations.push(FieldViolation::new(
@@ -485,7 +485,7 @@ impl Executor {
                 format!("must be at most {limit}"),
             ));
         }
-        violations
+        Ok(violations)
     }
 
     /// Cancels a job: a queued one at once; a running one by firing its handler's

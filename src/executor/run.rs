@@ -20,21 +20,14 @@ use crate::{
     store::StoreError,
 };
 
-/// How much of a panic's message a failed action keeps: enough to recognise the bug, not so
-/// much that a panic formatting a large value bloats every snapshot of the job.
-pub(super) const MAX_PANIC_MESSAGE_BYTES: usize = 1024;
+pub(super) use crate::actions::MAX_PANIC_MESSAGE_BYTES;
 
 /// The failure a handler's panic makes of its action: retryable, as a bug may depend on the
 /// input or the moment and the job's `max_attempts` bounds the retries anyway.
 pub(super) fn handler_panicked(payload: &(dyn Any + Send)) -> HandlerError {
-    let text = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic without a message");
     let message = format!(
         "the action's handler panicked: {}",
-        crate::job::truncate(text, MAX_PANIC_MESSAGE_BYTES)
+        crate::job::truncate(crate::actions::panic_text(payload), MAX_PANIC_MESSAGE_BYTES)
     );
     HandlerError::new("INTERNAL", "HANDLER_PANICKED", message)
 }

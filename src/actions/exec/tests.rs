@@ -226,12 +226,15 @@ fn undeclared_commands_and_extra_args_are_refused_at_submit() {
     let fields = |value: Value| -> Vec<String> {
         registry
             .validate("exec", &params(value))
+            .unwrap()
             .into_iter()
             .map(|v| v.field)
             .collect()
     };
 
-    let violations = registry.validate("exec", &params(json!({"command": "rm"})));
+    let violations = registry
+        .validate("exec", &params(json!({"command": "rm"})))
+        .unwrap();
     assert_eq!(violations[0].field, "params.command");
     assert!(violations[0].description.contains("closed, open"));
     assert_eq!(fields(json!({})), ["params.command"]);
