@@ -20,11 +20,13 @@ use crate::job::{Job, JobId};
 /// so memory does not grow with the queue.
 pub const MAX_QUEUED_SNAPSHOTS: usize = 4096;
 
-/// Higher priority first, then submission order.
+/// Higher priority first, then submission order: ids are UUIDv7, ordered by their creation
+/// (within a process, and by the millisecond across them). A job back in the queue for a
+/// retry or after a restart so takes its old place, as the PostgreSQL claim orders
+/// (`priority DESC, id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct QueueKey {
     priority: Reverse<i32>,
-    seq: u64,
     id: JobId,
 }
 
@@ -96,7 +98,6 @@ pub struct Scheduler {
     /// Per tenant: jobs queued plus slots reserved. Kept with every move in or out of the
     /// queue, so the per-tenant quota is right across cancel, dispatch, retry and recovery.
     per_tenant: HashMap<Arc<str>, usize>,
-    next_seq: u64,
 }
 
 /// Why [`Scheduler::reserve`] refused a slot.
@@ -213,10 +214,8 @@ impl Scheduler {
         }
         let key = QueueKey {
             priority: Reverse(priority),
-            seq: self.next_seq,
             id,
         };
-        self.next_seq += 1;
         self.queue.insert(key);
         self.queued.insert(id, (key, Arc::from(tenant)));
         self.count_in(tenant);
@@ -332,6 +331,19 @@ mod tests {
         let order: Vec<JobId> = std::iter::from_fn(|| s.pop().map(|(id, ..)| id)).collect();
         assert_eq!(order, vec![ids[1], ids[3], ids[0], ids[2]]);
         assert_eq!(s.active_handles().len(), 4);
+    }
+
+    #[test]
+    fn a_job_back_in_the_queue_takes_its_old_place() {
+        let mut s = Scheduler::default();
+        let ids: Vec<JobId> = (0..3).map(|_| JobId::generate()).collect();
+        // The first job left the queue to run, failed, and comes back for a retry after
+        // the two submitted behind it.
+        s.enqueue(ids[1], 0, "t");
+        s.enqueue(ids[2], 0, "t");
+        s.enqueue(ids[0], 0, "t");
+        let order: Vec<JobId> = std::iter::from_fn(|| s.pop().map(|(id, ..)| id)).collect();
+        assert_eq!(order, ids);
     }
 
     #[test]
