@@ -454,6 +454,8 @@ impl Job {
         let action = self.action_mut(index)?;
         action.state = action.state.transition(ActionState::Running)?;
         action.progress = Progress::default();
+        // An earlier attempt's failure no longer describes it.
+        action.error = None;
         action.start_time = Some(now);
         action.end_time = None;
         self.bump(now, true);

@@ -122,6 +122,13 @@ fn retry_keeps_succeeded_actions_and_bumps_attempt() {
     assert_eq!(job.actions[0].state, ActionState::Succeeded);
     assert_eq!(job.actions[1].state, ActionState::Pending);
     assert_eq!(job.next_action(), Some(1));
+    // Waiting, the action still says why its last attempt failed; started again, it does not.
+    assert_eq!(job.actions[1].error.as_ref().unwrap().reason, "X");
+    job.start(now).unwrap();
+    job.start_action(1, now).unwrap();
+    assert_eq!(job.actions[1].error, None);
+    job.succeed_action(1, json!("ok"), now).unwrap();
+    assert_eq!(job.actions[1].error, None);
 }
 
 #[test]
