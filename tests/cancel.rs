@@ -96,6 +96,10 @@ async fn cancelling_a_running_sleep_job_cancels_it_promptly_and_the_action_is_ca
     let took = asked.elapsed();
     assert_eq!(state(&done), JobState::Cancelled);
     assert!(
+        done.cancel_requested,
+        "a Cancel reached the job while it ran, also when its handler stopped at once"
+    );
+    assert!(
         took < Duration::from_secs(5),
         "cancelled promptly: {took:?}"
     );
@@ -130,6 +134,36 @@ async fn handler_ignoring_its_cancellation_is_stopped_after_the_grace_period() {
     assert_eq!(action_state(&done.actions[0]), ActionState::Cancelled);
     gate.until_idle().await;
     assert_eq!(gate.running(), 0, "the stubborn handler was dropped");
+}
+
+#[tokio::test]
+async fn a_cancel_while_the_handler_stops_for_its_timeout_ends_the_job_cancelled_not_retried() {
+    let gate = Gate::new(true);
+    let mut config = test_config();
+    // The handler ignores being stopped: the job stays in its timeout's grace period until
+    // the handler is dropped, well after the Cancel below.
+    config.executor.cancel_grace = Duration::from_secs(2);
+    let server = TestServer::start_with(config, gate.registry()).await;
+    let mut client = server.client.clone();
+    let mut req = request(vec![gated()]);
+    req.timeout = Some(millis(50));
+    req.max_attempts = 3;
+    let job = submit(&mut client, req).await;
+    assert_eq!(gate.next_started().await, job.id);
+    // Past the timeout: the handler has been told to stop, and ignores it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let answer = cancel(&mut client, &job.id).await;
+    assert!(
+        answer.cancel_requested,
+        "the request is stored and answered, not lost behind the timeout: {answer:?}"
+    );
+    assert_eq!(state(&answer), JobState::Running);
+    let done = wait_done(&mut client, &job.id).await;
+    assert_eq!(state(&done), JobState::Cancelled);
+    assert_eq!(done.attempt, 1, "not retried");
+    assert_eq!(done.error.as_ref().unwrap().code, "CANCELLED");
+    assert_eq!(action_state(&done.actions[0]), ActionState::Cancelled);
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use super::{
     Executor, ExecutorConfig,
-    run::{MAX_PANIC_MESSAGE_BYTES, handler_panicked},
+    run::{MAX_PANIC_MESSAGE_BYTES, backoff, handler_panicked},
     tests::spec,
 };
 use crate::{
@@ -373,4 +373,27 @@ async fn a_result_that_arrives_after_the_timeout_is_kept() {
     assert_eq!(ended.state, JobState::Succeeded);
     assert_eq!(ended.actions[0].result, Some(json!("done anyway")));
     executor.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn backoff_doubles_with_jitter_and_never_passes_its_cap() {
+    let (initial, max) = (Duration::from_secs(1), Duration::from_secs(8));
+    assert_eq!(backoff(initial, max, 2, 0.0), Duration::from_secs(1));
+    assert_eq!(backoff(initial, max, 3, 0.0), Duration::from_secs(2));
+    assert_eq!(backoff(initial, max, 3, 0.5), Duration::from_millis(2250));
+    // At the cap the jitter goes below it, so capped retries still spread out.
+    assert_eq!(backoff(initial, max, 5, 0.0), max);
+    assert_eq!(backoff(initial, max, 5, 0.5), Duration::from_secs(7));
+    assert_eq!(
+        backoff(initial, max, 40, 0.99),
+        max - max.mul_f64(0.99 * 0.25)
+    );
+    // Just under the cap, a jitter that would pass it goes below the cap instead.
+    let near = backoff(Duration::from_millis(7900), max, 2, 0.5);
+    assert!(near <= max && near >= max.mul_f64(0.75), "{near:?}");
+    for attempt in 2..64 {
+        for random in [0.0, 0.3, 0.999] {
+            assert!(backoff(initial, max, attempt, random) <= max);
+        }
+    }
 }

@@ -44,22 +44,37 @@ pub enum StopReason {
     Shutdown = 3,
 }
 
-/// The handle through which others stop a job's owner task. The first reason given wins.
+/// The handle through which others stop a job's owner task. The first reason given wins,
+/// except that a Cancel outranks a timeout: the client asked for the job to end, so it ends
+/// CANCELLED rather than being retried.
 #[derive(Debug, Clone, Default)]
 pub struct StopHandle {
     token: CancellationToken,
     reason: Arc<AtomicU8>,
+    /// Fires on a Cancel, also one that comes after the owner was told to stop for another
+    /// reason: the owner stores the request either way.
+    cancel: CancellationToken,
 }
 
 impl StopHandle {
-    /// Asks the owner to stop, unless it was already asked for another reason.
+    /// Asks the owner to stop, unless it was already asked for another reason (see the type).
     pub fn stop(&self, reason: StopReason) {
-        let _ = self.reason.compare_exchange(
-            StopReason::None as u8,
-            reason as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let set = |from: StopReason| {
+            self.reason
+                .compare_exchange(
+                    from as u8,
+                    reason as u8,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        };
+        if !set(StopReason::None) && reason == StopReason::Cancelled {
+            set(StopReason::Timeout);
+        }
+        if reason == StopReason::Cancelled {
+            self.cancel.cancel();
+        }
         self.token.cancel();
     }
 
@@ -76,6 +91,11 @@ impl StopHandle {
     /// Fires when the owner is asked to stop.
     pub fn token(&self) -> &CancellationToken {
         &self.token
+    }
+
+    /// Fires when a client cancels the job, whatever the reason the owner stops for.
+    pub fn cancel_asked(&self) -> &CancellationToken {
+        &self.cancel
     }
 }
 
@@ -259,10 +279,15 @@ impl Scheduler {
         handle
     }
 
-    /// Gives an active job a fresh stop handle (after its last one fired for a timeout).
+    /// Gives an active job a fresh stop handle (after its last one fired for a timeout). A
+    /// Cancel that reached the old one carries over.
     pub fn rearm(&mut self, id: JobId) -> StopHandle {
         let handle = StopHandle::default();
-        self.active.insert(id, handle.clone());
+        if let Some(old) = self.active.insert(id, handle.clone())
+            && old.cancel_asked().is_cancelled()
+        {
+            handle.stop(StopReason::Cancelled);
+        }
         handle
     }
 
@@ -331,6 +356,41 @@ mod tests {
         let order: Vec<JobId> = std::iter::from_fn(|| s.pop().map(|(id, ..)| id)).collect();
         assert_eq!(order, vec![ids[1], ids[3], ids[0], ids[2]]);
         assert_eq!(s.active_handles().len(), 4);
+    }
+
+    #[test]
+    fn a_cancel_outranks_a_timeout_but_nothing_else_changes_the_first_reason() {
+        let handle = StopHandle::default();
+        handle.stop(StopReason::Timeout);
+        assert!(!handle.cancel_asked().is_cancelled());
+        handle.stop(StopReason::Shutdown);
+        assert_eq!(handle.reason(), StopReason::Timeout);
+        handle.stop(StopReason::Cancelled);
+        assert_eq!(handle.reason(), StopReason::Cancelled);
+        assert!(handle.cancel_asked().is_cancelled());
+        handle.stop(StopReason::Timeout);
+        assert_eq!(handle.reason(), StopReason::Cancelled);
+
+        let rearmed = {
+            let mut s = Scheduler::default();
+            let id = JobId::generate();
+            s.active.insert(id, handle.clone());
+            s.rearm(id)
+        };
+        assert_eq!(
+            rearmed.reason(),
+            StopReason::Cancelled,
+            "a Cancel carries over"
+        );
+
+        // A shutdown keeps its reason (the job is re-queued, or ends CANCELLED if the
+        // owner stored the request), but the owner still hears of the Cancel.
+        let handle = StopHandle::default();
+        handle.stop(StopReason::Shutdown);
+        handle.stop(StopReason::Cancelled);
+        assert_eq!(handle.reason(), StopReason::Shutdown);
+        assert!(handle.cancel_asked().is_cancelled());
+        assert!(handle.token().is_cancelled());
     }
 
     #[test]
@@ -446,14 +506,5 @@ mod tests {
         s.pop().unwrap();
         s.requeue(id, 0, "t", None);
         assert!(s.held_snapshot(id).is_none(), "requeued without a snapshot");
-    }
-
-    #[test]
-    fn first_stop_reason_wins() {
-        let handle = StopHandle::default();
-        handle.stop(StopReason::Timeout);
-        handle.stop(StopReason::Cancelled);
-        assert_eq!(handle.reason(), StopReason::Timeout);
-        assert!(handle.token().is_cancelled());
     }
 }

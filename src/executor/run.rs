@@ -32,6 +32,19 @@ pub(super) fn handler_panicked(payload: &(dyn Any + Send)) -> HandlerError {
     HandlerError::new("INTERNAL", "HANDLER_PANICKED", message)
 }
 
+/// The wait before attempt `attempt` (2 for the first retry): `initial`, doubled for each
+/// retry after the first, plus jitter of up to 25% (`random` in `[0, 1)`); never more than
+/// `max`, which the jitter then goes below instead, so capped retries still spread out.
+pub(super) fn backoff(initial: Duration, max: Duration, attempt: u32, random: f64) -> Duration {
+    let doublings = attempt.saturating_sub(2).min(30);
+    let base = initial.saturating_mul(1 << doublings).min(max);
+    let jitter = base.mul_f64(random * 0.25);
+    match base.checked_add(jitter) {
+        Some(wait) if wait <= max => wait,
+        _ => max.saturating_sub(jitter),
+    }
+}
+
 /// The failure of an attempt that ran past the job's timeout.
 fn timed_out(job: &Job) -> HandlerError {
     HandlerError::new(
@@ -168,9 +181,19 @@ impl Inner {
             // A timeout is reported as a failure (the running action's, or the attempt's
             // between actions), never as a stop.
             Attempt::Stopped(StopReason::Cancelled | StopReason::Timeout | StopReason::None) => {
+                // The handler may have stopped before the request could be stored; the job
+                // still ended because a Cancel reached it while it ran.
+                job.cancel_requested |= handle.reason() == StopReason::Cancelled;
                 job.cancel(cancelled_error(), now)?;
                 self.commit_state(&job).await?;
                 tracing::info!("job cancelled");
+                None
+            }
+            // A Cancel stored while the handler stopped for the shutdown stands.
+            Attempt::Stopped(StopReason::Shutdown) if job.cancel_requested => {
+                job.cancel(cancelled_error(), now)?;
+                self.commit_state(&job).await?;
+                tracing::info!("job cancelled during the shutdown");
                 None
             }
             Attempt::Stopped(StopReason::Shutdown) => {
@@ -182,6 +205,15 @@ impl Inner {
             Attempt::Failed(error) => Some(error),
         };
         if let Some(error) = error {
+            if handle.cancel_asked().is_cancelled() {
+                // A Cancel came while the attempt was failing: the client wants the job to
+                // end, not to be tried again.
+                job.cancel_requested = true;
+                job.cancel(cancelled_error(), now)?;
+                self.commit_state(&job).await?;
+                tracing::info!("job cancelled as its attempt failed");
+                return Ok(None);
+            }
             if error.retryable && job.has_attempts_left() {
                 job.retry(now)?;
                 self.commit_state(&job).await?;
@@ -377,13 +409,15 @@ impl Inner {
                 }
                 _ = handle.token().cancelled(), if grace_ends.is_none() => {
                     grace_ends = Some(Instant::now() + self.config.cancel_grace);
-                    if handle.reason() == StopReason::Cancelled {
-                        // Stored before the handler is waited for: a server that dies meanwhile
-                        // ends the job CANCELLED at its restart instead of running it again.
-                        job.request_cancel(SystemTime::now())?;
-                        self.commit(job).await?;
-                        tracker.persisted_version = job.version;
-                    }
+                }
+                // Also when the handler is already stopping for the job's timeout or a
+                // shutdown: the Cancel is answered once this is stored, and decides the end.
+                _ = handle.cancel_asked().cancelled(), if !job.cancel_requested => {
+                    // Stored before the handler is waited for: a server that dies meanwhile
+                    // ends the job CANCELLED at its restart instead of running it again.
+                    job.request_cancel(SystemTime::now())?;
+                    self.commit(job).await?;
+                    tracker.persisted_version = job.version;
                 }
                 _ = grace => {
                     tracing::warn!(grace = ?self.config.cancel_grace, "handler ignored its cancellation; dropped");
@@ -489,13 +523,11 @@ impl Inner {
     /// The wait before attempt `attempt`: exponential from the initial backoff, capped, with
     /// up to 25% random jitter so retries of many jobs do not all land at once.
     fn backoff(&self, attempt: u32) -> Duration {
-        let doublings = attempt.saturating_sub(2).min(30);
-        let base = self
-            .config
-            .retry_backoff_initial
-            .saturating_mul(1 << doublings)
-            .min(self.config.retry_backoff_max);
-        let jitter = base.mul_f64(rand::random::<f64>() * 0.25);
-        base + jitter
+        backoff(
+            self.config.retry_backoff_initial,
+            self.config.retry_backoff_max,
+            attempt,
+            rand::random::<f64>(),
+        )
     }
 }
