@@ -167,6 +167,50 @@ async fn a_cancel_while_the_handler_stops_for_its_timeout_ends_the_job_cancelled
 }
 
 #[tokio::test]
+async fn concurrent_cancels_of_a_queued_job_all_answer_with_its_one_cancellation() {
+    let gate = Gate::default();
+    // On the durable store, whose group commit leaves the others time to read the job still
+    // QUEUED while the first cancellation is being written.
+    let dir = tempfile::tempdir().unwrap();
+    let store = longrun::store::SqliteStore::open(dir.path(), Default::default()).unwrap();
+    let server =
+        TestServer::start_on(std::sync::Arc::new(store), one_at_a_time(), gate.registry()).await;
+    let mut client = server.client.clone();
+    let blocker = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, blocker.id);
+    for _ in 0..5 {
+        let queued = submit(&mut client, request(vec![sleep(10, 1)])).await;
+        let cancels = (0..10).map(|_| {
+            let mut client = server.client.clone();
+            let id = queued.id.clone();
+            tokio::spawn(async move {
+                client
+                    .cancel(longrun::api::pb::CancelRequest { job_id: id })
+                    .await
+            })
+        });
+        let mut answers = Vec::new();
+        for cancel in cancels.collect::<Vec<_>>() {
+            let answer = cancel
+                .await
+                .expect("task")
+                .expect("every concurrent Cancel succeeds")
+                .into_inner()
+                .job
+                .expect("job");
+            answers.push(answer);
+        }
+        let done = get(&mut client, &queued.id).await;
+        assert_eq!(state(&done), JobState::Cancelled);
+        assert!(
+            answers.iter().all(|answer| *answer == done),
+            "one cancellation, the same version in every answer"
+        );
+    }
+    gate.release(1);
+}
+
+#[tokio::test]
 async fn cancelling_a_job_waiting_for_its_retry_backoff_cancels_it() {
     let mut config = test_config();
     config.executor.retry_backoff_initial = Duration::from_secs(3600);

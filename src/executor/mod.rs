@@ -138,6 +138,10 @@ impl Default for ExecutorConfig {
     }
 }
 
+/// How often a Cancel of a queued job reads it again after another change won the write: a
+/// concurrent Cancel settles it at the first.
+const CANCEL_REREADS: u32 = 3;
+
 /// Why an executor operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
@@ -519,15 +523,27 @@ impl Executor {
             }
             Holder::Nobody if self.inner.shared => self.inner.cancel_shared(id).await,
             Holder::Queue | Holder::Nobody => {
-                let mut job = self.get(id).await?;
-                if job.state != JobState::Queued {
-                    return Ok(job);
+                // Concurrent Cancels of one queued job all read it QUEUED, and only the first
+                // write stands: the others read it again and answer with that cancellation.
+                let mut attempts = 0;
+                loop {
+                    let mut job = self.get(id).await?;
+                    if job.state != JobState::Queued {
+                        return Ok(job);
+                    }
+                    job.cancel(cancelled_error(), SystemTime::now())
+                        .map_err(|source| ExecutorError::Illegal { id, source })?;
+                    match self.inner.commit_state(&job).await {
+                        Ok(()) => {
+                            tracing::info!(job_id = %id, "queued job cancelled");
+                            return Ok(job);
+                        }
+                        Err(StoreError::StaleVersion { .. }) if attempts < CANCEL_REREADS => {
+                            attempts += 1;
+                        }
+                        Err(error) => return Err(error.into()),
+                    }
                 }
-                job.cancel(cancelled_error(), SystemTime::now())
-                    .map_err(|source| ExecutorError::Illegal { id, source })?;
-                self.inner.commit_state(&job).await?;
-                tracing::info!(job_id = %id, "queued job cancelled");
-                Ok(job)
             }
         }
     }
