@@ -19,17 +19,19 @@ pub use wire::{framed, job_budget, results_budget, submitted_budget, wire_size};
 
 use std::fmt;
 
-/// `text` cut to at most `max` bytes at a character boundary, with `…` added when cut: for
-/// text from handlers or clients that is repeated in snapshots or errors.
+/// `text` cut to at most `max` bytes at a character boundary, ending with `…` when cut (the
+/// mark counts towards `max`): for text from handlers or clients that is repeated in snapshots
+/// or errors.
 pub fn truncate(text: &str, max: usize) -> String {
+    const MARK: char = '…';
     if text.len() <= max {
         return text.to_owned();
     }
-    let mut end = max;
+    let mut end = max.saturating_sub(MARK.len_utf8());
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &text[..end])
+    format!("{}{MARK}", &text[..end])
 }
 
 /// What a job without actions is refused with, wherever it is submitted (the API's edge and
@@ -77,6 +79,18 @@ impl fmt::Display for FieldViolation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_text_with_its_mark_stays_within_the_limit() {
+        assert_eq!(truncate("short", 5), "short");
+        assert_eq!(truncate("abcdef", 5), "ab…");
+        // Never in the middle of a character: "é" is two bytes.
+        assert_eq!(truncate("éééé", 6), "é…");
+        for max in 0..12 {
+            let cut = truncate("éàü€ and more", max);
+            assert!(cut.len() <= max.max(3), "{max}: {cut:?}");
+        }
+    }
 
     #[test]
     fn violations_nest_under_their_parent() {
