@@ -9,7 +9,7 @@ mod progress;
 pub use builtin::{Echo, Fail, Sha256, Sleep};
 pub use exec::{Exec, ExecCommand};
 pub use params::{ParamInfo, ParamType, str_param, u64_param};
-pub use progress::{ProgressReceiver, ProgressReporter};
+pub use progress::{MAX_PROGRESS_MESSAGE_BYTES, ProgressReceiver, ProgressReporter};
 
 /// The attribute [`Handler`] implementations need (`#[longrun::actions::async_trait]` on the
 /// `impl`), re-exported so that an embedder need not depend on `async-trait` itself.

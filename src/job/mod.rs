@@ -8,8 +8,8 @@ mod webhook;
 mod wire;
 
 pub use model::{
-    Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob,
-    Progress,
+    Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_ERROR_DETAILS_BYTES,
+    MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
 };
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
 pub use webhook::{

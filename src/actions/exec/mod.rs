@@ -23,7 +23,8 @@
 //!   are kept as `stdout_tail`.
 //!
 //! Directives must start the line; a trailing `\r` is ignored. The last 50 lines of stderr are
-//! kept as `stderr_tail`.
+//! kept as `stderr_tail`. In an error's details a tail holds the newest lines that fit in
+//! [`TAIL_DETAILS_BYTES`].
 //!
 //! # Outcomes
 //!
@@ -35,7 +36,8 @@
 //! | the program cannot be started | code `FAILED_PRECONDITION`, reason `SPAWN_FAILED`, permanent |
 //! | the command is no longer declared, or no longer takes extra args (the config changed since Submit) | code `FAILED_PRECONDITION`, reason `UNKNOWN_COMMAND` / `EXTRA_ARGS_NOT_ALLOWED`, permanent |
 //! | writing stdin failed (other than the command not reading it) | code `INTERNAL`, reason `STDIN_FAILED`, retryable |
-//! | cancelled | SIGTERM to the group; SIGKILL after the grace period; code `CANCELLED` |
+//! | cancelled, or out of time | SIGTERM to the group; SIGKILL after the grace period; code `CANCELLED` (the executor makes a timeout `DEADLINE_EXCEEDED`) |
+//! | told to stop, then exit 0 with a valid `@result` within the grace period | the `@result` value: the work was completed |
 //!
 //! `UNKNOWN` for a failed exit because the server cannot tell what an exit status means: it is
 //! the command's own failure, not a broken server invariant (`INTERNAL`). It is retryable since
@@ -55,7 +57,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{ActionContext, ActionDescription, Handler, HandlerError, ParamInfo, ParamType};
-use crate::job::FieldViolation;
+use crate::job::{FieldViolation, MAX_ERROR_DETAILS_BYTES, framed};
 use process::{Finished, Stopped, killed_by};
 
 /// One command the operator allows clients to run, as declared in the config file under
@@ -243,6 +245,31 @@ impl Handler for Exec {
     }
 }
 
+/// How much of an error's details (at most [`MAX_ERROR_DETAILS_BYTES`], kept whole or not at
+/// all) an output tail may fill, leaving room for the exit code and signal beside it.
+const TAIL_DETAILS_BYTES: usize = MAX_ERROR_DETAILS_BYTES * 3 / 4;
+
+/// The newest `lines` that fit in `budget` bytes as sent, oldest first. A newest line that
+/// alone does not fit is cut, so the tail is never empty for a command that printed.
+fn tail_within(lines: Vec<String>, budget: usize) -> Vec<String> {
+    // A list entry's own framing, around each string's.
+    let size = |line: &str| framed(framed(line.len()));
+    let mut kept = Vec::new();
+    let mut used = framed(0);
+    for line in lines.into_iter().rev() {
+        if used + size(&line) > budget {
+            if kept.is_empty() {
+                kept.push(crate::job::truncate(&line, budget.saturating_sub(16)));
+            }
+            break;
+        }
+        used += size(&line);
+        kept.push(line);
+    }
+    kept.reverse();
+    kept
+}
+
 /// The action's result or error for a command that ran to its end.
 fn outcome_of(name: &str, finished: Finished) -> Result<Value, HandlerError> {
     let status = finished.status;
@@ -264,7 +291,10 @@ fn outcome_of(name: &str, finished: Finished) -> Result<Value, HandlerError> {
         }
         details.insert(
             "stderr_tail".to_owned(),
-            json!(finished.stderr_tail.to_vec()),
+            json!(tail_within(
+                finished.stderr_tail.to_vec(),
+                TAIL_DETAILS_BYTES
+            )),
         );
         return Err(failure);
     }
@@ -285,7 +315,10 @@ fn outcome_of(name: &str, finished: Finished) -> Result<Value, HandlerError> {
             );
             failure.error.details.insert(
                 "stdout_tail".to_owned(),
-                json!(finished.stdout_tail.to_vec()),
+                json!(tail_within(
+                    finished.stdout_tail.to_vec(),
+                    TAIL_DETAILS_BYTES
+                )),
             );
             Err(failure)
         }

@@ -184,8 +184,15 @@ pub(super) async fn run(
         }
     });
     let (status, (), (), ()) = tokio::join!(supervise, feed, read_stdout, read_stderr);
+    let (status, signalled) = status?;
+    // A command told to stop that still exits 0 with a result has completed its work: it
+    // keeps it, as a handler returning before it is stopped does. Any other exit after
+    // SIGTERM is the stop taking effect.
+    if signalled && !(status.success() && matches!(result, Some(Ok(_)))) {
+        return Err(Stopped::Cancelled);
+    }
     Ok(Finished {
-        status: status?,
+        status,
         stdout_tail,
         stderr_tail,
         result,
@@ -193,32 +200,38 @@ pub(super) async fn run(
     })
 }
 
-/// Waits for the child to exit, or stops its group when `cancel` fires.
+/// Waits for the child to exit, or stops its group when `cancel` fires. Returns the exit
+/// status and whether the command was sent SIGTERM first; a command that had to be killed
+/// is [`Stopped::Cancelled`].
 async fn supervise(
     child: &mut Child,
     guard: &mut GroupGuard,
     cancel: &CancellationToken,
     grace: Duration,
-) -> Result<ExitStatus, Stopped> {
+) -> Result<(ExitStatus, bool), Stopped> {
     tokio::select! {
         // An exit that races the cancel wins: the work is done, report it.
         biased;
         status = child.wait() => {
             let status = status.map_err(Stopped::Wait)?;
             guard.reaped = true;
-            Ok(status)
+            Ok((status, false))
         }
         () = cancel.cancelled() => {
             guard.signal(Signal::SIGTERM);
-            let exited = match tokio::time::timeout(grace, child.wait()).await {
-                Ok(status) => status.is_ok(),
+            match tokio::time::timeout(grace, child.wait()).await {
+                Ok(Ok(status)) => {
+                    guard.reaped = true;
+                    Ok((status, true))
+                }
+                Ok(Err(_)) => Err(Stopped::Cancelled),
                 Err(_) => {
                     guard.signal(Signal::SIGKILL);
-                    matches!(tokio::time::timeout(KILL_WAIT, child.wait()).await, Ok(Ok(_)))
+                    guard.reaped =
+                        matches!(tokio::time::timeout(KILL_WAIT, child.wait()).await, Ok(Ok(_)));
+                    Err(Stopped::Cancelled)
                 }
-            };
-            guard.reaped = exited;
-            Err(Stopped::Cancelled)
+            }
         }
     }
 }

@@ -180,6 +180,36 @@ async fn a_non_zero_exit_fails_with_its_status_and_stderr() {
 }
 
 #[tokio::test]
+async fn a_long_stderr_keeps_its_newest_lines_within_the_details_bound() {
+    // 60 lines of ~310 bytes: 50 kept in the tail, far more than an error's details hold.
+    let script = r#"i=1; while [ $i -le 60 ]; do printf 'line %02d %0300d\n' $i 0 >&2; i=$((i+1)); done; exit 1"#;
+    let handler = exec([("noisy", sh(script))]);
+    let error = run(&handler, ctx("noisy", b"").0).await.unwrap_err();
+    let kept = error.error.clone().bounded();
+    assert_eq!(kept.details["exit_code"], json!(1), "{:?}", kept.details);
+    let tail = kept.details["stderr_tail"].as_array().expect("a tail");
+    assert!(tail.len() > 5 && tail.len() < 50, "{}", tail.len());
+    assert!(
+        tail.last()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .starts_with("line 60 ")
+    );
+    assert!(
+        tail[0]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("line {} ", 61 - tail.len()))
+    );
+
+    // One line alone over the budget is cut rather than lost.
+    let huge = tail_within(vec!["x".repeat(20_000)], TAIL_DETAILS_BYTES);
+    assert_eq!(huge.len(), 1);
+    assert!(huge[0].len() < TAIL_DETAILS_BYTES);
+}
+
+#[tokio::test]
 async fn a_command_killed_by_a_signal_names_it() {
     let handler = exec([("die", sh("kill -KILL $$"))]);
     let error = run(&handler, ctx("die", b"").0).await.unwrap_err();
@@ -333,6 +363,35 @@ async fn cancel_stops_a_command_that_exits_on_sigterm_promptly() {
     for pid in pids {
         assert_gone(pid).await;
     }
+}
+
+#[tokio::test]
+async fn a_command_that_completes_with_a_result_after_sigterm_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let prelude = r#"trap 'echo "@result {\"finished\": true}"; exit 0' TERM"#;
+    let handler = Exec::new(
+        [("s".to_owned(), sleeper(prelude, &pid_file))].into(),
+        Duration::from_secs(30),
+    );
+    let (running, cancel, _pids) = start_sleeper(handler, &pid_file).await;
+    cancel.cancel();
+    let result = running.await.unwrap().expect("stopped in time");
+    assert_eq!(result, Ok(json!({"finished": true})));
+}
+
+#[tokio::test]
+async fn a_command_that_exits_0_after_sigterm_without_a_result_was_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let handler = Exec::new(
+        [("s".to_owned(), sleeper("trap 'exit 0' TERM", &pid_file))].into(),
+        Duration::from_secs(30),
+    );
+    let (running, cancel, _pids) = start_sleeper(handler, &pid_file).await;
+    cancel.cancel();
+    let result = running.await.unwrap().expect("stopped in time");
+    assert_eq!(result, Err(HandlerError::cancelled()));
 }
 
 #[tokio::test]
