@@ -111,7 +111,7 @@ impl Handler for Fail {
         ActionDescription {
             description: "Fails with the given error; with fail_attempts, fails only the first attempts and then succeeds.".to_owned(),
             params: vec![
-                ParamInfo::optional("code", ParamType::String, "The canonical gRPC code name to fail with (default INTERNAL)."),
+                ParamInfo::optional("code", ParamType::String, "The canonical gRPC code name to fail with, not OK (default INTERNAL)."),
                 ParamInfo::optional("reason", ParamType::String, "The machine-readable reason (default FAILED_AS_ASKED)."),
                 ParamInfo::optional("message", ParamType::String, "The human-readable message."),
                 ParamInfo::optional("fail_attempts", ParamType::Integer, "Fail only attempts up to this number, then succeed (default: every attempt)."),
@@ -123,12 +123,15 @@ impl Handler for Fail {
 
     fn validate(&self, params: &Map<String, Value>) -> Result<(), Vec<FieldViolation>> {
         let code = str_param(params, "code", "INTERNAL");
-        if tonic_code_names().contains(&code) {
+        if code != "OK" && tonic_code_names().contains(&code) {
             Ok(())
         } else {
+            // OK names no failure: a FAILED job with code OK would contradict itself.
             Err(vec![FieldViolation::new(
                 "code",
-                format!("must be a canonical gRPC code name such as INTERNAL, not {code:?}"),
+                format!(
+                    "must be the canonical gRPC code name of an error, such as INTERNAL, not {code:?}"
+                ),
             )])
         }
     }
@@ -258,6 +261,17 @@ mod tests {
         assert_eq!(error.error.code, "UNAVAILABLE");
         assert!(error.retryable);
         assert!(Fail.run(ctx(params, b"", 2)).await.is_ok());
+    }
+
+    #[test]
+    fn fail_takes_only_the_code_names_of_errors() {
+        let code = |code: &str| {
+            let params = json!({ "code": code });
+            Fail.validate(params.as_object().unwrap())
+        };
+        assert!(code("UNAVAILABLE").is_ok());
+        assert_eq!(code("OK").unwrap_err()[0].field, "code");
+        assert_eq!(code("BROKEN").unwrap_err()[0].field, "code");
     }
 
     #[tokio::test]
