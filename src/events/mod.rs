@@ -18,7 +18,7 @@ use tokio::sync::watch;
 mod selector;
 mod watch_job;
 mod watch_jobs;
-pub use selector::{JobsSubscription, Pending};
+pub use selector::{INBOX_LIMIT, JobsSubscription, Pending, Taken};
 pub use watch_job::{JobWatch, WatchError, current, wait_terminal, wait_until};
 pub use watch_jobs::{Cursor, JobsEvent, JobsWatch, WatchJobsError};
 

@@ -25,30 +25,67 @@ use crate::{
 /// The newest snapshot of each job that changed since the reader last looked.
 pub type Pending = HashMap<JobId, Arc<Job>>;
 
+/// The most jobs an inbox holds snapshots of. A reader that falls further behind (a stalled
+/// client whose connection stays open) loses them all at once and replays the store's event
+/// log instead: its memory stays bounded however many jobs change meanwhile.
+pub const INBOX_LIMIT: usize = 4096;
+
+/// What an inbox holds between two takes.
+#[derive(Default)]
+struct Mailbox {
+    jobs: Pending,
+    /// More than [`INBOX_LIMIT`] jobs changed: `jobs` was emptied and takes nothing more until
+    /// the reader has taken this.
+    overflowed: bool,
+}
+
+/// What a reader takes from its inbox.
+#[derive(Default)]
+pub struct Taken {
+    /// The newest snapshot of each job that changed.
+    pub jobs: Pending,
+    /// Snapshots were dropped because too many jobs changed: the reader must take logged
+    /// changes from the store's event log and progress from the hub.
+    pub overflowed: bool,
+}
+
 /// One subscriber's mailbox.
 pub(super) struct Inbox {
     id: u64,
     /// Only this tenant's jobs (every tenant's when `None`).
     tenant: Option<String>,
     labels: BTreeMap<String, String>,
-    pending: Mutex<Pending>,
+    mailbox: Mutex<Mailbox>,
     wakeup: Notify,
 }
 
 impl Inbox {
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+    fn mailbox(&self) -> std::sync::MutexGuard<'_, Mailbox> {
         // Every critical section is one map operation: a poisoned lock is still consistent.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.mailbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Keeps `job` unless the inbox already holds a newer version of it, and wakes the reader.
     fn offer(&self, job: &Arc<Job>) {
-        let mut pending = self.pending();
-        match pending.get(&job.id) {
+        let mut mailbox = self.mailbox();
+        if mailbox.overflowed {
+            // The reader was woken when it overflowed, and will read the log.
+            return;
+        }
+        let dropped = match mailbox.jobs.get(&job.id) {
             Some(held) if held.version >= job.version => return,
-            _ => pending.insert(job.id, Arc::clone(job)),
+            None if mailbox.jobs.len() >= INBOX_LIMIT => {
+                mailbox.overflowed = true;
+                Some(std::mem::take(&mut mailbox.jobs))
+            }
+            _ => {
+                mailbox.jobs.insert(job.id, Arc::clone(job));
+                None
+            }
         };
-        drop(pending);
+        drop(mailbox);
+        // Freed outside the lock: the publisher must not wait on a stalled reader's backlog.
+        drop(dropped);
         // Stores a permit when the reader is busy, so a wakeup is never lost.
         self.wakeup.notify_one();
     }
@@ -168,7 +205,7 @@ impl Selectors {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tenant,
             labels,
-            pending: Mutex::default(),
+            mailbox: Mutex::default(),
             wakeup: Notify::new(),
         });
         let mut registry = self.registry_mut();
@@ -230,16 +267,25 @@ impl JobsSubscription {
         self.inbox.wakeup.notified().await;
     }
 
-    /// Takes the newest snapshot of each job that changed since the last take.
-    pub fn take(&self) -> Pending {
-        std::mem::take(&mut *self.inbox.pending())
+    /// Takes the newest snapshot of each job that changed since the last take, and whether
+    /// some were dropped meanwhile.
+    pub fn take(&self) -> Taken {
+        let mailbox = std::mem::take(&mut *self.inbox.mailbox());
+        Taken {
+            jobs: mailbox.jobs,
+            overflowed: mailbox.overflowed,
+        }
     }
 
-    /// Puts snapshots back, as if published again (newer ones already there win).
-    pub fn give_back(&self, jobs: impl IntoIterator<Item = Arc<Job>>) {
-        for job in jobs {
-            self.inbox.offer(&job);
-        }
+    /// Whether the inbox has overflowed since the last take, leaving it as it is.
+    #[cfg(test)]
+    pub(super) fn overflowed(&self) -> bool {
+        self.inbox.mailbox().overflowed
+    }
+
+    /// The newest published snapshot of a job (see [`Hub::latest`]).
+    pub fn latest(&self, id: JobId) -> super::Snapshot {
+        self.hub.latest(id)
     }
 }
 
@@ -276,9 +322,9 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), sub.changed())
             .await
             .expect("woken");
-        let taken = sub.take();
+        let taken = sub.take().jobs;
         assert_eq!(taken.keys().collect::<Vec<_>>(), vec![&both.id]);
-        assert!(sub.take().is_empty(), "a take empties the inbox");
+        assert!(sub.take().jobs.is_empty(), "a take empties the inbox");
     }
 
     #[tokio::test]
@@ -292,9 +338,15 @@ mod tests {
         let b_job = tenant_job("b", &[("team", "x")], None);
         hub.publish(Arc::new(a_job.clone()));
         hub.publish(Arc::new(b_job.clone()));
-        assert_eq!(a_all.take().keys().collect::<Vec<_>>(), vec![&a_job.id]);
-        assert_eq!(a_team.take().keys().collect::<Vec<_>>(), vec![&a_job.id]);
-        let mut both: Vec<_> = everyone.take().into_keys().collect();
+        assert_eq!(
+            a_all.take().jobs.keys().collect::<Vec<_>>(),
+            vec![&a_job.id]
+        );
+        assert_eq!(
+            a_team.take().jobs.keys().collect::<Vec<_>>(),
+            vec![&a_job.id]
+        );
+        let mut both: Vec<_> = everyone.take().jobs.into_keys().collect();
         both.sort();
         let mut expected = vec![a_job.id, b_job.id];
         expected.sort();
@@ -318,9 +370,40 @@ mod tests {
             hub.publish(Arc::new(job.clone()));
         }
         hub.publish(Arc::new(running)); // an older version never replaces a newer one
-        let taken = sub.take();
+        let taken = sub.take().jobs;
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[&job.id].version, job.version);
+    }
+
+    #[tokio::test]
+    async fn an_inbox_past_its_limit_drops_its_snapshots_once_and_tells_the_reader() {
+        let hub = Hub::new();
+        let sub = hub.subscribe_jobs(None, BTreeMap::new());
+        let jobs: Vec<Arc<Job>> = (0..=INBOX_LIMIT)
+            .map(|_| Arc::new(sample_job(1, &[], None)))
+            .collect();
+        for job in &jobs[..INBOX_LIMIT] {
+            hub.publish(Arc::clone(job));
+        }
+        // A job already held does not count twice.
+        hub.publish(Arc::clone(&jobs[0]));
+        assert_eq!(sub.inbox.mailbox().jobs.len(), INBOX_LIMIT);
+        hub.publish(Arc::clone(&jobs[INBOX_LIMIT]));
+        assert!(sub.inbox.mailbox().jobs.is_empty(), "the backlog is freed");
+        hub.publish(Arc::clone(&jobs[1]));
+        assert!(
+            sub.inbox.mailbox().jobs.is_empty(),
+            "nothing kept until the reader takes"
+        );
+        tokio::time::timeout(Duration::from_secs(1), sub.changed())
+            .await
+            .expect("woken");
+        let taken = sub.take();
+        assert!(taken.overflowed && taken.jobs.is_empty());
+        hub.publish(Arc::clone(&jobs[2]));
+        let taken = sub.take();
+        assert!(!taken.overflowed);
+        assert_eq!(taken.jobs.len(), 1, "kept again once taken");
     }
 
     #[tokio::test]
@@ -334,8 +417,8 @@ mod tests {
         assert_eq!(hub.selectors.len(), 3);
         drop(a);
         hub.publish(Arc::new(job.clone()));
-        assert_eq!(b.take().len(), 1, "the other subscriber still gets it");
-        assert_eq!(all.take().len(), 1);
+        assert_eq!(b.take().jobs.len(), 1, "the other subscriber still gets it");
+        assert_eq!(all.take().jobs.len(), 1);
         drop(b);
         drop(all);
         assert_eq!(hub.selectors.len(), 0);

@@ -115,6 +115,10 @@ pub struct JobsWatch {
     waiting: HashMap<JobId, (Arc<Job>, u64)>,
     queue: VecDeque<JobsEvent>,
     pending: Option<PendingSnapshots>,
+    /// The inbox overflowed (the client fell far behind): until the log is read to its end,
+    /// every change comes from there, and then the newest progress of each followed job
+    /// from the hub.
+    lost_live: bool,
 }
 
 impl JobsWatch {
@@ -148,6 +152,7 @@ impl JobsWatch {
             waiting: HashMap::new(),
             queue: VecDeque::new(),
             pending: None,
+            lost_live: false,
         };
         let (after, through) = match after {
             None => (None, None),
@@ -235,8 +240,10 @@ impl JobsWatch {
         }
     }
 
-    /// The next message; waits for one as long as it takes.
-    pub async fn next(&mut self) -> Result<JobsEvent, StoreError> {
+    /// The next message; waits for one as long as it takes. Fails with
+    /// [`WatchJobsError::HistoryGone`] when the client fell so far behind that its inbox
+    /// overflowed and changes it was not sent have been removed from the log meanwhile.
+    pub async fn next(&mut self) -> Result<JobsEvent, WatchJobsError> {
         loop {
             if let Some(event) = self.queue.pop_front() {
                 return Ok(event);
@@ -251,11 +258,41 @@ impl JobsWatch {
                         EVENT_PAGE,
                     )
                     .await?;
+                if self.lost_live && page.removed_through > self.scanned {
+                    // The inbox no longer holds the snapshot of a job removed with its
+                    // events (it would have been this stream's only copy).
+                    return Err(WatchJobsError::HistoryGone {
+                        after: self.scanned,
+                        removed_through: page.removed_through,
+                    });
+                }
                 self.accept(page);
+                if self.lost_live && !self.behind {
+                    self.lost_live = false;
+                    self.take_newest_progress();
+                }
             } else {
                 self.subscription.changed().await;
             }
             self.settle().await?;
+        }
+    }
+
+    /// After an overflow: the newest snapshot the hub holds of each followed job, taken as if
+    /// from the inbox, for the progress the log does not carry.
+    fn take_newest_progress(&mut self) {
+        for (&id, &sent) in &self.sent {
+            let Some(newest) = self.subscription.latest(id) else {
+                continue;
+            };
+            let newer = newest.version > sent
+                && self
+                    .waiting
+                    .get(&id)
+                    .is_none_or(|(held, _)| held.version < newest.version);
+            if newer {
+                self.waiting.insert(id, (newest, self.caught_up_reads));
+            }
         }
     }
 
@@ -284,7 +321,11 @@ impl JobsWatch {
     /// log has not shown yet waits for the next read.
     async fn settle(&mut self) -> Result<(), StoreError> {
         let taken = self.subscription.take();
-        for (id, job) in taken {
+        if taken.overflowed {
+            self.lost_live = true;
+            self.behind = true;
+        }
+        for (id, job) in taken.jobs {
             let newer = self
                 .waiting
                 .get(&id)
@@ -357,5 +398,118 @@ impl JobsWatch {
     /// Jobs the stream follows now (memory it holds beyond the inbox).
     pub fn followed_jobs(&self) -> usize {
         self.sent.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::{
+        events::INBOX_LIMIT,
+        job::Progress,
+        store::{MemoryStore, conformance::sample_job},
+    };
+
+    /// A stalled reader's inbox overflows: the stream still delivers every job's transitions
+    /// (from the log) and the newest progress of a running one (from the hub), once each.
+    #[tokio::test]
+    async fn a_reader_whose_inbox_overflowed_still_gets_every_change_once() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let hub = Hub::new();
+        let mut watch =
+            JobsWatch::open(Arc::clone(&store), &hub, None, BTreeMap::new(), None, None)
+                .await
+                .unwrap();
+
+        let now = SystemTime::now();
+        let mut running = sample_job(1, &[], None);
+        store.create(&running).await.unwrap();
+        hub.publish(Arc::new(running.clone()));
+        running.start(now).unwrap();
+        running.start_action(0, now).unwrap();
+        store.save(&running).await.unwrap();
+        hub.publish(Arc::new(running.clone()));
+        let mut queued = Vec::new();
+        for _ in 0..INBOX_LIMIT + 10 {
+            let job = sample_job(1, &[], None);
+            store.create(&job).await.unwrap();
+            hub.publish(Arc::new(job.clone()));
+            queued.push(job.id);
+        }
+        // Progress is published, not stored: only the hub has it.
+        running.report_progress(0, Progress::of(1, 2, "half"), now);
+        hub.publish(Arc::new(running.clone()));
+        assert!(watch.subscription.overflowed(), "the inbox overflowed");
+
+        let mut seen: HashMap<JobId, Vec<i64>> = HashMap::new();
+        while seen.len() < queued.len() + 1 || seen[&running.id].last() != Some(&running.version) {
+            let event = tokio::time::timeout(Duration::from_secs(5), watch.next())
+                .await
+                .expect("every change arrives")
+                .unwrap();
+            seen.entry(event.job.id)
+                .or_default()
+                .push(event.job.version);
+        }
+        for id in &queued {
+            assert_eq!(seen[id], [1], "each queued job once");
+        }
+        let versions = &seen[&running.id];
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+        assert_eq!(
+            versions.last(),
+            Some(&running.version),
+            "its newest progress"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), watch.next())
+                .await
+                .is_err(),
+            "nothing more"
+        );
+    }
+
+    /// After an overflow, a job removed before the reader got to its events would be missed
+    /// silently: the stream ends with HistoryGone instead, and the client watches again.
+    #[tokio::test]
+    async fn a_reader_whose_inbox_overflowed_is_told_when_history_it_missed_is_gone() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let hub = Hub::new();
+        let mut watch =
+            JobsWatch::open(Arc::clone(&store), &hub, None, BTreeMap::new(), None, None)
+                .await
+                .unwrap();
+        let now = SystemTime::now();
+        let mut gone = sample_job(1, &[], None);
+        store.create(&gone).await.unwrap();
+        gone.start(now).unwrap();
+        gone.start_action(0, now).unwrap();
+        gone.succeed_action(0, serde_json::json!(1), now).unwrap();
+        gone.succeed(now).unwrap();
+        store.save(&gone).await.unwrap();
+        hub.publish(Arc::new(gone.clone()));
+        for _ in 0..INBOX_LIMIT + 1 {
+            let job = sample_job(1, &[], None);
+            store.create(&job).await.unwrap();
+            hub.publish(Arc::new(job));
+        }
+        assert!(watch.subscription.overflowed());
+        store.delete(gone.id).await.unwrap();
+
+        let error = loop {
+            match tokio::time::timeout(Duration::from_secs(5), watch.next())
+                .await
+                .expect("the stream moves on")
+            {
+                Ok(event) => assert_ne!(event.job.id, gone.id, "its events were removed"),
+                Err(error) => break error,
+            }
+        };
+        assert!(
+            matches!(error, WatchJobsError::HistoryGone { .. }),
+            "{error}"
+        );
     }
 }
