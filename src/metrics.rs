@@ -94,7 +94,11 @@ impl Default for Metrics {
             queue_depth.clone(),
         );
         let running = Gauge::default();
-        registry.register("jobs_running", "Jobs being run", running.clone());
+        registry.register(
+            "jobs_running",
+            "Jobs whose handlers run now (at most the concurrency)",
+            running.clone(),
+        );
         let action_seconds =
             Family::<ActionLabels, Histogram, fn() -> Histogram>::new_with_constructor(
                 seconds_histogram,

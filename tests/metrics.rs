@@ -92,6 +92,39 @@ async fn metrics_count_jobs_actions_rpcs_and_open_watches() {
     assert_eq!(value(&text, "longrun_queue_depth"), 0.0);
 }
 
+/// A job waiting out its retry backoff has an owner task but runs nothing: the running gauge
+/// does not count it, so it never reads above the concurrency.
+#[tokio::test]
+async fn a_job_waiting_to_be_retried_is_not_counted_as_running() {
+    let mut config = test_config();
+    let metrics_addr = free_addr();
+    config.metrics_listen = Some(metrics_addr);
+    config.executor.retry_backoff_initial = Duration::from_secs(3600);
+    config.executor.retry_backoff_max = Duration::from_secs(3600);
+    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+    let mut req = request(vec![action("fail", serde_json::json!({}))]);
+    req.max_attempts = 2;
+    let job = submit(&mut client, req).await;
+    until(&mut client, &job.id, |j| {
+        state(j) == pb::JobState::Queued && j.attempt == 2
+    })
+    .await;
+    // The gauge follows the owner task's last step: poll briefly for it to settle.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let running = value(&scrape(metrics_addr).await, "longrun_jobs_running");
+        if running == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "running gauge stuck at {running} for a job waiting to be retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The `method` label only ever names a served method: a call to any other path (nothing
 /// checks a caller's key before this is recorded) counts as `unknown`, so nobody can make the
 /// metrics grow by inventing paths.

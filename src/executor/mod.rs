@@ -193,6 +193,10 @@ pub(crate) struct Inner {
     scheduler: Mutex<Scheduler>,
     wake: Notify,
     permits: Arc<Semaphore>,
+    /// Attempts whose handlers run now, each holding one of `permits`: the `jobs_running`
+    /// gauge (never above `concurrency`, unlike the jobs that have an owner task, which also
+    /// counts jobs committing their end or waiting to be retried).
+    attempts_running: std::sync::atomic::AtomicUsize,
     tracker: TaskTracker,
     metrics: Arc<Metrics>,
     accepting: CancellationToken,
@@ -240,6 +244,7 @@ impl Executor {
             hub,
             registry,
             permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            attempts_running: std::sync::atomic::AtomicUsize::new(0),
             config,
             scheduler: Mutex::default(),
             wake: Notify::new(),
@@ -705,12 +710,13 @@ impl Inner {
 
     /// Brings the queue and running gauges up to date.
     fn sync_gauges(&self) {
-        let (queued, active) = {
-            let scheduler = self.scheduler();
-            (scheduler.queue_length(), scheduler.active_count())
-        };
+        let queued = self.scheduler().queue_length();
         crate::metrics::set(&self.metrics.queue_depth, queued);
-        crate::metrics::set(&self.metrics.running, active);
+        crate::metrics::set(
+            &self.metrics.running,
+            self.attempts_running
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
     }
 
     async fn dispatch(self: Arc<Self>) {

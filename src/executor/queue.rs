@@ -150,11 +150,6 @@ impl Scheduler {
         self.queued.len()
     }
 
-    /// Jobs owned by a task (running, or waiting out a retry backoff).
-    pub fn active_count(&self) -> usize {
-        self.active.len()
-    }
-
     /// Jobs of `tenant` queued plus slots it has reserved.
     pub fn tenant_queue_length(&self, tenant: &str) -> usize {
         self.per_tenant.get(tenant).copied().unwrap_or(0)

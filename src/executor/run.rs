@@ -4,7 +4,7 @@
 use std::{
     any::Any,
     panic::AssertUnwindSafe,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -80,6 +80,31 @@ pub(super) enum Start {
     /// Started already: RUNNING with its first action started, committed and published (by a
     /// Submit that found a worker free and nothing queued, see `Executor::submit`).
     Committed(Box<Job>),
+}
+
+/// A worker slot held by an attempt's handlers, counted in the `jobs_running` gauge for as long
+/// as it is held.
+struct RunningAttempt<'a> {
+    inner: &'a Inner,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<'a> RunningAttempt<'a> {
+    fn start(inner: &'a Inner, permit: OwnedSemaphorePermit) -> Self {
+        inner.attempts_running.fetch_add(1, Ordering::Relaxed);
+        inner.sync_gauges();
+        Self {
+            inner,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for RunningAttempt<'_> {
+    fn drop(&mut self) {
+        self.inner.attempts_running.fetch_sub(1, Ordering::Relaxed);
+        self.inner.sync_gauges();
+    }
 }
 
 /// How one attempt ended.
@@ -163,6 +188,7 @@ impl Inner {
         };
         tracing::info!(attempt = job.attempt, "job started");
 
+        let permit = RunningAttempt::start(self, permit);
         let outcome = self.run_attempt(&mut job, handle, started_action).await?;
         // The slot bounds running handlers, and this job's are done: the next job starts while
         // this one's end is committed (the two writes often share a commit), and the slot
