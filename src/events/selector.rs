@@ -84,7 +84,7 @@ impl Inbox {
             }
         };
         drop(mailbox);
-        // Freed outside the lock: the publisher must not wait on a stalled reader's backlog.
+        // Freed outside the lock, which other publishers and the reader wait on.
         drop(dropped);
         // Stores a permit when the reader is busy, so a wakeup is never lost.
         self.wakeup.notify_one();
