@@ -412,16 +412,33 @@ mod tests {
         store::{MemoryStore, conformance::sample_job},
     };
 
+    /// A memory store, its hub, and a watch of every job opened on them.
+    async fn watching_everything() -> (Arc<dyn Store>, Arc<Hub>, JobsWatch) {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let hub = Hub::new();
+        let watch = JobsWatch::open(Arc::clone(&store), &hub, None, BTreeMap::new(), None, None)
+            .await
+            .unwrap();
+        (store, hub, watch)
+    }
+
+    /// Creates and publishes `count` queued jobs, as a Submit does; returns their ids.
+    async fn create_queued(store: &Arc<dyn Store>, hub: &Arc<Hub>, count: usize) -> Vec<JobId> {
+        let mut ids = Vec::with_capacity(count);
+        for _ in 0..count {
+            let job = sample_job(1, &[], None);
+            store.create(&job).await.unwrap();
+            ids.push(job.id);
+            hub.publish(Arc::new(job));
+        }
+        ids
+    }
+
     /// A stalled reader's inbox overflows: the stream still delivers every job's transitions
     /// (from the log) and the newest progress of a running one (from the hub), once each.
     #[tokio::test]
     async fn a_reader_whose_inbox_overflowed_still_gets_every_change_once() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let hub = Hub::new();
-        let mut watch =
-            JobsWatch::open(Arc::clone(&store), &hub, None, BTreeMap::new(), None, None)
-                .await
-                .unwrap();
+        let (store, hub, mut watch) = watching_everything().await;
 
         let now = SystemTime::now();
         let mut running = sample_job(1, &[], None);
@@ -431,13 +448,7 @@ mod tests {
         running.start_action(0, now).unwrap();
         store.save(&running).await.unwrap();
         hub.publish(Arc::new(running.clone()));
-        let mut queued = Vec::new();
-        for _ in 0..INBOX_LIMIT + 10 {
-            let job = sample_job(1, &[], None);
-            store.create(&job).await.unwrap();
-            hub.publish(Arc::new(job.clone()));
-            queued.push(job.id);
-        }
+        let queued = create_queued(&store, &hub, INBOX_LIMIT + 10).await;
         // Progress is published, not stored: only the hub has it.
         running.report_progress(0, Progress::of(1, 2, "half"), now);
         hub.publish(Arc::new(running.clone()));
@@ -475,12 +486,7 @@ mod tests {
     /// silently: the stream ends with HistoryGone instead, and the client watches again.
     #[tokio::test]
     async fn a_reader_whose_inbox_overflowed_is_told_when_history_it_missed_is_gone() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let hub = Hub::new();
-        let mut watch =
-            JobsWatch::open(Arc::clone(&store), &hub, None, BTreeMap::new(), None, None)
-                .await
-                .unwrap();
+        let (store, hub, mut watch) = watching_everything().await;
         let now = SystemTime::now();
         let mut gone = sample_job(1, &[], None);
         store.create(&gone).await.unwrap();
@@ -490,11 +496,7 @@ mod tests {
         gone.succeed(now).unwrap();
         store.save(&gone).await.unwrap();
         hub.publish(Arc::new(gone.clone()));
-        for _ in 0..INBOX_LIMIT + 1 {
-            let job = sample_job(1, &[], None);
-            store.create(&job).await.unwrap();
-            hub.publish(Arc::new(job));
-        }
+        create_queued(&store, &hub, INBOX_LIMIT + 1).await;
         assert!(watch.subscription.overflowed());
         store.delete(gone.id).await.unwrap();
 
