@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{FieldViolation, JobError, JobId};
+use crate::job::{FieldViolation, JobError, JobId, NewAction};
 
 /// What a handler says about itself in `ListActions`.
 #[derive(Debug, Clone, PartialEq)]
@@ -242,6 +242,18 @@ impl Registry {
             }
         }
         Ok(violations.into_iter().map(|v| v.under("params")).collect())
+    }
+
+    /// [`Registry::validate`] for the action at `index` of a submitted job, its fields named
+    /// within the job (`actions[1].params.steps`).
+    pub fn validate_action(
+        &self,
+        index: usize,
+        action: &NewAction,
+    ) -> Result<Vec<FieldViolation>, ValidatePanicked> {
+        let found = self.validate(&action.name, &action.params)?;
+        let prefix = format!("actions[{index}]");
+        Ok(found.into_iter().map(|v| v.under(&prefix)).collect())
     }
 }
 

@@ -178,8 +178,8 @@ pub fn new_job(
             if checkable[i] {
                 // A panicking check was logged; the request is refused for its other
                 // fields anyway.
-                if let Ok(found) = registry.validate(&action.name, &action.params) {
-                    violations.extend(found.into_iter().map(|v| v.under(&format!("actions[{i}]"))));
+                if let Ok(found) = registry.validate_action(i, action) {
+                    violations.extend(found);
                 }
             }
         }

@@ -484,8 +484,7 @@ impl Executor {
             violations.push(FieldViolation::new("actions", crate::job::NO_ACTIONS));
         }
         for (i, action) in spec.actions.iter().enumerate() {
-            let found = self.inner.registry.validate(&action.name, &action.params)?;
-            violations.extend(found.into_iter().map(|v| v.under(&format!("actions[{i}]"))));
+            violations.extend(self.inner.registry.validate_action(i, action)?);
         }
         let limit = self.inner.config.max_attempts_limit;
         if spec.max_attempts.is_some_and(|n| n > limit) {
