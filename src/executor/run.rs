@@ -197,6 +197,7 @@ impl Inner {
         // `concurrency` per fsync time.
         drop(permit);
         let now = SystemTime::now();
+        let cancel_asked = handle.cancel_asked().is_cancelled();
         let error = match outcome {
             Attempt::Succeeded => {
                 job.succeed(now)?;
@@ -204,42 +205,26 @@ impl Inner {
                 tracing::info!("job succeeded");
                 None
             }
-            // A timeout is reported as a failure (the running action's, or the attempt's
-            // between actions), never as a stop.
-            Attempt::Stopped(StopReason::Cancelled | StopReason::Timeout | StopReason::None) => {
-                // The handler may have stopped before the request could be stored; the job
-                // still ended because a Cancel reached it while it ran.
-                job.cancel_requested |= handle.reason() == StopReason::Cancelled;
-                job.cancel(cancelled_error(), now)?;
-                self.commit_state(&job).await?;
-                tracing::info!("job cancelled");
-                None
-            }
-            // A Cancel stored while the handler stopped for the shutdown stands.
-            Attempt::Stopped(StopReason::Shutdown) if job.cancel_requested => {
-                job.cancel(cancelled_error(), now)?;
-                self.commit_state(&job).await?;
-                tracing::info!("job cancelled during the shutdown");
-                None
-            }
-            Attempt::Stopped(StopReason::Shutdown) => {
+            Attempt::Stopped(StopReason::Shutdown) if !job.cancel_requested => {
                 job.interrupt(now)?;
                 self.commit_state(&job).await?;
                 tracing::info!("job interrupted by shutdown, left queued");
                 None
             }
-            Attempt::Failed(error) => Some(error),
-        };
-        if let Some(error) = error {
-            if handle.cancel_asked().is_cancelled() {
-                // A Cancel came while the attempt was failing: the client wants the job to
-                // end, not to be tried again.
-                job.cancel_requested = true;
+            Attempt::Failed(error) if !cancel_asked => Some(error),
+            // Stopped by a Cancel, or one reached the job as its attempt was failing or its
+            // handler stopping for the shutdown (and was stored): the client wants the job to
+            // end, not to be tried again. The handler may have stopped before the request
+            // could be stored. (A timeout is reported as a failure, never as a stop.)
+            Attempt::Stopped(_) | Attempt::Failed(_) => {
+                job.cancel_requested |= cancel_asked;
                 job.cancel(cancelled_error(), now)?;
                 self.commit_state(&job).await?;
-                tracing::info!("job cancelled as its attempt failed");
-                return Ok(None);
+                tracing::info!("job cancelled");
+                None
             }
+        };
+        if let Some(error) = error {
             if error.retryable && job.has_attempts_left() {
                 job.retry(now)?;
                 self.commit_state(&job).await?;
