@@ -281,18 +281,25 @@ impl JobsWatch {
     /// After an overflow: the newest snapshot the hub holds of each followed job, taken as if
     /// from the inbox, for the progress the log does not carry.
     fn take_newest_progress(&mut self) {
-        for (&id, &sent) in &self.sent {
-            let Some(newest) = self.subscription.latest(id) else {
-                continue;
-            };
-            let newer = newest.version > sent
-                && self
-                    .waiting
-                    .get(&id)
-                    .is_none_or(|(held, _)| held.version < newest.version);
-            if newer {
-                self.waiting.insert(id, (newest, self.caught_up_reads));
-            }
+        let newest: Vec<Arc<Job>> = self
+            .sent
+            .keys()
+            .filter_map(|&id| self.subscription.latest(id))
+            .collect();
+        for job in newest {
+            self.hold(job);
+        }
+    }
+
+    /// Holds a snapshot from the inbox (or the hub) for [`JobsWatch::settle`], unless a newer
+    /// one of its job is held already. One already delivered is passed over there.
+    fn hold(&mut self, job: Arc<Job>) {
+        let newer = self
+            .waiting
+            .get(&job.id)
+            .is_none_or(|(held, _)| held.version < job.version);
+        if newer {
+            self.waiting.insert(job.id, (job, self.caught_up_reads));
         }
     }
 
@@ -325,14 +332,8 @@ impl JobsWatch {
             self.lost_live = true;
             self.behind = true;
         }
-        for (id, job) in taken.jobs {
-            let newer = self
-                .waiting
-                .get(&id)
-                .is_none_or(|(held, _)| held.version < job.version);
-            if newer {
-                self.waiting.insert(id, (job, self.caught_up_reads));
-            }
+        for job in taken.jobs.into_values() {
+            self.hold(job);
         }
         for (id, (job, taken_at)) in std::mem::take(&mut self.waiting) {
             let sent = self.sent.get(&id).copied().unwrap_or(0);
