@@ -8,8 +8,8 @@ use serde_json::json;
 use crate::{
     client::{Watchers, job, submit_all},
     harness::{
-        BENCH_STORE, Percentiles, broadcast, channel, channels, line, listening, ms,
-        spawn_bench_server, spawn_echo,
+        BENCH_STORE, Percentiles, Process, broadcast, channel, channels, line, listening, ms,
+        own_cpu, spawn_bench_server, spawn_echo,
     },
 };
 
@@ -100,16 +100,19 @@ pub async fn fanout_all(streams: usize, connections: usize, rounds: u64) -> anyh
         "== fanout-all: {streams} open streams over {connections} connections; all change at once, {rounds} rounds (median)"
     );
     let mut bare = Vec::new();
+    let mut bare_cpu = RoundsCpu::default();
     {
-        let (_echo, addr) = spawn_echo()?;
+        let (echo, addr) = spawn_echo()?;
         let conns = channels(addr, connections).await?;
         let control = channel(addr).await?;
         let mut watchers = Watchers::subscribe(&conns, vec![String::new(); streams]);
         watchers.all_reach(0).await?;
         for round in 1..=rounds {
+            let cpu = RoundsCpu::now(&echo);
             let started = Instant::now();
             broadcast(&control, "", round).await?;
             bare.push(watchers.all_reach(round).await? - started);
+            bare_cpu.add(cpu, &echo);
         }
     }
 
@@ -128,10 +131,15 @@ pub async fn fanout_all(streams: usize, connections: usize, rounds: u64) -> anyh
     listening(&control, "", streams as u64).await?;
     let mut progress = Vec::new();
     let mut terminal = Duration::ZERO;
+    let mut longrun_cpu = RoundsCpu::default();
     for round in 1..=rounds {
+        let cpu = RoundsCpu::now(&server.process);
         let started = Instant::now();
         broadcast(&control, "", round).await?;
         progress.push(watchers.all_reach(round).await? - started);
+        if round < rounds {
+            longrun_cpu.add(cpu, &server.process);
+        }
         if round == rounds {
             // The last step's handler returns: every job is then durably SUCCEEDED.
             terminal = watchers.all_terminal().await? - started;
@@ -161,5 +169,52 @@ pub async fn fanout_all(streams: usize, connections: usize, rounds: u64) -> anyh
         "ms",
         "<= 2x",
     );
+    // CPU time is steadier than wall time on a shared machine: it says where a change of the
+    // server went even when the round times are lost in the noise.
+    let (server, client) = longrun_cpu.per_watcher(streams);
+    let (bare_server, bare_client) = bare_cpu.per_watcher(streams);
+    line(
+        "  server CPU per watcher told (progress)",
+        server,
+        bare_server,
+        "us",
+        "-",
+    );
+    line(
+        "  client CPU per watcher told (progress)",
+        client,
+        bare_client,
+        "us",
+        "-",
+    );
     Ok(())
+}
+
+/// Server and client CPU time summed over some rounds.
+#[derive(Default)]
+struct RoundsCpu {
+    server: Duration,
+    client: Duration,
+    rounds: u32,
+}
+
+impl RoundsCpu {
+    /// Both processes' CPU time so far, to subtract at the end of a round.
+    fn now(server: &Process) -> (Duration, Duration) {
+        (server.cpu(), own_cpu())
+    }
+
+    fn add(&mut self, (server_before, client_before): (Duration, Duration), server: &Process) {
+        self.server += server.cpu().saturating_sub(server_before);
+        self.client += own_cpu().saturating_sub(client_before);
+        self.rounds += 1;
+    }
+
+    /// Microseconds per watcher told, per round: (server, client).
+    fn per_watcher(&self, streams: usize) -> (f64, f64) {
+        let per = |cpu: Duration| {
+            cpu.as_secs_f64() * 1e6 / (f64::from(self.rounds.max(1)) * streams.max(1) as f64)
+        };
+        (per(self.server), per(self.client))
+    }
 }
