@@ -115,7 +115,11 @@ impl Hub {
     /// not written to the store at every update, so this is where a watch or a status call
     /// opened later finds it. That is at most one snapshot per worker; once the job stops
     /// running, its channel is freed when its watchers are gone.
-    pub fn publish(&self, job: Arc<Job>) {
+    ///
+    /// Returns a snapshot of the job the channel does not hold (the one this replaced, or
+    /// `job` itself when it is not kept), for its owner to refill ([`Job::refresh_from`]) once
+    /// nobody else holds it either; it is dropped after the channel's lock is released.
+    pub fn publish(&self, job: Arc<Job>) -> Snapshot {
         if job.webhook.is_some() && job.logged_version == job.version {
             self.webhook_wake.notify_one();
         }
@@ -128,13 +132,17 @@ impl Hub {
         let running = job.state == JobState::Running;
         match shard.get(&id) {
             Some(sender) => {
+                let mut unheld = None;
                 sender.send_if_modified(|slot| {
                     slot.publishes += 1;
                     match &slot.job {
                         // Counted all the same, so watchers see that a publish went by.
-                        Some(held) if held.version >= job.version => false,
+                        Some(held) if held.version >= job.version => {
+                            unheld = Some(job);
+                            false
+                        }
                         _ => {
-                            slot.job = Some(job);
+                            unheld = slot.job.replace(job);
                             true
                         }
                     }
@@ -142,6 +150,7 @@ impl Hub {
                 if !running && sender.receiver_count() == 0 {
                     shard.remove(&id);
                 }
+                unheld
             }
             None if running => {
                 let slot = Slot {
@@ -149,8 +158,9 @@ impl Hub {
                     publishes: 1,
                 };
                 shard.insert(id, watch::channel(slot).0);
+                None
             }
-            None => {}
+            None => Some(job),
         }
     }
 
@@ -435,6 +445,37 @@ mod tests {
         let listed = hub.with_newest_progress(stored.clone());
         assert_eq!(listed.state, JobState::Running);
         assert_eq!(listed.version, stored.version);
+    }
+
+    #[test]
+    fn a_publish_hands_back_the_snapshot_the_channel_no_longer_holds() {
+        let hub = Hub::new();
+        let now = SystemTime::now();
+        let mut job = sample_job(1, &[], None);
+        let queued = Arc::new(job.clone());
+        assert!(
+            Arc::ptr_eq(&hub.publish(Arc::clone(&queued)).unwrap(), &queued),
+            "no channel keeps a queued job nobody watches"
+        );
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        let first = Arc::new(job.clone());
+        assert!(
+            hub.publish(Arc::clone(&first)).is_none(),
+            "kept, nothing replaced"
+        );
+        assert!(job.report_progress(0, crate::job::Progress::percent(10, ""), now));
+        let second = Arc::new(job.clone());
+        let unheld = hub.publish(Arc::clone(&second)).unwrap();
+        assert!(Arc::ptr_eq(&unheld, &first), "the one it replaced");
+        drop(unheld);
+        let mut first = first;
+        assert!(Arc::get_mut(&mut first).is_some(), "nobody else holds it");
+        assert!(
+            Arc::ptr_eq(&hub.publish(Arc::clone(&first)).unwrap(), &first),
+            "an older snapshot is not kept"
+        );
+        assert_eq!(hub.latest(job.id).map(|j| j.version), Some(second.version));
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Inner, cancelled_error, queue::StopHandle, queue::StopReason};
 use crate::{
     actions::{ActionContext, HandlerError, ProgressReceiver, ProgressReporter},
+    events::Snapshot,
     job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress, wire_size},
     store::StoreError,
 };
@@ -71,6 +72,21 @@ struct ProgressTracker {
     receiver: ProgressReceiver,
     persisted_version: i64,
     last_persist: Instant,
+    /// A snapshot of the job published earlier that the hub has let go of: the next report
+    /// refills it when nobody else holds it any more, instead of cloning the whole job.
+    spare: Snapshot,
+}
+
+impl ProgressTracker {
+    /// A snapshot of `job` to publish: the spare one refilled if it is free, else a clone.
+    fn snapshot(&mut self, job: &Job) -> Arc<Job> {
+        if let Some(mut spare) = self.spare.take()
+            && Arc::get_mut(&mut spare).is_some_and(|held| held.refresh_from(job))
+        {
+            return spare;
+        }
+        Arc::new(job.clone())
+    }
 }
 
 /// Where an owner task takes its job from.
@@ -385,6 +401,7 @@ impl Inner {
             receiver: progress_rx,
             persisted_version: job.version,
             last_persist: Instant::now(),
+            spare: None,
         };
         // A panic would otherwise unwind through this task and leave the job RUNNING with
         // nobody to end it. Whatever the handler's future held is dropped unused after one,
@@ -471,8 +488,8 @@ impl Inner {
         if !job.report_progress(index, progress, SystemTime::now()) || last {
             return Ok(());
         }
-        let snapshot = Arc::new(job.clone());
-        self.hub.publish(Arc::clone(&snapshot));
+        let snapshot = tracker.snapshot(job);
+        tracker.spare = self.hub.publish(Arc::clone(&snapshot));
         if job.version - tracker.persisted_version >= MAX_UNPERSISTED_VERSIONS - 1 {
             self.store.save(job).await?;
         } else if tracker.last_persist.elapsed() >= self.config.progress_write_interval(self.shared)

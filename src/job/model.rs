@@ -476,6 +476,77 @@ impl Job {
         true
     }
 
+    /// Makes `self`, an older snapshot of the same job, equal to `newer`, reusing its
+    /// allocations: what a submission fixed (the actions' names, params and inputs, labels,
+    /// idempotency key, tenant, webhook) is never copied, since no change of a job touches it.
+    /// The executor refills a snapshot nobody reads any more this way instead of cloning the
+    /// whole job for every progress report. Returns false, changing nothing, when `newer` is
+    /// not the same job.
+    pub(crate) fn refresh_from(&mut self, newer: &Job) -> bool {
+        if self.id != newer.id || self.actions.len() != newer.actions.len() {
+            return false;
+        }
+        // Every field named, so that a new one cannot be forgotten here.
+        let Job {
+            id: _,
+            state,
+            version,
+            logged_version,
+            actions,
+            error,
+            attempt,
+            max_attempts,
+            priority,
+            labels: _,
+            idempotency_key: _,
+            tenant: _,
+            timeout,
+            create_time,
+            start_time,
+            end_time,
+            update_time,
+            webhook: _,
+            cancel_requested,
+        } = newer;
+        self.state = *state;
+        self.version = *version;
+        self.logged_version = *logged_version;
+        self.error.clone_from(error);
+        self.attempt = *attempt;
+        self.max_attempts = *max_attempts;
+        self.priority = *priority;
+        self.timeout = *timeout;
+        self.create_time = *create_time;
+        self.start_time = *start_time;
+        self.end_time = *end_time;
+        self.update_time = *update_time;
+        self.cancel_requested = *cancel_requested;
+        for (mine, theirs) in self.actions.iter_mut().zip(actions) {
+            let Action {
+                name: _,
+                params: _,
+                input: _,
+                state,
+                progress,
+                result,
+                error,
+                start_time,
+                end_time,
+            } = theirs;
+            mine.state = *state;
+            mine.progress.percent = progress.percent;
+            mine.progress.message.clone_from(&progress.message);
+            mine.progress.current = progress.current;
+            mine.progress.total = progress.total;
+            mine.result.clone_from(result);
+            mine.error.clone_from(error);
+            mine.start_time = *start_time;
+            mine.end_time = *end_time;
+        }
+        debug_assert_eq!(*self, *newer, "a change touched what a submission fixed");
+        true
+    }
+
     /// A running action succeeds with a result.
     pub fn succeed_action(
         &mut self,

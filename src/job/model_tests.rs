@@ -219,3 +219,48 @@ fn failing_an_interrupted_job_jumps_versions_too() {
     assert!(job.version > seen + MAX_UNPERSISTED_VERSIONS);
     assert_eq!(job.version, job.logged_version);
 }
+
+#[test]
+fn an_older_snapshot_refreshed_from_a_newer_one_equals_it_and_another_job_is_refused() {
+    let now = SystemTime::now();
+    let mut params = Map::new();
+    params.insert("topic".into(), json!("t"));
+    let mut current = job(2, 2);
+    current.actions[0].params = params;
+    current.labels.insert("team".into(), "a".into());
+    current.tenant = "acme".into();
+    // Every kind of change a job goes through, each checked against the snapshot before it
+    // and against one several changes older.
+    let changes: &[fn(&mut Job, SystemTime)] = &[
+        |j, now| j.start(now).unwrap(),
+        |j, now| j.start_action(0, now).unwrap(),
+        |j, now| assert!(j.report_progress(0, Progress::of(1, 3, "one"), now)),
+        |j, now| assert!(j.report_progress(0, Progress::of(2, 3, "a longer message"), now)),
+        |j, now| j.request_cancel(now).unwrap(),
+        |j, now| {
+            j.fail_action(0, JobError::new("INTERNAL", "X", "x"), now)
+                .unwrap()
+        },
+        |j, now| j.retry(now).unwrap(),
+        |j, now| j.start(now).unwrap(),
+        |j, now| j.start_action(0, now).unwrap(),
+        |j, now| j.succeed_action(0, json!({"n": 1}), now).unwrap(),
+        |j, now| j.start_action(1, now).unwrap(),
+        |j, now| j.succeed_action(1, json!([1, 2]), now).unwrap(),
+        |j, now| j.succeed(now).unwrap(),
+    ];
+    let mut oldest = current.clone();
+    for change in changes {
+        let mut previous = current.clone();
+        change(&mut current, now);
+        assert!(previous.refresh_from(&current));
+        assert_eq!(previous, current);
+    }
+    assert!(oldest.refresh_from(&current));
+    assert_eq!(oldest, current);
+
+    let mut other = job(2, 2);
+    let before = other.clone();
+    assert!(!other.refresh_from(&current), "another job");
+    assert_eq!(other, before, "left as it was");
+}
