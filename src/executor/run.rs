@@ -418,6 +418,10 @@ impl Inner {
             AssertUnwindSafe(tracing::Instrument::instrument(handler_run, span)).catch_unwind(),
         );
         let mut grace_ends: Option<Instant> = None;
+        // Made once, not at every turn of the loop (every progress report): each one made
+        // registers with its token and unregisters when dropped.
+        let mut stop = std::pin::pin!(handle.token().cancelled());
+        let mut cancel_asked = std::pin::pin!(handle.cancel_asked().cancelled());
         loop {
             let grace = async {
                 match grace_ends {
@@ -435,12 +439,12 @@ impl Inner {
                 reported = tracker.receiver.next() => {
                     self.apply_progress(job, index, &mut tracker, Some(reported), false).await?;
                 }
-                _ = handle.token().cancelled(), if grace_ends.is_none() => {
+                _ = &mut stop, if grace_ends.is_none() => {
                     grace_ends = Some(Instant::now() + self.config.cancel_grace);
                 }
                 // Also when the handler is already stopping for the job's timeout or a
                 // shutdown: the Cancel is answered once this is stored, and decides the end.
-                _ = handle.cancel_asked().cancelled(), if !job.cancel_requested => {
+                _ = &mut cancel_asked, if !job.cancel_requested => {
                     // Stored before the handler is waited for: a server that dies meanwhile
                     // ends the job CANCELLED at its restart instead of running it again.
                     job.request_cancel(SystemTime::now())?;
