@@ -236,27 +236,27 @@ impl Jobs for JobsService {
         })
         .await
         .map_err(watch_status)?;
-        let stopping = self.stopping.clone();
-        let stream = futures::stream::unfold(Some(watch), move |watch| {
-            let stopping = stopping.clone();
-            async move {
-                let mut watch = watch?;
-                let item = tokio::select! {
-                    item = watch.next() => item?,
-                    _ = stopping.cancelled() => {
-                        let status = Status::unavailable(
-                            "the server is shutting down; resume the watch with after_version",
-                        );
-                        return Some((Err(status), None));
-                    }
-                };
-                let item = item
-                    .map(|job| pb::WatchJobResponse {
-                        job: Some(convert::job(&job)),
-                    })
-                    .map_err(Status::from);
-                Some((item, Some(watch)))
-            }
+        // One shutdown future for the stream's life, polled only while the watch waits: one
+        // per item would clone the server's token and register with it for every message.
+        let stopping = Box::pin(self.stopping.clone().cancelled_owned());
+        let stream = futures::stream::unfold(Some((watch, stopping)), |state| async move {
+            let (mut watch, mut stopping) = state?;
+            let item = tokio::select! {
+                biased;
+                item = watch.next() => item?,
+                _ = &mut stopping => {
+                    let status = Status::unavailable(
+                        "the server is shutting down; resume the watch with after_version",
+                    );
+                    return Some((Err(status), None));
+                }
+            };
+            let item = item
+                .map(|job| pb::WatchJobResponse {
+                    job: Some(convert::job(&job)),
+                })
+                .map_err(Status::from);
+            Some((item, Some((watch, stopping))))
         });
         Ok(Response::new(Box::pin(counted(
             stream,

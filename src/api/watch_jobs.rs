@@ -106,21 +106,21 @@ pub async fn open(
         after,
     )
     .await?;
-    let stream = futures::stream::unfold(Some(watch), move |watch| {
-        let stopping = stopping.clone();
-        async move {
-            let mut watch = watch?;
-            tokio::select! {
-                item = watch.next() => match item {
-                    Ok(event) => Some((Ok(message(&event)), Some(watch))),
-                    Err(error) => Some((Err(error.into()), None)),
-                },
-                _ = stopping.cancelled() => {
-                    let status = Status::unavailable(
-                        "the server is shutting down; resume the watch with after_cursor",
-                    );
-                    Some((Err(status), None))
-                }
+    // As WatchJob's: one shutdown future for the stream's life, polled only while it waits.
+    let stopping = Box::pin(stopping.cancelled_owned());
+    let stream = futures::stream::unfold(Some((watch, stopping)), |state| async move {
+        let (mut watch, mut stopping) = state?;
+        tokio::select! {
+            biased;
+            item = watch.next() => match item {
+                Ok(event) => Some((Ok(message(&event)), Some((watch, stopping)))),
+                Err(error) => Some((Err(error.into()), None)),
+            },
+            _ = &mut stopping => {
+                let status = Status::unavailable(
+                    "the server is shutting down; resume the watch with after_cursor",
+                );
+                Some((Err(status), None))
             }
         }
     });
