@@ -97,7 +97,7 @@ fn topic(n: usize) -> String {
 
 pub async fn fanout_all(streams: usize, connections: usize, rounds: u64) -> anyhow::Result<()> {
     println!(
-        "== fanout-all: {streams} open streams over {connections} connections; all change at once, {rounds} rounds (median)"
+        "== fanout-all: {streams} open streams over {connections} connections; all change at once, {rounds} rounds (progress: median of all but the last)"
     );
     let mut bare = Vec::new();
     let mut bare_cpu = RoundsCpu::default();
@@ -155,9 +155,12 @@ pub async fn fanout_all(streams: usize, connections: usize, rounds: u64) -> anyh
         each_ms(&bare)
     );
     let bare = Percentiles::of(bare);
+    // The last round's step ends every job, and its watchers learn of it from the SUCCEEDED
+    // snapshot, durable first: that round is the terminal figure below, not a progress one.
+    let progress_only = &progress[..progress.len().saturating_sub(1).max(1)];
     line(
         "all watchers told of the change (progress)",
-        ms(Percentiles::of(progress).p50),
+        ms(Percentiles::of(progress_only.to_vec()).p50),
         ms(bare.p50),
         "ms",
         "<= 2x",

@@ -9,7 +9,7 @@
 //! cargo bench --bench load -- e2e         [--jobs 20000] [--in-flight 64] [--serial 2000] [--waiter watch|wait|stream] [--server bench|binary]
 //! cargo bench --bench load -- burst       [--jobs 1000] [--connections 1] [--rounds 3] [--waiter watch|wait|stream]
 //! cargo bench --bench load -- fanout-one  [--streams 10000] [--connections 10] [--repeats 1000]
-//! cargo bench --bench load -- fanout-all  [--streams 10000] [--connections 10] [--rounds 3]
+//! cargo bench --bench load -- fanout-all  [--streams 10000] [--connections 10] [--rounds 6]
 //! cargo bench --bench load -- idle-memory [--streams 10000] [--connections 10]
 //! cargo bench --bench load -- stalled     [--updates 1000000]
 //! cargo bench --bench load -- poll-vs-push [--clients 10000] [--connections 10] [--period-s 20]
@@ -107,7 +107,7 @@ enum Scenario {
         streams: usize,
         #[arg(long, default_value_t = 10)]
         connections: usize,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 6)]
         rounds: u64,
     },
     /// Server memory per idle watch stream (and per connection).
