@@ -419,7 +419,9 @@ impl Inner {
         );
         let mut grace_ends: Option<Instant> = None;
         // Made once, not at every turn of the loop (every progress report): each one made
-        // registers with its token and unregisters when dropped.
+        // registers with its token and unregisters when dropped. Each poll locks its token,
+        // so the Cancel one is only polled once the owner is stopping: a Cancel fires `stop`
+        // too (see `StopHandle::stop`), and one that comes later finds the grace period.
         let mut stop = std::pin::pin!(handle.token().cancelled());
         let mut cancel_asked = std::pin::pin!(handle.cancel_asked().cancelled());
         loop {
@@ -444,7 +446,7 @@ impl Inner {
                 }
                 // Also when the handler is already stopping for the job's timeout or a
                 // shutdown: the Cancel is answered once this is stored, and decides the end.
-                _ = &mut cancel_asked, if !job.cancel_requested => {
+                _ = &mut cancel_asked, if grace_ends.is_some() && !job.cancel_requested => {
                     // Stored before the handler is waited for: a server that dies meanwhile
                     // ends the job CANCELLED at its restart instead of running it again.
                     job.request_cancel(SystemTime::now())?;
