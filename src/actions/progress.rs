@@ -10,7 +10,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, Waker},
 };
 
@@ -24,17 +27,25 @@ pub const MAX_PROGRESS_MESSAGE_BYTES: usize = 1024;
 struct Slot {
     /// The newest report not taken yet: older ones are coalesced away.
     newest: Option<Progress>,
-    /// The receiver is polling the handler and looks for reports once the poll returns.
-    in_poll: bool,
-    /// Whom a report made outside such a poll wakes.
+    /// Whom a report made outside a poll of the handler wakes.
     waker: Option<Waker>,
 }
 
-type Shared = Arc<Mutex<Slot>>;
+#[derive(Default)]
+struct Channel {
+    slot: Mutex<Slot>,
+    /// The receiver is polling the handler and looks for reports once the poll returns. Set
+    /// and cleared around every poll of the handler without the lock: a report reads it
+    /// under the lock, after storing itself, and the receiver takes reports under the lock
+    /// after the poll, so a report either wakes the receiver or is found by it.
+    in_poll: AtomicBool,
+}
+
+type Shared = Arc<Channel>;
 
 fn lock(shared: &Shared) -> MutexGuard<'_, Slot> {
     // Every critical section only moves plain values; a panic cannot leave the slot half-set.
-    shared.lock().unwrap_or_else(|e| e.into_inner())
+    shared.slot.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reports an action's progress to the executor. Cheap to clone and never blocks: reports
@@ -64,7 +75,7 @@ impl ProgressReporter {
         let waker = {
             let mut slot = lock(&self.shared);
             slot.newest = Some(progress);
-            if slot.in_poll {
+            if self.shared.in_poll.load(Ordering::Acquire) {
                 None
             } else {
                 slot.waker.take()
@@ -138,10 +149,10 @@ impl<F: Future + Unpin> Future for Polling<F> {
         struct InPoll<'a>(&'a Shared);
         impl Drop for InPoll<'_> {
             fn drop(&mut self) {
-                lock(self.0).in_poll = false;
+                self.0.in_poll.store(false, Ordering::Release);
             }
         }
-        lock(&this.shared).in_poll = true;
+        this.shared.in_poll.store(true, Ordering::Release);
         let _in_poll = InPoll(&this.shared);
         Pin::new(&mut this.future).poll(cx)
     }
