@@ -215,7 +215,7 @@ async fn main() -> anyhow::Result<()> {
             push::e2e(20_000, 64, 2_000, Waiter::Stream, push::Server::Bench).await?;
             push::burst(1_000, 1, 3, Waiter::Watch).await?;
             fanout::fanout_one(10_000, 10, 1_000).await?;
-            fanout::fanout_all(10_000, 10, 3).await?;
+            fanout::fanout_all(10_000, 10, 6).await?;
             resources::idle_memory(10_000, 10).await?;
             resources::stalled(1_000_000).await?;
             poll::poll_vs_push(10_000, 10, Duration::from_secs(20)).await?;
