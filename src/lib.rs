@@ -21,6 +21,7 @@
 
 pub mod actions;
 pub mod api;
+mod cancelled;
 pub mod config;
 pub mod events;
 pub mod executor;

@@ -184,6 +184,59 @@ async fn open_watch_of_a_queued_job_ends_with_unavailable_on_shutdown() {
 }
 
 #[tokio::test]
+async fn open_watch_of_many_jobs_ends_with_unavailable_on_shutdown() {
+    let gate = Gate::default();
+    let server = TestServer::start_with(quick_shutdown(), gate.registry()).await;
+    let mut client = server.client.clone();
+    let mut stream = client
+        .watch_jobs(pb::WatchJobsRequest::default())
+        .await
+        .expect("watch_jobs")
+        .into_inner();
+    let running = submit(&mut client, request(vec![gated()])).await;
+    gate.next_started().await;
+    // Read up to the job's start, so the stream is then waiting, as most are at a shutdown.
+    let started = tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = stream.next().await {
+            let job = event.expect("an event").job.expect("a job");
+            if job.id == running.id && state(&job) == JobState::Running {
+                return;
+            }
+        }
+        panic!("the stream ended before the job ran");
+    });
+    started.await.expect("the job's start is sent");
+
+    let stopping = begin_stop(server).await;
+    let end = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.next().await {
+                // The interrupted job's requeue may come first.
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends instead of hanging");
+    match end {
+        Some(Err(status)) => {
+            assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+            assert!(
+                status.message().contains("after_cursor"),
+                "{}",
+                status.message()
+            );
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    tokio::time::timeout(PATIENCE, stopping)
+        .await
+        .expect("stops in time")
+        .expect("stop task");
+}
+
+#[tokio::test]
 async fn stop_returns_in_bounded_time_even_when_a_handler_ignores_it() {
     let gate = Gate::new(true);
     let config = quick_shutdown();

@@ -19,6 +19,7 @@ use super::{
     wait,
 };
 use crate::{
+    cancelled::Cancelled,
     events::{JobWatch, current},
     executor::Executor,
     job::{FieldViolation, JobId, WebhookEvents},
@@ -236,9 +237,9 @@ impl Jobs for JobsService {
         })
         .await
         .map_err(watch_status)?;
-        // One shutdown future for the stream's life, polled only while the watch waits: one
-        // per item would clone the server's token and register with it for every message.
-        let stopping = Box::pin(self.stopping.clone().cancelled_owned());
+        // One shutdown future for the stream's life, polled only while the watch waits, and
+        // then cheaply (see `Cancelled`).
+        let stopping = Cancelled::new(self.stopping.clone());
         let stream = futures::stream::unfold(Some((watch, stopping)), |state| async move {
             let (mut watch, mut stopping) = state?;
             let item = tokio::select! {

@@ -12,6 +12,7 @@ use super::{
     status::invalid,
 };
 use crate::{
+    cancelled::Cancelled,
     events::{Cursor, JobsEvent, JobsWatch},
     executor::Executor,
     job::{FieldViolation, JobId},
@@ -107,7 +108,7 @@ pub async fn open(
     )
     .await?;
     // As WatchJob's: one shutdown future for the stream's life, polled only while it waits.
-    let stopping = Box::pin(stopping.cancelled_owned());
+    let stopping = Cancelled::new(stopping);
     let stream = futures::stream::unfold(Some((watch, stopping)), |state| async move {
         let (mut watch, mut stopping) = state?;
         tokio::select! {

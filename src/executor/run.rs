@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Inner, cancelled_error, queue::StopHandle, queue::StopReason};
 use crate::{
     actions::{ActionContext, HandlerError, ProgressReceiver, ProgressReporter},
+    cancelled::Cancelled,
     events::Snapshot,
     job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress, wire_size},
     store::StoreError,
@@ -418,12 +419,12 @@ impl Inner {
             AssertUnwindSafe(tracing::Instrument::instrument(handler_run, span)).catch_unwind(),
         );
         let mut grace_ends: Option<Instant> = None;
-        // Made once, not at every turn of the loop (every progress report): each one made
-        // registers with its token and unregisters when dropped. Each poll locks its token,
-        // so the Cancel one is only polled once the owner is stopping: a Cancel fires `stop`
-        // too (see `StopHandle::stop`), and one that comes later finds the grace period.
-        let mut stop = std::pin::pin!(handle.token().cancelled());
-        let mut cancel_asked = std::pin::pin!(handle.cancel_asked().cancelled());
+        // Made once, not at every turn of the loop (every progress report), and cheap to poll
+        // again (see `Cancelled`). The Cancel one is only polled once the owner is stopping:
+        // a Cancel fires `stop` too (see `StopHandle::stop`), and one that comes later finds
+        // the grace period.
+        let mut stop = Cancelled::new(handle.token().clone());
+        let mut cancel_asked = Cancelled::new(handle.cancel_asked().clone());
         loop {
             let grace = async {
                 match grace_ends {
