@@ -414,6 +414,16 @@ fn progress(p: &job::Progress) -> pb::Progress {
     }
 }
 
+/// [`progress`] of a value made for the occasion, whose message need not be copied.
+fn owned_progress(p: job::Progress) -> pb::Progress {
+    pb::Progress {
+        percent: i32::from(p.percent),
+        message: p.message,
+        current: p.current as i64,
+        total: p.total as i64,
+    }
+}
+
 fn job_error(e: &JobError) -> pb::JobError {
     pb::JobError {
         code: e.code.clone(),
@@ -426,10 +436,10 @@ fn job_error(e: &JobError) -> pb::JobError {
 /// A job snapshot on the wire. Inputs are left out: they can be large, and the client sent them.
 pub fn job(job: &Job) -> pb::Job {
     pb::Job {
-        id: job.id.to_string(),
+        id: job.id.to_wire(),
         state: job_state(job.state) as i32,
         version: job.version,
-        progress: Some(progress(&job.progress())),
+        progress: Some(owned_progress(job.progress())),
         actions: job
             .actions
             .iter()
@@ -447,7 +457,11 @@ pub fn job(job: &Job) -> pb::Job {
         error: job.error.as_ref().map(job_error),
         attempt: job.attempt as i32,
         max_attempts: job.max_attempts as i32,
-        labels: job.labels.clone().into_iter().collect(),
+        labels: job
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         create_time: Some(timestamp(job.create_time)),
         start_time: job.start_time.map(timestamp),
         end_time: job.end_time.map(timestamp),

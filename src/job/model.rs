@@ -54,6 +54,15 @@ impl From<Uuid> for JobId {
     }
 }
 
+impl JobId {
+    /// The id as sent: hyphenated lower-case hex, as [`fmt::Display`] writes it, without going
+    /// through a formatter (every snapshot sent carries one).
+    pub fn to_wire(&self) -> String {
+        let mut buffer = uuid::Uuid::encode_buffer();
+        self.0.hyphenated().encode_lower(&mut buffer).to_owned()
+    }
+}
+
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.hyphenated().fmt(f)

@@ -182,6 +182,7 @@ fn ids_parse_and_sort_by_time() {
     let b = JobId::generate();
     assert!(a < b);
     assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
+    assert_eq!(a.to_wire(), a.to_string(), "sent as displayed");
     assert!("nope".parse::<JobId>().is_err());
 }
 
