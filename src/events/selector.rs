@@ -30,22 +30,14 @@ pub type Pending = HashMap<JobId, Arc<Job>>;
 /// log instead: its memory stays bounded however many jobs change meanwhile.
 pub const INBOX_LIMIT: usize = 4096;
 
-/// What an inbox holds between two takes.
-#[derive(Default)]
-struct Mailbox {
-    jobs: Pending,
-    /// More than [`INBOX_LIMIT`] jobs changed: `jobs` was emptied and takes nothing more until
-    /// the reader has taken this.
-    overflowed: bool,
-}
-
-/// What a reader takes from its inbox.
+/// What an inbox holds between two takes, and what the reader takes.
 #[derive(Default)]
 pub struct Taken {
     /// The newest snapshot of each job that changed.
     pub jobs: Pending,
-    /// Snapshots were dropped because too many jobs changed: the reader must take logged
-    /// changes from the store's event log and progress from the hub.
+    /// More than [`INBOX_LIMIT`] jobs changed, so their snapshots were dropped, and the inbox
+    /// keeps none until the reader has taken this: the reader must take logged changes from
+    /// the store's event log and progress from the hub.
     pub overflowed: bool,
 }
 
@@ -55,12 +47,12 @@ pub(super) struct Inbox {
     /// Only this tenant's jobs (every tenant's when `None`).
     tenant: Option<String>,
     labels: BTreeMap<String, String>,
-    mailbox: Mutex<Mailbox>,
+    mailbox: Mutex<Taken>,
     wakeup: Notify,
 }
 
 impl Inbox {
-    fn mailbox(&self) -> std::sync::MutexGuard<'_, Mailbox> {
+    fn mailbox(&self) -> std::sync::MutexGuard<'_, Taken> {
         // Every critical section is one map operation: a poisoned lock is still consistent.
         self.mailbox.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -270,11 +262,7 @@ impl JobsSubscription {
     /// Takes the newest snapshot of each job that changed since the last take, and whether
     /// some were dropped meanwhile.
     pub fn take(&self) -> Taken {
-        let mailbox = std::mem::take(&mut *self.inbox.mailbox());
-        Taken {
-            jobs: mailbox.jobs,
-            overflowed: mailbox.overflowed,
-        }
+        std::mem::take(&mut *self.inbox.mailbox())
     }
 
     /// Whether the inbox has overflowed since the last take, leaving it as it is.
