@@ -15,11 +15,13 @@ use tempfile::TempDir;
 
 use super::{
     Executor, ExecutorConfig,
-    run::{MAX_PANIC_MESSAGE_BYTES, backoff, handler_panicked},
+    run::{backoff, handler_panicked},
     tests::spec,
 };
 use crate::{
-    actions::{ActionContext, ActionDescription, Handler, HandlerError, Registry},
+    actions::{
+        ActionContext, ActionDescription, Handler, HandlerError, MAX_PANIC_MESSAGE_BYTES, Registry,
+    },
     events::{Hub, JobWatch},
     job::{ActionState, Job, JobId, JobState, NewAction, NewJob},
     store::{MemoryStore, SqliteOptions, SqliteStore, Store},

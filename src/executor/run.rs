@@ -22,7 +22,7 @@ use crate::{
     store::StoreError,
 };
 
-pub(super) use crate::actions::MAX_PANIC_MESSAGE_BYTES;
+use crate::actions::MAX_PANIC_MESSAGE_BYTES;
 
 /// The failure a handler's panic makes of its action: retryable, as a bug may depend on the
 /// input or the moment and the job's `max_attempts` bounds the retries anyway.
