@@ -56,6 +56,13 @@ pub struct SqliteOptions {
     /// Read connections kept open between reads (more are opened while reads pile up).
     /// Default 4.
     pub idle_readers: usize,
+    /// The size, in bytes, the write-ahead log is cut back to once a checkpoint has copied it
+    /// all into the database (SQLite's `journal_size_limit`). Default 64 MiB.
+    ///
+    /// The log grows past its usual few MiB only while long reads keep checkpoints from
+    /// catching up, as under a burst of writes; without a limit SQLite keeps the file at that
+    /// high-water size for good, since reusing a file is cheaper than growing one.
+    pub wal_size_limit: u64,
 }
 
 impl Default for SqliteOptions {
@@ -65,6 +72,7 @@ impl Default for SqliteOptions {
             queue_capacity: 4096,
             busy_timeout: Duration::from_secs(5),
             idle_readers: 4,
+            wal_size_limit: 64 << 20,
         }
     }
 }
@@ -391,6 +399,9 @@ fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, Store
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(fail)?;
     conn.pragma_update(None, "foreign_keys", true)
+        .map_err(fail)?;
+    let wal_size_limit = i64::try_from(options.wal_size_limit).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "journal_size_limit", wal_size_limit)
         .map_err(fail)?;
     Ok(conn)
 }

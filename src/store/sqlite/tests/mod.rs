@@ -460,3 +460,51 @@ async fn tenants_migration_keeps_old_jobs_as_the_default_tenants() {
     assert_eq!(store.create(&other).await.unwrap(), Created::New);
     store.close().await;
 }
+
+/// A log that grew while a long read kept checkpoints from catching up is cut back to
+/// `wal_size_limit` once the read ends and a checkpoint has copied it all, instead of keeping
+/// its high-water size on disk for good.
+#[tokio::test]
+async fn a_grown_write_ahead_log_is_cut_back_to_its_limit() {
+    const LIMIT: u64 = 256 << 10;
+    let dir = TempDir::new().unwrap();
+    let options = SqliteOptions {
+        wal_size_limit: LIMIT,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(dir.path(), options).unwrap();
+    let wal = dir.path().join(format!("{DATABASE_FILE}-wal"));
+    let wal_size = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    let padding = "x".repeat(2000);
+    let write = |count: usize| {
+        let store = &store;
+        let padding = &padding;
+        // All at once, so that group commit makes few transactions of them.
+        futures::future::join_all((0..count).map(|_| async move {
+            let job = sample_job(1, &[("padding", padding.as_str())], None);
+            store.create(&job).await.unwrap();
+        }))
+    };
+
+    let mut reader = raw(dir.path());
+    let read = reader.transaction().unwrap();
+    let _: i64 = read
+        .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
+        .unwrap();
+    // Past SQLite's automatic checkpoint (1,000 pages, 4 MiB), which the open read holds back.
+    write(1000).await;
+    let grown = wal_size();
+    assert!(grown > 8 * LIMIT, "the log grew to {grown} bytes");
+    drop(read);
+
+    // A commit checkpoints the whole log (nobody reads an older snapshot now); the commit
+    // after that starts the log over and cuts the file back.
+    write(1).await;
+    write(1).await;
+    let cut = wal_size();
+    assert!(
+        cut <= LIMIT,
+        "the log is cut back to the limit ({LIMIT} bytes): {cut} bytes (was {grown})"
+    );
+    store.close().await;
+}
