@@ -106,6 +106,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::warn!("using the memory store: jobs do not survive a restart");
         }
     }
+    // Before recovery runs their jobs again: what `exec` commands of a server killed with
+    // SIGKILL started would otherwise run on beside the new attempts.
+    #[cfg(target_os = "linux")]
+    longrun::actions::kill_orphaned_commands();
     let registry = config.registry();
     let listen = config.listen;
     let server = Server::start(store, registry, config)

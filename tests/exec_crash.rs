@@ -30,18 +30,38 @@ async fn an_exec_command_dies_with_a_server_killed_by_sigkill() {
     let pid_file = dir.path().join("pid");
     // `exec`, so the pid written is the command's own process (the one the server started).
     let script = format!("echo $$ > '{}'; exec sleep 60", pid_file.display());
-    let config = dir.path().join("longrun.toml");
+    let (mut server, pid) = run_script(dir.path(), &script, &pid_file).await;
+    assert!(!process_gone(pid), "the command runs while the server does");
+
+    server.kill().expect("SIGKILL the server");
+    server.wait().expect("reap the server");
+    let gone = eventually(|| process_gone(pid)).await;
+    if !gone {
+        reap(pid);
+    }
+    assert!(gone, "the command {pid} outlived the server");
+}
+
+/// Writes a config whose `long` command runs `script` with `/bin/sh -c`.
+fn exec_config(dir: &Path, script: &str) -> std::path::PathBuf {
+    let config = dir.join("longrun.toml");
     std::fs::write(
         &config,
         format!(
             "[exec.commands.long]\nprogram = \"/bin/sh\"\nargs = [\"-c\", {}]\n",
-            toml_string(&script)
+            toml_string(script)
         ),
     )
     .unwrap();
+    config
+}
 
+/// Starts a server running `script` as a job; returns it and the pid the script wrote to
+/// `pid_file`.
+async fn run_script(dir: &Path, script: &str, pid_file: &Path) -> (Spawned, i32) {
+    let config = exec_config(dir, script);
     let addr = free_addr();
-    let mut server = spawn_server(&dir.path().join("data"), &config, addr);
+    let server = spawn_server(&dir.join("data"), &config, addr);
     let mut client = connect(addr).await;
     client
         .submit(pb::SubmitRequest {
@@ -51,27 +71,79 @@ async fn an_exec_command_dies_with_a_server_killed_by_sigkill() {
         .await
         .expect("submit");
     assert!(
-        eventually(|| std::fs::read_to_string(&pid_file).is_ok_and(|s| s.ends_with('\n'))).await,
+        eventually(|| std::fs::read_to_string(pid_file).is_ok_and(|s| s.ends_with('\n'))).await,
         "the command started"
     );
-    let pid: i32 = std::fs::read_to_string(&pid_file)
+    let pid = std::fs::read_to_string(pid_file)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    assert!(!process_gone(pid), "the command runs while the server does");
+    (server, pid)
+}
+
+/// SIGKILLs `pid` if it still runs, so that a failed test leaves nothing behind.
+fn reap(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// What a command starts itself outlives a server killed with SIGKILL (the command's own
+/// process does not); the next server started kills it before recovery runs the job again.
+#[tokio::test]
+async fn what_an_exec_command_started_is_killed_when_the_next_server_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    // The shell stays (it waits), so `sleep` is the server's grandchild.
+    let script = format!("sleep 60 & echo $! > '{}'; wait", pid_file.display());
+    let (mut server, grandchild) = run_script(dir.path(), &script, &pid_file).await;
 
     server.kill().expect("SIGKILL the server");
     server.wait().expect("reap the server");
-    let gone = eventually(|| process_gone(pid)).await;
-    if !gone {
-        // Leave nothing behind on a failure.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    // Long enough for the shell to die with the server, which leaves `sleep` running.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if process_gone(grandchild) {
+        panic!("the grandchild died with the server: nothing left for the next one to do");
     }
-    assert!(gone, "the command {pid} outlived the server");
+
+    let config = exec_config(dir.path(), "exit 0");
+    let mut next = spawn_server(&dir.path().join("data"), &config, free_addr());
+    let gone = eventually(|| process_gone(grandchild)).await;
+    next.kill().expect("stop the next server");
+    next.wait().expect("reap the next server");
+    if !gone {
+        reap(grandchild);
+    }
+    assert!(
+        gone,
+        "{grandchild}, started by a dead server's command, still runs"
+    );
+}
+
+/// Starting a server never touches what a live server's commands run.
+#[tokio::test]
+async fn starting_a_server_leaves_a_live_servers_commands_alone() {
+    let first_dir = tempfile::tempdir().unwrap();
+    let pid_file = first_dir.path().join("pid");
+    let script = format!("sleep 60 & echo $! > '{}'; wait", pid_file.display());
+    let (mut first, grandchild) = run_script(first_dir.path(), &script, &pid_file).await;
+
+    let second_dir = tempfile::tempdir().unwrap();
+    let config = exec_config(second_dir.path(), "exit 0");
+    let addr = free_addr();
+    let mut second = spawn_server(&second_dir.path().join("data"), &config, addr);
+    // Ready to answer means its start, and so its sweep, is over.
+    connect(addr).await;
+    let survived = !process_gone(grandchild);
+
+    for server in [&mut first, &mut second] {
+        server.kill().expect("SIGKILL a server");
+        server.wait().expect("reap a server");
+    }
+    reap(grandchild);
+    assert!(survived, "a live server's command was killed");
 }
 
 /// `value` as a TOML basic string.

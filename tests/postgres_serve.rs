@@ -16,13 +16,10 @@ use std::{
 };
 
 use common::postgres::{TestSchema, database_url};
-use common::{PATIENCE, Spawned, connect, request, sleep, submit, until_state, wait_done};
+use common::{
+    PATIENCE, Spawned, connect, free_addr, request, sleep, submit, until_state, wait_done,
+};
 use longrun::api::pb;
-
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
-}
 
 /// `longrun serve` on the database at `url`, given with `--store`.
 fn serve(url: &str, addr: SocketAddr) -> Spawned {

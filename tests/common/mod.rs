@@ -670,9 +670,23 @@ pub fn process_gone(pid: i32) -> bool {
 }
 
 /// A free loopback address (bound, then released) for a `longrun serve` process to listen on.
+///
+/// Never the same one twice in a test binary: a port just released is often the next one the
+/// kernel hands out, so two tests starting servers at once could otherwise both get it, and
+/// one test's client would talk to the other test's server.
 pub fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    // Bounded: the ephemeral range holds thousands of ports, a test binary asks for dozens.
+    for _ in 0..1000 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        if !handed_out.contains(&addr.port()) {
+            handed_out.push(addr.port());
+            return addr;
+        }
+    }
+    panic!("no loopback port not handed out before");
 }
 
 /// The real binary serving `data_dir` on `addr`, with `extra` arguments; its warnings go to

@@ -20,6 +20,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+#[cfg(target_os = "linux")]
+use super::orphans;
 use super::{
     ExecCommand,
     protocol::{Line, RawLine, TAIL_LINE_BYTES, Tail, parse_line, read_lines, truncate},
@@ -91,10 +93,14 @@ impl Drop for GroupGuard {
 ///
 /// Linux ties this signal to the thread that starts the command, not to the process: the
 /// commands are started from the runtime's worker threads, which live as long as the server.
-/// Only the command's own process is covered, not processes it starts itself.
+/// Only the command's own process is covered; what it starts itself inherits
+/// [`orphans::SERVER_ENV`], by which the next server finds and kills it.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn die_with_server(cmd: &mut Command) {
+    if let Some(this) = orphans::this_server() {
+        cmd.env(orphans::SERVER_ENV, this);
+    }
     let server = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec and only makes two
     // async-signal-safe system calls (prctl, getppid); it allocates nothing and takes no lock.
