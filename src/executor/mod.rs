@@ -727,12 +727,8 @@ impl Inner {
                     Err(_) => return,
                 },
             };
-            let (id, handle, snapshot) = loop {
-                let next = self.scheduler().pop();
-                if let Some(next) = next {
-                    self.sync_gauges();
-                    break next;
-                }
+            let next = self.scheduler().pop();
+            let Some((id, handle, snapshot)) = next else {
                 // Claims only as many as this replica can start now (the permit held and the
                 // free ones), so no job waits here that another replica could run.
                 if self.shared
@@ -741,6 +737,10 @@ impl Inner {
                 {
                     continue;
                 }
+                // The worker goes back while nothing is queued, so that a Submit can start its
+                // job on it at once (`free_worker`); with one worker, holding it here would
+                // send every job through the queue.
+                drop(permit);
                 let idle = async {
                     if self.shared {
                         tokio::time::sleep(shared::IDLE_CLAIM_INTERVAL).await;
@@ -753,7 +753,9 @@ impl Inner {
                     _ = self.wake.notified() => {}
                     _ = idle => {}
                 }
+                continue;
             };
+            self.sync_gauges();
             let runner = Arc::clone(&self);
             let span = tracing::info_span!("job", job_id = %id);
             self.tracker.spawn(

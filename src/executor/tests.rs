@@ -148,11 +148,18 @@ async fn a_job_frees_its_slot_when_its_handlers_return_before_its_end_is_committ
 }
 
 /// A job submitted while a worker is free and nothing is queued is created and started in
-/// one write (one commit), and its log still holds QUEUED before RUNNING.
+/// one write (one commit), and its log still holds QUEUED before RUNNING; with one worker as
+/// with several.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_started_at_submission_shares_one_commit_with_its_creation() {
+    for concurrency in [1, 4] {
+        started_at_submission_with(concurrency).await;
+    }
+}
+
+async fn started_at_submission_with(concurrency: usize) {
     let dir = TempDir::new().unwrap();
-    let (store, executor) = start_on_sqlite(&dir, Registry::with_builtins(), 4).await;
+    let (store, executor) = start_on_sqlite(&dir, Registry::with_builtins(), concurrency).await;
 
     let before = store.stats();
     let job = executor.submit(sleep_spec(600_000)).await.unwrap();
