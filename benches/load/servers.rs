@@ -203,6 +203,10 @@ impl Handler for Signal {
         let count = u64_param(&ctx.params, "count", 1);
         let mut fired = self.0.subscribe(topic);
         report(&ctx, 0, count);
+        // Made once: each `cancelled()` future locks the token when first polled, and this
+        // handler stands for a job's own work, which should cost next to nothing here.
+        let cancelled = ctx.cancel.cancelled();
+        tokio::pin!(cancelled);
         let mut step = 0;
         while step < count {
             tokio::select! {
@@ -214,7 +218,7 @@ impl Handler for Signal {
                         return Err(HandlerError::permanent("INTERNAL", "CLOSED", "topic closed"));
                     }
                 },
-                _ = ctx.cancel.cancelled() => return Err(HandlerError::cancelled()),
+                _ = &mut cancelled => return Err(HandlerError::cancelled()),
             }
             report(&ctx, step, count);
         }
