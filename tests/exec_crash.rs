@@ -1,5 +1,6 @@
-//! An `exec` command does not outlive a server killed with SIGKILL: it would otherwise run on
-//! beside the attempt that recovery starts again, doing its work twice.
+//! An `exec` command does not outlive a server killed with SIGKILL, and what it started does not
+//! outlive the next server's start: either would otherwise run on beside the attempt that
+//! recovery starts again, doing its work twice.
 
 mod common;
 

@@ -61,7 +61,7 @@ use serde_json::{Map, Value, json};
 use super::{ActionContext, ActionDescription, Handler, HandlerError, ParamInfo, ParamType};
 use crate::job::{FieldViolation, MAX_ERROR_DETAILS_BYTES, framed};
 #[cfg(target_os = "linux")]
-pub use orphans::{SERVER_ENV, kill_orphaned_commands};
+pub use orphans::kill_orphaned_commands;
 use process::{Finished, Stopped, killed_by};
 
 /// One command the operator allows clients to run, as declared in the config file under
