@@ -7,9 +7,9 @@ mod params;
 mod progress;
 
 pub use builtin::{Echo, Fail, Sha256, Sleep};
-pub use exec::{Exec, ExecCommand};
 #[cfg(target_os = "linux")]
 pub use exec::kill_orphaned_commands;
+pub use exec::{Exec, ExecCommand};
 pub use params::{ParamInfo, ParamType, str_param, u64_param};
 pub use progress::{MAX_PROGRESS_MESSAGE_BYTES, ProgressReceiver, ProgressReporter};
 
