@@ -92,28 +92,47 @@ fn reap(pid: i32) {
 }
 
 /// What a command starts itself outlives a server killed with SIGKILL (the command's own
-/// process does not); the next server started kills it before recovery runs the job again.
+/// process does not); the next server started kills it before recovery runs the job again,
+/// unless it moved to a group of its own, as a daemon does.
 #[tokio::test]
 async fn what_an_exec_command_started_is_killed_when_the_next_server_starts() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pid");
-    // The shell stays (it waits), so `sleep` is the server's grandchild.
-    let script = format!("sleep 60 & echo $! > '{}'; wait", pid_file.display());
+    let daemon_file = dir.path().join("daemon");
+    // The shell stays (it waits), so both `sleep`s are the server's grandchildren; the first
+    // gets a session and group of its own.
+    let script = format!(
+        "setsid sleep 61 & echo $! > '{}'; sleep 60 & echo $! > '{}'; wait",
+        daemon_file.display(),
+        pid_file.display()
+    );
     let (mut server, grandchild) = run_script(dir.path(), &script, &pid_file).await;
+    let daemon: i32 = std::fs::read_to_string(&daemon_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
 
     server.kill().expect("SIGKILL the server");
     server.wait().expect("reap the server");
-    // Long enough for the shell to die with the server, which leaves `sleep` running.
+    // Long enough for the shell to die with the server, which leaves both `sleep`s running.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    if process_gone(grandchild) {
-        panic!("the grandchild died with the server: nothing left for the next one to do");
+    if process_gone(grandchild) || process_gone(daemon) {
+        reap(daemon);
+        reap(grandchild);
+        panic!("a grandchild died with the server: nothing left for the next one to do");
     }
 
     let config = exec_config(dir.path(), "exit 0");
-    let mut next = spawn_server(&dir.path().join("data"), &config, free_addr());
+    let addr = free_addr();
+    let mut next = spawn_server(&dir.path().join("data"), &config, addr);
     let gone = eventually(|| process_gone(grandchild)).await;
+    // Ready to answer means its start, and so its sweep, is over.
+    connect(addr).await;
+    let daemon_left = !process_gone(daemon);
     next.kill().expect("stop the next server");
     next.wait().expect("reap the next server");
+    reap(daemon);
     if !gone {
         reap(grandchild);
     }
@@ -121,6 +140,7 @@ async fn what_an_exec_command_started_is_killed_when_the_next_server_starts() {
         gone,
         "{grandchild}, started by a dead server's command, still runs"
     );
+    assert!(daemon_left, "a process in a session of its own was killed");
 }
 
 /// Starting a server never touches what a live server's commands run.

@@ -5,7 +5,8 @@
 //! shell and keeps `step2` running, beside the attempt that recovery starts again. Every
 //! command therefore carries [`SERVER_ENV`], naming the server that started it, in its
 //! environment, which whatever it starts inherits; the next server kills each process whose
-//! named server is gone.
+//! named server is gone and which is still in its command's process group. One that moved to
+//! a group of its own (`setsid`, a daemon) is left alone, as a cancel leaves it.
 
 use std::{fs, sync::OnceLock};
 
@@ -24,7 +25,7 @@ pub(super) fn this_server() -> Option<&'static str> {
     static THIS: OnceLock<Option<String>> = OnceLock::new();
     THIS.get_or_init(|| {
         let pid = std::process::id();
-        let started = start_time(pid)?.ticks;
+        let started = stat(pid)?.ticks;
         Some(format!("{pid}:{started}"))
     })
     .as_deref()
@@ -32,18 +33,29 @@ pub(super) fn this_server() -> Option<&'static str> {
 
 /// A process as `/proc/<pid>/stat` shows it.
 struct Stat {
-    ticks: u64,
     zombie: bool,
+    /// Its process group.
+    group: u32,
+    /// When it started, in clock ticks since boot.
+    ticks: u64,
 }
 
-fn start_time(pid: u32) -> Option<Stat> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name, in parentheses, may hold spaces: the fields are counted after it.
+fn stat(pid: u32) -> Option<Stat> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_stat(stat: &str) -> Option<Stat> {
+    // The command name, in parentheses, may hold spaces and parentheses: the fields are
+    // counted after its last `)`, from field 3 (the state) on.
     let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
     let zombie = fields.next()? == "Z";
-    // starttime is field 22 of stat; the state just taken was field 3.
-    let ticks = fields.nth(18)?.parse().ok()?;
-    Some(Stat { ticks, zombie })
+    let group = fields.nth(1)?.parse().ok()?; // field 5, after the parent (4)
+    let ticks = fields.nth(16)?.parse().ok()?; // field 22
+    Some(Stat {
+        zombie,
+        group,
+        ticks,
+    })
 }
 
 /// Whether the server a [`SERVER_ENV`] value names still runs. A value that cannot be read
@@ -52,20 +64,20 @@ fn start_time(pid: u32) -> Option<Stat> {
 fn server_gone(value: &str) -> Option<bool> {
     let (pid, ticks) = value.split_once(':')?;
     let (pid, ticks): (u32, u64) = (pid.parse().ok()?, ticks.parse().ok()?);
-    Some(match start_time(pid) {
+    Some(match stat(pid) {
         Some(found) => found.zombie || found.ticks != ticks,
         None => true,
     })
 }
 
 /// Kills (SIGKILL) every process of this user that a dead longrun server's `exec` commands
-/// left running, and returns how many it killed. `longrun serve` calls it at start, before
-/// recovery runs their jobs again; a program that embeds longrun with the `exec` action may
-/// do the same.
+/// left running in their process groups, and returns how many it killed. `longrun serve`
+/// calls it at start, before recovery runs their jobs again; a program that embeds longrun
+/// with the `exec` action may do the same.
 ///
 /// Found by [`SERVER_ENV`] in `/proc/<pid>/environ`: a process that cleared its environment,
 /// or runs as another user, is not found. Processes of a server that still runs, this one or
-/// another, are never touched.
+/// another, are never touched, nor are processes that lead a group of their own.
 pub fn kill_orphaned_commands() -> usize {
     let Ok(entries) = fs::read_dir("/proc") else {
         return 0;
@@ -91,6 +103,12 @@ pub fn kill_orphaned_commands() -> usize {
             continue;
         };
         if server_gone(&server) != Some(true) {
+            continue;
+        }
+        // A process leading its own group has left the command's (a command is started as
+        // the leader of a new group, and dies with its server): moved out on purpose, as a
+        // daemon does, it is not stopped by a cancel either.
+        if stat(pid).is_none_or(|process| process.group == pid) {
             continue;
         }
         let Ok(raw) = i32::try_from(pid) else {
@@ -137,9 +155,25 @@ mod tests {
     #[test]
     fn a_reused_pid_or_a_missing_process_is_a_gone_server() {
         let pid = std::process::id();
-        let ticks = start_time(pid).unwrap().ticks;
+        let ticks = stat(pid).unwrap().ticks;
         assert_eq!(server_gone(&format!("{pid}:{}", ticks + 1)), Some(true));
         assert_eq!(server_gone(&format!("{}:{ticks}", u32::MAX)), Some(true));
+    }
+
+    #[test]
+    fn a_process_stat_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        let line = "4242 (my (odd) cmd) S 1 4200 4200 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000 10 18446744073709551615";
+        let parsed = parse_stat(line).expect("parsed");
+        assert_eq!(
+            (parsed.zombie, parsed.group, parsed.ticks),
+            (false, 4200, 987_654)
+        );
+        let zombie = line.replace(") S ", ") Z ");
+        assert!(parse_stat(&zombie).expect("parsed").zombie);
+
+        let own = stat(std::process::id()).expect("this process's stat");
+        assert_eq!(own.group, nix::unistd::getpgrp().as_raw().unsigned_abs());
     }
 
     #[test]
