@@ -406,15 +406,11 @@ fn action_state(state: ActionState) -> pb::ActionState {
 }
 
 fn progress(p: &job::Progress) -> pb::Progress {
-    pb::Progress {
-        percent: i32::from(p.percent),
-        message: p.message.clone(),
-        current: p.current as i64,
-        total: p.total as i64,
-    }
+    // The clone copies the message, which the wire type has to own anyway.
+    owned_progress(p.clone())
 }
 
-/// [`progress`] of a value made for the occasion, whose message need not be copied.
+/// [`progress`] of a value made for the occasion, whose message need not be copied again.
 fn owned_progress(p: job::Progress) -> pb::Progress {
     pb::Progress {
         percent: i32::from(p.percent),
