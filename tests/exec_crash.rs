@@ -125,13 +125,12 @@ async fn what_an_exec_command_started_is_killed_when_the_next_server_starts() {
 
     let config = exec_config(dir.path(), "exit 0");
     let addr = free_addr();
-    let mut next = spawn_server(&dir.path().join("data"), &config, addr);
+    let next = spawn_server(&dir.path().join("data"), &config, addr);
     let gone = eventually(|| process_gone(grandchild)).await;
     // Ready to answer means its start, and so its sweep, is over.
     connect(addr).await;
     let daemon_left = !process_gone(daemon);
-    next.kill().expect("stop the next server");
-    next.wait().expect("reap the next server");
+    drop(next); // killed and reaped
     reap(daemon);
     if !gone {
         reap(grandchild);
@@ -149,20 +148,17 @@ async fn starting_a_server_leaves_a_live_servers_commands_alone() {
     let first_dir = tempfile::tempdir().unwrap();
     let pid_file = first_dir.path().join("pid");
     let script = format!("sleep 60 & echo $! > '{}'; wait", pid_file.display());
-    let (mut first, grandchild) = run_script(first_dir.path(), &script, &pid_file).await;
+    let (first, grandchild) = run_script(first_dir.path(), &script, &pid_file).await;
 
     let second_dir = tempfile::tempdir().unwrap();
     let config = exec_config(second_dir.path(), "exit 0");
     let addr = free_addr();
-    let mut second = spawn_server(&second_dir.path().join("data"), &config, addr);
+    let second = spawn_server(&second_dir.path().join("data"), &config, addr);
     // Ready to answer means its start, and so its sweep, is over.
     connect(addr).await;
     let survived = !process_gone(grandchild);
 
-    for server in [&mut first, &mut second] {
-        server.kill().expect("SIGKILL a server");
-        server.wait().expect("reap a server");
-    }
+    drop((first, second)); // killed and reaped
     reap(grandchild);
     assert!(survived, "a live server's command was killed");
 }
