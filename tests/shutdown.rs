@@ -165,7 +165,14 @@ async fn open_watch_of_a_queued_job_ends_with_unavailable_on_shutdown() {
         .await
         .expect("the watch ends instead of hanging");
     match end {
-        Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "{}", status.message()),
+        Some(Err(status)) => {
+            assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+            assert!(
+                status.message().contains("after_version"),
+                "{}",
+                status.message()
+            );
+        }
         other => panic!("expected UNAVAILABLE, got {other:?}"),
     }
     tokio::time::timeout(PATIENCE, stopping)

@@ -141,6 +141,44 @@ pub(super) fn counted<S: Stream + Send + 'static>(
     })
 }
 
+/// A watch's messages, ended with UNAVAILABLE (naming the field a client resumes with) as soon
+/// as `stopping` fires, so that a draining server does not wait on streams that never end.
+///
+/// `next` takes the watch and gives back the next message with the watch to continue with, or
+/// `None` for the watch when that message is its last; `None` altogether ends the stream. The
+/// shutdown future is made once for the stream's life and polled only while the watch waits,
+/// and then cheaply (see [`Cancelled`]).
+pub(super) fn until_shutdown<W, T, F, Fut>(
+    watch: W,
+    stopping: CancellationToken,
+    resume_with: &'static str,
+    next: F,
+) -> impl Stream<Item = Result<T, Status>> + Send + 'static
+where
+    W: Send + 'static,
+    T: Send + 'static,
+    F: FnMut(W) -> Fut + Send + 'static,
+    Fut: Future<Output = Option<(Result<T, Status>, Option<W>)>> + Send,
+{
+    let state = Some((watch, Cancelled::new(stopping)));
+    futures::stream::unfold((state, next), move |(state, mut next)| async move {
+        let (watch, mut stopping) = state?;
+        tokio::select! {
+            biased;
+            step = next(watch) => {
+                let (item, watch) = step?;
+                Some((item, (watch.map(|watch| (watch, stopping)), next)))
+            }
+            _ = &mut stopping => {
+                let status = Status::unavailable(format!(
+                    "the server is shutting down; resume the watch with {resume_with}"
+                ));
+                Some((Err(status), (None, next)))
+            }
+        }
+    })
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -237,28 +275,21 @@ impl Jobs for JobsService {
         })
         .await
         .map_err(watch_status)?;
-        // One shutdown future for the stream's life, polled only while the watch waits, and
-        // then cheaply (see `Cancelled`).
-        let stopping = Cancelled::new(self.stopping.clone());
-        let stream = futures::stream::unfold(Some((watch, stopping)), |state| async move {
-            let (mut watch, mut stopping) = state?;
-            let item = tokio::select! {
-                biased;
-                item = watch.next() => item?,
-                _ = &mut stopping => {
-                    let status = Status::unavailable(
-                        "the server is shutting down; resume the watch with after_version",
-                    );
-                    return Some((Err(status), None));
-                }
-            };
-            let item = item
-                .map(|job| pb::WatchJobResponse {
-                    job: Some(convert::job(&job)),
-                })
-                .map_err(Status::from);
-            Some((item, Some((watch, stopping))))
-        });
+        let stream = until_shutdown(
+            watch,
+            self.stopping.clone(),
+            "after_version",
+            |mut watch| async move {
+                let item = watch
+                    .next()
+                    .await?
+                    .map(|job| pb::WatchJobResponse {
+                        job: Some(convert::job(&job)),
+                    })
+                    .map_err(Status::from);
+                Some((item, Some(watch)))
+            },
+        );
         Ok(Response::new(Box::pin(counted(
             stream,
             self.executor.metrics(),

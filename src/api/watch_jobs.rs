@@ -12,7 +12,6 @@ use super::{
     status::invalid,
 };
 use crate::{
-    cancelled::Cancelled,
     events::{Cursor, JobsEvent, JobsWatch},
     executor::Executor,
     job::{FieldViolation, JobId},
@@ -107,24 +106,13 @@ pub async fn open(
         after,
     )
     .await?;
-    // As WatchJob's: one shutdown future for the stream's life, polled only while it waits.
-    let stopping = Cancelled::new(stopping);
-    let stream = futures::stream::unfold(Some((watch, stopping)), |state| async move {
-        let (mut watch, mut stopping) = state?;
-        tokio::select! {
-            biased;
-            item = watch.next() => match item {
-                Ok(event) => Some((Ok(message(&event)), Some((watch, stopping)))),
+    let stream =
+        super::jobs::until_shutdown(watch, stopping, "after_cursor", |mut watch| async move {
+            match watch.next().await {
+                Ok(event) => Some((Ok(message(&event)), Some(watch))),
                 Err(error) => Some((Err(error.into()), None)),
-            },
-            _ = &mut stopping => {
-                let status = Status::unavailable(
-                    "the server is shutting down; resume the watch with after_cursor",
-                );
-                Some((Err(status), None))
             }
-        }
-    });
+        });
     Ok(Box::pin(stream))
 }
 
