@@ -1,10 +1,28 @@
 //! What the group-commit writers of the durable stores (SQLite, PostgreSQL) share: each command's
 //! result is held until its batch commits, then sent; a batch that fails tells each of its
-//! callers why.
+//! callers why. Also the outcomes their commands report, and the SQL both spell the same.
 
 use tokio::sync::oneshot;
 
 use super::StoreError;
+
+/// The terminal states, as SQL: the jobs that may be deleted or purged.
+pub(super) const TERMINAL_STATES: &str = "('SUCCEEDED', 'FAILED', 'CANCELLED')";
+
+/// What a create did; a found job is left encoded for the caller to decode.
+#[derive(Debug)]
+pub(super) enum CreateOutcome {
+    New,
+    Existing(String),
+}
+
+/// What a delete did; a found job is left encoded for the caller to decode.
+#[derive(Debug)]
+pub(super) enum DeleteOutcome {
+    Removed,
+    NotFound,
+    NotTerminal(String),
+}
 
 /// Where a write command's result goes.
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;

@@ -275,25 +275,7 @@ pub async fn until_state(
     job_id: &str,
     wanted: pb::JobState,
 ) -> pb::Job {
-    let mut stream = client
-        .watch_job(pb::WatchJobRequest {
-            job_id: job_id.to_owned(),
-            after_version: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    tokio::time::timeout(PATIENCE, async {
-        while let Some(message) = stream.next().await {
-            let job = message.expect("stream message").job.expect("job");
-            if job.state == wanted as i32 {
-                return job;
-            }
-        }
-        panic!("the job ended without reaching {wanted:?}");
-    })
-    .await
-    .expect("the job reaches the state in time")
+    until(client, job_id, |job| job.state == wanted as i32).await
 }
 
 /// The state of a job as the enum.

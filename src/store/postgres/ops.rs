@@ -2,6 +2,7 @@
 //! the batch's transaction, which holds the store's write lock: it may read then write without
 //! any other writer (of this process or another) slipping in between.
 
+pub(super) use crate::store::batch::{CreateOutcome, DeleteOutcome, TERMINAL_STATES};
 use deadpool_postgres::ClientWrapper;
 use tokio_postgres::Error;
 use uuid::Uuid;
@@ -13,24 +14,6 @@ use super::{
 };
 use crate::job::{AttemptOutcome, Delivery, JobId};
 use crate::store::{StoreError, apply_attempt};
-
-/// The terminal states, as SQL: the jobs that may be deleted or purged.
-pub(super) const TERMINAL_STATES: &str = "('SUCCEEDED', 'FAILED', 'CANCELLED')";
-
-/// What a create did; a found job is left encoded for the caller to decode.
-#[derive(Debug)]
-pub(super) enum CreateOutcome {
-    New,
-    Existing(String),
-}
-
-/// What a delete did; a found job is left encoded for the caller to decode.
-#[derive(Debug)]
-pub(super) enum DeleteOutcome {
-    Removed,
-    NotFound,
-    NotTerminal(String),
-}
 
 /// Stores a new job and its first log entry, unless its tenant already used its idempotency
 /// key. The key is looked up first (not left to the UNIQUE constraint to refuse) so that the

@@ -1,6 +1,7 @@
 //! The write commands' SQL. Each runs on the writer thread inside its own savepoint, so it may
 //! read then write without any other writer slipping in between.
 
+pub(super) use crate::store::batch::{CreateOutcome, DeleteOutcome, TERMINAL_STATES};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
@@ -9,24 +10,6 @@ use super::{
     sql_error,
 };
 use crate::store::StoreError;
-
-/// The terminal states, as SQL: the jobs that may be deleted or purged.
-pub(super) const TERMINAL_STATES: &str = "('SUCCEEDED', 'FAILED', 'CANCELLED')";
-
-/// What a create did; a found job is left encoded for the caller to decode.
-#[derive(Debug)]
-pub(super) enum CreateOutcome {
-    New,
-    Existing(String),
-}
-
-/// What a delete did; a found job is left encoded for the caller to decode.
-#[derive(Debug)]
-pub(super) enum DeleteOutcome {
-    Removed,
-    NotFound,
-    NotTerminal(String),
-}
 
 /// The number the next logged snapshot takes. Read once per batch rather than per row: the
 /// writer is the only writer, so no one else takes a number meanwhile, and asking for it in
