@@ -42,8 +42,16 @@ async fn open_store(url: &str) -> Arc<PostgresStore> {
 
 /// A replica: a server over its own store.
 async fn replica(url: &str, registry: Registry) -> (TestServer, Arc<PostgresStore>) {
+    replica_with(url, registry, test_config()).await
+}
+
+/// A replica with `config`, its lease and concurrency set as [`replica`]'s.
+async fn replica_with(
+    url: &str,
+    registry: Registry,
+    mut config: longrun::config::Config,
+) -> (TestServer, Arc<PostgresStore>) {
     let store = open_store(url).await;
-    let mut config = test_config();
     config.lease = LEASE;
     config.executor.concurrency = 4;
     let server = TestServer::start_on(Arc::clone(&store) as Arc<dyn Store>, config, registry).await;
@@ -483,6 +491,80 @@ async fn progress_of_a_job_reaches_watchers_on_every_replica() {
         assert!(
             percents.iter().any(|p| *p > 0 && *p < 100),
             "the watcher on replica {index} saw no progress mid-run: {percents:?}"
+        );
+    }
+    for (server, store) in replicas {
+        server.stop().await;
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_resumes_on_a_replica_that_has_not_read_the_progress_it_saw() {
+    // A watcher on the replica running a job sees progress versions long before they are
+    // stored; when its connection moves to another replica (a load balancer), it resumes from
+    // a version that replica does not know yet. The resume goes on from there, on either one.
+    let Some(base_url) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base_url);
+    let url = schema.url();
+    let mut config = test_config();
+    config.executor.progress_persist_interval = Some(Duration::from_secs(3600));
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(replica_with(&url, Registry::with_builtins(), config.clone()).await);
+    }
+    let mut clients = [replicas[0].0.client().await, replicas[1].0.client().await];
+    let job = submit(&mut clients[0], request(vec![sleep(3_000, 100)])).await;
+    let [first, second] = &mut clients;
+    let mut watches = [
+        open_watch(first, &job.id, 0).await,
+        open_watch(second, &job.id, 0).await,
+    ];
+    // Only the replica running the job pushes progress before it is stored.
+    let seen = tokio::time::timeout(PATIENCE, async {
+        let [one, other] = &mut watches;
+        loop {
+            let message = tokio::select! {
+                message = one.next() => message,
+                message = other.next() => message,
+            };
+            let job = message.expect("open").expect("message").job.expect("job");
+            if job.progress.is_some_and(|p| p.percent >= 10) {
+                return job.version;
+            }
+        }
+    })
+    .await
+    .expect("progress is pushed");
+
+    let mut resumed = Vec::new();
+    for client in &mut clients {
+        resumed.push(open_watch(client, &job.id, seen).await);
+    }
+    for (index, stream) in resumed.iter_mut().enumerate() {
+        let first = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .expect("a message in time")
+            .expect("open")
+            .unwrap_or_else(|status| panic!("replica {index} refused the resume: {status:?}"))
+            .job
+            .expect("job");
+        assert!(
+            first.version > seen,
+            "replica {index}: {} after {seen}",
+            first.version
+        );
+        let states = if first.state() == pb::JobState::Succeeded {
+            vec![first.state()]
+        } else {
+            states_to_end(stream).await
+        };
+        assert_eq!(
+            states.last(),
+            Some(&pb::JobState::Succeeded),
+            "replica {index}: {states:?}"
         );
     }
     for (server, store) in replicas {

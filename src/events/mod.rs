@@ -504,4 +504,64 @@ mod tests {
         assert!(waiting.is_err());
         assert!(sub.latest().is_none());
     }
+
+    /// A replica that read only an older snapshot of a running job (its newer progress was
+    /// pushed by another replica, or before a restart, and not stored yet) takes a resume from
+    /// a progress version it has not seen and goes on with newer snapshots only. A version no
+    /// unstored progress can explain is still refused, and so is any version ahead of a job
+    /// that is not running.
+    #[tokio::test]
+    async fn a_resume_from_unstored_progress_goes_on_and_one_beyond_it_is_refused() {
+        use crate::job::{MAX_UNPERSISTED_VERSIONS, Progress};
+        use crate::store::{MemoryStore, Store};
+
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let hub = Hub::new();
+        let now = SystemTime::now();
+        let queued = sample_job(1, &[], None);
+        store.create(&queued).await.unwrap();
+        let mut job = queued.clone();
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        store.save(&job).await.unwrap();
+        let stored = job.version;
+        let open = |id, after| JobWatch::open(Arc::clone(&store), &hub, id, after, || None);
+
+        let seen = stored + 40;
+        let mut watch = open(job.id, seen)
+            .await
+            .expect("a version unstored progress explains");
+        let mut step = 0;
+        let mut progressed = |steps: i64| {
+            for _ in 0..steps {
+                step += 1;
+                assert!(job.report_progress(0, Progress::of(step, 1_000, ""), now));
+            }
+            Arc::new(job.clone())
+        };
+        let older = progressed(20);
+        let newer = progressed(21);
+        assert_eq!(newer.version, seen + 1);
+        hub.publish(older);
+        hub.publish(Arc::clone(&newer));
+        let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("the newer snapshot comes")
+            .expect("not the end")
+            .expect("no error");
+        assert_eq!(next.version, newer.version, "nothing the client had seen");
+
+        let beyond = open(newer.id, newer.version + MAX_UNPERSISTED_VERSIONS).await;
+        assert!(
+            matches!(beyond, Err(WatchError::FutureVersion { .. })),
+            "beyond what unstored progress explains"
+        );
+        let waiting = sample_job(1, &[], None);
+        store.create(&waiting).await.unwrap();
+        let ahead = open(waiting.id, waiting.version + 1).await;
+        assert!(
+            matches!(ahead, Err(WatchError::FutureVersion { .. })),
+            "a queued job has no unstored versions"
+        );
+    }
 }

@@ -19,7 +19,8 @@ pub enum WatchError {
     /// No such job (never existed, or already removed).
     #[error("job {0} not found")]
     NotFound(JobId),
-    /// The client asked to resume after a version the job has not reached.
+    /// The client asked to resume after a version the job has not reached (nor could have
+    /// shown: see [`Job::may_have_shown`]).
     #[error("job {id} is at version {current}; cannot resume after version {requested}")]
     FutureVersion {
         /// The job.
@@ -66,7 +67,9 @@ impl JobWatch {
         // `current` covers it: only publishes after this count can bring anything newer.
         let publishes_seen = subscription.publishes();
         let current = newest(&store, hub, id, after_version, in_memory).await?;
-        if after_version > current.version {
+        // A version ahead of the store's that only unstored progress can explain is honoured:
+        // the watch goes on from it, and the next snapshot it yields is newer.
+        if !current.may_have_shown(after_version) {
             return Err(WatchError::FutureVersion {
                 id,
                 requested: after_version,

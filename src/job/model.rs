@@ -702,6 +702,17 @@ impl Job {
         self.logged_version = self.version;
     }
 
+    /// Whether a watcher may already have been shown `version` of this job, though this
+    /// snapshot is older: a running job's progress-only versions reach watchers before the
+    /// store (at most [`MAX_UNPERSISTED_VERSIONS`] of them), so a replica reading the store, or
+    /// a server restarted before the job was recovered, can be behind what a client saw. Every
+    /// logged change is stored before anyone is told, so nothing else can be ahead.
+    pub fn may_have_shown(&self, version: i64) -> bool {
+        version <= self.version
+            || (self.state == JobState::Running
+                && version - self.version < MAX_UNPERSISTED_VERSIONS)
+    }
+
     /// Whether another attempt is allowed after this one.
     pub fn has_attempts_left(&self) -> bool {
         self.attempt < self.max_attempts
