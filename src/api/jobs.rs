@@ -15,7 +15,9 @@ use super::{
     paging::Page,
     pb::{self, jobs_server::Jobs},
     quotas::{SubmitRates, WatchPermit, Watches},
-    status::{invalid, invalid_field, job_not_finished, job_not_found, watch_status},
+    status::{
+        invalid, invalid_field, job_not_finished, job_not_found, shutting_down, watch_status,
+    },
     wait,
 };
 use crate::{
@@ -170,7 +172,7 @@ where
                 Some((item, (watch.map(|watch| (watch, stopping)), next)))
             }
             _ = &mut stopping => {
-                let status = Status::unavailable(format!(
+                let status = shutting_down(format!(
                     "the server is shutting down; resume the watch with {resume_with}"
                 ));
                 Some((Err(status), (None, next)))
@@ -330,6 +332,13 @@ impl Jobs for JobsService {
         let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
         check_owner(&self.executor, &tenant(&request), id).await?;
         let (job, done) = self.wait_for(id, until).await?;
+        if !done && self.stopping.is_cancelled() {
+            // The caller asked to wait for the end, not for this server: telling it the wait
+            // ran out would be false. UNAVAILABLE is what clients already retry.
+            return Err(shutting_down(format!(
+                "the server is shutting down before job {id} ended; wait again"
+            )));
+        }
         let job = self.with_deliveries(id, job).await?;
         Ok(Response::new(pb::WaitJobResponse {
             job: Some(job),

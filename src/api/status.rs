@@ -92,6 +92,17 @@ fn with_reason(
     )
 }
 
+/// UNAVAILABLE with reason `SHUTTING_DOWN`: what a call the server stops serving gets, so a
+/// client can tell a restart (call again, elsewhere or later) from a storage failure.
+pub fn shutting_down(message: impl Into<String>) -> Status {
+    with_reason(
+        Code::Unavailable,
+        "SHUTTING_DOWN",
+        message.into(),
+        HashMap::new(),
+    )
+}
+
 /// NOT_FOUND for a job id.
 pub fn job_not_found(id: impl ToString) -> Status {
     let id = id.to_string();
@@ -205,12 +216,9 @@ impl From<ExecutorError> for Status {
                     details,
                 )
             }
-            ExecutorError::ShuttingDown => with_reason(
-                Code::Unavailable,
-                "SHUTTING_DOWN",
-                "the server is shutting down and takes no new jobs".to_owned(),
-                HashMap::new(),
-            ),
+            ExecutorError::ShuttingDown => {
+                shutting_down("the server is shutting down and takes no new jobs")
+            }
             ExecutorError::Illegal { id, source } => with_reason(
                 Code::FailedPrecondition,
                 "ILLEGAL_TRANSITION",
