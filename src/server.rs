@@ -30,8 +30,14 @@ use crate::{
     webhooks::{WebhookPolicy, WebhookWorker, WorkerError},
 };
 
+mod severable;
+
 /// Finished jobs removed per retention batch: small, so the sweep never stalls writers.
 const RETENTION_BATCH: usize = 500;
+
+/// How long connections get to close by themselves once a shutdown has drained the jobs and
+/// told open streams to end; those still open then are cut (see [`severable`]).
+const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -291,6 +297,9 @@ impl Server {
         let grace = self.config.shutdown_grace;
         let drain_health = health.clone();
         let drain_abort = abort.clone();
+        // Cuts the connections still open CONNECTION_CLOSE_GRACE after the drain.
+        let sever = CancellationToken::new();
+        let drain_sever = sever.clone();
         let drain = async move {
             tokio::select! {
                 _ = shutdown => {}
@@ -302,14 +311,20 @@ impl Server {
             executor.shutdown(grace).await;
             stopping.cancel();
             tracing::info!("jobs drained; closing connections");
+            tokio::spawn(async move {
+                tokio::time::sleep(CONNECTION_CLOSE_GRACE).await;
+                drain_sever.cancel();
+            });
         };
 
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving longrun.v1.Jobs and google.longrunning.Operations");
         }
         // Without TCP_NODELAY, small responses wait for delayed ACKs: ~40 ms a call.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = futures::StreamExt::map(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            move |accepted| accepted.map(|stream| severable::Severable::new(stream, sever.clone())),
+        );
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = self.tls.clone() {
             builder = builder.tls_config(tls).map_err(tls_error)?;

@@ -140,6 +140,78 @@ async fn running_short_job_finishes_within_the_shutdown_grace() {
     );
 }
 
+#[tokio::test]
+async fn a_wait_for_a_job_that_outlives_the_server_ends_with_unavailable() {
+    // "The wait ran out" would be false: the caller asked to wait until the job ends.
+    let gate = Gate::default();
+    let server = TestServer::start_with(quick_shutdown(), gate.registry()).await;
+    let mut client = server.client.clone();
+    submit(&mut client, request(vec![gated()])).await;
+    gate.next_started().await;
+    let queued = submit(&mut client, request(vec![sleep(10, 1)])).await;
+    let wait = {
+        let mut client = client.clone();
+        let job_id = queued.id.clone();
+        tokio::spawn(async move {
+            client
+                .wait_job(pb::WaitJobRequest {
+                    job_id,
+                    timeout: None,
+                })
+                .await
+        })
+    };
+    // The wait is in once it follows the queued job (the running one has a channel already).
+    let hub = Arc::clone(server.executor.hub());
+    tokio::time::timeout(PATIENCE, async {
+        while hub.watched_jobs() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the wait reaches the server");
+
+    let stopping = begin_stop(server).await;
+    let answer = tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("the wait ends instead of hanging")
+        .expect("wait task");
+    let status = answer.expect_err("not an answer that the wait ran out");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "SHUTTING_DOWN");
+    tokio::time::timeout(PATIENCE, stopping)
+        .await
+        .expect("stops in time")
+        .expect("stop task");
+}
+
+#[tokio::test]
+async fn a_stream_that_never_ends_does_not_hold_the_shutdown() {
+    // gRPC client-side health checking keeps a Health/Watch open on every channel, and it
+    // never ends by itself: once the jobs are drained and the connections had their second to
+    // close, those still open are cut, and the server stops.
+    let server = TestServer::start_with(quick_shutdown(), Registry::with_builtins()).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut held = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    let first = held.next().await.expect("a status").expect("status");
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    // `stop` fails the test unless the server stops within PATIENCE.
+    server.stop().await;
+    drop(held);
+}
+
 fn quick_shutdown() -> Config {
     let mut config = test_config();
     config.executor.concurrency = 1;
@@ -172,6 +244,8 @@ async fn open_watch_of_a_queued_job_ends_with_unavailable_on_shutdown() {
                 "{}",
                 status.message()
             );
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, "SHUTTING_DOWN");
         }
         other => panic!("expected UNAVAILABLE, got {other:?}"),
     }
@@ -234,6 +308,8 @@ async fn open_watch_of_many_jobs_ends_with_unavailable_on_shutdown() {
                 "{}",
                 status.message()
             );
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, "SHUTTING_DOWN");
         }
         other => panic!("expected UNAVAILABLE, got {other:?}"),
     }
