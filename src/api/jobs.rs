@@ -197,6 +197,9 @@ impl Jobs for JobsService {
             .filter(|d| !d.is_zero());
         let until = wait.and_then(|w| wait::wait_until(request.metadata(), Some(w)));
         let tenant = tenant(&request);
+        // Every call takes a token, an invalid one too (the bucket bounds the calls a tenant
+        // makes); a bad request is still told what is wrong with it first.
+        let within_rate = self.rates.check(&tenant);
         let mut request = request.into_inner();
         let webhook = request.webhook.take().map(|w| self.validate_webhook(w));
         // Every violation at once, the webhook's with the rest; the network (the webhook
@@ -214,7 +217,7 @@ impl Jobs for JobsService {
             }
         };
         // Before the webhook's DNS lookup: a tenant over its rate costs the server nothing more.
-        self.rates.check(&tenant)?;
+        within_rate?;
         if let Some(checked) = webhook {
             spec.webhook = Some(self.webhooks.guard(checked).await.map_err(invalid_field)?);
         }
