@@ -63,11 +63,16 @@ impl Handler for Sleep {
     async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
         let duration_ms = u64_param(&ctx.params, "duration_ms", 1000);
         let steps = u64_param(&ctx.params, "steps", 10).max(1);
-        let step = Duration::from_millis(duration_ms) / steps as u32;
-        for done in 1..=steps {
-            ctx.sleep(step).await?;
+        let total = Duration::from_millis(duration_ms);
+        let start = tokio::time::Instant::now();
+        // `validate` bounds steps to MAX_SLEEP_STEPS, well within u32.
+        let steps_u32 = u32::try_from(steps).unwrap_or(u32::MAX);
+        for done in 1..=steps_u32 {
+            // Each step ends at its share of the whole from the start: a thousand steps of a
+            // second take a second, not a thousand rounded-up timer ticks.
+            ctx.sleep_until(start + total * done / steps_u32).await?;
             ctx.progress
-                .units(done, steps, format!("step {done} of {steps}"));
+                .units(u64::from(done), steps, format!("step {done} of {steps}"));
         }
         Ok(json!({ "slept_ms": duration_ms, "steps": steps }))
     }
@@ -272,6 +277,22 @@ mod tests {
         assert!(code("UNAVAILABLE").is_ok());
         assert_eq!(code("OK").unwrap_err()[0].field, "code");
         assert_eq!(code("BROKEN").unwrap_err()[0].field, "code");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleep_takes_its_duration_however_many_steps_it_makes() {
+        // Timers round up to the millisecond: 5,000 steps of 0.04 ms each took 5 s, not 200 ms.
+        let start = tokio::time::Instant::now();
+        let result = Sleep
+            .run(ctx(json!({"duration_ms": 200, "steps": 5_000}), b"", 1))
+            .await
+            .unwrap();
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_millis(210),
+            "{took:?}"
+        );
+        assert_eq!(result["slept_ms"], 200);
     }
 
     #[tokio::test]

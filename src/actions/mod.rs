@@ -76,6 +76,17 @@ impl ActionContext {
             _ = self.cancel.cancelled() => Err(HandlerError::cancelled()),
         }
     }
+
+    /// Sleeps until `deadline` (at once if it has passed), or returns
+    /// [`HandlerError::cancelled`] as soon as the action is cancelled. Steps timed against one
+    /// start do not add up each sleep's rounding to the timer's millisecond, as repeated
+    /// [`ActionContext::sleep`]s do.
+    pub async fn sleep_until(&self, deadline: Instant) -> Result<(), HandlerError> {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => Ok(()),
+            _ = self.cancel.cancelled() => Err(HandlerError::cancelled()),
+        }
+    }
 }
 
 /// Why a handler failed. It becomes the action's (and the job's) [`JobError`].
