@@ -335,3 +335,24 @@ async fn an_https_address_for_a_plaintext_server_says_it_does_not_answer_tls() {
     assert_eq!(run.code, 5, "{run:?}");
     assert!(run.stderr.contains("does not answer TLS"), "{run:?}");
 }
+
+/// Priority is an int32: `--priority -5` is a number, not an unknown flag.
+#[tokio::test]
+async fn a_negative_priority_is_accepted() {
+    let server = TestServer::start().await;
+    let run = longrun(
+        &server.url(),
+        &[
+            "submit",
+            "--action",
+            "echo",
+            "--priority",
+            "-5",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json_lines()[0]["job"]["priority"], -5, "{run:?}");
+}

@@ -41,8 +41,8 @@ pub struct SubmitArgs {
     /// Attempts the job may have in all (retries with backoff); the server's default if unset.
     #[arg(long)]
     pub max_attempts: Option<i32>,
-    /// Higher runs first.
-    #[arg(long)]
+    /// Higher runs first (negative numbers run after the default, 0).
+    #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
     /// A label KEY=VALUE to find the job by in `list`. Repeatable.
     #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
