@@ -356,3 +356,14 @@ async fn a_negative_priority_is_accepted() {
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.json_lines()[0]["job"]["priority"], -5, "{run:?}");
 }
+
+/// Only plaintext (`host:port`, `http://`) and TLS (`https://`) addresses exist; any other
+/// scheme is a mistake on the command line, not something to send as plaintext anyway.
+#[tokio::test]
+async fn an_address_with_another_scheme_is_a_usage_error() {
+    let server = TestServer::start().await;
+    let url = server.url().replacen("http://", "ftp://", 1);
+    let run = longrun(&url, &["list"]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("--addr \"ftp://"), "{run:?}");
+}

@@ -193,13 +193,20 @@ pub(crate) type Client = JobsClient<InterceptedService<Channel, BearerKey>>;
 /// be reached.
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     let addr = args.addr.as_str();
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
+    let uri = match addr.split_once("://") {
+        None => format!("http://{addr}"),
+        Some(("http" | "https", _)) => addr.to_owned(),
+        // Anything else would be sent as plaintext HTTP/2 all the same, hiding the mistake.
+        Some((scheme, _)) => {
+            return Err(error::Usage(format!(
+                "--addr {addr:?}: {scheme}:// is not supported; use host:port, http://host:port \
+                 or https://host:port"
+            ))
+            .into());
+        }
     };
     let mut endpoint = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("--addr {addr:?} is not a valid address"))?
+        .map_err(|e| error::Usage(format!("--addr {addr:?} is not a valid address: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
