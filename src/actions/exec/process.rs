@@ -1,5 +1,6 @@
 //! Running one declared command as a child process in its own process group: feeding stdin,
-//! reading stdout and stderr while it runs, and stopping the whole group on cancel or drop.
+//! reading stdout and stderr while it runs, and stopping the whole group on cancel or drop, and
+//! what is left of it when the command exits.
 
 use std::{
     io::{self, ErrorKind},
@@ -33,8 +34,8 @@ pub(super) const TAIL_LINES: usize = 50;
 /// The longest stdout line read whole, so an `@result` may be this big; longer lines are cut.
 pub(super) const MAX_STDOUT_LINE_BYTES: usize = 1024 * 1024;
 /// How long to keep reading stdout and stderr after the command exits. Output already in the
-/// pipes is read at once; this only bounds the wait when something the command left running in
-/// the background still holds the pipes open.
+/// pipes is read at once; this only bounds the wait when a process the command moved out of its
+/// group (the rest of the group is killed at its exit) still holds the pipes open.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long to wait for the group leader to be reaped after SIGKILL; the kernel makes this
 /// near instant, the bound only keeps a stuck wait from hanging the action.
@@ -215,21 +216,16 @@ async fn supervise(
     cancel: &CancellationToken,
     grace: Duration,
 ) -> Result<(ExitStatus, bool), Stopped> {
+    // Opened before anything can reap the command, which a zombie survives until then.
+    let exit = LeaderExit::open(guard.pgid);
     tokio::select! {
         // An exit that races the cancel wins: the work is done, report it.
         biased;
-        status = child.wait() => {
-            let status = status.map_err(Stopped::Wait)?;
-            guard.reaped = true;
-            Ok((status, false))
-        }
+        status = reap(child, guard, &exit) => Ok((status.map_err(Stopped::Wait)?, false)),
         () = cancel.cancelled() => {
             guard.signal(Signal::SIGTERM);
-            match tokio::time::timeout(grace, child.wait()).await {
-                Ok(Ok(status)) => {
-                    guard.reaped = true;
-                    Ok((status, true))
-                }
+            match tokio::time::timeout(grace, reap(child, guard, &exit)).await {
+                Ok(Ok(status)) => Ok((status, true)),
                 Ok(Err(_)) => Err(Stopped::Cancelled),
                 Err(_) => {
                     guard.signal(Signal::SIGKILL);
@@ -240,6 +236,77 @@ async fn supervise(
             }
         }
     }
+}
+
+/// Waits for the command's own process to exit, kills (SIGKILL) whatever it left running in
+/// its process group, then reaps it. The action's processes end with the action: a background
+/// job the command did not wait for would otherwise run on unseen, holding the output pipes,
+/// until a restart. Killed while the leader is an unreaped zombie, whose pid the kernel keeps,
+/// so the group id cannot name a reused pid's group.
+async fn reap(
+    child: &mut Child,
+    guard: &mut GroupGuard,
+    exit: &io::Result<LeaderExit>,
+) -> io::Result<ExitStatus> {
+    match exit {
+        Ok(exit) => {
+            exit.wait().await;
+            guard.signal(Signal::SIGKILL);
+        }
+        Err(error) => {
+            tracing::debug!(%error, "cannot wait for the exec command without reaping it; what it leaves running in its group is not killed");
+        }
+    }
+    let status = child.wait().await?;
+    guard.reaped = true;
+    Ok(status)
+}
+
+/// Tells when a process has exited without reaping it: a pidfd, readable once it has (Linux).
+#[cfg(target_os = "linux")]
+struct LeaderExit(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>);
+
+#[cfg(target_os = "linux")]
+impl LeaderExit {
+    #[allow(unsafe_code)]
+    fn open(pid: Pid) -> io::Result<Self> {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; nothing
+        // else is read or written.
+        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = i32::try_from(fd).map_err(io::Error::other)?;
+        // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let interest = tokio::io::Interest::READABLE;
+        // SAFETY: `fd` is owned by the AsyncFd from here on, and nothing closes or replaces it.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }?;
+        Ok(Self(fd))
+    }
+
+    async fn wait(&self) {
+        // Readable means exited; an error would mean the same descriptor is unusable, and the
+        // caller goes on to reap either way.
+        let _ = self.0.readable().await;
+    }
+}
+
+/// Elsewhere there is no way to wait without reaping: leftovers are not killed.
+#[cfg(not(target_os = "linux"))]
+struct LeaderExit;
+
+#[cfg(not(target_os = "linux"))]
+impl LeaderExit {
+    fn open(_pid: Pid) -> io::Result<Self> {
+        Err(io::Error::new(
+            ErrorKind::Unsupported,
+            "no pidfd on this system",
+        ))
+    }
+
+    async fn wait(&self) {}
 }
 
 /// Runs `work` until it ends, or until [`DRAIN_TIMEOUT`] after `exited` fires.

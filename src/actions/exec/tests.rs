@@ -417,6 +417,20 @@ async fn cancel_kills_a_group_that_ignores_sigterm_after_the_grace() {
 }
 
 #[tokio::test]
+async fn what_a_command_left_running_in_its_group_is_killed_when_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    // The background sleep is not waited for; it also holds stdout and stderr open.
+    let mut command = sh(r#"sleep 30 & echo "$$ $!" > "$1.tmp" && mv "$1.tmp" "$1"; exit 0"#);
+    command.args.push(pid_file.display().to_string());
+    let handler = exec([("s", command)]);
+    let (ctx, _progress) = ctx("s", b"");
+    run(&handler, ctx).await.expect("the command succeeded");
+    let [_, sleep] = read_pids(&pid_file).await;
+    assert_gone(sleep).await;
+}
+
+#[tokio::test]
 async fn dropping_the_running_action_kills_the_group() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pid");
