@@ -367,3 +367,34 @@ async fn an_address_with_another_scheme_is_a_usage_error() {
     assert_eq!(run.code, 2, "{run:?}");
     assert!(run.stderr.contains("--addr \"ftp://"), "{run:?}");
 }
+
+/// A reader that closes stdout early (`ID=$(longrun submit ... | head -1)`) ends the output,
+/// not the command: no error, and the exit code is the command's outcome, never 5.
+#[tokio::test]
+async fn a_closed_stdout_ends_the_output_not_the_command() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let watched = longrun(&url, &["submit", "--action", SHORT_SLEEP]).await;
+    let id = watched.first_line();
+    let runs: [(&[&str], i32); 6] = [
+        (&["submit", "--action", "echo"], 0),
+        (&["submit", "--action", "echo", "--wait", "10s"], 0),
+        (&["submit", "--action", "fail", "--wait", "10s"], 1),
+        (&["submit", "--action", "echo", "--watch"], 0),
+        (&["watch", &id], 0),
+        (&["list", "--all", "--page-size", "1"], 0),
+    ];
+    for (args, expected) in runs {
+        // The read end is gone before the child starts, so its first write meets EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let child = harness::command(&url, args).stdout(writer).spawn().unwrap();
+        let output = tokio::time::timeout(harness::COMMAND_TIMEOUT, child.wait_with_output())
+            .await
+            .expect("ends")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+    }
+}

@@ -215,7 +215,8 @@ pub async fn list(args: ListArgs) -> anyhow::Result<i32> {
             }
             text
         })?;
-        if !(args.all && more) {
+        // Once stdout is closed (`list --all | head`), the pages left would go nowhere.
+        if !(args.all && more) || printer.closed() {
             return Ok(exit::OK);
         }
         request.page_token = page.next_page_token;

@@ -12,7 +12,11 @@ mod submit;
 mod text;
 mod watch;
 
-use std::{io::Write as _, time::Duration};
+use std::{
+    io::Write as _,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use longrun::api::pb::{self, jobs_client::JobsClient};
@@ -141,6 +145,8 @@ pub async fn run(command: Command) -> i32 {
 pub(crate) struct Printer {
     format: Format,
     json: json::Json,
+    /// Whether stdout was closed by its reader (`| head -1`): nothing more is printed.
+    closed: AtomicBool,
 }
 
 impl Printer {
@@ -148,7 +154,13 @@ impl Printer {
         Ok(Self {
             format,
             json: json::Json::new()?,
+            closed: AtomicBool::new(false),
         })
+    }
+
+    /// Whether nobody reads stdout any more, so a command may skip output-only work.
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 
     /// Prints `message` (of proto type `full_name`) as one JSON line, or `text` of it.
@@ -162,9 +174,19 @@ impl Printer {
             Format::Json => self.json.encode(message, full_name)?,
             Format::Text => text(&self.json),
         };
+        if self.closed() {
+            return Ok(());
+        }
         let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "{line}").context("writing to stdout")?;
-        Ok(())
+        match writeln!(stdout, "{line}") {
+            // The reader has what it wanted (`ID=$(longrun submit ... | head -1)`): that ends
+            // the output, not the command, whose exit code still tells how it went.
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            written => written.context("writing to stdout"),
+        }
     }
 }
 
