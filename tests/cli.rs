@@ -398,3 +398,70 @@ async fn a_closed_stdout_ends_the_output_not_the_command() {
         assert!(!stderr.contains("error"), "{args:?}: {stderr}");
     }
 }
+
+/// `submit --watch` of a job that has already ended (an idempotent resubmission, a `--file`
+/// that waits) shows it and exits with its outcome at once: there is nothing left to follow,
+/// and an empty stream after the terminal version is not a lost connection.
+#[tokio::test]
+async fn submit_watch_of_a_job_that_already_ended_exits_with_its_outcome() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let key = ["--idempotency-key", "ended-already"];
+    let first = longrun(
+        &url,
+        &[&["submit", "--action", "echo", "--wait", "10s"], &key[..]].concat(),
+    )
+    .await;
+    assert_eq!(first.code, 0, "{first:?}");
+    // Without the fix this resumes after the terminal version until --reconnect-for, exit 5.
+    let again = longrun(
+        &url,
+        &[
+            &[
+                "submit",
+                "--action",
+                "echo",
+                "--watch",
+                "--reconnect-for",
+                "2s",
+            ],
+            &key[..],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(again.first_line(), first.first_line(), "the same job");
+    assert!(again.stdout.contains("state:    SUCCEEDED"), "{again:?}");
+    assert!(!again.stderr.contains("connection lost"), "{again:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let job_file = dir.path().join("job.json");
+    std::fs::write(
+        &job_file,
+        r#"{"actions": [{"name": "fail", "params": {"message": "boom"}}], "wait": "10s"}"#,
+    )
+    .unwrap();
+    let run = longrun(
+        &url,
+        &[
+            "submit",
+            "--file",
+            job_file.to_str().unwrap(),
+            "--watch",
+            "--reconnect-for",
+            "2s",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1, "FAILED: {run:?}");
+    let lines = run.json_lines();
+    assert_eq!(
+        lines.len(),
+        2,
+        "the SubmitResponse, then one WatchJobResponse: {run:?}"
+    );
+    assert_eq!(lines[1]["job"]["state"], "JOB_STATE_FAILED", "{run:?}");
+}

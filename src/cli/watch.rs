@@ -49,13 +49,20 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<i32> {
 }
 
 /// Follows a job already shown at `job.version` (just submitted) until it ends; returns the
-/// last snapshot.
+/// last snapshot. A job that has already ended (an idempotent resubmission, a submit that
+/// waited) is shown and finished at once: nothing follows a terminal version.
 pub async fn follow(
     client: &mut Client,
     printer: &Printer,
     job: pb::Job,
     reconnect: &ReconnectArgs,
 ) -> anyhow::Result<pb::Job> {
+    if is_terminal(&job) {
+        let mut view = View::new(printer);
+        view.show(&job)?;
+        view.finish(&job)?;
+        return Ok(job);
+    }
     follow_from(client, printer, job.id, job.version, reconnect).await
 }
 
