@@ -522,7 +522,8 @@ async fn a_page_token_is_bound_to_its_query() {
     let mut labelled = request(vec![echo()]);
     labelled.labels = HashMap::from([("team".to_owned(), "a".to_owned())]);
     for _ in 0..3 {
-        submit(&mut client, labelled.clone()).await;
+        let job = submit(&mut client, labelled.clone()).await;
+        wait_done(&mut client, &job.id).await;
     }
     let query = |page_size, page_token: &str| pb::ListJobsRequest {
         labels: labelled.labels.clone(),
@@ -534,6 +535,17 @@ async fn a_page_token_is_bound_to_its_query() {
     let token = first.next_page_token;
     let rest = list(&mut client, query(5, &token)).await;
     assert_eq!(rest.jobs.len(), 2, "the page size may change");
+
+    // The states filter is a set: its order and repeats do not make another query.
+    let ended = [pb::JobState::Succeeded as i32, pb::JobState::Failed as i32];
+    let mut by_state = query(1, "");
+    by_state.states = ended.to_vec();
+    let first_ended = list(&mut client, by_state.clone()).await;
+    by_state.states = vec![ended[1], ended[0], ended[1]];
+    by_state.page_token = first_ended.next_page_token;
+    by_state.page_size = 5;
+    let rest_ended = list(&mut client, by_state).await;
+    assert_eq!(rest_ended.jobs.len(), 2, "the same states, reordered");
 
     let mut other_filter = query(1, &token);
     other_filter.labels.clear();

@@ -383,7 +383,12 @@ impl Jobs for JobsService {
             }
         }
         let matches_nothing = !request.states.is_empty() && states.is_empty();
-        let states_text = format!("{:?}", request.states);
+        // The states as a set: the same filter in another order, or with a state twice, is
+        // the same query and takes the same tokens.
+        let mut state_set = request.states.clone();
+        state_set.sort_unstable();
+        state_set.dedup();
+        let states_text = format!("{state_set:?}");
         let mut labels: Vec<(&String, &String)> = request.labels.iter().collect();
         labels.sort();
         let scope = super::paging::scope(
