@@ -14,14 +14,19 @@ use super::{
 };
 use crate::{events::wait_terminal, executor::Executor, job::JobId};
 
-/// How long before the caller's deadline a waiting call answers, so the answer arrives in time.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+/// How long before the caller's deadline a waiting call answers, so the answer arrives in time:
+/// a tenth of the call's timeout, at least 20 ms and at most a second. A fixed 20 ms was too
+/// little on a busy machine, where answering, sending and the client's own clock can take
+/// longer; a tenth keeps short waits useful.
+fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1))
+}
 
 /// When a waiting call must answer: at `wait` from now, or just before the call's own deadline
 /// (`grpc-timeout`), whichever comes first; `None` for no bound at all.
 pub(super) fn wait_until(metadata: &MetadataMap, wait: Option<Duration>) -> Option<Instant> {
     let now = Instant::now();
-    let by_deadline = grpc_timeout(metadata).map(|t| now + t.saturating_sub(DEADLINE_MARGIN));
+    let by_deadline = grpc_timeout(metadata).map(|t| now + t.saturating_sub(deadline_margin(t)));
     let by_wait = wait.map(|w| now + w);
     match (by_deadline, by_wait) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -88,6 +93,20 @@ mod tests {
         let mut map = MetadataMap::new();
         map.insert("grpc-timeout", timeout.parse().unwrap());
         map
+    }
+
+    #[test]
+    fn the_margin_before_a_deadline_grows_with_it_within_bounds() {
+        let margin = |ms| deadline_margin(Duration::from_millis(ms)).as_millis();
+        assert_eq!(
+            margin(5),
+            20,
+            "at least 20 ms, even past the timeout itself"
+        );
+        assert_eq!(margin(100), 20);
+        assert_eq!(margin(500), 50);
+        assert_eq!(margin(5_000), 500);
+        assert_eq!(margin(3_600_000), 1_000, "at most a second");
     }
 
     #[test]
