@@ -100,6 +100,12 @@ async fn status_cancel_wait_and_list_follow_one_job() {
 
     let not_yet = longrun(&url, &["wait", &id, "--timeout", "100ms"]).await;
     assert_eq!(not_yet.code, 4, "the wait ran out first: {not_yet:?}");
+    assert!(
+        not_yet
+            .stdout
+            .ends_with("done:     no, the wait ran out first\n"),
+        "{not_yet:?}"
+    );
 
     let cancel = longrun(&url, &["cancel", &id]).await;
     assert_eq!(cancel.code, 0, "{cancel:?}");
@@ -108,6 +114,10 @@ async fn status_cancel_wait_and_list_follow_one_job() {
     let waited = longrun(&url, &["wait", &id, "--timeout", "10s"]).await;
     assert_eq!(waited.code, 3, "CANCELLED: {waited:?}");
     assert!(waited.stdout.contains("state:    CANCELLED"), "{waited:?}");
+    assert!(
+        waited.stdout.ends_with("done:     yes, the job ended\n"),
+        "{waited:?}"
+    );
 
     let listed = longrun(
         &url,

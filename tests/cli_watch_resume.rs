@@ -1,4 +1,5 @@
-//! End to end: `longrun watch` keeps following a job across a server restart.
+//! End to end: `longrun watch`, `wait` and `submit --wait` keep following a job across a
+//! server restart.
 
 #[path = "cli/harness.rs"]
 mod harness;
@@ -97,3 +98,134 @@ async fn watch_resumes_across_a_server_restart() {
         "rerun after the interruption"
     );
 }
+
+/// Polls (bounded) until some job runs on the server at `url`.
+async fn until_a_job_runs(url: &str) {
+    tokio::time::timeout(COMMAND_TIMEOUT, async {
+        loop {
+            let running = longrun(url, &["list", "--state", "running"]).await;
+            if !running.stdout.trim().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the job starts running");
+}
+
+/// Stops the server as SIGTERM would, mid-job, and starts another on the same port and store.
+async fn restart(server: TestServer) -> TestServer {
+    let (addr, store) = (server.addr, server.store.clone());
+    server.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the client finds nobody there
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("rebind the same port");
+    TestServer::start_on(listener, store).await
+}
+
+/// Waits (bounded) for a spawned command and returns its exit code, stdout and stderr.
+async fn finish(child: tokio::process::Child) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("the command ends after the restart")
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `wait` (no --timeout) waits for the job's end, not for the server's: a drain in the middle
+/// is a lost connection to get back, as for `watch`, not "the wait ran out" (exit 4).
+#[tokio::test]
+async fn wait_goes_on_across_a_server_restart() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let submitted = longrun(
+        &url,
+        &[
+            "submit",
+            "--action",
+            r#"sleep:{"duration_ms":1500,"steps":15}"#,
+        ],
+    )
+    .await;
+    let id = submitted.first_line();
+    let child = command(&url, &["wait", &id]).spawn().unwrap();
+    until_a_job_runs(&url).await;
+    let _server = restart(server).await;
+
+    let (code, stdout, stderr) = finish(child).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("state:    SUCCEEDED"), "{stdout}");
+    assert!(
+        stdout.ends_with("done:     yes, the job ended\n"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("connection lost"), "{stderr}");
+    assert!(stderr.contains("waiting again in"), "{stderr}");
+}
+
+/// `submit --wait` that the server answers early because it shuts down goes on waiting, with
+/// WaitJob, for what is left of its time, and ends with the job's outcome.
+#[tokio::test]
+async fn submit_wait_goes_on_across_a_server_restart() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let child = command(
+        &url,
+        &[
+            "submit",
+            "--action",
+            r#"sleep:{"duration_ms":1500,"steps":15}"#,
+            "--wait",
+            "25s",
+            "--output",
+            "json",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    until_a_job_runs(&url).await;
+    let _server = restart(server).await;
+
+    let (code, stdout, stderr) = finish(child).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let response: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(response["job"]["state"], "JOB_STATE_SUCCEEDED", "{stdout}");
+}
+
+/// `wait --timeout` keeps its own time across reconnects: with the server gone for good it
+/// ends when the timeout runs out (an error, the job's state unknown), not after
+/// --reconnect-for.
+#[tokio::test]
+async fn wait_keeps_its_timeout_while_reconnecting() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let submitted = longrun(&url, &["submit", "--action", LONG_SLEEP_ACTION]).await;
+    let id = submitted.first_line();
+    let started = std::time::Instant::now();
+    let child = command(
+        &url,
+        &["wait", &id, "--timeout", "2s", "--reconnect-for", "1m"],
+    )
+    .spawn()
+    .unwrap();
+    until_a_job_runs(&url).await;
+    server.stop().await;
+
+    let (code, stdout, stderr) = finish(child).await;
+    assert_eq!(code, Some(5), "{stdout}\n{stderr}");
+    assert!(stderr.contains("waiting again in"), "{stderr}");
+    assert!(
+        stderr.contains("ran out while the server could not be reached"),
+        "{stderr}"
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+const LONG_SLEEP_ACTION: &str = r#"sleep:{"duration_ms":60000,"steps":60}"#;

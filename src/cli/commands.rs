@@ -1,33 +1,17 @@
-//! The one-call subcommands: `status`, `wait`, `cancel`, `list` and `actions`.
+//! The one-call subcommands: `status`, `cancel`, `list` and `actions`.
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
 use anyhow::Context as _;
 use longrun::api::pb;
 
-use super::{
-    ClientArgs, Format, Printer, connect, error::Usage, exit, job_exit_code, parse_duration, text,
-    wire_duration,
-};
+use super::{ClientArgs, Format, Printer, connect, error::Usage, exit, text};
 
 /// `longrun status ID`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// The job's id.
     pub id: String,
-    #[command(flatten)]
-    pub client: ClientArgs,
-}
-
-/// `longrun wait ID`.
-#[derive(Debug, clap::Args)]
-#[command(after_help = super::EXIT_CODES_HELP)]
-pub struct WaitArgs {
-    /// The job's id.
-    pub id: String,
-    /// Wait at most this long (e.g. 30s, 5m); without it, until the job ends.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
-    pub timeout: Option<Duration>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -138,32 +122,6 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
         response.job.as_ref(),
     )?;
     Ok(exit::OK)
-}
-
-/// Waits for a job; the exit code tells how it ended, or that the wait ran out.
-pub async fn wait(args: WaitArgs) -> anyhow::Result<i32> {
-    let printer = Printer::new(args.client.output)?;
-    let mut client = connect(&args.client).await?;
-    let timeout = args
-        .timeout
-        .map(|t| wire_duration("--timeout", t))
-        .transpose()?;
-    let request = pb::WaitJobRequest {
-        job_id: args.id,
-        timeout,
-    };
-    let response = client
-        .wait_job(request)
-        .await
-        .context("WaitJob")?
-        .into_inner();
-    print_job(
-        &printer,
-        &response,
-        "longrun.v1.WaitJobResponse",
-        response.job.as_ref(),
-    )?;
-    Ok(response.job.as_ref().map_or(exit::ERROR, job_exit_code))
 }
 
 /// Asks for a job to be cancelled; exits 0 once the server has taken the request (a running

@@ -8,8 +8,10 @@ mod bars;
 mod commands;
 mod error;
 mod json;
+mod reconnect;
 mod submit;
 mod text;
+mod wait;
 mod watch;
 
 use std::{
@@ -26,8 +28,9 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-pub use commands::{ActionsArgs, CancelArgs, ListArgs, StatusArgs, WaitArgs};
+pub use commands::{ActionsArgs, CancelArgs, ListArgs, StatusArgs};
 pub use submit::SubmitArgs;
+pub use wait::WaitArgs;
 pub use watch::WatchArgs;
 
 /// Exit codes, shared by every subcommand and documented in `docs/cli.md`.
@@ -123,7 +126,7 @@ pub async fn run(command: Command) -> i32 {
         Command::Submit(args) => submit::run(args).await,
         Command::Status(args) => commands::status(args).await,
         Command::Watch(args) => watch::run(args).await,
-        Command::Wait(args) => commands::wait(args).await,
+        Command::Wait(args) => wait::run(args).await,
         Command::Cancel(args) => commands::cancel(args).await,
         Command::List(args) => commands::list(args).await,
         Command::Actions(args) => commands::actions(args).await,

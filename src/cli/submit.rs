@@ -9,12 +9,15 @@
 
 use std::{io::Read as _, path::PathBuf, time::Duration};
 
+use tokio::time::Instant;
+
 use anyhow::Context as _;
 use longrun::api::{convert::json_to_struct, pb};
 
 use super::{
-    ClientArgs, Printer, commands::parse_label, connect, error::Usage, exit, job_exit_code, json,
-    parse_duration, text, watch, wire_duration,
+    ClientArgs, Printer, commands::parse_label, connect, error::Usage, exit, is_terminal,
+    job_exit_code, json, parse_duration, reconnect::ReconnectArgs, text, wait, watch,
+    wire_duration,
 };
 
 /// `longrun submit`.
@@ -70,7 +73,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub watch: bool,
     #[command(flatten)]
-    pub reconnect: watch::ReconnectArgs,
+    pub reconnect: ReconnectArgs,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -88,9 +91,18 @@ pub enum WebhookEventsArg {
 pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     let printer = Printer::new(args.client.output)?;
     let request = build_request(&args, &printer.json)?;
+    // `wait` from the flag or from the --file: the time to wait counts from now.
+    let deadline = request
+        .wait
+        .map(|wait| {
+            let wait = Duration::try_from(wait)
+                .map_err(|_| Usage("the wait must not be negative".to_owned()))?;
+            wait::deadline_after("--wait", wait)
+        })
+        .transpose()?;
     let mut client = connect(&args.client).await?;
-    let response = client.submit(request).await.context("Submit")?.into_inner();
-    let job = response
+    let mut response = client.submit(request).await.context("Submit")?.into_inner();
+    let mut job = response
         .job
         .clone()
         .context("the server's response holds no job")?;
@@ -99,14 +111,23 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         let end = watch::follow(&mut client, &printer, job, &args.reconnect).await?;
         return Ok(job_exit_code(&end));
     }
+    let Some(deadline) = deadline else {
+        printer.print(&response, "longrun.v1.SubmitResponse", |json| {
+            text::job(&job, json)
+        })?;
+        return Ok(exit::OK);
+    };
+    if !is_terminal(&job) && Instant::now() < deadline {
+        // The server answered before the job ended and before the wait was over: it is
+        // shutting down. The job exists, so wait for it (across the restart) with what is left.
+        let waited = wait::until_end(&mut client, &job.id, Some(deadline), &args.reconnect).await?;
+        job = waited.job.context("the server's response holds no job")?;
+        response.job = Some(job.clone());
+    }
     printer.print(&response, "longrun.v1.SubmitResponse", |json| {
-        text::job(&job, json)
+        text::waited(&job, is_terminal(&job), json)
     })?;
-    Ok(if args.wait.is_some() {
-        job_exit_code(&job)
-    } else {
-        exit::OK
-    })
+    Ok(job_exit_code(&job))
 }
 
 /// The request the flags (over the `--file`, if given) describe.

@@ -109,6 +109,17 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
     text.trim_end().to_owned()
 }
 
+/// A job as a wait left it: its summary, then whether it had ended (`done`), since a wait
+/// may also run out first.
+pub fn waited(job: &pb::Job, done: bool, json: &Json) -> String {
+    let done = if done {
+        "yes, the job ended"
+    } else {
+        "no, the wait ran out first"
+    };
+    format!("{}\n  done:     {done}", self::job(job, json))
+}
+
 /// One line per job: id, state, progress, action names, creation time.
 pub fn job_list(jobs: &[pb::Job]) -> String {
     let mut text = String::new();

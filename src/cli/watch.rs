@@ -1,23 +1,17 @@
 //! Following a job (`longrun watch`, `submit --watch`): one `WatchJob` stream, resumed after
 //! any disconnect with `after_version` set to the last version seen, so nothing is missed and
-//! nothing is shown twice, with a bounded exponential backoff between attempts.
-
-use std::time::Duration;
+//! nothing is shown twice, with the bounded backoff of [`Reconnect`] between attempts.
 
 use anyhow::Context as _;
-use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use longrun::api::pb;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use super::{
-    Client, ClientArgs, Printer, bars::View, connect, error::describe_status, is_terminal,
-    job_exit_code, parse_duration,
+    Client, ClientArgs, Printer,
+    bars::View,
+    connect, is_terminal, job_exit_code,
+    reconnect::{Reconnect, ReconnectArgs},
 };
-
-/// The first wait before reconnecting; doubled per failed attempt.
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
-/// The longest wait between two attempts (before jitter, which adds up to as much again).
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// `longrun watch ID`.
 #[derive(Debug, clap::Args)]
@@ -29,14 +23,6 @@ pub struct WatchArgs {
     pub reconnect: ReconnectArgs,
     #[command(flatten)]
     pub client: ClientArgs,
-}
-
-/// How long a watch keeps trying to get back a lost connection.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ReconnectArgs {
-    /// Give up when reconnecting has failed for about this long in a row (e.g. 30s, 10m).
-    #[arg(long, value_parser = parse_duration, default_value = "5m", value_name = "DURATION")]
-    pub reconnect_for: Duration,
 }
 
 /// Follows job `id` from now until it ends; the exit code tells how it ended.
@@ -74,7 +60,7 @@ async fn follow_from(
     reconnect: &ReconnectArgs,
 ) -> anyhow::Result<pb::Job> {
     let mut view = View::new(printer);
-    let mut resume = Resume::new(job_id, after_version, reconnect.reconnect_for);
+    let mut resume = Resume::new(job_id, after_version, reconnect);
     loop {
         let lost = match client.watch_job(resume.request()).await {
             Ok(response) => {
@@ -99,43 +85,22 @@ async fn follow_from(
             }
             Err(status) => status,
         };
-        if !is_transient(&lost) {
-            view.abandon();
-            return Err(anyhow::Error::new(lost).context("WatchJob"));
-        }
-        let Some(delay) = resume.next_delay() else {
-            view.abandon();
-            return Err(anyhow::Error::new(lost).context(format!(
-                "WatchJob: gave up reconnecting after about {}, last version seen {}",
-                humantime::format_duration(reconnect.reconnect_for),
-                resume.after_version,
-            )));
+        let version = resume.after_version;
+        let retry = resume.reconnect.after(
+            "WatchJob",
+            lost,
+            &format!("resuming after version {version}"),
+            &format!("last version seen {version}"),
+        );
+        let retry = match retry {
+            Ok(retry) => retry,
+            Err(error) => {
+                view.abandon();
+                return Err(error);
+            }
         };
-        view.note(&format!(
-            "connection lost ({}), resuming after version {} in {}",
-            describe_status(&lost).lines().next().unwrap_or_default(),
-            resume.after_version,
-            humantime::format_duration(round_to_millis(delay)),
-        ));
-        tokio::time::sleep(delay).await;
-    }
-}
-
-fn round_to_millis(d: Duration) -> Duration {
-    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Whether a watch that ended with `status` may be resumed: the server or the network went
-/// away, as opposed to the server refusing the watch (NOT_FOUND, INVALID_ARGUMENT...).
-pub fn is_transient(status: &Status) -> bool {
-    match status.code() {
-        Code::Unavailable => true,
-        // Made by the client itself from a broken connection (h2 or I/O error), not sent by
-        // the server: the connection dropped mid-stream.
-        Code::Unknown | Code::Internal | Code::Cancelled => {
-            std::error::Error::source(status).is_some()
-        }
-        _ => false,
+        view.note(&retry.note);
+        tokio::time::sleep(retry.delay).await;
     }
 }
 
@@ -145,31 +110,17 @@ pub fn is_transient(status: &Status) -> bool {
 pub struct Resume {
     job_id: String,
     after_version: i64,
-    policy: ExponentialBuilder,
-    delays: ExponentialBackoff,
-    /// How long to keep waiting between failed attempts in a row.
-    budget: Duration,
-    /// The waits handed out since the last message got through.
-    waited: Duration,
+    reconnect: Reconnect,
 }
 
 impl Resume {
     /// A watch of `job_id` that has seen everything up to `after_version` and keeps trying to
-    /// reconnect for about `give_up_after` of waiting.
-    pub fn new(job_id: String, after_version: i64, give_up_after: Duration) -> Self {
-        let policy = ExponentialBuilder::default()
-            .with_min_delay(FIRST_RETRY_DELAY)
-            .with_max_delay(MAX_RETRY_DELAY)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times();
+    /// reconnect as `reconnect` says.
+    pub fn new(job_id: String, after_version: i64, reconnect: &ReconnectArgs) -> Self {
         Self {
             job_id,
             after_version,
-            delays: policy.build(),
-            policy,
-            budget: give_up_after,
-            waited: Duration::ZERO,
+            reconnect: Reconnect::new(reconnect),
         }
     }
 
@@ -184,31 +135,19 @@ impl Resume {
     /// Records a received snapshot. Returns false for one already seen (never shown twice);
     /// any message means the connection works, so the backoff starts over.
     pub fn observe(&mut self, job: &pb::Job) -> bool {
-        self.delays = self.policy.build();
-        self.waited = Duration::ZERO;
+        self.reconnect.reset();
         if job.version <= self.after_version {
             return false;
         }
         self.after_version = job.version;
         true
     }
-
-    /// How long to wait before the next attempt, or `None` to give up once the waits since
-    /// the last message add up to the budget. The last wait is cut to what is left of it, so
-    /// the watch gives up after the budget, not as soon as a full wait would overrun it.
-    pub fn next_delay(&mut self) -> Option<Duration> {
-        let left = self
-            .budget
-            .checked_sub(self.waited)
-            .filter(|d| !d.is_zero())?;
-        let delay = self.delays.next()?.min(left);
-        self.waited += delay;
-        Some(delay)
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn job(version: i64) -> pb::Job {
@@ -220,7 +159,10 @@ mod tests {
 
     #[test]
     fn resumes_after_the_last_version_seen_and_skips_repeats() {
-        let mut resume = Resume::new("j".to_owned(), 0, Duration::from_secs(60));
+        let args = ReconnectArgs {
+            reconnect_for: Duration::from_secs(60),
+        };
+        let mut resume = Resume::new("j".to_owned(), 0, &args);
         assert_eq!(resume.request().after_version, 0);
         assert!(resume.observe(&job(3)));
         assert!(resume.observe(&job(5)));
@@ -231,52 +173,5 @@ mod tests {
         assert!(!resume.observe(&job(4)), "versions never go backwards");
         let request = resume.request();
         assert_eq!((request.job_id.as_str(), request.after_version), ("j", 5));
-    }
-
-    #[test]
-    fn backoff_grows_is_capped_and_starts_over_after_a_message() {
-        let mut resume = Resume::new("j".to_owned(), 0, Duration::from_secs(3600));
-        let delays: Vec<Duration> = (0..12).map(|_| resume.next_delay().unwrap()).collect();
-        // Jitter adds between 0 and 100% of each delay.
-        assert!(delays[0] >= FIRST_RETRY_DELAY && delays[0] <= 2 * FIRST_RETRY_DELAY);
-        assert!(delays[3] >= 8 * FIRST_RETRY_DELAY, "{delays:?}");
-        assert!(
-            delays.iter().all(|d| *d <= 2 * MAX_RETRY_DELAY),
-            "{delays:?}"
-        );
-        assert!(delays[11] >= MAX_RETRY_DELAY, "{delays:?}");
-        resume.observe(&job(1));
-        assert!(resume.next_delay().unwrap() <= 2 * FIRST_RETRY_DELAY);
-    }
-
-    #[test]
-    fn gives_up_once_the_waiting_budget_is_spent() {
-        let budget = Duration::from_secs(2);
-        let mut resume = Resume::new("j".to_owned(), 0, budget);
-        let mut waited = Duration::ZERO;
-        let mut attempts = 0;
-        while let Some(delay) = resume.next_delay() {
-            waited += delay;
-            attempts += 1;
-            assert!(attempts < 100, "never gave up");
-        }
-        assert_eq!(waited, budget, "gave up after the whole budget, not before");
-        assert!(attempts >= 3, "only {attempts} attempts");
-        resume.observe(&job(1));
-        assert!(
-            resume.next_delay().is_some(),
-            "a message starts the budget over"
-        );
-    }
-
-    #[test]
-    fn only_connection_failures_are_retried() {
-        assert!(is_transient(&Status::unavailable("server restarting")));
-        assert!(!is_transient(&Status::not_found("no such job")));
-        assert!(!is_transient(&Status::invalid_argument("after_version")));
-        // Sent by the server, so not a broken connection.
-        assert!(!is_transient(&Status::internal("bug")));
-        let broken = Status::from_error(Box::new(std::io::Error::other("connection reset")));
-        assert!(is_transient(&broken), "{broken:?}");
     }
 }
