@@ -90,6 +90,8 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
     // A label key must have a byte (an empty key is refused), so 0 would refuse every label.
     at_least_one("max_label_key_bytes", limits.max_label_key_bytes);
     at_least_one("max_page_size", limits.max_page_size);
+    // Depth 1 is a flat params object: 0 would refuse every action that takes a parameter.
+    at_least_one("max_params_depth", limits.max_params_depth);
     at_least_one(
         "max_idempotency_key_bytes",
         limits.max_idempotency_key_bytes,

@@ -209,6 +209,7 @@ fn settings_out_of_range_are_refused_naming_them() {
         ("--max-actions-per-job", "0", "max_actions_per_job"),
         ("--max-label-key-bytes", "0", "max_label_key_bytes"),
         ("--max-page-size", "0", "max_page_size"),
+        ("--max-params-depth", "0", "max_params_depth"),
         (
             "--max-watches-per-connection",
             "0",

@@ -239,8 +239,9 @@ pub fn check_labels(
             violations.push(FieldViolation::new(
                 format!("{field}[{key:?}]"),
                 format!(
-                    "label keys must be 1 to {} bytes (max_label_key_bytes)",
-                    limits.max_label_key_bytes
+                    "label keys must be 1 to {} bytes (max_label_key_bytes); this one has {}",
+                    limits.max_label_key_bytes,
+                    key.len()
                 ),
             ));
         }
@@ -248,8 +249,10 @@ pub fn check_labels(
             violations.push(FieldViolation::new(
                 format!("{field}[{key:?}]"),
                 format!(
-                    "label values must be at most {} bytes (max_label_value_bytes)",
-                    limits.max_label_value_bytes
+                    "label values must be at most {} bytes (max_label_value_bytes); this one \
+                     has {}",
+                    limits.max_label_value_bytes,
+                    labels[key].len()
                 ),
             ));
         }
