@@ -407,6 +407,26 @@ async fn a_closed_stdout_ends_the_output_not_the_command() {
         assert_eq!(output.status.code(), Some(expected), "{args:?}: {stderr}");
         assert!(!stderr.contains("error"), "{args:?}: {stderr}");
     }
+    // hash-key too, which talks to no server: its one line goes nowhere, without a panic.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = harness::command(&url, &["hash-key"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(writer)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"a-key\n")
+        .await
+        .unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(harness::COMMAND_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("ends")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "hash-key: {stderr}");
+    assert!(stderr.is_empty(), "hash-key: {stderr}");
 }
 
 /// `submit --watch` of a job that has already ended (an idempotent resubmission, a `--file`
