@@ -127,17 +127,35 @@ impl Handler for Fail {
     }
 
     fn validate(&self, params: &Map<String, Value>) -> Result<(), Vec<FieldViolation>> {
+        let mut violations = Vec::new();
         let code = str_param(params, "code", "INTERNAL");
-        if code != "OK" && tonic_code_names().contains(&code) {
-            Ok(())
-        } else {
-            // OK names no failure: a FAILED job with code OK would contradict itself.
-            Err(vec![FieldViolation::new(
+        // OK names no failure: a FAILED job with code OK would contradict itself.
+        if code == "OK" || !tonic_code_names().contains(&code) {
+            violations.push(FieldViolation::new(
                 "code",
                 format!(
                     "must be the canonical gRPC code name of an error, such as INTERNAL, not {code:?}"
                 ),
-            )])
+            ));
+        }
+        // The proto promises clients an UPPER_SNAKE_CASE reason to match on.
+        let reason = str_param(params, "reason", "FAILED_AS_ASKED");
+        let upper_snake = reason.split('_').all(|word| {
+            !word.is_empty()
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        }) && reason.starts_with(|c: char| c.is_ascii_uppercase());
+        if !upper_snake {
+            violations.push(FieldViolation::new(
+                "reason",
+                format!("must be UPPER_SNAKE_CASE, such as FAILED_AS_ASKED, not {reason:?}"),
+            ));
+        }
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(violations)
         }
     }
 
@@ -277,6 +295,28 @@ mod tests {
         assert!(code("UNAVAILABLE").is_ok());
         assert_eq!(code("OK").unwrap_err()[0].field, "code");
         assert_eq!(code("BROKEN").unwrap_err()[0].field, "code");
+    }
+
+    #[test]
+    fn fail_takes_only_upper_snake_case_reasons() {
+        let reason = |reason: &str| {
+            let params = json!({ "reason": reason });
+            Fail.validate(params.as_object().unwrap())
+        };
+        for good in ["FAILED_AS_ASKED", "E2E", "X"] {
+            assert!(reason(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "bad reason",
+            "Lower",
+            "TRAILING_",
+            "_LEADING",
+            "DOUBLE__SCORE",
+            "",
+            "9LIVES",
+        ] {
+            assert_eq!(reason(bad).unwrap_err()[0].field, "reason", "{bad:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
