@@ -210,6 +210,11 @@ pub struct Settings {
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub keepalive_interval: Option<Duration>,
+    /// How long a keepalive ping may go unanswered before the connection is closed (a peer
+    /// that vanished without a word) [default: 20s].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Option<Duration>,
     /// How deep an action's params may nest [default: 32].
     #[arg(long)]
     pub max_params_depth: Option<usize>,
@@ -276,6 +281,7 @@ impl Settings {
             interrupted: self.interrupted.or(fallback.interrupted),
             retention: self.retention.or(fallback.retention),
             keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
+            keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
             max_params_depth: self.max_params_depth.or(fallback.max_params_depth),
             max_label_key_bytes: self.max_label_key_bytes.or(fallback.max_label_key_bytes),
             max_label_value_bytes: self
@@ -410,6 +416,8 @@ pub struct Config {
     pub retention: Duration,
     /// HTTP/2 keepalive ping interval.
     pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
     /// Commands for the `exec` action.
     pub exec_commands: BTreeMap<String, ExecCommand>,
     /// Webhook checks and delivery.
@@ -556,6 +564,7 @@ impl Config {
                 .retention
                 .unwrap_or(Duration::from_secs(14 * 24 * 60 * 60)),
             keepalive_interval: s.keepalive_interval.unwrap_or(Duration::from_secs(30)),
+            keepalive_timeout: s.keepalive_timeout.unwrap_or(Duration::from_secs(20)),
             exec_commands: file.exec.commands,
             webhooks: file.webhooks.resolve(),
             auth: AuthConfig {

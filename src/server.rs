@@ -139,6 +139,7 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
         ("lease", config.lease),
         ("retention", config.retention),
         ("keepalive_interval", config.keepalive_interval),
+        ("keepalive_timeout", config.keepalive_timeout),
         ("[webhooks] timeout", webhooks.timeout),
     ] {
         if value.is_zero() {
@@ -334,7 +335,7 @@ impl Server {
         let transport = builder
             .layer(RpcTimingLayer::new(metrics))
             .http2_keepalive_interval(Some(self.config.keepalive_interval))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(self.config.keepalive_timeout))
             // gRPC-Web for browsers: HTTP/1.1 (and HTTP/2) requests with a grpc-web content
             // type are translated; plain gRPC passes through untouched.
             .accept_http1(true)

@@ -220,6 +220,7 @@ fn settings_out_of_range_are_refused_naming_them() {
         ("--lease", "0s", "lease"),
         ("--retention", "0s", "retention"),
         ("--keepalive-interval", "0s", "keepalive_interval"),
+        ("--keepalive-timeout", "0s", "keepalive_timeout"),
         ("--retry-backoff-max", "10ms", "retry_backoff_max"),
     ] {
         let output = serve_refusing(&[flag, value], None);
