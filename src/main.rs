@@ -137,12 +137,9 @@ fn hash_key() -> anyhow::Result<()> {
         !key.is_empty(),
         "no key on stdin: pipe the key in, e.g. `echo -n \"$KEY\" | longrun hash-key`"
     );
-    let line = format!("{}\n", hex::encode(longrun::api::auth::hash_key(key)));
-    // `println!` panics on a closed stdout; nobody reading the hash is not an error here.
-    match std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()) {
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        written => written.context("writing the hash to stdout"),
-    }
+    // Not `println!`, which panics on a closed stdout.
+    cli::write_line(&hex::encode(longrun::api::auth::hash_key(key)))?;
+    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -177,19 +177,21 @@ impl Printer {
             Format::Json => self.json.encode(message, full_name)?,
             Format::Text => text(&self.json),
         };
-        if self.closed() {
-            return Ok(());
+        if !self.closed() && !write_line(&line)? {
+            self.closed.store(true, Ordering::Relaxed);
         }
-        let mut stdout = std::io::stdout().lock();
-        match writeln!(stdout, "{line}") {
-            // The reader has what it wanted (`ID=$(longrun submit ... | head -1)`): that ends
-            // the output, not the command, whose exit code still tells how it went.
-            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
-                self.closed.store(true, Ordering::Relaxed);
-                Ok(())
-            }
-            written => written.context("writing to stdout"),
-        }
+        Ok(())
+    }
+}
+
+/// Writes `line` to stdout; `Ok(false)` once its reader has gone. The reader has what it
+/// wanted (`ID=$(longrun submit ... | head -1)`): that ends the output, not the command, whose
+/// exit code still tells how it went.
+pub(crate) fn write_line(line: &str) -> anyhow::Result<bool> {
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(error) => Err(error).context("writing to stdout"),
     }
 }
 

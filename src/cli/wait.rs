@@ -94,10 +94,7 @@ pub async fn until_end(
             }
             Err(status) => status,
         };
-        if !is_transient(&lost) {
-            return Err(anyhow::Error::new(lost).context("WaitJob"));
-        }
-        if left.is_some_and(|left| left.is_zero()) {
+        if is_transient(&lost) && left.is_some_and(|left| left.is_zero()) {
             // The last call, made with nothing left of the time, found nobody: the job's
             // state is unknown, so this is not "the wait ran out" (exit 4) but an error.
             return Err(anyhow::Error::new(lost).context(
