@@ -1,5 +1,5 @@
 //! A job's life seen through the API: submit, the pushed stream of states and progress,
-//! failures, retries, timeouts, sync waits and idempotent resubmits.
+//! failures, retries, timeouts, and sync waits (idempotent resubmits: `idempotency.rs`).
 
 mod common;
 
@@ -196,27 +196,6 @@ async fn sync_wait_is_bounded_by_the_call_deadline() {
         .job
         .unwrap();
     assert_eq!(state(&job), JobState::Running);
-}
-
-#[tokio::test]
-async fn resubmit_with_the_same_idempotency_key_returns_the_first_job() {
-    let server = TestServer::start().await;
-    let mut client = server.client.clone();
-    let mut req = request(vec![sleep(10, 1)]);
-    req.idempotency_key = "order-42".to_owned();
-    let first = submit(&mut client, req.clone()).await;
-    wait_done(&mut client, &first.id).await;
-    req.actions = vec![action("echo", json!({}))];
-    let second = submit(&mut client, req).await;
-    assert_eq!(second.id, first.id);
-    assert_eq!(state(&second), JobState::Succeeded);
-    assert_eq!(second.actions[0].name, "sleep", "the first job, unchanged");
-    let listed = client
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(listed.jobs.len(), 1);
 }
 
 #[tokio::test]

@@ -6,7 +6,6 @@ mod common;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::Arc,
     time::Duration,
 };
 
@@ -17,7 +16,6 @@ use longrun::{
     api::pb::{self, JobState, jobs_client::JobsClient},
     executor::Executor,
     job::JobId,
-    store::{SqliteOptions, SqliteStore, Store},
 };
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
@@ -374,20 +372,6 @@ async fn deleting_a_job_outside_a_selector_leaves_its_cursors_good() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
-}
-
-async fn open_sqlite(dir: &std::path::Path) -> Arc<dyn Store> {
-    // The previous server releases the directory as it finishes stopping.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        match SqliteStore::open(dir, SqliteOptions::default()) {
-            Ok(store) => return Arc::new(store),
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("reopen the store: {e}"),
-        }
-    }
 }
 
 #[tokio::test]

@@ -219,6 +219,29 @@ impl From<ExecutorError> for Status {
             ExecutorError::ShuttingDown => {
                 shutting_down("the server is shutting down and takes no new jobs")
             }
+            ExecutorError::IdempotencyKeyReused { key, job_id, field } => {
+                let description = format!(
+                    "already used for job {job_id}, which was submitted with a different \
+                     {field}; send the same request again to get that job, or use a new key"
+                );
+                let mut details = ErrorDetails::with_error_info(
+                    "IDEMPOTENCY_KEY_REUSED",
+                    ERROR_DOMAIN,
+                    HashMap::from([
+                        ("job_id".to_owned(), job_id.to_string()),
+                        ("field".to_owned(), field.clone()),
+                    ]),
+                );
+                details.add_bad_request_violation("idempotency_key", description.clone());
+                Status::with_error_details(
+                    Code::AlreadyExists,
+                    format!(
+                        "idempotency_key {:?}: {description}",
+                        clip(key, MAX_FIELD_BYTES)
+                    ),
+                    details,
+                )
+            }
             ExecutorError::Illegal { id, source } => with_reason(
                 Code::FailedPrecondition,
                 "ILLEGAL_TRANSITION",

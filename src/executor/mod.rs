@@ -44,6 +44,20 @@ fn watch_error(error: WatchError) -> ExecutorError {
     }
 }
 
+/// The job an idempotency key led to, when the Submit that used the key again asked for
+/// that same job; an error naming the first differing field otherwise, since answering with
+/// a job other than the one asked for would hide the caller's mistake.
+fn same_request(asked: &NewJob, existing: Job) -> Result<Job, ExecutorError> {
+    match asked.first_difference(&existing) {
+        None => Ok(existing),
+        Some(field) => Err(ExecutorError::IdempotencyKeyReused {
+            key: existing.idempotency_key.clone().unwrap_or_default(),
+            job_id: existing.id,
+            field,
+        }),
+    }
+}
+
 /// What to do with jobs that were RUNNING when the server stopped without finishing them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -168,6 +182,19 @@ pub enum ExecutorError {
     /// The server is shutting down and takes no new jobs.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The idempotency key is held by a job submitted with a different request.
+    #[error(
+        "idempotency_key {key:?} was already used for job {job_id}, submitted with a different \
+         {field}"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+        /// The job that holds it.
+        job_id: JobId,
+        /// The first request field that differs from that job's (`actions[0].params`).
+        field: String,
+    },
     /// The job's state does not allow the change.
     #[error("job {id}: {source}")]
     Illegal {
@@ -376,7 +403,7 @@ impl Executor {
                     .by_idempotency_key(&spec.tenant, key)
                     .await?
             {
-                return Ok(existing);
+                return same_request(&spec, existing);
             }
             return Err(match full {
                 Full::Queue => ExecutorError::QueueFull { limit },
@@ -386,6 +413,9 @@ impl Executor {
                 },
             });
         }
+        // Kept to tell a retry from a different request under the same key, should the
+        // store find the key taken (only keyed Submits pay for the copy).
+        let asked = spec.idempotency_key.is_some().then(|| spec.clone());
         let job = Job::new(
             JobId::generate(),
             spec,
@@ -399,7 +429,11 @@ impl Executor {
         let mut scheduler = self.inner.scheduler();
         scheduler.unreserve(&job.tenant);
         match created? {
-            Created::Existing(existing) => Ok(*existing),
+            Created::Existing(existing) => match &asked {
+                Some(asked) => same_request(asked, *existing),
+                // A store reports an existing job only for a key, but need not be trusted.
+                None => Ok(*existing),
+            },
             Created::New => {
                 let shared = Arc::new(job.clone());
                 // A shared store's jobs are claimed from the store, by whichever replica is

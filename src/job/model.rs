@@ -222,6 +222,53 @@ pub struct NewJob {
     pub tenant: String,
 }
 
+impl NewJob {
+    /// The first field in which this request asks for something other than `job` was
+    /// submitted with, as a request field path (`actions[1].params`); `None` when it asks for
+    /// the same job. What the server fills in is compared only when the request sets it
+    /// (`max_attempts`), and a webhook's signing secret not at all, so that a retry of a
+    /// Submit whose answer was lost always matches the job it created.
+    pub fn first_difference(&self, job: &Job) -> Option<String> {
+        if self.actions.len() != job.actions.len() {
+            return Some("actions".to_owned());
+        }
+        for (i, (asked, stored)) in self.actions.iter().zip(&job.actions).enumerate() {
+            let differs = if asked.name != stored.name {
+                "name"
+            } else if asked.params != stored.params {
+                "params"
+            } else if asked.input != stored.input {
+                "input"
+            } else {
+                continue;
+            };
+            return Some(format!("actions[{i}].{differs}"));
+        }
+        let webhook_differs = match (&self.webhook, &job.webhook) {
+            (None, None) => false,
+            (Some(asked), Some(stored)) => asked.url != stored.url || asked.events != stored.events,
+            _ => true,
+        };
+        let differs = if self.priority != job.priority {
+            "priority"
+        } else if self.labels != job.labels {
+            "labels"
+        } else if self.timeout != job.timeout {
+            "timeout"
+        } else if self
+            .max_attempts
+            .is_some_and(|n| n.max(1) != job.max_attempts)
+        {
+            "max_attempts"
+        } else if webhook_differs {
+            "webhook"
+        } else {
+            return None;
+        };
+        Some(differs.to_owned())
+    }
+}
+
 /// One action of a job, with its status.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Action {

@@ -265,3 +265,75 @@ fn an_older_snapshot_refreshed_from_a_newer_one_equals_it_and_another_job_is_ref
     assert!(!other.refresh_from(&current), "another job");
     assert_eq!(other, before, "left as it was");
 }
+
+#[test]
+fn a_request_differs_from_a_job_only_in_what_the_job_keeps_of_it() {
+    let webhook = |url: &str, secret: &str, events| WebhookSpec {
+        url: url.to_owned(),
+        secret: secret.to_owned(),
+        events,
+    };
+    let spec = NewJob {
+        actions: vec![NewAction {
+            name: "a".to_owned(),
+            params: json!({"n": 1.5}).as_object().unwrap().clone(),
+            input: Bytes::from_static(b"in"),
+        }],
+        idempotency_key: Some("k".to_owned()),
+        webhook: Some(webhook(
+            "https://h/x",
+            "one",
+            crate::job::WebhookEvents::All,
+        )),
+        ..NewJob::default()
+    };
+    let job = Job::new(JobId::generate(), spec.clone(), 3, SystemTime::UNIX_EPOCH);
+    assert_eq!(spec.first_difference(&job), None);
+
+    let differs = |change: fn(&mut NewJob)| {
+        let mut asked = spec.clone();
+        change(&mut asked);
+        asked.first_difference(&job)
+    };
+    // What a retry may change without asking for another job.
+    assert_eq!(
+        differs(|s| s.max_attempts = Some(3)),
+        None,
+        "the default given"
+    );
+    assert_eq!(
+        differs(|s| s.webhook.as_mut().unwrap().secret = "two".to_owned()),
+        None,
+        "the secret is filled in by the server when not given"
+    );
+    assert_eq!(differs(|s| s.idempotency_key = None), None);
+    // What makes it another job.
+    assert_eq!(
+        differs(|s| s.max_attempts = Some(2)).as_deref(),
+        Some("max_attempts")
+    );
+    assert_eq!(
+        differs(|s| s.webhook.as_mut().unwrap().url = "https://h/y".to_owned()).as_deref(),
+        Some("webhook")
+    );
+    assert_eq!(
+        differs(|s| s.webhook.as_mut().unwrap().events = Default::default()).as_deref(),
+        Some("webhook")
+    );
+    assert_eq!(differs(|s| s.webhook = None).as_deref(), Some("webhook"));
+    assert_eq!(
+        differs(|s| {
+            s.actions[0].params.insert("m".to_owned(), json!(1));
+        })
+        .as_deref(),
+        Some("actions[0].params")
+    );
+    assert_eq!(
+        differs(|s| s.actions[0].input = Bytes::new()).as_deref(),
+        Some("actions[0].input")
+    );
+    assert_eq!(
+        differs(|s| s.timeout = Some(Duration::from_secs(1))).as_deref(),
+        Some("timeout")
+    );
+}

@@ -26,6 +26,21 @@ pub use tonic_health::pb::{
 /// Bounds every wait in the tests, so a broken server fails a test instead of hanging it.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The SQLite store in `dir`, opened again as soon as a stopped server has let go of it.
+pub async fn open_sqlite(dir: &std::path::Path) -> Arc<dyn Store> {
+    // The previous server releases the directory as it finishes stopping.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match longrun::store::SqliteStore::open(dir, longrun::store::SqliteOptions::default()) {
+            Ok(store) => return Arc::new(store),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopen the store: {e}"),
+        }
+    }
+}
+
 /// A server running in this process.
 pub struct TestServer {
     pub addr: SocketAddr,
