@@ -314,6 +314,15 @@ async fn bad_submit_requests_are_refused_naming_the_field_and_store_nothing() {
             "actions[0].input".into(),
         ),
         (
+            "an input for an action that reads none",
+            request(vec![echo(), {
+                let mut sleep = sleep(1, 1);
+                sleep.input = b"x".to_vec().into();
+                sleep
+            }]),
+            "actions[1].input".into(),
+        ),
+        (
             "too many labels",
             with(vec![echo()], |r| {
                 r.labels = labels(&[("a", "1"), ("b", "2"), ("c", "3")])

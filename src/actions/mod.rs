@@ -258,13 +258,28 @@ impl Registry {
     }
 
     /// [`Registry::validate`] for the action at `index` of a submitted job, its fields named
-    /// within the job (`actions[1].params.steps`).
+    /// within the job (`actions[1].params.steps`); also refuses an input given to an action
+    /// that reads none (like an unknown param, it would be silently ignored).
     pub fn validate_action(
         &self,
         index: usize,
         action: &NewAction,
     ) -> Result<Vec<FieldViolation>, ValidatePanicked> {
-        let found = self.validate(&action.name, &action.params)?;
+        let mut found = self.validate(&action.name, &action.params)?;
+        if !action.input.is_empty()
+            && self
+                .handlers
+                .get(&action.name)
+                .is_some_and(|registered| !registered.description.uses_input)
+        {
+            found.push(FieldViolation::new(
+                "input",
+                format!(
+                    "action {:?} reads no input (ListActions: uses_input false); leave it empty",
+                    action.name
+                ),
+            ));
+        }
         let prefix = format!("actions[{index}]");
         Ok(found.into_iter().map(|v| v.under(&prefix)).collect())
     }
@@ -293,6 +308,26 @@ mod tests {
             Value::Object(map) => map,
             _ => unreachable!("test params are objects"),
         }
+    }
+
+    #[test]
+    fn an_input_is_refused_only_for_actions_that_read_none() {
+        let registry = Registry::with_builtins();
+        let with_input = |name: &str| NewAction {
+            name: name.to_owned(),
+            params: Map::new(),
+            input: bytes::Bytes::from_static(b"x"),
+        };
+        let violations = registry.validate_action(2, &with_input("sleep")).unwrap();
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "actions[2].input");
+        assert!(violations[0].description.contains("sleep"));
+        assert!(
+            registry
+                .validate_action(0, &with_input("echo"))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
