@@ -104,6 +104,13 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
     at_least_one("max_watches_per_tenant", limits.max_watches_per_tenant);
     at_least_one("[webhooks] max_attempts", webhooks.max_attempts as usize);
     at_least_one("[webhooks] concurrency", webhooks.concurrency);
+    if limits.max_params_depth > crate::job::MAX_PARAMS_DEPTH_LIMIT {
+        problems.push(format!(
+            "max_params_depth must be at most {}: a stored job is read back by a JSON parser \
+             that stops at 128 levels, the job's own included",
+            crate::job::MAX_PARAMS_DEPTH_LIMIT
+        ));
+    }
     if !(1..=executor.max_attempts_limit).contains(&executor.default_max_attempts) {
         problems.push(format!(
             "default_max_attempts must be between 1 and {} (max_attempts_limit: what a Submit \
@@ -176,6 +183,19 @@ pub struct Server {
 }
 
 impl Server {
+    /// Checks everything in `config` that needs no store: the settings' ranges, the API keys,
+    /// the TLS files. [`Server::start`] checks them too; a program calls this first when a
+    /// refusal must leave the store untouched (opening a data directory migrates it, for
+    /// good).
+    pub fn check_config(config: &Config) -> Result<(), ServeError> {
+        check_settings(config)?;
+        authenticator(config)?;
+        if let Some(files) = &config.tls {
+            tls_config(files)?;
+        }
+        Ok(())
+    }
+
     /// Starts the executor over `store` with `registry`'s actions. The previous run's
     /// unfinished jobs are picked up by [`Server::serve`], once it listens, so that health
     /// probes see NOT_SERVING meanwhile; [`Executor::submit`] and [`Executor::cancel`] called
@@ -200,6 +220,8 @@ impl Server {
                 .min(ExecutorConfig::results_budget(
                     config.limits.max_message_bytes,
                 ));
+        // Jobs submitted in-process are held to the limits the API serves with.
+        executor_config.submit_limits = config.limits.submit_limits();
         let executor = Executor::start(store, Hub::new(), registry, executor_config);
         let stopping = CancellationToken::new();
         // Started before serving, so that what a previous run left in the outbox goes out at

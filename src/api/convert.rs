@@ -20,7 +20,7 @@ use crate::job::{
 /// time. Protobuf decoding itself stops at 100 levels of messages (a level of objects is
 /// three: Struct, map entry, Value), so objects nested past ~32 are refused while decoding
 /// (`api::codec`), whatever the configured depth.
-pub const DEFAULT_MAX_PARAMS_DEPTH: usize = 32;
+pub use crate::job::DEFAULT_MAX_PARAMS_DEPTH;
 
 /// Parses a job id, naming `field` when it is not a UUID.
 pub fn parse_job_id(field: &str, value: &str) -> Result<JobId, FieldViolation> {
@@ -124,10 +124,11 @@ pub fn new_job(
     // Every snapshot of the job repeats what the Submit gave, and must fit in one response with
     // the results to come: a job that could not be read back is refused now, not after it ran.
     let budget = job::submitted_budget(limits.max_message_bytes);
-    let submitted = submitted_size + RUN_RESERVE_PER_ACTION * action_count + RUN_RESERVE_PER_JOB;
+    let submitted =
+        submitted_size + job::RUN_RESERVE_PER_ACTION * action_count + job::RUN_RESERVE_PER_JOB;
     if submitted > budget {
         // Only a refused job is told which part is the larger.
-        let labels_size = labels_wire_size(&request.labels);
+        let labels_size = job::labels_wire_size(&request.labels);
         violations.push(FieldViolation::new(
             if labels_size > all_params_size {
                 "labels"
@@ -202,62 +203,13 @@ pub fn new_job(
     }
 }
 
-/// Room reserved in a job's snapshot, at Submit, for what running each action adds (its state,
-/// times and progress figures) and the job itself (its times, attempt, error code).
-const RUN_RESERVE_PER_ACTION: usize = 64;
-const RUN_RESERVE_PER_JOB: usize = 256;
-
-/// A label map as sent, entries framed.
-fn labels_wire_size(labels: &std::collections::HashMap<String, String>) -> usize {
-    labels
-        .iter()
-        .map(|(key, value)| job::framed(job::framed(key.len()) + job::framed(value.len())))
-        .sum()
-}
-
 /// Checks a label map (of a job or of a filter) against the limits.
 pub fn check_labels(
     field: &str,
     labels: &std::collections::HashMap<String, String>,
     limits: &Limits,
 ) -> Vec<FieldViolation> {
-    let mut violations = Vec::new();
-    if labels.len() > limits.max_labels {
-        violations.push(FieldViolation::new(
-            field,
-            format!(
-                "{} labels given; at most {} are allowed",
-                labels.len(),
-                limits.max_labels
-            ),
-        ));
-    }
-    let mut keys: Vec<&String> = labels.keys().collect();
-    keys.sort();
-    for key in keys {
-        if key.is_empty() || key.len() > limits.max_label_key_bytes {
-            violations.push(FieldViolation::new(
-                format!("{field}[{key:?}]"),
-                format!(
-                    "label keys must be 1 to {} bytes (max_label_key_bytes); this one has {}",
-                    limits.max_label_key_bytes,
-                    key.len()
-                ),
-            ));
-        }
-        if labels[key].len() > limits.max_label_value_bytes {
-            violations.push(FieldViolation::new(
-                format!("{field}[{key:?}]"),
-                format!(
-                    "label values must be at most {} bytes (max_label_value_bytes); this one \
-                     has {}",
-                    limits.max_label_value_bytes,
-                    labels[key].len()
-                ),
-            ));
-        }
-    }
-    violations
+    job::check_labels(field, labels, &limits.submit_limits())
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -266,7 +218,7 @@ fn non_empty(s: String) -> Option<String> {
 
 /// The longest duration a `google.protobuf.Duration` may hold (about 10,000 years): a longer
 /// one would be stored, and then break every JSON client that reads it back.
-const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+const MAX_DURATION_SECONDS: i64 = job::MAX_DURATION.as_secs() as i64;
 
 /// Converts a wire duration, refusing negative, malformed and out-of-range ones.
 pub fn duration(field: &str, d: prost_types::Duration) -> Result<Duration, FieldViolation> {
@@ -515,6 +467,22 @@ mod tests {
 
     fn to_struct(value: Value) -> Struct {
         json_to_struct(value.as_object().unwrap())
+    }
+
+    /// In-process Submits are measured without encoding: the count must be what is sent.
+    #[test]
+    fn params_wire_size_is_the_encoded_struct_size() {
+        for params in [
+            json!({}),
+            json!({"a": 1, "b": "text ✓", "c": null, "d": false}),
+            json!({"n": {"list": [1, [2, {"x": "y".repeat(300)}], {}], "e": {}}}),
+        ] {
+            let map = params.as_object().unwrap();
+            assert_eq!(
+                job::params_wire_size(map),
+                json_to_struct(map).encoded_len()
+            );
+        }
     }
 
     #[test]

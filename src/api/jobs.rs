@@ -222,7 +222,7 @@ impl Jobs for JobsService {
             spec.webhook = Some(self.webhooks.guard(checked).await.map_err(invalid_field)?);
         }
         spec.tenant = tenant.to_string();
-        let job = self.executor.submit(spec).await?;
+        let job = self.executor.submit_checked(spec).await?;
         tracing::Span::current().record("job_id", tracing::field::display(job.id));
         let job = match until {
             // Sync mode: the job is returned whatever happens, never hidden behind an error.

@@ -68,18 +68,38 @@ pub struct Limits {
     pub max_watches_per_tenant: usize,
 }
 
+impl Limits {
+    /// The limits of a submitted job among these, for the executor to check jobs submitted
+    /// in-process against.
+    pub fn submit_limits(&self) -> crate::job::SubmitLimits {
+        crate::job::SubmitLimits {
+            max_message_bytes: self.max_message_bytes,
+            max_actions_per_job: self.max_actions_per_job,
+            max_params_bytes: self.max_params_bytes,
+            max_input_bytes: self.max_input_bytes,
+            max_labels: self.max_labels,
+            max_label_key_bytes: self.max_label_key_bytes,
+            max_label_value_bytes: self.max_label_value_bytes,
+            max_params_depth: self.max_params_depth,
+            max_idempotency_key_bytes: self.max_idempotency_key_bytes,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
+        // One set of defaults for a job's limits, wherever it is submitted.
+        let job = crate::job::SubmitLimits::default();
         Self {
-            max_message_bytes: 16 * 1024 * 1024,
-            max_actions_per_job: 100,
-            max_params_bytes: 64 * 1024,
-            max_input_bytes: 8 * 1024 * 1024,
-            max_labels: 64,
-            max_label_key_bytes: 256,
-            max_label_value_bytes: 256,
-            max_params_depth: convert::DEFAULT_MAX_PARAMS_DEPTH,
-            max_idempotency_key_bytes: 256,
+            max_message_bytes: job.max_message_bytes,
+            max_actions_per_job: job.max_actions_per_job,
+            max_params_bytes: job.max_params_bytes,
+            max_input_bytes: job.max_input_bytes,
+            max_labels: job.max_labels,
+            max_label_key_bytes: job.max_label_key_bytes,
+            max_label_value_bytes: job.max_label_value_bytes,
+            max_params_depth: job.max_params_depth,
+            max_idempotency_key_bytes: job.max_idempotency_key_bytes,
             default_page_size: 50,
             max_page_size: 1000,
             max_watches_per_connection: 1000,

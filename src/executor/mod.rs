@@ -99,6 +99,9 @@ pub struct ExecutorConfig {
     pub progress_persist_interval: Option<Duration>,
     /// What recovery does with jobs found RUNNING at start.
     pub interrupted_policy: InterruptedPolicy,
+    /// The size and count limits of a job submitted in-process ([`Executor::submit`]); a
+    /// server sets them to the API's own (`Config::limits`).
+    pub submit_limits: crate::job::SubmitLimits,
     /// Jobs one tenant may have waiting in the queue, unless `tenant_max_queued` says
     /// otherwise; `None` for no per-tenant limit (only `max_queue_length`).
     pub max_queued_per_tenant: Option<usize>,
@@ -146,6 +149,7 @@ impl Default for ExecutorConfig {
             cancel_grace: Duration::from_secs(10),
             progress_persist_interval: None,
             interrupted_policy: InterruptedPolicy::Requeue,
+            submit_limits: crate::job::SubmitLimits::default(),
             max_queued_per_tenant: None,
             tenant_max_queued: BTreeMap::new(),
         }
@@ -373,8 +377,27 @@ impl Executor {
     }
 
     /// Validates, stores and queues a job. With an idempotency key already used, returns the
-    /// job that holds it, unchanged.
-    pub async fn submit(&self, mut spec: NewJob) -> Result<Job, ExecutorError> {
+    /// job that holds it, unchanged (or [`ExecutorError::IdempotencyKeyReused`] when it was
+    /// submitted with a different request).
+    ///
+    /// The job is checked as the API checks a Submit: against the size and count limits the
+    /// server serves with ([`ExecutorConfig::submit_limits`]), and its actions against the
+    /// registry. A refused job is told every violation at once, and nothing is stored.
+    pub async fn submit(&self, spec: NewJob) -> Result<Job, ExecutorError> {
+        let mut violations = crate::job::check_submit(&spec, &self.inner.config.submit_limits);
+        if !violations.is_empty() {
+            // Its actions too, so that every bad field is named at once (as the API does).
+            for (i, action) in spec.actions.iter().enumerate() {
+                violations.extend(self.inner.registry.validate_action(i, action)?);
+            }
+            return Err(ExecutorError::Invalid(violations));
+        }
+        self.submit_checked(spec).await
+    }
+
+    /// [`Executor::submit`] for a job whose limits the API's edge has checked already, on its
+    /// wire form (where sizes are measured as sent).
+    pub(crate) async fn submit_checked(&self, mut spec: NewJob) -> Result<Job, ExecutorError> {
         self.until_recovered().await?;
         if self.inner.accepting.is_cancelled() {
             return Err(ExecutorError::ShuttingDown);
@@ -512,11 +535,6 @@ impl Executor {
 
     fn validate(&self, spec: &NewJob) -> Result<Vec<FieldViolation>, ExecutorError> {
         let mut violations = Vec::new();
-        // The API refuses such a job at its edge; a program submitting in-process does not
-        // go through it, and a job with nothing to run would simply succeed.
-        if spec.actions.is_empty() {
-            violations.push(FieldViolation::new("actions", crate::job::NO_ACTIONS));
-        }
         for (i, action) in spec.actions.iter().enumerate() {
             violations.extend(self.inner.registry.validate_action(i, action)?);
         }

@@ -263,7 +263,11 @@ impl Inner {
         handle: &StopHandle,
         started_action: Option<usize>,
     ) -> Result<Attempt, RunError> {
-        let deadline = job.timeout.map(|timeout| Instant::now() + timeout);
+        // A timeout past the clock's range (only a job stored by a program that skipped the
+        // checks could have one) is no limit, not a panic that would strand the job.
+        let deadline = job
+            .timeout
+            .and_then(|timeout| Instant::now().checked_add(timeout));
         let attempt_done = CancellationToken::new();
         let _stop_timer = attempt_done.clone().drop_guard();
         if let Some(deadline) = deadline {

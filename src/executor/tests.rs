@@ -338,6 +338,57 @@ async fn a_job_whose_cancel_was_stored_before_a_crash_ends_cancelled_at_restart(
     assert_eq!(executor.queue_length(), 0);
 }
 
+/// A program submitting in-process is held to the limits the API enforces at its edge: a job
+/// it could not run (a timeout past the clock), send (too large for one response) or read back
+/// (params too deep to decode) is refused naming every field, with the registry's findings
+/// too, and nothing is written.
+#[tokio::test]
+async fn in_process_jobs_are_held_to_the_api_limits() {
+    let dir = TempDir::new().unwrap();
+    let (store, executor) = start_on_sqlite(&dir, Registry::with_builtins(), 1).await;
+    let before = store.stats();
+
+    let mut deep = serde_json::json!(1);
+    for _ in 0..200 {
+        deep = Value::Object([("d".to_owned(), deep)].into_iter().collect());
+    }
+    let mut job = spec("echo");
+    job.actions[0].params.insert("message".to_owned(), deep);
+    job.actions.push(spec("nope").actions.remove(0));
+    job.timeout = Some(Duration::MAX);
+    job.idempotency_key = Some(String::new());
+    job.labels.insert("k".to_owned(), "v".repeat(257));
+    job.actions[1].input = vec![0; 8 * 1024 * 1024 + 1].into();
+    let refused = executor.submit(job).await;
+    let Err(ExecutorError::Invalid(violations)) = refused else {
+        panic!("accepted: {refused:?}");
+    };
+    let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            format!("actions[0].params.message{}", ".d".repeat(32)).as_str(),
+            "actions[1].input",
+            "labels[\"k\"]",
+            "idempotency_key",
+            "timeout",
+            "actions[0].params.message",
+            "actions[1].name",
+        ]
+    );
+    let too_many = NewJob {
+        actions: std::iter::repeat_n(spec("echo").actions.remove(0), 101).collect(),
+        ..NewJob::default()
+    };
+    assert!(matches!(
+        executor.submit(too_many).await,
+        Err(ExecutorError::Invalid(v)) if v[0].field == "actions"
+    ));
+    assert_eq!(store.stats().commands, before.commands, "nothing written");
+    assert_eq!(executor.queue_length(), 0);
+    executor.shutdown(Duration::from_secs(1)).await;
+}
+
 /// A job without actions is refused in-process as at the API's edge, with the same words, and
 /// nothing is written: it would otherwise succeed having run nothing.
 #[tokio::test]

@@ -2,11 +2,19 @@
 //! Nothing here knows about gRPC or SQL.
 
 mod encoding;
+mod limits;
 mod model;
 mod state;
 mod webhook;
 mod wire;
 
+pub use limits::{
+    DEFAULT_MAX_PARAMS_DEPTH, MAX_DURATION, MAX_PARAMS_DEPTH_LIMIT, SubmitLimits, check_submit,
+    params_wire_size,
+};
+pub(crate) use limits::{
+    RUN_RESERVE_PER_ACTION, RUN_RESERVE_PER_JOB, check_labels, labels_wire_size,
+};
 pub use model::{
     Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_ERROR_DETAILS_BYTES,
     MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,

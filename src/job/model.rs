@@ -200,7 +200,9 @@ pub struct NewAction {
     pub input: Bytes,
 }
 
-/// A job to be submitted, already validated at the edge.
+/// A job to be submitted: what a Submit asks for. `Executor::submit` checks it against the
+/// server's limits ([`SubmitLimits`](super::SubmitLimits)) and its actions against the
+/// registry before anything is stored.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct NewJob {
     /// The actions, in order; at least one.
