@@ -88,6 +88,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => FileConfig::default(),
     };
     let config = Config::resolve(args.settings, file);
+    // Before the store is opened: opening a data directory migrates it, and a refused config
+    // must not have upgraded a directory an older binary still serves.
+    Server::check_config(&config).context("checking the configuration")?;
     let store = config
         .open_store()
         .await

@@ -176,6 +176,36 @@ fn without_auth_or_tls_on_a_non_loopback_address_serve_warns_loudly() {
     child.wait().unwrap();
 }
 
+/// A refused configuration leaves the data directory as it was: opening it would create or
+/// migrate it, and a dry run of a new binary with a typo must not upgrade a directory that an
+/// older one still serves.
+#[test]
+fn a_refused_configuration_does_not_touch_the_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["--concurrency", "0"][..],
+        &["--auth", "on"][..],
+        &["--tls-cert", "missing.pem", "--tls-key", "missing.pem"][..],
+    ] {
+        let output = Spawned::spawn(
+            Command::new(env!("CARGO_BIN_EXE_longrun"))
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .args(args)
+                .current_dir(dir.path())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .wait_bounded();
+        assert!(!output.status.success(), "{args:?}");
+        assert!(
+            !dir.path().join("longrun-data").exists(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 /// `serve` with `args` (and `config`, written to a file, when given) in a fresh directory,
 /// waited for: it is expected to stop by itself.
 fn serve_refusing(args: &[&str], config: Option<&str>) -> std::process::Output {
@@ -210,6 +240,7 @@ fn settings_out_of_range_are_refused_naming_them() {
         ("--max-label-key-bytes", "0", "max_label_key_bytes"),
         ("--max-page-size", "0", "max_page_size"),
         ("--max-params-depth", "0", "max_params_depth"),
+        ("--max-params-depth", "101", "max_params_depth"),
         (
             "--max-watches-per-connection",
             "0",
