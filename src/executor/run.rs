@@ -59,6 +59,22 @@ fn timed_out(job: &Job) -> HandlerError {
     )
 }
 
+/// The first wait between tries to settle a job whose run a failed write aborted, and the
+/// longest (see `Inner::settle_aborted`).
+const SETTLE_RETRY_INITIAL: Duration = Duration::from_millis(100);
+const SETTLE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Whether a run's error says that the job is not this server's any more: on a shared store,
+/// another replica took it over (its lease ran out here) or changed it first (cancelled it
+/// while it waited here).
+fn no_longer_ours(error: &RunError, shared: bool) -> bool {
+    shared
+        && matches!(
+            error,
+            RunError::Store(StoreError::LeaseLost(_) | StoreError::StaleVersion { .. })
+        )
+}
+
 /// Why the owner task gave up on its job before deciding its fate.
 #[derive(Debug, thiserror::Error)]
 enum RunError {
@@ -146,21 +162,96 @@ impl Inner {
             Ok(Some(job)) => self.wait_and_requeue(job).await,
             other => other.map(|_| ()),
         };
-        match outcome {
-            Ok(()) => {}
-            // Shared store: another replica took the job over (its lease ran out here) or
-            // changed it first (cancelled it while it waited here): it is no longer ours.
-            Err(RunError::Store(
-                error @ (StoreError::LeaseLost(_) | StoreError::StaleVersion { .. }),
-            )) if self.shared => {
+        let requeue = match outcome {
+            Ok(()) => None,
+            Err(error) if no_longer_ours(&error, self.shared) => {
                 tracing::warn!(%error, "job no longer held by this replica; its run stopped");
+                None
             }
             Err(error) => {
-                tracing::error!(%error, "job run aborted; the stored state stands until recovery");
+                tracing::error!(
+                    %error,
+                    "job run aborted; settling it as interrupted once the store takes writes"
+                );
+                self.settle_aborted(id).await
             }
+        };
+        let mut scheduler = self.scheduler();
+        scheduler.finish(id);
+        // Queued only now that this task no longer holds it, or the dispatcher could hand it
+        // to a new task whose hold `finish` would then forget.
+        let requeued = requeue.is_some();
+        if let Some((priority, tenant)) = requeue {
+            scheduler.enqueue(id, priority, &tenant);
         }
-        self.scheduler().finish(id);
+        drop(scheduler);
+        if requeued {
+            self.wake.notify_one();
+        }
         self.sync_gauges();
+    }
+
+    /// Settles a job whose run a failed write aborted (a full disk, a storage error). The job
+    /// stands as last stored, RUNNING most likely, with no handler left: without this it would
+    /// stay so, its watchers and waiters with it, until the next start recovered it. It is
+    /// settled as that recovery would (re-queued with `attempt + 1`, failed `INTERRUPTED`
+    /// when out of attempts, CANCELLED when a cancel came), retried with backoff until the
+    /// store takes the write. A shutdown ends the retries: the next start recovers it then.
+    /// Returns the job's priority and tenant when it is to be queued again here.
+    async fn settle_aborted(&self, id: JobId) -> Option<(i32, String)> {
+        let mut wait = SETTLE_RETRY_INITIAL;
+        let mut cancel_tried = false;
+        loop {
+            // A Cancel that came for the aborted run carries over.
+            let handle = self.scheduler().rearm(id);
+            let cancel_asked = handle.cancel_asked().is_cancelled();
+            match self.try_settle_aborted(id, &handle).await {
+                Ok(queued) => {
+                    tracing::info!(job_id = %id, "aborted job settled");
+                    return queued.filter(|_| !self.shared);
+                }
+                Err(error) if no_longer_ours(&error, self.shared) => return None,
+                Err(RunError::Illegal(error)) => {
+                    tracing::error!(%error, "the aborted job cannot be settled; recovery at the next start will");
+                    return None;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?wait, "settling the aborted job failed");
+                }
+            }
+            if self.dispatching.is_cancelled() {
+                tracing::warn!(job_id = %id, "shutting down: the aborted job is left to recovery at the next start");
+                return None;
+            }
+            // A Cancel is tried at once, once, so that it is answered as soon as it can be;
+            // after that the backoff holds, or a store that fails at once would be spun on.
+            cancel_tried |= cancel_asked;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.dispatching.cancelled() => {}
+                _ = handle.cancel_asked().cancelled(), if !cancel_tried => {}
+            }
+            wait = (wait * 2).min(SETTLE_RETRY_MAX);
+        }
+    }
+
+    /// One try of [`Inner::settle_aborted`]; the job's priority and tenant when it ends QUEUED.
+    async fn try_settle_aborted(
+        &self,
+        id: JobId,
+        handle: &StopHandle,
+    ) -> Result<Option<(i32, String)>, RunError> {
+        let Some(mut job) = self.store.get(id).await? else {
+            return Ok(None);
+        };
+        if job.state == JobState::Running {
+            if handle.cancel_asked().is_cancelled() && !job.cancel_requested {
+                job.request_cancel(SystemTime::now())?;
+            }
+            self.settle_interrupted(&mut job, "storing the job's state failed while it ran")?;
+            self.commit_state(&job).await?;
+        }
+        Ok((job.state == JobState::Queued).then_some((job.priority, job.tenant)))
     }
 
     /// Runs one attempt and settles the job; returns it when it is to be retried. `permit`, the
