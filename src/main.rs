@@ -145,8 +145,26 @@ fn hash_key() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
+/// Completes on SIGINT or SIGTERM; from then on, a second one ends the process at once.
 async fn shutdown_signal() {
+    signalled().await;
+    tracing::info!(
+        "shutting down: running jobs get the shutdown grace period; a second Ctrl-C or SIGTERM \
+         stops at once"
+    );
+    tokio::spawn(async {
+        signalled().await;
+        // What a kill -9 leaves is what recovery picks up at the next start: every
+        // acknowledged change is on disk already.
+        tracing::warn!(
+            "second signal: stopping now; unfinished jobs are recovered at the next start"
+        );
+        std::process::exit(130);
+    });
+}
+
+/// Completes on the next SIGINT or SIGTERM.
+async fn signalled() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

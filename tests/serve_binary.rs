@@ -126,6 +126,32 @@ async fn finished_jobs_are_removed_after_the_retention_period() {
     assert!(still_there.is_ok(), "unfinished jobs are never removed");
 }
 
+/// A second SIGTERM (or Ctrl-C) while the server drains stops it at once, as an operator
+/// pressing Ctrl-C twice expects; it leaves what a kill -9 leaves, for the next start.
+#[tokio::test]
+async fn a_second_signal_stops_a_draining_server_at_once() {
+    use nix::sys::signal::{Signal, kill};
+    let addr = common::free_addr();
+    let mut server = serve_with(&["--listen", &addr.to_string(), "--shutdown-grace", "60s"]);
+    let mut client = common::connect(addr).await;
+    let job = submit(&mut client, request(vec![sleep(60_000, 1)])).await;
+    common::until_state(&mut client, &job.id, pb::JobState::Running).await;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap());
+
+    kill(pid, Signal::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "the first signal drains: the running job has 60 s"
+    );
+    kill(pid, Signal::SIGINT).unwrap();
+    // Bounded by PATIENCE, well under the grace period.
+    let output = server.wait_bounded();
+    assert_eq!(output.status.code(), Some(130));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("second signal"), "{stderr}");
+}
+
 /// Starts `longrun serve` with `args` on a memory store, stderr piped.
 fn serve_with(args: &[&str]) -> Spawned {
     Spawned::spawn(
