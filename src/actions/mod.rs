@@ -121,6 +121,45 @@ impl HandlerError {
     }
 }
 
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.retryable {
+            "retryable"
+        } else {
+            "permanent"
+        };
+        write!(f, "{} ({kind})", self.error)
+    }
+}
+
+/// `?` on any error in a handler: a retryable `INTERNAL` failure with reason `HANDLER_ERROR`,
+/// its message the error and its sources (`reading the input: unexpected end of file`).
+/// Errors that deserve their own code, reason, or no retry are built with
+/// [`HandlerError::new`] or [`HandlerError::permanent`]. (`HandlerError` itself is therefore
+/// not a `std::error::Error`: it would have to convert from itself.)
+impl<E: std::error::Error> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self::new("INTERNAL", "HANDLER_ERROR", message)
+    }
+}
+
+impl From<JobError> for HandlerError {
+    /// A retryable failure with exactly this error.
+    fn from(error: JobError) -> Self {
+        Self {
+            error,
+            retryable: true,
+        }
+    }
+}
+
 /// Runs one kind of action. Implement it to add your own actions to a server, with
 /// [`macro@async_trait`] on the `impl` (re-exported here).
 ///
@@ -308,6 +347,33 @@ mod tests {
             Value::Object(map) => map,
             _ => unreachable!("test params are objects"),
         }
+    }
+
+    #[test]
+    fn any_error_converts_into_a_retryable_handler_error_with_its_sources() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading the input")]
+        struct Reading(#[source] std::io::Error);
+
+        fn handler_step() -> Result<(), HandlerError> {
+            Err(Reading(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "unexpected end of file",
+            )))?;
+            Ok(())
+        }
+        let error = handler_step().unwrap_err();
+        assert!(error.retryable);
+        assert_eq!(
+            error.to_string(),
+            "INTERNAL/HANDLER_ERROR: reading the input: unexpected end of file (retryable)"
+        );
+        let own = HandlerError::from(JobError::new("NOT_FOUND", "NO_SUCH_FILE", "gone"));
+        assert_eq!(own.error.reason, "NO_SUCH_FILE");
+        assert_eq!(
+            HandlerError::cancelled().to_string(),
+            "CANCELLED/CANCELLED: the action was stopped (permanent)"
+        );
     }
 
     #[test]

@@ -136,6 +136,13 @@ pub struct JobError {
     pub details: Map<String, Value>,
 }
 
+impl fmt::Display for JobError {
+    /// `CODE/REASON: message`, as a log line would want it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}: {}", self.code, self.reason, self.message)
+    }
+}
+
 /// The longest error message kept, in bytes; longer ones are cut.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 /// The largest error details kept, as sent (see [`super::wire_size`]); larger ones are

@@ -110,7 +110,8 @@ impl SqliteStore {
     /// Fails with [`StoreError::Locked`] at once if another store holds `dir`, and with
     /// [`StoreError::IncompatibleSchema`] if a newer longrun wrote it. Blocks while it opens
     /// and migrates the database: call it at startup, not on a busy runtime.
-    pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+    pub fn open(dir: impl AsRef<Path>, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(|e| {
             StoreError::backend(format!("creating data directory {}", dir.display()), e)
         })?;

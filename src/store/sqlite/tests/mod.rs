@@ -114,7 +114,7 @@ async fn an_unusable_directory_is_an_error() {
     let dir = TempDir::new().unwrap();
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
-    let error = SqliteStore::open(&file.join("data"), SqliteOptions::default())
+    let error = SqliteStore::open(file.join("data"), SqliteOptions::default())
         .err()
         .expect("cannot create a directory under a file");
     assert!(error.to_string().contains("not-a-dir"), "{error}");
