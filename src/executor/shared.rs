@@ -107,9 +107,19 @@ impl Inner {
             Ok(renewal) => {
                 let held: HashSet<JobId> = renewal.held.into_iter().collect();
                 for (id, handle) in before {
-                    if !held.contains(&id) {
+                    if held.contains(&id) {
+                        continue;
+                    }
+                    // Harmless for a run that is over, and needed for one that is not.
+                    handle.stop(StopReason::Shutdown);
+                    // A job that ended here while the renewal ran is not held any more either
+                    // (only unfinished jobs are): that is no loss to warn of.
+                    let ended = matches!(
+                        self.store.get(id).await,
+                        Ok(Some(job)) if job.state.is_terminal()
+                    );
+                    if !ended {
                         tracing::warn!(job_id = %id, "lease lost to another replica; stopping the job here");
-                        handle.stop(StopReason::Shutdown);
                     }
                 }
                 // Normally the notification came first; this covers one the feed missed.
