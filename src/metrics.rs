@@ -135,6 +135,18 @@ impl Default for Metrics {
             "Webhook deliveries not yet delivered nor dead",
             webhook_pending.clone(),
         );
+        // Every series a label set is known for is there at 0 from the start, so that a
+        // dashboard's rate() has something to start from before the first job or delivery.
+        for state in crate::job::JobState::ALL {
+            let _ = transitions.get_or_create(&StateLabels {
+                state: state.as_str().to_owned(),
+            });
+        }
+        for outcome in ["delivered", "retry", "dead"] {
+            let _ = webhook_attempts.get_or_create(&WebhookLabels {
+                outcome: outcome.to_owned(),
+            });
+        }
         Self {
             registry,
             transitions,
@@ -374,6 +386,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("longrun_queue_depth"), "{text}");
+        // The series nothing has counted yet are there, at 0.
+        assert!(
+            text.contains("longrun_job_transitions_total{state=\"CANCELLED\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("longrun_webhook_attempts_total{outcome=\"dead\"} 0"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 
