@@ -26,6 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".longrun.v1.ActionSpec.input")
+        // A job's labels in key order on the wire: the same job then always encodes to the
+        // same bytes (clients compare and cache responses, operations especially, by them).
+        .btree_map(".longrun.v1.Job.labels")
         // `google.rpc.Status` and its detail messages already exist in tonic-types, which the
         // rich error model uses; one type for both keeps conversions away.
         .extern_path(".google.rpc", "::tonic_types::pb")

@@ -18,7 +18,7 @@ use longrun::api::{
 use prost::Message as _;
 use serde_json::json;
 use tonic::{Code, transport::Channel};
-use tonic_types::pb::ErrorInfo;
+use tonic_types::{StatusExt as _, pb::ErrorInfo};
 
 async fn operations(server: &TestServer) -> OperationsClient<Channel> {
     OperationsClient::connect(format!("http://{}", server.addr))
@@ -314,6 +314,58 @@ async fn wait_returns_not_done_after_a_short_timeout_and_done_for_a_short_job() 
     assert!(op.done);
     assert!(matches!(op.result, Some(Outcome::Response(_))));
     cancel(&mut jobs, &long.id).await;
+}
+
+#[tokio::test]
+async fn a_wait_for_an_operation_that_outlives_the_server_ends_with_unavailable() {
+    // `done: false` tells an LRO client that its wait ran out, which would be false: neither
+    // the timeout nor the deadline did. WaitJob answers the same way.
+    let gate = Gate::default();
+    let mut config = test_config();
+    config.executor.concurrency = 1;
+    config.shutdown_grace = Duration::from_millis(200);
+    let mut server = TestServer::start_with(config, gate.registry()).await;
+    let mut jobs = server.client.clone();
+    let ops = operations(&server).await;
+    let running = submit(&mut jobs, request(vec![gated()])).await;
+    gate.next_started().await;
+    let queued = submit(&mut jobs, request_of(sleep(10, 1))).await;
+    let wait = |job: &pb::Job| {
+        let mut ops = ops.clone();
+        let name = name(job);
+        tokio::spawn(async move {
+            ops.wait_operation(WaitOperationRequest {
+                name,
+                timeout: millis_proto(30_000),
+            })
+            .await
+        })
+    };
+    let waits = [wait(&running), wait(&queued)];
+    // The queued job's wait is in once that job has a channel (the running one has one
+    // already); the other wait was sent first, and has the shutdown grace to arrive anyway.
+    let hub = std::sync::Arc::clone(server.executor.hub());
+    tokio::time::timeout(PATIENCE, async {
+        while hub.watched_jobs() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the waits reach the server");
+
+    server.begin_stop();
+    for (job, wait) in [&running, &queued].into_iter().zip(waits) {
+        let answer = tokio::time::timeout(PATIENCE, wait)
+            .await
+            .expect("the wait ends long before its timeout")
+            .expect("wait task");
+        let status = answer.expect_err("not an answer that the wait ran out");
+        assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "SHUTTING_DOWN", "job {}", job.id);
+        assert_eq!(info.domain, "longrun.dev");
+    }
+    server.stop().await;
 }
 
 fn request_of(action: pb::ActionSpec) -> pb::SubmitRequest {

@@ -334,14 +334,14 @@ impl Jobs for JobsService {
         let id = job_id("job_id", &request.get_ref().job_id)?;
         let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
         check_owner(&self.executor, &tenant(&request), id).await?;
-        let (job, done) = self.wait_for(id, until).await?;
-        if !done && self.stopping.is_cancelled() {
-            // The caller asked to wait for the end, not for this server: telling it the wait
-            // ran out would be false. UNAVAILABLE is what clients already retry.
-            return Err(shutting_down(format!(
-                "the server is shutting down before job {id} ended; wait again"
-            )));
-        }
+        let (job, done) = wait::wait_for_end(
+            &self.executor,
+            &self.stopping,
+            id,
+            until,
+            format!("job {id}"),
+        )
+        .await?;
         let job = self.with_deliveries(id, job).await?;
         Ok(Response::new(pb::WaitJobResponse {
             job: Some(job),

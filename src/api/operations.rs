@@ -19,7 +19,9 @@ use super::{
         CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
         ListOperationsResponse, Operation, WaitOperationRequest, operations_server::Operations,
     },
-    operations_convert::{check_collection, operation, parse_filter, parse_operation_name},
+    operations_convert::{
+        check_collection, operation, operation_name, parse_filter, parse_operation_name,
+    },
     paging::Page,
     status::{invalid, invalid_field, job_not_finished, job_not_found, watch_status},
     wait,
@@ -40,8 +42,8 @@ pub struct OperationsService {
 }
 
 impl OperationsService {
-    /// A service over `executor`, paging with `limits`. When `stopping` fires, waits return
-    /// at once with the operation as it is.
+    /// A service over `executor`, paging with `limits`. When `stopping` fires, waits end at
+    /// once: with the operation if it is done, otherwise with UNAVAILABLE (`SHUTTING_DOWN`).
     pub fn new(executor: Executor, limits: Limits, stopping: CancellationToken) -> Self {
         Self {
             executor,
@@ -167,7 +169,8 @@ impl Operations for OperationsService {
     }
 
     /// Returns when the operation is done, or when `timeout` or the call's deadline (whichever
-    /// is sooner) runs out, with the operation as it is then.
+    /// is sooner) runs out, with the operation as it is then. When the server shuts down
+    /// before the operation is done it answers UNAVAILABLE (`SHUTTING_DOWN`), as `Jobs/WaitJob`.
     #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
     async fn wait_operation(
         &self,
@@ -176,7 +179,15 @@ impl Operations for OperationsService {
         let id = job_id(&request.get_ref().name)?;
         let until = wait::until_timeout(request.metadata(), request.get_ref().timeout)?;
         check_owner(&self.executor, &tenant(&request), id).await?;
-        let (job, _) = wait::wait_for(&self.executor, &self.stopping, id, until).await?;
+        let name = operation_name(&id.to_string());
+        let (job, _) = wait::wait_for_end(
+            &self.executor,
+            &self.stopping,
+            id,
+            until,
+            format!("operation {name}"),
+        )
+        .await?;
         Ok(Response::new(operation(job)))
     }
 }

@@ -9,12 +9,17 @@
 //! | `done` | the job is SUCCEEDED, FAILED or CANCELLED |
 //! | `response` | SUCCEEDED: `Any` of the same `longrun.v1.Job` (AIP-151: the response of a create is the resource; each action's result is in `actions[i].result`) |
 //! | `error` | FAILED: `google.rpc.Status` with the code named by `JobError.code`; CANCELLED: code CANCELLED (1); both with `ErrorInfo{reason, domain: "longrun.dev"}` |
+//!
+//! The same job always encodes to the same bytes: map entries (the job's `labels`, a
+//! `BTreeMap` by `build.rs`, and the `ErrorInfo.metadata`) are written in key order, as clients
+//! compare and cache operations by their encoding, and a `HashMap` iterates in a different
+//! order from one map to the next.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use prost::Message as _;
 use prost_types::Any;
-use tonic_types::pb::{ErrorInfo, Status};
+use tonic_types::pb::Status;
 
 use super::{
     convert::{DEFAULT_MAX_PARAMS_DEPTH, value_to_json},
@@ -126,12 +131,26 @@ pub fn code_number(name: &str) -> i32 {
     code as i32
 }
 
+/// `google.rpc.ErrorInfo` with its metadata in key order: the generated type's `HashMap`
+/// would encode the same metadata differently from one map to the next. Same fields and tags,
+/// so it decodes as the generated type.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SortedErrorInfo {
+    #[prost(string, tag = "1")]
+    reason: String,
+    #[prost(string, tag = "2")]
+    domain: String,
+    #[prost(btree_map = "string, string", tag = "3")]
+    metadata: BTreeMap<String, String>,
+}
+
 /// A job as an operation.
 pub fn operation(job: pb::Job) -> Operation {
     use super::longrunning::operation::Result as Outcome;
     let state = pb::JobState::try_from(job.state).unwrap_or_default();
+    let packed = pack_job(&job);
     let outcome = match state {
-        pb::JobState::Succeeded => Some(Outcome::Response(pack_job(&job))),
+        pb::JobState::Succeeded => Some(Outcome::Response(packed.clone())),
         pb::JobState::Failed | pb::JobState::Cancelled => {
             Some(Outcome::Error(error_status(&job, state)))
         }
@@ -139,7 +158,7 @@ pub fn operation(job: pb::Job) -> Operation {
     };
     Operation {
         name: operation_name(&job.id),
-        metadata: Some(pack_job(&job)),
+        metadata: Some(packed),
         done: outcome.is_some(),
         result: outcome,
     }
@@ -174,12 +193,12 @@ fn error_status(job: &pb::Job, state: pb::JobState) -> Status {
     } else {
         error.message.clone()
     };
-    let mut metadata = HashMap::from([("job_id".to_owned(), job.id.clone())]);
+    let mut metadata = BTreeMap::from([("job_id".to_owned(), job.id.clone())]);
     // ErrorInfo metadata is string to string: string details as they are, others as JSON text.
     for (key, value) in error.details.iter().flat_map(|d| d.fields.iter()) {
         metadata.insert(key.clone(), detail_text(value));
     }
-    let info = ErrorInfo {
+    let info = SortedErrorInfo {
         reason,
         domain: ERROR_DOMAIN.to_owned(),
         metadata,
@@ -289,5 +308,61 @@ mod tests {
         };
         assert_eq!(status.code, tonic::Code::Unknown as i32);
         assert!(!status.message.is_empty());
+    }
+
+    /// A failed job with many labels and many error details, its labels inserted in `order`.
+    fn failed_job(id: &str, order: impl Iterator<Item = usize>) -> pb::Job {
+        let fields = (0..16)
+            .map(|i| {
+                let value = prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(format!("v{i}"))),
+                };
+                (format!("detail_{i:02}"), value)
+            })
+            .collect();
+        pb::Job {
+            id: id.to_owned(),
+            state: pb::JobState::Failed as i32,
+            labels: order
+                .map(|i| (format!("label_{i:02}"), i.to_string()))
+                .collect(),
+            error: Some(pb::JobError {
+                code: "DEADLINE_EXCEEDED".to_owned(),
+                reason: "TOO_SLOW".to_owned(),
+                message: "took too long".to_owned(),
+                details: Some(prost_types::Struct { fields }),
+            }),
+            ..pb::Job::default()
+        }
+    }
+
+    #[test]
+    fn the_same_job_always_encodes_to_the_same_bytes() {
+        // Each HashMap iterates in its own order, so a difference shows within a few maps.
+        let id = JobId::generate().to_string();
+        let encodings: Vec<Vec<u8>> = (0..8)
+            .flat_map(|_| [failed_job(&id, 0..16), failed_job(&id, (0..16).rev())])
+            .map(|job| operation(job).encode_to_vec())
+            .collect();
+        assert!(encodings.iter().all(|e| *e == encodings[0]));
+
+        // Still what the generated types decode, with nothing lost.
+        let op = Operation::decode(encodings[0].as_slice()).expect("an operation");
+        let job = pb::Job::decode(op.metadata.expect("metadata").value.as_slice()).expect("a job");
+        assert_eq!(job, failed_job(&id, 0..16));
+        let Some(super::super::longrunning::operation::Result::Error(status)) = op.result else {
+            panic!("an error");
+        };
+        assert_eq!(status.code, tonic::Code::DeadlineExceeded as i32);
+        let [detail] = status.details.as_slice() else {
+            panic!("one detail, not {:?}", status.details);
+        };
+        assert_eq!(detail.type_url, ERROR_INFO_TYPE_URL);
+        let info = tonic_types::pb::ErrorInfo::decode(detail.value.as_slice()).expect("ErrorInfo");
+        assert_eq!(info.reason, "TOO_SLOW");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata.len(), 17);
+        assert_eq!(info.metadata["job_id"], id);
+        assert_eq!(info.metadata["detail_07"], "v7");
     }
 }

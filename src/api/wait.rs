@@ -69,6 +69,26 @@ pub(super) async fn wait_for(
     Ok((convert::job(&job), done))
 }
 
+/// [`wait_for`] for a caller that asked to wait for the job's end (WaitJob, WaitOperation),
+/// not for this server: when a shutdown ends the wait first, telling it "not done" would say
+/// that its wait ran out, which would be false. It gets UNAVAILABLE (`SHUTTING_DOWN`) instead,
+/// what clients already retry. `what` names the job as the caller knows it.
+pub(super) async fn wait_for_end(
+    executor: &Executor,
+    stopping: &CancellationToken,
+    id: JobId,
+    until: Option<Instant>,
+    what: String,
+) -> Result<(pb::Job, bool), Status> {
+    let (job, done) = wait_for(executor, stopping, id, until).await?;
+    if !done && stopping.is_cancelled() {
+        return Err(super::status::shutting_down(format!(
+            "the server is shutting down before {what} ended; wait again"
+        )));
+    }
+    Ok((job, done))
+}
+
 /// Parses the `grpc-timeout` header: digits followed by a unit (H, M, S, m, u, n).
 fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
