@@ -44,19 +44,8 @@ pub fn new_job(
     registry: &crate::actions::Registry,
 ) -> Result<NewJob, Vec<FieldViolation>> {
     let mut violations = Vec::new();
-    if request.actions.is_empty() {
-        violations.push(FieldViolation::new("actions", job::NO_ACTIONS));
-    }
-    if request.actions.len() > limits.max_actions_per_job {
-        violations.push(FieldViolation::new(
-            "actions",
-            format!(
-                "{} actions given; at most {} are allowed per job",
-                request.actions.len(),
-                limits.max_actions_per_job
-            ),
-        ));
-    }
+    let job_limits = limits.submit_limits();
+    job::check_action_count(request.actions.len(), &job_limits, &mut violations);
     // What the request carries that no snapshot repeats: inputs, and the webhook (kept apart).
     let unrepeated: usize = request
         .actions
@@ -81,25 +70,13 @@ pub fn new_job(
         }
         let params_size = spec.params.as_ref().map_or(0, prost::Message::encoded_len);
         all_params_size += params_size;
-        if params_size > limits.max_params_bytes {
-            violations.push(FieldViolation::new(
-                format!("{field}.params"),
-                format!(
-                    "is {params_size} bytes encoded; at most {} are allowed",
-                    limits.max_params_bytes
-                ),
-            ));
-        }
-        if spec.input.len() > limits.max_input_bytes {
-            violations.push(FieldViolation::new(
-                format!("{field}.input"),
-                format!(
-                    "is {} bytes; at most {} are allowed",
-                    spec.input.len(),
-                    limits.max_input_bytes
-                ),
-            ));
-        }
+        job::check_action_sizes(
+            &field,
+            params_size,
+            spec.input.len(),
+            &job_limits,
+            &mut violations,
+        );
         let params = match spec
             .params
             .map(|p| struct_to_json(p, 0, limits.max_params_depth))
@@ -173,7 +150,7 @@ pub fn new_job(
     if request.max_attempts < 0 {
         violations.push(FieldViolation::new("max_attempts", "must not be negative"));
     }
-    violations.extend(check_labels("labels", &request.labels, limits));
+    violations.extend(job::check_labels("labels", &request.labels, &job_limits));
     if !violations.is_empty() {
         for (i, action) in actions.iter().enumerate() {
             if checkable[i] {

@@ -152,24 +152,62 @@ fn too_deep(params: &Map<String, Value>, max_depth: usize) -> Option<String> {
         .find_map(|(key, value)| walk(value, 1, max_depth).map(|below| format!(".{key}{below}")))
 }
 
+/// Checks how many actions a job has: at least one, at most `max_actions_per_job`. The API's
+/// edge (on the wire form) and [`check_submit`] (on the domain form) both call it.
+pub(crate) fn check_action_count(
+    count: usize,
+    limits: &SubmitLimits,
+    violations: &mut Vec<FieldViolation>,
+) {
+    if count == 0 {
+        violations.push(FieldViolation::new("actions", NO_ACTIONS));
+    }
+    if count > limits.max_actions_per_job {
+        violations.push(FieldViolation::new(
+            "actions",
+            format!(
+                "{count} actions given; at most {} are allowed per job",
+                limits.max_actions_per_job
+            ),
+        ));
+    }
+}
+
+/// Checks one action's params (as sent: see [`params_wire_size`]) and input sizes, naming
+/// `field` (`actions[1]`); shared as [`check_action_count`] is.
+pub(crate) fn check_action_sizes(
+    field: &str,
+    params_size: usize,
+    input_len: usize,
+    limits: &SubmitLimits,
+    violations: &mut Vec<FieldViolation>,
+) {
+    if params_size > limits.max_params_bytes {
+        violations.push(FieldViolation::new(
+            format!("{field}.params"),
+            format!(
+                "is {params_size} bytes encoded; at most {} are allowed",
+                limits.max_params_bytes
+            ),
+        ));
+    }
+    if input_len > limits.max_input_bytes {
+        violations.push(FieldViolation::new(
+            format!("{field}.input"),
+            format!(
+                "is {input_len} bytes; at most {} are allowed",
+                limits.max_input_bytes
+            ),
+        ));
+    }
+}
+
 /// Every way `spec` breaks `limits`, each naming its field as a client would write it
 /// (`actions[0].params.a.b`, `labels["k"]`, `timeout`). Whether its actions exist and take
 /// these params is the registry's to check.
 pub fn check_submit(spec: &NewJob, limits: &SubmitLimits) -> Vec<FieldViolation> {
     let mut violations = Vec::new();
-    if spec.actions.is_empty() {
-        violations.push(FieldViolation::new("actions", NO_ACTIONS));
-    }
-    if spec.actions.len() > limits.max_actions_per_job {
-        violations.push(FieldViolation::new(
-            "actions",
-            format!(
-                "{} actions given; at most {} are allowed per job",
-                spec.actions.len(),
-                limits.max_actions_per_job
-            ),
-        ));
-    }
+    check_action_count(spec.actions.len(), limits, &mut violations);
     let mut submitted = 0;
     for (i, action) in spec.actions.iter().enumerate() {
         let field = format!("actions[{i}]");
@@ -188,25 +226,13 @@ pub fn check_submit(spec: &NewJob, limits: &SubmitLimits) -> Vec<FieldViolation>
             continue;
         }
         let params_size = params_wire_size(&action.params);
-        if params_size > limits.max_params_bytes {
-            violations.push(FieldViolation::new(
-                format!("{field}.params"),
-                format!(
-                    "is {params_size} bytes encoded; at most {} are allowed",
-                    limits.max_params_bytes
-                ),
-            ));
-        }
-        if action.input.len() > limits.max_input_bytes {
-            violations.push(FieldViolation::new(
-                format!("{field}.input"),
-                format!(
-                    "is {} bytes; at most {} are allowed",
-                    action.input.len(),
-                    limits.max_input_bytes
-                ),
-            ));
-        }
+        check_action_sizes(
+            &field,
+            params_size,
+            action.input.len(),
+            limits,
+            &mut violations,
+        );
         submitted += framed(framed(action.name.len()) + framed(params_size));
     }
     violations.extend(check_labels("labels", &spec.labels, limits));

@@ -13,7 +13,8 @@ pub use limits::{
     params_wire_size,
 };
 pub(crate) use limits::{
-    RUN_RESERVE_PER_ACTION, RUN_RESERVE_PER_JOB, check_labels, labels_wire_size,
+    RUN_RESERVE_PER_ACTION, RUN_RESERVE_PER_JOB, check_action_count, check_action_sizes,
+    check_labels, labels_wire_size,
 };
 pub use model::{
     Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_ERROR_DETAILS_BYTES,
