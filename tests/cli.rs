@@ -378,6 +378,26 @@ async fn an_address_with_another_scheme_is_a_usage_error() {
     assert!(run.stderr.contains("--addr \"ftp://"), "{run:?}");
 }
 
+/// An address without a usable port is a mistake on the command line (exit 2), not a server
+/// that is not running: without the check it reached port 80, or a port parsed out of junk.
+#[tokio::test]
+async fn an_address_without_a_usable_port_is_a_usage_error() {
+    for (addr, why) in [
+        ("127.0.0.1", "has no port"),
+        ("127.0.0.1:http", "not a port number"),
+        ("127.0.0.1:70000", "not a port number"),
+    ] {
+        let run = longrun(addr, &["list"]).await;
+        assert_eq!(run.code, 2, "{addr}: {run:?}");
+        assert!(
+            run.stderr
+                .starts_with(&format!("error: --addr \"{addr}\" "))
+                && run.stderr.contains(why),
+            "{addr}: {run:?}"
+        );
+    }
+}
+
 /// A reader that closes stdout early (`ID=$(longrun submit ... | head -1)`) ends the output,
 /// not the command: no error, and the exit code is the command's outcome, never 5.
 #[tokio::test]

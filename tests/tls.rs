@@ -284,6 +284,38 @@ async fn the_cli_reaches_an_mtls_server_that_requires_an_api_key() {
     assert!(stderr.to_lowercase().contains("api key"), "{stderr}");
 }
 
+/// A CLI without the client certificate an mTLS server requires is told what is the likely
+/// cause, not only that its call was cancelled.
+#[tokio::test]
+async fn the_cli_without_a_client_certificate_is_told_the_server_wants_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let server = start(tls_config(&dir, &ca, Some(&client_ca))).await;
+    let trusted = client_ca.sign(&["client"]);
+    drop(until_ready(server.addr, &ca, Some(&trusted)).await);
+
+    let ca_path = write(&dir, "ca.pem", &ca.pem());
+    let addr = format!("https://localhost:{}", server.addr.port());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["list", "--addr", &addr, "--ca-cert"])
+            .arg(&ca_path)
+            .env_remove("LONGRUN_API_KEY")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("give --client-cert and --client-key"),
+        "the likely cause is named: {stderr}"
+    );
+    assert!(stderr.contains("cause: "), "{stderr}");
+}
+
 #[tokio::test]
 async fn grpc_web_over_http1_works_over_tls() {
     use prost::Message as _;

@@ -47,6 +47,17 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     innermost.to_string()
 }
 
+/// Whether `error` came from the connection rather than from the server's answer: it could
+/// not be opened, or a call's status was made by the client from a transport failure.
+pub fn failed_in_transport(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<Unreachable>()
+            || cause
+                .downcast_ref::<Status>()
+                .is_some_and(|status| std::error::Error::source(status).is_some())
+    })
+}
+
 /// Whether `error` is the user's mistake on the command line.
 pub fn is_usage(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| cause.is::<Usage>())
@@ -94,9 +105,17 @@ pub fn describe_status(status: &Status) -> String {
             humantime::format_duration(retry)
         );
     }
-    if status.code() == Code::Unavailable && std::error::Error::source(status).is_some() {
-        // A status made by the client itself from a transport error: the server went away.
-        text.push_str("\n  (the server cannot be reached; is `longrun serve` running?)");
+    if let Some(source) = std::error::Error::source(status) {
+        // A status made by the client itself from a transport error, whose message is only
+        // "transport error": the innermost cause says what went wrong (a refused connection,
+        // a TLS alert such as a client certificate the server requires).
+        let cause = root_cause(source);
+        if !cause.is_empty() && cause != status.message() {
+            let _ = write!(text, "\n  cause: {cause}");
+        }
+        if status.code() == Code::Unavailable {
+            text.push_str("\n  (the server cannot be reached; is `longrun serve` running?)");
+        }
     }
     text
 }

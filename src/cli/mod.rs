@@ -98,6 +98,21 @@ pub struct ClientArgs {
     pub output: Format,
 }
 
+impl Command {
+    /// The connection options every subcommand has.
+    fn client(&self) -> &ClientArgs {
+        match self {
+            Command::Submit(args) => &args.client,
+            Command::Status(args) => &args.client,
+            Command::Cancel(args) => &args.client,
+            Command::Watch(args) => &args.client,
+            Command::Wait(args) => &args.client,
+            Command::List(args) => &args.client,
+            Command::Actions(args) => &args.client,
+        }
+    }
+}
+
 /// The output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -122,6 +137,10 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Runs a client subcommand and returns the process exit code. Errors are printed here, on
 /// stderr, so that `main` only has to exit with the code.
 pub async fn run(command: Command) -> i32 {
+    let tls_without_certificate = {
+        let client = command.client();
+        client.addr.starts_with("https://") && client.client_cert.is_none()
+    };
     let result = match command {
         Command::Submit(args) => submit::run(args).await,
         Command::Status(args) => commands::status(args).await,
@@ -133,6 +152,14 @@ pub async fn run(command: Command) -> i32 {
     };
     let code = result.unwrap_or_else(|error| {
         eprintln!("{}", error::report(&error));
+        if tls_without_certificate && error::failed_in_transport(&error) {
+            // An mTLS server drops a client without a certificate after the handshake, and
+            // the client is told no more than "connection closed".
+            eprintln!(
+                "  (if the server requires client certificates (mTLS), give --client-cert and \
+                 --client-key)"
+            );
+        }
         if error::is_usage(&error) {
             exit::USAGE
         } else {
@@ -220,18 +247,7 @@ pub(crate) type Client = JobsClient<InterceptedService<Channel, BearerKey>>;
 /// be reached.
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     let addr = args.addr.as_str();
-    let uri = match addr.split_once("://") {
-        None => format!("http://{addr}"),
-        Some(("http" | "https", _)) => addr.to_owned(),
-        // Anything else would be sent as plaintext HTTP/2 all the same, hiding the mistake.
-        Some((scheme, _)) => {
-            return Err(error::Usage(format!(
-                "--addr {addr:?}: {scheme}:// is not supported; use host:port, http://host:port \
-                 or https://host:port"
-            ))
-            .into());
-        }
-    };
+    let uri = endpoint_uri(addr)?;
     let mut endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|e| error::Usage(format!("--addr {addr:?} is not a valid address: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -279,6 +295,63 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// The URI to connect to for `--addr`: a bare `host:port` is plaintext `http://host:port`;
+/// `http://` and `https://` are taken as given, their port defaulting to 80 and 443.
+///
+/// Checked here rather than left to the connection: a missing or malformed port would
+/// otherwise reach port 80 (or a port the URI parser made of it) and be reported as a server
+/// that is not running, exit code 5, when the mistake is on the command line.
+fn endpoint_uri(addr: &str) -> Result<String, error::Usage> {
+    let mistake = |why: &str| error::Usage(format!("--addr {addr:?} {why}"));
+    let (uri, bare) = match addr.split_once("://") {
+        None => (format!("http://{addr}"), true),
+        Some(("http" | "https", _)) => (addr.to_owned(), false),
+        // Anything else would be sent as plaintext HTTP/2 all the same, hiding the mistake.
+        Some((scheme, _)) => {
+            return Err(mistake(&format!(
+                "uses {scheme}://, which is not supported; use host:port, http://host:port or \
+                 https://host:port"
+            )));
+        }
+    };
+    let parsed: tonic::transport::Uri = uri
+        .parse()
+        .map_err(|e| mistake(&format!("is not a valid address: {e}")))?;
+    let authority = parsed
+        .authority()
+        .filter(|a| !a.host().is_empty())
+        .ok_or_else(|| mistake("has no host"))?;
+    if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() {
+        return Err(mistake(
+            "has a path; give only the scheme, host and port of the server",
+        ));
+    }
+    // Not `Authority::port`, which reads a port that is not a number as no port at all.
+    let after_host = match authority.as_str().rfind(']') {
+        Some(bracket) => &authority.as_str()[bracket + 1..],
+        None => authority.as_str(),
+    };
+    match after_host.rsplit_once(':').map(|(_, port)| port) {
+        Some("") => return Err(mistake("has an empty port")),
+        Some(port) => match port.parse::<u16>() {
+            Ok(number) if number > 0 => {}
+            _ => {
+                return Err(mistake(&format!(
+                    "has port {port:?}, which is not a port number (1 to 65535)"
+                )));
+            }
+        },
+        None if bare => {
+            return Err(mistake(
+                "has no port; use host:port (e.g. 127.0.0.1:50051), or http:// or https:// \
+                 for their default ports",
+            ));
+        }
+        None => {}
+    }
+    Ok(uri)
+}
+
 /// The exit code for a job in `state` at the end of a command that followed it.
 fn job_exit_code(job: &pb::Job) -> i32 {
     match job.state() {
@@ -306,4 +379,49 @@ fn parse_duration(text: &str) -> Result<Duration, humantime::DurationError> {
 fn wire_duration(flag: &str, duration: Duration) -> anyhow::Result<prost_types::Duration> {
     prost_types::Duration::try_from(duration)
         .map_err(|_| anyhow::anyhow!("{flag}: {duration:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint_uri;
+
+    #[test]
+    fn a_bare_host_and_port_is_plaintext_and_schemes_are_kept() {
+        assert_eq!(
+            endpoint_uri("127.0.0.1:50051").unwrap(),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(endpoint_uri("[::1]:7").unwrap(), "http://[::1]:7");
+        assert_eq!(
+            endpoint_uri("https://jobs.example.com").unwrap(),
+            "https://jobs.example.com"
+        );
+        assert_eq!(
+            endpoint_uri("http://localhost:65535/").unwrap(),
+            "http://localhost:65535/"
+        );
+    }
+
+    #[test]
+    fn addresses_without_a_usable_port_or_host_are_refused_naming_the_flag() {
+        for (addr, why) in [
+            ("localhost", "has no port"),
+            ("[::1]", "has no port"),
+            ("localhost:abc", "not a port number"),
+            ("localhost:99999", "not a port number"),
+            ("localhost:0", "not a port number"),
+            ("http://localhost:", "empty port"),
+            ("localhost:", "empty port"),
+            ("http://localhost:50051/jobs", "has a path"),
+            ("ftp://localhost:21", "not supported"),
+            ("http://", "address"),
+        ] {
+            let refused = endpoint_uri(addr).expect_err(addr).0;
+            assert!(
+                refused.starts_with(&format!("--addr {addr:?}")),
+                "{addr}: {refused}"
+            );
+            assert!(refused.contains(why), "{addr}: {refused}");
+        }
+    }
 }
