@@ -642,7 +642,7 @@ impl Executor {
 
     /// Stops taking new jobs and lets running ones finish for up to `grace`; then tells the
     /// rest to stop, waits up to the cancel grace period, and returns. Interrupted jobs are
-    /// left QUEUED with `attempt + 1`, so a durable store runs them again after a restart.
+    /// left QUEUED with the same attempt, which a durable store runs again after a restart.
     ///
     /// Only jobs whose handlers run get the grace period. A job waiting out its backoff
     /// before a retry (or taken from the queue but not started) stops waiting at once and

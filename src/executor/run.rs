@@ -314,9 +314,11 @@ impl Inner {
                 None
             }
             Attempt::Stopped(StopReason::Shutdown) if !job.cancel_requested => {
-                job.interrupt(now)?;
+                job.set_aside(now)?;
                 self.commit_state(&job).await?;
-                tracing::info!("job interrupted by shutdown, left queued");
+                tracing::info!(
+                    "job stopped by shutdown, left queued to run the same attempt again"
+                );
                 None
             }
             Attempt::Failed(error) if !cancel_asked => Some(error),

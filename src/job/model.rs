@@ -699,14 +699,27 @@ impl Job {
         Ok(())
     }
 
-    /// RUNNING → QUEUED because the server stopped while the job ran (not the job's fault):
-    /// the attempt counter goes up even past `max_attempts`, and the actions that did not
-    /// succeed go back to PENDING. The version jumps past any progress-only version that may
-    /// have been shown to watchers but not persisted (at most [`MAX_UNPERSISTED_VERSIONS`]),
-    /// so versions never go backwards across a crash.
+    /// RUNNING → QUEUED because the server died while the job ran, found at the next start
+    /// (the caller checks that an attempt is left): the attempt counter goes up, and the
+    /// actions that did not succeed go back to PENDING. The version jumps past any
+    /// progress-only version that may have been shown to watchers but not persisted (at most
+    /// [`MAX_UNPERSISTED_VERSIONS`]), so versions never go backwards across a crash.
     pub fn interrupt(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
-        self.set_state(JobState::Queued)?;
+        self.requeue_unfinished(now)?;
         self.attempt += 1;
+        Ok(())
+    }
+
+    /// RUNNING → QUEUED because a graceful shutdown stopped the job's handler: as
+    /// [`Job::interrupt`], but the attempt is not used up, since an orderly stop is neither
+    /// the job's fault nor a crash that could repeat. The next start runs the same attempt
+    /// again, so `attempt` never exceeds `max_attempts`.
+    pub fn set_aside(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
+        self.requeue_unfinished(now)
+    }
+
+    fn requeue_unfinished(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
+        self.set_state(JobState::Queued)?;
         self.reset_unfinished_actions();
         self.version += MAX_UNPERSISTED_VERSIONS;
         self.bump(now, true);

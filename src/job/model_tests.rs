@@ -132,15 +132,30 @@ fn retry_keeps_succeeded_actions_and_bumps_attempt() {
 }
 
 #[test]
-fn interrupt_requeues_past_max_attempts_and_jumps_versions() {
+fn interrupt_requeues_with_the_next_attempt_and_jumps_versions() {
     let now = SystemTime::now();
-    let mut job = job(1, 1);
+    let mut job = job(1, 2);
     job.start(now).unwrap();
     job.start_action(0, now).unwrap();
     let seen = job.version;
     job.interrupt(now).unwrap();
     assert_eq!(job.state, JobState::Queued);
     assert_eq!(job.attempt, 2);
+    assert_eq!(job.actions[0].state, ActionState::Pending);
+    assert!(job.version > seen + MAX_UNPERSISTED_VERSIONS);
+    assert_eq!(job.version, job.logged_version);
+}
+
+#[test]
+fn set_aside_requeues_the_same_attempt_and_jumps_versions() {
+    let now = SystemTime::now();
+    let mut job = job(1, 1);
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    let seen = job.version;
+    job.set_aside(now).unwrap();
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!((job.attempt, job.max_attempts), (1, 1));
     assert_eq!(job.actions[0].state, ActionState::Pending);
     assert!(job.version > seen + MAX_UNPERSISTED_VERSIONS);
     assert_eq!(job.version, job.logged_version);
