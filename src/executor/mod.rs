@@ -335,6 +335,29 @@ impl Executor {
         self.in_memory(id)
     }
 
+    /// Job `id` as it is now: the snapshot this process holds when it is the newest, else
+    /// the stored one. What `GetStatus` answers, for a program that embeds the executor.
+    pub async fn get(&self, id: JobId) -> Result<Job, ExecutorError> {
+        match self.newest_in_memory(id) {
+            Some(job) => Ok(Job::clone(&job)),
+            None => self.stored(id).await,
+        }
+    }
+
+    /// Waits until job `id` has ended (SUCCEEDED, FAILED or CANCELLED), or for at most
+    /// `timeout` when one is given, and returns the job as it is then: [`Job::is_terminal`]
+    /// tells an end from a timeout. The wait is pushed, not polled (WaitJob's own), and a
+    /// shutdown does not end it: drop the future to stop waiting.
+    pub async fn wait(&self, id: JobId, timeout: Option<Duration>) -> Result<Job, ExecutorError> {
+        let until = timeout.and_then(|timeout| tokio::time::Instant::now().checked_add(timeout));
+        let (job, _) = events::wait_terminal(&self.inner.store, &self.inner.hub, id, until, || {
+            self.newest_in_memory(id)
+        })
+        .await
+        .map_err(watch_error)?;
+        Ok(Job::clone(&job))
+    }
+
     /// Jobs waiting in the queue now.
     pub fn queue_length(&self) -> usize {
         self.inner.scheduler().queue_length()
@@ -583,7 +606,7 @@ impl Executor {
                 // write stands: the others read it again and answer with that cancellation.
                 let mut attempts = 0;
                 loop {
-                    let mut job = self.get(id).await?;
+                    let mut job = self.stored(id).await?;
                     if job.state != JobState::Queued {
                         return Ok(job);
                     }
@@ -620,7 +643,8 @@ impl Executor {
         }
     }
 
-    async fn get(&self, id: JobId) -> Result<Job, ExecutorError> {
+    /// Job `id` as stored, never from memory.
+    async fn stored(&self, id: JobId) -> Result<Job, ExecutorError> {
         self.inner
             .store
             .get(id)

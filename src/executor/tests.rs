@@ -412,3 +412,44 @@ async fn a_job_without_actions_is_refused_and_not_stored() {
     assert_eq!(executor.queue_length(), 0);
     executor.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A program that embeds the executor reads a job and waits for its end in-process, as
+/// GetStatus and WaitJob do over the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_wait_follow_a_job_in_process() {
+    let dir = TempDir::new().unwrap();
+    let gated = Gated::default();
+    let mut registry = Registry::with_builtins();
+    registry.register("gated", gated.clone());
+    let (_store, executor) = start_on_sqlite(&dir, registry, 1).await;
+
+    let job = executor.submit(spec("gated")).await.unwrap();
+    assert!(eventually(|| gated.started.load(Ordering::SeqCst) == 1).await);
+    assert_eq!(executor.get(job.id).await.unwrap().state, JobState::Running);
+    let waited = executor
+        .wait(job.id, Some(Duration::from_millis(50)))
+        .await
+        .unwrap();
+    assert_eq!(waited.state, JobState::Running, "the timeout ends the wait");
+    assert!(!waited.is_terminal());
+
+    let waiting = executor.wait(job.id, None);
+    gated.gate.notify_one();
+    let ended = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("told of the end")
+        .unwrap();
+    assert_eq!(ended.state, JobState::Succeeded);
+    assert_eq!(executor.get(job.id).await.unwrap(), ended);
+
+    let unknown = JobId::generate();
+    assert!(matches!(
+        executor.get(unknown).await,
+        Err(ExecutorError::NotFound(id)) if id == unknown
+    ));
+    assert!(matches!(
+        executor.wait(unknown, None).await,
+        Err(ExecutorError::NotFound(id)) if id == unknown
+    ));
+    executor.shutdown(Duration::from_secs(1)).await;
+}
