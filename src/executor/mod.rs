@@ -47,8 +47,8 @@ fn watch_error(error: WatchError) -> ExecutorError {
 /// The job an idempotency key led to, when the Submit that used the key again asked for
 /// that same job; an error naming the first differing field otherwise, since answering with
 /// a job other than the one asked for would hide the caller's mistake.
-fn same_request(asked: &NewJob, existing: Job) -> Result<Job, ExecutorError> {
-    match asked.first_difference(&existing) {
+fn same_request(difference: Option<String>, existing: Job) -> Result<Job, ExecutorError> {
+    match difference {
         None => Ok(existing),
         Some(field) => Err(ExecutorError::IdempotencyKeyReused {
             key: existing.idempotency_key.clone().unwrap_or_default(),
@@ -449,7 +449,7 @@ impl Executor {
                     .by_idempotency_key(&spec.tenant, key)
                     .await?
             {
-                return same_request(&spec, existing);
+                return same_request(spec.first_difference(&existing), existing);
             }
             return Err(match full {
                 Full::Queue => ExecutorError::QueueFull { limit },
@@ -459,9 +459,10 @@ impl Executor {
                 },
             });
         }
-        // Kept to tell a retry from a different request under the same key, should the
-        // store find the key taken (only keyed Submits pay for the copy).
-        let asked = spec.idempotency_key.is_some().then(|| spec.clone());
+        // With the job itself, tells a retry from a different request under the same key,
+        // should the store find the key taken: the job holds the server's default when the
+        // request set no max_attempts.
+        let asked_max_attempts = spec.max_attempts;
         let job = Job::new(
             JobId::generate(),
             spec,
@@ -475,11 +476,10 @@ impl Executor {
         let mut scheduler = self.inner.scheduler();
         scheduler.unreserve(&job.tenant);
         match created? {
-            Created::Existing(existing) => match &asked {
-                Some(asked) => same_request(asked, *existing),
-                // A store reports an existing job only for a key, but need not be trusted.
-                None => Ok(*existing),
-            },
+            Created::Existing(existing) => same_request(
+                job.first_difference_as_asked(asked_max_attempts, &existing),
+                *existing,
+            ),
             Created::New => {
                 let shared = Arc::new(job.clone());
                 // A shared store's jobs are claimed from the store, by whichever replica is

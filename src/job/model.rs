@@ -238,44 +238,87 @@ impl NewJob {
     /// (`max_attempts`), and a webhook's signing secret not at all, so that a retry of a
     /// Submit whose answer was lost always matches the job it created.
     pub fn first_difference(&self, job: &Job) -> Option<String> {
-        if self.actions.len() != job.actions.len() {
-            return Some("actions".to_owned());
-        }
-        for (i, (asked, stored)) in self.actions.iter().zip(&job.actions).enumerate() {
-            let differs = if asked.name != stored.name {
-                "name"
-            } else if asked.params != stored.params {
-                "params"
-            } else if asked.input != stored.input {
-                "input"
-            } else {
-                continue;
-            };
-            return Some(format!("actions[{i}].{differs}"));
-        }
-        let webhook_differs = match (&self.webhook, &job.webhook) {
-            (None, None) => false,
-            (Some(asked), Some(stored)) => asked.url != stored.url || asked.events != stored.events,
-            _ => true,
-        };
-        let differs = if self.priority != job.priority {
-            "priority"
-        } else if self.labels != job.labels {
-            "labels"
-        } else if self.timeout != job.timeout {
-            "timeout"
-        } else if self
-            .max_attempts
-            .is_some_and(|n| n.max(1) != job.max_attempts)
-        {
-            "max_attempts"
-        } else if webhook_differs {
-            "webhook"
-        } else {
-            return None;
-        };
-        Some(differs.to_owned())
+        first_difference(
+            Asked {
+                actions: &self.actions,
+                priority: self.priority,
+                labels: &self.labels,
+                timeout: self.timeout,
+                max_attempts: self.max_attempts,
+                webhook: self.webhook.as_ref(),
+            },
+            job,
+        )
     }
+}
+
+/// The fields of a Submit that [`NewJob::first_difference`] compares, whether read from the
+/// request or from the job made of it ([`Job::first_difference_as_asked`]).
+struct Asked<'a, A> {
+    actions: &'a [A],
+    priority: i32,
+    labels: &'a BTreeMap<String, String>,
+    timeout: Option<Duration>,
+    max_attempts: Option<u32>,
+    webhook: Option<&'a WebhookSpec>,
+}
+
+/// An action as a Submit asked for it: a [`NewAction`], or the [`Action`] made of one.
+trait AskedAction {
+    fn parts(&self) -> (&str, &Map<String, Value>, &Bytes);
+}
+
+impl AskedAction for NewAction {
+    fn parts(&self) -> (&str, &Map<String, Value>, &Bytes) {
+        (&self.name, &self.params, &self.input)
+    }
+}
+
+impl AskedAction for Action {
+    fn parts(&self) -> (&str, &Map<String, Value>, &Bytes) {
+        (&self.name, &self.params, &self.input)
+    }
+}
+
+fn first_difference<A: AskedAction>(asked: Asked<'_, A>, job: &Job) -> Option<String> {
+    if asked.actions.len() != job.actions.len() {
+        return Some("actions".to_owned());
+    }
+    for (i, (action, stored)) in asked.actions.iter().zip(&job.actions).enumerate() {
+        let (name, params, input) = action.parts();
+        let differs = if name != stored.name {
+            "name"
+        } else if *params != stored.params {
+            "params"
+        } else if *input != stored.input {
+            "input"
+        } else {
+            continue;
+        };
+        return Some(format!("actions[{i}].{differs}"));
+    }
+    let webhook_differs = match (asked.webhook, &job.webhook) {
+        (None, None) => false,
+        (Some(asked), Some(stored)) => asked.url != stored.url || asked.events != stored.events,
+        _ => true,
+    };
+    let differs = if asked.priority != job.priority {
+        "priority"
+    } else if *asked.labels != job.labels {
+        "labels"
+    } else if asked.timeout != job.timeout {
+        "timeout"
+    } else if asked
+        .max_attempts
+        .is_some_and(|n| n.max(1) != job.max_attempts)
+    {
+        "max_attempts"
+    } else if webhook_differs {
+        "webhook"
+    } else {
+        return None;
+    };
+    Some(differs.to_owned())
 }
 
 /// One action of a job, with its status.
@@ -429,6 +472,27 @@ impl Job {
             webhook: spec.webhook,
             cancel_requested: false,
         }
+    }
+
+    /// [`NewJob::first_difference`] of the request this job was made of, told by the job
+    /// itself and the request's own `max_attempts` (the job holds the server's default when
+    /// the request set none), so a keyed Submit need not keep a copy of its request.
+    pub fn first_difference_as_asked(
+        &self,
+        asked_max_attempts: Option<u32>,
+        existing: &Job,
+    ) -> Option<String> {
+        first_difference(
+            Asked {
+                actions: &self.actions,
+                priority: self.priority,
+                labels: &self.labels,
+                timeout: self.timeout,
+                max_attempts: asked_max_attempts,
+                webhook: self.webhook.as_ref(),
+            },
+            existing,
+        )
     }
 
     /// The job's progress, derived from its actions: the mean of their percents, with the

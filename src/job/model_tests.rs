@@ -308,7 +308,16 @@ fn a_request_differs_from_a_job_only_in_what_the_job_keeps_of_it() {
     let differs = |change: fn(&mut NewJob)| {
         let mut asked = spec.clone();
         change(&mut asked);
-        asked.first_difference(&job)
+        let by_request = asked.first_difference(&job);
+        // A keyed Submit compares the job it made of the request instead, on a server whose
+        // default number of attempts (1) differs from the one the stored job got (3).
+        let made = Job::new(JobId::generate(), asked.clone(), 1, SystemTime::now());
+        assert_eq!(
+            made.first_difference_as_asked(asked.max_attempts, &job),
+            by_request,
+            "the job made of the request tells the same"
+        );
+        by_request
     };
     // What a retry may change without asking for another job.
     assert_eq!(
