@@ -4,97 +4,38 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use async_trait::async_trait;
-use common::*;
+use common::{
+    hooked_store::{HookedStore, StoreHooks},
+    *,
+};
 use longrun::{
     actions::Registry,
     api::pb::{self, JobState},
-    job::{AttemptOutcome, Delivery, Job, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob},
-    store::{Created, Deleted, DueDelivery, EventPage, ListQuery, MemoryStore, Store, StoreError},
+    job::{Job, JobId, MAX_UNPERSISTED_VERSIONS, NewAction, NewJob},
+    store::Store,
 };
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
-/// A memory store whose `unfinished` (what recovery reads) waits until the test lets it.
-struct SlowRecovery {
-    inner: MemoryStore,
-    recover: Semaphore,
+/// Hooks that hold `unfinished` (what recovery reads) until the test lets it go on.
+struct Recovery {
+    go: Semaphore,
 }
 
 #[async_trait]
-impl Store for SlowRecovery {
-    async fn create(&self, job: &Job) -> Result<Created, StoreError> {
-        self.inner.create(job).await
-    }
-    async fn save(&self, job: &Job) -> Result<(), StoreError> {
-        self.inner.save(job).await
-    }
-    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
-        self.inner.get(id).await
-    }
-    async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
-        self.inner.by_idempotency_key(tenant, key).await
-    }
-    async fn transitions(&self, id: JobId, after: i64) -> Result<Vec<Job>, StoreError> {
-        self.inner.transitions(id, after).await
-    }
-    async fn list(&self, query: &ListQuery) -> Result<Vec<Job>, StoreError> {
-        self.inner.list(query).await
-    }
-    async fn delete(&self, id: JobId) -> Result<Deleted, StoreError> {
-        self.inner.delete(id).await
-    }
-    async fn unfinished(&self) -> Result<Vec<Job>, StoreError> {
-        let _permit = self.recover.acquire().await.expect("open");
-        self.inner.unfinished().await
-    }
-    async fn events_after(
-        &self,
-        after_seq: i64,
-        tenant: Option<&str>,
-        labels: &BTreeMap<String, String>,
-        limit: usize,
-    ) -> Result<EventPage, StoreError> {
-        self.inner
-            .events_after(after_seq, tenant, labels, limit)
-            .await
-    }
-    async fn unfinished_at(
-        &self,
-        tenant: Option<&str>,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(i64, Vec<Job>), StoreError> {
-        self.inner.unfinished_at(tenant, labels).await
-    }
-    async fn purge_finished(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
-        self.inner.purge_finished(before, limit).await
-    }
-    async fn deliveries(&self, id: JobId) -> Result<Vec<Delivery>, StoreError> {
-        self.inner.deliveries(id).await
-    }
-    async fn due_deliveries(
-        &self,
-        now: SystemTime,
-        limit: usize,
-    ) -> Result<Vec<DueDelivery>, StoreError> {
-        self.inner.due_deliveries(now, limit).await
-    }
-    async fn record_delivery_attempt(
-        &self,
-        id: uuid::Uuid,
-        outcome: &AttemptOutcome,
-    ) -> Result<Option<Delivery>, StoreError> {
-        self.inner.record_delivery_attempt(id, outcome).await
-    }
-    async fn pending_deliveries(&self) -> Result<usize, StoreError> {
-        self.inner.pending_deliveries().await
+impl StoreHooks for Recovery {
+    async fn before_unfinished(&self) {
+        let _permit = self.go.acquire().await.expect("open");
     }
 }
+
+/// A memory store whose recovery waits for the test.
+type SlowRecovery = HookedStore<Recovery>;
 
 async fn check(health: &mut HealthClient<Channel>, service: &str) -> ServingStatus {
     health
@@ -111,10 +52,9 @@ const SERVICES: [&str; 3] = ["", "longrun.v1.Jobs", "google.longrunning.Operatio
 
 #[tokio::test]
 async fn not_serving_while_recovering_then_serving_then_not_serving_while_draining() {
-    let store = Arc::new(SlowRecovery {
-        inner: MemoryStore::new(),
-        recover: Semaphore::new(0),
-    });
+    let store = Arc::new(SlowRecovery::new(Recovery {
+        go: Semaphore::new(0),
+    }));
     let gate = Gate::default();
     let mut server = TestServer::start_unready(store.clone(), test_config(), gate.registry()).await;
     let channel = Channel::from_shared(format!("http://{}", server.addr))
@@ -137,7 +77,7 @@ async fn not_serving_while_recovering_then_serving_then_not_serving_while_draini
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!submitting.is_finished(), "Submit waits for recovery");
 
-    store.recover.add_permits(1);
+    store.hooks.go.add_permits(1);
     server.until_health(ServingStatus::Serving).await;
     for service in SERVICES {
         assert_eq!(
@@ -183,10 +123,9 @@ async fn not_serving_while_recovering_then_serving_then_not_serving_while_draini
 /// window was refused as "from the future" (and the CLI gave up on it).
 #[tokio::test]
 async fn reads_made_while_recovering_wait_for_it_and_see_its_outcome() {
-    let store = Arc::new(SlowRecovery {
-        inner: MemoryStore::new(),
-        recover: Semaphore::new(0),
-    });
+    let store = Arc::new(SlowRecovery::new(Recovery {
+        go: Semaphore::new(0),
+    }));
     // As a killed server leaves it: running, its progress saved some versions back.
     let now = SystemTime::now();
     let spec = NewJob {
@@ -227,7 +166,7 @@ async fn reads_made_while_recovering_wait_for_it_and_see_its_outcome() {
     assert!(!watching.is_finished(), "WatchJob waits for recovery");
     assert!(!reading.is_finished(), "GetStatus waits for recovery");
 
-    store.recover.add_permits(1);
+    store.hooks.go.add_permits(1);
     let first = tokio::time::timeout(PATIENCE, watching)
         .await
         .expect("the watch answers after recovery")

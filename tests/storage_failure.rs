@@ -7,109 +7,47 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use async_trait::async_trait;
+use common::hooked_store::{HookedStore, StoreHooks};
 use common::*;
 use longrun::{
     api::pb::{self, JobState},
-    job::{AttemptOutcome, Delivery, Job, JobId},
-    store::{Created, Deleted, DueDelivery, EventPage, ListQuery, MemoryStore, Store, StoreError},
+    job::Job,
+    store::StoreError,
 };
 use tonic::transport::Channel;
 
-/// A memory store whose `save` fails as a full disk does while `full` is set.
+/// Hooks that fail `save` as a full disk does while `full` is set.
 #[derive(Default)]
-struct FillingDisk {
-    inner: MemoryStore,
+struct Disk {
     full: AtomicBool,
 }
 
-impl FillingDisk {
-    fn set_full(&self, full: bool) {
-        self.full.store(full, Ordering::SeqCst);
-    }
-}
-
 #[async_trait]
-impl Store for FillingDisk {
-    async fn create(&self, job: &Job) -> Result<Created, StoreError> {
-        self.inner.create(job).await
-    }
-    async fn save(&self, job: &Job) -> Result<(), StoreError> {
+impl StoreHooks for Disk {
+    async fn before_save(&self, _job: &Job) -> Result<(), StoreError> {
         if self.full.load(Ordering::SeqCst) {
             return Err(StoreError::Full {
                 context: "committing a batch of writes".to_owned(),
                 source: "No space left on device".into(),
             });
         }
-        self.inner.save(job).await
+        Ok(())
     }
-    async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
-        self.inner.get(id).await
-    }
-    async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
-        self.inner.by_idempotency_key(tenant, key).await
-    }
-    async fn transitions(&self, id: JobId, after: i64) -> Result<Vec<Job>, StoreError> {
-        self.inner.transitions(id, after).await
-    }
-    async fn list(&self, query: &ListQuery) -> Result<Vec<Job>, StoreError> {
-        self.inner.list(query).await
-    }
-    async fn delete(&self, id: JobId) -> Result<Deleted, StoreError> {
-        self.inner.delete(id).await
-    }
-    async fn unfinished(&self) -> Result<Vec<Job>, StoreError> {
-        self.inner.unfinished().await
-    }
-    async fn events_after(
-        &self,
-        after_seq: i64,
-        tenant: Option<&str>,
-        labels: &BTreeMap<String, String>,
-        limit: usize,
-    ) -> Result<EventPage, StoreError> {
-        self.inner
-            .events_after(after_seq, tenant, labels, limit)
-            .await
-    }
-    async fn unfinished_at(
-        &self,
-        tenant: Option<&str>,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(i64, Vec<Job>), StoreError> {
-        self.inner.unfinished_at(tenant, labels).await
-    }
-    async fn purge_finished(&self, before: SystemTime, limit: usize) -> Result<usize, StoreError> {
-        self.inner.purge_finished(before, limit).await
-    }
-    async fn deliveries(&self, id: JobId) -> Result<Vec<Delivery>, StoreError> {
-        self.inner.deliveries(id).await
-    }
-    async fn due_deliveries(
-        &self,
-        now: SystemTime,
-        limit: usize,
-    ) -> Result<Vec<DueDelivery>, StoreError> {
-        self.inner.due_deliveries(now, limit).await
-    }
-    async fn record_delivery_attempt(
-        &self,
-        id: uuid::Uuid,
-        outcome: &AttemptOutcome,
-    ) -> Result<Option<Delivery>, StoreError> {
-        self.inner.record_delivery_attempt(id, outcome).await
-    }
-    async fn pending_deliveries(&self) -> Result<usize, StoreError> {
-        self.inner.pending_deliveries().await
-    }
+}
+
+/// A memory store whose disk fills up when the test says so.
+type FillingDisk = HookedStore<Disk>;
+
+fn set_full(store: &FillingDisk, full: bool) {
+    store.hooks.full.store(full, Ordering::SeqCst);
 }
 
 async fn start(gate: &Gate) -> (Arc<FillingDisk>, TestServer) {
@@ -141,7 +79,7 @@ async fn abort_its_end(
     job: &pb::Job,
 ) {
     assert_eq!(gate.next_started().await, job.id);
-    store.set_full(true);
+    set_full(store, true);
     gate.release(1);
     // The run settles nothing while the disk is full: give it time to try.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -166,7 +104,7 @@ async fn a_job_whose_end_could_not_be_stored_runs_again_once_the_disk_has_room()
         .into_inner();
     abort_its_end(&store, &gate, &mut client, &job).await;
 
-    store.set_full(false);
+    set_full(&store, false);
     assert_eq!(
         gate.next_started().await,
         job.id,
@@ -204,7 +142,7 @@ async fn out_of_attempts_it_fails_interrupted_and_its_waiter_is_told() {
     let mut waiter = client.clone();
     let id = job.id.clone();
     let wait = tokio::spawn(async move { wait_done(&mut waiter, &id).await });
-    store.set_full(false);
+    set_full(&store, false);
     let done = tokio::time::timeout(PATIENCE, wait).await.unwrap().unwrap();
     assert_eq!(state(&done), JobState::Failed);
     let error = done.error.expect("the job's error");
@@ -231,7 +169,7 @@ async fn a_cancel_while_the_disk_is_full_ends_it_cancelled_once_it_has_room() {
             .map(|r| r.into_inner())
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    store.set_full(false);
+    set_full(&store, false);
     let done = wait_done(&mut client, &job.id).await;
     assert_eq!(state(&done), JobState::Cancelled);
     assert!(cancel.await.unwrap().is_ok());

@@ -2,6 +2,7 @@
 //! talked to through the generated tonic client.
 #![allow(dead_code)]
 
+pub mod hooked_store;
 pub mod postgres;
 pub mod webhook_receiver;
 
