@@ -132,6 +132,22 @@ pub enum UrlRefused {
         /// The offending address.
         ip: IpAddr,
     },
+    /// The host resolves to an internal address, and the server's allow list names the host
+    /// only with other ports.
+    #[error(
+        "{} an internal address, and the server's [webhooks] allow_hosts lists {host} only with \
+         other ports; webhooks may reach port {port} once it lists {host}:{port} (or {host}, \
+         for every port)",
+        resolves_to(host, ip)
+    )]
+    PortNotAllowed {
+        /// The host as written.
+        host: String,
+        /// The port the URL names (or its scheme's default).
+        port: u16,
+        /// The offending address.
+        ip: IpAddr,
+    },
     /// The host could not be resolved.
     #[error("{host} cannot be resolved: {reason}")]
     Unresolved {
@@ -207,6 +223,7 @@ pub async fn check_url(url: &Url, allow: &AllowList, timeout: Duration) -> Resul
             .collect(),
     };
     match ips.into_iter().find(|ip| is_internal(*ip)) {
+        Some(ip) if allow.allows_name(&host) => Err(UrlRefused::PortNotAllowed { host, port, ip }),
         Some(ip) => Err(UrlRefused::Internal { host, ip }),
         None => Ok(()),
     }
@@ -354,6 +371,18 @@ mod tests {
             assert_eq!(check_url(&parsed, &allow, timeout).await, Ok(()), "{url}");
         }
         let other_port = parse_url("http://[::1]:8081/").unwrap();
-        assert!(check_url(&other_port, &allow, timeout).await.is_err());
+        let refused = check_url(&other_port, &allow, timeout).await;
+        assert!(
+            matches!(
+                &refused,
+                Err(UrlRefused::PortNotAllowed { host, port: 8081, .. }) if host == "[::1]"
+            ),
+            "{refused:?}"
+        );
+        let message = refused.unwrap_err().to_string();
+        assert!(
+            message.contains("lists [::1] only with other ports") && message.contains("[::1]:8081"),
+            "{message}"
+        );
     }
 }
