@@ -25,7 +25,7 @@ use super::{
     convert::{DEFAULT_MAX_PARAMS_DEPTH, value_to_json},
     longrunning::Operation,
     pb,
-    status::ERROR_DOMAIN,
+    status::{ERROR_DOMAIN, ERROR_INFO_TYPE_URL, SortedErrorInfo},
 };
 use crate::job::{FieldViolation, JobId, JobState};
 
@@ -34,9 +34,6 @@ pub const COLLECTION: &str = "operations";
 
 /// The type URL of a packed `longrun.v1.Job`.
 pub const JOB_TYPE_URL: &str = "type.googleapis.com/longrun.v1.Job";
-
-/// The type URL of a packed `google.rpc.ErrorInfo`.
-const ERROR_INFO_TYPE_URL: &str = "type.googleapis.com/google.rpc.ErrorInfo";
 
 /// The operation name of a job.
 pub fn operation_name(id: &str) -> String {
@@ -129,19 +126,6 @@ pub fn code_number(name: &str) -> i32 {
         _ => tonic::Code::Unknown,
     };
     code as i32
-}
-
-/// `google.rpc.ErrorInfo` with its metadata in key order: the generated type's `HashMap`
-/// would encode the same metadata differently from one map to the next. Same fields and tags,
-/// so it decodes as the generated type.
-#[derive(Clone, PartialEq, prost::Message)]
-struct SortedErrorInfo {
-    #[prost(string, tag = "1")]
-    reason: String,
-    #[prost(string, tag = "2")]
-    domain: String,
-    #[prost(btree_map = "string, string", tag = "3")]
-    metadata: BTreeMap<String, String>,
 }
 
 /// A job as an operation.

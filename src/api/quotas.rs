@@ -11,7 +11,7 @@ use std::{
 
 use tokio::time::Instant;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic_types::ErrorDetails;
 
 use super::{Limits, status::ERROR_DOMAIN};
 
@@ -102,7 +102,7 @@ fn rate_limited(tenant: &str, rate: Rate, wait: Duration) -> Status {
     // Rounded up to whole milliseconds so that a client waiting exactly this long finds a token.
     let wait = Duration::from_millis(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX) + 1);
     details.set_retry_info(Some(wait));
-    Status::with_error_details(
+    super::status::with_details(
         Code::ResourceExhausted,
         format!(
             "tenant {tenant} submits faster than its quota ({} a second, submits_per_second); \
@@ -220,7 +220,7 @@ fn too_many(limit_name: &str, limit: usize, scope: &str) -> Status {
         ERROR_DOMAIN,
         HashMap::from([("limit".to_owned(), limit_name.to_owned())]),
     );
-    Status::with_error_details(
+    super::status::with_details(
         Code::ResourceExhausted,
         format!("{limit} watches are open {scope}, the most allowed ({limit_name}); close one"),
         details,
@@ -230,6 +230,7 @@ fn too_many(limit_name: &str, limit: usize, scope: &str) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic_types::StatusExt;
 
     #[test]
     fn a_bucket_allows_its_burst_then_refills_at_the_rate() {

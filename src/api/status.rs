@@ -2,8 +2,9 @@
 //! variant cannot silently turn into INTERNAL. Details follow the rich error model
 //! (`google.rpc.BadRequest`, `ErrorInfo`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
+use prost::Message as _;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -17,6 +18,48 @@ use crate::{
 /// The `ErrorInfo.domain` of every error longrun returns (and of jobs' own errors as
 /// `google.longrunning` operations report them).
 pub const ERROR_DOMAIN: &str = "longrun.dev";
+
+/// The type URL of `google.rpc.ErrorInfo` in a status's details.
+pub(super) const ERROR_INFO_TYPE_URL: &str = "type.googleapis.com/google.rpc.ErrorInfo";
+
+/// `google.rpc.ErrorInfo` with its metadata in key order: the generated type's `HashMap`
+/// would encode the same metadata differently from one map to the next. Same fields and tags,
+/// so it decodes as the generated type.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct SortedErrorInfo {
+    #[prost(string, tag = "1")]
+    pub reason: String,
+    #[prost(string, tag = "2")]
+    pub domain: String,
+    #[prost(btree_map = "string, string", tag = "3")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `Status::with_error_details`, with the `ErrorInfo` metadata in key order: tonic-types keeps
+/// it in a `HashMap`, so the same error encoded its entries in a different order from one call
+/// to the next.
+pub(super) fn with_details(
+    code: Code,
+    message: impl Into<String>,
+    details: ErrorDetails,
+) -> Status {
+    let status = Status::with_error_details(code, message, details);
+    let Ok(mut encoded) = tonic_types::pb::Status::decode(status.details()) else {
+        return status;
+    };
+    for detail in &mut encoded.details {
+        if detail.type_url == ERROR_INFO_TYPE_URL
+            && let Ok(info) = SortedErrorInfo::decode(detail.value.as_slice())
+        {
+            detail.value = info.encode_to_vec();
+        }
+    }
+    Status::with_details(
+        status.code(),
+        status.message(),
+        encoded.encode_to_vec().into(),
+    )
+}
 
 /// How much of one violation an error repeats, and how much of them all: errors travel in
 /// HTTP/2 headers, and grpc-core clients drop a response whose headers pass 8 KiB (reporting
@@ -67,7 +110,7 @@ pub fn invalid(violations: Vec<FieldViolation>) -> Status {
     for v in listed {
         details.add_bad_request_violation(v.field, v.description);
     }
-    Status::with_error_details(
+    with_details(
         Code::InvalidArgument,
         format!("invalid request: {message}"),
         details,
@@ -85,7 +128,7 @@ fn with_reason(
     message: String,
     metadata: HashMap<String, String>,
 ) -> Status {
-    Status::with_error_details(
+    with_details(
         code,
         message,
         ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
@@ -191,7 +234,7 @@ impl From<ExecutorError> for Status {
                     HashMap::from([("max_queue_length".to_owned(), limit.to_string())]),
                 );
                 details.set_retry_info(Some(std::time::Duration::from_secs(1)));
-                Status::with_error_details(
+                with_details(
                     Code::ResourceExhausted,
                     format!("the queue is full ({limit} jobs waiting); retry later"),
                     details,
@@ -207,7 +250,7 @@ impl From<ExecutorError> for Status {
                     ]),
                 );
                 details.set_retry_info(Some(std::time::Duration::from_secs(1)));
-                Status::with_error_details(
+                with_details(
                     Code::ResourceExhausted,
                     format!(
                         "tenant {tenant} has {limit} jobs waiting, its quota (max_queued_jobs); \
@@ -233,7 +276,7 @@ impl From<ExecutorError> for Status {
                     ]),
                 );
                 details.add_bad_request_violation("idempotency_key", description.clone());
-                Status::with_error_details(
+                with_details(
                     Code::AlreadyExists,
                     format!(
                         "idempotency_key {:?}: {description}",
@@ -255,6 +298,56 @@ impl From<ExecutorError> for Status {
                 HashMap::from([("action".to_owned(), panicked.action)]),
             ),
             ExecutorError::Store(error) => error.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of the `ErrorInfo` detail of `status`.
+    fn error_info_bytes(status: &Status) -> Vec<u8> {
+        let encoded = tonic_types::pb::Status::decode(status.details()).expect("details");
+        encoded
+            .details
+            .into_iter()
+            .find(|detail| detail.type_url == ERROR_INFO_TYPE_URL)
+            .expect("an ErrorInfo")
+            .value
+    }
+
+    #[test]
+    fn error_info_metadata_is_encoded_in_key_order() {
+        let job_id = JobId::generate();
+        let expected = SortedErrorInfo {
+            reason: "IDEMPOTENCY_KEY_REUSED".to_owned(),
+            domain: ERROR_DOMAIN.to_owned(),
+            metadata: BTreeMap::from([
+                ("field".to_owned(), "actions[0].params".to_owned()),
+                ("job_id".to_owned(), job_id.to_string()),
+            ]),
+        }
+        .encode_to_vec();
+        // Each HashMap tonic-types builds has its own random order; enough of them show one
+        // that is not key order, were it kept.
+        for _ in 0..32 {
+            let status = Status::from(ExecutorError::IdempotencyKeyReused {
+                key: "k".to_owned(),
+                job_id,
+                field: "actions[0].params".to_owned(),
+            });
+            assert_eq!(error_info_bytes(&status), expected);
+            assert_eq!(status.code(), Code::AlreadyExists);
+            let details = status.get_error_details();
+            assert_eq!(
+                details.error_info().expect("ErrorInfo").metadata["job_id"],
+                job_id.to_string()
+            );
+            assert_eq!(
+                details.bad_request().expect("BadRequest").field_violations[0].field,
+                "idempotency_key"
+            );
         }
     }
 }
