@@ -36,8 +36,31 @@ enum Command {
     /// Prints the SHA-256 (hex) of an API key read from stdin, for `key_sha256` in the config
     /// file's `[[auth.keys]]`: the server is only ever given the hash.
     HashKey,
+    /// Gives the space of removed jobs back to the file system: rewrites the database of a
+    /// data directory no server is running on (SQLite's VACUUM). Needs free disk about the
+    /// size of the database while it runs.
+    Compact(DataDirArgs),
+    /// Copies the database of a data directory to a new file, consistent and compact, while a
+    /// server may be running on it. To restore, stop the server and put the copy in place of
+    /// longrun.db in an empty data directory.
+    Backup(BackupArgs),
     #[command(flatten)]
     Client(cli::Command),
+}
+
+#[derive(clap::Args)]
+struct DataDirArgs {
+    /// Directory of the embedded store.
+    #[arg(long, env = "LONGRUN_DATA_DIR", default_value = "longrun-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// The file to write the copy to; it must not exist yet.
+    dest: PathBuf,
+    #[command(flatten)]
+    dir: DataDirArgs,
 }
 
 #[derive(clap::Args)]
@@ -64,6 +87,8 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Compact(args) => upkeep(compact(&args.data_dir)),
+        Command::Backup(args) => upkeep(backup(&args.dir.data_dir, &args.dest)),
         Command::Client(command) => std::process::exit(cli::run(command).await),
     }
 }
@@ -130,6 +155,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Reads a key from stdin (one line; surrounding whitespace is not part of it) and prints its
 /// hash.
+/// Ends an upkeep command: its error on stderr, as the client commands print theirs (without
+/// the backtrace `main` would add under `RUST_BACKTRACE`), and exit code 1.
+fn upkeep(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn compact(dir: &std::path::Path) -> anyhow::Result<()> {
+    let compacted = longrun::store::compact(dir)
+        .with_context(|| format!("compacting the data directory {}", dir.display()))?;
+    cli::write_line(&format!(
+        "compacted {}: {} bytes before, {} after",
+        dir.display(),
+        compacted.before,
+        compacted.after
+    ))?;
+    Ok(())
+}
+
+fn backup(dir: &std::path::Path, dest: &std::path::Path) -> anyhow::Result<()> {
+    let size = longrun::store::backup(dir, dest).with_context(|| {
+        format!(
+            "backing up the data directory {} to {}",
+            dir.display(),
+            dest.display()
+        )
+    })?;
+    cli::write_line(&format!(
+        "backed up {} to {} ({size} bytes)",
+        dir.display(),
+        dest.display()
+    ))?;
+    Ok(())
+}
+
 fn hash_key() -> anyhow::Result<()> {
     let mut key = String::new();
     std::io::stdin()

@@ -390,3 +390,70 @@ async fn a_server_dropped_without_serving_stops_and_lets_go_of_its_store() {
         }
     }
 }
+
+/// Runs a `longrun` upkeep command (`compact`, `backup`), bounded.
+fn upkeep(args: &[&str], dir: &std::path::Path) -> Output {
+    Spawned::spawn(
+        Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .wait_bounded()
+}
+
+/// `longrun backup` copies a running server's database, and the copy serves its jobs;
+/// `longrun compact` waits for the server to stop (it refuses a directory in use), then
+/// leaves the jobs as they were.
+#[tokio::test]
+async fn backup_while_serving_and_compact_once_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = common::free_addr();
+    let mut server = serve(dir.path(), &addr.to_string());
+    let mut client = common::connect(addr).await;
+    let job = submit(&mut client, request(vec![sleep(60_000, 1)])).await;
+
+    let copies = tempfile::tempdir().unwrap();
+    let restored = copies.path().join("restored");
+    std::fs::create_dir(&restored).unwrap();
+    let dest = restored.join("longrun.db");
+    let backup = upkeep(&["backup", dest.to_str().unwrap()], dir.path());
+    assert!(backup.status.success(), "{backup:?}");
+    assert!(
+        String::from_utf8_lossy(&backup.stdout).starts_with("backed up "),
+        "{backup:?}"
+    );
+
+    let refused = upkeep(&["compact"], dir.path());
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.starts_with("error: compacting the data directory") && stderr.contains("in use"),
+        "{stderr}"
+    );
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let compacted = upkeep(&["compact"], dir.path());
+    assert!(compacted.status.success(), "{compacted:?}");
+
+    for data in [dir.path(), restored.as_path()] {
+        let addr = common::free_addr();
+        let mut server = serve(data, &addr.to_string());
+        let mut client = common::connect(addr).await;
+        let found = client
+            .get_status(pb::GetStatusRequest {
+                job_id: job.id.clone(),
+            })
+            .await
+            .expect("the job is there")
+            .into_inner()
+            .job
+            .unwrap();
+        assert_eq!(found.id, job.id);
+        server.kill().unwrap();
+        server.wait().unwrap();
+    }
+}

@@ -14,7 +14,7 @@ pub(crate) mod conformance;
 pub use memory::MemoryStore;
 pub(crate) use postgres::host_text;
 pub use postgres::{PostgresOptions, PostgresStats, PostgresStore};
-pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
+pub use sqlite::{Compacted, SqliteOptions, SqliteStats, SqliteStore, backup, compact};
 
 use std::{
     collections::BTreeMap,

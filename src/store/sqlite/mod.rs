@@ -6,6 +6,7 @@
 //! job lives in the database only.
 
 mod events;
+mod maintenance;
 mod ops;
 mod outbox;
 mod readers;
@@ -28,6 +29,8 @@ use std::{
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot, watch};
+
+pub use self::maintenance::{Compacted, backup, compact};
 
 use self::{
     ops::{CreateOutcome, DeleteOutcome},

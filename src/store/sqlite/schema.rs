@@ -188,17 +188,23 @@ pub(super) fn supported_version() -> i64 {
     MIGRATIONS.len() as i64
 }
 
-/// Brings the database up to the newest schema, refusing one written by a newer binary.
-pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+/// Refuses a database written by a newer binary, telling the operator both versions.
+pub(super) fn check_version(conn: &Connection) -> Result<(), StoreError> {
     let found: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(|e| sql_error("reading the schema version", e))?;
     let supported = supported_version();
     if found > supported {
-        // Checked here rather than left to the migration library so that the operator is told
-        // both versions, and so that nothing is written to a database we do not understand.
         return Err(StoreError::IncompatibleSchema { found, supported });
     }
+    Ok(())
+}
+
+/// Brings the database up to the newest schema, refusing one written by a newer binary.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    // Checked here rather than left to the migration library so that the operator is told
+    // both versions, and so that nothing is written to a database we do not understand.
+    check_version(conn)?;
     Migrations::from_slice(MIGRATIONS)
         .to_latest(conn)
         .map_err(|e| match e {
