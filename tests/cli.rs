@@ -515,3 +515,20 @@ async fn submit_watch_of_a_job_that_already_ended_exits_with_its_outcome() {
     );
     assert_eq!(lines[1]["job"]["state"], "JOB_STATE_FAILED", "{run:?}");
 }
+
+/// An empty page of `list` prints nothing (not a blank line), and a certificate file that
+/// cannot be read is a mistake on the command line, as an unreadable --file is.
+#[tokio::test]
+async fn an_empty_list_prints_nothing_and_an_unreadable_certificate_is_a_usage_error() {
+    let server = TestServer::start().await;
+    let run = longrun(&server.url(), &["list"]).await;
+    assert_eq!((run.code, run.stdout.as_str()), (0, ""), "{run:?}");
+
+    let url = server.url().replacen("http://", "https://", 1);
+    let run = longrun(&url, &["list", "--ca-cert", "/nonexistent/ca.pem"]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.starts_with("error: --ca-cert: reading /nonexistent/ca.pem"),
+        "{run:?}"
+    );
+}

@@ -230,3 +230,30 @@ async fn wait_keeps_its_timeout_while_reconnecting() {
 }
 
 const LONG_SLEEP_ACTION: &str = r#"sleep:{"duration_ms":60000,"steps":60}"#;
+
+/// `submit --wait` whose server does not come back in time still says which job it submitted:
+/// the job as last seen on stdout (its id on the first line), then the error and exit 5, so a
+/// script does not submit it again.
+#[tokio::test]
+async fn submit_wait_that_loses_the_server_still_prints_the_job() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let child = command(
+        &url,
+        &["submit", "--action", LONG_SLEEP_ACTION, "--wait", "2s"],
+    )
+    .spawn()
+    .unwrap();
+    until_a_job_runs(&url).await;
+    server.stop().await;
+
+    let (code, stdout, stderr) = finish(child).await;
+    assert_eq!(code, Some(5), "{stdout}\n{stderr}");
+    let id = stdout.lines().next().unwrap_or_default().to_owned();
+    assert_eq!(id.len(), 36, "the job id first: {stdout}");
+    assert!(stdout.contains("done:     unknown"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("job {id} was submitted, and how it stands is unknown")),
+        "{stderr}"
+    );
+}

@@ -202,7 +202,11 @@ impl Printer {
     ) -> anyhow::Result<()> {
         let line = match self.format {
             Format::Json => self.json.encode(message, full_name)?,
-            Format::Text => text(&self.json),
+            // Nothing to say (an empty page of `list`) is no output, not a blank line.
+            Format::Text => match text(&self.json) {
+                text if text.is_empty() => return Ok(()),
+                text => text,
+            },
         };
         if !self.closed() && !write_line(&line)? {
             self.closed.store(true, Ordering::Relaxed);
@@ -262,8 +266,10 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
             )
             .into());
         }
+        // A file that cannot be read is a mistake on the command line, as for --file.
         let read = |flag: &str, path: &std::path::Path| {
-            std::fs::read(path).with_context(|| format!("{flag}: reading {}", path.display()))
+            std::fs::read(path)
+                .map_err(|e| error::Usage(format!("{flag}: reading {}: {e}", path.display())))
         };
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &args.ca_cert {
@@ -279,14 +285,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
             .tls_config(tls)
             .context("setting up TLS for the connection")?;
     }
-    let key = match &args.api_key {
-        Some(key) => Some(
-            format!("Bearer {}", key.trim())
-                .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| error::Usage("--api-key must be printable ASCII".to_owned()))?,
-        ),
-        None => None,
-    };
+    let key = args.api_key.as_deref().map(bearer).transpose()?.flatten();
     let channel = endpoint
         .connect()
         .await
@@ -352,6 +351,26 @@ fn endpoint_uri(addr: &str) -> Result<String, error::Usage> {
     Ok(uri)
 }
 
+/// The `authorization` value for an API key; none for an empty key (`LONGRUN_API_KEY=` set
+/// but empty means no key, as unset does). Checked here, since a header takes bytes that are
+/// not printable ASCII (UTF-8 among them) and a server would only answer that the key is not
+/// valid.
+fn bearer(key: &str) -> Result<Option<MetadataValue<Ascii>>, error::Usage> {
+    let key = key.trim();
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(error::Usage(
+            "--api-key must be printable ASCII (as API keys are)".to_owned(),
+        ));
+    }
+    format!("Bearer {key}")
+        .parse()
+        .map(Some)
+        .map_err(|_| error::Usage("--api-key must be printable ASCII".to_owned()))
+}
+
 /// The exit code for a job in `state` at the end of a command that followed it.
 fn job_exit_code(job: &pb::Job) -> i32 {
     match job.state() {
@@ -383,7 +402,22 @@ fn wire_duration(flag: &str, duration: Duration) -> anyhow::Result<prost_types::
 
 #[cfg(test)]
 mod tests {
-    use super::endpoint_uri;
+    use super::{bearer, endpoint_uri};
+
+    #[test]
+    fn an_api_key_must_be_printable_ascii_and_an_empty_one_is_none() {
+        assert_eq!(bearer(" k3y-_.~ \n").unwrap().unwrap(), "Bearer k3y-_.~");
+        assert_eq!(bearer("").unwrap(), None, "an empty key is no key");
+        assert_eq!(bearer("  ").unwrap(), None);
+        for (key, why) in [
+            ("ключ", "printable ASCII"),
+            ("a\u{7f}b", "printable ASCII"),
+            ("a\tb", "printable ASCII"),
+        ] {
+            let refused = bearer(key).expect_err(key).0;
+            assert!(refused.contains(why), "{key:?}: {refused}");
+        }
+    }
 
     #[test]
     fn a_bare_host_and_port_is_plaintext_and_schemes_are_kept() {

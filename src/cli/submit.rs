@@ -120,7 +120,21 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     if !is_terminal(&job) && Instant::now() < deadline {
         // The server answered before the job ended and before the wait was over: it is
         // shutting down. The job exists, so wait for it (across the restart) with what is left.
-        let waited = wait::until_end(&mut client, &job.id, Some(deadline), &args.reconnect).await?;
+        let waited =
+            match wait::until_end(&mut client, &job.id, Some(deadline), &args.reconnect).await {
+                Ok(waited) => waited,
+                Err(error) => {
+                    // The job exists: print it as last seen, as a wait that ends prints it, so
+                    // a script gets its id (`| head -1`) instead of submitting it again.
+                    printer.print(&response, "longrun.v1.SubmitResponse", |json| {
+                        text::end_unknown(&job, json)
+                    })?;
+                    return Err(error.context(format!(
+                        "job {} was submitted, and how it stands is unknown",
+                        job.id
+                    )));
+                }
+            };
         job = waited.job.context("the server's response holds no job")?;
         response.job = Some(job.clone());
     }

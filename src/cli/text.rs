@@ -120,6 +120,14 @@ pub fn waited(job: &pb::Job, done: bool, json: &Json) -> String {
     format!("{}\n  done:     {done}", self::job(job, json))
 }
 
+/// [`job`] as last seen by a wait that lost the server before the job ended.
+pub fn end_unknown(job: &pb::Job, json: &Json) -> String {
+    format!(
+        "{}\n  done:     unknown, the server could not be reached",
+        self::job(job, json)
+    )
+}
+
 /// One line per job: id, state, progress, action names, creation time.
 pub fn job_list(jobs: &[pb::Job]) -> String {
     let mut text = String::new();
