@@ -30,6 +30,7 @@ use crate::{
     webhooks::{WebhookPolicy, WebhookWorker, WorkerError},
 };
 
+mod health;
 mod severable;
 
 /// Finished jobs removed per retention batch: small, so the sweep never stalls writers.
@@ -267,7 +268,10 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let health = HealthReporter::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            health::SpecHealth::new(health.clone()),
+        );
         set_health(&health, ServingStatus::NotServing).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()

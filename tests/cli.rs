@@ -528,7 +528,8 @@ async fn an_empty_list_prints_nothing_and_an_unreadable_certificate_is_a_usage_e
     let run = longrun(&url, &["list", "--ca-cert", "/nonexistent/ca.pem"]).await;
     assert_eq!(run.code, 2, "{run:?}");
     assert!(
-        run.stderr.starts_with("error: --ca-cert: reading /nonexistent/ca.pem"),
+        run.stderr
+            .starts_with("error: --ca-cert: reading /nonexistent/ca.pem"),
         "{run:?}"
     );
 }

@@ -253,7 +253,9 @@ async fn submit_wait_that_loses_the_server_still_prints_the_job() {
     assert_eq!(id.len(), 36, "the job id first: {stdout}");
     assert!(stdout.contains("done:     unknown"), "{stdout}");
     assert!(
-        stderr.contains(&format!("job {id} was submitted, and how it stands is unknown")),
+        stderr.contains(&format!(
+            "job {id} was submitted, and how it stands is unknown"
+        )),
         "{stderr}"
     );
 }

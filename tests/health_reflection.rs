@@ -66,6 +66,44 @@ async fn health_check_reports_serving_for_the_server_and_each_service() {
     assert_eq!(status.code(), tonic::Code::NotFound);
 }
 
+/// Watch of a service the server does not know answers SERVICE_UNKNOWN and keeps the stream
+/// open, as the health checking protocol says (Check answers NOT_FOUND); a known one streams
+/// its status.
+#[tokio::test]
+async fn health_watch_of_an_unknown_service_says_so_and_stays_open() {
+    let server = TestServer::start().await;
+    let mut health = HealthClient::new(channel(&server).await);
+    let mut unknown = health
+        .watch(HealthCheckRequest {
+            service: "no.such.Service".to_owned(),
+        })
+        .await
+        .expect("a stream, not an error")
+        .into_inner();
+    let first = tokio::time::timeout(PATIENCE, unknown.message())
+        .await
+        .expect("told at once")
+        .expect("no error")
+        .expect("a status");
+    assert_eq!(first.status(), ServingStatus::ServiceUnknown);
+    let next = tokio::time::timeout(std::time::Duration::from_millis(300), unknown.message()).await;
+    assert!(next.is_err(), "the stream stays open: {next:?}");
+
+    let mut known = health
+        .watch(HealthCheckRequest {
+            service: "longrun.v1.Jobs".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(PATIENCE, known.message())
+        .await
+        .expect("told at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+}
+
 #[tokio::test]
 async fn reflection_v1_lists_the_jobs_service_and_returns_its_file() {
     let server = TestServer::start().await;
