@@ -114,6 +114,14 @@ pub(crate) fn check_labels<'a>(
                 ),
             ));
         }
+        // A control character (a NUL, a newline) in a label breaks every line of text that
+        // shows it (the CLI, logs) and is never meant.
+        if key.chars().chain(value.chars()).any(char::is_control) {
+            violations.push(FieldViolation::new(
+                format!("{field}[{key:?}]"),
+                "label keys and values must not hold control characters",
+            ));
+        }
         if value.len() > limits.max_label_value_bytes {
             violations.push(FieldViolation::new(
                 format!("{field}[{key:?}]"),
@@ -379,6 +387,21 @@ mod tests {
                 "timeout",
             ]
         );
+    }
+
+    #[test]
+    fn labels_with_control_characters_are_refused_naming_them() {
+        let labels: BTreeMap<String, String> = [
+            ("ok".to_owned(), "fine value, with spaces and ünïcode".to_owned()),
+            ("k\u{0}".to_owned(), "v".to_owned()),
+            ("line".to_owned(), "a\nb".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        let violations = check_labels("labels", &labels, &SubmitLimits::default());
+        let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["labels[\"k\\0\"]", "labels[\"line\"]"]);
+        assert!(violations[0].description.contains("control characters"));
     }
 
     #[test]
