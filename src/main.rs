@@ -194,6 +194,10 @@ fn backup(dir: &std::path::Path, dest: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn hash_key() -> anyhow::Result<()> {
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // Otherwise it sits there silently, waiting for a line.
+        eprintln!("API key (shown as typed; end with Enter):");
+    }
     let mut key = String::new();
     std::io::stdin()
         .read_line(&mut key)
