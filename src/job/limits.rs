@@ -392,7 +392,10 @@ mod tests {
     #[test]
     fn labels_with_control_characters_are_refused_naming_them() {
         let labels: BTreeMap<String, String> = [
-            ("ok".to_owned(), "fine value, with spaces and ünïcode".to_owned()),
+            (
+                "ok".to_owned(),
+                "fine value, with spaces and ünïcode".to_owned(),
+            ),
             ("k\u{0}".to_owned(), "v".to_owned()),
             ("line".to_owned(), "a\nb".to_owned()),
         ]
