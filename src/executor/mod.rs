@@ -336,7 +336,8 @@ impl Executor {
     }
 
     /// Job `id` as it is now: the snapshot this process holds when it is the newest, else
-    /// the stored one. What `GetStatus` answers, for a program that embeds the executor.
+    /// the stored one (as [`Executor::wait`] starts from), for a program that embeds the
+    /// executor.
     pub async fn get(&self, id: JobId) -> Result<Job, ExecutorError> {
         match self.newest_in_memory(id) {
             Some(job) => Ok(Job::clone(&job)),
