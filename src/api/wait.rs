@@ -12,7 +12,7 @@ use super::{
     convert, pb,
     status::{invalid_field, job_not_found, watch_status},
 };
-use crate::{events::wait_terminal, executor::Executor, job::JobId};
+use crate::{executor::Executor, job::JobId};
 
 /// How long before the caller's deadline a waiting call answers, so the answer arrives in time:
 /// a tenth of the call's timeout, at least 20 ms and at most a second. A fixed 20 ms was too
@@ -55,9 +55,7 @@ pub(super) async fn wait_for(
     id: JobId,
     until: Option<Instant>,
 ) -> Result<(pb::Job, bool), Status> {
-    let wait = wait_terminal(executor.store(), executor.hub(), id, until, || {
-        executor.newest_in_memory(id)
-    });
+    let wait = executor.wait_for_end(id, until);
     let (job, done) = tokio::select! {
         waited = wait => waited.map_err(watch_status)?,
         _ = stopping.cancelled() => {

@@ -351,12 +351,22 @@ impl Executor {
     /// shutdown does not end it: drop the future to stop waiting.
     pub async fn wait(&self, id: JobId, timeout: Option<Duration>) -> Result<Job, ExecutorError> {
         let until = timeout.and_then(|timeout| tokio::time::Instant::now().checked_add(timeout));
-        let (job, _) = events::wait_terminal(&self.inner.store, &self.inner.hub, id, until, || {
+        let (job, _) = self.wait_for_end(id, until).await.map_err(watch_error)?;
+        Ok(Job::clone(&job))
+    }
+
+    /// Waits until job `id` is terminal or `until` passes; the job as it is then, and whether
+    /// it is terminal. The one wait behind [`Executor::wait`], WaitJob, WaitOperation and
+    /// Submit's sync mode.
+    pub(crate) async fn wait_for_end(
+        &self,
+        id: JobId,
+        until: Option<tokio::time::Instant>,
+    ) -> Result<(Arc<Job>, bool), WatchError> {
+        events::wait_terminal(&self.inner.store, &self.inner.hub, id, until, || {
             self.newest_in_memory(id)
         })
         .await
-        .map_err(watch_error)?;
-        Ok(Job::clone(&job))
     }
 
     /// Jobs waiting in the queue now.
