@@ -78,17 +78,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::HashKey => {
-            // As the client commands report: `error:` and exit code 2 for what the user gave
-            // (the anyhow default, 1, means "the job ended FAILED" in this CLI).
-            if let Err(error) = hash_key() {
-                eprintln!("error: {error:#}");
-                std::process::exit(2);
-            }
-            Ok(())
-        }
-        Command::Compact(args) => upkeep(compact(&args.data_dir)),
-        Command::Backup(args) => upkeep(backup(&args.dir.data_dir, &args.dest)),
+        // 2 for what the user gave, as the client commands exit on a usage mistake.
+        Command::HashKey => exit_on_error(hash_key(), 2),
+        Command::Compact(args) => exit_on_error(compact(&args.data_dir), 1),
+        Command::Backup(args) => exit_on_error(backup(&args.dir.data_dir, &args.dest), 1),
         Command::Client(command) => std::process::exit(cli::run(command).await),
     }
 }
@@ -153,14 +146,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads a key from stdin (one line; surrounding whitespace is not part of it) and prints its
-/// hash.
-/// Ends an upkeep command: its error on stderr, as the client commands print theirs (without
-/// the backtrace `main` would add under `RUST_BACKTRACE`), and exit code 1.
-fn upkeep(result: anyhow::Result<()>) -> anyhow::Result<()> {
+/// Ends a command that is not a server: its error on stderr as the client commands print
+/// theirs, `error:` and the causes (without the backtrace `main` would add under
+/// `RUST_BACKTRACE`), and exit `code`.
+fn exit_on_error(result: anyhow::Result<()>, code: i32) -> anyhow::Result<()> {
     if let Err(error) = result {
         eprintln!("error: {error:#}");
-        std::process::exit(1);
+        std::process::exit(code);
     }
     Ok(())
 }
@@ -193,6 +185,8 @@ fn backup(dir: &std::path::Path, dest: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads a key from stdin (one line; surrounding whitespace is not part of it) and prints its
+/// hash.
 fn hash_key() -> anyhow::Result<()> {
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         // Otherwise it sits there silently, waiting for a line.
