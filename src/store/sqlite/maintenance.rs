@@ -7,9 +7,7 @@ use std::{
     path::Path,
 };
 
-use rusqlite::{Connection, OpenFlags};
-
-use super::{DATABASE_FILE, SqliteOptions, lock_dir, open_writer, schema, sql_error};
+use super::{DATABASE_FILE, SqliteOptions, lock_dir, open_writer, readers, schema, sql_error};
 use crate::store::StoreError;
 
 /// The size of a data directory's database before and after [`compact`], in bytes (the
@@ -67,13 +65,7 @@ pub fn backup(dir: &Path, dest: &Path) -> Result<u64, StoreError> {
             "the path is not valid UTF-8",
         )
     })?;
-    let conn = Connection::open_with_flags(
-        &path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| sql_error(format!("opening database {}", path.display()), e))?;
-    conn.busy_timeout(SqliteOptions::default().busy_timeout)
-        .map_err(|e| sql_error(format!("opening database {}", path.display()), e))?;
+    let conn = readers::open_reader(&path, SqliteOptions::default().busy_timeout)?;
     conn.execute("VACUUM INTO ?1", [dest_text]).map_err(|e| {
         sql_error(
             format!("backing up {} to {}", path.display(), dest.display()),

@@ -105,15 +105,23 @@ impl Readers {
     }
 
     fn open(&self) -> Result<Connection, StoreError> {
-        let fail = |e| sql_error(format!("opening {} for reading", self.path.display()), e);
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(fail)?;
-        conn.busy_timeout(self.busy_timeout).map_err(fail)?;
-        Ok(conn)
+        open_reader(&self.path, self.busy_timeout)
     }
+}
+
+/// A read-only connection to the database at `path`, which never takes the write lock.
+pub(super) fn open_reader(
+    path: &std::path::Path,
+    busy_timeout: std::time::Duration,
+) -> Result<Connection, StoreError> {
+    let fail = |e| sql_error(format!("opening {} for reading", path.display()), e);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(fail)?;
+    conn.busy_timeout(busy_timeout).map_err(fail)?;
+    Ok(conn)
 }
 
 /// The job's current snapshot.
