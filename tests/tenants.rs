@@ -810,6 +810,10 @@ async fn a_tenants_submit_rate_holds_at_its_burst_and_says_when_to_retry() {
         .expect("retry delay");
     assert!(retry > Duration::from_secs(60), "{retry:?}");
     assert!(refused.message().contains("submits_per_second"));
+    // Past the rate an invalid call is refused before it is looked at, so a flood of bad
+    // requests is bounded like any other.
+    let invalid = globex.submit(request(vec![])).await.unwrap_err();
+    assert_eq!(error_reason(&invalid), "TENANT_RATE_LIMITED", "{invalid:?}");
     assert_eq!(
         list_keyed(&mut globex, 100, "").await.jobs.len(),
         2,

@@ -137,11 +137,19 @@ impl Authenticator {
         let Some(keys) = &self.keys else {
             return Ok(self.default_tenant.clone());
         };
-        let Some(value) = metadata.get("authorization") else {
+        let mut values = metadata.get_all("authorization").iter();
+        let Some(value) = values.next() else {
             return Err(Status::unauthenticated(
                 "this call needs an API key: send the metadata `authorization: Bearer <key>`",
             ));
         };
+        // Which of several keys counts would depend on who added which (a client, a proxy):
+        // refused rather than guessed.
+        if values.next().is_some() {
+            return Err(Status::unauthenticated(
+                "this call carries more than one `authorization` metadata entry; send one",
+            ));
+        }
         // One answer for every other failure (not text, not Bearer, unknown key), so a caller
         // learns nothing about which part was wrong.
         let refused = || Status::unauthenticated("the API key is not valid");
@@ -181,15 +189,14 @@ pub fn owns(tenant: &str, job: &Job) -> bool {
 ///
 /// A job's tenant never changes, so a snapshot held in memory (a job queued, run or watched)
 /// answers without a store read; the call that follows still reports a job removed meanwhile.
+/// Otherwise the store answers without reading the job ([`crate::store::Store::owned_by`]):
+/// checked before a job is read, a call for another tenant's job takes no longer for a large
+/// job than for a small one.
 pub async fn check_owner(executor: &Executor, tenant: &str, id: JobId) -> Result<(), Status> {
     executor.until_recovered().await?;
     let owned = match executor.in_memory(id) {
         Some(live) => owns(tenant, &live),
-        None => executor
-            .store()
-            .get(id)
-            .await?
-            .is_some_and(|job| owns(tenant, &job)),
+        None => executor.store().owned_by(id, tenant).await?,
     };
     if owned {
         Ok(())
@@ -232,6 +239,14 @@ mod tests {
         }
         let missing = auth.authenticate(&MetadataMap::new()).unwrap_err();
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        // Two entries, even both valid: refused, whichever comes first.
+        for second in ["Bearer s3cret", "Bearer wrong"] {
+            let mut two = metadata("Bearer s3cret");
+            two.append("authorization", second.parse().unwrap());
+            let status = auth.authenticate(&two).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{second}");
+            assert!(status.message().contains("more than one"), "{status:?}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Limits,
-    auth::{check_owner, owns, tenant},
+    auth::{check_owner, tenant},
     convert::{self, parse_job_id},
     paging::Page,
     pb::{self, jobs_server::Jobs},
@@ -197,9 +197,10 @@ impl Jobs for JobsService {
             .filter(|d| !d.is_zero());
         let until = wait.and_then(|w| wait::wait_until(request.metadata(), Some(w)));
         let tenant = tenant(&request);
-        // Every call takes a token, an invalid one too (the bucket bounds the calls a tenant
-        // makes); a bad request is still told what is wrong with it first.
-        let within_rate = self.rates.check(&tenant);
+        // Every call takes a token, an invalid one too, and an empty bucket is answered before
+        // anything is validated: the bucket bounds the work a tenant's calls cost, whatever they
+        // hold. A bad request within the rate is told what is wrong with it.
+        self.rates.check(&tenant)?;
         let mut request = request.into_inner();
         let webhook = request.webhook.take().map(|w| self.validate_webhook(w));
         // Every violation at once, the webhook's with the rest; the network (the webhook
@@ -216,8 +217,6 @@ impl Jobs for JobsService {
                 return Err(invalid(violations));
             }
         };
-        // Before the webhook's DNS lookup: a tenant over its rate costs the server nothing more.
-        within_rate?;
         if let Some(checked) = webhook {
             spec.webhook = Some(self.webhooks.guard(checked).await.map_err(invalid_field)?);
         }
@@ -244,13 +243,11 @@ impl Jobs for JobsService {
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
-        self.executor.until_recovered().await?;
+        // The owner first, without reading the job: see `check_owner`.
+        check_owner(&self.executor, &tenant(&request), id).await?;
         let job = current(self.executor.store(), self.executor.hub(), id)
             .await
             .map_err(watch_status)?;
-        if !owns(&tenant(&request), &job) {
-            return Err(job_not_found(id));
-        }
         let job = self.with_deliveries(id, convert::job(&job)).await?;
         Ok(Response::new(pb::GetStatusResponse { job: Some(job) }))
     }

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Limits,
-    auth::{check_owner, owns, tenant},
+    auth::{check_owner, tenant},
     convert,
     longrunning::{
         CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
@@ -126,13 +126,11 @@ impl Operations for OperationsService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let id = job_id(&request.get_ref().name)?;
-        self.executor.until_recovered().await?;
+        // The owner first, without reading the job: see `check_owner`.
+        check_owner(&self.executor, &tenant(&request), id).await?;
         let job = current(self.executor.store(), self.executor.hub(), id)
             .await
             .map_err(watch_status)?;
-        if !owns(&tenant(&request), &job) {
-            return Err(job_not_found(id));
-        }
         Ok(Response::new(operation(convert::job(&job))))
     }
 

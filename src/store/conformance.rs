@@ -81,6 +81,10 @@ async fn tenants_are_kept_apart(store: &impl Store) {
     let b_keyed = tenant_job("b", &[("team", "x")], Some("k"));
     assert_eq!(store.create(&a_keyed).await.unwrap(), Created::New);
     assert_eq!(store.create(&b_keyed).await.unwrap(), Created::New);
+    assert!(store.owned_by(a_keyed.id, "a").await.unwrap());
+    assert!(!store.owned_by(a_keyed.id, "b").await.unwrap());
+    assert!(!store.owned_by(a_keyed.id, "").await.unwrap());
+    assert!(!store.owned_by(JobId::generate(), "a").await.unwrap());
     let again = tenant_job("a", &[], Some("k"));
     assert_eq!(
         store.create(&again).await.unwrap(),

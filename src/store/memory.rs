@@ -144,6 +144,14 @@ impl Store for MemoryStore {
         Ok(self.read().jobs.get(&id).cloned())
     }
 
+    async fn owned_by(&self, id: JobId, tenant: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .read()
+            .jobs
+            .get(&id)
+            .is_some_and(|job| job.tenant == tenant))
+    }
+
     async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
         let inner = self.read();
         let scoped = (tenant.to_owned(), key.to_owned());

@@ -237,6 +237,13 @@ pub trait Store: Send + Sync + 'static {
     /// The job's current snapshot.
     async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError>;
 
+    /// Whether job `id` exists and belongs to `tenant`. Stores answer it without reading the
+    /// job's snapshot, so that the answer comes as fast for a large job as for a small one and
+    /// its timing tells another tenant nothing about the job.
+    async fn owned_by(&self, id: JobId, tenant: &str) -> Result<bool, StoreError> {
+        Ok(self.get(id).await?.is_some_and(|job| job.tenant == tenant))
+    }
+
     /// The current snapshot of the job of `tenant` that holds idempotency key `key`.
     async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError>;
 

@@ -394,6 +394,10 @@ impl Store for PostgresStore {
         reads::get(&*self.reader().await?, id).await
     }
 
+    async fn owned_by(&self, id: JobId, tenant: &str) -> Result<bool, StoreError> {
+        reads::owned_by(&*self.reader().await?, id, tenant).await
+    }
+
     async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
         reads::by_idempotency_key(&*self.reader().await?, tenant, key).await
     }

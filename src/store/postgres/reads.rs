@@ -75,6 +75,27 @@ pub(super) async fn get(client: &ClientWrapper, id: JobId) -> Result<Option<Job>
         .transpose()
 }
 
+/// Whether job `id` exists and belongs to `tenant`, from the row alone: a large snapshot is
+/// stored out of line (TOAST) and never fetched.
+pub(super) async fn owned_by(
+    client: &ClientWrapper,
+    id: JobId,
+    tenant: &str,
+) -> Result<bool, StoreError> {
+    let context = "checking a job's tenant";
+    let rows = query(
+        client,
+        context,
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND tenant = $2)",
+        &vec![Box::new(*id.as_uuid()), Box::new(tenant.to_owned())],
+    )
+    .await?;
+    match rows.first() {
+        Some(row) => row.try_get(0).map_err(|e| pg_error(context, e)),
+        None => Ok(false),
+    }
+}
+
 /// The job of `tenant` holding idempotency key `key`.
 pub(super) async fn by_idempotency_key(
     client: &ClientWrapper,

@@ -236,6 +236,13 @@ impl Store for SqliteStore {
         self.readers.run(move |conn| readers::get(conn, id)).await
     }
 
+    async fn owned_by(&self, id: JobId, tenant: &str) -> Result<bool, StoreError> {
+        let tenant = tenant.to_owned();
+        self.readers
+            .run(move |conn| readers::owned_by(conn, id, tenant))
+            .await
+    }
+
     async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
         let scoped = row::scoped_key(tenant, key);
         self.readers

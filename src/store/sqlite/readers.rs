@@ -135,6 +135,21 @@ pub(super) fn get(conn: &Connection, id: JobId) -> Result<Option<Job>, StoreErro
     Ok(jobs.pop())
 }
 
+/// [`owned_by`]'s query: `?1` the tenant, `?2` the job id.
+pub(super) const OWNED_BY: &str =
+    "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_tenant_id WHERE tenant = ?1 AND id = ?2)";
+
+/// Whether job `id` exists and belongs to `tenant`. The `(tenant, id)` index answers it alone:
+/// the row itself, whose tenant column sits behind the snapshot (and, for a large job, behind
+/// its overflow pages), is never read.
+pub(super) fn owned_by(conn: &Connection, id: JobId, tenant: String) -> Result<bool, StoreError> {
+    let fail = |e| sql_error("checking a job's tenant", e);
+    let mut statement = conn.prepare_cached(OWNED_BY).map_err(fail)?;
+    statement
+        .query_row([tenant, id_text(id)], |row| row.get(0))
+        .map_err(fail)
+}
+
 /// The job holding idempotency key `scoped_key` (as stored: see `row::scoped_key`).
 pub(super) fn by_idempotency_key(
     conn: &Connection,
