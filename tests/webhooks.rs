@@ -560,3 +560,90 @@ async fn each_delivery_accepted_at_once_is_sent_once_on_sqlite() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.count(), delivered, "one request per delivery");
 }
+
+/// A job's deliveries have no count limit (each graceful shutdown that sets the job aside adds
+/// a QUEUED and a RUNNING one), but GetStatus and WaitJob must still fit in one response: they
+/// carry the newest deliveries that fit, the terminal one last, instead of failing.
+#[tokio::test]
+async fn a_job_with_more_deliveries_than_fit_shows_the_newest() {
+    use longrun::{
+        job::{Job, JobId},
+        store::{MemoryStore, Store},
+    };
+    const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let spec = NewJob {
+        actions: vec![NewAction {
+            name: "echo".to_owned(),
+            params: Default::default(),
+            input: Default::default(),
+        }],
+        webhook: Some(WebhookSpec {
+            // Never reached: the guard refuses it at delivery, and the deliveries stay on the job.
+            url: "http://127.0.0.1:9/hook".to_owned(),
+            secret: SECRET.to_owned(),
+            events: DomainEvents::All,
+        }),
+        ..NewJob::default()
+    };
+    let now = std::time::SystemTime::now();
+    let mut job = Job::new(JobId::generate(), spec, 1, now);
+    store.create(&job).await.unwrap();
+    for _ in 0..200 {
+        job.start(now).unwrap();
+        store.save(&job).await.unwrap();
+        job.set_aside(now).unwrap();
+        store.save(&job).await.unwrap();
+    }
+    job.start(now).unwrap();
+    job.start_action(0, now).unwrap();
+    job.succeed_action(0, serde_json::json!("done"), now)
+        .unwrap();
+    job.succeed(now).unwrap();
+    store.save(&job).await.unwrap();
+    let stored = store.deliveries(job.id).await.unwrap().len();
+    assert_eq!(stored, 402, "one per state reported");
+
+    let mut config = test_config();
+    config.limits.max_message_bytes = MAX_MESSAGE_BYTES;
+    config.webhooks.max_attempts = 1;
+    let server =
+        TestServer::start_on(store, config, longrun::actions::Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+    let id = job.id.to_string();
+    let got = client
+        .get_status(pb::GetStatusRequest { job_id: id.clone() })
+        .await
+        .expect("GetStatus fits in one response")
+        .into_inner()
+        .job
+        .unwrap();
+    let shown = &got.webhook_deliveries;
+    assert!(!shown.is_empty() && shown.len() < stored, "{}", shown.len());
+    assert_eq!(
+        shown.last().map(|d| d.job_state()),
+        Some(pb::JobState::Succeeded)
+    );
+    assert!(
+        shown
+            .windows(2)
+            .all(|w| w[0].job_version < w[1].job_version),
+        "oldest first, the newest kept"
+    );
+    assert!(prost::Message::encoded_len(&got) <= MAX_MESSAGE_BYTES);
+    let waited = client
+        .wait_job(pb::WaitJobRequest {
+            job_id: id,
+            ..Default::default()
+        })
+        .await
+        .expect("WaitJob fits in one response")
+        .into_inner();
+    assert!(waited.done);
+    let last_id =
+        |deliveries: &[pb::WebhookDelivery]| deliveries.last().map(|d| d.delivery_id.clone());
+    assert_eq!(
+        last_id(&waited.job.unwrap().webhook_deliveries),
+        last_id(shown)
+    );
+}

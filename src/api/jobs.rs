@@ -4,6 +4,7 @@
 use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
+use prost::Message;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -92,10 +93,11 @@ impl JobsService {
         }
     }
 
-    /// `job` with its webhook deliveries read from the outbox (none to read without a webhook).
+    /// `job` with its webhook deliveries read from the outbox (none to read without a webhook),
+    /// as many of the newest as fit in one response with the job.
     async fn with_deliveries(&self, id: JobId, mut job: pb::Job) -> Result<pb::Job, Status> {
         if job.webhook.is_some() {
-            job.webhook_deliveries = self
+            let deliveries: Vec<_> = self
                 .executor
                 .store()
                 .deliveries(id)
@@ -103,6 +105,19 @@ impl JobsService {
                 .iter()
                 .map(convert::webhook_delivery)
                 .collect();
+            let room = self
+                .limits
+                .max_message_bytes
+                .saturating_sub(RESPONSE_ENVELOPE_BYTES + job.encoded_len());
+            let count = deliveries.len();
+            job.webhook_deliveries = newest_that_fit(deliveries, room);
+            if job.webhook_deliveries.len() < count {
+                tracing::debug!(
+                    shown = job.webhook_deliveries.len(),
+                    count,
+                    "the oldest webhook deliveries left out to fit max_message_bytes"
+                );
+            }
         }
         Ok(job)
     }
@@ -122,6 +137,31 @@ impl JobsService {
     async fn wait_for(&self, id: JobId, until: Option<Instant>) -> Result<(pb::Job, bool), Status> {
         wait::wait_for(&self.executor, &self.stopping, id, until).await
     }
+}
+
+/// What a GetStatus or WaitJob response holds besides its job: the job's own framing, `done`.
+const RESPONSE_ENVELOPE_BYTES: usize = 64;
+
+/// The newest of `deliveries` (oldest first) whose `webhook_deliveries` entries take at most
+/// `room` bytes, still oldest first. A job's deliveries are not bounded (a job set aside at
+/// every shutdown reports QUEUED and RUNNING again each time), and a response that passed
+/// `max_message_bytes` would fail the whole call; the newest are the ones a caller looks for.
+fn newest_that_fit(
+    mut deliveries: Vec<pb::WebhookDelivery>,
+    room: usize,
+) -> Vec<pb::WebhookDelivery> {
+    let mut used = 0;
+    let mut first_kept = deliveries.len();
+    for (index, delivery) in deliveries.iter().enumerate().rev() {
+        // Field 18: a two-byte tag before the length-delimited message.
+        used += 1 + crate::job::framed(delivery.encoded_len());
+        if used > room {
+            break;
+        }
+        first_kept = index;
+    }
+    deliveries.drain(..first_kept);
+    deliveries
 }
 
 fn job_id(field: &str, value: &str) -> Result<JobId, Status> {
@@ -473,5 +513,41 @@ impl Jobs for JobsService {
             })
             .collect();
         Ok(Response::new(pb::ListActionsResponse { actions }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(version: i64) -> pb::WebhookDelivery {
+        pb::WebhookDelivery {
+            delivery_id: uuid::Uuid::now_v7().to_string(),
+            job_version: version,
+            last_error: "HTTP 503".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_newest_deliveries_that_fit_are_kept_in_order() {
+        let all: Vec<_> = (1..=10).map(delivery).collect();
+        let one = 1 + crate::job::framed(all[0].encoded_len());
+        let versions =
+            |kept: &[pb::WebhookDelivery]| kept.iter().map(|d| d.job_version).collect::<Vec<_>>();
+        assert_eq!(versions(&newest_that_fit(all.clone(), 3 * one)), [8, 9, 10]);
+        assert_eq!(
+            versions(&newest_that_fit(all.clone(), 3 * one + one - 1)),
+            [8, 9, 10]
+        );
+        assert_eq!(versions(&newest_that_fit(all.clone(), one - 1)), [0i64; 0]);
+        assert_eq!(newest_that_fit(all.clone(), 100 * one), all);
+        // What is kept is what the response's field takes.
+        let kept = newest_that_fit(all, 5 * one);
+        let job = pb::Job {
+            webhook_deliveries: kept,
+            ..Default::default()
+        };
+        assert_eq!(job.encoded_len(), 5 * one);
     }
 }
