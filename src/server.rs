@@ -4,6 +4,7 @@
 //! signal, then drains in order.
 
 use std::{
+    collections::BTreeSet,
     future::Future,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -137,6 +138,21 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
         if rate.burst == 0 {
             problems.push(format!("{table} submit_burst must be at least 1"));
         }
+    }
+    // 0 would refuse every Submit of the tenant; a tenant to shut out is one without a key.
+    if executor.max_queued_per_tenant == Some(0) {
+        problems.push("[quotas] max_queued_jobs must be at least 1".to_owned());
+    }
+    // A tenant's table that only inherits the default's 0 was named above.
+    let own_zero = |max: &usize| *max == 0 && executor.max_queued_per_tenant != Some(0);
+    for (tenant, _) in executor
+        .tenant_max_queued
+        .iter()
+        .filter(|(_, max)| own_zero(max))
+    {
+        problems.push(format!(
+            "[quotas.tenants.{tenant}] max_queued_jobs must be at least 1"
+        ));
     }
     if limits.max_message_bytes < MIN_MESSAGE_BYTES {
         problems.push(format!(
@@ -419,6 +435,16 @@ impl Drop for Server {
 /// such a server could never be used.
 fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
     if !config.auth.enabled {
+        let unused: Vec<&str> = quota_tenants(config)
+            .filter(|tenant| *tenant != crate::job::DEFAULT_TENANT)
+            .collect();
+        if !unused.is_empty() {
+            tracing::warn!(
+                tenants = ?unused,
+                "authentication is off, so every call is the tenant `default`: the quota \
+                 overrides of these tenants apply to nothing"
+            );
+        }
         return Ok(Authenticator::off());
     }
     let keys = ApiKeys::from_hashes(
@@ -437,11 +463,36 @@ fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
                 .to_owned(),
         ));
     }
+    // A quota table whose name is misspelt would leave the tenant it meant without its quota,
+    // and nothing would show it.
+    let keyed: BTreeSet<&str> = config.auth.keys.iter().map(|k| k.tenant.as_str()).collect();
+    let unknown: Vec<String> = quota_tenants(config)
+        .filter(|tenant| !keyed.contains(tenant))
+        .map(|tenant| format!("[quotas.tenants.{tenant}]"))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(ServeError::Setting(format!(
+            "{} names a tenant that no API key authenticates as (tenants with keys: {})",
+            unknown.join(", "),
+            keyed.into_iter().collect::<Vec<_>>().join(", ")
+        )));
+    }
     tracing::info!(
         keys = keys.len(),
         "API keys required on longrun.v1.Jobs and Operations"
     );
     Ok(Authenticator::with_keys(keys))
+}
+
+/// The tenants that `[quotas.tenants.NAME]` tables give a quota of their own.
+fn quota_tenants(config: &Config) -> impl Iterator<Item = &str> {
+    config
+        .tenant_submit_rates
+        .keys()
+        .chain(config.executor.tenant_max_queued.keys())
+        .map(String::as_str)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
 }
 
 /// A TLS error with its causes: tonic's own text is only "transport error".

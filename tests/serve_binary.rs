@@ -294,6 +294,7 @@ fn settings_out_of_range_are_refused_naming_them() {
             "backoff = \"1m\"\nbackoff_max = \"1s\"\n",
             "[quotas]\nsubmits_per_second = nan\n",
             "[quotas.tenants.batch]\nsubmits_per_second = -1\nsubmit_burst = 0\n",
+            "max_queued_jobs = 0\n",
         )),
     );
     assert!(!output.status.success());
@@ -306,6 +307,7 @@ fn settings_out_of_range_are_refused_naming_them() {
         "[quotas] submits_per_second",
         "[quotas.tenants.batch] submits_per_second",
         "[quotas.tenants.batch] submit_burst",
+        "[quotas.tenants.batch] max_queued_jobs",
     ] {
         assert!(stderr.contains(named), "{named}: {stderr}");
     }

@@ -828,6 +828,50 @@ async fn a_tenants_submit_rate_holds_at_its_burst_and_says_when_to_retry() {
 }
 
 #[tokio::test]
+async fn quotas_that_would_do_nothing_or_refuse_everything_refuse_to_start() {
+    let start = |config| async move {
+        longrun::server::Server::start(
+            Arc::new(MemoryStore::new()),
+            longrun::actions::Registry::with_builtins(),
+            config,
+        )
+        .await
+        .err()
+        .expect("refused")
+        .to_string()
+    };
+    // A misspelt tenant would leave `acme` without its quota, silently.
+    let typo = quota_config(1, &[("acmee", quota(Some(5), None, None))]);
+    let error = start(typo).await;
+    assert!(
+        error.contains("[quotas.tenants.acmee]") && error.contains("acme, globex"),
+        "{error}"
+    );
+    let mut none_queued = quota_config(1, &[]);
+    none_queued.executor.max_queued_per_tenant = Some(0);
+    let error = start(none_queued).await;
+    assert!(
+        error.contains("[quotas] max_queued_jobs must be at least 1"),
+        "{error}"
+    );
+    // Both real tenants with quotas of their own: taken.
+    let fine = quota_config(
+        1,
+        &[
+            ("acme", quota(Some(1), None, None)),
+            ("globex", quota(None, Some(5.0), None)),
+        ],
+    );
+    longrun::server::Server::start(
+        Arc::new(MemoryStore::new()),
+        longrun::actions::Registry::with_builtins(),
+        fine,
+    )
+    .await
+    .expect("starts");
+}
+
+#[tokio::test]
 async fn auth_on_without_keys_refuses_to_start() {
     let config = auth_config(&[]);
     let error = longrun::server::Server::start(
