@@ -387,6 +387,24 @@ async fn create_and_get_round_trip(store: &impl Store) {
     let stored = store.get(job.id).await.unwrap().expect("stored job");
     assert_eq!(stored, job, "a stored job reads back exactly");
     assert_eq!(store.get(JobId::generate()).await.unwrap(), None);
+    // A handler may return JSON null: it reads back as that result, not as none.
+    let mut null_result = sample_job(2, &[], None);
+    store.create(&null_result).await.unwrap();
+    let now = SystemTime::now();
+    null_result.start(now).unwrap();
+    null_result.start_action(0, now).unwrap();
+    null_result
+        .succeed_action(0, serde_json::Value::Null, now)
+        .unwrap();
+    store.save(&null_result).await.unwrap();
+    let stored = store
+        .get(null_result.id)
+        .await
+        .unwrap()
+        .expect("stored job");
+    assert_eq!(stored.actions[0].result, Some(serde_json::Value::Null));
+    assert_eq!(stored.actions[1].result, None, "not run: no result");
+    assert_eq!(stored, null_result);
 }
 
 /// `create_started` leaves what `create` then `save` would: the started snapshot current, both

@@ -5,11 +5,21 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::StoreError;
-use crate::job::Job;
+use crate::job::{ActionState, Job};
 
 /// The job stored as `snapshot`.
 pub(crate) fn decode(snapshot: &str) -> Result<Job, StoreError> {
-    serde_json::from_str(snapshot).map_err(|e| StoreError::Corrupt(format!("job snapshot: {e}")))
+    let mut job: Job = serde_json::from_str(snapshot)
+        .map_err(|e| StoreError::Corrupt(format!("job snapshot: {e}")))?;
+    // serde reads a `null` result as no result at all. A succeeded action always has one, so
+    // a succeeded action without one returned JSON null (snapshots of every encoding wrote
+    // `"result":null` for it; older ones wrote it for actions without a result too).
+    for action in &mut job.actions {
+        if action.state == ActionState::Succeeded && action.result.is_none() {
+            action.result = Some(serde_json::Value::Null);
+        }
+    }
+    Ok(job)
 }
 
 /// The time `micros` microseconds from the Unix epoch (the inverse of [`unix_micros`]).
