@@ -47,6 +47,23 @@ fn with_webhook(url: String, events: WebhookEvents) -> pb::SubmitRequest {
     }
 }
 
+/// An echo job for in-process submission (no API checks) with a webhook to `url`.
+fn echo_job_with_webhook(url: String, events: DomainEvents) -> NewJob {
+    NewJob {
+        actions: vec![NewAction {
+            name: "echo".to_owned(),
+            params: Default::default(),
+            input: Default::default(),
+        }],
+        webhook: Some(WebhookSpec {
+            url,
+            secret: SECRET.to_owned(),
+            events,
+        }),
+        ..NewJob::default()
+    }
+}
+
 /// Recomputes the signature as a receiver would, with nothing of longrun's own code.
 fn assert_signed(hit: &Hit, secret: &str) {
     let timestamp = hit.header("longrun-timestamp");
@@ -425,19 +442,7 @@ async fn delivery_rechecks_the_guard_for_jobs_that_bypassed_submit() {
         format!("http://127.0.0.1:{port}/literal"),
         format!("http://localhost:{port}/name"),
     ] {
-        let spec = NewJob {
-            actions: vec![NewAction {
-                name: "echo".to_owned(),
-                params: Default::default(),
-                input: Default::default(),
-            }],
-            webhook: Some(WebhookSpec {
-                url,
-                secret: SECRET.to_owned(),
-                events: DomainEvents::Terminal,
-            }),
-            ..NewJob::default()
-        };
+        let spec = echo_job_with_webhook(url, DomainEvents::Terminal);
         ids.push(server.executor.submit(spec).await.unwrap().id.to_string());
     }
     for id in ids {
@@ -572,20 +577,8 @@ async fn a_job_with_more_deliveries_than_fit_shows_the_newest() {
     };
     const MAX_MESSAGE_BYTES: usize = 16 * 1024;
     let store = std::sync::Arc::new(MemoryStore::new());
-    let spec = NewJob {
-        actions: vec![NewAction {
-            name: "echo".to_owned(),
-            params: Default::default(),
-            input: Default::default(),
-        }],
-        webhook: Some(WebhookSpec {
-            // Never reached: the guard refuses it at delivery, and the deliveries stay on the job.
-            url: "http://127.0.0.1:9/hook".to_owned(),
-            secret: SECRET.to_owned(),
-            events: DomainEvents::All,
-        }),
-        ..NewJob::default()
-    };
+    // Never reached: the guard refuses it at delivery, and the deliveries stay on the job.
+    let spec = echo_job_with_webhook("http://127.0.0.1:9/hook".to_owned(), DomainEvents::All);
     let now = std::time::SystemTime::now();
     let mut job = Job::new(JobId::generate(), spec, 1, now);
     store.create(&job).await.unwrap();
