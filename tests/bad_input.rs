@@ -349,6 +349,11 @@ async fn bad_submit_requests_are_refused_naming_the_field_and_store_nothing() {
             "idempotency_key".into(),
         ),
         (
+            "idempotency key with a newline",
+            with(vec![echo()], |r| r.idempotency_key = "order\n42".to_owned()),
+            "idempotency_key".into(),
+        ),
+        (
             "fail with an invalid code",
             request(vec![action("fail", json!({"code": "OOPS"}))]),
             "actions[0].params.code".into(),

@@ -27,12 +27,19 @@ pub fn parse_job_id(field: &str, value: &str) -> Result<JobId, FieldViolation> {
     if value.is_empty() {
         return Err(FieldViolation::new(field, "is required"));
     }
-    value.parse().map_err(|_| {
+    parse_hyphenated(value).ok_or_else(|| {
         FieldViolation::new(
             field,
             format!("must be a job id (a UUID such as 0190b6c4-7d1e-7c3a-9f0e-1b2c3d4e5f60), not {value:?}"),
         )
     })
+}
+
+/// A job id in the one form ids are shown in: 36 characters, hyphenated (hex digits in either
+/// case, as RFC 9562 reads them). The other forms a UUID parser takes (braced, `urn:uuid:`,
+/// without hyphens) are refused, so that one job is not named by several strings.
+pub fn parse_hyphenated(value: &str) -> Option<JobId> {
+    (value.len() == 36).then(|| value.parse().ok()).flatten()
 }
 
 /// Converts and validates a Submit request against the server's limits. A request refused
@@ -121,13 +128,8 @@ pub fn new_job(
         ));
     }
     let idempotency_key = non_empty(request.idempotency_key);
-    if let Some(key) = &idempotency_key
-        && key.len() > limits.max_idempotency_key_bytes
-    {
-        violations.push(FieldViolation::new(
-            "idempotency_key",
-            format!("must be at most {} bytes", limits.max_idempotency_key_bytes),
-        ));
+    if let Some(key) = &idempotency_key {
+        job::check_idempotency_key(key, &job_limits, &mut violations);
     }
     let timeout = match request.timeout.map(|d| duration("timeout", d)).transpose() {
         // Zero is more likely a unit mistake than a wish for no limit, which is "unset".
@@ -514,7 +516,27 @@ mod tests {
                 .contains("UUID")
         );
         let id = JobId::generate();
-        assert_eq!(parse_job_id("job_id", &id.to_string()).unwrap(), id);
+        let text = id.to_string();
+        assert_eq!(parse_job_id("job_id", &text).unwrap(), id);
+        assert_eq!(parse_job_id("job_id", &text.to_uppercase()).unwrap(), id);
+        // The one job is named by one string (up to case): the parser's other forms are refused.
+        let uuid = id.as_uuid();
+        for other in [
+            uuid.simple().to_string(),
+            uuid.braced().to_string(),
+            uuid.urn().to_string(),
+            format!(" {text}"),
+        ] {
+            assert!(parse_job_id("job_id", &other).is_err(), "{other}");
+            assert!(
+                super::super::operations_convert::parse_operation_name(
+                    "name",
+                    &format!("operations/{other}")
+                )
+                .is_err(),
+                "{other}"
+            );
+        }
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub fn parse_operation_name(field: &str, name: &str) -> Result<JobId, FieldViola
     }
     name.strip_prefix(COLLECTION)
         .and_then(|rest| rest.strip_prefix('/'))
-        .and_then(|id| id.parse().ok())
+        .and_then(super::convert::parse_hyphenated)
         .ok_or_else(|| {
             FieldViolation::new(
                 field,

@@ -188,8 +188,8 @@ pub enum ExecutorError {
     ShuttingDown,
     /// The idempotency key is held by a job submitted with a different request.
     #[error(
-        "idempotency_key {key:?} was already used for job {job_id}, submitted with a different \
-         {field}"
+        "idempotency_key {key:?} was already used for job {job_id}, submitted with another \
+         request ({field} differs)"
     )]
     IdempotencyKeyReused {
         /// The key.

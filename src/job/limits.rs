@@ -160,6 +160,28 @@ fn too_deep(params: &Map<String, Value>, max_depth: usize) -> Option<String> {
         .find_map(|(key, value)| walk(value, 1, max_depth).map(|below| format!(".{key}{below}")))
 }
 
+/// Checks a non-empty idempotency key: at most `max_idempotency_key_bytes`, and no control
+/// characters (a NUL or a newline breaks the lines of text that show the key, as in a label).
+/// Shared as [`check_action_count`] is.
+pub(crate) fn check_idempotency_key(
+    key: &str,
+    limits: &SubmitLimits,
+    violations: &mut Vec<FieldViolation>,
+) {
+    if key.len() > limits.max_idempotency_key_bytes {
+        violations.push(FieldViolation::new(
+            "idempotency_key",
+            format!("must be at most {} bytes", limits.max_idempotency_key_bytes),
+        ));
+    }
+    if key.chars().any(char::is_control) {
+        violations.push(FieldViolation::new(
+            "idempotency_key",
+            "must not hold control characters",
+        ));
+    }
+}
+
 /// Checks how many actions a job has: at least one, at most `max_actions_per_job`. The API's
 /// edge (on the wire form) and [`check_submit`] (on the domain form) both call it.
 pub(crate) fn check_action_count(
@@ -250,11 +272,8 @@ pub fn check_submit(spec: &NewJob, limits: &SubmitLimits) -> Vec<FieldViolation>
                 "idempotency_key",
                 "is empty; leave it unset (None) for a job without a key",
             ));
-        } else if key.len() > limits.max_idempotency_key_bytes {
-            violations.push(FieldViolation::new(
-                "idempotency_key",
-                format!("must be at most {} bytes", limits.max_idempotency_key_bytes),
-            ));
+        } else {
+            check_idempotency_key(key, limits, &mut violations);
         }
         submitted += framed(key.len());
     }
@@ -405,6 +424,20 @@ mod tests {
         let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["labels[\"k\\0\"]", "labels[\"line\"]"]);
         assert!(violations[0].description.contains("control characters"));
+    }
+
+    #[test]
+    fn idempotency_keys_with_control_characters_are_refused() {
+        for (key, refused) in [
+            ("order-42 ünïcode, spaces", false),
+            ("a\nb", true),
+            ("nul\u{0}", true),
+            ("\u{85}next line", true),
+        ] {
+            let mut violations = Vec::new();
+            check_idempotency_key(key, &SubmitLimits::default(), &mut violations);
+            assert_eq!(!violations.is_empty(), refused, "{key:?}");
+        }
     }
 
     #[test]

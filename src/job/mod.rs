@@ -14,7 +14,7 @@ pub use limits::{
 };
 pub(crate) use limits::{
     RUN_RESERVE_PER_ACTION, RUN_RESERVE_PER_JOB, check_action_count, check_action_sizes,
-    check_labels, labels_wire_size,
+    check_idempotency_key, check_labels, labels_wire_size,
 };
 pub use model::{
     Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_ERROR_DETAILS_BYTES,
