@@ -265,8 +265,8 @@ impl From<ExecutorError> for Status {
             ExecutorError::IdempotencyKeyReused { key, job_id, field } => {
                 let description = format!(
                     "already used for job {job_id}, which was submitted with another request \
-                     ({field} differs); send the same request again to get that job, or use a \
-                     new key"
+                     (the first field that differs: {field}); send the same request again to \
+                     get that job, or use a new key"
                 );
                 let mut details = ErrorDetails::with_error_info(
                     "IDEMPOTENCY_KEY_REUSED",

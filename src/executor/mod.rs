@@ -189,7 +189,7 @@ pub enum ExecutorError {
     /// The idempotency key is held by a job submitted with a different request.
     #[error(
         "idempotency_key {key:?} was already used for job {job_id}, submitted with another \
-         request ({field} differs)"
+         request (the first field that differs: {field})"
     )]
     IdempotencyKeyReused {
         /// The key.
