@@ -205,6 +205,20 @@ pub async fn check_owner(executor: &Executor, tenant: &str, id: JobId) -> Result
     }
 }
 
+/// Job `id`'s newest snapshot (see [`crate::events::current`]) if it belongs to `tenant`;
+/// otherwise the NOT_FOUND of an unknown id. One read, with the tenant in the query
+/// ([`crate::store::Store::get_owned`]): another tenant's job is never read, so the answer
+/// does not come slower for a large one.
+pub async fn current_owned(executor: &Executor, tenant: &str, id: JobId) -> Result<Job, Status> {
+    executor.until_recovered().await?;
+    let stored = executor
+        .store()
+        .get_owned(id, tenant)
+        .await?
+        .ok_or_else(|| job_not_found(id))?;
+    Ok(crate::events::newest_of(stored, executor.hub()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

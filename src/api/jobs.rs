@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Limits,
-    auth::{check_owner, tenant},
+    auth::{check_owner, current_owned, tenant},
     convert::{self, parse_job_id},
     paging::Page,
     pb::{self, jobs_server::Jobs},
@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     cancelled::Cancelled,
-    events::{JobWatch, current},
+    events::JobWatch,
     executor::Executor,
     job::{FieldViolation, JobId, WebhookEvents},
     metrics::{Metrics, WatchGuard},
@@ -283,11 +283,7 @@ impl Jobs for JobsService {
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let id = job_id("job_id", &request.get_ref().job_id)?;
-        // The owner first, without reading the job: see `check_owner`.
-        check_owner(&self.executor, &tenant(&request), id).await?;
-        let job = current(self.executor.store(), self.executor.hub(), id)
-            .await
-            .map_err(watch_status)?;
+        let job = current_owned(&self.executor, &tenant(&request), id).await?;
         let job = self.with_deliveries(id, convert::job(&job)).await?;
         Ok(Response::new(pb::GetStatusResponse { job: Some(job) }))
     }

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Limits,
-    auth::{check_owner, tenant},
+    auth::{check_owner, current_owned, tenant},
     convert,
     longrunning::{
         CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
@@ -23,11 +23,10 @@ use super::{
         check_collection, operation, operation_name, parse_filter, parse_operation_name,
     },
     paging::Page,
-    status::{invalid, invalid_field, job_not_finished, job_not_found, watch_status},
+    status::{invalid, invalid_field, job_not_finished, job_not_found},
     wait,
 };
 use crate::{
-    events::current,
     executor::Executor,
     job::JobId,
     store::{Deleted, ListQuery},
@@ -126,11 +125,7 @@ impl Operations for OperationsService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let id = job_id(&request.get_ref().name)?;
-        // The owner first, without reading the job: see `check_owner`.
-        check_owner(&self.executor, &tenant(&request), id).await?;
-        let job = current(self.executor.store(), self.executor.hub(), id)
-            .await
-            .map_err(watch_status)?;
+        let job = current_owned(&self.executor, &tenant(&request), id).await?;
         Ok(Response::new(operation(convert::job(&job))))
     }
 

@@ -19,7 +19,7 @@ mod selector;
 mod watch_job;
 mod watch_jobs;
 pub use selector::{INBOX_LIMIT, JobsSubscription, Pending, Taken};
-pub use watch_job::{JobWatch, WatchError, current, wait_terminal, wait_until};
+pub use watch_job::{JobWatch, WatchError, current, newest_of, wait_terminal, wait_until};
 pub use watch_jobs::{Cursor, JobsEvent, JobsWatch, WatchJobsError};
 
 use crate::job::{Job, JobId, JobState};

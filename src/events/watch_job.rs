@@ -151,10 +151,16 @@ impl JobWatch {
 /// that was pushed but not written yet).
 pub async fn current(store: &Arc<dyn Store>, hub: &Hub, id: JobId) -> Result<Job, WatchError> {
     let stored = store.get(id).await?.ok_or(WatchError::NotFound(id))?;
-    Ok(match hub.latest(id) {
+    Ok(newest_of(stored, hub))
+}
+
+/// `stored`, or the hub's snapshot of its job when that is newer (progress that was pushed
+/// but not written yet).
+pub fn newest_of(stored: Job, hub: &Hub) -> Job {
+    match hub.latest(stored.id) {
         Some(live) if live.version > stored.version => Job::clone(&live),
         _ => stored,
-    })
+    }
 }
 
 /// The job's newest snapshot once subscribed: the one held in memory if it is at least

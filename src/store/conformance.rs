@@ -85,6 +85,12 @@ async fn tenants_are_kept_apart(store: &impl Store) {
     assert!(!store.owned_by(a_keyed.id, "b").await.unwrap());
     assert!(!store.owned_by(a_keyed.id, "").await.unwrap());
     assert!(!store.owned_by(JobId::generate(), "a").await.unwrap());
+    assert_eq!(
+        store.get_owned(a_keyed.id, "a").await.unwrap().as_ref(),
+        Some(&a_keyed)
+    );
+    assert_eq!(store.get_owned(a_keyed.id, "b").await.unwrap(), None);
+    assert_eq!(store.get_owned(JobId::generate(), "a").await.unwrap(), None);
     let again = tenant_job("a", &[], Some("k"));
     assert_eq!(
         store.create(&again).await.unwrap(),

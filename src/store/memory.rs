@@ -152,6 +152,15 @@ impl Store for MemoryStore {
             .is_some_and(|job| job.tenant == tenant))
     }
 
+    async fn get_owned(&self, id: JobId, tenant: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self
+            .read()
+            .jobs
+            .get(&id)
+            .filter(|job| job.tenant == tenant)
+            .cloned())
+    }
+
     async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
         let inner = self.read();
         let scoped = (tenant.to_owned(), key.to_owned());

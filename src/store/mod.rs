@@ -244,6 +244,12 @@ pub trait Store: Send + Sync + 'static {
         Ok(self.get(id).await?.is_some_and(|job| job.tenant == tenant))
     }
 
+    /// [`Store::get`] of a job of `tenant`: `None` for another tenant's job, found as
+    /// [`Store::owned_by`] finds it, before the snapshot is read.
+    async fn get_owned(&self, id: JobId, tenant: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self.get(id).await?.filter(|job| job.tenant == tenant))
+    }
+
     /// The current snapshot of the job of `tenant` that holds idempotency key `key`.
     async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError>;
 

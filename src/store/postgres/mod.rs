@@ -398,6 +398,10 @@ impl Store for PostgresStore {
         reads::owned_by(&*self.reader().await?, id, tenant).await
     }
 
+    async fn get_owned(&self, id: JobId, tenant: &str) -> Result<Option<Job>, StoreError> {
+        reads::get_owned(&*self.reader().await?, id, tenant).await
+    }
+
     async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
         reads::by_idempotency_key(&*self.reader().await?, tenant, key).await
     }

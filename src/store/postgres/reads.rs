@@ -75,6 +75,27 @@ pub(super) async fn get(client: &ClientWrapper, id: JobId) -> Result<Option<Job>
         .transpose()
 }
 
+/// The job's current snapshot, as [`get`] reads it, if it belongs to `tenant`. Another
+/// tenant's row is matched on its tenant column and its snapshot (stored out of line when
+/// large) is never fetched.
+pub(super) async fn get_owned(
+    client: &ClientWrapper,
+    id: JobId,
+    tenant: &str,
+) -> Result<Option<Job>, StoreError> {
+    let context = "reading a job";
+    let rows = query(
+        client,
+        context,
+        "SELECT snapshot, cancel_requested FROM jobs WHERE id = $1 AND tenant = $2",
+        &vec![Box::new(*id.as_uuid()), Box::new(tenant.to_owned())],
+    )
+    .await?;
+    rows.first()
+        .map(|row| snapshot_with_cancel_request(row, context))
+        .transpose()
+}
+
 /// Whether job `id` exists and belongs to `tenant`, from the row alone: a large snapshot is
 /// stored out of line (TOAST) and never fetched.
 pub(super) async fn owned_by(

@@ -243,6 +243,13 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn get_owned(&self, id: JobId, tenant: &str) -> Result<Option<Job>, StoreError> {
+        let tenant = tenant.to_owned();
+        self.readers
+            .run(move |conn| readers::get_owned(conn, id, tenant))
+            .await
+    }
+
     async fn by_idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<Job>, StoreError> {
         let scoped = row::scoped_key(tenant, key);
         self.readers

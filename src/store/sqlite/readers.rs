@@ -135,6 +135,25 @@ pub(super) fn get(conn: &Connection, id: JobId) -> Result<Option<Job>, StoreErro
     Ok(jobs.pop())
 }
 
+/// The job's current snapshot if it belongs to `tenant`. The row is found through the
+/// `(tenant, id)` index, as [`owned_by`] finds it: another tenant's job is never read.
+pub(super) fn get_owned(
+    conn: &Connection,
+    id: JobId,
+    tenant: String,
+) -> Result<Option<Job>, StoreError> {
+    let mut jobs = query_jobs(
+        conn,
+        "reading a job",
+        &format!(
+            "SELECT {CURRENT_SNAPSHOT} FROM jobs j INDEXED BY jobs_tenant_id \
+             WHERE j.tenant = ?1 AND j.id = ?2"
+        ),
+        &[Value::Text(tenant), Value::Text(id_text(id))],
+    )?;
+    Ok(jobs.pop())
+}
+
 /// [`owned_by`]'s query: `?1` the tenant, `?2` the job id.
 pub(super) const OWNED_BY: &str =
     "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_tenant_id WHERE tenant = ?1 AND id = ?2)";
