@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def main(binary: str) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
