@@ -77,7 +77,9 @@ struct ServeArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        // One line with every cause, never anyhow's backtrace (RUST_BACKTRACE is often set on
+        // developers' machines, and a refused setting is not a crash).
+        Command::Serve(args) => exit_on_error(serve(args).await, 1),
         // 2 for what the user gave, as the client commands exit on a usage mistake.
         Command::HashKey => exit_on_error(hash_key(), 2),
         Command::Compact(args) => exit_on_error(compact(&args.data_dir), 1),
