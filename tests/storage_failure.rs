@@ -9,7 +9,7 @@ mod common;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -24,16 +24,18 @@ use longrun::{
 };
 use tonic::transport::Channel;
 
-/// Hooks that fail `save` as a full disk does while `full` is set.
+/// Hooks that fail `save` as a full disk does while `full` is set, counting the saves refused.
 #[derive(Default)]
 struct Disk {
     full: AtomicBool,
+    refused: AtomicUsize,
 }
 
 #[async_trait]
 impl StoreHooks for Disk {
     async fn before_save(&self, _job: &Job) -> Result<(), StoreError> {
         if self.full.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::Full {
                 context: "committing a batch of writes".to_owned(),
                 source: "No space left on device".into(),
@@ -174,4 +176,45 @@ async fn a_cancel_while_the_disk_is_full_ends_it_cancelled_once_it_has_room() {
     assert_eq!(state(&done), JobState::Cancelled);
     assert!(cancel.await.unwrap().is_ok());
     assert_eq!(gate.started_within(Duration::from_millis(200)).await, None);
+}
+
+/// While the disk is full, a queued job whose start cannot be stored is not started, aborted
+/// and queued again as fast as the machine goes (before the fix: thousands of tries a second,
+/// each logging an error): the executor backs off from 100 ms to 5 s, and the job runs once
+/// the disk has room.
+#[tokio::test]
+async fn queued_jobs_are_not_restarted_in_a_loop_while_the_disk_is_full() {
+    let gate = Gate::default();
+    let (store, server) = start(&gate).await;
+    let mut client = server.client.clone();
+    let mut first = request(vec![gated()]);
+    first.max_attempts = 2; // runs again once settled
+    let first = submit(&mut client, first).await;
+    // Created (creates still go through) and queued behind the first, which holds the worker.
+    let queued = submit(&mut client, request(vec![gated()])).await;
+    abort_its_end(&store, &gate, &mut client, &first).await;
+    let before = store.hooks.refused.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused = store.hooks.refused.load(Ordering::SeqCst) - before;
+    // Backing off, the queued job's start and the first job's settling are each tried a few
+    // times in this second; in a loop it would be thousands.
+    assert!(refused <= 20, "{refused} saves tried in one second");
+    assert_eq!(state(&get(&mut client, &queued.id).await), JobState::Queued);
+
+    set_full(&store, false);
+    let mut started = Vec::new();
+    for _ in 0..2 {
+        started.push(gate.next_started().await);
+        gate.release(1);
+    }
+    started.sort();
+    let mut both = vec![first.id.clone(), queued.id.clone()];
+    both.sort();
+    assert_eq!(started, both, "both run once the disk has room");
+    for id in [&first.id, &queued.id] {
+        assert_eq!(
+            state(&wait_done(&mut client, id).await),
+            JobState::Succeeded
+        );
+    }
 }

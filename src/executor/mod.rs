@@ -244,6 +244,9 @@ pub(crate) struct Inner {
     /// change feed of shared mode run until then (running jobs keep their leases, and can still
     /// be cancelled from other replicas, while they drain).
     drained: CancellationToken,
+    /// Set while runs are being aborted by failed writes (a full disk): the dispatcher starts
+    /// no job before it passes, see [`run::StoreBackoff`].
+    store_backoff: std::sync::Mutex<run::StoreBackoff>,
 }
 
 /// Runs jobs. Cheap to clone; all clones drive the same queue.
@@ -285,6 +288,7 @@ impl Executor {
             dispatching: CancellationToken::new(),
             recovered: CancellationToken::new(),
             drained: CancellationToken::new(),
+            store_backoff: std::sync::Mutex::default(),
         });
         let dispatcher = Arc::clone(&inner);
         inner
@@ -814,6 +818,16 @@ impl Inner {
                     Err(_) => return,
                 },
             };
+            // A store that failed the last run's writes is given time before the next start:
+            // a queued job whose start cannot be stored would otherwise be started, aborted
+            // and queued again as fast as the machine goes.
+            let hold = self.store_backoff().holds_until();
+            if let Some(until) = hold {
+                tokio::select! {
+                    _ = self.dispatching.cancelled() => return,
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
             let next = self.scheduler().pop();
             let Some((id, handle, snapshot)) = next else {
                 // Claims only as many as this replica can start now (the permit held and the

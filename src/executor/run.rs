@@ -64,6 +64,36 @@ fn timed_out(job: &Job) -> HandlerError {
 const SETTLE_RETRY_INITIAL: Duration = Duration::from_millis(100);
 const SETTLE_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Consecutive runs aborted by failed writes, and until when the dispatcher waits because of
+/// them: 100 ms after the first, doubling to 5 s (the retry backoff of settling an aborted
+/// job), back to none as soon as a run ends without a store failure.
+#[derive(Debug, Default)]
+pub(super) struct StoreBackoff {
+    wait: Option<Duration>,
+    until: Option<tokio::time::Instant>,
+}
+
+impl StoreBackoff {
+    fn failed(&mut self) {
+        let wait = self.wait.map_or(SETTLE_RETRY_INITIAL, |wait| {
+            (wait * 2).min(SETTLE_RETRY_MAX)
+        });
+        self.wait = Some(wait);
+        self.until = Some(tokio::time::Instant::now() + wait);
+    }
+
+    fn succeeded(&mut self) {
+        self.wait = None;
+        self.until = None;
+    }
+
+    /// When the next job may start, if not now.
+    pub(super) fn holds_until(&self) -> Option<tokio::time::Instant> {
+        self.until
+            .filter(|until| *until > tokio::time::Instant::now())
+    }
+}
+
 /// Whether a run's error says that the job is not this server's any more: on a shared store,
 /// another replica took it over (its lease ran out here) or changed it first (cancelled it
 /// while it waited here).
@@ -163,12 +193,16 @@ impl Inner {
             other => other.map(|_| ()),
         };
         let requeue = match outcome {
-            Ok(()) => None,
+            Ok(()) => {
+                self.store_backoff().succeeded();
+                None
+            }
             Err(error) if no_longer_ours(&error, self.shared) => {
                 tracing::warn!(%error, "job no longer held by this replica; its run stopped");
                 None
             }
             Err(error) => {
+                self.store_backoff().failed();
                 tracing::error!(
                     %error,
                     "job run aborted; settling it as interrupted once the store takes writes"
@@ -189,6 +223,11 @@ impl Inner {
             self.wake.notify_one();
         }
         self.sync_gauges();
+    }
+
+    pub(super) fn store_backoff(&self) -> std::sync::MutexGuard<'_, StoreBackoff> {
+        // Each critical section is one assignment: a poisoned lock is still consistent.
+        self.store_backoff.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Settles a job whose run a failed write aborted (a full disk, a storage error). The job
