@@ -238,14 +238,18 @@ pub struct Settings {
     /// when listening on a loopback address, on otherwise; the config file's `[auth] enabled`].
     #[arg(long, value_enum, env = "LONGRUN_AUTH")]
     pub auth: Option<Switch>,
-    /// Serve TLS with this PEM certificate chain (needs --tls-key) [default: plaintext h2c].
-    #[arg(long, env = "LONGRUN_TLS_CERT", requires = "tls_key")]
+    /// Serve TLS with this PEM certificate chain (needs a key: --tls-key or the config file's
+    /// tls_key) [default: plaintext h2c].
+    // The three are checked together once merged with the config file (a partial setting is
+    // refused at start), not here: a flag may complete what the file gives.
+    #[arg(long, env = "LONGRUN_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert.
-    #[arg(long, env = "LONGRUN_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "LONGRUN_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// Require client certificates signed by this PEM CA (mTLS); needs --tls-cert.
-    #[arg(long, env = "LONGRUN_TLS_CLIENT_CA", requires = "tls_cert")]
+    /// Require client certificates signed by this PEM CA (mTLS); needs a certificate and key,
+    /// from these flags or the config file.
+    #[arg(long, env = "LONGRUN_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
 }
 
@@ -599,6 +603,22 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_flag_completes_what_the_file_gives() {
+        let file = FileConfig::parse(
+            "[server]\ntls_cert = \"/etc/longrun/cert.pem\"\ntls_key = \"/etc/longrun/key.pem\"\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            tls_client_ca: Some(PathBuf::from("/etc/longrun/ca.pem")),
+            ..Settings::default()
+        };
+        let tls = Config::resolve(flags, file).tls.expect("TLS on");
+        assert_eq!(tls.cert, PathBuf::from("/etc/longrun/cert.pem"));
+        assert_eq!(tls.key, PathBuf::from("/etc/longrun/key.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/etc/longrun/ca.pem")));
+    }
 
     #[test]
     fn flags_override_file_which_overrides_defaults() {
