@@ -183,7 +183,9 @@ impl From<StoreError> for Status {
         match &error {
             StoreError::Closed => Status::unavailable(error.to_string()),
             StoreError::Backend { .. } => {
-                tracing::error!(error = %error, "store failure");
+                // With its causes: "creating job …" alone does not say why (a read-only file,
+                // an I/O error).
+                tracing::error!(error = %crate::with_causes(&error), "store failure");
                 Status::unavailable(format!("storage is unavailable: {error}"))
             }
             StoreError::Corrupt(_) => {
@@ -191,7 +193,7 @@ impl From<StoreError> for Status {
                 Status::data_loss(error.to_string())
             }
             StoreError::Full { .. } => {
-                tracing::error!(error = %error, "storage full");
+                tracing::error!(error = %crate::with_causes(&error), "storage full");
                 Status::resource_exhausted(error.to_string())
             }
             // These only happen while opening a store, before anything is served.

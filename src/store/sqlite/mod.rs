@@ -403,6 +403,15 @@ fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, Store
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(fail)?;
+    // SQLite opens a file it may not write read-only without a word; every write would then
+    // fail, while a server that needs none at start would report itself healthy.
+    if conn.is_readonly(rusqlite::MAIN_DB).map_err(fail)? {
+        return Err(StoreError::backend(
+            format!("opening database {}", path.display()),
+            "the file cannot be written (check its owner and permissions, and those of the \
+             data directory)",
+        ));
+    }
     conn.busy_timeout(options.busy_timeout).map_err(fail)?;
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
