@@ -374,14 +374,21 @@ impl Inner {
             }
         };
         if let Some(error) = error {
+            // The error in the line itself (quoted: a handler's message may hold newlines).
+            let reason = error.error.to_string();
             if error.retryable && job.has_attempts_left() {
                 job.retry(now)?;
                 self.commit_state(&job).await?;
+                tracing::info!(
+                    attempt = job.attempt - 1,
+                    error = ?reason,
+                    "attempt failed"
+                );
                 return Ok(Some(job));
             }
             job.fail(error.error, now)?;
             self.commit_state(&job).await?;
-            tracing::info!("job failed");
+            tracing::info!(error = ?reason, "job failed");
         }
         Ok(None)
     }
