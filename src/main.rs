@@ -92,7 +92,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // PostgreSQL's NOTICEs ("relation … already exists, skipping" at every start)
+                // are not the operator's business unless asked for.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn")),
         )
         .with_writer(std::io::stderr)
         // Colours for a person at a terminal only, never escape codes in a log file.

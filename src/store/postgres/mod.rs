@@ -178,14 +178,17 @@ impl PostgresStore {
             }
             .run(),
         );
-        tracing::debug!(%database, "PostgreSQL store open");
+        let replica = uuid::Uuid::now_v7();
+        // At info: the id is what `jobs.lease_owner` holds, and an operator maps leases to
+        // processes by it.
+        tracing::info!(%database, replica_id = %replica, "PostgreSQL store open");
         Ok(PostgresStore {
             commands,
             stopped,
             counters,
             readers,
             serve_lock: Mutex::new(serve_lock),
-            replica: uuid::Uuid::now_v7(),
+            replica,
             lease: options.lease.max(Duration::from_millis(10)),
             config,
             held: Mutex::new(HashSet::new()),
