@@ -113,7 +113,10 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
             crate::job::MAX_PARAMS_DEPTH_LIMIT
         ));
     }
-    if !(1..=executor.max_attempts_limit).contains(&executor.default_max_attempts) {
+    // With a limit of 0, named above, there is no range to name.
+    if executor.max_attempts_limit > 0
+        && !(1..=executor.max_attempts_limit).contains(&executor.default_max_attempts)
+    {
         problems.push(format!(
             "default_max_attempts must be between 1 and {} (max_attempts_limit: what a Submit \
              may ask for)",
@@ -225,6 +228,7 @@ impl Server {
         // Checked first, so that a server that could never serve starts nothing.
         check_settings(&config)?;
         let authenticator = authenticator(&config)?;
+        warn_of_unused_quotas(&config);
         let tls = match &config.tls {
             Some(files) => Some(tls_config(files)?),
             None => None,
@@ -435,16 +439,6 @@ impl Drop for Server {
 /// such a server could never be used.
 fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
     if !config.auth.enabled {
-        let unused: Vec<&str> = quota_tenants(config)
-            .filter(|tenant| *tenant != crate::job::DEFAULT_TENANT)
-            .collect();
-        if !unused.is_empty() {
-            tracing::warn!(
-                tenants = ?unused,
-                "authentication is off, so every call is the tenant `default`: the quota \
-                 overrides of these tenants apply to nothing"
-            );
-        }
         return Ok(Authenticator::off());
     }
     let keys = ApiKeys::from_hashes(
@@ -482,6 +476,24 @@ fn authenticator(config: &Config) -> Result<Authenticator, ServeError> {
         "API keys required on longrun.v1.Jobs and Operations"
     );
     Ok(Authenticator::with_keys(keys))
+}
+
+/// With auth off every call is the tenant `default`: quotas of other tenants apply to nothing.
+/// Logged once, at start (the config check that runs before builds the authenticator too).
+fn warn_of_unused_quotas(config: &Config) {
+    if config.auth.enabled {
+        return;
+    }
+    let unused: Vec<&str> = quota_tenants(config)
+        .filter(|tenant| *tenant != crate::job::DEFAULT_TENANT)
+        .collect();
+    if !unused.is_empty() {
+        tracing::warn!(
+            tenants = ?unused,
+            "authentication is off, so every call is the tenant `default`: the quota \
+             overrides of these tenants apply to nothing"
+        );
+    }
 }
 
 /// The tenants that `[quotas.tenants.NAME]` tables give a quota of their own.
