@@ -141,6 +141,36 @@ async fn status_cancel_wait_and_list_follow_one_job() {
     )
     .await;
     assert!(!none.stdout.contains(&id), "{none:?}");
+
+    let deleted = longrun(&url, &["delete", &id]).await;
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    assert_eq!(deleted.stdout, format!("{id} deleted\n"));
+    let gone = longrun(&url, &["status", &id]).await;
+    assert_eq!(gone.code, 5, "{gone:?}");
+    assert!(gone.stderr.contains("NOT_FOUND"), "{gone:?}");
+    let again = longrun(&url, &["delete", &id, "--output", "json"]).await;
+    assert_eq!(again.code, 5, "{again:?}");
+}
+
+#[tokio::test]
+async fn delete_refuses_an_unfinished_job_and_says_so() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let id = longrun(&url, &["submit", "--action", LONG_SLEEP])
+        .await
+        .first_line();
+    let refused = longrun(&url, &["delete", &id]).await;
+    assert_eq!(refused.code, 5, "{refused:?}");
+    assert!(
+        refused.stderr.contains("FAILED_PRECONDITION"),
+        "{refused:?}"
+    );
+    let cancelled = longrun(&url, &["cancel", &id]).await;
+    assert_eq!(cancelled.code, 0, "{cancelled:?}");
+    longrun(&url, &["wait", &id, "--timeout", "10s"]).await;
+    let deleted = longrun(&url, &["delete", &id, "--output", "json"]).await;
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    assert_eq!(deleted.stdout, "{}\n", "the empty DeleteJobResponse");
 }
 
 #[tokio::test]

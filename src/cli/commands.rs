@@ -25,6 +25,15 @@ pub struct CancelArgs {
     pub client: ClientArgs,
 }
 
+/// `longrun delete ID`.
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// The job's id.
+    pub id: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 /// `longrun list`.
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
@@ -137,6 +146,25 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<i32> {
         "longrun.v1.CancelResponse",
         response.job.as_ref(),
     )?;
+    Ok(exit::OK)
+}
+
+/// Removes a finished job (and frees its idempotency key); exits 0 once it is gone. An
+/// unfinished one is refused (FAILED_PRECONDITION): cancel it first.
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<i32> {
+    let printer = Printer::new(args.client.output)?;
+    let mut client = connect(&args.client).await?;
+    let request = pb::DeleteJobRequest {
+        job_id: args.id.clone(),
+    };
+    let response = client
+        .delete_job(request)
+        .await
+        .context("DeleteJob")?
+        .into_inner();
+    printer.print(&response, "longrun.v1.DeleteJobResponse", |_| {
+        format!("{} deleted", args.id)
+    })?;
     Ok(exit::OK)
 }
 

@@ -28,7 +28,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-pub use commands::{ActionsArgs, CancelArgs, ListArgs, StatusArgs};
+pub use commands::{ActionsArgs, CancelArgs, DeleteArgs, ListArgs, StatusArgs};
 pub use submit::SubmitArgs;
 pub use wait::WaitArgs;
 pub use watch::WatchArgs;
@@ -67,6 +67,8 @@ pub enum Command {
     Wait(WaitArgs),
     /// Cancels a job.
     Cancel(CancelArgs),
+    /// Removes a finished job now, rather than when retention would.
+    Delete(DeleteArgs),
     /// Lists jobs, newest first.
     List(ListArgs),
     /// Lists the actions the server runs, with their params.
@@ -105,6 +107,7 @@ impl Command {
             Command::Submit(args) => &args.client,
             Command::Status(args) => &args.client,
             Command::Cancel(args) => &args.client,
+            Command::Delete(args) => &args.client,
             Command::Watch(args) => &args.client,
             Command::Wait(args) => &args.client,
             Command::List(args) => &args.client,
@@ -147,6 +150,7 @@ pub async fn run(command: Command) -> i32 {
         Command::Watch(args) => watch::run(args).await,
         Command::Wait(args) => wait::run(args).await,
         Command::Cancel(args) => commands::cancel(args).await,
+        Command::Delete(args) => commands::delete(args).await,
         Command::List(args) => commands::list(args).await,
         Command::Actions(args) => commands::actions(args).await,
     };
