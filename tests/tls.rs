@@ -296,24 +296,72 @@ async fn the_cli_without_a_client_certificate_is_told_the_server_wants_one() {
     drop(until_ready(server.addr, &ca, Some(&trusted)).await);
 
     let ca_path = write(&dir, "ca.pem", &ca.pem());
-    let addr = format!("https://localhost:{}", server.addr.port());
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_longrun"))
-            .args(["list", "--addr", &addr, "--ca-cert"])
-            .arg(&ca_path)
+    let stranger = Ca::new("another CA").sign(&["client"]);
+    let stranger_cert = write(&dir, "stranger.pem", &stranger.cert);
+    let stranger_key = write(&dir, "stranger.key", &stranger.key);
+    let port = server.addr.port();
+    let https = format!("https://localhost:{port}");
+    let plaintext = format!("localhost:{port}");
+    let ca = ca_path.to_str().unwrap().to_owned();
+    let (cert, key) = (
+        stranger_cert.to_str().unwrap().to_owned(),
+        stranger_key.to_str().unwrap().to_owned(),
+    );
+    let cli = |args: Vec<String>| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .arg("list")
+            .args(args)
             .env_remove("LONGRUN_API_KEY")
             .output()
-            .unwrap()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let runs = tokio::task::spawn_blocking(move || {
+        let args = |more: &[&str]| more.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        [
+            cli(args(&["--addr", &https, "--ca-cert", &ca])),
+            cli(args(&["--addr", &https])),
+            cli(args(&["--addr", &plaintext])),
+            cli(args(&[
+                "--addr",
+                &https,
+                "--ca-cert",
+                &ca,
+                "--client-cert",
+                &cert,
+                "--client-key",
+                &key,
+            ])),
+        ]
     })
     .await
     .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(5), "{stderr}");
+    let [no_client_cert, untrusted_server, plaintext, stranger] = runs;
+    for (code, stderr) in [&no_client_cert, &untrusted_server, &plaintext, &stranger] {
+        assert_eq!(*code, Some(5), "{stderr}");
+    }
+    let (_, stderr) = no_client_cert;
     assert!(
         stderr.contains("give --client-cert and --client-key"),
         "the likely cause is named: {stderr}"
     );
     assert!(stderr.contains("cause: "), "{stderr}");
+    // Each other mistake is told its own likely fix, not the mTLS one.
+    let (_, stderr) = untrusted_server;
+    assert!(
+        stderr.contains("give --ca-cert") && !stderr.contains("--client-cert"),
+        "{stderr}"
+    );
+    let (_, stderr) = plaintext;
+    assert!(stderr.contains("use an https:// address"), "{stderr}");
+    let (_, stderr) = stranger;
+    assert!(
+        stderr.contains("check that --client-cert is signed by the CA it trusts"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

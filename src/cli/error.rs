@@ -28,6 +28,8 @@ impl Unreachable {
         // rustls reading a plaintext HTTP/2 server's first bytes as a TLS record.
         let hint = if cause.contains("InvalidContentType") {
             "it does not answer TLS; for a server without TLS use an http:// address"
+        } else if names_certificate(&cause) {
+            UNTRUSTED_CERTIFICATE
         } else {
             "is `longrun serve` running?"
         };
@@ -36,6 +38,58 @@ impl Unreachable {
             hint,
             cause,
         }
+    }
+}
+
+const UNTRUSTED_CERTIFICATE: &str = "the server's TLS certificate is not trusted: give --ca-cert \
+     with the CA that signed it, and an address whose host name the certificate names";
+
+/// Whether a TLS failure is about the server's certificate (rustls: "invalid peer
+/// certificate: UnknownIssuer", NotValidForName, Expired…).
+fn names_certificate(cause: &str) -> bool {
+    cause.contains("invalid peer certificate")
+}
+
+/// What the command line said about the connection, for [`transport_hint`].
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    /// An https:// address.
+    pub tls: bool,
+    /// --client-cert was given.
+    pub client_certificate: bool,
+}
+
+/// The likely fix of a failure in the connection, printed after the error: a TLS client is
+/// told no more than "connection closed" when an mTLS server drops it after the handshake,
+/// and a plaintext client of a TLS server sees an HTTP/2 framing error.
+pub fn transport_hint(error: &anyhow::Error, connection: Connection) -> Option<&'static str> {
+    if !failed_in_transport(error) {
+        return None;
+    }
+    let cause = error.root_cause().to_string();
+    if names_certificate(&cause) {
+        // A connection that could not be opened says so in its own message already.
+        return (!error.chain().any(|c| c.is::<Unreachable>())).then_some(UNTRUSTED_CERTIFICATE);
+    }
+    match connection {
+        Connection { tls: false, .. } if cause.contains("frame with invalid size") => {
+            Some("the server may be serving TLS: use an https:// address (and --ca-cert)")
+        }
+        Connection {
+            tls: true,
+            client_certificate: false,
+        } => Some(
+            "if the server requires client certificates (mTLS), give --client-cert and \
+             --client-key",
+        ),
+        Connection {
+            tls: true,
+            client_certificate: true,
+        } => Some(
+            "if the server requires client certificates (mTLS), check that --client-cert is \
+             signed by the CA it trusts for clients and that --client-key is its key",
+        ),
+        Connection { tls: false, .. } => None,
     }
 }
 

@@ -140,9 +140,12 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Runs a client subcommand and returns the process exit code. Errors are printed here, on
 /// stderr, so that `main` only has to exit with the code.
 pub async fn run(command: Command) -> i32 {
-    let tls_without_certificate = {
+    let connection = {
         let client = command.client();
-        client.addr.starts_with("https://") && client.client_cert.is_none()
+        error::Connection {
+            tls: client.addr.starts_with("https://"),
+            client_certificate: client.client_cert.is_some(),
+        }
     };
     let result = match command {
         Command::Submit(args) => submit::run(args).await,
@@ -156,13 +159,8 @@ pub async fn run(command: Command) -> i32 {
     };
     let code = result.unwrap_or_else(|error| {
         eprintln!("{}", error::report(&error));
-        if tls_without_certificate && error::failed_in_transport(&error) {
-            // An mTLS server drops a client without a certificate after the handshake, and
-            // the client is told no more than "connection closed".
-            eprintln!(
-                "  (if the server requires client certificates (mTLS), give --client-cert and \
-                 --client-key)"
-            );
+        if let Some(hint) = error::transport_hint(&error, connection) {
+            eprintln!("  ({hint})");
         }
         if error::is_usage(&error) {
             exit::USAGE
