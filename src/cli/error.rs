@@ -72,8 +72,12 @@ pub fn transport_hint(error: &anyhow::Error, connection: Connection) -> Option<&
         return (!error.chain().any(|c| c.is::<Unreachable>())).then_some(UNTRUSTED_CERTIFICATE);
     }
     match connection {
-        Connection { tls: false, .. } if cause.contains("frame with invalid size") => {
-            Some("the server may be serving TLS: use an https:// address (and --ca-cert)")
+        // A TLS server answers a plaintext HTTP/2 preface with an alert, which the client
+        // reads as a malformed frame, or drops the connection: the client sees one of several
+        // failures ("frame with invalid size", "connection closed", "broken pipe"…) on its
+        // first call. One that could not connect at all was told why already.
+        Connection { tls: false, .. } if !error.chain().any(|c| c.is::<Unreachable>()) => {
+            Some("if the server serves TLS, use an https:// address (and --ca-cert)")
         }
         Connection {
             tls: true,
