@@ -62,14 +62,22 @@ pub(super) fn snapshot_with_cancel_request(row: &Row, context: &str) -> Result<J
 
 /// The job's current snapshot, marked `cancel_requested` as soon as the request is stored.
 pub(super) async fn get(client: &ClientWrapper, id: JobId) -> Result<Option<Job>, StoreError> {
-    let context = "reading a job";
-    let rows = query(
+    one_job(
         client,
-        context,
         "SELECT snapshot, cancel_requested FROM jobs WHERE id = $1",
         &vec![Box::new(*id.as_uuid())],
     )
-    .await?;
+    .await
+}
+
+/// The job a `SELECT snapshot, cancel_requested` of at most one row finds.
+async fn one_job(
+    client: &ClientWrapper,
+    sql: &str,
+    params: &Params,
+) -> Result<Option<Job>, StoreError> {
+    let context = "reading a job";
+    let rows = query(client, context, sql, params).await?;
     rows.first()
         .map(|row| snapshot_with_cancel_request(row, context))
         .transpose()
@@ -83,17 +91,12 @@ pub(super) async fn get_owned(
     id: JobId,
     tenant: &str,
 ) -> Result<Option<Job>, StoreError> {
-    let context = "reading a job";
-    let rows = query(
+    one_job(
         client,
-        context,
         "SELECT snapshot, cancel_requested FROM jobs WHERE id = $1 AND tenant = $2",
         &vec![Box::new(*id.as_uuid()), Box::new(tenant.to_owned())],
     )
-    .await?;
-    rows.first()
-        .map(|row| snapshot_with_cancel_request(row, context))
-        .transpose()
+    .await
 }
 
 /// Whether job `id` exists and belongs to `tenant`, from the row alone: a large snapshot is
