@@ -308,9 +308,9 @@ pub struct RpcTiming<S> {
     methods: Arc<HashSet<String>>,
 }
 
-impl<S, B> tower::Service<axum::http::Request<B>> for RpcTiming<S>
+impl<S, B, RB> tower::Service<axum::http::Request<B>> for RpcTiming<S>
 where
-    S: tower::Service<axum::http::Request<B>> + Send,
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<RB>> + Send,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -333,10 +333,28 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await;
+            let elapsed = started.elapsed();
+            // One line per call at debug (`RUST_LOG=longrun=debug`), an access log. A call that
+            // failed has its status in the headers (a trailers-only response); one that
+            // succeeded, or a stream, has it in trailers, which come later.
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let status = response.as_ref().ok().and_then(|r| {
+                    r.headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                });
+                match status {
+                    Some(status) => {
+                        tracing::debug!(%method, ?elapsed, grpc_status = %status, "rpc failed");
+                    }
+                    None => tracing::debug!(%method, ?elapsed, "rpc answered"),
+                }
+            }
             metrics
                 .rpc_seconds
                 .get_or_create(&MethodLabels { method })
-                .observe(started.elapsed().as_secs_f64());
+                .observe(elapsed.as_secs_f64());
             response
         })
     }

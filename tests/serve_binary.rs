@@ -475,3 +475,47 @@ async fn backup_while_serving_and_compact_once_stopped() {
         server.wait().unwrap();
     }
 }
+
+/// At debug, every call logs one line when it is answered, with its method, and its status
+/// when it failed: an access log for an operator (`RUST_LOG=longrun=debug`).
+#[tokio::test]
+async fn at_debug_every_call_logs_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let addr = common::free_addr();
+    let server = common::Spawned::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["serve", "--store", "memory", "--listen", &addr.to_string()])
+            .env("RUST_LOG", "longrun=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
+    let mut client = common::connect(addr).await;
+    submit(
+        &mut client,
+        request(vec![common::action("echo", serde_json::json!({}))]),
+    )
+    .await;
+    let unknown = client
+        .get_status(pb::GetStatusRequest {
+            job_id: longrun::job::JobId::generate().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    drop(server);
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.lines()
+            .any(|line| line.contains("rpc answered")
+                && line.contains("method=/longrun.v1.Jobs/Submit")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|line| line.contains("rpc failed")
+            && line.contains("method=/longrun.v1.Jobs/GetStatus")
+            && line.contains("grpc_status=5")),
+        "{text}"
+    );
+}
