@@ -66,19 +66,18 @@ pub fn transport_hint(error: &anyhow::Error, connection: Connection) -> Option<&
     if !failed_in_transport(error) {
         return None;
     }
-    let cause = error.root_cause().to_string();
-    if names_certificate(&cause) {
-        // A connection that could not be opened says so in its own message already.
-        return (!error.chain().any(|c| c.is::<Unreachable>())).then_some(UNTRUSTED_CERTIFICATE);
+    // A connection that could not be opened says what is likely wrong in its own message.
+    let unreachable = error.chain().any(|c| c.is::<Unreachable>());
+    if names_certificate(&error.root_cause().to_string()) {
+        return (!unreachable).then_some(UNTRUSTED_CERTIFICATE);
     }
     match connection {
         // A TLS server answers a plaintext HTTP/2 preface with an alert, which the client
         // reads as a malformed frame, or drops the connection: the client sees one of several
         // failures ("frame with invalid size", "connection closed", "broken pipe"…) on its
-        // first call. One that could not connect at all was told why already.
-        Connection { tls: false, .. } if !error.chain().any(|c| c.is::<Unreachable>()) => {
-            Some("if the server serves TLS, use an https:// address (and --ca-cert)")
-        }
+        // first call.
+        Connection { tls: false, .. } => (!unreachable)
+            .then_some("if the server serves TLS, use an https:// address (and --ca-cert)"),
         Connection {
             tls: true,
             client_certificate: false,
@@ -93,7 +92,6 @@ pub fn transport_hint(error: &anyhow::Error, connection: Connection) -> Option<&
             "if the server requires client certificates (mTLS), check that --client-cert is \
              signed by the CA it trusts for clients and that --client-key is its key",
         ),
-        Connection { tls: false, .. } => None,
     }
 }
 
