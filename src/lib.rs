@@ -26,6 +26,7 @@ pub mod config;
 pub mod events;
 pub mod executor;
 pub mod job;
+mod log_throttle;
 pub mod metrics;
 pub mod server;
 pub mod store;

@@ -247,6 +247,9 @@ pub(crate) struct Inner {
     /// Set while runs are being aborted by failed writes (a full disk): the dispatcher starts
     /// no job before it passes, see [`run::StoreBackoff`].
     store_backoff: std::sync::Mutex<run::StoreBackoff>,
+    /// Hold back repeats of the log lines of failed writes while one fault (a full disk, a
+    /// database that is down) fails them all.
+    failure_logs: run::FailureLogs,
 }
 
 /// Runs jobs. Cheap to clone; all clones drive the same queue.
@@ -289,6 +292,7 @@ impl Executor {
             recovered: CancellationToken::new(),
             drained: CancellationToken::new(),
             store_backoff: std::sync::Mutex::default(),
+            failure_logs: run::FailureLogs::default(),
         });
         let dispatcher = Arc::clone(&inner);
         inner

@@ -19,6 +19,7 @@ use crate::{
     cancelled::Cancelled,
     events::Snapshot,
     job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress, wire_size},
+    log_throttle::LogThrottle,
     store::StoreError,
 };
 
@@ -92,6 +93,14 @@ impl StoreBackoff {
         self.until
             .filter(|until| *until > tokio::time::Instant::now())
     }
+}
+
+/// One [`LogThrottle`] per log line that a lasting store failure repeats for every job.
+#[derive(Debug, Default)]
+pub(super) struct FailureLogs {
+    aborted_runs: LogThrottle,
+    settles: LogThrottle,
+    progress_saves: Arc<LogThrottle>,
 }
 
 /// Whether a run's error says that the job is not this server's any more: on a shared store,
@@ -203,10 +212,13 @@ impl Inner {
             }
             Err(error) => {
                 self.store_backoff().failed();
-                tracing::error!(
-                    %error,
-                    "job run aborted; settling it as interrupted once the store takes writes"
-                );
+                if let Some(held_back) = self.failure_logs.aborted_runs.admit() {
+                    tracing::error!(
+                        %error,
+                        held_back,
+                        "job run aborted; settling it as interrupted once the store takes writes"
+                    );
+                }
                 self.settle_aborted(id).await
             }
         };
@@ -255,7 +267,9 @@ impl Inner {
                     return None;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, retry_in = ?wait, "settling the aborted job failed");
+                    if let Some(held_back) = self.failure_logs.settles.admit() {
+                        tracing::warn!(%error, retry_in = ?wait, held_back, "settling the aborted job failed");
+                    }
                 }
             }
             if self.dispatching.is_cancelled() {
@@ -645,11 +659,16 @@ impl Inner {
         } else if tracker.last_persist.elapsed() >= self.config.progress_write_interval(self.shared)
         {
             let store = Arc::clone(&self.store);
+            let failure_log = Arc::clone(&self.failure_logs.progress_saves);
             self.tracker.spawn(async move {
                 match store.save(&snapshot).await {
                     // A state change saved a newer version first: nothing is lost.
                     Ok(()) | Err(StoreError::StaleVersion { .. }) => {}
-                    Err(error) => tracing::warn!(%error, "saving progress failed"),
+                    Err(error) => {
+                        if let Some(held_back) = failure_log.admit() {
+                            tracing::warn!(%error, held_back, "saving progress failed");
+                        }
+                    }
                 }
             });
         } else {

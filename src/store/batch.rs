@@ -5,6 +5,7 @@
 use tokio::sync::oneshot;
 
 use super::StoreError;
+use crate::log_throttle::LogThrottle;
 
 /// The terminal states, as SQL: the jobs that may be deleted or purged.
 pub(super) const TERMINAL_STATES: &str = "('SUCCEEDED', 'FAILED', 'CANCELLED')";
@@ -96,6 +97,14 @@ impl BatchFailure {
             matches!(error, StoreError::Full { .. }),
             error,
         )
+    }
+
+    /// Logs that the batch did not commit (`outcome`) at ERROR, unless `throttle` holds it
+    /// back: one lasting fault, a full disk or a database that is down, fails every batch.
+    pub(super) fn log(&self, outcome: &str, throttle: &LogThrottle) {
+        if let Some(held_back) = throttle.admit() {
+            tracing::error!(error = %self.message, held_back, "{outcome}");
+        }
     }
 
     /// The error each caller gets (the backend's error cannot be cloned, its text can).

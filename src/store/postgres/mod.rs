@@ -46,6 +46,7 @@ use super::{
     batch::Reply,
 };
 use crate::job::{AttemptOutcome, Delivery, Job, JobId};
+use crate::log_throttle::LogThrottle;
 
 /// Advisory lock keys: the first half of each two-key lock. The second half is
 /// `hashtext(current_schema())`, so stores in different schemas of one database (the tests
@@ -174,6 +175,7 @@ impl PostgresStore {
                 commands: queue,
                 max_batch: options.max_batch.max(1),
                 counters: Arc::clone(&counters),
+                failures: LogThrottle::default(),
                 stopped: stopped_tx,
             }
             .run(),

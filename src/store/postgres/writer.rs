@@ -36,6 +36,7 @@ use super::{
     row::JobRow,
 };
 use crate::job::{AttemptOutcome, Delivery};
+use crate::log_throttle::LogThrottle;
 use crate::store::{
     StoreError,
     batch::{Answer, BatchFailure, Reply, respond},
@@ -90,6 +91,8 @@ pub(super) struct Writer {
     pub commands: mpsc::Receiver<Command>,
     pub max_batch: usize,
     pub counters: Arc<Counters>,
+    /// Holds back repeats of the log line of a failed batch.
+    pub failures: LogThrottle,
     /// Set once the writer has stopped.
     pub stopped: watch::Sender<bool>,
 }
@@ -161,7 +164,7 @@ impl Writer {
             }
             // The connection may be broken or mid-transaction: never give it back.
             discard(client);
-            tracing::error!(error = %failure.message, "a batch of writes was rolled back");
+            failure.log("a batch of writes was rolled back", &self.failures);
             for answer in answers {
                 answer.send(Some(&failure));
             }
@@ -171,7 +174,7 @@ impl Writer {
         if let Err(e) = notify(&client, logged, &progressed).await {
             let failure = BatchFailure::from_error(&e);
             discard(client);
-            tracing::error!(error = %failure.message, "a batch of writes was rolled back");
+            failure.log("a batch of writes was rolled back", &self.failures);
             for answer in answers {
                 answer.send(Some(&failure));
             }
@@ -196,7 +199,7 @@ impl Writer {
                 // told it failed, so at worst a write they were told failed is stored.
                 let failure = BatchFailure::new("committing a batch of writes", false, &e);
                 discard(client);
-                tracing::error!(error = %failure.message, "a batch of writes failed to commit");
+                failure.log("a batch of writes failed to commit", &self.failures);
                 for answer in answers {
                     answer.send(Some(&failure));
                 }

@@ -40,6 +40,7 @@ use self::{
 };
 use super::{Created, Deleted, DueDelivery, EventPage, ListQuery, Store, StoreError, batch::Reply};
 use crate::job::{AttemptOutcome, Delivery, Job, JobId};
+use crate::log_throttle::LogThrottle;
 
 /// The database file inside the data directory.
 const DATABASE_FILE: &str = "longrun.db";
@@ -138,6 +139,7 @@ impl SqliteStore {
             commands: queue,
             max_batch: options.max_batch.max(1),
             counters: Arc::clone(&counters),
+            failures: LogThrottle::default(),
             lock,
             stopped: stopped_tx,
         }

@@ -29,6 +29,7 @@ use super::{
     row::JobRow,
 };
 use crate::job::{AttemptOutcome, Delivery};
+use crate::log_throttle::LogThrottle;
 use crate::store::{
     StoreError,
     batch::{Answer, BatchFailure, Reply, respond},
@@ -97,6 +98,8 @@ pub(super) struct Writer {
     pub commands: mpsc::Receiver<Command>,
     pub max_batch: usize,
     pub counters: Arc<Counters>,
+    /// Holds back repeats of the log line of a failed batch.
+    pub failures: LogThrottle,
     /// The data directory's lock: held exactly as long as the write connection is open.
     pub lock: File,
     /// Set once the connection is closed and the lock released.
@@ -187,7 +190,7 @@ impl Writer {
                 fail(command, &failure, &mut self.commands);
             }
             drop(tx); // rolls back whatever SQLite left of the transaction
-            tracing::error!(error = %failure.message, "a batch of writes was rolled back");
+            failure.log("a batch of writes was rolled back", &self.failures);
             for answer in answers {
                 answer.send(Some(&failure));
             }
@@ -214,7 +217,7 @@ impl Writer {
             }
             Err(e) => {
                 let failure = sql_failure("committing a batch of writes", &e);
-                tracing::error!(error = %failure.message, "a batch of writes failed to commit");
+                failure.log("a batch of writes failed to commit", &self.failures);
                 for answer in answers {
                     answer.send(Some(&failure));
                 }
