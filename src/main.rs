@@ -113,12 +113,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Before the store is opened: opening a data directory migrates it, and a refused config
     // must not have upgraded a directory an older binary still serves.
     Server::check_config(&config).context("checking the configuration")?;
-    // Bound before the store is opened too: a port in use is refused without having created
-    // (or migrated) a data directory. Connections made meanwhile wait in the backlog.
+    // Both bound before the store is opened too: a port in use is refused without having
+    // created (or migrated) a data directory. Connections made meanwhile wait in the backlog.
     let listen = config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let store = config
         .open_store()
         .await
@@ -142,9 +150,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     #[cfg(target_os = "linux")]
     longrun::actions::kill_orphaned_commands();
     let registry = config.registry();
-    let server = Server::start(store, registry, config)
+    let mut server = Server::start(store, registry, config)
         .await
         .context("starting the server")?;
+    if let Some(listener) = metrics_listener {
+        server = server.with_metrics_listener(listener);
+    }
     server
         .serve(listener, shutdown_signal())
         .await

@@ -230,7 +230,15 @@ impl Metrics {
         addr: SocketAddr,
         stop: CancellationToken,
     ) -> std::io::Result<SocketAddr> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        self.spawn_on(tokio::net::TcpListener::bind(addr).await?, stop)
+    }
+
+    /// Serves the metrics on `listener` in the background; the address it is bound to.
+    pub fn spawn_on(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        stop: CancellationToken,
+    ) -> std::io::Result<SocketAddr> {
         let bound = listener.local_addr()?;
         let metrics = Arc::clone(self);
         tokio::spawn(async move {

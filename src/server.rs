@@ -200,6 +200,9 @@ pub struct Server {
     stopping: CancellationToken,
     authenticator: Authenticator,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Where the metrics are served when the program bound it itself, see
+    /// [`Server::with_metrics_listener`].
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -267,7 +270,17 @@ impl Server {
             stopping,
             authenticator,
             tls,
+            metrics_listener: None,
         })
+    }
+
+    /// Serves the metrics on `listener`, bound by the program, instead of binding
+    /// `config.metrics_listen` in [`Server::serve`]: a program that binds both of its
+    /// addresses before opening the store refuses an address in use without having created
+    /// (or migrated) a data directory.
+    pub fn with_metrics_listener(mut self, listener: TcpListener) -> Self {
+        self.metrics_listener = Some(listener);
+        self
     }
 
     /// The executor, for programs that embed longrun and submit jobs in-process.
@@ -284,7 +297,7 @@ impl Server {
     /// stops taking jobs, lets running ones finish within the shutdown grace period, ends open
     /// watches (clients resume with `after_version`), and returns.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
@@ -329,10 +342,14 @@ impl Server {
             tonic::service::interceptor::InterceptedService::new(operations, authenticator);
 
         let metrics = Arc::clone(self.executor.metrics());
-        if let Some(addr) = self.config.metrics_listen {
+        let metrics_listener = match (self.metrics_listener.take(), self.config.metrics_listen) {
+            (Some(listener), _) => Some(listener),
+            (None, Some(addr)) => Some(TcpListener::bind(addr).await.map_err(ServeError::Metrics)?),
+            (None, None) => None,
+        };
+        if let Some(listener) = metrics_listener {
             metrics
-                .spawn_server(addr, self.stopping.clone())
-                .await
+                .spawn_on(listener, self.stopping.clone())
                 .map_err(ServeError::Metrics)?;
         }
 

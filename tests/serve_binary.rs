@@ -50,6 +50,40 @@ fn a_port_in_use_is_refused_before_the_data_directory_is_created() {
 }
 
 #[test]
+fn a_metrics_port_in_use_is_refused_before_the_data_directory_is_created() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let output = Spawned::spawn(
+        Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                &addr,
+            ])
+            .arg("--data-dir")
+            .arg(&dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .wait_bounded();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("serving metrics on {addr}")),
+        "{stderr}"
+    );
+    assert!(
+        !dir.exists(),
+        "no data directory made for a server that cannot serve its metrics"
+    );
+}
+
+#[test]
 fn second_server_on_the_same_data_directory_fails_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut first = serve(dir.path(), "127.0.0.1:0");
