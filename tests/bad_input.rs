@@ -554,6 +554,48 @@ async fn watch_after_a_negative_or_future_version_is_invalid_argument() {
     );
 }
 
+/// A job running on this server: its newest version is known here, so one ahead of it
+/// (that nobody was shown) is refused at once, rather than taken on trust and waited past.
+#[tokio::test]
+async fn watch_of_a_running_job_after_a_version_it_has_not_reached_is_invalid_argument() {
+    let gate = Gate::default();
+    let server = TestServer::start_with(test_config(), gate.registry()).await;
+    let mut client = server.client.clone();
+    let job = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, job.id);
+    let running = get(&mut client, &job.id).await;
+    assert_eq!(state(&running), JobState::Running);
+    for ahead in [1, 10, 500] {
+        let status = client
+            .watch_job(pb::WatchJobRequest {
+                job_id: job.id.clone(),
+                after_version: running.version + ahead,
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "+{ahead}");
+        assert_eq!(bad_request_fields(&status), ["after_version"], "+{ahead}");
+    }
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_version: running.version,
+        })
+        .await
+        .expect("its own version resumes")
+        .into_inner();
+    gate.release(1);
+    let mut last = None;
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(message) = stream.message().await.expect("a message") {
+            last = message.job;
+        }
+    })
+    .await
+    .expect("the stream ends with the job");
+    assert_eq!(last.map(|job| state(&job)), Some(JobState::Succeeded));
+}
+
 #[tokio::test]
 async fn bad_list_requests_are_refused_naming_the_field() {
     let server = TestServer::start().await;

@@ -324,7 +324,7 @@ impl Jobs for JobsService {
                     .map(|job| pb::WatchJobResponse {
                         job: Some(convert::job(&job)),
                     })
-                    .map_err(Status::from);
+                    .map_err(watch_status);
                 Some((item, Some(watch)))
             },
         );

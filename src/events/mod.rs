@@ -285,6 +285,17 @@ impl Subscription {
 
     /// [`Subscription::next_after`], with the channel's publish count at that snapshot.
     pub async fn next_counted(&mut self, after_version: i64) -> (Arc<Job>, u64) {
+        self.next_matching(after_version, false).await
+    }
+
+    /// [`Subscription::next_counted`], that also returns a terminal snapshot no newer than
+    /// `after_version`: a job that ended will never get past it, and waiting for that would
+    /// be waiting for ever.
+    pub async fn next_counted_or_end(&mut self, after_version: i64) -> (Arc<Job>, u64) {
+        self.next_matching(after_version, true).await
+    }
+
+    async fn next_matching(&mut self, after_version: i64, or_end: bool) -> (Arc<Job>, u64) {
         let Some(receiver) = self.receiver.as_mut() else {
             return std::future::pending().await;
         };
@@ -292,7 +303,7 @@ impl Subscription {
             {
                 let slot = receiver.borrow_and_update();
                 if let Some(job) = slot.job.as_ref()
-                    && job.version > after_version
+                    && (job.version > after_version || (or_end && job.is_terminal()))
                 {
                     return (Arc::clone(job), slot.publishes);
                 }
@@ -562,6 +573,80 @@ mod tests {
         assert!(
             matches!(ahead, Err(WatchError::FutureVersion { .. })),
             "a queued job has no unstored versions"
+        );
+    }
+    /// A version taken on trust at the start (see the test above) that the job then ends
+    /// below was never shown to anyone: the watch says so when the job ends, instead of
+    /// waiting for ever for a version past it.
+    #[tokio::test]
+    async fn a_resume_from_a_version_the_job_ends_below_fails_at_its_end() {
+        use crate::store::{MemoryStore, Store};
+
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let hub = Hub::new();
+        let now = SystemTime::now();
+        let mut job = sample_job(1, &[], None);
+        store.create(&job).await.unwrap();
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        store.save(&job).await.unwrap();
+        let claimed = job.version + 10;
+        let mut watch = JobWatch::open(Arc::clone(&store), &hub, job.id, claimed, || None)
+            .await
+            .expect("taken on trust: unstored progress could explain it");
+        job.cancel(
+            crate::job::JobError::new("CANCELLED", "CANCELLED", "x"),
+            now,
+        )
+        .unwrap();
+        assert!(job.version < claimed);
+        store.save(&job).await.unwrap();
+        hub.publish(Arc::new(job.clone()));
+        let end = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("the end is told, not waited past")
+            .expect("an answer");
+        match end {
+            Err(WatchError::FutureVersion {
+                requested, current, ..
+            }) => {
+                assert_eq!((requested, current), (claimed, job.version));
+            }
+            other => panic!("expected FutureVersion, got {other:?}"),
+        }
+    }
+
+    /// Where this process holds the job's newest snapshot (it runs the job, see
+    /// `Executor::newest_in_memory`), nobody was shown a version beyond it: one ahead is
+    /// refused at once even while the job runs.
+    #[tokio::test]
+    async fn a_resume_ahead_of_the_snapshot_held_in_memory_is_refused() {
+        use crate::store::{MemoryStore, Store};
+
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let hub = Hub::new();
+        let now = SystemTime::now();
+        let mut job = sample_job(1, &[], None);
+        store.create(&job).await.unwrap();
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        store.save(&job).await.unwrap();
+        let held = Arc::new(job.clone());
+        let open = |after| {
+            let held = Arc::clone(&held);
+            JobWatch::open(Arc::clone(&store), &hub, job.id, after, move || Some(held))
+        };
+        let ahead = open(job.version + 1).await;
+        assert!(
+            matches!(ahead, Err(WatchError::FutureVersion { .. })),
+            "nothing was shown beyond the held snapshot"
+        );
+        let mut at = open(job.version).await.expect("its own version resumes");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), at.next())
+                .await
+                .is_err(),
+            "nothing newer yet"
         );
     }
 }

@@ -66,10 +66,12 @@ impl JobWatch {
         // Every publish counted here was of a change committed before the read below, so
         // `current` covers it: only publishes after this count can bring anything newer.
         let publishes_seen = subscription.publishes();
-        let current = newest(&store, hub, id, after_version, in_memory).await?;
+        let (current, known_newest) = newest(&store, hub, id, after_version, in_memory).await?;
         // A version ahead of the store's that only unstored progress can explain is honoured:
-        // the watch goes on from it, and the next snapshot it yields is newer.
-        if !current.may_have_shown(after_version) {
+        // the watch goes on from it, and the next snapshot it yields is newer. Not when this
+        // process holds the job's newest version: nothing was shown beyond that.
+        let ahead = current.version < after_version;
+        if ahead && (known_newest || !current.may_have_shown(after_version)) {
             return Err(WatchError::FutureVersion {
                 id,
                 requested: after_version,
@@ -102,8 +104,10 @@ impl JobWatch {
         })
     }
 
-    /// The next snapshot, or `None` once the terminal one has been yielded.
-    pub async fn next(&mut self) -> Option<Result<Arc<Job>, StoreError>> {
+    /// The next snapshot, or `None` once the terminal one has been yielded. Fails with
+    /// [`WatchError::FutureVersion`] when the job ends at or below the version the watch
+    /// resumed after: a version nobody was shown, taken on trust at the start.
+    pub async fn next(&mut self) -> Option<Result<Arc<Job>, WatchError>> {
         if self.pending.is_empty()
             && !self.done
             && let Err(error) = self.fill().await
@@ -128,8 +132,15 @@ impl JobWatch {
     /// between. Every logged change is published once committed, so when this watch has seen
     /// every publish (the count moved by exactly one) none can hide in the gap, and the log
     /// read is skipped.
-    async fn fill(&mut self) -> Result<(), StoreError> {
-        let (newest, publishes) = self.subscription.next_counted(self.last_sent).await;
+    async fn fill(&mut self) -> Result<(), WatchError> {
+        let (newest, publishes) = self.subscription.next_counted_or_end(self.last_sent).await;
+        if newest.version <= self.last_sent {
+            return Err(WatchError::FutureVersion {
+                id: self.id,
+                requested: self.last_sent,
+                current: newest.version,
+            });
+        }
         let missed_a_publish = publishes != self.publishes_seen + 1;
         self.publishes_seen = publishes;
         let skipped_some = newest.version > self.last_sent + 1;
@@ -164,17 +175,21 @@ pub fn newest_of(stored: Job, hub: &Hub) -> Job {
 }
 
 /// The job's newest snapshot once subscribed: the one held in memory if it is at least
-/// `at_least`, else [`current`].
+/// `at_least`, else [`current`]; and whether it is known to be the newest version anyone was
+/// shown (`in_memory` had the job).
 async fn newest(
     store: &Arc<dyn Store>,
     hub: &Hub,
     id: JobId,
     at_least: i64,
     in_memory: impl FnOnce() -> Option<Arc<Job>>,
-) -> Result<Arc<Job>, WatchError> {
+) -> Result<(Arc<Job>, bool), WatchError> {
     match in_memory() {
-        Some(job) if job.version >= at_least => Ok(job),
-        _ => Ok(Arc::new(current(store, hub, id).await?)),
+        Some(job) if job.version >= at_least => Ok((job, true)),
+        // Held, but older than asked for: the store cannot be newer than what this process
+        // holds, and is read only to tell a removed job from one that is not.
+        Some(_) => Ok((Arc::new(current(store, hub, id).await?), true)),
+        None => Ok((Arc::new(current(store, hub, id).await?), false)),
     }
 }
 
@@ -201,7 +216,7 @@ pub async fn wait_until(
     done: impl Fn(&Job) -> bool,
 ) -> Result<(Arc<Job>, bool), WatchError> {
     let mut subscription = hub.subscribe(id);
-    let mut job = newest(store, hub, id, 0, in_memory).await?;
+    let (mut job, _) = newest(store, hub, id, 0, in_memory).await?;
     let deadline = async {
         match until {
             Some(at) => tokio::time::sleep_until(at).await,
