@@ -116,9 +116,12 @@ pub struct JobsWatch {
     queue: VecDeque<JobsEvent>,
     pending: Option<PendingSnapshots>,
     /// The inbox overflowed (the client fell far behind): until the log is read to its end,
-    /// every change comes from there, and then the newest progress of each followed job
-    /// from the hub.
+    /// every change comes from there.
     lost_live: bool,
+    /// Once the log is read to its end, the newest progress the hub holds of each followed
+    /// job is due: after an overflow (the inbox dropped it), and after a resume (it was
+    /// reported while the client was away; see [`JobsWatch::open`]).
+    newest_progress_due: bool,
 }
 
 impl JobsWatch {
@@ -127,7 +130,10 @@ impl JobsWatch {
     /// unfinished job, in id order; after a [`Cursor::After`], every logged change after it;
     /// after a [`Cursor::Snapshots`] (the connection dropped during the first snapshots), the
     /// changes after it of the jobs the client has, then the current snapshots of the rest.
-    /// Then live changes, whichever way it started.
+    /// Then live changes, whichever way it started. A resume also sends, once the replay is
+    /// done, the newest progress of each job it replayed a transition of: reported after the
+    /// client's cursor, so never a repeat. (Progress of a job with no transition after the
+    /// cursor may be what the client saw last, and waits for the job's next change.)
     pub async fn open(
         store: Arc<dyn Store>,
         hub: &Arc<Hub>,
@@ -153,6 +159,10 @@ impl JobsWatch {
             queue: VecDeque::new(),
             pending: None,
             lost_live: false,
+            // Each job the replay delivers a transition of is followed from then on; any
+            // progress on top of that transition was reported after the client's cursor, so
+            // the client has not seen it.
+            newest_progress_due: after.is_some(),
         };
         let (after, through) = match after {
             None => (None, None),
@@ -267,10 +277,12 @@ impl JobsWatch {
                     });
                 }
                 self.accept(page);
-                if self.lost_live && !self.behind {
+                if !self.behind {
                     self.lost_live = false;
-                    self.take_newest_progress();
                 }
+            } else if self.newest_progress_due {
+                self.newest_progress_due = false;
+                self.take_newest_progress();
             } else {
                 self.subscription.changed().await;
             }
@@ -278,8 +290,8 @@ impl JobsWatch {
         }
     }
 
-    /// After an overflow: the newest snapshot the hub holds of each followed job, taken as if
-    /// from the inbox, for the progress the log does not carry.
+    /// After an overflow or a resume: the newest snapshot the hub holds of each followed job,
+    /// taken as if from the inbox, for the progress the log does not carry.
     fn take_newest_progress(&mut self) {
         let newest: Vec<Arc<Job>> = self
             .sent
@@ -331,6 +343,7 @@ impl JobsWatch {
         if taken.overflowed {
             self.lost_live = true;
             self.behind = true;
+            self.newest_progress_due = true;
         }
         for job in taken.jobs.into_values() {
             self.hold(job);
@@ -423,6 +436,14 @@ mod tests {
         (store, hub, watch)
     }
 
+    /// The watch's next message, bounded.
+    async fn next_within(watch: &mut JobsWatch) -> JobsEvent {
+        tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("a message")
+            .unwrap()
+    }
+
     /// Creates and publishes `count` queued jobs, as a Submit does; returns their ids.
     async fn create_queued(store: &Arc<dyn Store>, hub: &Arc<Hub>, count: usize) -> Vec<JobId> {
         let mut ids = Vec::with_capacity(count);
@@ -513,6 +534,74 @@ mod tests {
         assert!(
             matches!(error, WatchJobsError::HistoryGone { .. }),
             "{error}"
+        );
+    }
+    /// A resume replays the transitions the client missed, then the newest progress on top of
+    /// them, which the log does not hold; a job the client is up to date with is not sent
+    /// again, though its progress is as unlogged.
+    #[tokio::test]
+    async fn a_resume_sends_the_progress_made_after_a_replayed_transition_and_repeats_nothing() {
+        let (store, hub, mut first) = watching_everything().await;
+        let now = SystemTime::now();
+
+        let mut seen_through = sample_job(1, &[], None);
+        store.create(&seen_through).await.unwrap();
+        hub.publish(Arc::new(seen_through.clone()));
+        seen_through.start(now).unwrap();
+        seen_through.start_action(0, now).unwrap();
+        store.save(&seen_through).await.unwrap();
+        hub.publish(Arc::new(seen_through.clone()));
+        seen_through.report_progress(0, Progress::of(1, 4, ""), now);
+        hub.publish(Arc::new(seen_through.clone()));
+        let mut missed = sample_job(1, &[], None);
+        store.create(&missed).await.unwrap();
+        hub.publish(Arc::new(missed.clone()));
+        let mut last = None;
+        while last
+            .as_ref()
+            .is_none_or(|event: &JobsEvent| event.job.id != missed.id)
+        {
+            last = Some(next_within(&mut first).await);
+        }
+        let cursor = last.map(|event| event.cursor).unwrap();
+        drop(first);
+
+        missed.start(now).unwrap();
+        missed.start_action(0, now).unwrap();
+        store.save(&missed).await.unwrap();
+        hub.publish(Arc::new(missed.clone()));
+        let started = missed.version;
+        for step in 1..=3 {
+            missed.report_progress(0, Progress::of(step, 4, ""), now);
+            hub.publish(Arc::new(missed.clone()));
+        }
+
+        let mut resumed = JobsWatch::open(
+            Arc::clone(&store),
+            &hub,
+            None,
+            BTreeMap::new(),
+            None,
+            Some(cursor),
+        )
+        .await
+        .unwrap();
+        let replayed = next_within(&mut resumed).await;
+        assert_eq!(
+            (replayed.job.id, replayed.job.version),
+            (missed.id, started)
+        );
+        let progress = next_within(&mut resumed).await;
+        assert_eq!(
+            (progress.job.id, progress.job.version),
+            (missed.id, missed.version),
+            "the newest progress since"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), resumed.next())
+                .await
+                .is_err(),
+            "nothing the client had"
         );
     }
 }
