@@ -485,3 +485,71 @@ async fn resuming_during_the_first_snapshots_sends_the_rest_of_them() {
     );
     gate.release(JOBS);
 }
+
+/// Reports half its work done, then waits to be let go.
+struct HalfThenWait {
+    go: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl Handler for HalfThenWait {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Reports 50 %, then waits.".to_owned(),
+            params: vec![],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
+        ctx.progress.percent(50, "half way");
+        let _go = self.go.acquire().await;
+        Ok(json!({}))
+    }
+}
+
+/// Progress is not logged: a resume replays the transitions the client missed, then sends the
+/// progress made on top of them, at once rather than at the job's next change.
+#[tokio::test]
+async fn a_resume_sends_the_progress_made_since_a_missed_transition() {
+    let go = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let mut registry = Registry::with_builtins();
+    registry.register("half", HalfThenWait { go: go.clone() });
+    let server = TestServer::start_with(test_config(), registry).await;
+    let mut client = server.client.clone();
+    let selector = [("resume", "progress")];
+    let mut first = watch_jobs(&mut client, &selector, &[], "").await.unwrap();
+    let mut before = request(vec![sleep(0, 1)]);
+    before.labels = labels(&selector);
+    submit(&mut client, before).await;
+    let seen = read_until(&mut first, |s| succeeded(s).len() == 1).await;
+    let cursor = seen.last().unwrap().cursor.clone();
+    drop(first); // the disconnect
+
+    let mut req = request(vec![action("half", json!({}))]);
+    req.labels = labels(&selector);
+    let job = submit(&mut client, req).await;
+    let half = until(&mut client, &job.id, |job| {
+        job.progress.as_ref().is_some_and(|p| p.percent == 50)
+    })
+    .await;
+
+    let mut resumed = watch_jobs(&mut client, &selector, &[], &cursor)
+        .await
+        .unwrap();
+    let seen = read_until(&mut resumed, |s| {
+        s.last()
+            .and_then(|m| m.job.as_ref())
+            .is_some_and(|j| j.version == half.version)
+    })
+    .await;
+    check_order(&seen);
+    let running = seen
+        .iter()
+        .filter_map(|m| m.job.as_ref())
+        .find(|j| state(j) == JobState::Running)
+        .expect("the missed transition is replayed");
+    assert!(running.version < half.version);
+    go.add_permits(1);
+    wait_done(&mut client, &job.id).await;
+}
