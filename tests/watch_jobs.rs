@@ -96,9 +96,10 @@ fn check_order(seen: &[pb::WatchJobsResponse]) -> BTreeSet<(String, i64)> {
             job.id,
             job.version
         );
-        // `e<seq>`, or `s<seq>.<job id>` during the first snapshots: the event never falls.
+        // `e<seq>`, or `s<seq>.<job id>` during the first snapshots, then `~` and the mark:
+        // the event never falls.
         let at: i64 = message.cursor[1..]
-            .split('.')
+            .split(['.', '~'])
             .next()
             .and_then(|seq| seq.parse().ok())
             .expect("cursor");
@@ -552,4 +553,83 @@ async fn a_resume_sends_the_progress_made_since_a_missed_transition() {
     assert!(running.version < half.version);
     go.add_permits(1);
     wait_done(&mut client, &job.id).await;
+}
+
+/// Reports 25 %, waits to be let go, reports 75 %, waits again, then succeeds.
+struct TwoSteps {
+    go: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl Handler for TwoSteps {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Reports 25 %, then 75 %, each when let go.".to_owned(),
+            params: vec![],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
+        ctx.progress.percent(25, "a quarter");
+        if let Ok(permit) = self.go.acquire().await {
+            permit.forget(); // one step per permit given
+        }
+        ctx.progress.percent(75, "three quarters");
+        if let Ok(permit) = self.go.acquire().await {
+            permit.forget(); // one step per permit given
+        }
+        Ok(json!({}))
+    }
+}
+
+/// The common case of a dropped connection: a running job reports progress while the client
+/// is away, with no transition. The resume sends it at once (the cursor says when the
+/// client's last message was sent), and nothing the client had.
+#[tokio::test]
+async fn a_resume_sends_progress_reported_while_the_client_was_away() {
+    let go = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let mut registry = Registry::with_builtins();
+    registry.register("steps", TwoSteps { go: go.clone() });
+    let server = TestServer::start_with(test_config(), registry).await;
+    let mut client = server.client.clone();
+    let selector = [("resume", "away")];
+    let mut first = watch_jobs(&mut client, &selector, &[], "").await.unwrap();
+    let mut req = request(vec![action("steps", json!({}))]);
+    req.labels = labels(&selector);
+    let job = submit(&mut client, req).await;
+    let percent = |m: &pb::WatchJobsResponse| {
+        m.job
+            .as_ref()
+            .and_then(|j| j.progress.as_ref())
+            .map_or(0, |p| p.percent)
+    };
+    let seen = read_until(&mut first, |s| s.last().is_some_and(|m| percent(m) == 25)).await;
+    let cursor = seen.last().unwrap().cursor.clone();
+    drop(first); // the disconnect
+
+    go.add_permits(1);
+    let three_quarters = until(&mut client, &job.id, |job| {
+        job.progress.as_ref().is_some_and(|p| p.percent == 75)
+    })
+    .await;
+    let mut resumed = watch_jobs(&mut client, &selector, &[], &cursor)
+        .await
+        .unwrap();
+    let resumed_with = read_until(&mut resumed, |s| !s.is_empty()).await;
+    let first_after = resumed_with[0].job.as_ref().unwrap();
+    assert_eq!(
+        (
+            first_after.version,
+            first_after.progress.as_ref().map(|p| p.percent)
+        ),
+        (three_quarters.version, Some(75)),
+        "the progress reported while away, first and at once"
+    );
+    go.add_permits(1);
+    let rest = read_until(&mut resumed, |s| succeeded(s).len() == 1).await;
+    let mut all = seen;
+    all.extend(resumed_with);
+    all.extend(rest);
+    check_order(&all); // versions still only rise across the resume: nothing repeated
 }

@@ -12,44 +12,62 @@ use super::{
     status::invalid,
 };
 use crate::{
-    events::{Cursor, JobsEvent, JobsWatch},
+    events::{Cursor, JobsEvent, JobsWatch, LiveMark},
     executor::Executor,
     job::{FieldViolation, JobId},
 };
 
 /// What every cursor starts with: lets a later release change the format and still tell
 /// its own cursors from these. `e` + an event number; `s` + an event number + `.` + a job id
-/// while the first snapshots are being sent.
+/// while the first snapshots are being sent. Then, from this release on, `~` + the message's
+/// [`LiveMark`] (its hub's epoch in hex, `.`, the time); cursors without one still resume.
 const CURSOR_PREFIX: &str = "e";
 const SNAPSHOTS_PREFIX: &str = "s";
+const MARK_SEPARATOR: char = '~';
 
 /// The stream of a `WatchJobs` call.
 pub type WatchJobsStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchJobsResponse, Status>> + Send>>;
 
-/// The wire form of a stream position.
-pub fn encode_cursor(cursor: Cursor) -> String {
+/// The wire form of a stream position and the mark of the message it came with.
+pub fn encode_cursor(cursor: Cursor, mark: LiveMark) -> String {
+    let LiveMark { epoch, at } = mark;
     match cursor {
-        Cursor::After(seq) => format!("{CURSOR_PREFIX}{seq}"),
-        Cursor::Snapshots { seq, through } => format!("{SNAPSHOTS_PREFIX}{seq}.{through}"),
+        Cursor::After(seq) => format!("{CURSOR_PREFIX}{seq}{MARK_SEPARATOR}{epoch:x}.{at}"),
+        Cursor::Snapshots { seq, through } => {
+            format!("{SNAPSHOTS_PREFIX}{seq}.{through}{MARK_SEPARATOR}{epoch:x}.{at}")
+        }
     }
 }
 
-/// Reads a cursor back; `None` for an empty one.
-pub fn parse_cursor(value: &str) -> Result<Option<Cursor>, FieldViolation> {
+/// Reads a cursor back, with its mark if it has one; `None` for an empty one.
+pub fn parse_cursor(value: &str) -> Result<Option<(Cursor, Option<LiveMark>)>, FieldViolation> {
     if value.is_empty() {
         return Ok(None);
     }
+    let digits_only =
+        |digits: &str, radix: u32| !digits.is_empty() && digits.chars().all(|c| c.is_digit(radix));
     let seq = |digits: &str| {
-        digits
-            .bytes()
-            .all(|b| b.is_ascii_digit())
+        digits_only(digits, 10)
             .then(|| digits.parse::<i64>().ok())
             .flatten()
     };
-    let parsed = if let Some(rest) = value.strip_prefix(CURSOR_PREFIX) {
+    let (position, mark) = match value.split_once(MARK_SEPARATOR) {
+        Some((position, mark)) => (position, Some(mark)),
+        None => (value, None),
+    };
+    let mark = mark.map(|mark| {
+        let (epoch, at) = mark.split_once('.')?;
+        Some(LiveMark {
+            epoch: digits_only(epoch, 16)
+                .then(|| u64::from_str_radix(epoch, 16).ok())
+                .flatten()?,
+            at: digits_only(at, 10).then(|| at.parse().ok()).flatten()?,
+        })
+    });
+    let cursor = if let Some(rest) = position.strip_prefix(CURSOR_PREFIX) {
         seq(rest).map(Cursor::After)
-    } else if let Some(rest) = value.strip_prefix(SNAPSHOTS_PREFIX) {
+    } else if let Some(rest) = position.strip_prefix(SNAPSHOTS_PREFIX) {
         rest.split_once('.').and_then(|(digits, id)| {
             Some(Cursor::Snapshots {
                 seq: seq(digits)?,
@@ -58,6 +76,11 @@ pub fn parse_cursor(value: &str) -> Result<Option<Cursor>, FieldViolation> {
         })
     } else {
         None
+    };
+    let parsed = match (cursor, mark) {
+        (Some(cursor), None) => Some((cursor, None)),
+        (Some(cursor), Some(Some(mark))) => Some((cursor, Some(mark))),
+        _ => None,
     };
     parsed.map(Some).ok_or_else(|| {
         FieldViolation::new(
@@ -96,6 +119,7 @@ pub async fn open(
         return Err(invalid(violations));
     }
     executor.until_recovered().await?;
+    let (after, mark) = after.unzip();
     let watch = JobsWatch::open(
         std::sync::Arc::clone(executor.store()),
         executor.hub(),
@@ -104,6 +128,7 @@ pub async fn open(
         // A filter of only JOB_STATE_UNSPECIFIED delivers nothing, as documented.
         (!request.states.is_empty()).then_some(states),
         after,
+        mark.flatten(),
     )
     .await?;
     let stream =
@@ -119,7 +144,7 @@ pub async fn open(
 fn message(event: &JobsEvent) -> pb::WatchJobsResponse {
     pb::WatchJobsResponse {
         job: Some(convert::job(&event.job)),
-        cursor: encode_cursor(event.cursor),
+        cursor: encode_cursor(event.cursor, event.mark),
     }
 }
 
@@ -129,6 +154,10 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
+        let mark = LiveMark {
+            epoch: u64::MAX - 5,
+            at: 123_456_789,
+        };
         for cursor in [
             Cursor::After(42),
             Cursor::Snapshots {
@@ -136,7 +165,11 @@ mod tests {
                 through: JobId::generate(),
             },
         ] {
-            assert_eq!(parse_cursor(&encode_cursor(cursor)).unwrap(), Some(cursor));
+            let encoded = encode_cursor(cursor, mark);
+            assert_eq!(parse_cursor(&encoded).unwrap(), Some((cursor, Some(mark))));
+            // As earlier releases wrote them.
+            let unmarked = encoded.split_once(MARK_SEPARATOR).unwrap().0;
+            assert_eq!(parse_cursor(unmarked).unwrap(), Some((cursor, None)));
         }
         assert_eq!(parse_cursor("").unwrap(), None);
         for bad in [
@@ -152,6 +185,15 @@ mod tests {
             "s.0190b6c4-7d1e-7c3a-9f0e-1b2c3d4e5f60",
             "s-1.0190b6c4-7d1e-7c3a-9f0e-1b2c3d4e5f60",
             "s7.nope",
+            "e42~",
+            "e42~ff",
+            "e42~ff.",
+            "e42~.5",
+            "e42~fg.5",
+            "e42~ff.-5",
+            "e42~ff.5.6",
+            "e42~1ffffffffffffffff.5",
+            "~ff.5",
         ] {
             let violation = parse_cursor(bad).expect_err(bad);
             assert_eq!(violation.field, "after_cursor");

@@ -36,6 +36,20 @@ pub type Snapshot = Option<Arc<Job>>;
 struct Slot {
     job: Snapshot,
     publishes: u64,
+    /// When `job` was published, on the hub's clock (see [`LiveMark`]).
+    published_at: u64,
+}
+
+/// A moment on one hub's clock: which hub (`epoch`, drawn at random when the hub is made, so a
+/// restarted process never reads another's marks as its own) and nanoseconds since it was
+/// made. A `WatchJobs` message carries the mark of when it was queued: a snapshot published
+/// after that mark cannot have been in that message or an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveMark {
+    /// The hub the mark is from.
+    pub epoch: u64,
+    /// Nanoseconds since that hub was made.
+    pub at: u64,
 }
 
 const SHARDS: usize = 32;
@@ -81,11 +95,16 @@ pub struct Hub {
     /// starts from here instead of reading the store. An ended job changes only by being
     /// removed, which the remover tells the hub ([`Hub::forget`], [`Hub::forget_ended`]).
     recently_ended: Mutex<RecentlyEnded>,
+    /// See [`LiveMark`].
+    epoch: u64,
+    clock_base: std::time::Instant,
 }
 
 impl Default for Hub {
     fn default() -> Self {
         Self {
+            epoch: RandomState::new().hash_one(std::process::id()),
+            clock_base: std::time::Instant::now(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             selectors: selector::Selectors::default(),
@@ -120,6 +139,8 @@ impl Hub {
     /// `job` itself when it is not kept), for its owner to refill ([`Job::refresh_from`]) once
     /// nobody else holds it either; it is dropped after the channel's lock is released.
     pub fn publish(&self, job: Arc<Job>) -> Snapshot {
+        // Read before anyone can be offered the snapshot: see `LiveMark`.
+        let published_at = self.clock();
         if job.webhook.is_some() && job.logged_version == job.version {
             self.webhook_wake.notify_one();
         }
@@ -143,6 +164,7 @@ impl Hub {
                         }
                         _ => {
                             unheld = slot.job.replace(job);
+                            slot.published_at = published_at;
                             true
                         }
                     }
@@ -156,12 +178,48 @@ impl Hub {
                 let slot = Slot {
                     job: Some(job),
                     publishes: 1,
+                    published_at,
                 };
                 shard.insert(id, watch::channel(slot).0);
                 None
             }
             None => Some(job),
         }
+    }
+
+    /// Nanoseconds since the hub was made.
+    fn clock(&self) -> u64 {
+        u64::try_from(self.clock_base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Now, on this hub's clock.
+    pub fn mark(&self) -> LiveMark {
+        LiveMark {
+            epoch: self.epoch,
+            at: self.clock(),
+        }
+    }
+
+    /// The newest snapshot of each unfinished job that this hub keeps one of (running or
+    /// watched) and that was published after `mark`; nothing when `mark` is another hub's.
+    pub fn unfinished_published_after(&self, mark: LiveMark) -> Vec<Arc<Job>> {
+        if mark.epoch != self.epoch {
+            return Vec::new();
+        }
+        let mut newer = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for sender in shard.values() {
+                let slot = sender.borrow();
+                if let Some(job) = &slot.job
+                    && slot.published_at > mark.at
+                    && !job.is_terminal()
+                {
+                    newer.push(Arc::clone(job));
+                }
+            }
+        }
+        newer
     }
 
     /// Notified (one stored permit, never lost) whenever a published snapshot is a transition

@@ -57,6 +57,14 @@ impl Inbox {
         self.mailbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether this subscriber is offered `job`'s snapshots: its tenant's, with its labels.
+    fn matches(&self, job: &Job) -> bool {
+        self.tenant
+            .as_ref()
+            .is_none_or(|tenant| *tenant == job.tenant)
+            && has_labels(job, &self.labels)
+    }
+
     /// Keeps `job` unless the inbox already holds a newer version of it, and wakes the reader.
     fn offer(&self, job: &Arc<Job>) {
         let mut mailbox = self.mailbox();
@@ -274,6 +282,18 @@ impl JobsSubscription {
     /// The newest published snapshot of a job (see [`Hub::latest`]).
     pub fn latest(&self, id: JobId) -> super::Snapshot {
         self.hub.latest(id)
+    }
+
+    /// Now, on the hub's clock.
+    pub fn mark(&self) -> super::LiveMark {
+        self.hub.mark()
+    }
+
+    /// [`Hub::unfinished_published_after`], of the jobs this subscriber matches.
+    pub fn unfinished_published_after(&self, mark: super::LiveMark) -> Vec<Arc<Job>> {
+        let mut jobs = self.hub.unfinished_published_after(mark);
+        jobs.retain(|job| self.inbox.matches(job));
+        jobs
     }
 }
 

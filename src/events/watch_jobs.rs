@@ -16,7 +16,7 @@ use std::{
     sync::Arc,
 };
 
-use super::{Hub, JobsSubscription};
+use super::{Hub, JobsSubscription, LiveMark};
 use crate::{
     job::{Job, JobId, JobState},
     store::{EventPage, Store, StoreError},
@@ -77,6 +77,9 @@ pub struct JobsEvent {
     pub job: Arc<Job>,
     /// The position to resume after, to see everything that follows this message.
     pub cursor: Cursor,
+    /// When the message was queued: passed back with the cursor, it lets a resume on the
+    /// same process send the progress published since (see [`JobsWatch::open`]).
+    pub mark: LiveMark,
 }
 
 /// First snapshots not sent yet: of the jobs unfinished at event `at` with ids after the
@@ -122,6 +125,9 @@ pub struct JobsWatch {
     /// job is due: after an overflow (the inbox dropped it), and after a resume (it was
     /// reported while the client was away; see [`JobsWatch::open`]).
     newest_progress_due: bool,
+    /// The client's mark, on a resume on the hub that made it: progress published after it
+    /// is due too, of any matching job, once the log is read to its end.
+    progress_since: Option<LiveMark>,
 }
 
 impl JobsWatch {
@@ -130,10 +136,14 @@ impl JobsWatch {
     /// unfinished job, in id order; after a [`Cursor::After`], every logged change after it;
     /// after a [`Cursor::Snapshots`] (the connection dropped during the first snapshots), the
     /// changes after it of the jobs the client has, then the current snapshots of the rest.
-    /// Then live changes, whichever way it started. A resume also sends, once the replay is
-    /// done, the newest progress of each job it replayed a transition of: reported after the
-    /// client's cursor, so never a repeat. (Progress of a job with no transition after the
-    /// cursor may be what the client saw last, and waits for the job's next change.)
+    /// Then live changes, whichever way it started.
+    ///
+    /// Progress is not logged. Once the replay is done, a resume also sends the newest
+    /// progress of each job it replayed a transition of (reported after the client's cursor),
+    /// and, when `mark` (the [`JobsEvent::mark`] of the client's last message) is this hub's,
+    /// of each matching job whose progress was published after it: neither can be a repeat.
+    /// Progress of a job with neither may be what the client saw last (a resume on another
+    /// process cannot tell), and waits for the job's next change.
     pub async fn open(
         store: Arc<dyn Store>,
         hub: &Arc<Hub>,
@@ -141,6 +151,7 @@ impl JobsWatch {
         labels: BTreeMap<String, String>,
         states: Option<Vec<JobState>>,
         after: Option<Cursor>,
+        mark: Option<LiveMark>,
     ) -> Result<Self, WatchJobsError> {
         // Subscribe before reading, so a change in between is seen by one or the other.
         let subscription = hub.subscribe_jobs(tenant.clone(), labels.clone());
@@ -163,6 +174,7 @@ impl JobsWatch {
             // progress on top of that transition was reported after the client's cursor, so
             // the client has not seen it.
             newest_progress_due: after.is_some(),
+            progress_since: mark.filter(|_| after.is_some()),
         };
         let (after, through) = match after {
             None => (None, None),
@@ -246,7 +258,7 @@ impl JobsWatch {
                 seq: pending.at,
                 through: job.id,
             };
-            self.queue_if_wanted(JobsEvent { job, cursor });
+            self.queue_if_wanted(job, cursor);
         }
     }
 
@@ -293,11 +305,16 @@ impl JobsWatch {
     /// After an overflow or a resume: the newest snapshot the hub holds of each followed job,
     /// taken as if from the inbox, for the progress the log does not carry.
     fn take_newest_progress(&mut self) {
-        let newest: Vec<Arc<Job>> = self
+        let mut newest: Vec<Arc<Job>> = self
             .sent
             .keys()
             .filter_map(|&id| self.subscription.latest(id))
             .collect();
+        if let Some(mark) = self.progress_since.take() {
+            // Jobs the stream does not follow yet: `settle` checks, as for any snapshot, that
+            // the log holds no transition of theirs the client has not been sent.
+            newest.extend(self.subscription.unfinished_published_after(mark));
+        }
         for job in newest {
             self.hold(job);
         }
@@ -396,16 +413,18 @@ impl JobsWatch {
         }
         *sent = job.version;
         let cursor = self.cursor_at(seq);
-        self.queue_if_wanted(JobsEvent { job, cursor });
+        self.queue_if_wanted(job, cursor);
     }
 
-    fn queue_if_wanted(&mut self, event: JobsEvent) {
+    /// Queues `job` with `cursor`, marked now, if its state is wanted.
+    fn queue_if_wanted(&mut self, job: Arc<Job>, cursor: Cursor) {
         if self
             .states
             .as_ref()
-            .is_none_or(|states| states.contains(&event.job.state))
+            .is_none_or(|states| states.contains(&job.state))
         {
-            self.queue.push_back(event);
+            let mark = self.subscription.mark();
+            self.queue.push_back(JobsEvent { job, cursor, mark });
         }
     }
 
@@ -430,9 +449,17 @@ mod tests {
     async fn watching_everything() -> (Arc<dyn Store>, Arc<Hub>, JobsWatch) {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let hub = Hub::new();
-        let watch = JobsWatch::open(Arc::clone(&store), &hub, None, BTreeMap::new(), None, None)
-            .await
-            .unwrap();
+        let watch = JobsWatch::open(
+            Arc::clone(&store),
+            &hub,
+            None,
+            BTreeMap::new(),
+            None,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
         (store, hub, watch)
     }
 
@@ -583,6 +610,8 @@ mod tests {
             BTreeMap::new(),
             None,
             Some(cursor),
+            // Without the mark: only what the replay shows to be new.
+            None,
         )
         .await
         .unwrap();
@@ -603,5 +632,78 @@ mod tests {
                 .is_err(),
             "nothing the client had"
         );
+    }
+    /// With the mark of the client's last message, a resume on the same hub also sends the
+    /// progress published since of jobs that had no transition meanwhile; progress the client
+    /// was sent is not sent again, and a mark from another hub (a restarted server) is no
+    /// help, only no harm.
+    #[tokio::test]
+    async fn a_resume_with_the_mark_sends_progress_published_since_and_nothing_seen() {
+        let (store, hub, mut first) = watching_everything().await;
+        let now = SystemTime::now();
+        let running = |progress: u64| {
+            let mut job = sample_job(1, &[], None);
+            job.start(now).unwrap();
+            job.start_action(0, now).unwrap();
+            if progress > 0 {
+                job.report_progress(0, Progress::of(progress, 10, ""), now);
+            }
+            job
+        };
+        // `quiet` makes no change after the client's cursor.
+        let quiet = running(1);
+        let mut busy = running(1);
+        for job in [&quiet, &busy] {
+            store.create(job).await.unwrap();
+            hub.publish(Arc::new(job.clone()));
+        }
+        // The client's last message: both jobs' first progress, seen.
+        let mut last = None;
+        for _ in 0..2 {
+            last = Some(next_within(&mut first).await);
+        }
+        let last = last.unwrap();
+        drop(first);
+        busy.report_progress(0, Progress::of(5, 10, ""), now);
+        hub.publish(Arc::new(busy.clone()));
+
+        let resume = |mark| {
+            JobsWatch::open(
+                Arc::clone(&store),
+                &hub,
+                None,
+                BTreeMap::new(),
+                None,
+                Some(last.cursor),
+                mark,
+            )
+        };
+        let mut resumed = resume(Some(last.mark)).await.unwrap();
+        let progress = next_within(&mut resumed).await;
+        assert_eq!(
+            (progress.job.id, progress.job.version),
+            (busy.id, busy.version),
+            "the progress published since"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), resumed.next())
+                .await
+                .is_err(),
+            "nothing the client had"
+        );
+
+        let elsewhere = LiveMark {
+            epoch: last.mark.epoch.wrapping_add(1),
+            ..last.mark
+        };
+        for mark in [None, Some(elsewhere)] {
+            let mut resumed = resume(mark).await.unwrap();
+            assert!(
+                tokio::time::timeout(Duration::from_millis(100), resumed.next())
+                    .await
+                    .is_err(),
+                "without this hub's mark, no way to tell what the client saw: {mark:?}"
+            );
+        }
     }
 }
