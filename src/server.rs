@@ -609,6 +609,8 @@ async fn sweep_retention(
         let Some(cutoff) = SystemTime::now().checked_sub(retention) else {
             continue;
         };
+        // One line per sweep, with what all of its batches removed.
+        let mut swept = 0;
         loop {
             let purged = store.purge_finished(cutoff, RETENTION_BATCH).await;
             if matches!(purged, Ok(removed) if removed > 0) {
@@ -616,18 +618,22 @@ async fn sweep_retention(
                 hub.forget_ended();
             }
             match purged {
-                Ok(removed) if removed == RETENTION_BATCH => tokio::task::yield_now().await,
                 Ok(removed) => {
-                    if removed > 0 {
-                        tracing::info!(removed, "retention: removed finished jobs");
+                    swept += removed;
+                    if removed < RETENTION_BATCH {
+                        break;
                     }
-                    break;
+                    tokio::task::yield_now().await;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "retention sweep failed; will retry");
+                    tracing::warn!(%error, removed = swept, "retention sweep failed; will retry");
+                    swept = 0;
                     break;
                 }
             }
+        }
+        if swept > 0 {
+            tracing::info!(removed = swept, "retention: removed finished jobs");
         }
     }
 }
