@@ -387,9 +387,18 @@ impl Server {
             tracing::info!(%addr, "serving longrun.v1.Jobs and google.longrunning.Operations");
         }
         // Without TCP_NODELAY, small responses wait for delayed ACKs: ~40 ms a call.
+        let unacknowledged_limit = self
+            .config
+            .keepalive_interval
+            .saturating_add(self.config.keepalive_timeout);
         let incoming = futures::StreamExt::map(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            move |accepted| accepted.map(|stream| severable::Severable::new(stream, sever.clone())),
+            move |accepted| {
+                accepted.map(|stream| {
+                    abort_when_unacknowledged(&stream, unacknowledged_limit);
+                    severable::Severable::new(stream, sever.clone())
+                })
+            },
         );
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = self.tls.clone() {
@@ -450,6 +459,24 @@ impl Drop for Server {
         self.stopping.cancel();
         self.executor.abandon();
     }
+}
+
+/// Has the kernel abort `stream` once data sent on it stays unacknowledged, or the peer's
+/// receive window stays shut, for `limit` (TCP_USER_TIMEOUT; the keepalive's interval plus
+/// its timeout, the same verdict as a ping that goes unanswered).
+///
+/// The keepalive alone is not enough. When a ping goes unanswered, hyper ends the connection
+/// by sending GOAWAY and flushing it; a peer that stopped reading while its kernel still
+/// acknowledges (a stopped process, a paused VM) and whose window is full never lets that
+/// flush finish, so the connection, with megabytes of buffers, would stay until the peer died.
+/// gRPC's own servers set TCP_USER_TIMEOUT along with their keepalive for the same reason.
+fn abort_when_unacknowledged(stream: &tokio::net::TcpStream, limit: Duration) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(error) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(limit)) {
+        tracing::debug!(%error, "setting TCP_USER_TIMEOUT failed");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (stream, limit);
 }
 
 /// The interceptor for the configured authentication; auth on without keys is refused, since
