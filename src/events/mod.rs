@@ -574,6 +574,18 @@ mod tests {
         assert!(sub.latest().is_none());
     }
 
+    /// A memory store holding a job that has started its first action, and a hub.
+    async fn stored_running_job() -> (Arc<dyn crate::store::Store>, Arc<Hub>, Job) {
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::MemoryStore::new());
+        let now = SystemTime::now();
+        let mut job = sample_job(1, &[], None);
+        store.create(&job).await.unwrap();
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        store.save(&job).await.unwrap();
+        (store, Hub::new(), job)
+    }
+
     /// A replica that read only an older snapshot of a running job (its newer progress was
     /// pushed by another replica, or before a restart, and not stored yet) takes a resume from
     /// a progress version it has not seen and goes on with newer snapshots only. A version no
@@ -582,17 +594,9 @@ mod tests {
     #[tokio::test]
     async fn a_resume_from_unstored_progress_goes_on_and_one_beyond_it_is_refused() {
         use crate::job::{MAX_UNPERSISTED_VERSIONS, Progress};
-        use crate::store::{MemoryStore, Store};
 
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let hub = Hub::new();
+        let (store, hub, mut job) = stored_running_job().await;
         let now = SystemTime::now();
-        let queued = sample_job(1, &[], None);
-        store.create(&queued).await.unwrap();
-        let mut job = queued.clone();
-        job.start(now).unwrap();
-        job.start_action(0, now).unwrap();
-        store.save(&job).await.unwrap();
         let stored = job.version;
         let open = |id, after| JobWatch::open(Arc::clone(&store), &hub, id, after, || None);
 
@@ -633,21 +637,14 @@ mod tests {
             "a queued job has no unstored versions"
         );
     }
+
     /// A version taken on trust at the start (see the test above) that the job then ends
     /// below was never shown to anyone: the watch says so when the job ends, instead of
     /// waiting for ever for a version past it.
     #[tokio::test]
     async fn a_resume_from_a_version_the_job_ends_below_fails_at_its_end() {
-        use crate::store::{MemoryStore, Store};
-
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let hub = Hub::new();
+        let (store, hub, mut job) = stored_running_job().await;
         let now = SystemTime::now();
-        let mut job = sample_job(1, &[], None);
-        store.create(&job).await.unwrap();
-        job.start(now).unwrap();
-        job.start_action(0, now).unwrap();
-        store.save(&job).await.unwrap();
         let claimed = job.version + 10;
         let mut watch = JobWatch::open(Arc::clone(&store), &hub, job.id, claimed, || None)
             .await
@@ -679,16 +676,7 @@ mod tests {
     /// refused at once even while the job runs.
     #[tokio::test]
     async fn a_resume_ahead_of_the_snapshot_held_in_memory_is_refused() {
-        use crate::store::{MemoryStore, Store};
-
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let hub = Hub::new();
-        let now = SystemTime::now();
-        let mut job = sample_job(1, &[], None);
-        store.create(&job).await.unwrap();
-        job.start(now).unwrap();
-        job.start_action(0, now).unwrap();
-        store.save(&job).await.unwrap();
+        let (store, hub, job) = stored_running_job().await;
         let held = Arc::new(job.clone());
         let open = |after| {
             let held = Arc::clone(&held);
