@@ -29,15 +29,16 @@ const MARK_SEPARATOR: char = '~';
 pub type WatchJobsStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchJobsResponse, Status>> + Send>>;
 
-/// The wire form of a stream position and the mark of the message it came with.
-pub fn encode_cursor(cursor: Cursor, mark: LiveMark) -> String {
-    let LiveMark { epoch, at } = mark;
-    match cursor {
-        Cursor::After(seq) => format!("{CURSOR_PREFIX}{seq}{MARK_SEPARATOR}{epoch:x}.{at}"),
-        Cursor::Snapshots { seq, through } => {
-            format!("{SNAPSHOTS_PREFIX}{seq}.{through}{MARK_SEPARATOR}{epoch:x}.{at}")
-        }
+/// The wire form of a stream position, with the mark of the message it came with if given.
+pub fn encode_cursor(cursor: Cursor, mark: Option<LiveMark>) -> String {
+    let mut encoded = match cursor {
+        Cursor::After(seq) => format!("{CURSOR_PREFIX}{seq}"),
+        Cursor::Snapshots { seq, through } => format!("{SNAPSHOTS_PREFIX}{seq}.{through}"),
+    };
+    if let Some(LiveMark { epoch, at }) = mark {
+        encoded.push_str(&format!("{MARK_SEPARATOR}{epoch:x}.{at}"));
     }
+    encoded
 }
 
 /// Reads a cursor back, with its mark if it has one; `None` for an empty one.
@@ -119,6 +120,11 @@ pub async fn open(
         return Err(invalid(violations));
     }
     executor.until_recovered().await?;
+    // Marks only on a store this process alone writes: on a shared one, a snapshot read from
+    // the store can reach this hub later, by the change feed, stamped after a mark taken when
+    // it was sent, and a resume would send it again. (Nor would an older replica during a
+    // rolling upgrade read a marked cursor.)
+    let marked = executor.store().shared().is_none();
     let (after, mark) = after.unzip();
     let watch = JobsWatch::open(
         std::sync::Arc::clone(executor.store()),
@@ -128,23 +134,27 @@ pub async fn open(
         // A filter of only JOB_STATE_UNSPECIFIED delivers nothing, as documented.
         (!request.states.is_empty()).then_some(states),
         after,
-        mark.flatten(),
+        mark.flatten().filter(|_| marked),
     )
     .await?;
-    let stream =
-        super::jobs::until_shutdown(watch, stopping, "after_cursor", |mut watch| async move {
+    let stream = super::jobs::until_shutdown(
+        watch,
+        stopping,
+        "after_cursor",
+        move |mut watch| async move {
             match watch.next().await {
-                Ok(event) => Some((Ok(message(&event)), Some(watch))),
+                Ok(event) => Some((Ok(message(&event, marked)), Some(watch))),
                 Err(error) => Some((Err(error.into()), None)),
             }
-        });
+        },
+    );
     Ok(Box::pin(stream))
 }
 
-fn message(event: &JobsEvent) -> pb::WatchJobsResponse {
+fn message(event: &JobsEvent, marked: bool) -> pb::WatchJobsResponse {
     pb::WatchJobsResponse {
         job: Some(convert::job(&event.job)),
-        cursor: encode_cursor(event.cursor, event.mark),
+        cursor: encode_cursor(event.cursor, marked.then_some(event.mark)),
     }
 }
 
@@ -165,11 +175,12 @@ mod tests {
                 through: JobId::generate(),
             },
         ] {
-            let encoded = encode_cursor(cursor, mark);
+            let encoded = encode_cursor(cursor, Some(mark));
             assert_eq!(parse_cursor(&encoded).unwrap(), Some((cursor, Some(mark))));
-            // As earlier releases wrote them.
-            let unmarked = encoded.split_once(MARK_SEPARATOR).unwrap().0;
-            assert_eq!(parse_cursor(unmarked).unwrap(), Some((cursor, None)));
+            // As earlier releases wrote them, and a shared store's replicas do.
+            let unmarked = encode_cursor(cursor, None);
+            assert_eq!(encoded.split_once(MARK_SEPARATOR).unwrap().0, unmarked);
+            assert_eq!(parse_cursor(&unmarked).unwrap(), Some((cursor, None)));
         }
         assert_eq!(parse_cursor("").unwrap(), None);
         for bad in [

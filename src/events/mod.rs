@@ -42,8 +42,11 @@ struct Slot {
 
 /// A moment on one hub's clock: which hub (`epoch`, drawn at random when the hub is made, so a
 /// restarted process never reads another's marks as its own) and nanoseconds since it was
-/// made. A `WatchJobs` message carries the mark of when it was queued: a snapshot published
-/// after that mark cannot have been in that message or an earlier one.
+/// made. A `WatchJobs` message carries the mark of when it was queued: a snapshot this hub
+/// published after that mark did not reach the stream through the hub in that message or an
+/// earlier one. (It may have through the store: a transition read from the log before it was
+/// published, which the stream checks against the log, or, on a shared store, a snapshot
+/// another replica wrote, which is why marks are only used on a store no one else writes.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LiveMark {
     /// The hub the mark is from.
