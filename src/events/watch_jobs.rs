@@ -706,4 +706,52 @@ mod tests {
             );
         }
     }
+    /// A transition can reach a stream from the log before its publish reaches the hub; then
+    /// its publish is stamped after the client's mark. A resume with that mark must not send
+    /// it again: the log shows it lies at or before the cursor.
+    #[tokio::test]
+    async fn a_transition_read_from_the_log_before_its_publish_is_not_sent_again() {
+        let (store, hub, mut first) = watching_everything().await;
+        let now = SystemTime::now();
+        let mut early = sample_job(1, &[], None);
+        store.create(&early).await.unwrap();
+        hub.publish(Arc::new(early.clone()));
+        assert_eq!(next_within(&mut first).await.job.id, early.id);
+        early.start(now).unwrap();
+        early.start_action(0, now).unwrap();
+        store.save(&early).await.unwrap(); // committed, not published yet
+        let waker = sample_job(1, &[], None);
+        store.create(&waker).await.unwrap();
+        hub.publish(Arc::new(waker.clone()));
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            seen.push(next_within(&mut first).await);
+        }
+        assert!(
+            seen.iter()
+                .any(|event| (event.job.id, event.job.version) == (early.id, early.version)),
+            "read from the log"
+        );
+        let last = seen.pop().unwrap();
+        drop(first);
+        hub.publish(Arc::new(early.clone())); // stamped after the client's mark
+
+        let mut resumed = JobsWatch::open(
+            Arc::clone(&store),
+            &hub,
+            None,
+            BTreeMap::new(),
+            None,
+            Some(last.cursor),
+            Some(last.mark),
+        )
+        .await
+        .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), resumed.next())
+                .await
+                .is_err(),
+            "the client had it, from the log"
+        );
+    }
 }
