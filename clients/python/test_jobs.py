@@ -165,3 +165,46 @@ def test_unknown_job_is_not_found(pb, jobs):
     with pytest.raises(grpc.RpcError) as info:
         jobs.GetStatus(pb.GetStatusRequest(job_id=str(uuid.uuid4())), timeout=CALL_TIMEOUT_S)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_watch_jobs_resumes_from_its_cursor_with_the_progress_made_while_away(pb, jobs):
+    # One stream for every job with this label; the job reports progress every 2 s.
+    labels = {"resume": uuid.uuid4().hex}
+    job = submit(pb, jobs, "sleep", {"duration_ms": 6000, "steps": 3}, labels=labels)
+
+    # Read until the first progress step, then drop the stream as a lost connection would.
+    call = jobs.WatchJobs(pb.WatchJobsRequest(labels=labels), timeout=STREAM_TIMEOUT_S)
+    seen = []
+    for message in call:
+        seen.append(message)
+        if message.job.progress.percent > 0:
+            break
+    call.cancel()
+    last = seen[-1]
+
+    # The next step happens while the client is away (no state changes, progress only).
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while True:
+        now = jobs.GetStatus(pb.GetStatusRequest(job_id=job.id), timeout=CALL_TIMEOUT_S).job
+        if now.progress.percent > last.job.progress.percent:
+            break
+        assert time.monotonic() < deadline, "the job made progress in time"
+        time.sleep(0.05)
+
+    resumed = jobs.WatchJobs(
+        pb.WatchJobsRequest(labels=labels, after_cursor=last.cursor), timeout=STREAM_TIMEOUT_S
+    )
+    first = next(resumed)
+    # At once, not at the job's next change (2 s later): the progress made while away, and
+    # nothing the client had already seen.
+    assert first.job.id == job.id
+    assert first.job.version == now.version, (first.job.version, now.version)
+    assert first.job.progress.percent == now.progress.percent
+    rest = [first]
+    for message in resumed:
+        rest.append(message)
+        if message.job.state in terminal(pb):
+            break
+    resumed.cancel()
+    assert_versions_rise([m.job for m in seen] + [m.job for m in rest])
+    assert rest[-1].job.state == pb.JOB_STATE_SUCCEEDED
