@@ -380,17 +380,18 @@ impl JobsWatch {
             } else {
                 // A read reached the end of the log after this was taken and did not return
                 // it: its event lies at or before where this stream started (the client has
-                // it), or its job has been removed since.
-                match self.store.get(id).await? {
-                    None => {
-                        self.deliver(Arc::clone(&job), self.scanned);
-                        self.sent.remove(&id);
-                    }
-                    Some(_) => {
-                        self.sent.insert(id, job.logged_version);
-                        if job.version > job.logged_version {
-                            self.deliver(job, self.scanned);
-                        }
+                // it), or its job has been removed since. Only an ended job can be removed,
+                // and its end is published after its last unfinished snapshot, so the store
+                // is asked about terminal snapshots only: a resume that picks up the progress
+                // of thousands of running jobs costs no read for each.
+                let removed = job.is_terminal() && self.store.get(id).await?.is_none();
+                if removed {
+                    self.deliver(Arc::clone(&job), self.scanned);
+                    self.sent.remove(&id);
+                } else {
+                    self.sent.insert(id, job.logged_version);
+                    if job.version > job.logged_version {
+                        self.deliver(job, self.scanned);
                     }
                 }
             }
