@@ -386,11 +386,11 @@ impl Server {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving longrun.v1.Jobs and google.longrunning.Operations");
         }
-        // Without TCP_NODELAY, small responses wait for delayed ACKs: ~40 ms a call.
         let unacknowledged_limit = self
             .config
             .keepalive_interval
             .saturating_add(self.config.keepalive_timeout);
+        // Without TCP_NODELAY, small responses wait for delayed ACKs: ~40 ms a call.
         let incoming = futures::StreamExt::map(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             move |accepted| {
