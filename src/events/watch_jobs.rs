@@ -464,6 +464,12 @@ mod tests {
         (store, hub, watch)
     }
 
+    /// Asserts that the watch yields nothing for a while.
+    async fn assert_quiet(watch: &mut JobsWatch, why: &str) {
+        let next = tokio::time::timeout(Duration::from_millis(100), watch.next()).await;
+        assert!(next.is_err(), "{why}");
+    }
+
     /// The watch's next message, bounded.
     async fn next_within(watch: &mut JobsWatch) -> JobsEvent {
         tokio::time::timeout(Duration::from_secs(5), watch.next())
@@ -524,12 +530,7 @@ mod tests {
             Some(&running.version),
             "its newest progress"
         );
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), watch.next())
-                .await
-                .is_err(),
-            "nothing more"
-        );
+        assert_quiet(&mut watch, "nothing more").await;
     }
 
     /// After an overflow, a job removed before the reader got to its events would be missed
@@ -627,13 +628,9 @@ mod tests {
             (missed.id, missed.version),
             "the newest progress since"
         );
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), resumed.next())
-                .await
-                .is_err(),
-            "nothing the client had"
-        );
+        assert_quiet(&mut resumed, "nothing the client had").await;
     }
+
     /// With the mark of the client's last message, a resume on the same hub also sends the
     /// progress published since of jobs that had no transition meanwhile; progress the client
     /// was sent is not sent again, and a mark from another hub (a restarted server) is no
@@ -686,12 +683,7 @@ mod tests {
             (busy.id, busy.version),
             "the progress published since"
         );
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), resumed.next())
-                .await
-                .is_err(),
-            "nothing the client had"
-        );
+        assert_quiet(&mut resumed, "nothing the client had").await;
 
         let elsewhere = LiveMark {
             epoch: last.mark.epoch.wrapping_add(1),
@@ -699,12 +691,11 @@ mod tests {
         };
         for mark in [None, Some(elsewhere)] {
             let mut resumed = resume(mark).await.unwrap();
-            assert!(
-                tokio::time::timeout(Duration::from_millis(100), resumed.next())
-                    .await
-                    .is_err(),
-                "without this hub's mark, no way to tell what the client saw: {mark:?}"
-            );
+            assert_quiet(
+                &mut resumed,
+                &format!("without this hub's mark, no way to tell what the client saw: {mark:?}"),
+            )
+            .await;
         }
     }
     /// A transition can reach a stream from the log before its publish reaches the hub; then
@@ -748,11 +739,6 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), resumed.next())
-                .await
-                .is_err(),
-            "the client had it, from the log"
-        );
+        assert_quiet(&mut resumed, "the client had it, from the log").await;
     }
 }
