@@ -487,24 +487,30 @@ async fn resuming_during_the_first_snapshots_sends_the_rest_of_them() {
     gate.release(JOBS);
 }
 
-/// Reports half its work done, then waits to be let go.
-struct HalfThenWait {
+/// Reports each of `percents` in turn, waiting after each to be let go (one permit of `go`
+/// per step), then succeeds.
+struct Steps {
+    percents: &'static [u8],
     go: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 #[async_trait]
-impl Handler for HalfThenWait {
+impl Handler for Steps {
     fn describe(&self) -> ActionDescription {
         ActionDescription {
-            description: "Reports 50 %, then waits.".to_owned(),
+            description: "Reports progress in steps, each when let go.".to_owned(),
             params: vec![],
             uses_input: false,
         }
     }
 
     async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
-        ctx.progress.percent(50, "half way");
-        let _go = self.go.acquire().await;
+        for &percent in self.percents {
+            ctx.progress.percent(percent, format!("{percent} %"));
+            if let Ok(permit) = self.go.acquire().await {
+                permit.forget(); // one step per permit given
+            }
+        }
         Ok(json!({}))
     }
 }
@@ -515,7 +521,13 @@ impl Handler for HalfThenWait {
 async fn a_resume_sends_the_progress_made_since_a_missed_transition() {
     let go = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let mut registry = Registry::with_builtins();
-    registry.register("half", HalfThenWait { go: go.clone() });
+    registry.register(
+        "half",
+        Steps {
+            percents: &[50],
+            go: go.clone(),
+        },
+    );
     let server = TestServer::start_with(test_config(), registry).await;
     let mut client = server.client.clone();
     let selector = [("resume", "progress")];
@@ -555,34 +567,6 @@ async fn a_resume_sends_the_progress_made_since_a_missed_transition() {
     wait_done(&mut client, &job.id).await;
 }
 
-/// Reports 25 %, waits to be let go, reports 75 %, waits again, then succeeds.
-struct TwoSteps {
-    go: std::sync::Arc<tokio::sync::Semaphore>,
-}
-
-#[async_trait]
-impl Handler for TwoSteps {
-    fn describe(&self) -> ActionDescription {
-        ActionDescription {
-            description: "Reports 25 %, then 75 %, each when let go.".to_owned(),
-            params: vec![],
-            uses_input: false,
-        }
-    }
-
-    async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
-        ctx.progress.percent(25, "a quarter");
-        if let Ok(permit) = self.go.acquire().await {
-            permit.forget(); // one step per permit given
-        }
-        ctx.progress.percent(75, "three quarters");
-        if let Ok(permit) = self.go.acquire().await {
-            permit.forget(); // one step per permit given
-        }
-        Ok(json!({}))
-    }
-}
-
 /// The common case of a dropped connection: a running job reports progress while the client
 /// is away, with no transition. The resume sends it at once (the cursor says when the
 /// client's last message was sent), and nothing the client had.
@@ -590,7 +574,13 @@ impl Handler for TwoSteps {
 async fn a_resume_sends_progress_reported_while_the_client_was_away() {
     let go = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let mut registry = Registry::with_builtins();
-    registry.register("steps", TwoSteps { go: go.clone() });
+    registry.register(
+        "steps",
+        Steps {
+            percents: &[25, 75],
+            go: go.clone(),
+        },
+    );
     let server = TestServer::start_with(test_config(), registry).await;
     let mut client = server.client.clone();
     let selector = [("resume", "away")];

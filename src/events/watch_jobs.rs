@@ -478,14 +478,28 @@ mod tests {
             .unwrap()
     }
 
+    /// Creates and publishes a queued job, as a Submit does.
+    async fn created(store: &Arc<dyn Store>, hub: &Arc<Hub>) -> Job {
+        let job = sample_job(1, &[], None);
+        store.create(&job).await.unwrap();
+        hub.publish(Arc::new(job.clone()));
+        job
+    }
+
+    /// Starts `job` and its first action, stores and publishes it, as the executor does.
+    async fn started(store: &Arc<dyn Store>, hub: &Arc<Hub>, job: &mut Job) {
+        let now = SystemTime::now();
+        job.start(now).unwrap();
+        job.start_action(0, now).unwrap();
+        store.save(job).await.unwrap();
+        hub.publish(Arc::new(job.clone()));
+    }
+
     /// Creates and publishes `count` queued jobs, as a Submit does; returns their ids.
     async fn create_queued(store: &Arc<dyn Store>, hub: &Arc<Hub>, count: usize) -> Vec<JobId> {
         let mut ids = Vec::with_capacity(count);
         for _ in 0..count {
-            let job = sample_job(1, &[], None);
-            store.create(&job).await.unwrap();
-            ids.push(job.id);
-            hub.publish(Arc::new(job));
+            ids.push(created(store, hub).await.id);
         }
         ids
     }
@@ -497,13 +511,8 @@ mod tests {
         let (store, hub, mut watch) = watching_everything().await;
 
         let now = SystemTime::now();
-        let mut running = sample_job(1, &[], None);
-        store.create(&running).await.unwrap();
-        hub.publish(Arc::new(running.clone()));
-        running.start(now).unwrap();
-        running.start_action(0, now).unwrap();
-        store.save(&running).await.unwrap();
-        hub.publish(Arc::new(running.clone()));
+        let mut running = created(&store, &hub).await;
+        started(&store, &hub, &mut running).await;
         let queued = create_queued(&store, &hub, INBOX_LIMIT + 10).await;
         // Progress is published, not stored: only the hub has it.
         running.report_progress(0, Progress::of(1, 2, "half"), now);
@@ -573,18 +582,11 @@ mod tests {
         let (store, hub, mut first) = watching_everything().await;
         let now = SystemTime::now();
 
-        let mut seen_through = sample_job(1, &[], None);
-        store.create(&seen_through).await.unwrap();
-        hub.publish(Arc::new(seen_through.clone()));
-        seen_through.start(now).unwrap();
-        seen_through.start_action(0, now).unwrap();
-        store.save(&seen_through).await.unwrap();
-        hub.publish(Arc::new(seen_through.clone()));
+        let mut seen_through = created(&store, &hub).await;
+        started(&store, &hub, &mut seen_through).await;
         seen_through.report_progress(0, Progress::of(1, 4, ""), now);
         hub.publish(Arc::new(seen_through.clone()));
-        let mut missed = sample_job(1, &[], None);
-        store.create(&missed).await.unwrap();
-        hub.publish(Arc::new(missed.clone()));
+        let mut missed = created(&store, &hub).await;
         let mut last = None;
         while last
             .as_ref()
@@ -595,11 +597,8 @@ mod tests {
         let cursor = last.map(|event| event.cursor).unwrap();
         drop(first);
 
-        missed.start(now).unwrap();
-        missed.start_action(0, now).unwrap();
-        store.save(&missed).await.unwrap();
-        hub.publish(Arc::new(missed.clone()));
-        let started = missed.version;
+        started(&store, &hub, &mut missed).await;
+        let started_at = missed.version;
         for step in 1..=3 {
             missed.report_progress(0, Progress::of(step, 4, ""), now);
             hub.publish(Arc::new(missed.clone()));
@@ -620,7 +619,7 @@ mod tests {
         let replayed = next_within(&mut resumed).await;
         assert_eq!(
             (replayed.job.id, replayed.job.version),
-            (missed.id, started)
+            (missed.id, started_at)
         );
         let progress = next_within(&mut resumed).await;
         assert_eq!(
@@ -698,6 +697,7 @@ mod tests {
             .await;
         }
     }
+
     /// A transition can reach a stream from the log before its publish reaches the hub; then
     /// its publish is stamped after the client's mark. A resume with that mark must not send
     /// it again: the log shows it lies at or before the cursor.
@@ -705,16 +705,12 @@ mod tests {
     async fn a_transition_read_from_the_log_before_its_publish_is_not_sent_again() {
         let (store, hub, mut first) = watching_everything().await;
         let now = SystemTime::now();
-        let mut early = sample_job(1, &[], None);
-        store.create(&early).await.unwrap();
-        hub.publish(Arc::new(early.clone()));
+        let mut early = created(&store, &hub).await;
         assert_eq!(next_within(&mut first).await.job.id, early.id);
         early.start(now).unwrap();
         early.start_action(0, now).unwrap();
         store.save(&early).await.unwrap(); // committed, not published yet
-        let waker = sample_job(1, &[], None);
-        store.create(&waker).await.unwrap();
-        hub.publish(Arc::new(waker.clone()));
+        created(&store, &hub).await; // wakes the stream to read the log
         let mut seen = Vec::new();
         for _ in 0..2 {
             seen.push(next_within(&mut first).await);
