@@ -342,15 +342,19 @@ impl Server {
             tonic::service::interceptor::InterceptedService::new(operations, authenticator);
 
         let metrics = Arc::clone(self.executor.metrics());
-        let metrics_listener = match (self.metrics_listener.take(), self.config.metrics_listen) {
-            (Some(listener), _) => Some(listener),
-            (None, Some(addr)) => Some(TcpListener::bind(addr).await.map_err(ServeError::Metrics)?),
-            (None, None) => None,
-        };
-        if let Some(listener) = metrics_listener {
-            metrics
-                .spawn_on(listener, self.stopping.clone())
-                .map_err(ServeError::Metrics)?;
+        match (self.metrics_listener.take(), self.config.metrics_listen) {
+            (Some(listener), _) => {
+                metrics
+                    .spawn_on(listener, self.stopping.clone())
+                    .map_err(ServeError::Metrics)?;
+            }
+            (None, Some(addr)) => {
+                metrics
+                    .spawn_server(addr, self.stopping.clone())
+                    .await
+                    .map_err(ServeError::Metrics)?;
+            }
+            (None, None) => {}
         }
 
         // Ends the transport when recovery fails, as `shutdown` does.

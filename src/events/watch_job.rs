@@ -184,12 +184,13 @@ async fn newest(
     at_least: i64,
     in_memory: impl FnOnce() -> Option<Arc<Job>>,
 ) -> Result<(Arc<Job>, bool), WatchError> {
-    match in_memory() {
+    let held = in_memory();
+    let known_newest = held.is_some();
+    match held {
         Some(job) if job.version >= at_least => Ok((job, true)),
-        // Held, but older than asked for: the store cannot be newer than what this process
-        // holds, and is read only to tell a removed job from one that is not.
-        Some(_) => Ok((Arc::new(current(store, hub, id).await?), true)),
-        None => Ok((Arc::new(current(store, hub, id).await?), false)),
+        // When held but older than asked for, the store cannot be newer than what this
+        // process holds: it is read to tell a removed job from one that is not.
+        _ => Ok((Arc::new(current(store, hub, id).await?), known_newest)),
     }
 }
 
