@@ -186,6 +186,23 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
     }
 }
 
+/// A generated gRPC service that accepts gzip- and deflate-compressed requests (what clients in
+/// other languages send once told to compress; without this they get UNIMPLEMENTED) and
+/// compresses its responses with `send` (an `Option<CompressionEncoding>`) for clients that
+/// accept it. A macro because each generated server has these methods of its own, under no
+/// common trait.
+macro_rules! compressed {
+    ($service:expr, $send:expr) => {{
+        let service = $service
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed(tonic::codec::CompressionEncoding::Deflate);
+        match $send {
+            Some(encoding) => service.send_compressed(encoding),
+            None => service,
+        }
+    }};
+}
+
 /// A longrun server: its executor runs from [`Server::start`] on; [`Server::serve`] picks up
 /// the jobs a previous run left unfinished and exposes everything over gRPC.
 ///
@@ -302,8 +319,12 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let health = HealthReporter::new();
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            health::SpecHealth::new(health.clone()),
+        let send_compressed = self.config.response_compression.encoding();
+        let health_service = compressed!(
+            tonic_health::pb::health_server::HealthServer::new(health::SpecHealth::new(
+                health.clone()
+            )),
+            send_compressed
         );
         set_health(&health, ServingStatus::NotServing).await;
         let reflection = || {
@@ -311,8 +332,8 @@ impl Server {
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_v1 = reflection().build_v1()?;
-        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let reflection_v1 = compressed!(reflection().build_v1()?, send_compressed);
+        let reflection_v1alpha = compressed!(reflection().build_v1alpha()?, send_compressed);
 
         let authenticator = self.authenticator.clone();
         warn_if_exposed(&self.config, &listener);
@@ -328,14 +349,16 @@ impl Server {
                 ));
         // Authentication wraps the two job services only: health and reflection stay open, so
         // probes and `grpcurl list` work without a key.
-        let jobs = JobsServer::new(service)
+        // A compressed request is held to max_message once inflated, so a small compressed
+        // message cannot expand into a large one.
+        let jobs = compressed!(JobsServer::new(service), send_compressed)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
         let jobs =
             tonic::service::interceptor::InterceptedService::new(jobs, authenticator.clone());
         let operations =
             OperationsService::new(self.executor.clone(), limits, self.stopping.clone());
-        let operations = OperationsServer::new(operations)
+        let operations = compressed!(OperationsServer::new(operations), send_compressed)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
         let operations =

@@ -72,6 +72,7 @@ const deadline = (ms) => new Date(Date.now() + ms);
 let server; // the child process
 let serverLog = '';
 let client;
+let serverAddr;
 
 async function startServer() {
   assert.ok(fs.existsSync(BINARY), `server binary ${BINARY} not found: run \`cargo build\` first`);
@@ -151,7 +152,8 @@ function assertVersionsRise(jobs) {
 before(async () => {
   const started = await startServer();
   server = started.child;
-  client = new longrun.v1.Jobs(started.addr, grpc.credentials.createInsecure());
+  serverAddr = started.addr;
+  client = new longrun.v1.Jobs(serverAddr, grpc.credentials.createInsecure());
 });
 
 after(async () => {
@@ -235,4 +237,33 @@ test('a bad request is INVALID_ARGUMENT naming the field', async () => {
     assert.ok(details[0].includes('actions[0].params.steps'));
     return true;
   });
+});
+
+test('a client that compresses its requests (gzip, deflate) is served like any other', async () => {
+  // grpc-js's compression algorithms: 1 is deflate, 2 is gzip.
+  for (const algorithm of [2, 1]) {
+    const compressing = new longrun.v1.Jobs(
+      serverAddr,
+      grpc.credentials.createInsecure(),
+      { 'grpc.default_compression_algorithm': algorithm },
+    );
+    try {
+      const message = 'x'.repeat(4096);
+      const res = await new Promise((resolve, reject) => {
+        compressing.Submit(
+          {
+            actions: [{ name: 'echo', params: toStruct({ message }) }],
+            wait: { seconds: 10 },
+          },
+          { deadline: deadline(CALL_TIMEOUT_MS) },
+          (err, r) => (err ? reject(err) : resolve(r)),
+        );
+      });
+      assert.equal(res.job.state, 'JOB_STATE_SUCCEEDED', `algorithm ${algorithm}`);
+      const echoed = res.job.actions[0].result.structValue.fields.params.structValue.fields.message;
+      assert.equal(echoed.stringValue, message);
+    } finally {
+      compressing.close();
+    }
+  }
 });

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 import uuid
 
@@ -208,3 +209,16 @@ def test_watch_jobs_resumes_from_its_cursor_with_the_progress_made_while_away(pb
     resumed.cancel()
     assert_versions_rise([m.job for m in seen] + [m.job for m in rest])
     assert rest[-1].job.state == pb.JOB_STATE_SUCCEEDED
+
+
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+def test_a_client_that_compresses_its_requests(pb, server, compression):
+    """What a service does once its channel is told to compress: every request arrives
+    gzip- or deflate-compressed, and the server takes it like any other."""
+    grpc_mod = importlib.import_module("longrun.v1.jobs_pb2_grpc")
+    with grpc.insecure_channel(server.addr, compression=compression) as channel:
+        jobs = grpc_mod.JobsStub(channel)
+        job = submit(pb, jobs, "echo", {"message": "x" * 4096})
+        snapshots = watch(pb, jobs, job.id)
+    assert snapshots[-1].state == pb.JOB_STATE_SUCCEEDED
+    assert snapshots[-1].actions[0].result.struct_value["params"]["message"] == "x" * 4096

@@ -23,6 +23,7 @@ use std::{
 use anyhow::Context as _;
 use longrun::api::pb::{self, jobs_client::JobsClient};
 use tonic::{
+    codec::CompressionEncoding,
     metadata::{Ascii, MetadataValue},
     service::interceptor::InterceptedService,
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
@@ -292,7 +293,11 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         .connect()
         .await
         .map_err(|source| error::Unreachable::new(addr, &source))?;
+    // Offered so that a server told to compress its responses (`--response-compression`)
+    // does so for the CLI too, which helps over slow links.
     Ok(JobsClient::with_interceptor(channel, BearerKey(key))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
         .max_decoding_message_size(MAX_MESSAGE_BYTES))
 }
 
