@@ -69,8 +69,22 @@ struct ServeArgs {
     /// `[webhooks]`, `[quotas]` and `[auth]` (see docs/operations.md).
     #[arg(long, env = "LONGRUN_CONFIG")]
     config: Option<PathBuf>,
+    /// How log lines are written to stderr: `text` for a person, `json` (one object a line,
+    /// with the spans it happened in, such as the RPC and the job id) for a log collector.
+    #[arg(long, value_enum, env = "LONGRUN_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(flatten)]
     settings: Settings,
+}
+
+/// The forms `serve` writes its log in.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines, coloured at a terminal.
+    Text,
+    /// One JSON object a line: timestamp, level, target, fields, and the current span with
+    /// the list of spans it is in.
+    Json,
 }
 
 #[tokio::main]
@@ -79,7 +93,18 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         // One line with every cause, never anyhow's backtrace (RUST_BACKTRACE is often set on
         // developers' machines, and a refused setting is not a crash).
-        Command::Serve(args) => exit_on_error(serve(args).await, 1),
+        Command::Serve(args) => {
+            let log_format = args.log_format;
+            let result = serve(args).await;
+            if log_format == LogFormat::Json
+                && let Err(error) = &result
+            {
+                // A log collector reads every line as JSON, the last one too.
+                tracing::error!("{error:#}");
+                std::process::exit(1);
+            }
+            exit_on_error(result, 1)
+        }
         // 2 for what the user gave, as the client commands exit on a usage mistake.
         Command::HashKey => exit_on_error(hash_key(), 2),
         Command::Compact(args) => exit_on_error(compact(&args.data_dir), 1),
@@ -89,17 +114,24 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // PostgreSQL's NOTICEs ("relation … already exists, skipping" at every start)
-                // are not the operator's business unless asked for.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn")),
-        )
-        .with_writer(std::io::stderr)
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // PostgreSQL's NOTICEs ("relation … already exists, skipping" at every start) are not
+        // the operator's business unless asked for.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
         // Colours for a person at a terminal only, never escape codes in a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => log
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => log
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     let file = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)

@@ -553,3 +553,48 @@ async fn at_debug_every_call_logs_one_line() {
         "{text}"
     );
 }
+
+/// `--log-format json`: every line of the log is one JSON object, a job's lines carry its id
+/// in their span, and a refused start says why in JSON too, so a log collector parses all.
+#[tokio::test]
+async fn with_log_format_json_every_line_is_an_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("serve.log");
+    let addr = common::free_addr();
+    let server = common::Spawned::spawn(
+        Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["serve", "--store", "memory", "--listen", &addr.to_string()])
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap()),
+    );
+    let mut client = common::connect(addr).await;
+    let job = submit(
+        &mut client,
+        request(vec![common::action("echo", serde_json::json!({}))]),
+    )
+    .await;
+    wait_done(&mut client, &job.id).await;
+    drop(server);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let succeeded = lines
+        .iter()
+        .find(|line| line["fields"]["message"] == "job succeeded")
+        .unwrap_or_else(|| panic!("the job's end is logged: {lines:#?}"));
+    assert_eq!(succeeded["level"], "INFO");
+    assert_eq!(succeeded["span"]["job_id"], job.id.as_str(), "{succeeded}");
+
+    let refused = serve_refusing(&["--log-format", "json", "--concurrency", "0"], None);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(last["level"], "ERROR", "{last}");
+    let message = last["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("concurrency"), "{last}");
+}
