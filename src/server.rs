@@ -31,6 +31,7 @@ use crate::{
     webhooks::{WebhookPolicy, WebhookWorker, WorkerError},
 };
 
+mod connect;
 mod health;
 mod severable;
 
@@ -65,6 +66,9 @@ pub enum ServeError {
     /// The TLS files cannot be read or used.
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// The Connect protocol could not load the descriptors (a build problem).
+    #[error("Connect protocol descriptors: {0}")]
+    Connect(#[from] prost_reflect::DescriptorError),
     /// A setting is out of its range.
     #[error("configuration: {0}")]
     Setting(String),
@@ -433,6 +437,9 @@ impl Server {
         }
         let transport = builder
             .layer(RpcTimingLayer::new(metrics))
+            // Outside gRPC-Web's layer, which answers 400 to HTTP/1.1 requests it does not
+            // know, and Connect unary calls are mostly HTTP/1.1.
+            .layer(connect::ConnectLayer::new(max_message)?)
             .http2_keepalive_interval(Some(self.config.keepalive_interval))
             .http2_keepalive_timeout(Some(self.config.keepalive_timeout))
             // gRPC-Web for browsers: HTTP/1.1 (and HTTP/2) requests with a grpc-web content

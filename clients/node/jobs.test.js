@@ -5,7 +5,7 @@
 
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { spawn } = require('node:child_process');
+const { execFile, spawn } = require('node:child_process');
 const fs = require('node:fs');
 const net = require('node:net');
 const path = require('node:path');
@@ -266,4 +266,41 @@ test('a client that compresses its requests (gzip, deflate) is served like any o
       compressing.close();
     }
   }
+});
+
+// `buf curl` with its default protocol, Connect (the schema read through reflection over
+// Connect too), as a user who never heard of `--protocol grpc` runs it.
+const BUF = path.join(__dirname, 'node_modules', '.bin', 'buf');
+
+function bufCurl(method, body) {
+  const args = ['curl', `http://${serverAddr}/longrun.v1.Jobs/${method}`];
+  if (body !== undefined) args.push('-d', JSON.stringify(body));
+  return new Promise((resolve) => {
+    execFile(BUF, args, { timeout: STREAM_TIMEOUT_MS }, (err, stdout, stderr) =>
+      resolve({ code: err ? err.code : 0, stdout, stderr }));
+  });
+}
+
+test('buf curl with its default protocol (Connect): unary calls, a stream, an error', async () => {
+  const listed = await bufCurl('ListActions');
+  assert.equal(listed.code, 0, listed.stderr);
+  assert.ok(JSON.parse(listed.stdout).actions.some((a) => a.name === 'echo'), listed.stdout);
+
+  const submitted = await bufCurl('Submit', {
+    actions: [{ name: 'sleep', params: { duration_ms: 300, steps: 3 } }],
+  });
+  assert.equal(submitted.code, 0, submitted.stderr);
+  const { job } = JSON.parse(submitted.stdout);
+  assert.equal(job.state, 'JOB_STATE_QUEUED');
+
+  // A server stream: buf curl prints each message as a JSON object, one after another.
+  const watched = await bufCurl('WatchJob', { job_id: job.id });
+  assert.equal(watched.code, 0, watched.stderr);
+  const states = [...watched.stdout.matchAll(/^ {4}"state": "(JOB_STATE_\w+)"/gm)].map((m) => m[1]);
+  assert.equal(states.at(-1), 'JOB_STATE_SUCCEEDED', watched.stdout);
+
+  const bad = await bufCurl('GetStatus', { job_id: 'nope' });
+  assert.notEqual(bad.code, 0);
+  assert.match(bad.stdout + bad.stderr, /invalid_argument/);
+  assert.match(bad.stdout + bad.stderr, /job_id/);
 });

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 mod jobs;
+pub mod json;
 mod operations;
 mod operations_convert;
 mod paging;
