@@ -352,11 +352,21 @@ where
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned)
                 });
-                match status {
-                    Some(status) => {
+                // A Connect unary call that failed says so in its HTTP status alone.
+                let http_failure = response
+                    .as_ref()
+                    .ok()
+                    .map(|r| r.status())
+                    .filter(|http| !http.is_success());
+                match (status, http_failure) {
+                    (Some(status), _) => {
                         tracing::debug!(%method, ?elapsed, grpc_status = %status, "rpc failed");
                     }
-                    None => tracing::debug!(%method, ?elapsed, "rpc answered"),
+                    (None, Some(http)) => {
+                        let http_status = http.as_u16();
+                        tracing::debug!(%method, ?elapsed, http_status, "rpc failed");
+                    }
+                    (None, None) => tracing::debug!(%method, ?elapsed, "rpc answered"),
                 }
             }
             metrics

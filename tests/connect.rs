@@ -195,6 +195,25 @@ async fn errors_are_connect_json_with_the_matching_http_status() {
         "names the type it expected: {error}"
     );
 
+    let (status, error) = call_json(
+        &server,
+        "WatchJob",
+        &json!({ "job_id": missing }).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (501, Some("unimplemented")),
+        "{error}"
+    );
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("application/connect+json"),
+        "a stream called as a unary call says how to call it: {error}"
+    );
+
     let (status, error) = call_json(&server, "NoSuchMethod", "{}").await;
     assert_eq!(
         (status, error["code"].as_str()),

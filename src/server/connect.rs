@@ -83,6 +83,8 @@ fn connect_kind<B>(request: &Request<B>) -> Option<Kind> {
 struct MethodTypes {
     input: MessageDescriptor,
     output: MessageDescriptor,
+    /// Whether the method streams its responses (WatchJob, WatchJobs, reflection).
+    streams: bool,
 }
 
 #[derive(Debug)]
@@ -116,6 +118,7 @@ impl ConnectLayer {
                 let types = MethodTypes {
                     input: method.input(),
                     output: method.output(),
+                    streams: method.is_server_streaming(),
                 };
                 (path, types)
             })
@@ -225,6 +228,14 @@ where
     let path = request.uri().path().to_owned();
     let types = shared.methods.get(&path).cloned();
     let prepared = async {
+        if types.as_ref().is_some_and(|types| types.streams) {
+            // Answered as one response, a stream would be held until it ended: a WatchJob of a
+            // job that runs for days, say.
+            return Err(Status::unimplemented(format!(
+                "{path} streams its responses: call it with content-type \
+                 application/connect+json or application/connect+proto"
+            )));
+        }
         let (parts, body) = request.into_parts();
         refuse_compression(&parts.headers, header::CONTENT_ENCODING)?;
         let body = Limited::new(body, shared.max_message)
