@@ -215,6 +215,18 @@ pub struct Settings {
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Option<Duration>,
+    /// Close each connection this long after it was opened: it is sent GOAWAY, so its client
+    /// opens a new one (through the load balancer, to any replica) for its next calls, while
+    /// calls in progress finish [default: never].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Option<Duration>,
+    /// With --max-connection-age: how long calls still open on a connection past its age (watch
+    /// streams) may run before the connection is cut; their clients resume elsewhere with
+    /// `after_version` [default: as long as they last].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Option<Duration>,
     /// Compress responses with `gzip` or `deflate` for clients that accept it (their
     /// grpc-accept-encoding says so); requests compressed with either are always accepted
     /// [default: none, since on a fast network compressing costs more CPU than it saves].
@@ -291,6 +303,10 @@ impl Settings {
             retention: self.retention.or(fallback.retention),
             keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
             keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
+            max_connection_age: self.max_connection_age.or(fallback.max_connection_age),
+            max_connection_age_grace: self
+                .max_connection_age_grace
+                .or(fallback.max_connection_age_grace),
             response_compression: self.response_compression.or(fallback.response_compression),
             max_params_depth: self.max_params_depth.or(fallback.max_params_depth),
             max_label_key_bytes: self.max_label_key_bytes.or(fallback.max_label_key_bytes),
@@ -453,6 +469,11 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
+    /// How long after it was opened a connection is sent GOAWAY, if ever.
+    pub max_connection_age: Option<Duration>,
+    /// How long calls still open past `max_connection_age` may run before the connection is
+    /// cut; `None` for as long as they last.
+    pub max_connection_age_grace: Option<Duration>,
     /// How responses are compressed for clients that accept it.
     pub response_compression: ResponseCompression,
     /// Commands for the `exec` action.
@@ -602,6 +623,8 @@ impl Config {
                 .unwrap_or(Duration::from_secs(14 * 24 * 60 * 60)),
             keepalive_interval: s.keepalive_interval.unwrap_or(Duration::from_secs(30)),
             keepalive_timeout: s.keepalive_timeout.unwrap_or(Duration::from_secs(20)),
+            max_connection_age: s.max_connection_age,
+            max_connection_age_grace: s.max_connection_age_grace,
             response_compression: s.response_compression.unwrap_or_default(),
             exec_commands: file.exec.commands,
             webhooks: file.webhooks.resolve(),

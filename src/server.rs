@@ -177,6 +177,12 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
             problems.push(format!("{name} must be longer than 0s"));
         }
     }
+    if config.max_connection_age.is_some_and(|age| age.is_zero()) {
+        problems.push("max_connection_age must be longer than 0s".to_owned());
+    }
+    if config.max_connection_age_grace.is_some() && config.max_connection_age.is_none() {
+        problems.push("max_connection_age_grace needs a max_connection_age".to_owned());
+    }
     if executor.retry_backoff_max < executor.retry_backoff_initial {
         problems.push("retry_backoff_max must not be shorter than retry_backoff".to_owned());
     }
@@ -205,6 +211,20 @@ macro_rules! compressed {
             None => service,
         }
     }};
+}
+
+/// Cuts a connection `after` it was opened (its `max_connection_age` and grace), unless it
+/// closes first.
+fn cut_when_old(after: Duration, cut: CancellationToken, closed: CancellationToken) {
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(after) => {
+                tracing::debug!(?after, "cutting a connection past max_connection_age and its grace");
+                cut.cancel();
+            }
+            () = closed.cancelled() => {}
+        }
+    });
 }
 
 /// A longrun server: its executor runs from [`Server::start`] on; [`Server::serve`] picks up
@@ -421,17 +441,35 @@ impl Server {
             .config
             .keepalive_interval
             .saturating_add(self.config.keepalive_timeout);
+        // tonic's own max_connection_age_grace is not used: with it set, tonic skips the GOAWAY
+        // at the age and only cuts the connection once the grace is over.
+        let cut_after = self
+            .config
+            .max_connection_age
+            .zip(self.config.max_connection_age_grace)
+            .map(|(age, grace)| age.saturating_add(grace));
         // Without TCP_NODELAY, small responses wait for delayed ACKs: ~40 ms a call.
         let incoming = futures::StreamExt::map(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             move |accepted| {
                 accepted.map(|stream| {
                     abort_when_unacknowledged(&stream, unacknowledged_limit);
-                    severable::Severable::new(stream, sever.clone())
+                    match cut_after {
+                        None => severable::Severable::new(stream, sever.clone()),
+                        Some(after) => {
+                            let cut = sever.child_token();
+                            let closed = CancellationToken::new();
+                            cut_when_old(after, cut.clone(), closed.clone());
+                            severable::Severable::with_closed(stream, cut, closed)
+                        }
+                    }
                 })
             },
         );
         let mut builder = tonic::transport::Server::builder();
+        if let Some(age) = self.config.max_connection_age {
+            builder = builder.max_connection_age(age);
+        }
         if let Some(tls) = self.tls.clone() {
             builder = builder.tls_config(tls).map_err(tls_error)?;
         }

@@ -329,6 +329,8 @@ fn settings_out_of_range_are_refused_naming_them() {
         ("--keepalive-interval", "0s", "keepalive_interval"),
         ("--keepalive-timeout", "0s", "keepalive_timeout"),
         ("--retry-backoff-max", "10ms", "retry_backoff_max"),
+        ("--max-connection-age", "0s", "max_connection_age must"),
+        ("--max-connection-age-grace", "5s", "_grace needs"),
     ] {
         let output = serve_refusing(&[flag, value], None);
         assert!(!output.status.success(), "{flag} {value}");

@@ -1,4 +1,5 @@
-//! Connections the server can cut at the end of a shutdown.
+//! Connections the server can cut: at the end of a shutdown, and at `max_connection_age` +
+//! `max_connection_age_grace`.
 //!
 //! A graceful shutdown tells every connection to go away and waits until each has: tonic has no
 //! deadline for that. A connection that never finishes would hold the process forever, and
@@ -15,7 +16,7 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::server::Connected;
 
 use crate::cancelled::Cancelled;
@@ -27,6 +28,9 @@ pub(super) struct Severable<IO> {
     /// what wakes an idle connection to notice the cut.
     cut: Cancelled,
     severed: bool,
+    /// Tells whoever waits to cut this connection (its `max_connection_age` timer) that it is
+    /// gone, by being dropped with it.
+    _closed: Option<DropGuard>,
 }
 
 impl<IO> Severable<IO> {
@@ -36,6 +40,15 @@ impl<IO> Severable<IO> {
             io,
             cut: Cancelled::new(cut),
             severed: false,
+            _closed: None,
+        }
+    }
+
+    /// `io`, cut when `cut` is cancelled, with `closed` cancelled once the connection is dropped.
+    pub(super) fn with_closed(io: IO, cut: CancellationToken, closed: CancellationToken) -> Self {
+        Self {
+            _closed: Some(closed.drop_guard()),
+            ..Self::new(io, cut)
         }
     }
 
@@ -52,7 +65,7 @@ impl<IO> Severable<IO> {
 fn severed() -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionAborted,
-        "the server shut down and closed the connection",
+        "the server closed the connection (shutting down, or at max_connection_age)",
     )
 }
 
