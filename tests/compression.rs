@@ -18,17 +18,8 @@ use tonic::{
     Code,
     codec::CompressionEncoding::{self, Deflate, Gzip},
     metadata::MetadataMap,
-    transport::Channel,
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-async fn channel(server: &TestServer) -> Channel {
-    Channel::from_shared(format!("http://{}", server.addr))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect")
-}
 
 fn echo_with_input(bytes: usize) -> pb::ActionSpec {
     let mut spec = action("echo", serde_json::json!({}));
@@ -62,7 +53,7 @@ fn response_encoding(metadata: &MetadataMap) -> Option<String> {
 async fn every_service_accepts_gzip_and_deflate_requests() {
     let server = TestServer::start().await;
     for encoding in [Gzip, Deflate] {
-        let mut jobs = JobsClient::new(channel(&server).await).send_compressed(encoding);
+        let mut jobs = JobsClient::new(channel(server.addr).await).send_compressed(encoding);
         let job = submit(&mut jobs, request(vec![echo_with_input(4096)])).await;
         let streamed = watch_to_end(&mut jobs, &job.id, 0).await;
         let last = streamed.last().expect("the watch sends the job");
@@ -70,7 +61,7 @@ async fn every_service_accepts_gzip_and_deflate_requests() {
         assert_eq!(echoed_bytes(last), 4096, "{encoding:?}");
 
         let mut operations =
-            OperationsClient::new(channel(&server).await).send_compressed(encoding);
+            OperationsClient::new(channel(server.addr).await).send_compressed(encoding);
         let operation = operations
             .get_operation(GetOperationRequest {
                 name: format!("operations/{}", job.id),
@@ -80,7 +71,7 @@ async fn every_service_accepts_gzip_and_deflate_requests() {
             .into_inner();
         assert!(operation.done, "{encoding:?}");
 
-        let mut health = HealthClient::new(channel(&server).await).send_compressed(encoding);
+        let mut health = HealthClient::new(channel(server.addr).await).send_compressed(encoding);
         health
             .check(HealthCheckRequest::default())
             .await
@@ -96,7 +87,7 @@ async fn a_compressed_request_is_held_to_the_message_limit_once_inflated() {
     let mut config = test_config();
     config.limits.max_message_bytes = MAX_MESSAGE_BYTES;
     let server = TestServer::start_with(config, Registry::with_builtins()).await;
-    let mut jobs = JobsClient::new(channel(&server).await).send_compressed(Gzip);
+    let mut jobs = JobsClient::new(channel(server.addr).await).send_compressed(Gzip);
     let status = jobs
         .submit(request(vec![echo_with_input(1024 * 1024)]))
         .await
@@ -127,7 +118,7 @@ async fn responses_are_compressed_only_when_configured_and_accepted() {
     let gzip_server = TestServer::start_with(config, Registry::with_builtins()).await;
 
     let get = async |server: &TestServer, accept: Option<CompressionEncoding>| {
-        let mut jobs = JobsClient::new(channel(server).await);
+        let mut jobs = JobsClient::new(channel(server.addr).await);
         if let Some(encoding) = accept {
             jobs = jobs.accept_compressed(encoding);
         }
