@@ -80,8 +80,9 @@ def _server_binary() -> pathlib.Path:
 class Server:
     """A running `longrun serve` process on 127.0.0.1."""
 
-    def __init__(self, binary: pathlib.Path, log_dir: pathlib.Path):
+    def __init__(self, binary: pathlib.Path, log_dir: pathlib.Path, extra_args: tuple = ()):
         self.binary = binary
+        self.extra_args = list(extra_args)
         self.log_path = log_dir / "longrun-server.log"
         self.proc: subprocess.Popen | None = None
         self.addr = ""
@@ -94,7 +95,8 @@ class Server:
             self.addr = f"127.0.0.1:{port}"
             log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(
-                [str(self.binary), "serve", "--listen", self.addr, "--store", "memory"],
+                [str(self.binary), "serve", "--listen", self.addr, "--store", "memory"]
+                + self.extra_args,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -138,6 +140,15 @@ class Server:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
     srv = Server(_server_binary(), tmp_path_factory.mktemp("server"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def aged_server(tmp_path) -> Server:
+    """A server of its own that sends GOAWAY to every connection 300 ms old."""
+    srv = Server(_server_binary(), tmp_path, ("--max-connection-age", "300ms"))
     srv.start()
     yield srv
     srv.stop()

@@ -222,3 +222,25 @@ def test_a_client_that_compresses_its_requests(pb, server, compression):
         snapshots = watch(pb, jobs, job.id)
     assert snapshots[-1].state == pb.JOB_STATE_SUCCEEDED
     assert snapshots[-1].actions[0].result.struct_value["params"]["message"] == "x" * 4096
+
+
+def test_calls_go_on_while_the_server_recycles_connections(pb, aged_server):
+    """With --max-connection-age, grpcio moves each new call to a new connection by itself
+    (no call fails), and a watch opened before keeps its connection to the job's end."""
+    import threading
+
+    grpc_mod = importlib.import_module("longrun.v1.jobs_pb2_grpc")
+    with grpc.insecure_channel(aged_server.addr) as channel:
+        jobs = grpc_mod.JobsStub(channel)
+        job = submit(pb, jobs, "sleep", {"duration_ms": 2000, "steps": 4})
+        snapshots = []
+        watcher = threading.Thread(target=lambda: snapshots.extend(watch(pb, jobs, job.id)))
+        watcher.start()
+        # Ten calls 200 ms apart: several connection ages, each call after a GOAWAY.
+        for _ in range(10):
+            time.sleep(0.2)
+            jobs.ListActions(pb.ListActionsRequest(), timeout=CALL_TIMEOUT_S)
+        watcher.join(timeout=STREAM_TIMEOUT_S)
+        assert not watcher.is_alive()
+    assert snapshots[-1].state == pb.JOB_STATE_SUCCEEDED
+    assert_versions_rise(snapshots)
