@@ -106,6 +106,25 @@ fn settled(state: WebhookDeliveryState) -> impl Fn(&[pb::WebhookDelivery]) -> bo
     move |d| !d.is_empty() && d.iter().all(|d| d.state() == state)
 }
 
+/// Whole numbers in a Struct (doubles on the wire) are written as grpcurl, the CLI and the
+/// Connect protocol write them: `1`, not `1.0`.
+#[tokio::test]
+async fn whole_numbers_in_a_delivered_snapshot_are_written_without_a_fraction() {
+    let receiver = Receiver::ok().await;
+    let server = server(config()).await;
+    let mut client = server.client.clone();
+    let request = pb::SubmitRequest {
+        actions: vec![sleep(1, 1)],
+        ..with_webhook(receiver.url("/hooks/longrun"), WebhookEvents::Terminal)
+    };
+    submit(&mut client, request).await;
+    let hit = receiver.next().await;
+    let action = &hit.json()["job"]["actions"][0];
+    assert!(action["params"]["duration_ms"].is_u64(), "{action}");
+    assert_eq!(action["result"]["slept_ms"], 1, "{action}");
+    assert!(action["result"]["slept_ms"].is_u64(), "{action}");
+}
+
 #[tokio::test]
 async fn terminal_delivery_is_signed_and_carries_the_final_snapshot() {
     let receiver = Receiver::ok().await;

@@ -7,7 +7,7 @@ use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 use serde_json::{Value, json};
 
 use crate::{
-    api::{FILE_DESCRIPTOR_SET, convert},
+    api::{FILE_DESCRIPTOR_SET, convert, json::integral_numbers_as_integers},
     job::{Delivery, Job},
 };
 
@@ -44,7 +44,9 @@ impl BodyWriter {
         let wire = convert::job(job);
         let dynamic = DynamicMessage::decode(self.job.clone(), wire.encode_to_vec().as_slice())
             .map_err(|e| BodyError(e.to_string()))?;
-        let job_json = serde_json::to_value(&dynamic).map_err(|e| BodyError(e.to_string()))?;
+        let mut job_json = serde_json::to_value(&dynamic).map_err(|e| BodyError(e.to_string()))?;
+        // As grpcurl, the CLI and the Connect protocol write them: `3`, not `3.0`.
+        integral_numbers_as_integers(&mut job_json);
         let body = json!({
             "delivery_id": delivery.id.hyphenated().to_string(),
             "event": {
