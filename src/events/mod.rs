@@ -139,7 +139,7 @@ impl Hub {
     /// running, its channel is freed when its watchers are gone.
     ///
     /// Returns a snapshot of the job the channel does not hold (the one this replaced, or
-    /// `job` itself when it is not kept), for its owner to refill ([`Job::refresh_from`]) once
+    /// `job` itself when it is not kept), for its owner to refill (`Job::refresh_from`) once
     /// nobody else holds it either; it is dropped after the channel's lock is released.
     pub fn publish(&self, job: Arc<Job>) -> Snapshot {
         // Read before anyone can be offered the snapshot: see `LiveMark`.

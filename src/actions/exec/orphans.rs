@@ -75,7 +75,7 @@ fn server_gone(value: &str) -> Option<bool> {
 /// calls it at start, before recovery runs their jobs again; a program that embeds longrun
 /// with the `exec` action may do the same.
 ///
-/// Found by [`SERVER_ENV`] in `/proc/<pid>/environ`: a process that cleared its environment,
+/// Found by `SERVER_ENV` in `/proc/<pid>/environ`: a process that cleared its environment,
 /// or runs as another user, is not found. Processes of a server that still runs, this one or
 /// another, are never touched, nor are processes that lead a group of their own.
 pub fn kill_orphaned_commands() -> usize {
