@@ -143,12 +143,6 @@ fn echo_with_params_of(bytes: usize) -> pb::ActionSpec {
         .expect("some message length encodes to exactly that size")
 }
 
-fn echo_with_input(bytes: usize) -> pb::ActionSpec {
-    let mut spec = echo();
-    spec.input = vec![b'i'; bytes].into();
-    spec
-}
-
 fn labels(entries: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
     entries
         .iter()

@@ -21,13 +21,6 @@ use tonic::{
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-fn echo_with_input(bytes: usize) -> pb::ActionSpec {
-    let mut spec = action("echo", serde_json::json!({}));
-    // Zeros: a message that compresses to almost nothing on the wire.
-    spec.input = vec![0; bytes].into();
-    spec
-}
-
 /// How many bytes of input the job's echo action returned.
 fn echoed_bytes(job: &pb::Job) -> usize {
     use prost_types::value::Kind;

@@ -224,6 +224,14 @@ pub fn sleep(duration_ms: u64, steps: u64) -> pb::ActionSpec {
     )
 }
 
+/// An `echo` action with `bytes` bytes of input, all the same byte (so a compressed message
+/// carrying it is almost nothing on the wire).
+pub fn echo_with_input(bytes: usize) -> pb::ActionSpec {
+    let mut spec = action("echo", serde_json::json!({}));
+    spec.input = vec![b'i'; bytes].into();
+    spec
+}
+
 /// A Submit request for these actions.
 pub fn request(actions: Vec<pb::ActionSpec>) -> pb::SubmitRequest {
     pb::SubmitRequest {
