@@ -303,16 +303,16 @@ where
             Err(status) => return Ok(unary_error(&status, Some(&shared.pool), metadata)),
         },
     };
-    let mut response = Response::new(Body::new(Full::new(body)));
-    *response.headers_mut() = metadata;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(match codec {
-            Codec::Proto => "application/proto",
-            Codec::Json => "application/json",
-        }),
-    );
-    Ok(response)
+    let content_type = match codec {
+        Codec::Proto => "application/proto",
+        Codec::Json => "application/json",
+    };
+    Ok(respond(
+        StatusCode::OK,
+        metadata,
+        content_type,
+        Body::new(Full::new(body)),
+    ))
 }
 
 /// A Connect stream: enveloped messages both ways; the response always has HTTP status 200
@@ -331,10 +331,10 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let types = shared.methods.get(request.uri().path()).cloned();
-    let content_type = HeaderValue::from_static(match codec {
+    let content_type = match codec {
         Codec::Proto => "application/connect+proto",
         Codec::Json => "application/connect+json",
-    });
+    };
     let prepared = (|| {
         let (parts, body) = request.into_parts();
         refuse_compression(&parts.headers, CONNECT_CONTENT_ENCODING)?;
@@ -347,7 +347,6 @@ where
                     inner: Body::new(body),
                     shared: Arc::clone(&shared),
                     buffer: BytesMut::new(),
-                    max_message: shared.max_message,
                     transcode: Transcode::ToProto(types.input),
                     done: false,
                 };
@@ -359,9 +358,10 @@ where
     let (grpc, output) = match prepared {
         Ok(prepared) => prepared,
         Err(status) => {
-            return Ok(stream_response(
-                content_type,
+            return Ok(respond(
+                StatusCode::OK,
                 HeaderMap::new(),
+                content_type,
                 Body::new(Full::new(end_stream(
                     Some(&status),
                     &HeaderMap::new(),
@@ -375,9 +375,10 @@ where
     let metadata = leading_metadata(&parts.headers);
     if let Some(status) = Status::from_header_map(&parts.headers) {
         let end = end_stream(Some(&status), &HeaderMap::new(), &shared.pool);
-        return Ok(stream_response(
-            content_type,
+        return Ok(respond(
+            StatusCode::OK,
             metadata,
+            content_type,
             Body::new(Full::new(end)),
         ));
     }
@@ -385,16 +386,16 @@ where
         inner: Body::new(body),
         shared: Arc::clone(&shared),
         buffer: BytesMut::new(),
-        max_message: usize::MAX,
         transcode: match output {
             Some(output) => Transcode::ToJson(output),
             None => Transcode::Pass,
         },
         done: false,
     };
-    Ok(stream_response(
-        content_type,
+    Ok(respond(
+        StatusCode::OK,
         metadata,
+        content_type,
         Body::new(responses),
     ))
 }
@@ -402,12 +403,19 @@ where
 const CONNECT_CONTENT_ENCODING: HeaderName = HeaderName::from_static("connect-content-encoding");
 const CONNECT_TIMEOUT_MS: HeaderName = HeaderName::from_static("connect-timeout-ms");
 
-fn stream_response(content_type: HeaderValue, metadata: HeaderMap, body: Body) -> Response<Body> {
+/// A response of `status` with the call's `metadata` as its headers, and `content_type`.
+fn respond(
+    status: StatusCode,
+    metadata: HeaderMap,
+    content_type: &'static str,
+    body: Body,
+) -> Response<Body> {
     let mut response = Response::new(body);
+    *response.status_mut() = status;
     *response.headers_mut() = metadata;
     response
         .headers_mut()
-        .insert(header::CONTENT_TYPE, content_type);
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -682,14 +690,12 @@ fn unary_error(
     metadata: HeaderMap,
 ) -> Response<Body> {
     let body = serde_json::to_vec(&error_json(status, pool)).unwrap_or_default();
-    let mut response = Response::new(Body::new(Full::new(Bytes::from(body))));
-    *response.status_mut() = http_status(status.code());
-    *response.headers_mut() = metadata;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    respond(
+        http_status(status.code()),
+        metadata,
+        "application/json",
+        Body::new(Full::new(Bytes::from(body))),
+    )
 }
 
 /// The message that ends a Connect stream: the error, if the call failed, and the trailers.
@@ -735,7 +741,6 @@ struct Envelopes {
     inner: Body,
     shared: Arc<Shared>,
     buffer: BytesMut,
-    max_message: usize,
     transcode: Transcode,
     done: bool,
 }
@@ -743,6 +748,15 @@ struct Envelopes {
 impl Envelopes {
     fn is_response(&self) -> bool {
         !matches!(self.transcode, Transcode::ToProto(_))
+    }
+
+    /// Requests are held to the server's limit; responses were held to it by the service.
+    fn max_message(&self) -> usize {
+        if self.is_response() {
+            usize::MAX
+        } else {
+            self.shared.max_message
+        }
     }
 
     fn convert(&self, flags: u8, message: Bytes) -> Result<Bytes, Status> {
@@ -795,25 +809,9 @@ impl HttpBody for Envelopes {
             if this.done {
                 return Poll::Ready(None);
             }
-            if matches!(this.transcode, Transcode::Pass) && this.buffer.is_empty() {
-                // Protobuf responses need no parsing: each chunk goes on as it came.
-                match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                        Err(frame) => {
-                            let trailers = frame.into_trailers().unwrap_or_default();
-                            let status = Status::from_header_map(&trailers);
-                            return this.finish(status.as_ref(), &trailers);
-                        }
-                    },
-                    Some(Err(status)) => return this.finish(Some(&status), &HeaderMap::new()),
-                    None => {
-                        let status = Status::internal("the stream ended without a status");
-                        return this.finish(Some(&status), &HeaderMap::new());
-                    }
-                }
-            }
-            match take_envelope(&mut this.buffer, this.max_message) {
+            // Empty, and so passed at once, when the messages are passed through.
+            let max_message = this.max_message();
+            match take_envelope(&mut this.buffer, max_message) {
                 Ok(Some((flags, message))) => match this.convert(flags, message) {
                     Ok(converted) => return Poll::Ready(Some(Ok(Frame::data(converted)))),
                     Err(status) => return this.finish(Some(&status), &HeaderMap::new()),
@@ -823,6 +821,10 @@ impl HttpBody for Envelopes {
             }
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
+                    // Protobuf responses need no parsing: each chunk goes on as it came.
+                    Ok(data) if matches!(this.transcode, Transcode::Pass) => {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                     Ok(data) => this.buffer.extend_from_slice(&data),
                     Err(frame) => {
                         let trailers = frame.into_trailers().unwrap_or_default();
