@@ -20,6 +20,9 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::job::TraceParent;
 
 /// Labels of a job transition counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -338,8 +341,16 @@ where
         };
         let metrics = Arc::clone(&self.metrics);
         let started = Instant::now();
-        let response = self.inner.call(request);
-        Box::pin(async move {
+        // A call that carries a trace context is logged inside a span naming its trace, so
+        // that its lines (the access line too) can be found from the caller's trace. Calls
+        // without one pay only the header lookup.
+        let span = TraceParent::from_headers(request.headers())
+            .map(|parent| tracing::info_span!("rpc", trace_id = %parent.trace_id()));
+        let response = {
+            let _entered = span.as_ref().map(tracing::Span::enter);
+            self.inner.call(request)
+        };
+        let timed = async move {
             let response = response.await;
             let elapsed = started.elapsed();
             // One line per call at debug (`RUST_LOG=longrun=debug`), an access log. A call that
@@ -374,7 +385,11 @@ where
                 .get_or_create(&MethodLabels { method })
                 .observe(elapsed.as_secs_f64());
             response
-        })
+        };
+        match span {
+            Some(span) => Box::pin(timed.instrument(span)),
+            None => Box::pin(timed),
+        }
     }
 }
 

@@ -563,3 +563,39 @@ async fn an_empty_list_prints_nothing_and_an_unreadable_certificate_is_a_usage_e
         "{run:?}"
     );
 }
+
+/// A CLI started inside a trace (`TRACEPARENT`, as OpenTelemetry passes a trace context to a
+/// process) sends it with its calls, so the job it submits joins that trace; an invalid one
+/// is not sent.
+#[tokio::test]
+async fn submit_passes_on_the_trace_context_it_was_started_in() {
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let server = TestServer::start().await;
+    let mut ids = Vec::new();
+    for traceparent in [PARENT, "not-a-trace-context"] {
+        let mut command = harness::command(&server.url(), &["submit", "--action", "echo"]);
+        let output = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            command.env("TRACEPARENT", traceparent).output(),
+        )
+        .await
+        .expect("submit ends in time")
+        .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let id = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        ids.push(id.parse::<longrun::job::JobId>().unwrap());
+    }
+    let stored = |id| {
+        let store = std::sync::Arc::clone(&server.store);
+        async move { store.get(id).await.unwrap().expect("the job is stored") }
+    };
+    assert_eq!(
+        stored(ids[0]).await.trace_parent.map(|p| p.to_string()),
+        Some(PARENT.to_owned())
+    );
+    assert_eq!(stored(ids[1]).await.trace_parent, None);
+}

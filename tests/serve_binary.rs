@@ -556,6 +556,80 @@ async fn at_debug_every_call_logs_one_line() {
     );
 }
 
+/// A call that carries a W3C trace context is logged in a span naming its trace id, and so is
+/// the run of a job it submitted, so that both are found from the caller's trace; a call
+/// without one is logged as before.
+#[tokio::test]
+async fn a_traced_call_and_the_run_of_its_job_name_the_trace_in_the_log() {
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("serve.log");
+    let addr = common::free_addr();
+    let server = common::Spawned::spawn(
+        Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["serve", "--store", "memory", "--listen", &addr.to_string()])
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "longrun=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap()),
+    );
+    let mut client = common::connect(addr).await;
+    let mut traced =
+        tonic::Request::new(request(vec![common::action("echo", serde_json::json!({}))]));
+    traced
+        .metadata_mut()
+        .insert("traceparent", PARENT.parse().unwrap());
+    let traced_job = client
+        .submit(traced)
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    wait_done(&mut client, &traced_job.id).await;
+    let plain_job = submit(
+        &mut client,
+        request(vec![common::action("echo", serde_json::json!({}))]),
+    )
+    .await;
+    wait_done(&mut client, &plain_job.id).await;
+    drop(server);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let in_trace = |line: &serde_json::Value| {
+        line["spans"]
+            .as_array()
+            .is_some_and(|spans| spans.iter().any(|span| span["trace_id"] == TRACE_ID))
+    };
+    let submits: Vec<_> = lines
+        .iter()
+        .filter(|line| {
+            line["fields"]["message"] == "rpc answered"
+                && line["fields"]["method"] == "/longrun.v1.Jobs/Submit"
+        })
+        .collect();
+    assert_eq!(submits.len(), 2, "{lines:#?}");
+    assert_eq!(
+        submits.iter().filter(|line| in_trace(line)).count(),
+        1,
+        "only the traced call is in the trace: {submits:#?}"
+    );
+    let succeeded = |id: &str| {
+        lines
+            .iter()
+            .find(|line| {
+                line["fields"]["message"] == "job succeeded" && line["span"]["job_id"] == id
+            })
+            .unwrap_or_else(|| panic!("the end of {id} is logged: {lines:#?}"))
+    };
+    assert_eq!(succeeded(&traced_job.id)["span"]["trace_id"], TRACE_ID);
+    assert!(succeeded(&plain_job.id)["span"].get("trace_id").is_none());
+}
+
 /// `--log-format json`: every line of the log is one JSON object, a job's lines carry its id
 /// in their span, and a refused start says why in JSON too, so a log collector parses all.
 #[tokio::test]

@@ -254,6 +254,7 @@ mod tests {
             progress: ProgressReporter::channel().0,
             cancel: CancellationToken::new(),
             deadline: None,
+            trace_parent: None,
         }
     }
 

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{FieldViolation, JobError, JobId, NewAction};
+use crate::job::{FieldViolation, JobError, JobId, NewAction, TraceParent};
 
 /// What a handler says about itself in `ListActions`.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +65,9 @@ pub struct ActionContext {
     pub cancel: CancellationToken,
     /// When the attempt's time runs out, if the job has a timeout.
     pub deadline: Option<Instant>,
+    /// The trace context of the Submit that created the job, if it carried one: pass it on
+    /// (as a `traceparent` header, say) so that the work the handler starts joins that trace.
+    pub trace_parent: Option<TraceParent>,
 }
 
 impl ActionContext {

@@ -21,7 +21,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use longrun::api::pb::{self, jobs_client::JobsClient};
+use longrun::{
+    api::pb::{self, jobs_client::JobsClient},
+    job::{TRACEPARENT_ENV, TRACEPARENT_HEADER, TraceParent},
+};
 use tonic::{
     codec::CompressionEncoding,
     metadata::{Ascii, MetadataValue},
@@ -229,26 +232,44 @@ pub(crate) fn write_line(line: &str) -> anyhow::Result<bool> {
     }
 }
 
-/// Adds the API key, when there is one, to every call.
+/// What every call carries besides its message: the API key and the trace context, when
+/// there are.
 #[derive(Clone)]
-pub(crate) struct BearerKey(Option<MetadataValue<Ascii>>);
+pub(crate) struct CallHeaders {
+    authorization: Option<MetadataValue<Ascii>>,
+    trace_parent: Option<MetadataValue<Ascii>>,
+}
 
-impl tonic::service::Interceptor for BearerKey {
+impl tonic::service::Interceptor for CallHeaders {
     fn call(
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
+        if let Some(value) = &self.authorization {
             request
                 .metadata_mut()
                 .insert("authorization", value.clone());
+        }
+        if let Some(value) = &self.trace_parent {
+            request
+                .metadata_mut()
+                .insert(TRACEPARENT_HEADER, value.clone());
         }
         Ok(request)
     }
 }
 
-/// A client of `longrun.v1.Jobs` that sends the API key.
-pub(crate) type Client = JobsClient<InterceptedService<Channel, BearerKey>>;
+/// The trace context the CLI was started in (`TRACEPARENT`, as OpenTelemetry passes it to a
+/// process), sent with every call so that a job submitted from a traced script or CI step
+/// joins its trace. An invalid one is ignored, as a server ignores an invalid header.
+fn trace_parent_from_env() -> Option<MetadataValue<Ascii>> {
+    let value = std::env::var(TRACEPARENT_ENV).ok()?;
+    let parent: TraceParent = value.trim().parse().ok()?;
+    parent.to_string().parse().ok()
+}
+
+/// A client of `longrun.v1.Jobs` that sends the API key and the trace context.
+pub(crate) type Client = JobsClient<InterceptedService<Channel, CallHeaders>>;
 
 /// Opens a channel to the server (over TLS for https://), or explains plainly that it cannot
 /// be reached.
@@ -295,7 +316,11 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         .map_err(|source| error::Unreachable::new(addr, &source))?;
     // Offered so that a server told to compress its responses (`--response-compression`)
     // does so for the CLI too, which helps over slow links.
-    Ok(JobsClient::with_interceptor(channel, BearerKey(key))
+    let headers = CallHeaders {
+        authorization: key,
+        trace_parent: trace_parent_from_env(),
+    };
+    Ok(JobsClient::with_interceptor(channel, headers)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate)
         .max_decoding_message_size(MAX_MESSAGE_BYTES))

@@ -44,6 +44,21 @@ fn watch_error(error: WatchError) -> ExecutorError {
     }
 }
 
+/// The span a job's run is logged in. Its `trace_id` is recorded by [`record_trace`] once
+/// the job is at hand (a queued job may have to be read from the store first).
+fn job_span(id: JobId) -> tracing::Span {
+    tracing::info_span!("job", job_id = %id, trace_id = tracing::field::Empty)
+}
+
+/// Records, in the current [`job_span`], the trace of the Submit that created `job`, so that
+/// the lines of a run started long after that call (or by another process) can still be
+/// found from the caller's trace.
+fn record_trace(job: &Job) {
+    if let Some(parent) = job.trace_parent {
+        tracing::Span::current().record("trace_id", tracing::field::display(parent.trace_id()));
+    }
+}
+
 /// The job an idempotency key led to, when the Submit that used the key again asked for
 /// that same job; an error naming the first differing field otherwise, since answering with
 /// a job other than the one asked for would hide the caller's mistake.
@@ -562,7 +577,7 @@ impl Executor {
         self.inner.sync_gauges();
         let runner = Arc::clone(&self.inner);
         let id = job.id;
-        let span = tracing::info_span!("job", job_id = %id);
+        let span = job_span(id);
         self.inner.tracker.spawn(
             async move {
                 runner
@@ -862,7 +877,7 @@ impl Inner {
             };
             self.sync_gauges();
             let runner = Arc::clone(&self);
-            let span = tracing::info_span!("job", job_id = %id);
+            let span = job_span(id);
             self.tracker.spawn(
                 async move {
                     runner

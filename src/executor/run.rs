@@ -347,6 +347,7 @@ impl Inner {
                 (job, None)
             }
         };
+        super::record_trace(&job);
         tracing::info!(attempt = job.attempt, "job started");
 
         let permit = RunningAttempt::start(self, permit);
@@ -553,6 +554,7 @@ impl Inner {
             progress,
             cancel: handle.token().child_token(),
             deadline,
+            trace_parent: job.trace_parent,
         };
         let span = tracing::info_span!("action", index, name = %action.name);
         let mut tracker = ProgressTracker {

@@ -204,8 +204,9 @@ impl Inner {
         };
         for mut job in shared.expired(REAP_BATCH).await? {
             let id = job.id;
-            let span = tracing::info_span!("job", job_id = %id);
+            let span = super::job_span(id);
             async {
+                super::record_trace(&job);
                 let changed =
                     self.settle_interrupted(&mut job, "the replica running the job stopped");
                 if let Err(error) = changed {

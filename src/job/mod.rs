@@ -5,6 +5,7 @@ mod encoding;
 mod limits;
 mod model;
 mod state;
+mod trace;
 mod webhook;
 mod wire;
 
@@ -21,6 +22,7 @@ pub use model::{
     MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
 };
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
+pub use trace::{InvalidTraceParent, TRACEPARENT_ENV, TRACEPARENT_HEADER, TraceId, TraceParent};
 pub use webhook::{
     AttemptOutcome, Delivery, DeliveryState, NewDelivery, WebhookEvents, WebhookSpec, delivery_for,
 };

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::{
-    ActionState, IllegalTransition, JobState, WebhookSpec,
+    ActionState, IllegalTransition, JobState, TraceParent, WebhookSpec,
     encoding::{base64_bytes, is_default, opt_unix_nanos, unix_nanos},
 };
 
@@ -229,6 +229,9 @@ pub struct NewJob {
     pub webhook: Option<WebhookSpec>,
     /// The tenant that owns the job; empty means [`DEFAULT_TENANT`].
     pub tenant: String,
+    /// The trace context of the request that submitted it, if it carried a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<TraceParent>,
 }
 
 impl NewJob {
@@ -427,6 +430,10 @@ pub struct Job {
     /// of running it again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// The trace context of the Submit that created it: its run, the commands it starts and
+    /// its webhook deliveries are tied to that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<TraceParent>,
 }
 
 impl Job {
@@ -471,6 +478,7 @@ impl Job {
             update_time: now,
             webhook: spec.webhook,
             cancel_requested: false,
+            trace_parent: spec.trace_parent,
         }
     }
 
@@ -607,7 +615,7 @@ impl Job {
 
     /// Makes `self`, an older snapshot of the same job, equal to `newer`, reusing its
     /// allocations: what a submission fixed (the actions' names, params and inputs, labels,
-    /// idempotency key, tenant, webhook) is never copied, since no change of a job touches it.
+    /// idempotency key, tenant, webhook, trace context) is never copied, since no change of a job touches it.
     /// The executor refills a snapshot nobody reads any more this way instead of cloning the
     /// whole job for every progress report. Returns false, changing nothing, when `newer` is
     /// not the same job.
@@ -636,6 +644,7 @@ impl Job {
             update_time,
             webhook: _,
             cancel_requested,
+            trace_parent: _,
         } = newer;
         self.state = *state;
         self.version = *version;

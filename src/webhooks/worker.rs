@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     events::Hub,
-    job::{AttemptOutcome, JobId},
+    job::{AttemptOutcome, JobId, TRACEPARENT_HEADER},
     metrics::Metrics,
     store::{DueDelivery, Store},
 };
@@ -177,6 +177,7 @@ impl WebhookWorker {
                 job_id = %delivery.job.id,
                 delivery_id = %delivery.delivery.id,
                 attempt = delivery.delivery.attempts + 1,
+                trace_id = delivery.job.trace_parent.map(|p| tracing::field::display(p.trace_id())),
             );
             self.tasks.spawn(
                 async move {
@@ -290,9 +291,12 @@ impl WebhookWorker {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         let signature = sign::signature(&webhook.secret, timestamp, &body);
-        let response = self
-            .client
-            .post(url)
+        let mut request = self.client.post(url);
+        // The receiver's handling joins the trace of the Submit that created the job.
+        if let Some(parent) = due.job.trace_parent {
+            request = request.header(TRACEPARENT_HEADER, parent.to_string());
+        }
+        let response = request
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(
                 "longrun-delivery-id",

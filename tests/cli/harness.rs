@@ -127,6 +127,7 @@ pub fn command(addr: &str, args: &[&str]) -> tokio::process::Command {
         .args(args)
         .env("LONGRUN_ADDR", addr)
         .env_remove("RUST_LOG")
+        .env_remove("TRACEPARENT")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

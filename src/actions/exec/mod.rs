@@ -219,6 +219,7 @@ impl Handler for Exec {
             &ctx.progress,
             &ctx.cancel,
             self.grace,
+            ctx.trace_parent,
         )
         .await;
         match outcome {

@@ -27,7 +27,10 @@ use super::{
     ExecCommand,
     protocol::{Line, RawLine, TAIL_LINE_BYTES, Tail, parse_line, read_lines, truncate},
 };
-use crate::actions::ProgressReporter;
+use crate::{
+    actions::ProgressReporter,
+    job::{TRACEPARENT_ENV, TraceParent},
+};
 
 /// How many lines of stdout and of stderr are kept for results and errors.
 pub(super) const TAIL_LINES: usize = 50;
@@ -123,7 +126,7 @@ fn die_with_server(cmd: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_server(_cmd: &mut Command) {}
 
-/// Runs `command` with `args` to its end, or until `cancel` fires: then SIGTERM to the group,
+/// Runs `command` with `args` (and `trace_parent` in its environment) to its end, or until `cancel` fires: then SIGTERM to the group,
 /// and SIGKILL if the leader has not exited after `grace`.
 pub(super) async fn run(
     command: &ExecCommand,
@@ -132,9 +135,16 @@ pub(super) async fn run(
     progress: &ProgressReporter,
     cancel: &CancellationToken,
     grace: Duration,
+    trace_parent: Option<TraceParent>,
 ) -> Result<Finished, Stopped> {
     let mut cmd = Command::new(&command.program);
+    // The command joins the trace of the Submit that created its job, never one the server
+    // itself was started in.
+    cmd.env_remove(TRACEPARENT_ENV);
     cmd.args(&command.args).args(args).envs(&command.env);
+    if let Some(parent) = trace_parent {
+        cmd.env(TRACEPARENT_ENV, parent.to_string());
+    }
     if let Some(dir) = &command.working_dir {
         cmd.current_dir(dir);
     }

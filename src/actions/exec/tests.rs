@@ -53,6 +53,7 @@ fn ctx(command: &str, input: &'static [u8]) -> (ActionContext, ProgressReceiver)
         progress,
         cancel: CancellationToken::new(),
         deadline: None,
+        trace_parent: None,
     };
     (ctx, receiver)
 }
@@ -245,6 +246,19 @@ async fn env_working_dir_and_extra_args_are_passed() {
     let result = run(&handler, ctx).await.unwrap();
     let cwd = dir.path().canonicalize().unwrap();
     assert_eq!(result, json!(["hi", cwd.display().to_string(), "one two"]));
+}
+
+#[tokio::test]
+async fn the_job_s_trace_context_is_in_the_command_s_environment() {
+    let script = r#"echo "@result \"${TRACEPARENT-unset}\"""#;
+    let handler = exec([("trace", sh(script))]);
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (mut with_trace, _progress) = ctx("trace", b"");
+    with_trace.trace_parent = Some(parent.parse().unwrap());
+    assert_eq!(run(&handler, with_trace).await.unwrap(), json!(parent));
+    // Without one, the command is not put in any trace the server's environment names.
+    let (without, _progress) = ctx("trace", b"");
+    assert_eq!(run(&handler, without).await.unwrap(), json!("unset"));
 }
 
 #[test]

@@ -1,0 +1,260 @@
+//! W3C Trace Context (<https://www.w3.org/TR/trace-context/>): the `traceparent` a Submit
+//! arrived with is kept with its job, so that the job's run, the commands it starts and its
+//! webhook deliveries can be tied to the trace of the request that created it, long after
+//! that request has ended and across restarts.
+//!
+//! longrun records and passes on the caller's context; it does not start traces or spans of
+//! its own, so it passes the header on unchanged (as an intermediary that is not itself traced
+//! does): the job's work appears in the trace as a child of the caller's span.
+
+use std::{fmt, str::FromStr};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
+
+/// The header (and gRPC metadata key) that carries a trace context.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The environment variable that carries a trace context into a process: OpenTelemetry's
+/// name for it (environment variables as context propagation carriers).
+pub const TRACEPARENT_ENV: &str = "TRACEPARENT";
+
+/// A valid `traceparent` value: which trace, which span of it is the parent, and its flags.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceParent {
+    trace_id: [u8; 16],
+    parent_id: [u8; 8],
+    flags: u8,
+}
+
+/// Why a `traceparent` value is not valid. Receivers ignore such a header (the W3C rule),
+/// so this is seen only where a stored value is read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid W3C traceparent: {0}")]
+pub struct InvalidTraceParent(&'static str);
+
+/// The length of a version `00` value: `00-` 32 hex `-` 16 hex `-` 2 hex.
+const VERSION_00_LEN: usize = 55;
+
+impl TraceParent {
+    /// The trace id, as 32 lowercase hex digits when displayed: what log lines carry to be
+    /// found by a tracing backend's trace id.
+    pub fn trace_id(&self) -> TraceId {
+        TraceId(self.trace_id)
+    }
+
+    /// Whether the caller sampled (recorded) the trace.
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The one valid value among a request's `traceparent` headers: `None` when there is none,
+    /// when it is invalid, or when there are several (the W3C rule: such a context is
+    /// ignored, not refused, and the request goes on as if untraced).
+    pub fn from_headers(headers: &http::HeaderMap) -> Option<Self> {
+        let mut values = headers.get_all(TRACEPARENT_HEADER).iter();
+        let value = values.next()?;
+        if values.next().is_some() {
+            return None;
+        }
+        value.to_str().ok()?.parse().ok()
+    }
+}
+
+fn hex_field<const N: usize>(
+    text: &str,
+    what: &'static str,
+) -> Result<[u8; N], InvalidTraceParent> {
+    // Only lowercase hex is valid; `hex` also accepts uppercase.
+    if !text
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(InvalidTraceParent(what));
+    }
+    let mut bytes = [0; N];
+    hex::decode_to_slice(text, &mut bytes).map_err(|_| InvalidTraceParent(what))?;
+    Ok(bytes)
+}
+
+impl FromStr for TraceParent {
+    type Err = InvalidTraceParent;
+
+    /// Parses a value the way the W3C recommendation asks: a version this code does not know
+    /// (newer than `00`) is read as far as version `00` defines it, and passed on as `00`.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let ascii = value.as_bytes();
+        if ascii.len() < VERSION_00_LEN {
+            return Err(InvalidTraceParent("too short"));
+        }
+        // Which also makes every slice below fall on a character boundary.
+        if !ascii[..VERSION_00_LEN].is_ascii() {
+            return Err(InvalidTraceParent("not ASCII"));
+        }
+        let version: [u8; 1] =
+            hex_field(&value[..2], "the version is not two lowercase hex digits")?;
+        match version[0] {
+            0xff => return Err(InvalidTraceParent("version ff is forbidden")),
+            0 if ascii.len() != VERSION_00_LEN => {
+                return Err(InvalidTraceParent("version 00 is exactly 55 characters"));
+            }
+            _ if ascii.len() > VERSION_00_LEN && ascii[VERSION_00_LEN] != b'-' => {
+                return Err(InvalidTraceParent(
+                    "fields after the flags must follow a dash",
+                ));
+            }
+            _ => {}
+        }
+        if ascii[2] != b'-' || ascii[35] != b'-' || ascii[52] != b'-' {
+            return Err(InvalidTraceParent("fields are not separated by dashes"));
+        }
+        let trace_id = hex_field(&value[3..35], "the trace id is not 32 lowercase hex digits")?;
+        let parent_id = hex_field(
+            &value[36..52],
+            "the parent id is not 16 lowercase hex digits",
+        )?;
+        let [flags] = hex_field(&value[53..55], "the flags are not two lowercase hex digits")?;
+        if trace_id == [0; 16] {
+            return Err(InvalidTraceParent("the trace id is all zeros"));
+        }
+        if parent_id == [0; 8] {
+            return Err(InvalidTraceParent("the parent id is all zeros"));
+        }
+        Ok(Self {
+            trace_id,
+            parent_id,
+            flags,
+        })
+    }
+}
+
+impl fmt::Display for TraceParent {
+    /// The version `00` header value.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            hex::encode(self.trace_id),
+            hex::encode(self.parent_id),
+            self.flags
+        )
+    }
+}
+
+impl fmt::Debug for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TraceParent({self})")
+    }
+}
+
+impl Serialize for TraceParent {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceParent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(de::Error::custom)
+    }
+}
+
+/// A trace id, displayed as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId([u8; 16]);
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TraceId({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn a_valid_value_reads_and_writes_back_the_same() {
+        let parent: TraceParent = VALID.parse().unwrap();
+        assert_eq!(parent.to_string(), VALID);
+        assert_eq!(
+            parent.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert!(parent.sampled());
+        let unsampled: TraceParent = VALID.replace("-01", "-00").parse().unwrap();
+        assert!(!unsampled.sampled());
+    }
+
+    #[test]
+    fn a_newer_version_is_read_as_version_00_and_passed_on_as_00() {
+        let newer = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-adds";
+        let parent: TraceParent = newer.parse().unwrap();
+        assert_eq!(parent.to_string(), VALID);
+        let exact: TraceParent = VALID.replacen("00", "01", 1).parse().unwrap();
+        assert_eq!(exact.to_string(), VALID);
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let invalid = [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            // Uppercase hex.
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // Version 00 with more after the flags.
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            // A newer version with something other than a dash after the flags.
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // Multi-byte characters, where the flags end and across a field's end.
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0é",
+            "00-4bf92f3577b34da6a3ce929d0e0e473é00f067aa0ba902b7-01",
+        ];
+        for value in invalid {
+            assert!(
+                value.parse::<TraceParent>().is_err(),
+                "{value:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn of_a_request_s_headers_only_a_single_valid_one_counts() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(TraceParent::from_headers(&headers), None);
+        headers.insert(TRACEPARENT_HEADER, VALID.parse().unwrap());
+        assert_eq!(
+            TraceParent::from_headers(&headers),
+            Some(VALID.parse().unwrap())
+        );
+        headers.append(TRACEPARENT_HEADER, VALID.parse().unwrap());
+        assert_eq!(TraceParent::from_headers(&headers), None);
+        headers.insert(TRACEPARENT_HEADER, "garbage".parse().unwrap());
+        assert_eq!(TraceParent::from_headers(&headers), None);
+    }
+
+    #[test]
+    fn it_is_stored_as_its_header_value() {
+        let parent: TraceParent = VALID.parse().unwrap();
+        let json = serde_json::to_string(&parent).unwrap();
+        assert_eq!(json, format!("\"{VALID}\""));
+        assert_eq!(serde_json::from_str::<TraceParent>(&json).unwrap(), parent);
+        assert!(serde_json::from_str::<TraceParent>("\"00-zz\"").is_err());
+    }
+}
