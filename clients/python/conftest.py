@@ -154,6 +154,24 @@ def aged_server(tmp_path) -> Server:
     srv.stop()
 
 
+@pytest.fixture
+def exec_server(tmp_path) -> Server:
+    """A server of its own whose config declares an `exec` command, `trace`, that returns the
+    trace context it was started in (`TRACEPARENT`) as its result."""
+    config = tmp_path / "longrun.toml"
+    # A TOML literal string holds the shell script as it is: no escapes to read through.
+    config.write_text(
+        r"""[exec.commands.trace]
+program = "/bin/sh"
+args = ["-c", 'echo "@result \"${TRACEPARENT-unset}\""']
+"""
+    )
+    srv = Server(_server_binary(), tmp_path, ("--config", str(config)))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture(scope="session")
 def channel(server):
     with grpc.insecure_channel(server.addr) as ch:

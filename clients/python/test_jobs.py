@@ -244,3 +244,22 @@ def test_calls_go_on_while_the_server_recycles_connections(pb, aged_server):
         assert not watcher.is_alive()
     assert snapshots[-1].state == pb.JOB_STATE_SUCCEEDED
     assert_versions_rise(snapshots)
+
+
+def test_a_submit_s_trace_context_follows_its_job(pb, exec_server):
+    """What an OpenTelemetry-instrumented client sends, a W3C `traceparent` in the call's
+    metadata, reaches the command the job runs; an invalid one is ignored, not refused."""
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    grpc_mod = importlib.import_module("longrun.v1.jobs_pb2_grpc")
+    with grpc.insecure_channel(exec_server.addr) as channel:
+        jobs = grpc_mod.JobsStub(channel)
+        results = []
+        for metadata in [(("traceparent", parent),), (("traceparent", "garbage"),), ()]:
+            req = pb.SubmitRequest(
+                actions=[pb.ActionSpec(name="exec", params=struct({"command": "trace"}))]
+            )
+            job = jobs.Submit(req, metadata=metadata, timeout=CALL_TIMEOUT_S).job
+            done = watch(pb, jobs, job.id)[-1]
+            assert done.state == pb.JOB_STATE_SUCCEEDED, done
+            results.append(done.actions[0].result.string_value)
+    assert results == [parent, "unset", "unset"]
