@@ -232,6 +232,11 @@ pub struct Settings {
     /// [default: none, since on a fast network compressing costs more CPU than it saves].
     #[arg(long, value_enum)]
     pub response_compression: Option<ResponseCompression>,
+    /// Let browser pages from this origin (`scheme://host[:port]`; `*` for any) call the
+    /// gRPC-Web and Connect endpoints: answers CORS preflights and marks responses; repeat for
+    /// more origins [default: none, so only same-origin pages can call].
+    #[arg(long = "cors-allow-origin", value_name = "ORIGIN")]
+    pub cors_allow_origins: Option<Vec<String>>,
     /// How deep an action's params may nest [default: 32].
     #[arg(long)]
     pub max_params_depth: Option<usize>,
@@ -308,6 +313,7 @@ impl Settings {
                 .max_connection_age_grace
                 .or(fallback.max_connection_age_grace),
             response_compression: self.response_compression.or(fallback.response_compression),
+            cors_allow_origins: self.cors_allow_origins.or(fallback.cors_allow_origins),
             max_params_depth: self.max_params_depth.or(fallback.max_params_depth),
             max_label_key_bytes: self.max_label_key_bytes.or(fallback.max_label_key_bytes),
             max_label_value_bytes: self
@@ -476,6 +482,9 @@ pub struct Config {
     pub max_connection_age_grace: Option<Duration>,
     /// How responses are compressed for clients that accept it.
     pub response_compression: ResponseCompression,
+    /// The origins whose browser pages may call across origins (CORS); `*` for any, empty for
+    /// none.
+    pub cors_allow_origins: Vec<String>,
     /// Commands for the `exec` action.
     pub exec_commands: BTreeMap<String, ExecCommand>,
     /// Webhook checks and delivery.
@@ -626,6 +635,7 @@ impl Config {
             max_connection_age: s.max_connection_age,
             max_connection_age_grace: s.max_connection_age_grace,
             response_compression: s.response_compression.unwrap_or_default(),
+            cors_allow_origins: s.cors_allow_origins.unwrap_or_default(),
             exec_commands: file.exec.commands,
             webhooks: file.webhooks.resolve(),
             auth: AuthConfig {
@@ -727,6 +737,36 @@ mod tests {
             Some(tonic::codec::CompressionEncoding::Gzip)
         );
         assert!(FileConfig::parse("[server]\nresponse_compression = \"zstd\"\n").is_err());
+    }
+
+    #[test]
+    fn cors_origins_come_from_the_file_or_the_repeated_flag() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let file = || {
+            FileConfig::parse("[server]\ncors_allow_origins = [\"https://app.example.com\"]\n")
+                .unwrap()
+        };
+        assert!(Config::default().cors_allow_origins.is_empty());
+        assert_eq!(
+            Config::resolve(Settings::default(), file()).cors_allow_origins,
+            ["https://app.example.com"]
+        );
+        let flags = <Flags as clap::Parser>::try_parse_from([
+            "serve",
+            "--cors-allow-origin",
+            "http://localhost:5173",
+            "--cors-allow-origin",
+            "https://admin.example.com",
+        ])
+        .unwrap();
+        assert_eq!(
+            Config::resolve(flags.settings, file()).cors_allow_origins,
+            ["http://localhost:5173", "https://admin.example.com"]
+        );
     }
 
     #[test]

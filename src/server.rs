@@ -32,6 +32,7 @@ use crate::{
 };
 
 mod connect;
+mod cors;
 mod health;
 mod severable;
 
@@ -182,6 +183,9 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
     }
     if config.max_connection_age_grace.is_some() && config.max_connection_age.is_none() {
         problems.push("max_connection_age_grace needs a max_connection_age".to_owned());
+    }
+    if let Err(problem) = cors::layer(&config.cors_allow_origins) {
+        problems.push(problem);
     }
     if executor.retry_backoff_max < executor.retry_backoff_initial {
         problems.push("retry_backoff_max must not be shorter than retry_backoff".to_owned());
@@ -473,7 +477,11 @@ impl Server {
         if let Some(tls) = self.tls.clone() {
             builder = builder.tls_config(tls).map_err(tls_error)?;
         }
+        let cors = cors::layer(&self.config.cors_allow_origins).map_err(ServeError::Setting)?;
         let transport = builder
+            // Outermost, so that a preflight is answered before anything else looks at it and
+            // every response, errors included, carries the CORS headers.
+            .layer(tower::util::option_layer(cors))
             .layer(RpcTimingLayer::new(metrics))
             // Outside gRPC-Web's layer, which answers 400 to HTTP/1.1 requests it does not
             // know, and Connect unary calls are mostly HTTP/1.1.

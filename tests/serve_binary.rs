@@ -331,6 +331,11 @@ fn settings_out_of_range_are_refused_naming_them() {
         ("--retry-backoff-max", "10ms", "retry_backoff_max"),
         ("--max-connection-age", "0s", "max_connection_age must"),
         ("--max-connection-age-grace", "5s", "_grace needs"),
+        (
+            "--cors-allow-origin",
+            "https://app.example.com/",
+            "\"https://app.example.com/\" has a path",
+        ),
     ] {
         let output = serve_refusing(&[flag, value], None);
         assert!(!output.status.success(), "{flag} {value}");
