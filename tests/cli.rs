@@ -599,3 +599,199 @@ async fn submit_passes_on_the_trace_context_it_was_started_in() {
     );
     assert_eq!(stored(ids[1]).await.trace_parent, None);
 }
+
+/// A running `longrun` whose stdout lines are read as they come, and which is interrupted as
+/// Ctrl-C would.
+struct Following {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Following {
+    fn start(url: &str, args: &[&str]) -> Self {
+        let mut child = harness::command(url, args).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        Self {
+            child,
+            lines: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)),
+        }
+    }
+
+    /// The next `n` stdout lines (bounded).
+    async fn next_lines(&mut self, n: usize) -> Vec<String> {
+        let mut lines = Vec::new();
+        while lines.len() < n {
+            let line =
+                tokio::time::timeout(std::time::Duration::from_secs(20), self.lines.next_line())
+                    .await
+                    .expect("a line in time")
+                    .unwrap()
+                    .expect("still running");
+            lines.push(line);
+        }
+        lines
+    }
+
+    /// Sends SIGINT; the exit code and stderr.
+    async fn interrupt(self) -> (i32, String) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id().unwrap()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let output = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            self.child.wait_with_output(),
+        )
+        .await
+        .expect("ends in time")
+        .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+/// Submits a job of `actions` with the label `batch=NAME`; its id.
+async fn submit_labelled(url: &str, batch: &str, actions: &[&str]) -> String {
+    let label = format!("batch={batch}");
+    let mut args = vec!["submit", "--label", &label];
+    for action in actions {
+        args.extend(["--action", action]);
+    }
+    let run = longrun(url, &args).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    run.first_line()
+}
+
+#[tokio::test]
+async fn watch_jobs_until_done_follows_a_batch_to_its_end_and_exits_with_its_outcome() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let slow = r#"sleep:{"duration_ms":600,"steps":3}"#;
+    let succeeding = submit_labelled(&url, "nightly", &[slow]).await;
+    let failing = submit_labelled(
+        &url,
+        "nightly",
+        &[SHORT_SLEEP, r#"fail:{"message":"disk full"}"#],
+    )
+    .await;
+    let other = submit_labelled(&url, "other", &[slow]).await;
+    let run = longrun(
+        &url,
+        &["watch-jobs", "--label", "batch=nightly", "--until-done"],
+    )
+    .await;
+    assert_eq!(run.code, 1, "a job of the batch failed: {run:?}");
+    assert!(
+        run.stderr
+            .contains("every job followed has ended: 1 FAILED, 1 SUCCEEDED"),
+        "{run:?}"
+    );
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    let ended = |id: &str, state: &str| {
+        lines
+            .iter()
+            .any(|line| line.contains(id) && line.contains(&format!("  {state}")))
+    };
+    assert!(ended(&succeeding, "SUCCEEDED"), "{run:?}");
+    assert!(ended(&failing, "FAILED"), "{run:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains(&failing) && line.contains("FAILED_AS_ASKED: disk full")),
+        "a failure says why: {run:?}"
+    );
+    assert!(
+        lines.iter().any(|line| line.contains("step 2 of 3")),
+        "progress is shown as it comes: {run:?}"
+    );
+    assert!(
+        !run.stdout.contains(&other),
+        "other labels are not shown: {run:?}"
+    );
+
+    // Nothing unfinished: done at once.
+    let run = longrun(
+        &url,
+        &["watch-jobs", "--label", "batch=nightly", "--until-done"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr.contains("no matching job is unfinished"),
+        "{run:?}"
+    );
+}
+
+#[tokio::test]
+async fn watch_jobs_interrupted_names_its_cursor_and_resumes_from_it_missing_nothing() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let step = r#"sleep:{"duration_ms":900,"steps":3}"#;
+    let mut watch = Following::start(
+        &url,
+        &["watch-jobs", "--label", "batch=resume", "--output", "json"],
+    );
+    let first = submit_labelled(&url, "resume", &[step]).await;
+    // QUEUED or RUNNING first, then a few changes.
+    let seen = watch.next_lines(2).await;
+    let (code, stderr) = watch.interrupt().await;
+    assert_eq!(code, 130, "{stderr}");
+    let cursor = stderr
+        .split("resume with --after-cursor ")
+        .nth(1)
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("the cursor is named: {stderr}"))
+        .to_owned();
+    let last: serde_json::Value = serde_json::from_str(&seen[1]).unwrap();
+    assert_eq!(
+        last["cursor"],
+        cursor.as_str(),
+        "the cursor of the last line"
+    );
+
+    // Changes made while nobody watched come first after resuming, then the rest.
+    let second = submit_labelled(&url, "resume", &[step]).await;
+    let mut resumed = Following::start(
+        &url,
+        &[
+            "watch-jobs",
+            "--label",
+            "batch=resume",
+            "--output",
+            "json",
+            "--after-cursor",
+            &cursor,
+        ],
+    );
+    let mut versions: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    for line in seen {
+        let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let job = &message["job"];
+        versions
+            .entry(job["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(job["version"].as_str().unwrap().parse().unwrap());
+    }
+    let mut ended = std::collections::HashSet::new();
+    while ended.len() < 2 {
+        let line = resumed.next_lines(1).await.remove(0);
+        let message: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let job = &message["job"];
+        let id = job["id"].as_str().unwrap().to_owned();
+        versions
+            .entry(id.clone())
+            .or_default()
+            .push(job["version"].as_str().unwrap().parse().unwrap());
+        if job["state"] == "JOB_STATE_SUCCEEDED" {
+            ended.insert(id);
+        }
+    }
+    resumed.interrupt().await;
+    assert_eq!(ended, [first.clone(), second.clone()].into_iter().collect());
+    for (id, seen) in &versions {
+        assert!(
+            seen.windows(2).all(|pair| pair[0] < pair[1]),
+            "{id}: versions rise, none repeated: {seen:?}"
+        );
+    }
+}

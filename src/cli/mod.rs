@@ -13,6 +13,7 @@ mod submit;
 mod text;
 mod wait;
 mod watch;
+mod watch_jobs;
 
 use std::{
     io::Write as _,
@@ -36,6 +37,7 @@ pub use commands::{ActionsArgs, CancelArgs, DeleteArgs, ListArgs, StatusArgs};
 pub use submit::SubmitArgs;
 pub use wait::WaitArgs;
 pub use watch::WatchArgs;
+pub use watch_jobs::WatchJobsArgs;
 
 /// Exit codes, shared by every subcommand and documented in `docs/cli.md`.
 pub mod exit {
@@ -67,6 +69,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Follows a job until it ends, reconnecting by itself if the connection drops.
     Watch(WatchArgs),
+    /// Prints every change of the jobs carrying some labels as it happens, one stream for all
+    /// of them; with --until-done, until they have all ended.
+    WatchJobs(WatchJobsArgs),
     /// Waits (without streaming) until a job ends or the timeout runs out.
     Wait(WaitArgs),
     /// Cancels a job.
@@ -113,6 +118,7 @@ impl Command {
             Command::Cancel(args) => &args.client,
             Command::Delete(args) => &args.client,
             Command::Watch(args) => &args.client,
+            Command::WatchJobs(args) => &args.client,
             Command::Wait(args) => &args.client,
             Command::List(args) => &args.client,
             Command::Actions(args) => &args.client,
@@ -155,6 +161,7 @@ pub async fn run(command: Command) -> i32 {
         Command::Submit(args) => submit::run(args).await,
         Command::Status(args) => commands::status(args).await,
         Command::Watch(args) => watch::run(args).await,
+        Command::WatchJobs(args) => watch_jobs::run(args).await,
         Command::Wait(args) => wait::run(args).await,
         Command::Cancel(args) => commands::cancel(args).await,
         Command::Delete(args) => commands::delete(args).await,

@@ -151,6 +151,28 @@ pub fn job_list(jobs: &[pb::Job]) -> String {
     text.trim_end().to_owned()
 }
 
+/// One change of a job, as a line: when, which job, its state and progress, and what went
+/// wrong or the progress message. The id comes second, so `awk '{print $2}'` gets it.
+pub fn job_change(job: &pb::Job) -> String {
+    let when = job
+        .update_time
+        .and_then(system_time)
+        .map(|t| humantime::format_rfc3339_millis(t).to_string())
+        .unwrap_or_default();
+    let progress = job.progress.as_ref();
+    let detail = match &job.error {
+        Some(error) => job_error(error),
+        None => progress.map(|p| p.message.clone()).unwrap_or_default(),
+    };
+    let line = format!(
+        "{when}  {}  {:<9}  {:>3}%  {detail}",
+        job.id,
+        job_state(job.state()),
+        progress.map_or(0, |p| p.percent),
+    );
+    line.trim_end().to_owned()
+}
+
 /// Each action with its description and params.
 pub fn actions(actions: &[pb::ActionInfo]) -> String {
     let mut text = String::new();
