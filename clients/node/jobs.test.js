@@ -225,6 +225,62 @@ test('resume a watch with after_version: nothing repeated, nothing missed', asyn
   assert.equal(resumed.at(-1).state, 'JOB_STATE_SUCCEEDED');
 });
 
+// Reads a WatchJobs stream until `enough(messages)` says so, then cancels it.
+function watchJobs(request, enough) {
+  return new Promise((resolve, reject) => {
+    const messages = [];
+    let stopped = false;
+    const call = client.WatchJobs(request, { deadline: deadline(STREAM_TIMEOUT_MS) });
+    call.on('data', (res) => {
+      if (stopped) return;
+      messages.push(res);
+      if (enough(messages)) {
+        stopped = true;
+        call.cancel();
+        resolve(messages);
+      }
+    });
+    call.on('error', (err) => {
+      if (!stopped) reject(err);
+    });
+    call.on('end', () => {
+      if (!stopped) reject(new Error('a WatchJobs stream does not end by itself'));
+    });
+  });
+}
+
+test('WatchJobs: one stream for a labelled batch, resumed from its cursor with nothing missed', async () => {
+  const label = `node-${Date.now()}`;
+  const submitLabelled = async () =>
+    (await unary('Submit', {
+      actions: [{ name: 'sleep', params: toStruct({ duration_ms: 600, steps: 3 }) }],
+      labels: { batch: label },
+    })).job;
+  const first = await submitLabelled();
+  await submit('echo', { message: 'not in the batch' });
+  // Two messages, then the connection is dropped.
+  const before = await watchJobs({ labels: { batch: label } }, (m) => m.length === 2);
+  const cursor = before.at(-1).cursor;
+  assert.ok(cursor.length > 0);
+
+  const second = await submitLabelled();
+  const ended = new Set();
+  const after = await watchJobs({ labels: { batch: label }, after_cursor: cursor }, (m) => {
+    const job = m.at(-1).job;
+    if (job.state === 'JOB_STATE_SUCCEEDED') ended.add(job.id);
+    return ended.size === 2;
+  });
+  assert.deepEqual([...ended].sort(), [first.id, second.id].sort());
+  const byJob = new Map();
+  for (const { job } of [...before, ...after]) {
+    assert.equal(job.labels.batch, label, 'only the batch');
+    byJob.set(job.id, [...(byJob.get(job.id) || []), job]);
+  }
+  for (const jobs of byJob.values()) assertVersionsRise(jobs);
+  const states = byJob.get(second.id).map((j) => j.state);
+  assert.ok(states.includes('JOB_STATE_RUNNING'), `the resume replays what it missed: ${states}`);
+});
+
 test('a bad request is INVALID_ARGUMENT naming the field', async () => {
   await assert.rejects(submit('sleep', { steps: 0 }), (err) => {
     assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
