@@ -51,6 +51,14 @@ async fn full_queue_refuses_submit_with_queue_full_and_retry_info_and_stores_not
     );
     let retry = status.get_details_retry_info().expect("RetryInfo");
     assert!(retry.retry_delay.is_some_and(|d| d > Duration::ZERO));
+    // The same delay for clients that retry by a gRPC retry policy.
+    assert_eq!(
+        status
+            .metadata()
+            .get("grpc-retry-pushback-ms")
+            .and_then(|v| v.to_str().ok()),
+        Some("1000")
+    );
     assert_eq!(list_all(&mut client).await.len(), 3, "nothing stored");
 
     // Cancelling a queued job frees its place in the queue.

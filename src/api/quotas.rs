@@ -91,7 +91,7 @@ impl SubmitRates {
 }
 
 fn rate_limited(tenant: &str, rate: Rate, wait: Duration) -> Status {
-    let mut details = ErrorDetails::with_error_info(
+    let details = ErrorDetails::with_error_info(
         "TENANT_RATE_LIMITED",
         ERROR_DOMAIN,
         HashMap::from([
@@ -101,8 +101,7 @@ fn rate_limited(tenant: &str, rate: Rate, wait: Duration) -> Status {
     );
     // Rounded up to whole milliseconds so that a client waiting exactly this long finds a token.
     let wait = Duration::from_millis(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX) + 1);
-    details.set_retry_info(Some(wait));
-    super::status::with_details(
+    super::status::retry_after(
         Code::ResourceExhausted,
         format!(
             "tenant {tenant} submits faster than its quota ({} a second, submits_per_second); \
@@ -111,6 +110,7 @@ fn rate_limited(tenant: &str, rate: Rate, wait: Duration) -> Status {
             wait.as_millis()
         ),
         details,
+        wait,
     )
 }
 
@@ -254,6 +254,17 @@ mod tests {
             .retry_delay
             .unwrap();
         assert!(retry > Duration::from_millis(400) && retry <= Duration::from_millis(501));
+        let pushback: u128 = refused
+            .metadata()
+            .get("grpc-retry-pushback-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("a pushback trailer");
+        assert_eq!(
+            pushback,
+            retry.as_millis(),
+            "the same delay for gRPC's retries"
+        );
         rates.check_at(&Arc::from("b"), start).unwrap();
         let later = start + Duration::from_millis(501);
         rates.check_at(&tenant, later).unwrap();

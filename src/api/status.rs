@@ -35,6 +35,28 @@ pub(super) struct SortedErrorInfo {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// The trailer with which gRPC's own retry support (a client's service-config retry policy)
+/// delays its next attempt, as `RetryInfo` tells applications.
+const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+/// [`with_details`] for a refusal that may be retried after `delay`: the delay goes in a
+/// `RetryInfo` detail, for applications, and in `grpc-retry-pushback-ms`, so that clients
+/// retrying by a gRPC retry policy wait that long rather than their own backoff.
+pub(super) fn retry_after(
+    code: Code,
+    message: impl Into<String>,
+    mut details: ErrorDetails,
+    delay: std::time::Duration,
+) -> Status {
+    details.set_retry_info(Some(delay));
+    let mut status = with_details(code, message, details);
+    let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    status
+        .metadata_mut()
+        .insert(RETRY_PUSHBACK, tonic::metadata::MetadataValue::from(millis));
+    status
+}
+
 /// `Status::with_error_details`, with the `ErrorInfo` metadata in key order: tonic-types keeps
 /// it in a `HashMap`, so the same error encoded its entries in a different order from one call
 /// to the next.
@@ -230,20 +252,20 @@ impl From<ExecutorError> for Status {
             ExecutorError::Invalid(violations) => invalid(violations),
             ExecutorError::NotFound(id) => job_not_found(id),
             ExecutorError::QueueFull { limit } => {
-                let mut details = ErrorDetails::with_error_info(
+                let details = ErrorDetails::with_error_info(
                     "QUEUE_FULL",
                     ERROR_DOMAIN,
                     HashMap::from([("max_queue_length".to_owned(), limit.to_string())]),
                 );
-                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
-                with_details(
+                retry_after(
                     Code::ResourceExhausted,
                     format!("the queue is full ({limit} jobs waiting); retry later"),
                     details,
+                    std::time::Duration::from_secs(1),
                 )
             }
             ExecutorError::TenantQueueFull { tenant, limit } => {
-                let mut details = ErrorDetails::with_error_info(
+                let details = ErrorDetails::with_error_info(
                     "TENANT_QUEUE_FULL",
                     ERROR_DOMAIN,
                     HashMap::from([
@@ -251,14 +273,14 @@ impl From<ExecutorError> for Status {
                         ("max_queued_jobs".to_owned(), limit.to_string()),
                     ]),
                 );
-                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
-                with_details(
+                retry_after(
                     Code::ResourceExhausted,
                     format!(
                         "tenant {tenant} has {limit} jobs waiting, its quota (max_queued_jobs); \
                          retry when some have started"
                     ),
                     details,
+                    std::time::Duration::from_secs(1),
                 )
             }
             ExecutorError::ShuttingDown => {
