@@ -154,22 +154,34 @@ def aged_server(tmp_path) -> Server:
     srv.stop()
 
 
-@pytest.fixture
-def exec_server(tmp_path) -> Server:
-    """A server of its own whose config declares an `exec` command, `trace`, that returns the
-    trace context it was started in (`TRACEPARENT`) as its result."""
-    config = tmp_path / "longrun.toml"
-    # A TOML literal string holds the shell script as it is: no escapes to read through.
-    config.write_text(
-        r"""[exec.commands.trace]
-program = "/bin/sh"
-args = ["-c", 'echo "@result \"${TRACEPARENT-unset}\""']
-"""
-    )
-    srv = Server(_server_binary(), tmp_path, ("--config", str(config)))
+def _configured_server(directory: pathlib.Path, config_text: str):
+    """A server of its own, started with a config file of `config_text`; stopped after."""
+    config = directory / "longrun.toml"
+    config.write_text(config_text)
+    srv = Server(_server_binary(), directory, ("--config", str(config)))
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def exec_server(tmp_path) -> Server:
+    """A server whose config declares an `exec` command, `trace`, that returns the trace
+    context it was started in (`TRACEPARENT`) as its result."""
+    # A TOML literal string holds the shell script as it is: no escapes to read through.
+    yield from _configured_server(
+        tmp_path,
+        r"""[exec.commands.trace]
+program = "/bin/sh"
+args = ["-c", 'echo "@result \"${TRACEPARENT-unset}\""']
+""",
+    )
+
+
+@pytest.fixture
+def rate_limited_server(tmp_path) -> Server:
+    """A server that lets each tenant submit 2 jobs a second, one at a time."""
+    yield from _configured_server(tmp_path, "[quotas]\nsubmits_per_second = 2\nsubmit_burst = 1\n")
 
 
 @pytest.fixture(scope="session")

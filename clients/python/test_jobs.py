@@ -263,3 +263,44 @@ def test_a_submit_s_trace_context_follows_its_job(pb, exec_server):
             assert done.state == pb.JOB_STATE_SUCCEEDED, done
             results.append(done.actions[0].result.string_value)
     assert results == [parent, "unset", "unset"]
+
+
+def test_a_grpc_retry_policy_waits_as_long_as_a_rate_limited_server_asks(pb, rate_limited_server):
+    """A refusal for the submit rate carries its delay in `grpc-retry-pushback-ms`, which
+    grpcio's retry support obeys: with a policy that would otherwise retry three times 10 ms
+    apart (all refused: the next token is 500 ms away), the retry waits for the token and
+    gets through."""
+    import json
+
+    service_config = json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": "longrun.v1.Jobs", "method": "Submit"}],
+                    "retryPolicy": {
+                        "maxAttempts": 4,
+                        "initialBackoff": "0.01s",
+                        "maxBackoff": "0.01s",
+                        "backoffMultiplier": 1,
+                        "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+                    },
+                }
+            ]
+        }
+    )
+    grpc_mod = importlib.import_module("longrun.v1.jobs_pb2_grpc")
+    options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config)]
+    with grpc.insecure_channel(rate_limited_server.addr, options=options) as channel:
+        jobs = grpc_mod.JobsStub(channel)
+        first = submit(pb, jobs, "echo", {})
+        second = submit(pb, jobs, "echo", {})  # refused at first, retried after the pushback
+    assert first.id != second.id
+
+    # The refusal itself, seen by a client that does not retry.
+    with grpc.insecure_channel(rate_limited_server.addr) as channel:
+        jobs = grpc_mod.JobsStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            submit(pb, jobs, "echo", {})
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(refused.value.trailing_metadata())
+    assert 0 < int(trailers["grpc-retry-pushback-ms"]) <= 501, trailers
