@@ -254,7 +254,8 @@ impl Metrics {
     }
 }
 
-/// A tower layer timing every RPC by method.
+/// A tower layer timing every RPC by method; it also writes the debug access line, and runs
+/// a call that carries a W3C trace context in a span naming its trace.
 #[derive(Clone)]
 pub struct RpcTimingLayer {
     metrics: Arc<Metrics>,
