@@ -255,7 +255,7 @@ impl Metrics {
 }
 
 /// A tower layer timing every RPC by method; it also writes the debug access line, and runs
-/// a call that carries a W3C trace context in a span naming its trace.
+/// a call that carries a W3C trace context or a proxy's `x-request-id` in a span naming them.
 #[derive(Clone)]
 pub struct RpcTimingLayer {
     metrics: Arc<Metrics>,
@@ -342,11 +342,11 @@ where
         };
         let metrics = Arc::clone(&self.metrics);
         let started = Instant::now();
-        // A call that carries a trace context is logged inside a span naming its trace, so
-        // that its lines (the access line too) can be found from the caller's trace. Calls
-        // without one pay only the header lookup.
-        let span = TraceParent::from_headers(request.headers())
-            .map(|parent| tracing::info_span!("rpc", trace_id = %parent.trace_id()));
+        // A call that carries a trace context, or the request id a proxy such as Envoy gives
+        // every request, is logged inside a span naming them, so that its lines (the access
+        // line too) can be found from the caller's trace or the proxy's log. Calls with
+        // neither pay only the header lookups.
+        let span = call_span(request.headers());
         let response = {
             let _entered = span.as_ref().map(tracing::Span::enter);
             self.inner.call(request)
@@ -392,6 +392,26 @@ where
             None => Box::pin(timed),
         }
     }
+}
+
+/// The longest `x-request-id` recorded; a longer one is not an id a proxy made.
+const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The span a call runs in when it carries a trace context or a request id; `None` otherwise.
+fn call_span(headers: &axum::http::HeaderMap) -> Option<tracing::Span> {
+    let trace_id = TraceParent::from_headers(headers).map(|parent| parent.trace_id());
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_BYTES);
+    if trace_id.is_none() && request_id.is_none() {
+        return None;
+    }
+    Some(tracing::info_span!(
+        "rpc",
+        trace_id = trace_id.map(tracing::field::display),
+        request_id
+    ))
 }
 
 /// Counts an open watch stream for as long as it lives.

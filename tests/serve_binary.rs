@@ -562,8 +562,8 @@ async fn at_debug_every_call_logs_one_line() {
 }
 
 /// A call that carries a W3C trace context is logged in a span naming its trace id, and so is
-/// the run of a job it submitted, so that both are found from the caller's trace; a call
-/// without one is logged as before.
+/// the run of a job it submitted, so that both are found from the caller's trace; a call with
+/// a proxy's `x-request-id` is logged naming that.
 #[tokio::test]
 async fn a_traced_call_and_the_run_of_its_job_name_the_trace_in_the_log() {
     const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -593,11 +593,19 @@ async fn a_traced_call_and_the_run_of_its_job_name_the_trace_in_the_log() {
         .job
         .unwrap();
     wait_done(&mut client, &traced_job.id).await;
-    let plain_job = submit(
-        &mut client,
-        request(vec![common::action("echo", serde_json::json!({}))]),
-    )
-    .await;
+    // No trace context, but the id a proxy such as Envoy gives each request.
+    let mut from_proxy =
+        tonic::Request::new(request(vec![common::action("echo", serde_json::json!({}))]));
+    from_proxy
+        .metadata_mut()
+        .insert("x-request-id", "req-42".parse().unwrap());
+    let plain_job = client
+        .submit(from_proxy)
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
     wait_done(&mut client, &plain_job.id).await;
     drop(server);
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log_path)
@@ -622,6 +630,16 @@ async fn a_traced_call_and_the_run_of_its_job_name_the_trace_in_the_log() {
         submits.iter().filter(|line| in_trace(line)).count(),
         1,
         "only the traced call is in the trace: {submits:#?}"
+    );
+    let with_request_id = |line: &&&serde_json::Value| {
+        line["spans"]
+            .as_array()
+            .is_some_and(|spans| spans.iter().any(|span| span["request_id"] == "req-42"))
+    };
+    assert_eq!(
+        submits.iter().filter(with_request_id).count(),
+        1,
+        "the proxy's request id names its call: {submits:#?}"
     );
     let succeeded = |id: &str| {
         lines
