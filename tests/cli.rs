@@ -574,13 +574,13 @@ async fn submit_passes_on_the_trace_context_it_was_started_in() {
     let mut ids = Vec::new();
     for traceparent in [PARENT, "not-a-trace-context"] {
         let mut command = harness::command(&server.url(), &["submit", "--action", "echo"]);
-        let output = tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            command.env("TRACEPARENT", traceparent).output(),
-        )
-        .await
-        .expect("submit ends in time")
-        .unwrap();
+        command
+            .env("TRACEPARENT", traceparent)
+            .env("TRACESTATE", "rojo=00f067aa0ba902b7");
+        let output = tokio::time::timeout(std::time::Duration::from_secs(30), command.output())
+            .await
+            .expect("submit ends in time")
+            .unwrap();
         assert!(output.status.success(), "{output:?}");
         let id = String::from_utf8_lossy(&output.stdout)
             .lines()
@@ -593,11 +593,21 @@ async fn submit_passes_on_the_trace_context_it_was_started_in() {
         let store = std::sync::Arc::clone(&server.store);
         async move { store.get(id).await.unwrap().expect("the job is stored") }
     };
+    let traced = stored(ids[0]).await;
     assert_eq!(
-        stored(ids[0]).await.trace_parent.map(|p| p.to_string()),
+        traced.trace_parent.map(|p| p.to_string()),
         Some(PARENT.to_owned())
     );
-    assert_eq!(stored(ids[1]).await.trace_parent, None);
+    assert_eq!(
+        traced.trace_state.map(|s| s.to_string()),
+        Some("rojo=00f067aa0ba902b7".to_owned())
+    );
+    let untraced = stored(ids[1]).await;
+    assert_eq!(untraced.trace_parent, None);
+    assert_eq!(
+        untraced.trace_state, None,
+        "a state goes only with a trace context"
+    );
 }
 
 /// A running `longrun` whose stdout lines are read as they come, and which is interrupted as

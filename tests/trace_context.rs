@@ -1,6 +1,6 @@
-//! W3C trace context end to end: the `traceparent` a Submit carries is kept with its job (across
-//! a restart too) and passed on to its handlers and its webhook deliveries; a missing, invalid
-//! or repeated one is ignored, never refused.
+//! W3C trace context end to end: the `traceparent` (and `tracestate`) a Submit carries is kept
+//! with its job (across a restart too) and passed on to its handlers and its webhook
+//! deliveries; a missing, invalid or repeated one is ignored, never refused.
 
 mod common;
 
@@ -18,7 +18,8 @@ use tonic::metadata::MetadataValue;
 const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const OTHER_PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
 
-/// Returns the trace context its job was submitted with, or null.
+/// Returns the trace context its job was submitted with (`traceparent`, and `tracestate` after
+/// a space when there is one), or null.
 struct TraceEcho;
 
 #[async_trait::async_trait]
@@ -32,9 +33,11 @@ impl Handler for TraceEcho {
     }
 
     async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
-        Ok(ctx
-            .trace_parent
-            .map_or(Value::Null, |parent| json!(parent.to_string())))
+        Ok(match (ctx.trace_parent, ctx.trace_state) {
+            (None, _) => Value::Null,
+            (Some(parent), None) => json!(parent.to_string()),
+            (Some(parent), Some(state)) => json!(format!("{parent} {state}")),
+        })
     }
 }
 
@@ -51,12 +54,23 @@ fn config() -> Config {
     config
 }
 
-/// A Submit of the `trace` action carrying `traceparent` headers with these values.
+/// A Submit carrying `traceparent` headers with these values.
 fn traced(request: pb::SubmitRequest, parents: &[&str]) -> tonic::Request<pb::SubmitRequest> {
+    with_state(request, parents, &[])
+}
+
+/// A Submit carrying `traceparent` and `tracestate` headers with these values.
+fn with_state(
+    request: pb::SubmitRequest,
+    parents: &[&str],
+    states: &[&str],
+) -> tonic::Request<pb::SubmitRequest> {
     let mut request = tonic::Request::new(request);
-    for parent in parents {
-        let value: MetadataValue<_> = parent.parse().unwrap();
-        request.metadata_mut().append("traceparent", value);
+    for (name, values) in [("traceparent", parents), ("tracestate", states)] {
+        for value in values {
+            let value: MetadataValue<_> = value.parse().unwrap();
+            request.metadata_mut().append(name, value);
+        }
     }
     request
 }
@@ -94,16 +108,23 @@ async fn a_submit_s_trace_context_reaches_its_handler_and_its_webhook() {
         idempotency_key: "traced-once".to_owned(),
         ..trace_job()
     };
+    // Two tracestate headers: read as one list, in order.
     let job = client
-        .submit(traced(request.clone(), &[PARENT]))
+        .submit(with_state(
+            request.clone(),
+            &[PARENT],
+            &["rojo=1", "congo=2"],
+        ))
         .await
         .unwrap()
         .into_inner()
         .job
         .unwrap();
-    assert_eq!(handler_saw(&mut client, &job.id).await, json!(PARENT));
+    let seen = json!(format!("{PARENT} rojo=1,congo=2"));
+    assert_eq!(handler_saw(&mut client, &job.id).await, seen);
     let hit = receiver.next().await;
     assert_eq!(hit.header("traceparent"), PARENT);
+    assert_eq!(hit.header("tracestate"), "rojo=1,congo=2");
 
     // A retry of the same Submit from another trace gets the same job, which keeps the trace
     // of the call that created it.
@@ -115,7 +136,7 @@ async fn a_submit_s_trace_context_reaches_its_handler_and_its_webhook() {
         .job
         .unwrap();
     assert_eq!(retried.id, job.id);
-    assert_eq!(handler_saw(&mut client, &job.id).await, json!(PARENT));
+    assert_eq!(handler_saw(&mut client, &job.id).await, seen);
 }
 
 #[tokio::test]
@@ -166,6 +187,30 @@ async fn a_missing_invalid_or_repeated_trace_context_is_ignored_not_refused() {
 }
 
 #[tokio::test]
+async fn a_trace_state_goes_only_with_a_valid_trace_context_and_only_when_valid() {
+    let server = TestServer::start_with(config(), registry()).await;
+    let mut client = server.client.clone();
+    for (parents, states, expected) in [
+        (&[PARENT][..], &["Not Valid"][..], json!(PARENT)),
+        (&[], &["rojo=1"], Value::Null),
+        (&["garbage"], &["rojo=1"], Value::Null),
+    ] {
+        let job = client
+            .submit(with_state(trace_job(), parents, states))
+            .await
+            .unwrap()
+            .into_inner()
+            .job
+            .unwrap();
+        assert_eq!(
+            handler_saw(&mut client, &job.id).await,
+            expected,
+            "{parents:?} {states:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_queued_job_keeps_its_trace_context_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut one_slot = config();
@@ -178,7 +223,7 @@ async fn a_queued_job_keeps_its_trace_context_across_a_restart() {
     submit(&mut client, request(vec![action("gate", json!({}))])).await;
     gate.next_started().await;
     let queued = client
-        .submit(traced(trace_job(), &[PARENT]))
+        .submit(with_state(trace_job(), &[PARENT], &["rojo=1"]))
         .await
         .unwrap()
         .into_inner()
@@ -193,5 +238,8 @@ async fn a_queued_job_keeps_its_trace_context_across_a_restart() {
     let server =
         TestServer::start_on(open_sqlite(dir.path()).await, one_slot, restarted_registry).await;
     let mut client = server.client.clone();
-    assert_eq!(handler_saw(&mut client, &queued.id).await, json!(PARENT));
+    assert_eq!(
+        handler_saw(&mut client, &queued.id).await,
+        json!(format!("{PARENT} rojo=1"))
+    );
 }

@@ -255,6 +255,7 @@ mod tests {
             cancel: CancellationToken::new(),
             deadline: None,
             trace_parent: None,
+            trace_state: None,
         }
     }
 

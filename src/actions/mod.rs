@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{FieldViolation, JobError, JobId, NewAction, TraceParent};
+use crate::job::{FieldViolation, JobError, JobId, NewAction, TraceParent, TraceState};
 
 /// What a handler says about itself in `ListActions`.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +68,8 @@ pub struct ActionContext {
     /// The trace context of the Submit that created the job, if it carried one: pass it on
     /// (as a `traceparent` header, say) so that the work the handler starts joins that trace.
     pub trace_parent: Option<TraceParent>,
+    /// The vendors' state that came with `trace_parent` (`tracestate`), to pass on with it.
+    pub trace_state: Option<TraceState>,
 }
 
 impl ActionContext {

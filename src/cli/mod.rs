@@ -24,7 +24,10 @@ use std::{
 use anyhow::Context as _;
 use longrun::{
     api::pb::{self, jobs_client::JobsClient},
-    job::{TRACEPARENT_ENV, TRACEPARENT_HEADER, TraceParent},
+    job::{
+        TRACEPARENT_ENV, TRACEPARENT_HEADER, TRACESTATE_ENV, TRACESTATE_HEADER, TraceParent,
+        TraceState,
+    },
 };
 use tonic::{
     codec::CompressionEncoding,
@@ -245,6 +248,7 @@ pub(crate) fn write_line(line: &str) -> anyhow::Result<bool> {
 pub(crate) struct CallHeaders {
     authorization: Option<MetadataValue<Ascii>>,
     trace_parent: Option<MetadataValue<Ascii>>,
+    trace_state: Option<MetadataValue<Ascii>>,
 }
 
 impl tonic::service::Interceptor for CallHeaders {
@@ -262,17 +266,29 @@ impl tonic::service::Interceptor for CallHeaders {
                 .metadata_mut()
                 .insert(TRACEPARENT_HEADER, value.clone());
         }
+        if let Some(value) = &self.trace_state {
+            request
+                .metadata_mut()
+                .insert(TRACESTATE_HEADER, value.clone());
+        }
         Ok(request)
     }
 }
 
-/// The trace context the CLI was started in (`TRACEPARENT`, as OpenTelemetry passes it to a
-/// process), sent with every call so that a job submitted from a traced script or CI step
-/// joins its trace. An invalid one is ignored, as a server ignores an invalid header.
-fn trace_parent_from_env() -> Option<MetadataValue<Ascii>> {
-    let value = std::env::var(TRACEPARENT_ENV).ok()?;
-    let parent: TraceParent = value.trim().parse().ok()?;
-    parent.to_string().parse().ok()
+/// The trace context the CLI was started in (`TRACEPARENT` and `TRACESTATE`, as
+/// OpenTelemetry passes them to a process), sent with every call so that a job submitted from
+/// a traced script or CI step joins its trace. Invalid ones are ignored, as a server ignores
+/// invalid headers; a state goes only with a valid trace context.
+fn trace_context_from_env() -> (Option<MetadataValue<Ascii>>, Option<MetadataValue<Ascii>>) {
+    let from_env = |name: &str| std::env::var(name).ok();
+    let Some(parent) = from_env(TRACEPARENT_ENV).and_then(|v| v.trim().parse::<TraceParent>().ok())
+    else {
+        return (None, None);
+    };
+    let state = from_env(TRACESTATE_ENV)
+        .and_then(|v| v.parse::<TraceState>().ok())
+        .and_then(|state| state.as_str().parse().ok());
+    (parent.to_string().parse().ok(), state)
 }
 
 /// A client of `longrun.v1.Jobs` that sends the API key and the trace context.
@@ -323,9 +339,11 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         .map_err(|source| error::Unreachable::new(addr, &source))?;
     // Offered so that a server told to compress its responses (`--response-compression`)
     // does so for the CLI too, which helps over slow links.
+    let (trace_parent, trace_state) = trace_context_from_env();
     let headers = CallHeaders {
         authorization: key,
-        trace_parent: trace_parent_from_env(),
+        trace_parent,
+        trace_state,
     };
     Ok(JobsClient::with_interceptor(channel, headers)
         .accept_compressed(CompressionEncoding::Gzip)

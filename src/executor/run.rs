@@ -555,6 +555,7 @@ impl Inner {
             cancel: handle.token().child_token(),
             deadline,
             trace_parent: job.trace_parent,
+            trace_state: job.trace_state.clone(),
         };
         let span = tracing::info_span!("action", index, name = %action.name);
         let mut tracker = ProgressTracker {

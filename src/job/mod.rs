@@ -22,7 +22,10 @@ pub use model::{
     MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
 };
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
-pub use trace::{InvalidTraceParent, TRACEPARENT_ENV, TRACEPARENT_HEADER, TraceId, TraceParent};
+pub use trace::{
+    InvalidTraceParent, TRACEPARENT_ENV, TRACEPARENT_HEADER, TRACESTATE_ENV, TRACESTATE_HEADER,
+    TraceId, TraceParent, TraceState,
+};
 pub use webhook::{
     AttemptOutcome, Delivery, DeliveryState, NewDelivery, WebhookEvents, WebhookSpec, delivery_for,
 };

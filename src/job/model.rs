@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::{
-    ActionState, IllegalTransition, JobState, TraceParent, WebhookSpec,
+    ActionState, IllegalTransition, JobState, TraceParent, TraceState, WebhookSpec,
     encoding::{base64_bytes, is_default, opt_unix_nanos, unix_nanos},
 };
 
@@ -232,6 +232,9 @@ pub struct NewJob {
     /// The trace context of the request that submitted it, if it carried a valid one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_parent: Option<TraceParent>,
+    /// The vendors' state that came with that trace context (`tracestate`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_state: Option<TraceState>,
 }
 
 impl NewJob {
@@ -434,6 +437,9 @@ pub struct Job {
     /// its webhook deliveries are tied to that trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_parent: Option<TraceParent>,
+    /// The vendors' state that came with `trace_parent`, passed on with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_state: Option<TraceState>,
 }
 
 impl Job {
@@ -479,6 +485,7 @@ impl Job {
             webhook: spec.webhook,
             cancel_requested: false,
             trace_parent: spec.trace_parent,
+            trace_state: spec.trace_state,
         }
     }
 
@@ -645,6 +652,7 @@ impl Job {
             webhook: _,
             cancel_requested,
             trace_parent: _,
+            trace_state: _,
         } = newer;
         self.state = *state;
         self.version = *version;

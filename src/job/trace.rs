@@ -18,6 +18,18 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// name for it (environment variables as context propagation carriers).
 pub const TRACEPARENT_ENV: &str = "TRACEPARENT";
 
+/// The header (and gRPC metadata key) that carries the vendors' state of a trace.
+pub const TRACESTATE_HEADER: &str = "tracestate";
+
+/// The environment variable that carries the vendors' state of a trace into a process.
+pub const TRACESTATE_ENV: &str = "TRACESTATE";
+
+/// The longest `tracestate` kept: the length the recommendation asks every vendor to pass on.
+const MAX_TRACE_STATE_BYTES: usize = 512;
+
+/// The most list members a `tracestate` may have.
+const MAX_TRACE_STATE_MEMBERS: usize = 32;
+
 /// A valid `traceparent` value: which trace, which span of it is the parent, and its flags.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TraceParent {
@@ -26,10 +38,10 @@ pub struct TraceParent {
     flags: u8,
 }
 
-/// Why a `traceparent` value is not valid. Receivers ignore such a header (the W3C rule),
-/// so this is seen only where a stored value is read back.
+/// Why a `traceparent` (or `tracestate`) value is not valid. Receivers ignore such a header
+/// (the W3C rule), so this is seen only where a stored value is read back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a valid W3C traceparent: {0}")]
+#[error("not a valid W3C trace context: {0}")]
 pub struct InvalidTraceParent(&'static str);
 
 /// The length of a version `00` value: `00-` 32 hex `-` 16 hex `-` 2 hex.
@@ -159,6 +171,114 @@ impl<'de> Deserialize<'de> for TraceParent {
     }
 }
 
+/// A valid `tracestate` value: the vendors' own `key=value` entries that travel with a trace
+/// context, passed on as they came (empty members dropped), so that a vendor's sampling and
+/// routing decisions hold in what the job does.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TraceState(Box<str>);
+
+impl TraceState {
+    /// The value, as a `tracestate` header carries it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The `tracestate` of a request whose `traceparent` is valid: its headers joined, as the
+    /// recommendation reads several; `None` when there is none, or when it is not valid or
+    /// longer than 512 characters (then only the trace context's state is dropped).
+    pub fn from_headers(headers: &http::HeaderMap) -> Option<Self> {
+        let mut joined = String::new();
+        for value in headers.get_all(TRACESTATE_HEADER) {
+            if !joined.is_empty() {
+                joined.push(',');
+            }
+            joined.push_str(value.to_str().ok()?);
+        }
+        joined.parse().ok()
+    }
+}
+
+/// A `tracestate` key: a lowercase letter, or a digit for a `tenant@system` key, then up to
+/// 255 of lowercase letters, digits, `_ - * / @` in all.
+fn valid_key(key: &str) -> bool {
+    key.len() <= 256
+        && key.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/@".contains(&b))
+        && key.matches('@').count() <= 1
+}
+
+/// A `tracestate` value: up to 256 printable ASCII characters other than `,` and `=`, not
+/// ending with a space.
+fn valid_value(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 256
+        && !value.ends_with(' ')
+        && value
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'=')
+}
+
+impl FromStr for TraceState {
+    type Err = InvalidTraceParent;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let mut members = Vec::new();
+        for member in value.split(',') {
+            let member = member.trim_matches([' ', '\t']);
+            if member.is_empty() {
+                continue;
+            }
+            let (key, val) = member
+                .split_once('=')
+                .ok_or(InvalidTraceParent("a tracestate member has no `=`"))?;
+            if !valid_key(key) || !valid_value(val) {
+                return Err(InvalidTraceParent("a tracestate member is not key=value"));
+            }
+            members.push(member);
+        }
+        if members.is_empty() {
+            return Err(InvalidTraceParent("the tracestate is empty"));
+        }
+        if members.len() > MAX_TRACE_STATE_MEMBERS {
+            return Err(InvalidTraceParent(
+                "the tracestate has more than 32 members",
+            ));
+        }
+        let joined = members.join(",");
+        if joined.len() > MAX_TRACE_STATE_BYTES {
+            return Err(InvalidTraceParent("the tracestate is over 512 characters"));
+        }
+        Ok(Self(joined.into()))
+    }
+}
+
+impl fmt::Display for TraceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TraceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TraceState({})", self.0)
+    }
+}
+
+impl Serialize for TraceState {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceState {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(de::Error::custom)
+    }
+}
+
 /// A trace id, displayed as 32 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TraceId([u8; 16]);
@@ -247,6 +367,56 @@ mod tests {
         assert_eq!(TraceParent::from_headers(&headers), None);
         headers.insert(TRACEPARENT_HEADER, "garbage".parse().unwrap());
         assert_eq!(TraceParent::from_headers(&headers), None);
+    }
+
+    #[test]
+    fn a_trace_state_is_kept_as_it_came_without_empty_members() {
+        let state: TraceState = "rojo=00f067aa0ba902b7, ,congo=t61rcWkgMzE,tenant@vendor=x y"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            state.as_str(),
+            "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE,tenant@vendor=x y"
+        );
+        for invalid in [
+            "",
+            " , ",
+            "novalue",
+            "Upper=1",
+            "key=",
+            "key=a,b=",
+            "key=has=equals",
+            "a@b@c=1",
+            "_key=1",
+        ] {
+            assert!(
+                invalid.parse::<TraceState>().is_err(),
+                "{invalid:?} was accepted"
+            );
+        }
+        let many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        assert!(many.join(",").parse::<TraceState>().is_err(), "33 members");
+        let long = format!("k={}", "v".repeat(250));
+        let too_long = [long.as_str(); 3].join(",").replace("k=", "k1=");
+        assert!(too_long.len() > 512);
+        assert!(
+            too_long.parse::<TraceState>().is_err(),
+            "over 512 characters"
+        );
+    }
+
+    #[test]
+    fn a_request_s_trace_state_headers_are_joined() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(TraceState::from_headers(&headers), None);
+        headers.append(TRACESTATE_HEADER, "rojo=1".parse().unwrap());
+        headers.append(TRACESTATE_HEADER, "congo=2".parse().unwrap());
+        assert_eq!(
+            TraceState::from_headers(&headers).unwrap().as_str(),
+            "rojo=1,congo=2"
+        );
+        headers.append(TRACESTATE_HEADER, "Bad".parse().unwrap());
+        assert_eq!(TraceState::from_headers(&headers), None);
     }
 
     #[test]

@@ -36,10 +36,11 @@ pub fn sample_job(actions: usize, labels: &[(&str, &str)], key: Option<&str>) ->
             .collect::<BTreeMap<_, _>>(),
         webhook: None,
         tenant: String::new(),
-        // Set, so that every round trip also proves the trace context is kept.
+        // Set, so that every round trip also proves the trace context and its state are kept.
         trace_parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
             .parse()
             .ok(),
+        trace_state: "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE".parse().ok(),
     };
     Job::new(JobId::generate(), spec, 1, SystemTime::now())
 }

@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     events::Hub,
-    job::{AttemptOutcome, JobId, TRACEPARENT_HEADER},
+    job::{AttemptOutcome, JobId, TRACEPARENT_HEADER, TRACESTATE_HEADER},
     metrics::Metrics,
     store::{DueDelivery, Store},
 };
@@ -295,6 +295,9 @@ impl WebhookWorker {
         // The receiver's handling joins the trace of the Submit that created the job.
         if let Some(parent) = due.job.trace_parent {
             request = request.header(TRACEPARENT_HEADER, parent.to_string());
+            if let Some(state) = &due.job.trace_state {
+                request = request.header(TRACESTATE_HEADER, state.as_str());
+            }
         }
         let response = request
             .header(reqwest::header::CONTENT_TYPE, "application/json")

@@ -29,8 +29,14 @@ use super::{
 };
 use crate::{
     actions::ProgressReporter,
-    job::{TRACEPARENT_ENV, TraceParent},
+    job::{TRACEPARENT_ENV, TRACESTATE_ENV, TraceParent, TraceState},
 };
+
+/// The trace context a command is started in: its job's.
+pub(super) struct Trace {
+    pub parent: Option<TraceParent>,
+    pub state: Option<TraceState>,
+}
 
 /// How many lines of stdout and of stderr are kept for results and errors.
 pub(super) const TAIL_LINES: usize = 50;
@@ -126,7 +132,7 @@ fn die_with_server(cmd: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_server(_cmd: &mut Command) {}
 
-/// Runs `command` with `args` (and `trace_parent` in its environment) to its end, or until `cancel` fires: then SIGTERM to the group,
+/// Runs `command` with `args` (and `trace` in its environment) to its end, or until `cancel` fires: then SIGTERM to the group,
 /// and SIGKILL if the leader has not exited after `grace`.
 pub(super) async fn run(
     command: &ExecCommand,
@@ -135,15 +141,18 @@ pub(super) async fn run(
     progress: &ProgressReporter,
     cancel: &CancellationToken,
     grace: Duration,
-    trace_parent: Option<TraceParent>,
+    trace: Trace,
 ) -> Result<Finished, Stopped> {
     let mut cmd = Command::new(&command.program);
     // The command joins the trace of the Submit that created its job, never one the server
     // itself was started in.
-    cmd.env_remove(TRACEPARENT_ENV);
+    cmd.env_remove(TRACEPARENT_ENV).env_remove(TRACESTATE_ENV);
     cmd.args(&command.args).args(args).envs(&command.env);
-    if let Some(parent) = trace_parent {
+    if let Some(parent) = trace.parent {
         cmd.env(TRACEPARENT_ENV, parent.to_string());
+        if let Some(state) = &trace.state {
+            cmd.env(TRACESTATE_ENV, state.as_str());
+        }
     }
     if let Some(dir) = &command.working_dir {
         cmd.current_dir(dir);

@@ -54,6 +54,7 @@ fn ctx(command: &str, input: &'static [u8]) -> (ActionContext, ProgressReceiver)
         cancel: CancellationToken::new(),
         deadline: None,
         trace_parent: None,
+        trace_state: None,
     };
     (ctx, receiver)
 }
@@ -250,15 +251,19 @@ async fn env_working_dir_and_extra_args_are_passed() {
 
 #[tokio::test]
 async fn the_job_s_trace_context_is_in_the_command_s_environment() {
-    let script = r#"echo "@result \"${TRACEPARENT-unset}\"""#;
+    let script = r#"echo "@result \"${TRACEPARENT-unset} ${TRACESTATE-unset}\"""#;
     let handler = exec([("trace", sh(script))]);
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let (mut with_trace, _progress) = ctx("trace", b"");
     with_trace.trace_parent = Some(parent.parse().unwrap());
-    assert_eq!(run(&handler, with_trace).await.unwrap(), json!(parent));
+    with_trace.trace_state = Some("rojo=1,congo=2".parse().unwrap());
+    assert_eq!(
+        run(&handler, with_trace).await.unwrap(),
+        json!(format!("{parent} rojo=1,congo=2"))
+    );
     // Without one, the command is not put in any trace the server's environment names.
     let (without, _progress) = ctx("trace", b"");
-    assert_eq!(run(&handler, without).await.unwrap(), json!("unset"));
+    assert_eq!(run(&handler, without).await.unwrap(), json!("unset unset"));
 }
 
 #[test]
