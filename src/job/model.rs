@@ -230,10 +230,18 @@ pub struct NewJob {
     /// The tenant that owns the job; empty means [`DEFAULT_TENANT`].
     pub tenant: String,
     /// The trace context of the request that submitted it, if it carried a valid one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "super::trace::lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub trace_parent: Option<TraceParent>,
     /// The vendors' state that came with that trace context (`tracestate`), if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "super::trace::lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub trace_state: Option<TraceState>,
 }
 
@@ -435,10 +443,18 @@ pub struct Job {
     pub cancel_requested: bool,
     /// The trace context of the Submit that created it: its run, the commands it starts and
     /// its webhook deliveries are tied to that trace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "super::trace::lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub trace_parent: Option<TraceParent>,
     /// The vendors' state that came with `trace_parent`, passed on with it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "super::trace::lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub trace_state: Option<TraceState>,
 }
 

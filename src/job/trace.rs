@@ -24,7 +24,8 @@ pub const TRACESTATE_HEADER: &str = "tracestate";
 /// The environment variable that carries the vendors' state of a trace into a process.
 pub const TRACESTATE_ENV: &str = "TRACESTATE";
 
-/// The longest `tracestate` kept: the length the recommendation asks every vendor to pass on.
+/// The longest `tracestate` passed on: the recommendation asks every vendor to pass on at
+/// least this much, and a longer one is cut to it.
 const MAX_TRACE_STATE_BYTES: usize = 512;
 
 /// The most list members a `tracestate` may have.
@@ -124,7 +125,12 @@ impl FromStr for TraceParent {
             &value[36..52],
             "the parent id is not 16 lowercase hex digits",
         )?;
-        let [flags] = hex_field(&value[53..55], "the flags are not two lowercase hex digits")?;
+        let [mut flags] = hex_field(&value[53..55], "the flags are not two lowercase hex digits")?;
+        if version[0] != 0 {
+            // Passed on as version 00, where the bits a newer version may define mean nothing
+            // yet: only `sampled` is known.
+            flags &= 1;
+        }
         if trace_id == [0; 16] {
             return Err(InvalidTraceParent("the trace id is all zeros"));
         }
@@ -184,8 +190,8 @@ impl TraceState {
     }
 
     /// The `tracestate` of a request whose `traceparent` is valid: its headers joined, as the
-    /// recommendation reads several; `None` when there is none, or when it is not valid or
-    /// longer than 512 characters (then only the trace context's state is dropped).
+    /// recommendation reads several, and cut to 512 characters; `None` when there is none, or
+    /// when it is not valid (then only the trace context's state is dropped).
     pub fn from_headers(headers: &http::HeaderMap) -> Option<Self> {
         let mut joined = String::new();
         for value in headers.get_all(TRACESTATE_HEADER) {
@@ -198,16 +204,33 @@ impl TraceState {
     }
 }
 
-/// A `tracestate` key: a lowercase letter, or a digit for a `tenant@system` key, then up to
-/// 255 of lowercase letters, digits, `_ - * / @` in all.
-fn valid_key(key: &str) -> bool {
-    key.len() <= 256
-        && key.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/@".contains(&b))
-        && key.matches('@').count() <= 1
+/// Lowercase letters, digits and `_ - * /`: what a `tracestate` key is made of.
+fn key_chars(part: &str) -> bool {
+    part.bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/".contains(&b))
 }
+
+/// A `tracestate` key (Level 1): a simple key, a lowercase letter and up to 255 more key
+/// characters; or a multi-tenant key `tenant@system`, the tenant a lowercase letter or digit
+/// and up to 240 more, the system a lowercase letter and up to 13 more.
+fn valid_key(key: &str) -> bool {
+    match key.split_once('@') {
+        None => {
+            key.len() <= 256 && key.starts_with(|c: char| c.is_ascii_lowercase()) && key_chars(key)
+        }
+        Some((tenant, system)) => {
+            (1..=241).contains(&tenant.len())
+                && tenant.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && key_chars(tenant)
+                && (1..=14).contains(&system.len())
+                && system.starts_with(|c: char| c.is_ascii_lowercase())
+                && key_chars(system)
+        }
+    }
+}
+
+/// Members over this length are the first dropped from a `tracestate` too long to pass on.
+const LONG_MEMBER_BYTES: usize = 128;
 
 /// A `tracestate` value: up to 256 printable ASCII characters other than `,` and `=`, not
 /// ending with a space.
@@ -223,8 +246,13 @@ fn valid_value(value: &str) -> bool {
 impl FromStr for TraceState {
     type Err = InvalidTraceParent;
 
+    /// Parses a value as the recommendation asks: a list that breaks a rule (a member that is
+    /// not `key=value`, a key twice, more than 32 members) is not valid; one that is valid but
+    /// longer than 512 characters is cut to fit by dropping whole members, those over 128
+    /// characters first, then from the end.
     fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let mut members = Vec::new();
+        let mut members: Vec<&str> = Vec::new();
+        let mut keys = std::collections::HashSet::new();
         for member in value.split(',') {
             let member = member.trim_matches([' ', '\t']);
             if member.is_empty() {
@@ -236,21 +264,29 @@ impl FromStr for TraceState {
             if !valid_key(key) || !valid_value(val) {
                 return Err(InvalidTraceParent("a tracestate member is not key=value"));
             }
+            if !keys.insert(key) {
+                return Err(InvalidTraceParent("a tracestate key appears twice"));
+            }
             members.push(member);
-        }
-        if members.is_empty() {
-            return Err(InvalidTraceParent("the tracestate is empty"));
         }
         if members.len() > MAX_TRACE_STATE_MEMBERS {
             return Err(InvalidTraceParent(
                 "the tracestate has more than 32 members",
             ));
         }
-        let joined = members.join(",");
-        if joined.len() > MAX_TRACE_STATE_BYTES {
-            return Err(InvalidTraceParent("the tracestate is over 512 characters"));
+        let length = |members: &[&str]| {
+            members.iter().map(|m| m.len()).sum::<usize>() + members.len().saturating_sub(1)
+        };
+        if length(&members) > MAX_TRACE_STATE_BYTES {
+            members.retain(|member| member.len() <= LONG_MEMBER_BYTES);
         }
-        Ok(Self(joined.into()))
+        while length(&members) > MAX_TRACE_STATE_BYTES {
+            members.pop();
+        }
+        if members.is_empty() {
+            return Err(InvalidTraceParent("the tracestate is empty"));
+        }
+        Ok(Self(members.join(",").into()))
     }
 }
 
@@ -277,6 +313,15 @@ impl<'de> Deserialize<'de> for TraceState {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         text.parse().map_err(de::Error::custom)
     }
+}
+
+/// Reads a stored trace value leniently: one that no longer parses (should the rules be
+/// tightened after it was stored) reads as none rather than making its whole job unreadable.
+pub(super) fn lenient<'de, D: Deserializer<'de>, T: FromStr>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    let text = Option::<std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+    Ok(text.and_then(|text| text.parse().ok()))
 }
 
 /// A trace id, displayed as 32 lowercase hex digits.
@@ -321,6 +366,19 @@ mod tests {
         assert_eq!(parent.to_string(), VALID);
         let exact: TraceParent = VALID.replacen("00", "01", 1).parse().unwrap();
         assert_eq!(exact.to_string(), VALID);
+        // Flags a newer version may define are not passed on as version 00 flags.
+        let flagged: TraceParent = VALID
+            .replacen("00", "01", 1)
+            .replace("-01", "-ff")
+            .parse()
+            .unwrap();
+        assert_eq!(flagged.to_string(), VALID);
+        let unsampled: TraceParent = VALID
+            .replacen("00", "01", 1)
+            .replace("-01", "-fe")
+            .parse()
+            .unwrap();
+        assert!(!unsampled.sampled());
     }
 
     #[test]
@@ -342,7 +400,9 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
             "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            // Multi-byte characters, where the flags end and across a field's end.
+            // Multi-byte characters: in the version (where nothing is checked before it is
+            // sliced), where the flags end and across a field's end.
+            "0é-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0é",
             "00-4bf92f3577b34da6a3ce929d0e0e473é00f067aa0ba902b7-01",
         ];
@@ -388,21 +448,40 @@ mod tests {
             "key=has=equals",
             "a@b@c=1",
             "_key=1",
+            "1abc=x",
+            "t@=x",
+            "t@1x=x",
+            "t@abcdefghijklmno=x",
+            "rojo=1,rojo=2",
         ] {
             assert!(
                 invalid.parse::<TraceState>().is_err(),
                 "{invalid:?} was accepted"
             );
         }
+        assert!("1tenant@sys=x".parse::<TraceState>().is_ok());
         let many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
         assert!(many.join(",").parse::<TraceState>().is_err(), "33 members");
-        let long = format!("k={}", "v".repeat(250));
-        let too_long = [long.as_str(); 3].join(",").replace("k=", "k1=");
-        assert!(too_long.len() > 512);
-        assert!(
-            too_long.parse::<TraceState>().is_err(),
-            "over 512 characters"
-        );
+    }
+
+    #[test]
+    fn a_trace_state_over_512_characters_is_cut_by_whole_members_long_ones_first() {
+        let member = |key: &str, len: usize| format!("{key}={}", "v".repeat(len - key.len() - 1));
+        let members = [
+            member("a", 100),
+            member("long", 200),
+            member("b", 100),
+            member("c", 120),
+            member("d", 100),
+            member("e", 100),
+        ];
+        let list = members.join(",");
+        assert_eq!(list.len(), 725);
+        // Without the long member: 520 characters and 4 commas, still too long, so the last
+        // goes too: a, b, c, d are 420 characters and 3 commas.
+        let cut: TraceState = list.parse().unwrap();
+        let expected = [&members[0], &members[2], &members[3], &members[4]].map(String::as_str);
+        assert_eq!(cut.as_str(), expected.join(","));
     }
 
     #[test]
@@ -426,5 +505,13 @@ mod tests {
         assert_eq!(json, format!("\"{VALID}\""));
         assert_eq!(serde_json::from_str::<TraceParent>(&json).unwrap(), parent);
         assert!(serde_json::from_str::<TraceParent>("\"00-zz\"").is_err());
+        // In a stored job, a value that no longer parses reads as none, not as a broken job.
+        let read = |json: &str| {
+            let mut de = serde_json::Deserializer::from_str(json);
+            lenient::<_, TraceParent>(&mut de).unwrap()
+        };
+        assert_eq!(read(&json), Some(parent));
+        assert_eq!(read("\"00-zz\""), None);
+        assert_eq!(read("null"), None);
     }
 }

@@ -4,21 +4,11 @@
 
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
-use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+use http::{HeaderValue, Method};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
 
 /// How long a browser may reuse a preflight's answer, sparing one OPTIONS round trip a call.
 const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
-
-/// Response headers a page's script may read: the gRPC-Web status (when it comes as headers,
-/// in a trailers-only response) and what the clients read about compression.
-const EXPOSED: [&str; 5] = [
-    "grpc-status",
-    "grpc-message",
-    "grpc-status-details-bin",
-    "grpc-encoding",
-    "grpc-accept-encoding",
-];
 
 /// The CORS layer for `origins` (each `scheme://host[:port]`, or `*` alone for any origin);
 /// `None` when the list is empty. Errors name each entry that is not an origin, since a
@@ -57,7 +47,10 @@ pub fn layer(origins: &[String]) -> Result<Option<CorsLayer>, String> {
             // connect-timeout-ms, ...), authorization, traceparent, its own metadata. The
             // origin is what is checked.
             .allow_headers(AllowHeaders::mirror_request())
-            .expose_headers(EXPOSED.map(HeaderName::from_static))
+            // Every response header, for the page's script to read: the gRPC-Web status when
+            // it comes as headers (a trailers-only response), Connect's `trailer-` headers,
+            // `grpc-retry-pushback-ms`. `*` means that because credentials are never allowed.
+            .expose_headers(ExposeHeaders::any())
             .max_age(PREFLIGHT_MAX_AGE),
     ))
 }
@@ -90,8 +83,29 @@ fn origin_value(origin: &str) -> Result<HeaderValue, &'static str> {
     if !origin.is_ascii() {
         return Err("is not ASCII: browsers send an international host name in its xn-- form");
     }
+    let (scheme, authority) = (scheme.to_ascii_lowercase(), authority.to_ascii_lowercase());
+    // What follows the last colon is a port, unless it is inside an IPv6 literal's brackets.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority.as_str(), None),
+    };
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    let origin = match port.map(str::parse::<u16>) {
+        None => format!("{scheme}://{host}"),
+        Some(Ok(port)) if port > 0 => {
+            // Browsers leave a scheme's default port out of the Origin they send.
+            if (scheme == "https" && port == 443) || (scheme == "http" && port == 80) {
+                format!("{scheme}://{host}")
+            } else {
+                format!("{scheme}://{host}:{port}")
+            }
+        }
+        Some(_) => return Err("has a port that is not a number from 1 to 65535"),
+    };
     // Browsers send the scheme and host in lowercase.
-    HeaderValue::from_str(&origin.to_ascii_lowercase()).map_err(|_| "is not an origin")
+    HeaderValue::from_str(&origin).map_err(|_| "is not an origin")
 }
 
 #[cfg(test)]
@@ -121,6 +135,15 @@ mod tests {
             origin_value("HTTPS://App.Example.com:8443").unwrap(),
             "https://app.example.com:8443"
         );
+        for (written, sent) in [
+            ("https://app.example.com:443", "https://app.example.com"),
+            ("http://app.example.com:80", "http://app.example.com"),
+            ("http://app.example.com:443", "http://app.example.com:443"),
+            ("http://[::1]:5173", "http://[::1]:5173"),
+            ("http://[::1]", "http://[::1]"),
+        ] {
+            assert_eq!(origin_value(written).unwrap(), sent, "{written}");
+        }
     }
 
     #[test]
@@ -135,6 +158,10 @@ mod tests {
             ("https://app.example.com?x", "has a path"),
             ("https://app .example.com", "not an origin"),
             ("https://bücher.example", "not ASCII"),
+            ("https://app.example.com:abc", "not a number"),
+            ("https://app.example.com:0", "not a number"),
+            ("https://app.example.com:70000", "not a number"),
+            ("https://:8080", "no host"),
         ] {
             let error = layer(&origins(&["https://ok.example", origin])).unwrap_err();
             assert!(error.contains(&format!("{origin:?}")), "{error}");
