@@ -642,10 +642,19 @@ impl Following {
         lines
     }
 
-    /// Sends SIGINT; the exit code and stderr.
-    async fn interrupt(self) -> (i32, String) {
+    /// Sends SIGINT; the exit code, stderr, and the lines printed since the last read.
+    async fn interrupt(mut self) -> (i32, String, Vec<String>) {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id().unwrap()).unwrap());
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let mut rest = Vec::new();
+        while let Some(line) =
+            tokio::time::timeout(std::time::Duration::from_secs(20), self.lines.next_line())
+                .await
+                .expect("stdout closes in time")
+                .unwrap()
+        {
+            rest.push(line);
+        }
         let output = tokio::time::timeout(
             std::time::Duration::from_secs(20),
             self.child.wait_with_output(),
@@ -656,6 +665,7 @@ impl Following {
         (
             output.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&output.stderr).into_owned(),
+            rest,
         )
     }
 }
@@ -676,14 +686,12 @@ async fn submit_labelled(url: &str, batch: &str, actions: &[&str]) -> String {
 async fn watch_jobs_until_done_follows_a_batch_to_its_end_and_exits_with_its_outcome() {
     let server = TestServer::start().await;
     let url = server.url();
-    let slow = r#"sleep:{"duration_ms":600,"steps":3}"#;
+    // Long enough that both are still running when the watch has started, on a slow machine
+    // too.
+    let slow = r#"sleep:{"duration_ms":1500,"steps":3}"#;
     let succeeding = submit_labelled(&url, "nightly", &[slow]).await;
-    let failing = submit_labelled(
-        &url,
-        "nightly",
-        &[SHORT_SLEEP, r#"fail:{"message":"disk full"}"#],
-    )
-    .await;
+    let failing =
+        submit_labelled(&url, "nightly", &[slow, r#"fail:{"message":"disk full"}"#]).await;
     let other = submit_labelled(&url, "other", &[slow]).await;
     let run = longrun(
         &url,
@@ -743,8 +751,10 @@ async fn watch_jobs_interrupted_names_its_cursor_and_resumes_from_it_missing_not
     );
     let first = submit_labelled(&url, "resume", &[step]).await;
     // QUEUED or RUNNING first, then a few changes.
-    let seen = watch.next_lines(2).await;
-    let (code, stderr) = watch.interrupt().await;
+    let mut seen = watch.next_lines(2).await;
+    let (code, stderr, printed_since) = watch.interrupt().await;
+    // Lines printed before the signal was handled count too.
+    seen.extend(printed_since);
     assert_eq!(code, 130, "{stderr}");
     let cursor = stderr
         .split("resume with --after-cursor ")
@@ -752,7 +762,7 @@ async fn watch_jobs_interrupted_names_its_cursor_and_resumes_from_it_missing_not
         .map(str::trim)
         .unwrap_or_else(|| panic!("the cursor is named: {stderr}"))
         .to_owned();
-    let last: serde_json::Value = serde_json::from_str(&seen[1]).unwrap();
+    let last: serde_json::Value = serde_json::from_str(seen.last().unwrap()).unwrap();
     assert_eq!(
         last["cursor"],
         cursor.as_str(),

@@ -259,3 +259,88 @@ async fn submit_wait_that_loses_the_server_still_prints_the_job() {
         "{stderr}"
     );
 }
+
+/// `watch-jobs --until-done` survives a server restart too: it resumes from its last cursor,
+/// prints nothing twice, and ends with the batch once the interrupted job has run again.
+#[tokio::test]
+async fn watch_jobs_until_done_resumes_across_a_server_restart() {
+    let server = TestServer::start().await;
+    let (addr, store, url) = (server.addr, server.store.clone(), server.url());
+    let submitted = longrun(
+        &url,
+        &[
+            "submit",
+            "--label",
+            "batch=restart",
+            "--action",
+            r#"sleep:{"duration_ms":1500,"steps":15}"#,
+        ],
+    )
+    .await;
+    let id = submitted.first_line();
+
+    let mut child = command(
+        &url,
+        &[
+            "watch-jobs",
+            "--label",
+            "batch=restart",
+            "--until-done",
+            "--output",
+            "json",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = Vec::new();
+    tokio::time::timeout(COMMAND_TIMEOUT, async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            let running = line.contains("step 2 of 15");
+            lines.push(line);
+            if running {
+                return;
+            }
+        }
+        panic!("the watch ended early: {lines:?}");
+    })
+    .await
+    .expect("the job starts running");
+
+    server.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("rebind the same port");
+    let _server = TestServer::start_on(listener, store).await;
+
+    let (status, stderr) = tokio::time::timeout(COMMAND_TIMEOUT, async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            lines.push(line);
+        }
+        let mut stderr = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+            .await
+            .unwrap();
+        (child.wait().await.unwrap(), stderr)
+    })
+    .await
+    .expect("the watch ends after the restart");
+    assert_eq!(status.code(), Some(0), "{stderr}\n{lines:#?}");
+    assert!(stderr.contains("resuming from the last cursor"), "{stderr}");
+    assert!(stderr.contains("1 SUCCEEDED"), "{stderr}");
+    let versions: Vec<i64> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["job"].clone())
+        .inspect(|job| assert_eq!(job["id"], id.as_str()))
+        .map(|job| job["version"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        versions.windows(2).all(|pair| pair[0] < pair[1]),
+        "versions rise, none repeated: {versions:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("JOB_STATE_QUEUED")),
+        "the interruption (back to QUEUED) is seen: {lines:#?}"
+    );
+}

@@ -607,12 +607,28 @@ async fn a_traced_call_and_the_run_of_its_job_name_the_trace_in_the_log() {
         .job
         .unwrap();
     wait_done(&mut client, &plain_job.id).await;
+    // A job's end is logged just after watchers are told of it: read until both are there.
+    let read_log = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        complete
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    };
+    let ended = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .filter(|line| line["fields"]["message"] == "job succeeded")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let mut lines = read_log();
+    while ended(&lines) < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        lines = read_log();
+    }
     drop(server);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log_path)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-        .collect();
     let in_trace = |line: &serde_json::Value| {
         line["spans"]
             .as_array()

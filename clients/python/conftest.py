@@ -180,8 +180,8 @@ args = ["-c", 'echo "@result \"${TRACEPARENT-unset}\""']
 
 @pytest.fixture
 def rate_limited_server(tmp_path) -> Server:
-    """A server that lets each tenant submit 2 jobs a second, one at a time."""
-    yield from _configured_server(tmp_path, "[quotas]\nsubmits_per_second = 2\nsubmit_burst = 1\n")
+    """A server that lets each tenant submit a job every 2 seconds, one at a time."""
+    yield from _configured_server(tmp_path, "[quotas]\nsubmits_per_second = 0.5\nsubmit_burst = 1\n")
 
 
 @pytest.fixture(scope="session")

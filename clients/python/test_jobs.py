@@ -268,8 +268,8 @@ def test_a_submit_s_trace_context_follows_its_job(pb, exec_server):
 def test_a_grpc_retry_policy_waits_as_long_as_a_rate_limited_server_asks(pb, rate_limited_server):
     """A refusal for the submit rate carries its delay in `grpc-retry-pushback-ms`, which
     grpcio's retry support obeys: with a policy that would otherwise retry three times 10 ms
-    apart (all refused: the next token is 500 ms away), the retry waits for the token and
-    gets through."""
+    apart (all refused: the next token is 2 s away), the retry waits for the token and gets
+    through."""
     import json
 
     service_config = json.dumps(
@@ -303,4 +303,4 @@ def test_a_grpc_retry_policy_waits_as_long_as_a_rate_limited_server_asks(pb, rat
             submit(pb, jobs, "echo", {})
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     trailers = dict(refused.value.trailing_metadata())
-    assert 0 < int(trailers["grpc-retry-pushback-ms"]) <= 501, trailers
+    assert 0 < int(trailers["grpc-retry-pushback-ms"]) <= 2001, trailers

@@ -93,6 +93,26 @@ pub async fn run(args: WatchJobsArgs) -> anyhow::Result<i32> {
     }
 }
 
+/// How long a watch with nothing to wait for still reads what the stream already holds (see
+/// [`Watch::session`]): the stream's first snapshots are ready when it opens, so they follow at
+/// once; this only has to cover a busy server.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// How one stream of a watch ended.
+enum Stop {
+    /// The watch is done: exit with this code.
+    Done(i32),
+    /// This call was lost (or refused) with this status: reconnect, or give up.
+    Lost(&'static str, Status),
+    /// Something that reconnecting cannot mend.
+    Failed(anyhow::Error),
+}
+
+/// A WatchJobs stream only ends on an error or at a shutdown: one that ends is resumed.
+fn ended_early() -> Status {
+    Status::unavailable("the stream ended")
+}
+
 /// A resumable watch: the request that resumes it (its cursor kept up to date), the backoff
 /// between reconnections, and with `--until-done` the jobs still to end.
 struct Watch {
@@ -104,40 +124,72 @@ struct Watch {
 impl Watch {
     async fn follow(&mut self, client: &mut Client, printer: &Printer) -> anyhow::Result<i32> {
         loop {
-            let lost = match client.watch_jobs(self.request.clone()).await {
-                Ok(response) => {
-                    let mut stream = response.into_inner();
-                    // Listed once the stream is open, so that every job listed unfinished has
-                    // its end still to come on the stream (see `Batch`).
-                    if let Some(batch) = self.batch.as_mut().filter(|b| !b.listed) {
-                        batch.list(client, &self.request.labels).await?;
-                    }
-                    if let Some(code) = self.batch.as_ref().and_then(Batch::done) {
-                        return Ok(code);
-                    }
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(message)) => {
-                                if let Some(code) = self.observe(printer, &message)? {
-                                    return Ok(code);
-                                }
-                            }
-                            // A WatchJobs stream only ends on an error or at a shutdown.
-                            Ok(None) => break Status::unavailable("the stream ended"),
-                            Err(status) => break status,
-                        }
-                    }
-                }
-                Err(status) => status,
+            let (call, lost) = match self.session(client, printer).await {
+                Stop::Done(code) => return Ok(code),
+                Stop::Failed(error) => return Err(error),
+                Stop::Lost(call, lost) => (call, lost),
             };
+            if let Some(batch) = self.batch.as_mut()
+                && self.request.after_cursor.is_empty()
+            {
+                // No message got through: the next stream starts over from fresh snapshots,
+                // which leave out the jobs that ended meanwhile, so the batch is listed again.
+                batch.listed = false;
+            }
             let retry = self.reconnect.after(
-                "WatchJobs",
+                call,
                 lost,
                 "resuming from the last cursor",
                 "at the last cursor",
             )?;
             eprintln!("{}", retry.note);
             tokio::time::sleep(retry.delay).await;
+        }
+    }
+
+    /// One stream, from opening it until it is lost or the watch is done.
+    async fn session(&mut self, client: &mut Client, printer: &Printer) -> Stop {
+        let mut stream = match client.watch_jobs(self.request.clone()).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Stop::Lost("WatchJobs", status),
+        };
+        if let Some(batch) = self.batch.as_mut().filter(|b| !b.listed) {
+            // Listed once the stream is open, so that every job listed unfinished has its end
+            // still to come on the stream (see `Batch`).
+            if let Err((call, status)) = batch.list(client, &self.request.labels).await {
+                return Stop::Lost(call, status);
+            }
+            if batch.unfinished.is_empty() {
+                // Nothing to wait for, unless jobs unfinished when the stream opened ended
+                // before the listing: their snapshots and ends are on the stream already,
+                // sent as soon as it opened.
+                loop {
+                    match tokio::time::timeout(SETTLE, stream.message()).await {
+                        Err(_quiet) => break,
+                        Ok(Ok(Some(message))) => match self.observe(printer, &message) {
+                            Ok(None) => {}
+                            Ok(Some(code)) => return Stop::Done(code),
+                            Err(error) => return Stop::Failed(error),
+                        },
+                        Ok(Ok(None)) => return Stop::Lost("WatchJobs", ended_early()),
+                        Ok(Err(status)) => return Stop::Lost("WatchJobs", status),
+                    }
+                }
+            }
+        }
+        if let Some(code) = self.batch.as_ref().and_then(Batch::done) {
+            return Stop::Done(code);
+        }
+        loop {
+            match stream.message().await {
+                Ok(Some(message)) => match self.observe(printer, &message) {
+                    Ok(None) => {}
+                    Ok(Some(code)) => return Stop::Done(code),
+                    Err(error) => return Stop::Failed(error),
+                },
+                Ok(None) => return Stop::Lost("WatchJobs", ended_early()),
+                Err(status) => return Stop::Lost("WatchJobs", status),
+            }
         }
     }
 
@@ -184,11 +236,15 @@ struct Batch {
 }
 
 impl Batch {
+    /// Lists the matching jobs that are unfinished. On a second listing (a stream that started
+    /// over), the jobs listed before and not now have ended unseen: each is read, so that how
+    /// it ended counts.
     async fn list(
         &mut self,
         client: &mut Client,
         labels: &HashMap<String, String>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), (&'static str, Status)> {
+        let before = std::mem::take(&mut self.unfinished);
         let mut request = pb::ListJobsRequest {
             states: vec![pb::JobState::Queued as i32, pb::JobState::Running as i32],
             labels: labels.clone(),
@@ -199,7 +255,7 @@ impl Batch {
             let page = client
                 .list_jobs(request.clone())
                 .await
-                .context("ListJobs (the jobs --until-done waits for)")?
+                .map_err(|status| ("ListJobs", status))?
                 .into_inner();
             for job in page.jobs {
                 if !self.ended.contains(&job.id) {
@@ -210,6 +266,26 @@ impl Batch {
                 break;
             }
             request.page_token = page.next_page_token;
+        }
+        let gone: Vec<String> = before.difference(&self.unfinished).cloned().collect();
+        for id in gone {
+            let request = pb::GetStatusRequest { job_id: id };
+            match client.get_status(request).await {
+                Ok(response) => {
+                    if let Some(job) = response.into_inner().job {
+                        self.observe(&job);
+                    }
+                }
+                // Deleted since: how it ended is gone with it.
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                Err(status) => {
+                    // Kept for the next try.
+                    let ended = &self.ended;
+                    self.unfinished
+                        .extend(before.into_iter().filter(|id| !ended.contains(id)));
+                    return Err(("GetStatus", status));
+                }
+            }
         }
         self.listed = true;
         Ok(())
