@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 #[tokio::test]
 async fn watch_resumes_across_a_server_restart() {
     let server = TestServer::start().await;
-    let (addr, store, url) = (server.addr, server.store.clone(), server.url());
+    let url = server.url();
     let submitted = longrun(
         &url,
         &[
@@ -27,45 +27,10 @@ async fn watch_resumes_across_a_server_restart() {
     .await;
     let id = submitted.first_line();
 
-    let mut child = command(&url, &["watch", &id, "--output", "json"])
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut lines = Vec::new();
-    // Restart once the job is visibly running.
-    tokio::time::timeout(COMMAND_TIMEOUT, async {
-        while let Some(line) = stdout.next_line().await.unwrap() {
-            let running = line.contains("step 2 of 15");
-            lines.push(line);
-            if running {
-                return;
-            }
-        }
-        panic!("the watch ended early: {lines:?}");
-    })
-    .await
-    .expect("the job starts running");
-
-    server.stop().await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // the watcher finds nobody there
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .expect("rebind the same port");
-    let _server = TestServer::start_on(listener, store).await;
-
-    let rest = tokio::time::timeout(COMMAND_TIMEOUT, async {
-        while let Some(line) = stdout.next_line().await.unwrap() {
-            lines.push(line);
-        }
-        let mut stderr = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
-            .await
-            .unwrap();
-        (child.wait().await.unwrap(), stderr)
-    })
-    .await
-    .expect("the watch ends after the restart");
-    let (status, stderr) = rest;
+    let (child, mut stdout, mut lines) =
+        spawn_until(&url, &["watch", &id, "--output", "json"], "step 2 of 15").await;
+    let _server = restart(server).await;
+    let (status, stderr) = rest_of(child, &mut stdout, &mut lines).await;
     assert_eq!(status.code(), Some(0), "{stderr}\n{lines:#?}");
     assert!(stderr.contains("connection lost"), "{stderr}");
     assert!(stderr.contains("resuming after version"), "{stderr}");
@@ -98,6 +63,54 @@ async fn watch_resumes_across_a_server_restart() {
         1,
         "the same attempt, run again"
     );
+}
+
+type StdoutLines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// Starts `longrun ARGS` and reads its stdout (bounded) up to the first line containing
+/// `marker`: the command, the rest of its stdout, and the lines read.
+async fn spawn_until(
+    url: &str,
+    args: &[&str],
+    marker: &str,
+) -> (tokio::process::Child, StdoutLines, Vec<String>) {
+    let mut child = command(url, args).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = Vec::new();
+    tokio::time::timeout(COMMAND_TIMEOUT, async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            let found = line.contains(marker);
+            lines.push(line);
+            if found {
+                return;
+            }
+        }
+        panic!("the command ended before printing {marker:?}: {lines:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{marker:?} is printed in time"));
+    (child, stdout, lines)
+}
+
+/// Reads the rest of a command's stdout into `lines` and waits (bounded) for it to end: its
+/// exit status and stderr.
+async fn rest_of(
+    mut child: tokio::process::Child,
+    stdout: &mut StdoutLines,
+    lines: &mut Vec<String>,
+) -> (std::process::ExitStatus, String) {
+    tokio::time::timeout(COMMAND_TIMEOUT, async {
+        while let Some(line) = stdout.next_line().await.unwrap() {
+            lines.push(line);
+        }
+        let mut stderr = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+            .await
+            .unwrap();
+        (child.wait().await.unwrap(), stderr)
+    })
+    .await
+    .expect("the command ends after the restart")
 }
 
 /// Polls (bounded) until some job runs on the server at `url`.
@@ -265,7 +278,7 @@ async fn submit_wait_that_loses_the_server_still_prints_the_job() {
 #[tokio::test]
 async fn watch_jobs_until_done_resumes_across_a_server_restart() {
     let server = TestServer::start().await;
-    let (addr, store, url) = (server.addr, server.store.clone(), server.url());
+    let url = server.url();
     let submitted = longrun(
         &url,
         &[
@@ -279,53 +292,17 @@ async fn watch_jobs_until_done_resumes_across_a_server_restart() {
     .await;
     let id = submitted.first_line();
 
-    let mut child = command(
-        &url,
-        &[
-            "watch-jobs",
-            "--label",
-            "batch=restart",
-            "--until-done",
-            "--output",
-            "json",
-        ],
-    )
-    .spawn()
-    .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut lines = Vec::new();
-    tokio::time::timeout(COMMAND_TIMEOUT, async {
-        while let Some(line) = stdout.next_line().await.unwrap() {
-            let running = line.contains("step 2 of 15");
-            lines.push(line);
-            if running {
-                return;
-            }
-        }
-        panic!("the watch ended early: {lines:?}");
-    })
-    .await
-    .expect("the job starts running");
-
-    server.stop().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .expect("rebind the same port");
-    let _server = TestServer::start_on(listener, store).await;
-
-    let (status, stderr) = tokio::time::timeout(COMMAND_TIMEOUT, async {
-        while let Some(line) = stdout.next_line().await.unwrap() {
-            lines.push(line);
-        }
-        let mut stderr = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
-            .await
-            .unwrap();
-        (child.wait().await.unwrap(), stderr)
-    })
-    .await
-    .expect("the watch ends after the restart");
+    let args = [
+        "watch-jobs",
+        "--label",
+        "batch=restart",
+        "--until-done",
+        "--output",
+        "json",
+    ];
+    let (child, mut stdout, mut lines) = spawn_until(&url, &args, "step 2 of 15").await;
+    let _server = restart(server).await;
+    let (status, stderr) = rest_of(child, &mut stdout, &mut lines).await;
     assert_eq!(status.code(), Some(0), "{stderr}\n{lines:#?}");
     assert!(stderr.contains("resuming from the last cursor"), "{stderr}");
     assert!(stderr.contains("1 SUCCEEDED"), "{stderr}");

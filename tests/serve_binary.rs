@@ -561,6 +561,27 @@ async fn at_debug_every_call_logs_one_line() {
     );
 }
 
+/// `serve` on the memory store logging JSON lines at `rust_log` into `log_path`, and a
+/// client of it.
+async fn serve_logging_json(
+    log_path: &std::path::Path,
+    rust_log: &str,
+) -> (
+    Spawned,
+    longrun::api::pb::jobs_client::JobsClient<tonic::transport::Channel>,
+) {
+    let addr = common::free_addr();
+    let server = common::Spawned::spawn(
+        Command::new(env!("CARGO_BIN_EXE_longrun"))
+            .args(["serve", "--store", "memory", "--listen", &addr.to_string()])
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log_path).unwrap()),
+    );
+    (server, common::connect(addr).await)
+}
+
 /// A call that carries a W3C trace context is logged in a span naming its trace id, and so is
 /// the run of a job it submitted, so that both are found from the caller's trace; a call with
 /// a proxy's `x-request-id` is logged naming that.
@@ -570,16 +591,7 @@ async fn a_traced_call_and_the_run_of_its_job_name_the_trace_in_the_log() {
     const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("serve.log");
-    let addr = common::free_addr();
-    let server = common::Spawned::spawn(
-        Command::new(env!("CARGO_BIN_EXE_longrun"))
-            .args(["serve", "--store", "memory", "--listen", &addr.to_string()])
-            .args(["--log-format", "json"])
-            .env("RUST_LOG", "longrun=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap()),
-    );
-    let mut client = common::connect(addr).await;
+    let (server, mut client) = serve_logging_json(&log_path, "longrun=debug").await;
     let mut traced =
         tonic::Request::new(request(vec![common::action("echo", serde_json::json!({}))]));
     traced
@@ -675,16 +687,7 @@ async fn a_traced_call_and_the_run_of_its_job_name_the_trace_in_the_log() {
 async fn with_log_format_json_every_line_is_an_object() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("serve.log");
-    let addr = common::free_addr();
-    let server = common::Spawned::spawn(
-        Command::new(env!("CARGO_BIN_EXE_longrun"))
-            .args(["serve", "--store", "memory", "--listen", &addr.to_string()])
-            .args(["--log-format", "json"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap()),
-    );
-    let mut client = common::connect(addr).await;
+    let (server, mut client) = serve_logging_json(&log_path, "info").await;
     let job = submit(
         &mut client,
         request(vec![common::action("echo", serde_json::json!({}))]),
