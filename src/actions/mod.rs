@@ -171,6 +171,82 @@ impl From<JobError> for HandlerError {
 /// A handler reports progress through `ctx.progress`, stops soon after `ctx.cancel` fires
 /// (a Cancel, the job's timeout, or shutdown; one that does not is dropped after the cancel
 /// grace period), and returns a JSON result or a [`HandlerError`], permanent or retryable.
+///
+/// A handler that counts the lines of its input containing a word, reporting progress as it
+/// goes and stopping when told to:
+///
+/// ```
+/// use longrun::actions::{
+///     ActionContext, ActionDescription, Handler, HandlerError, ParamInfo, ParamType,
+///     ProgressReporter, Registry, async_trait, str_param,
+/// };
+/// use longrun::job::{FieldViolation, JobId};
+/// use serde_json::{Map, Value, json};
+///
+/// struct CountMatches;
+///
+/// #[async_trait]
+/// impl Handler for CountMatches {
+///     fn describe(&self) -> ActionDescription {
+///         ActionDescription {
+///             description: "Counts the input's lines that contain `word`.".to_owned(),
+///             params: vec![ParamInfo::optional("word", ParamType::String, "What to look for.")],
+///             uses_input: true,
+///         }
+///     }
+///
+///     // Checked at Submit, so a bad request is refused before anything is stored.
+///     fn validate(&self, params: &Map<String, Value>) -> Result<(), Vec<FieldViolation>> {
+///         if str_param(params, "word", "x").is_empty() {
+///             return Err(vec![FieldViolation::new("word", "must not be empty")]);
+///         }
+///         Ok(())
+///     }
+///
+///     async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
+///         let word = str_param(&ctx.params, "word", "x");
+///         let text = std::str::from_utf8(&ctx.input)
+///             .map_err(|e| HandlerError::permanent("INVALID_ARGUMENT", "NOT_UTF8", e.to_string()))?;
+///         let lines: Vec<&str> = text.lines().collect();
+///         let mut matching = 0;
+///         for (done, chunk) in lines.chunks(1000).enumerate() {
+///             if ctx.cancel.is_cancelled() {
+///                 return Err(HandlerError::cancelled());
+///             }
+///             matching += chunk.iter().filter(|line| line.contains(word)).count();
+///             let read = ((done + 1) * 1000).min(lines.len()) as u64;
+///             ctx.progress.units(read, lines.len() as u64, format!("{read} lines read"));
+///             tokio::task::yield_now().await; // let a cancel in between
+///         }
+///         Ok(json!({ "lines": lines.len(), "matching": matching }))
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // Served by name, beside the built-in actions:
+/// let mut registry = Registry::with_builtins();
+/// registry.register("count_matches", CountMatches);
+///
+/// // A handler is a plain value: it can be tried without a server.
+/// let (progress, reports) = ProgressReporter::channel();
+/// let ctx = ActionContext {
+///     job_id: JobId::generate(),
+///     action_index: 0,
+///     attempt: 1,
+///     params: json!({ "word": "error" }).as_object().cloned().unwrap_or_default(),
+///     input: "ok\nerror: disk\nok\nerror: net\n".into(),
+///     progress,
+///     cancel: Default::default(),
+///     deadline: None,
+///     trace_parent: None,
+///     trace_state: None,
+/// };
+/// let result = CountMatches.run(ctx).await.unwrap();
+/// assert_eq!(result, json!({ "lines": 4, "matching": 2 }));
+/// assert_eq!(reports.take().map(|p| p.percent), Some(100));
+/// # }
+/// ```
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// What the action does and which params it takes. Asked once, when the handler is
