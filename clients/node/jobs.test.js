@@ -5,19 +5,16 @@
 
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { execFile, spawn } = require('node:child_process');
-const fs = require('node:fs');
-const net = require('node:net');
+const { execFile } = require('node:child_process');
 const path = require('node:path');
 
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const REPO = path.resolve(__dirname, '..', '..');
-const BINARY = process.env.LONGRUN_BIN || path.join(REPO, 'target', 'debug', 'longrun');
+const { REPO, startServer, stopServer } = require('./harness');
+
 const CALL_TIMEOUT_MS = 10_000;
 const STREAM_TIMEOUT_MS = 30_000;
-const START_TIMEOUT_MS = 30_000;
 
 // proto-loader (protobufjs) carries google/protobuf/{duration,struct,timestamp,...}.proto
 // itself, so proto/ is the only include dir needed.
@@ -45,65 +42,11 @@ function toStruct(obj) {
   return { fields: Object.fromEntries(Object.entries(obj).map(([k, v]) => [k, toValue(v)])) };
 }
 
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-function canConnect(port) {
-  return new Promise((resolve) => {
-    const sock = net.connect({ host: '127.0.0.1', port });
-    sock.setTimeout(500);
-    sock.once('connect', () => { sock.destroy(); resolve(true); });
-    sock.once('error', () => resolve(false));
-    sock.once('timeout', () => { sock.destroy(); resolve(false); });
-  });
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const deadline = (ms) => new Date(Date.now() + ms);
 
 let server; // the child process
-let serverLog = '';
 let client;
 let serverAddr;
-
-async function startServer() {
-  assert.ok(fs.existsSync(BINARY), `server binary ${BINARY} not found: run \`cargo build\` first`);
-  for (let tries = 0; tries < 3; tries++) {
-    const port = await freePort();
-    const addr = `127.0.0.1:${port}`;
-    const child = spawn(BINARY, ['serve', '--listen', addr, '--store', 'memory'], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let exited = false;
-    child.once('exit', () => { exited = true; });
-    child.stdout.on('data', (d) => { serverLog += d; });
-    child.stderr.on('data', (d) => { serverLog += d; });
-    const until = Date.now() + START_TIMEOUT_MS;
-    while (!exited && Date.now() < until) {
-      if (await canConnect(port)) return { child, addr };
-      await sleep(50);
-    }
-    await stopServer(child);
-  }
-  throw new Error(`longrun server did not start; log:\n${serverLog}`);
-}
-
-async function stopServer(child) {
-  if (!child || child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise((r) => child.once('exit', r));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-  await exited;
-  clearTimeout(timer);
-}
 
 function unary(method, request) {
   return new Promise((resolve, reject) => {
