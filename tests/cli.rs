@@ -593,19 +593,15 @@ async fn submit_passes_on_the_trace_context_it_was_started_in() {
         let store = std::sync::Arc::clone(&server.store);
         async move { store.get(id).await.unwrap().expect("the job is stored") }
     };
-    let traced = stored(ids[0]).await;
+    let traced = stored(ids[0]).await.trace.expect("a trace context");
+    assert_eq!(traced.parent.to_string(), PARENT);
     assert_eq!(
-        traced.trace_parent.map(|p| p.to_string()),
-        Some(PARENT.to_owned())
-    );
-    assert_eq!(
-        traced.trace_state.map(|s| s.to_string()),
+        traced.state.map(|s| s.to_string()),
         Some("rojo=00f067aa0ba902b7".to_owned())
     );
-    let untraced = stored(ids[1]).await;
-    assert_eq!(untraced.trace_parent, None);
     assert_eq!(
-        untraced.trace_state, None,
+        stored(ids[1]).await.trace,
+        None,
         "a state goes only with a trace context"
     );
 }

@@ -33,10 +33,12 @@ impl Handler for TraceEcho {
     }
 
     async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
-        Ok(match (ctx.trace_parent, ctx.trace_state) {
-            (None, _) => Value::Null,
-            (Some(parent), None) => json!(parent.to_string()),
-            (Some(parent), Some(state)) => json!(format!("{parent} {state}")),
+        Ok(match ctx.trace {
+            None => Value::Null,
+            Some(trace) => match trace.state {
+                None => json!(trace.parent.to_string()),
+                Some(state) => json!(format!("{} {state}", trace.parent)),
+            },
         })
     }
 }

@@ -254,8 +254,7 @@ mod tests {
             progress: ProgressReporter::channel().0,
             cancel: CancellationToken::new(),
             deadline: None,
-            trace_parent: None,
-            trace_state: None,
+            trace: None,
         }
     }
 

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{FieldViolation, JobError, JobId, NewAction, TraceParent, TraceState};
+use crate::job::{FieldViolation, JobError, JobId, NewAction, TraceContext};
 
 /// What a handler says about itself in `ListActions`.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,10 +66,9 @@ pub struct ActionContext {
     /// When the attempt's time runs out, if the job has a timeout.
     pub deadline: Option<Instant>,
     /// The trace context of the Submit that created the job, if it carried one: pass it on
-    /// (as a `traceparent` header, say) so that the work the handler starts joins that trace.
-    pub trace_parent: Option<TraceParent>,
-    /// The vendors' state that came with `trace_parent` (`tracestate`), to pass on with it.
-    pub trace_state: Option<TraceState>,
+    /// (its `headers()` on the requests the handler makes, say) so that the work the handler
+    /// starts joins that trace.
+    pub trace: Option<TraceContext>,
 }
 
 impl ActionContext {
@@ -239,8 +238,7 @@ impl From<JobError> for HandlerError {
 ///     progress,
 ///     cancel: Default::default(),
 ///     deadline: None,
-///     trace_parent: None,
-///     trace_state: None,
+///     trace: None,
 /// };
 /// let result = CountMatches.run(ctx).await.unwrap();
 /// assert_eq!(result, json!({ "lines": 4, "matching": 2 }));

@@ -25,7 +25,7 @@ use crate::{
     cancelled::Cancelled,
     events::JobWatch,
     executor::Executor,
-    job::{FieldViolation, JobId, TraceParent, TraceState, WebhookEvents},
+    job::{FieldViolation, JobId, TraceContext, WebhookEvents},
     metrics::{Metrics, WatchGuard},
     store::{Deleted, ListQuery},
     webhooks::{CheckedWebhook, WebhookPolicy},
@@ -237,10 +237,7 @@ impl Jobs for JobsService {
             .filter(|d| !d.is_zero());
         let until = wait.and_then(|w| wait::wait_until(request.metadata(), Some(w)));
         let tenant = tenant(&request);
-        let trace_parent = TraceParent::from_headers(request.metadata().as_ref());
-        // A trace state belongs to its trace context: without a valid one it means nothing.
-        let trace_state =
-            trace_parent.and_then(|_| TraceState::from_headers(request.metadata().as_ref()));
+        let trace = TraceContext::from_headers(request.metadata().as_ref());
         // Every call takes a token, an invalid one too, and an empty bucket is answered before
         // anything is validated: the bucket bounds the work a tenant's calls cost, whatever they
         // hold. A bad request within the rate is told what is wrong with it.
@@ -265,8 +262,7 @@ impl Jobs for JobsService {
             spec.webhook = Some(self.webhooks.guard(checked).await.map_err(invalid_field)?);
         }
         spec.tenant = tenant.to_string();
-        spec.trace_parent = trace_parent;
-        spec.trace_state = trace_state;
+        spec.trace = trace;
         let job = self.executor.submit_checked(spec).await?;
         tracing::Span::current().record("job_id", tracing::field::display(job.id));
         let job = match until {

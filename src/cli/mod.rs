@@ -24,10 +24,7 @@ use std::{
 use anyhow::Context as _;
 use longrun::{
     api::pb::{self, jobs_client::JobsClient},
-    job::{
-        TRACEPARENT_ENV, TRACEPARENT_HEADER, TRACESTATE_ENV, TRACESTATE_HEADER, TraceParent,
-        TraceState,
-    },
+    job::{TRACEPARENT_ENV, TRACESTATE_ENV, TraceContext},
 };
 use tonic::{
     codec::CompressionEncoding,
@@ -245,31 +242,15 @@ pub(crate) fn write_line(line: &str) -> anyhow::Result<bool> {
 /// What every call carries besides its message: the API key and the trace context, when
 /// there are.
 #[derive(Clone)]
-pub(crate) struct CallHeaders {
-    authorization: Option<MetadataValue<Ascii>>,
-    trace_parent: Option<MetadataValue<Ascii>>,
-    trace_state: Option<MetadataValue<Ascii>>,
-}
+pub(crate) struct CallHeaders(Vec<(&'static str, MetadataValue<Ascii>)>);
 
 impl tonic::service::Interceptor for CallHeaders {
     fn call(
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        if let Some(value) = &self.trace_parent {
-            request
-                .metadata_mut()
-                .insert(TRACEPARENT_HEADER, value.clone());
-        }
-        if let Some(value) = &self.trace_state {
-            request
-                .metadata_mut()
-                .insert(TRACESTATE_HEADER, value.clone());
+        for (name, value) in &self.0 {
+            request.metadata_mut().insert(*name, value.clone());
         }
         Ok(request)
     }
@@ -277,18 +258,14 @@ impl tonic::service::Interceptor for CallHeaders {
 
 /// The trace context the CLI was started in (`TRACEPARENT` and `TRACESTATE`, as
 /// OpenTelemetry passes them to a process), sent with every call so that a job submitted from
-/// a traced script or CI step joins its trace. Invalid ones are ignored, as a server ignores
+/// a traced script or CI step joins its trace. Invalid values are ignored, as a server ignores
 /// invalid headers; a state goes only with a valid trace context.
-fn trace_context_from_env() -> (Option<MetadataValue<Ascii>>, Option<MetadataValue<Ascii>>) {
+fn trace_context_from_env() -> Option<TraceContext> {
     let from_env = |name: &str| std::env::var(name).ok();
-    let Some(parent) = from_env(TRACEPARENT_ENV).and_then(|v| v.trim().parse::<TraceParent>().ok())
-    else {
-        return (None, None);
-    };
-    let state = from_env(TRACESTATE_ENV)
-        .and_then(|v| v.parse::<TraceState>().ok())
-        .and_then(|state| state.as_str().parse().ok());
-    (parent.to_string().parse().ok(), state)
+    Some(TraceContext {
+        parent: from_env(TRACEPARENT_ENV)?.trim().parse().ok()?,
+        state: from_env(TRACESTATE_ENV).and_then(|state| state.parse().ok()),
+    })
 }
 
 /// A client of `longrun.v1.Jobs` that sends the API key and the trace context.
@@ -339,13 +316,18 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         .map_err(|source| error::Unreachable::new(addr, &source))?;
     // Offered so that a server told to compress its responses (`--response-compression`)
     // does so for the CLI too, which helps over slow links.
-    let (trace_parent, trace_state) = trace_context_from_env();
-    let headers = CallHeaders {
-        authorization: key,
-        trace_parent,
-        trace_state,
-    };
-    Ok(JobsClient::with_interceptor(channel, headers)
+    let trace = trace_context_from_env();
+    let trace_headers = trace
+        .iter()
+        .flat_map(TraceContext::headers)
+        // Checked values, so always valid header values.
+        .filter_map(|(name, value)| Some((name, value.parse().ok()?)));
+    let headers = key
+        .map(|key| ("authorization", key))
+        .into_iter()
+        .chain(trace_headers)
+        .collect();
+    Ok(JobsClient::with_interceptor(channel, CallHeaders(headers))
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate)
         .max_decoding_message_size(MAX_MESSAGE_BYTES))

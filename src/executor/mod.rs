@@ -54,8 +54,8 @@ fn job_span(id: JobId) -> tracing::Span {
 /// the lines of a run started long after that call (or by another process) can still be
 /// found from the caller's trace.
 fn record_trace(job: &Job) {
-    if let Some(parent) = job.trace_parent {
-        tracing::Span::current().record("trace_id", tracing::field::display(parent.trace_id()));
+    if let Some(trace) = &job.trace {
+        tracing::Span::current().record("trace_id", tracing::field::display(trace.trace_id()));
     }
 }
 

@@ -554,8 +554,7 @@ impl Inner {
             progress,
             cancel: handle.token().child_token(),
             deadline,
-            trace_parent: job.trace_parent,
-            trace_state: job.trace_state.clone(),
+            trace: job.trace.clone(),
         };
         let span = tracing::info_span!("action", index, name = %action.name);
         let mut tracker = ProgressTracker {

@@ -24,7 +24,7 @@ pub use model::{
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
 pub use trace::{
     InvalidTraceParent, TRACEPARENT_ENV, TRACEPARENT_HEADER, TRACESTATE_ENV, TRACESTATE_HEADER,
-    TraceId, TraceParent, TraceState,
+    TraceContext, TraceId, TraceParent, TraceState,
 };
 pub use webhook::{
     AttemptOutcome, Delivery, DeliveryState, NewDelivery, WebhookEvents, WebhookSpec, delivery_for,

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::{
-    ActionState, IllegalTransition, JobState, TraceParent, TraceState, WebhookSpec,
+    ActionState, IllegalTransition, JobState, TraceContext, WebhookSpec,
     encoding::{base64_bytes, is_default, opt_unix_nanos, unix_nanos},
 };
 
@@ -235,14 +235,7 @@ pub struct NewJob {
         deserialize_with = "super::trace::lenient",
         skip_serializing_if = "Option::is_none"
     )]
-    pub trace_parent: Option<TraceParent>,
-    /// The vendors' state that came with that trace context (`tracestate`), if any.
-    #[serde(
-        default,
-        deserialize_with = "super::trace::lenient",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub trace_state: Option<TraceState>,
+    pub trace: Option<TraceContext>,
 }
 
 impl NewJob {
@@ -448,14 +441,7 @@ pub struct Job {
         deserialize_with = "super::trace::lenient",
         skip_serializing_if = "Option::is_none"
     )]
-    pub trace_parent: Option<TraceParent>,
-    /// The vendors' state that came with `trace_parent`, passed on with it.
-    #[serde(
-        default,
-        deserialize_with = "super::trace::lenient",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub trace_state: Option<TraceState>,
+    pub trace: Option<TraceContext>,
 }
 
 impl Job {
@@ -500,8 +486,7 @@ impl Job {
             update_time: now,
             webhook: spec.webhook,
             cancel_requested: false,
-            trace_parent: spec.trace_parent,
-            trace_state: spec.trace_state,
+            trace: spec.trace,
         }
     }
 
@@ -638,10 +623,10 @@ impl Job {
 
     /// Makes `self`, an older snapshot of the same job, equal to `newer`, reusing its
     /// allocations: what a submission fixed (the actions' names, params and inputs, labels,
-    /// idempotency key, tenant, webhook, trace context) is never copied, since no change of a job touches it.
-    /// The executor refills a snapshot nobody reads any more this way instead of cloning the
-    /// whole job for every progress report. Returns false, changing nothing, when `newer` is
-    /// not the same job.
+    /// idempotency key, tenant, webhook, trace context) is never copied, since no change of a
+    /// job touches it. The executor refills a snapshot nobody reads any more this way instead
+    /// of cloning the whole job for every progress report. Returns false, changing nothing,
+    /// when `newer` is not the same job.
     pub(crate) fn refresh_from(&mut self, newer: &Job) -> bool {
         if self.id != newer.id || self.actions.len() != newer.actions.len() {
             return false;
@@ -667,8 +652,7 @@ impl Job {
             update_time,
             webhook: _,
             cancel_requested,
-            trace_parent: _,
-            trace_state: _,
+            trace: _,
         } = newer;
         self.state = *state;
         self.version = *version;

@@ -315,13 +315,78 @@ impl<'de> Deserialize<'de> for TraceState {
     }
 }
 
-/// Reads a stored trace value leniently: one that no longer parses (should the rules be
-/// tightened after it was stored) reads as none rather than making its whole job unreadable.
-pub(super) fn lenient<'de, D: Deserializer<'de>, T: FromStr>(
+/// A request's W3C trace context: its `traceparent`, and the `tracestate` that came with it
+/// (a state means nothing without a valid parent, so there is none without one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TraceContext {
+    /// Which trace, and which span of it is the parent.
+    pub parent: TraceParent,
+    /// The vendors' state that came with it, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<TraceState>,
+}
+
+impl TraceContext {
+    /// The trace context of a request's headers: `None` without one valid `traceparent`, and
+    /// then its `tracestate` is not read either.
+    pub fn from_headers(headers: &http::HeaderMap) -> Option<Self> {
+        Some(Self {
+            parent: TraceParent::from_headers(headers)?,
+            state: TraceState::from_headers(headers),
+        })
+    }
+
+    /// The trace id.
+    pub fn trace_id(&self) -> TraceId {
+        self.parent.trace_id()
+    }
+
+    /// The context as headers to pass on: `traceparent`, and `tracestate` when there is one.
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, String)> + '_ {
+        self.carried(TRACEPARENT_HEADER, TRACESTATE_HEADER)
+    }
+
+    /// The context as environment variables to pass on: `TRACEPARENT`, and `TRACESTATE` when
+    /// there is one.
+    pub fn env_vars(&self) -> impl Iterator<Item = (&'static str, String)> + '_ {
+        self.carried(TRACEPARENT_ENV, TRACESTATE_ENV)
+    }
+
+    fn carried(
+        &self,
+        parent_name: &'static str,
+        state_name: &'static str,
+    ) -> impl Iterator<Item = (&'static str, String)> + '_ {
+        std::iter::once((parent_name, self.parent.to_string())).chain(
+            self.state
+                .as_ref()
+                .map(|state| (state_name, state.as_str().to_owned())),
+        )
+    }
+}
+
+/// A trace context as stored, before its values are checked.
+#[derive(Deserialize)]
+struct StoredContext<'a> {
+    #[serde(borrow)]
+    parent: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    state: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Reads a stored trace context leniently: values that no longer parse (should the rules be
+/// tightened after they were stored) read as none, rather than making the whole job
+/// unreadable.
+pub(super) fn lenient<'de, D: Deserializer<'de>>(
     deserializer: D,
-) -> Result<Option<T>, D::Error> {
-    let text = Option::<std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-    Ok(text.and_then(|text| text.parse().ok()))
+) -> Result<Option<TraceContext>, D::Error> {
+    let stored = Option::<StoredContext<'de>>::deserialize(deserializer)?;
+    Ok(stored.and_then(|stored| {
+        Some(TraceContext {
+            parent: stored.parent.parse().ok()?,
+            state: stored.state.and_then(|state| state.parse().ok()),
+        })
+    }))
 }
 
 /// A trace id, displayed as 32 lowercase hex digits.
@@ -485,6 +550,34 @@ mod tests {
     }
 
     #[test]
+    fn a_trace_context_is_read_from_headers_and_passed_on_under_each_carrier_s_names() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(TRACESTATE_HEADER, "rojo=1".parse().unwrap());
+        assert_eq!(
+            TraceContext::from_headers(&headers),
+            None,
+            "no state without a parent"
+        );
+        headers.insert(TRACEPARENT_HEADER, VALID.parse().unwrap());
+        let context = TraceContext::from_headers(&headers).unwrap();
+        assert_eq!(
+            context.headers().collect::<Vec<_>>(),
+            [
+                ("traceparent", VALID.to_owned()),
+                ("tracestate", "rojo=1".to_owned())
+            ]
+        );
+        let without_state = TraceContext {
+            state: None,
+            ..context
+        };
+        assert_eq!(
+            without_state.env_vars().collect::<Vec<_>>(),
+            [("TRACEPARENT", VALID.to_owned())]
+        );
+    }
+
+    #[test]
     fn a_request_s_trace_state_headers_are_joined() {
         let mut headers = http::HeaderMap::new();
         assert_eq!(TraceState::from_headers(&headers), None);
@@ -508,10 +601,26 @@ mod tests {
         // In a stored job, a value that no longer parses reads as none, not as a broken job.
         let read = |json: &str| {
             let mut de = serde_json::Deserializer::from_str(json);
-            lenient::<_, TraceParent>(&mut de).unwrap()
+            lenient(&mut de).unwrap()
         };
-        assert_eq!(read(&json), Some(parent));
-        assert_eq!(read("\"00-zz\""), None);
+        let context = TraceContext {
+            parent,
+            state: Some("rojo=1".parse().unwrap()),
+        };
+        let stored = serde_json::to_string(&context).unwrap();
+        assert_eq!(
+            stored,
+            format!(r#"{{"parent":"{VALID}","state":"rojo=1"}}"#)
+        );
+        assert_eq!(read(&stored), Some(context));
+        assert_eq!(
+            read(&format!(r#"{{"parent":"{VALID}","state":"Not Valid"}}"#)),
+            Some(TraceContext {
+                parent,
+                state: None
+            })
+        );
+        assert_eq!(read(r#"{"parent":"00-zz","state":"rojo=1"}"#), None);
         assert_eq!(read("null"), None);
     }
 }

@@ -14,7 +14,7 @@ mod outbox;
 
 use super::{Created, Deleted, EventPage, ListQuery, Store};
 use crate::job::Job;
-use crate::job::{JobError, JobId, JobState, NewAction, NewJob, Progress};
+use crate::job::{JobError, JobId, JobState, NewAction, NewJob, Progress, TraceContext};
 
 /// A queued job with `actions` actions, the given labels and idempotency key.
 pub fn sample_job(actions: usize, labels: &[(&str, &str)], key: Option<&str>) -> Job {
@@ -37,10 +37,12 @@ pub fn sample_job(actions: usize, labels: &[(&str, &str)], key: Option<&str>) ->
         webhook: None,
         tenant: String::new(),
         // Set, so that every round trip also proves the trace context and its state are kept.
-        trace_parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-            .parse()
-            .ok(),
-        trace_state: "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE".parse().ok(),
+        trace: Some(TraceContext {
+            parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .expect("a valid traceparent"),
+            state: "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE".parse().ok(),
+        }),
     };
     Job::new(JobId::generate(), spec, 1, SystemTime::now())
 }

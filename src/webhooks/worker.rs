@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     events::Hub,
-    job::{AttemptOutcome, JobId, TRACEPARENT_HEADER, TRACESTATE_HEADER},
+    job::{AttemptOutcome, JobId},
     metrics::Metrics,
     store::{DueDelivery, Store},
 };
@@ -177,7 +177,11 @@ impl WebhookWorker {
                 job_id = %delivery.job.id,
                 delivery_id = %delivery.delivery.id,
                 attempt = delivery.delivery.attempts + 1,
-                trace_id = delivery.job.trace_parent.map(|p| tracing::field::display(p.trace_id())),
+                trace_id = delivery
+                    .job
+                    .trace
+                    .as_ref()
+                    .map(|trace| tracing::field::display(trace.trace_id())),
             );
             self.tasks.spawn(
                 async move {
@@ -293,11 +297,8 @@ impl WebhookWorker {
         let signature = sign::signature(&webhook.secret, timestamp, &body);
         let mut request = self.client.post(url);
         // The receiver's handling joins the trace of the Submit that created the job.
-        if let Some(parent) = due.job.trace_parent {
-            request = request.header(TRACEPARENT_HEADER, parent.to_string());
-            if let Some(state) = &due.job.trace_state {
-                request = request.header(TRACESTATE_HEADER, state.as_str());
-            }
+        for (name, value) in due.job.trace.iter().flat_map(|trace| trace.headers()) {
+            request = request.header(name, value);
         }
         let response = request
             .header(reqwest::header::CONTENT_TYPE, "application/json")

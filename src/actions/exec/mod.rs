@@ -62,7 +62,7 @@ use super::{ActionContext, ActionDescription, Handler, HandlerError, ParamInfo, 
 use crate::job::{FieldViolation, MAX_ERROR_DETAILS_BYTES, framed};
 #[cfg(target_os = "linux")]
 pub use orphans::kill_orphaned_commands;
-use process::{Finished, Stopped, Trace, killed_by};
+use process::{Finished, Stopped, killed_by};
 
 /// One command the operator allows clients to run, as declared in the config file under
 /// `[exec.commands.<name>]`.
@@ -219,10 +219,7 @@ impl Handler for Exec {
             &ctx.progress,
             &ctx.cancel,
             self.grace,
-            Trace {
-                parent: ctx.trace_parent,
-                state: ctx.trace_state,
-            },
+            ctx.trace.as_ref(),
         )
         .await;
         match outcome {

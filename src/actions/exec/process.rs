@@ -29,14 +29,8 @@ use super::{
 };
 use crate::{
     actions::ProgressReporter,
-    job::{TRACEPARENT_ENV, TRACESTATE_ENV, TraceParent, TraceState},
+    job::{TRACEPARENT_ENV, TRACESTATE_ENV, TraceContext},
 };
-
-/// The trace context a command is started in: its job's.
-pub(super) struct Trace {
-    pub parent: Option<TraceParent>,
-    pub state: Option<TraceState>,
-}
 
 /// How many lines of stdout and of stderr are kept for results and errors.
 pub(super) const TAIL_LINES: usize = 50;
@@ -132,8 +126,8 @@ fn die_with_server(cmd: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_server(_cmd: &mut Command) {}
 
-/// Runs `command` with `args` (and `trace` in its environment) to its end, or until `cancel` fires: then SIGTERM to the group,
-/// and SIGKILL if the leader has not exited after `grace`.
+/// Runs `command` with `args` (and `trace` in its environment) to its end, or until `cancel`
+/// fires: then SIGTERM to the group, and SIGKILL if the leader has not exited after `grace`.
 pub(super) async fn run(
     command: &ExecCommand,
     args: &[String],
@@ -141,19 +135,14 @@ pub(super) async fn run(
     progress: &ProgressReporter,
     cancel: &CancellationToken,
     grace: Duration,
-    trace: Trace,
+    trace: Option<&TraceContext>,
 ) -> Result<Finished, Stopped> {
     let mut cmd = Command::new(&command.program);
     // The command joins the trace of the Submit that created its job, never one the server
     // itself was started in.
     cmd.env_remove(TRACEPARENT_ENV).env_remove(TRACESTATE_ENV);
     cmd.args(&command.args).args(args).envs(&command.env);
-    if let Some(parent) = trace.parent {
-        cmd.env(TRACEPARENT_ENV, parent.to_string());
-        if let Some(state) = &trace.state {
-            cmd.env(TRACESTATE_ENV, state.as_str());
-        }
-    }
+    cmd.envs(trace.into_iter().flat_map(TraceContext::env_vars));
     if let Some(dir) = &command.working_dir {
         cmd.current_dir(dir);
     }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::{
     actions::{ProgressReceiver, ProgressReporter, Registry},
-    job::{JobId, Progress},
+    job::{JobId, Progress, TraceContext},
 };
 
 /// The bound on every wait in these tests, so a bug fails a test instead of hanging it.
@@ -53,8 +53,7 @@ fn ctx(command: &str, input: &'static [u8]) -> (ActionContext, ProgressReceiver)
         progress,
         cancel: CancellationToken::new(),
         deadline: None,
-        trace_parent: None,
-        trace_state: None,
+        trace: None,
     };
     (ctx, receiver)
 }
@@ -255,8 +254,10 @@ async fn the_job_s_trace_context_is_in_the_command_s_environment() {
     let handler = exec([("trace", sh(script))]);
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let (mut with_trace, _progress) = ctx("trace", b"");
-    with_trace.trace_parent = Some(parent.parse().unwrap());
-    with_trace.trace_state = Some("rojo=1,congo=2".parse().unwrap());
+    with_trace.trace = Some(TraceContext {
+        parent: parent.parse().unwrap(),
+        state: Some("rojo=1,congo=2".parse().unwrap()),
+    });
     assert_eq!(
         run(&handler, with_trace).await.unwrap(),
         json!(format!("{parent} rojo=1,congo=2"))
