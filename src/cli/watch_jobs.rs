@@ -108,11 +108,6 @@ enum Stop {
     Failed(anyhow::Error),
 }
 
-/// A WatchJobs stream only ends on an error or at a shutdown: one that ends is resumed.
-fn ended_early() -> Status {
-    Status::unavailable("the stream ended")
-}
-
 /// A resumable watch: the request that resumes it (its cursor kept up to date), the backoff
 /// between reconnections, and with `--until-done` the jobs still to end.
 struct Watch {
@@ -163,16 +158,9 @@ impl Watch {
                 // Nothing to wait for, unless jobs unfinished when the stream opened ended
                 // before the listing: their snapshots and ends are on the stream already,
                 // sent as soon as it opened.
-                loop {
-                    match tokio::time::timeout(SETTLE, stream.message()).await {
-                        Err(_quiet) => break,
-                        Ok(Ok(Some(message))) => match self.observe(printer, &message) {
-                            Ok(None) => {}
-                            Ok(Some(code)) => return Stop::Done(code),
-                            Err(error) => return Stop::Failed(error),
-                        },
-                        Ok(Ok(None)) => return Stop::Lost("WatchJobs", ended_early()),
-                        Ok(Err(status)) => return Stop::Lost("WatchJobs", status),
+                while let Ok(next) = tokio::time::timeout(SETTLE, stream.message()).await {
+                    if let Some(stop) = self.on_message(printer, next) {
+                        return stop;
                     }
                 }
             }
@@ -181,15 +169,32 @@ impl Watch {
             return Stop::Done(code);
         }
         loop {
-            match stream.message().await {
-                Ok(Some(message)) => match self.observe(printer, &message) {
-                    Ok(None) => {}
-                    Ok(Some(code)) => return Stop::Done(code),
-                    Err(error) => return Stop::Failed(error),
-                },
-                Ok(None) => return Stop::Lost("WatchJobs", ended_early()),
-                Err(status) => return Stop::Lost("WatchJobs", status),
+            let next = stream.message().await;
+            if let Some(stop) = self.on_message(printer, next) {
+                return stop;
             }
+        }
+    }
+
+    /// What the stream's next item means: `None` to read on.
+    fn on_message(
+        &mut self,
+        printer: &Printer,
+        next: Result<Option<pb::WatchJobsResponse>, Status>,
+    ) -> Option<Stop> {
+        match next {
+            Ok(Some(message)) => match self.observe(printer, &message) {
+                Ok(None) => None,
+                Ok(Some(code)) => Some(Stop::Done(code)),
+                Err(error) => Some(Stop::Failed(error)),
+            },
+            // A WatchJobs stream only ends on an error or at a shutdown: one that ends is
+            // resumed.
+            Ok(None) => Some(Stop::Lost(
+                "WatchJobs",
+                Status::unavailable("the stream ended"),
+            )),
+            Err(status) => Some(Stop::Lost("WatchJobs", status)),
         }
     }
 
