@@ -169,6 +169,11 @@ pub struct Settings {
     /// An idempotency key, in bytes [default: 256].
     #[arg(long)]
     pub max_idempotency_key_bytes: Option<usize>,
+    /// How far ahead of the server's clock a Submit may schedule a job (`schedule_time`); 0
+    /// allows no scheduling ahead [default: 30days].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub max_schedule_delay: Option<Duration>,
     /// The wait before the first retry, doubled for each further one [default: 1s].
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -296,6 +301,7 @@ impl Settings {
             max_idempotency_key_bytes: self
                 .max_idempotency_key_bytes
                 .or(fallback.max_idempotency_key_bytes),
+            max_schedule_delay: self.max_schedule_delay.or(fallback.max_schedule_delay),
             retry_backoff: self.retry_backoff.or(fallback.retry_backoff),
             retry_backoff_max: self.retry_backoff_max.or(fallback.retry_backoff_max),
             cancel_grace: self.cancel_grace.or(fallback.cancel_grace),
@@ -588,6 +594,9 @@ impl Config {
                 max_idempotency_key_bytes: s
                     .max_idempotency_key_bytes
                     .unwrap_or(limit_defaults.max_idempotency_key_bytes),
+                max_schedule_delay: s
+                    .max_schedule_delay
+                    .unwrap_or(limit_defaults.max_schedule_delay),
                 max_watches_per_connection: s
                     .max_watches_per_connection
                     .unwrap_or(limit_defaults.max_watches_per_connection),
@@ -697,6 +706,7 @@ mod tests {
             cancel_grace = "250ms"
             max_attempts_limit = 20
             max_idempotency_key_bytes = 64
+            max_schedule_delay = "2h"
             "#,
         )
         .unwrap();
@@ -714,6 +724,12 @@ mod tests {
         assert_eq!(config.limits.max_actions_per_job, 100);
         assert_eq!(config.store, StoreKind::Sqlite);
         assert_eq!(config.retention, Duration::from_secs(14 * 86400));
+        assert_eq!(config.limits.max_schedule_delay, Duration::from_secs(7200));
+        let defaults = Config::resolve(Settings::default(), FileConfig::default());
+        assert_eq!(
+            defaults.limits.max_schedule_delay,
+            Duration::from_secs(30 * 86400)
+        );
     }
 
     #[test]

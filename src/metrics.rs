@@ -65,8 +65,10 @@ pub struct Metrics {
     registry: Registry,
     /// Jobs entering each state, by state.
     pub transitions: Family<StateLabels, Counter>,
-    /// Jobs waiting in the queue.
+    /// Jobs waiting in the queue (those scheduled for later included).
     pub queue_depth: Gauge,
+    /// Queued jobs scheduled to start later (`schedule_time`), not due yet.
+    pub scheduled: Gauge,
     /// Jobs being run.
     pub running: Gauge,
     /// Run time of each action, by action and outcome.
@@ -95,6 +97,12 @@ impl Default for Metrics {
             "queue_depth",
             "Jobs waiting in the queue",
             queue_depth.clone(),
+        );
+        let scheduled = Gauge::default();
+        registry.register(
+            "jobs_scheduled",
+            "Queued jobs scheduled to start later, not due yet (counted in queue_depth too)",
+            scheduled.clone(),
         );
         let running = Gauge::default();
         registry.register(
@@ -156,6 +164,7 @@ impl Default for Metrics {
             webhook_attempts,
             webhook_pending,
             queue_depth,
+            scheduled,
             running,
             action_seconds,
             open_watches,
@@ -458,6 +467,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("longrun_queue_depth"), "{text}");
+        assert!(text.contains("longrun_jobs_scheduled 0"), "{text}");
         // The series nothing has counted yet are there, at 0.
         assert!(
             text.contains("longrun_job_transitions_total{state=\"CANCELLED\"} 0"),

@@ -6,6 +6,7 @@ Python interpreter.
 
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 import shutil
@@ -111,3 +112,35 @@ def test_a_bad_request_shows_the_field(grpcurl):
     # Reflection serves google/rpc/error_details.proto, so grpcurl decodes the details.
     violations = status["details"][0]["fieldViolations"]
     assert [v["field"] for v in violations] == ["actions[0].params.steps"]
+
+
+def test_a_job_scheduled_in_json_runs_no_earlier_than_its_time(grpcurl):
+    due = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1.5)
+    # As a person writes it at a terminal: RFC 3339 with an offset, not only Z.
+    offset = datetime.timezone(datetime.timedelta(hours=2))
+    submitted = json.loads(
+        grpcurl(
+            "longrun.v1.Jobs/Submit",
+            data={
+                "actions": [{"name": "echo", "params": {}}],
+                "schedule_time": due.astimezone(offset).isoformat(),
+            },
+        ).stdout
+    )["job"]
+    assert submitted["state"] == "JOB_STATE_QUEUED"
+    assert parse_time(submitted["scheduleTime"]) == due
+
+    waited = json.loads(
+        grpcurl("longrun.v1.Jobs/WaitJob", data={"job_id": submitted["id"], "timeout": "20s"}).stdout
+    )
+    job = waited["job"]
+    assert waited["done"] is True and job["state"] == "JOB_STATE_SUCCEEDED", job
+    assert parse_time(job["startTime"]) >= due
+
+
+def parse_time(text: str) -> datetime.datetime:
+    """An RFC 3339 time as protobuf's JSON writes it (Z, up to nanoseconds) to microseconds."""
+    head, _, fraction = text.rstrip("Z").partition(".")
+    micros = int((fraction + "000000")[:6]) if fraction else 0
+    parsed = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.timezone.utc)
+    return parsed.replace(microsecond=micros)

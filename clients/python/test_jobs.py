@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import time
 import uuid
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -160,6 +161,27 @@ def test_bad_request_names_the_field(pb, jobs):
     fields = [v.field for v in bad_requests[0].field_violations]
     assert fields == ["actions[0].params.steps"]
     assert bad_requests[0].field_violations[0].description
+
+
+def test_a_job_scheduled_for_later_waits_queued_and_is_cancelled_like_any_queued_job(pb, jobs):
+    due = timestamp_pb2.Timestamp()
+    due.FromDatetime(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1))
+    job = submit(pb, jobs, "echo", {}, schedule_time=due)
+    assert job.state == pb.JOB_STATE_QUEUED
+    assert job.schedule_time == due
+
+    status = jobs.GetStatus(pb.GetStatusRequest(job_id=job.id), timeout=CALL_TIMEOUT_S).job
+    assert status.state == pb.JOB_STATE_QUEUED and status.schedule_time == due
+    cancelled = jobs.Cancel(pb.CancelRequest(job_id=job.id), timeout=CALL_TIMEOUT_S).job
+    assert cancelled.state == pb.JOB_STATE_CANCELLED
+    assert not cancelled.HasField("start_time"), "it never ran"
+
+    too_far = timestamp_pb2.Timestamp()
+    too_far.FromDatetime(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=31))
+    with pytest.raises(grpc.RpcError) as info:
+        submit(pb, jobs, "echo", {}, schedule_time=too_far)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "schedule_time" in info.value.details()
 
 
 def test_unknown_job_is_not_found(pb, jobs):

@@ -152,6 +152,17 @@ pub fn new_job(
     if request.max_attempts < 0 {
         violations.push(FieldViolation::new("max_attempts", "must not be negative"));
     }
+    let schedule_time = match request.schedule_time.map(|t| time("schedule_time", t)) {
+        Some(Ok(time)) => {
+            job::check_schedule_time(time, SystemTime::now(), &job_limits, &mut violations);
+            Some(time)
+        }
+        Some(Err(v)) => {
+            violations.push(v);
+            None
+        }
+        None => None,
+    };
     violations.extend(job::check_labels("labels", &request.labels, &job_limits));
     if !violations.is_empty() {
         for (i, action) in actions.iter().enumerate() {
@@ -172,6 +183,7 @@ pub fn new_job(
             max_attempts: u32::try_from(request.max_attempts).ok().filter(|n| *n > 0),
             priority: request.priority,
             labels: request.labels.into_iter().collect(),
+            schedule_time,
             // Checked apart, by the webhook policy (it resolves the host: async).
             webhook: None,
             // The service sets the caller's tenant: it is not part of the request.
@@ -293,6 +305,34 @@ pub fn json_to_struct(map: &Map<String, Value>) -> Struct {
     }
 }
 
+/// Converts a wire timestamp, refusing malformed ones and those before the Unix epoch (which
+/// no client means, and stored snapshots could not hold).
+pub fn time(field: &str, t: Timestamp) -> Result<SystemTime, FieldViolation> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(FieldViolation::new(
+            field,
+            "is not a valid timestamp: nanos must be 0 to 999999999",
+        ));
+    }
+    if t.seconds < 0 {
+        return Err(FieldViolation::new(
+            field,
+            "must not be before 1970-01-01T00:00:00Z",
+        ));
+    }
+    // google.protobuf.Timestamp's own range ends with year 9999.
+    const MAX_SECONDS: i64 = 253_402_300_799;
+    if t.seconds > MAX_SECONDS {
+        return Err(FieldViolation::new(
+            field,
+            "must not be after 9999-12-31T23:59:59Z",
+        ));
+    }
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::new(t.seconds as u64, t.nanos as u32))
+        .ok_or_else(|| FieldViolation::new(field, "is past what this server's clock can hold"))
+}
+
 /// A time as a wire timestamp.
 pub fn timestamp(time: SystemTime) -> Timestamp {
     Timestamp::from(time)
@@ -401,6 +441,7 @@ pub fn job(job: &Job) -> pb::Job {
         idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
         tenant: job.tenant.clone(),
         cancel_requested: job.cancel_requested,
+        schedule_time: job.schedule_time.map(timestamp),
         // Never the secret: it is write-only.
         webhook: job.webhook.as_ref().map(|w| pb::Webhook {
             url: w.url.clone(),
@@ -560,5 +601,27 @@ mod tests {
             Duration::new(MAX_DURATION_SECONDS as u64, 999_999_999)
         );
         assert_eq!(duration("wait", d(0, 0)).unwrap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn timestamps_out_of_range_are_refused_naming_the_field() {
+        let t = |seconds, nanos| Timestamp { seconds, nanos };
+        let refused = |seconds, nanos| time("schedule_time", t(seconds, nanos)).unwrap_err();
+        for (seconds, nanos, says) in [
+            (0, -1, "nanos"),
+            (0, 1_000_000_000, "nanos"),
+            (-1, 0, "1970"),
+            (253_402_300_800, 0, "9999"),
+            (i64::MAX, 0, "9999"),
+        ] {
+            let violation = refused(seconds, nanos);
+            assert_eq!(violation.field, "schedule_time");
+            assert!(violation.description.contains(says), "{violation:?}");
+        }
+        assert_eq!(
+            time("schedule_time", t(1, 5)).unwrap(),
+            SystemTime::UNIX_EPOCH + Duration::new(1, 5)
+        );
+        assert!(time("schedule_time", t(253_402_300_799, 999_999_999)).is_ok());
     }
 }

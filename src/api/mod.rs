@@ -57,6 +57,9 @@ pub struct Limits {
     pub max_params_depth: usize,
     /// An idempotency key, in bytes (default 256).
     pub max_idempotency_key_bytes: usize,
+    /// How far ahead of the server's clock a Submit's `schedule_time` may be (default 30
+    /// days); 0 allows no scheduling ahead.
+    pub max_schedule_delay: std::time::Duration,
     /// `ListJobs` page size when the request gives none (default 50).
     pub default_page_size: usize,
     /// The largest `ListJobs`/`ListOperations` page; a larger `page_size` is refused with
@@ -83,6 +86,7 @@ impl Limits {
             max_label_value_bytes: self.max_label_value_bytes,
             max_params_depth: self.max_params_depth,
             max_idempotency_key_bytes: self.max_idempotency_key_bytes,
+            max_schedule_delay: self.max_schedule_delay,
         }
     }
 }
@@ -101,6 +105,7 @@ impl Default for Limits {
             max_label_value_bytes: job.max_label_value_bytes,
             max_params_depth: job.max_params_depth,
             max_idempotency_key_bytes: job.max_idempotency_key_bytes,
+            max_schedule_delay: job.max_schedule_delay,
             default_page_size: 50,
             max_page_size: 1000,
             max_watches_per_connection: 1000,

@@ -47,6 +47,13 @@ pub struct SubmitArgs {
     /// Higher runs first (negative numbers run after the default, 0).
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
+    /// Run the job no earlier than this RFC 3339 time (e.g. 2026-12-01T09:00:00Z or
+    /// 2026-12-01T10:00:00+01:00); it waits QUEUED until then.
+    #[arg(long, value_parser = parse_time, conflicts_with = "delay", value_name = "TIME")]
+    pub at: Option<prost_types::Timestamp>,
+    /// Run the job no earlier than this long from now (e.g. 90s, 2h): --at now + DURATION.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub delay: Option<Duration>,
     /// A label KEY=VALUE to find the job by in `list`. Repeatable.
     #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
@@ -175,6 +182,15 @@ fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::Sub
     if let Some(priority) = args.priority {
         request.priority = priority;
     }
+    if let Some(at) = args.at {
+        request.schedule_time = Some(at);
+    }
+    if let Some(delay) = args.delay {
+        let at = std::time::SystemTime::now()
+            .checked_add(delay)
+            .ok_or_else(|| Usage(format!("--delay: {delay:?} is too long")))?;
+        request.schedule_time = Some(at.into());
+    }
     request.labels.extend(args.labels.iter().cloned());
     // The secret may come from the environment: it only applies to a webhook given somewhere.
     if args.webhook_url.is_some() || request.webhook.is_some() {
@@ -195,6 +211,13 @@ fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::Sub
         return Err(Usage("--webhook-events needs --webhook-url".to_owned()).into());
     }
     Ok(request)
+}
+
+/// Parses an RFC 3339 time, with `Z` or an offset.
+fn parse_time(text: &str) -> Result<prost_types::Timestamp, String> {
+    text.parse().map_err(|_| {
+        format!("{text:?} is not an RFC 3339 time (like 2026-12-01T09:00:00Z or 2026-12-01T10:00:00+01:00)")
+    })
 }
 
 /// Parses `NAME` or `NAME:PARAMS` (PARAMS a JSON object).
@@ -290,6 +313,39 @@ mod tests {
         assert_eq!(webhook.events(), pb::WebhookEvents::All);
         let args = parse(&["--webhook-events", "terminal"]);
         assert!(build_request(&args, &json).is_err());
+    }
+
+    #[test]
+    fn at_and_delay_set_the_schedule_time() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SubmitArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["longrun", "--action", "echo"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| cli.args)
+        };
+        let json = json::Json::new().unwrap();
+        let request = |extra: &[&str]| build_request(&parse(extra).unwrap(), &json).unwrap();
+        let at = request(&["--at", "2026-12-01T10:00:00.5+01:00"]).schedule_time;
+        assert_eq!(
+            at,
+            Some(prost_types::Timestamp {
+                seconds: 1_796_115_600,
+                nanos: 500_000_000
+            })
+        );
+        let before = std::time::SystemTime::now();
+        let delayed = request(&["--delay", "90s"]).schedule_time.unwrap();
+        let delayed = std::time::SystemTime::try_from(delayed).unwrap();
+        let ahead = delayed.duration_since(before).unwrap();
+        assert!(ahead >= Duration::from_secs(90) && ahead < Duration::from_secs(100));
+        assert_eq!(request(&[]).schedule_time, None);
+        assert!(parse(&["--at", "tomorrow"]).is_err());
+        assert!(parse(&["--at", "2026-12-01T10:00:00Z", "--delay", "1s"]).is_err());
     }
 
     #[test]

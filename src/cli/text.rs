@@ -69,6 +69,13 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
             humantime::format_rfc3339_seconds(created)
         );
     }
+    if let Some(due) = job.schedule_time.and_then(system_time) {
+        let _ = writeln!(
+            text,
+            "  due:      {}",
+            humantime::format_rfc3339_seconds(due)
+        );
+    }
     if let Some(error) = &job.error {
         let _ = writeln!(text, "  error:    {}", job_error(error));
     }

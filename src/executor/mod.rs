@@ -46,6 +46,10 @@ fn watch_error(error: WatchError) -> ExecutorError {
 
 /// The span a job's run is logged in. Its `trace_id` is recorded by [`record_trace`] once
 /// the job is at hand (a queued job may have to be read from the store first).
+/// The longest the dispatcher sleeps towards a scheduled job's due time before it looks at
+/// the clock again: due times are wall-clock times, and tokio's timers are not.
+const MAX_DUE_WAIT: Duration = Duration::from_secs(60);
+
 fn job_span(id: JobId) -> tracing::Span {
     tracing::info_span!("job", job_id = %id, trace_id = tracing::field::Empty)
 }
@@ -422,9 +426,10 @@ impl Executor {
                 self.inner.commit_state(&job).await?;
             }
             if job.state == JobState::Queued {
+                let due = job.due_after(SystemTime::now());
                 self.inner
                     .scheduler()
-                    .enqueue(job.id, job.priority, &job.tenant);
+                    .enqueue_with(job.id, job.priority, &job.tenant, None, due);
             }
         }
         self.inner.recovered.cancel();
@@ -524,6 +529,7 @@ impl Executor {
                         job.priority,
                         &job.tenant,
                         Some(Arc::clone(&shared)),
+                        job.due_after(SystemTime::now()),
                     );
                 }
                 drop(scheduler);
@@ -785,15 +791,20 @@ impl Inner {
     }
 
     /// A worker for `job` right away, if it may skip the queue: this process owns its jobs
-    /// (no shared store), nothing is queued that should go first, a worker is free, and the
-    /// job has no idempotency key (whose owner the store decides). The job is then marked
-    /// active, so a cancel finds its task.
+    /// (no shared store), the job is due, nothing is queued that should go first, a worker
+    /// is free, and the job has no idempotency key (whose owner the store decides). The job
+    /// is then marked active, so a cancel finds its task.
     fn free_worker(&self, job: &Job) -> Option<Worker> {
         if self.shared || self.accepting.is_cancelled() || job.idempotency_key.is_some() {
             return None;
         }
+        let now = SystemTime::now();
+        if job.due_after(now).is_some() {
+            return None;
+        }
         let mut scheduler = self.scheduler();
-        if scheduler.waiting() > 0 {
+        scheduler.promote_due(now);
+        if scheduler.ready() > 0 {
             return None;
         }
         let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
@@ -819,8 +830,12 @@ impl Inner {
 
     /// Brings the queue and running gauges up to date.
     fn sync_gauges(&self) {
-        let queued = self.scheduler().queue_length();
+        let (queued, scheduled) = {
+            let scheduler = self.scheduler();
+            (scheduler.queue_length(), scheduler.scheduled())
+        };
         crate::metrics::set(&self.metrics.queue_depth, queued);
+        crate::metrics::set(&self.metrics.scheduled, scheduled);
         crate::metrics::set(
             &self.metrics.running,
             self.attempts_running
@@ -847,7 +862,7 @@ impl Inner {
                     _ = tokio::time::sleep_until(until) => {}
                 }
             }
-            let next = self.scheduler().pop();
+            let next = self.scheduler().pop(SystemTime::now());
             let Some((id, handle, snapshot)) = next else {
                 // Claims only as many as this replica can start now (the permit held and the
                 // free ones), so no job waits here that another replica could run.
@@ -861,9 +876,18 @@ impl Inner {
                 // job on it at once (`free_worker`); with one worker, holding it here would
                 // send every job through the queue.
                 drop(permit);
+                let next_due = self.scheduler().next_due();
                 let idle = async {
                     if self.shared {
                         tokio::time::sleep(shared::IDLE_CLAIM_INTERVAL).await;
+                    } else if let Some(due) = next_due {
+                        // Woken again before then by a Submit; a wall clock that jumps is
+                        // caught up with at the latest a minute later.
+                        let wait = due
+                            .duration_since(SystemTime::now())
+                            .unwrap_or_default()
+                            .min(MAX_DUE_WAIT);
+                        tokio::time::sleep(wait).await;
                     } else {
                         std::future::pending::<()>().await;
                     }

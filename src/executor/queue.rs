@@ -9,6 +9,7 @@ use std::{
         Arc,
         atomic::{AtomicU8, Ordering},
     },
+    time::SystemTime,
 };
 
 use tokio_util::sync::CancellationToken;
@@ -99,12 +100,24 @@ impl StopHandle {
     }
 }
 
+/// Where a queued job waits: its key, and the time it becomes due if it waits in
+/// `Scheduler::scheduled` rather than in the queue proper.
+struct Place {
+    key: QueueKey,
+    tenant: Arc<str>,
+    due: Option<SystemTime>,
+}
+
 /// Queued and active jobs. Lives behind one mutex, never held across an await.
 #[derive(Default)]
 pub struct Scheduler {
+    /// Queued jobs that may start now, in the order they start.
     queue: BTreeSet<QueueKey>,
-    /// Each queued job's place in `queue` and its tenant.
-    queued: HashMap<JobId, (QueueKey, Arc<str>)>,
+    /// Queued jobs scheduled to start later, by when they become due; each moves to `queue`
+    /// once it is ([`Scheduler::promote_due`]).
+    scheduled: BTreeSet<(SystemTime, QueueKey)>,
+    /// Each queued job's place (in `queue` or in `scheduled`) and its tenant.
+    queued: HashMap<JobId, Place>,
     active: HashMap<JobId, StopHandle>,
     /// The current snapshot of some queued jobs (at most [`MAX_QUEUED_SNAPSHOTS`]). Only the
     /// executor changes a queued job, and only after taking it out of the queue (`pop`,
@@ -145,9 +158,35 @@ impl Scheduler {
         self.queued.len() + self.reserved
     }
 
-    /// Jobs waiting in the queue (not counting reserved slots).
-    pub fn waiting(&self) -> usize {
-        self.queued.len()
+    /// Queued jobs that may start now (not counting reserved slots, nor jobs scheduled for
+    /// later); call [`Scheduler::promote_due`] first to count those that have become due.
+    pub fn ready(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queued jobs scheduled to start later.
+    pub fn scheduled(&self) -> usize {
+        self.scheduled.len()
+    }
+
+    /// When the next job scheduled for later becomes due.
+    pub fn next_due(&self) -> Option<SystemTime> {
+        self.scheduled.first().map(|(due, _)| *due)
+    }
+
+    /// Moves the scheduled jobs due by `now` into the queue proper, where they take their
+    /// place by priority and submission order.
+    pub fn promote_due(&mut self, now: SystemTime) {
+        while let Some(&(due, key)) = self.scheduled.first() {
+            if due > now {
+                break;
+            }
+            self.scheduled.pop_first();
+            if let Some(place) = self.queued.get_mut(&key.id) {
+                place.due = None;
+            }
+            self.queue.insert(key);
+        }
     }
 
     /// Jobs of `tenant` queued plus slots it has reserved.
@@ -201,11 +240,12 @@ impl Scheduler {
 
     /// Adds `tenant`'s job to the queue (a no-op if it is already queued).
     pub fn enqueue(&mut self, id: JobId, priority: i32, tenant: &str) {
-        self.enqueue_with(id, priority, tenant, None);
+        self.enqueue_with(id, priority, tenant, None, None);
     }
 
     /// Adds `tenant`'s job to the queue with its current (stored) snapshot, which [`pop`]
-    /// hands back if there was room to keep it.
+    /// hands back if there was room to keep it. A job `due` later waits apart until then
+    /// (see [`Job::due_after`]); it counts as queued meanwhile.
     ///
     /// [`pop`]: Scheduler::pop
     pub fn enqueue_with(
@@ -214,13 +254,15 @@ impl Scheduler {
         priority: i32,
         tenant: &str,
         snapshot: Option<Arc<Job>>,
+        due: Option<SystemTime>,
     ) {
         if self.queued.contains_key(&id) {
             return;
         }
         self.starting.remove(&id);
         match snapshot {
-            Some(job) if self.snapshots.len() < MAX_QUEUED_SNAPSHOTS => {
+            // Room is kept for jobs that start soon, not for those scheduled days ahead.
+            Some(job) if due.is_none() && self.snapshots.len() < MAX_QUEUED_SNAPSHOTS => {
                 self.snapshots.insert(id, job);
             }
             _ => {
@@ -231,8 +273,18 @@ impl Scheduler {
             priority: Reverse(priority),
             id,
         };
-        self.queue.insert(key);
-        self.queued.insert(id, (key, Arc::from(tenant)));
+        match due {
+            Some(due) => self.scheduled.insert((due, key)),
+            None => self.queue.insert(key),
+        };
+        self.queued.insert(
+            id,
+            Place {
+                key,
+                tenant: Arc::from(tenant),
+                due,
+            },
+        );
         self.count_in(tenant);
     }
 
@@ -252,11 +304,13 @@ impl Scheduler {
         self.starting.remove(&id);
     }
 
-    /// Takes the next job to run and marks it active; with its snapshot, if the queue kept it.
-    pub fn pop(&mut self) -> Option<(JobId, StopHandle, Option<Arc<Job>>)> {
+    /// Takes the next job to run (of those due by `now`) and marks it active; with its
+    /// snapshot, if the queue kept it.
+    pub fn pop(&mut self, now: SystemTime) -> Option<(JobId, StopHandle, Option<Arc<Job>>)> {
+        self.promote_due(now);
         let key = self.queue.pop_first()?;
-        if let Some((_, tenant)) = self.queued.remove(&key.id) {
-            self.count_out(&tenant);
+        if let Some(place) = self.queued.remove(&key.id) {
+            self.count_out(&place.tenant);
         }
         let handle = StopHandle::default();
         self.active.insert(key.id, handle.clone());
@@ -289,7 +343,7 @@ impl Scheduler {
     /// Moves an active job back to the queue (after a retry backoff), with its snapshot.
     pub fn requeue(&mut self, id: JobId, priority: i32, tenant: &str, snapshot: Option<Arc<Job>>) {
         self.active.remove(&id);
-        self.enqueue_with(id, priority, tenant, snapshot);
+        self.enqueue_with(id, priority, tenant, snapshot, None);
     }
 
     /// Forgets an active job whose task ended.
@@ -300,9 +354,12 @@ impl Scheduler {
 
     /// Takes a job away from wherever it is, for a cancel.
     pub fn claim(&mut self, id: JobId) -> Holder {
-        if let Some((key, tenant)) = self.queued.remove(&id) {
-            self.queue.remove(&key);
-            self.count_out(&tenant);
+        if let Some(place) = self.queued.remove(&id) {
+            match place.due {
+                Some(due) => self.scheduled.remove(&(due, place.key)),
+                None => self.queue.remove(&place.key),
+            };
+            self.count_out(&place.tenant);
             self.snapshots.remove(&id);
             return Holder::Queue;
         }
@@ -348,7 +405,8 @@ mod tests {
         s.enqueue(ids[1], 5, "t");
         s.enqueue(ids[2], 0, "t");
         s.enqueue(ids[3], 5, "t");
-        let order: Vec<JobId> = std::iter::from_fn(|| s.pop().map(|(id, ..)| id)).collect();
+        let order: Vec<JobId> =
+            std::iter::from_fn(|| s.pop(SystemTime::now()).map(|(id, ..)| id)).collect();
         assert_eq!(order, vec![ids[1], ids[3], ids[0], ids[2]]);
         assert_eq!(s.active_handles().len(), 4);
     }
@@ -397,7 +455,8 @@ mod tests {
         s.enqueue(ids[1], 0, "t");
         s.enqueue(ids[2], 0, "t");
         s.enqueue(ids[0], 0, "t");
-        let order: Vec<JobId> = std::iter::from_fn(|| s.pop().map(|(id, ..)| id)).collect();
+        let order: Vec<JobId> =
+            std::iter::from_fn(|| s.pop(SystemTime::now()).map(|(id, ..)| id)).collect();
         assert_eq!(order, ids);
     }
 
@@ -407,7 +466,7 @@ mod tests {
         let id = JobId::generate();
         s.enqueue(id, 0, "t");
         assert!(matches!(s.claim(id), Holder::Queue));
-        assert!(s.pop().is_none());
+        assert!(s.pop(SystemTime::now()).is_none());
         assert!(matches!(s.claim(id), Holder::Nobody));
     }
 
@@ -437,7 +496,7 @@ mod tests {
         s.unreserve("b");
         assert!(matches!(s.claim(a2), Holder::Queue));
         assert_eq!(s.tenant_queue_length("a"), 1);
-        let (popped, ..) = s.pop().unwrap();
+        let (popped, ..) = s.pop(SystemTime::now()).unwrap();
         assert_eq!(popped, a1);
         assert_eq!(s.tenant_queue_length("a"), 0);
         s.requeue(a1, 0, "a", None);
@@ -449,8 +508,8 @@ mod tests {
     fn the_queue_hands_back_a_kept_snapshot_once_and_keeps_a_bounded_number() {
         let mut s = Scheduler::default();
         let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
-        s.enqueue_with(job.id, 0, "t", Some(Arc::clone(&job)));
-        let (id, _, snapshot) = s.pop().unwrap();
+        s.enqueue_with(job.id, 0, "t", Some(Arc::clone(&job)), None);
+        let (id, _, snapshot) = s.pop(SystemTime::now()).unwrap();
         assert_eq!(id, job.id);
         assert_eq!(snapshot.as_deref(), Some(&*job));
         s.requeue(id, 0, "t", Some(Arc::clone(&job)));
@@ -462,11 +521,12 @@ mod tests {
 
         for _ in 0..MAX_QUEUED_SNAPSHOTS + 10 {
             let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
-            s.enqueue_with(job.id, 0, "t", Some(job));
+            s.enqueue_with(job.id, 0, "t", Some(job), None);
         }
         assert_eq!(s.snapshots.len(), MAX_QUEUED_SNAPSHOTS);
         let popped: Vec<bool> =
-            std::iter::from_fn(|| s.pop().map(|(.., kept)| kept.is_some())).collect();
+            std::iter::from_fn(|| s.pop(SystemTime::now()).map(|(.., kept)| kept.is_some()))
+                .collect();
         assert_eq!(
             popped.iter().filter(|kept| **kept).count(),
             MAX_QUEUED_SNAPSHOTS
@@ -479,9 +539,9 @@ mod tests {
         let mut s = Scheduler::default();
         let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
         let id = job.id;
-        s.enqueue_with(id, 0, "t", Some(Arc::clone(&job)));
+        s.enqueue_with(id, 0, "t", Some(Arc::clone(&job)), None);
         assert_eq!(s.held_snapshot(id).as_deref(), Some(&*job), "queued");
-        s.pop().unwrap();
+        s.pop(SystemTime::now()).unwrap();
         assert_eq!(s.held_snapshot(id).as_deref(), Some(&*job), "starting");
         s.started(id);
         assert!(
@@ -490,16 +550,48 @@ mod tests {
         );
 
         s.requeue(id, 0, "t", Some(Arc::clone(&job)));
-        s.pop().unwrap();
+        s.pop(SystemTime::now()).unwrap();
         s.finish(id);
         assert!(
             s.held_snapshot(id).is_none(),
             "its task ended before any change"
         );
 
-        s.enqueue_with(id, 0, "t", Some(Arc::clone(&job)));
-        s.pop().unwrap();
+        s.enqueue_with(id, 0, "t", Some(Arc::clone(&job)), None);
+        s.pop(SystemTime::now()).unwrap();
         s.requeue(id, 0, "t", None);
         assert!(s.held_snapshot(id).is_none(), "requeued without a snapshot");
+    }
+
+    #[test]
+    fn a_scheduled_job_waits_apart_until_due_then_takes_its_place() {
+        let mut s = Scheduler::default();
+        let start = SystemTime::now();
+        let later = |secs| start + std::time::Duration::from_secs(secs);
+        let ids: Vec<JobId> = (0..4).map(|_| JobId::generate()).collect();
+        // Submitted first, but due in 10 s; then one due in 20 s, and two due now.
+        s.enqueue_with(ids[0], 0, "t", None, Some(later(10)));
+        s.enqueue_with(ids[1], 0, "t", None, Some(later(20)));
+        s.enqueue(ids[2], 0, "t");
+        s.enqueue(ids[3], 0, "t");
+        assert_eq!((s.queue_length(), s.ready(), s.scheduled()), (4, 2, 2));
+        assert_eq!(s.tenant_queue_length("t"), 4, "scheduled jobs count");
+        let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
+        s.enqueue_with(job.id, 0, "u", Some(Arc::clone(&job)), Some(later(5)));
+        assert!(s.held_snapshot(job.id).is_none(), "no room taken until due");
+        assert!(matches!(s.claim(job.id), Holder::Queue));
+        assert_eq!(s.next_due(), Some(later(10)));
+        assert_eq!(s.pop(start).map(|(id, ..)| id), Some(ids[2]));
+        // Due now: it goes before the job submitted after it.
+        assert_eq!(s.pop(later(10)).map(|(id, ..)| id), Some(ids[0]));
+        assert_eq!(s.pop(later(10)).map(|(id, ..)| id), Some(ids[3]));
+        assert!(s.pop(later(19)).is_none(), "not due yet");
+        assert!(matches!(s.claim(ids[1]), Holder::Queue), "cancellable");
+        assert_eq!(
+            (s.queue_length(), s.scheduled(), s.next_due()),
+            (0, 0, None)
+        );
+        assert!(s.pop(later(30)).is_none());
+        assert_eq!(s.tenant_queue_length("t"), 0);
     }
 }

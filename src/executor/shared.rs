@@ -180,11 +180,13 @@ impl Inner {
                 let mut scheduler = self.scheduler();
                 for job in jobs {
                     let job = Arc::new(job);
+                    // Claimed only once due, by the database's clock: never held back here.
                     scheduler.enqueue_with(
                         job.id,
                         job.priority,
                         &job.tenant,
                         Some(Arc::clone(&job)),
+                        None,
                     );
                 }
                 count

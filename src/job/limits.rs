@@ -3,7 +3,10 @@
 //! gets them checked here, so that it cannot store a job the server could not run, send or read
 //! back (too deep to decode, too large for one response, a timer past the clock's range).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
 
 use serde_json::{Map, Value};
 
@@ -49,7 +52,13 @@ pub struct SubmitLimits {
     pub max_params_depth: usize,
     /// An idempotency key, in bytes (default 256).
     pub max_idempotency_key_bytes: usize,
+    /// How far ahead of the server's clock a job may be scheduled (default 30 days); 0 allows
+    /// no scheduling ahead at all.
+    pub max_schedule_delay: Duration,
 }
+
+/// The default [`SubmitLimits::max_schedule_delay`]: 30 days.
+pub const DEFAULT_MAX_SCHEDULE_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Default for SubmitLimits {
     fn default() -> Self {
@@ -63,6 +72,7 @@ impl Default for SubmitLimits {
             max_label_value_bytes: 256,
             max_params_depth: DEFAULT_MAX_PARAMS_DEPTH,
             max_idempotency_key_bytes: 256,
+            max_schedule_delay: DEFAULT_MAX_SCHEDULE_DELAY,
         }
     }
 }
@@ -182,6 +192,37 @@ pub(crate) fn check_idempotency_key(
     }
 }
 
+/// Checks a job's `schedule_time` against the clock at `now`: at most `max_schedule_delay`
+/// ahead (a time already past is allowed: the job runs at once). Shared as
+/// [`check_action_count`] is.
+pub(crate) fn check_schedule_time(
+    time: SystemTime,
+    now: SystemTime,
+    limits: &SubmitLimits,
+    violations: &mut Vec<FieldViolation>,
+) {
+    if time < SystemTime::UNIX_EPOCH {
+        // Stored snapshots could not be read back, and no one means it.
+        violations.push(FieldViolation::new(
+            "schedule_time",
+            "must not be before 1970-01-01T00:00:00Z; leave it unset to run at once",
+        ));
+        return;
+    }
+    let ahead = time.duration_since(now).unwrap_or_default();
+    if ahead > limits.max_schedule_delay {
+        violations.push(FieldViolation::new(
+            "schedule_time",
+            format!(
+                "is {}s ahead of the server's clock; at most {}s is allowed \
+                 (max_schedule_delay)",
+                ahead.as_secs(),
+                limits.max_schedule_delay.as_secs()
+            ),
+        ));
+    }
+}
+
 /// Checks how many actions a job has: at least one, at most `max_actions_per_job`. The API's
 /// edge (on the wire form) and [`check_submit`] (on the domain form) both call it.
 pub(crate) fn check_action_count(
@@ -291,6 +332,9 @@ pub fn check_submit(spec: &NewJob, limits: &SubmitLimits) -> Vec<FieldViolation>
             ),
         )),
         _ => {}
+    }
+    if let Some(time) = spec.schedule_time {
+        check_schedule_time(time, SystemTime::now(), limits, &mut violations);
     }
     submitted += labels_wire_size(&spec.labels);
     let budget = submitted_budget(limits.max_message_bytes);

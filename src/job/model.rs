@@ -236,6 +236,14 @@ pub struct NewJob {
         skip_serializing_if = "Option::is_none"
     )]
     pub trace: Option<TraceContext>,
+    /// Run no earlier than this; `None` (or a time already past) to run as soon as a worker
+    /// is free.
+    #[serde(
+        with = "opt_unix_nanos",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub schedule_time: Option<SystemTime>,
 }
 
 impl NewJob {
@@ -253,6 +261,7 @@ impl NewJob {
                 timeout: self.timeout,
                 max_attempts: self.max_attempts,
                 webhook: self.webhook.as_ref(),
+                schedule_time: self.schedule_time,
             },
             job,
         )
@@ -268,6 +277,7 @@ struct Asked<'a, A> {
     timeout: Option<Duration>,
     max_attempts: Option<u32>,
     webhook: Option<&'a WebhookSpec>,
+    schedule_time: Option<SystemTime>,
 }
 
 /// An action as a Submit asked for it: a [`NewAction`], or the [`Action`] made of one.
@@ -322,6 +332,8 @@ fn first_difference<A: AskedAction>(asked: Asked<'_, A>, job: &Job) -> Option<St
         "max_attempts"
     } else if webhook_differs {
         "webhook"
+    } else if asked.schedule_time != job.schedule_time {
+        "schedule_time"
     } else {
         return None;
     };
@@ -442,6 +454,13 @@ pub struct Job {
         skip_serializing_if = "Option::is_none"
     )]
     pub trace: Option<TraceContext>,
+    /// The earliest time it may run, as submitted; `None` for a job submitted to run at once.
+    #[serde(
+        with = "opt_unix_nanos",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub schedule_time: Option<SystemTime>,
 }
 
 impl Job {
@@ -487,7 +506,14 @@ impl Job {
             webhook: spec.webhook,
             cancel_requested: false,
             trace: spec.trace,
+            schedule_time: spec.schedule_time,
         }
+    }
+
+    /// When the job becomes due, if that is still after `now`: until then it waits in the
+    /// queue without being started.
+    pub fn due_after(&self, now: SystemTime) -> Option<SystemTime> {
+        self.schedule_time.filter(|due| *due > now)
     }
 
     /// [`NewJob::first_difference`] of the request this job was made of, told by the job
@@ -506,6 +532,7 @@ impl Job {
                 timeout: self.timeout,
                 max_attempts: asked_max_attempts,
                 webhook: self.webhook.as_ref(),
+                schedule_time: self.schedule_time,
             },
             existing,
         )
@@ -653,8 +680,10 @@ impl Job {
             webhook: _,
             cancel_requested,
             trace: _,
+            schedule_time,
         } = newer;
         self.state = *state;
+        self.schedule_time = *schedule_time;
         self.version = *version;
         self.logged_version = *logged_version;
         self.error.clone_from(error);

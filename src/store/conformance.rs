@@ -43,6 +43,9 @@ pub fn sample_job(actions: usize, labels: &[(&str, &str)], key: Option<&str>) ->
                 .expect("a valid traceparent"),
             state: "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE".parse().ok(),
         }),
+        // Set (in the past, so due at once, and to the nanosecond), so that every round trip
+        // also proves the schedule is kept exactly.
+        schedule_time: Some(SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789)),
     };
     Job::new(JobId::generate(), spec, 1, SystemTime::now())
 }

@@ -44,6 +44,7 @@ impl SharedStore for PostgresStore {
                  WHERE state = 'QUEUED'
                      AND (lease_owner IS NULL OR lease_until IS NULL
                           OR lease_until < {NOW_MICROS})
+                     AND (schedule_time IS NULL OR schedule_time <= {NOW_MICROS})
                      AND NOT (id = ANY($4))
                  ORDER BY priority DESC, id
                  LIMIT $2

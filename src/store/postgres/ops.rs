@@ -39,8 +39,9 @@ pub(super) async fn create(
     let statement = client
         .prepare_cached(
             "INSERT INTO jobs
-                 (id, tenant, state, version, priority, idempotency_key, end_time, snapshot)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                 (id, tenant, state, version, priority, idempotency_key, end_time, snapshot,
+                  schedule_time)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .await
         .map_err(fail)?;
@@ -56,6 +57,7 @@ pub(super) async fn create(
                 &row.idempotency_key,
                 &row.end_time,
                 &row.snapshot,
+                &row.schedule_time,
             ],
         )
         .await

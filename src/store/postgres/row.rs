@@ -20,6 +20,9 @@ pub(super) struct JobRow {
     pub priority: i64,
     pub idempotency_key: Option<String>,
     pub end_time: Option<i64>,
+    /// When the job becomes due, in unix microseconds rounded up (so it is never claimed
+    /// before its time); `None` for a job due at once.
+    pub schedule_time: Option<i64>,
     /// Sorted by key, as `BTreeMap` iterates.
     pub labels: Vec<(String, String)>,
     pub snapshot: String,
@@ -80,6 +83,10 @@ impl JobRow {
             priority: i64::from(job.priority),
             idempotency_key: job.idempotency_key.clone(),
             end_time: job.end_time.map(unix_micros),
+            schedule_time: job.schedule_time.map(|time| {
+                let up = time.checked_add(std::time::Duration::from_nanos(999));
+                unix_micros(up.unwrap_or(time))
+            }),
             labels: job
                 .labels
                 .iter()

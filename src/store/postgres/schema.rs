@@ -19,6 +19,10 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         "0004_removed_jobs",
         include_str!("migrations/0004_removed_jobs.sql"),
     ),
+    (
+        "0005_schedule_time",
+        include_str!("migrations/0005_schedule_time.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.
