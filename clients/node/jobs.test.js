@@ -134,6 +134,24 @@ test('submit, then watch to the end: QUEUED, RUNNING, SUCCEEDED with rising vers
   assert.equal(last.actions[0].result.structValue.fields.steps.numberValue, 4);
 });
 
+test('a job scheduled a second ahead is QUEUED until then and starts no earlier', async () => {
+  const dueMs = Date.now() + 1000;
+  const scheduleTime = { seconds: Math.floor(dueMs / 1000), nanos: (dueMs % 1000) * 1e6 };
+  const res = await unary('Submit', {
+    actions: [{ name: 'echo', params: toStruct({}) }],
+    schedule_time: scheduleTime,
+  });
+  assert.equal(res.job.state, 'JOB_STATE_QUEUED');
+  assert.deepEqual(res.job.schedule_time, scheduleTime);
+
+  const { seen } = await watch({ job_id: res.job.id });
+  const last = seen.at(-1);
+  assert.equal(last.state, 'JOB_STATE_SUCCEEDED', `${seen.map((j) => j.state)}`);
+  const started = last.start_time.seconds * 1000 + last.start_time.nanos / 1e6;
+  assert.ok(started >= dueMs, `started at ${started}, due at ${dueMs}`);
+  assert.deepEqual(last.schedule_time, scheduleTime);
+});
+
 test('cancel a running sleep job: the stream ends CANCELLED', async () => {
   const job = await submit('sleep', { duration_ms: 60_000, steps: 600 });
   const started = Date.now();
