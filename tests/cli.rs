@@ -397,6 +397,36 @@ async fn a_negative_priority_is_accepted() {
     assert_eq!(run.json_lines()[0]["job"]["priority"], -5, "{run:?}");
 }
 
+#[tokio::test]
+async fn submit_at_a_time_shows_it_as_due_and_the_job_waits_for_it() {
+    let server = TestServer::start().await;
+    let at = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() + std::time::Duration::from_secs(2 * 86400),
+    )
+    .to_string();
+    let run = longrun(&server.url(), &["submit", "--action", "echo", "--at", &at]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("state:    QUEUED"), "{run:?}");
+    assert!(run.stdout.contains(&format!("due:      {at}")), "{run:?}");
+    let id = run.first_line();
+
+    let status = longrun(&server.url(), &["status", &id, "--output", "json"]).await;
+    assert_eq!(status.code, 0, "{status:?}");
+    let job = &status.json_lines()[0]["job"];
+    assert_eq!(job["state"], "JOB_STATE_QUEUED", "{status:?}");
+    assert_eq!(job["scheduleTime"], at.as_str(), "{status:?}");
+
+    let soon = longrun(
+        &server.url(),
+        &[
+            "submit", "--action", "echo", "--delay", "300ms", "--wait", "20s",
+        ],
+    )
+    .await;
+    assert_eq!(soon.code, 0, "ran once due: {soon:?}");
+    assert!(soon.stdout.contains("SUCCEEDED"), "{soon:?}");
+}
+
 /// Only plaintext (`host:port`, `http://`) and TLS (`https://`) addresses exist; any other
 /// scheme is a mistake on the command line, not something to send as plaintext anyway.
 #[tokio::test]
