@@ -54,7 +54,8 @@ fn never_started_before(seen: &[pb::Job], due: SystemTime) {
 async fn a_scheduled_job_waits_queued_until_due_then_runs_and_says_when() {
     let server = TestServer::start().await;
     let mut client = server.client.clone();
-    let due = from_now(Duration::from_millis(800));
+    // Margin enough for the watch below to open before the job is due, even on a slow machine.
+    let due = from_now(Duration::from_secs(2));
     let job = submit(&mut client, scheduled(due)).await;
     assert_eq!(state(&job), pb::JobState::Queued);
     assert_eq!(
@@ -90,7 +91,7 @@ async fn jobs_due_now_run_ahead_of_one_scheduled_earlier_for_later() {
     config.executor.concurrency = 1;
     let server = TestServer::start_with(config, Registry::with_builtins()).await;
     let mut client = server.client.clone();
-    let due = from_now(Duration::from_millis(700));
+    let due = from_now(Duration::from_secs(2));
     let later = submit(&mut client, scheduled(due)).await;
     let now = submit(&mut client, request(vec![echo()])).await;
     // A time already past is no reason to wait.
@@ -237,6 +238,21 @@ async fn a_schedule_survives_a_restart_of_the_durable_store() {
     );
     assert_eq!(far.schedule_time, Some(hour.into()));
     assert_eq!(server.executor.queue_length(), 1);
+    server.stop().await;
+
+    // Only the job an hour ahead is left: nothing runs, and the gauges still count it.
+    let server = TestServer::start_on(
+        open_sqlite(dir.path()).await,
+        test_config(),
+        Registry::with_builtins(),
+    )
+    .await;
+    let metrics = server.executor.metrics();
+    assert_eq!(
+        (metrics.queue_depth.get(), metrics.scheduled.get()),
+        (1, 1),
+        "the gauges count what recovery queued"
+    );
     server.stop().await;
 }
 

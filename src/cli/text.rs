@@ -69,12 +69,17 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
             humantime::format_rfc3339_seconds(created)
         );
     }
-    if let Some(due) = job.schedule_time.and_then(system_time) {
-        let _ = writeln!(
-            text,
-            "  due:      {}",
-            humantime::format_rfc3339_seconds(due)
-        );
+    // Worth a line only while the job waits for its time.
+    if job.start_time.is_none()
+        && job.state() == pb::JobState::Queued
+        && let Some(due) = job.schedule_time.and_then(system_time)
+    {
+        let due = if job.schedule_time.is_some_and(|t| t.nanos == 0) {
+            humantime::format_rfc3339_seconds(due).to_string()
+        } else {
+            humantime::format_rfc3339_millis(due).to_string()
+        };
+        let _ = writeln!(text, "  due:      {due}");
     }
     if let Some(error) = &job.error {
         let _ = writeln!(text, "  error:    {}", job_error(error));
@@ -244,5 +249,30 @@ mod tests {
             text.contains("error:  INTERNAL FAILED_AS_ASKED: as asked"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn due_is_shown_only_while_the_job_waits_for_its_time() {
+        let json = Json::new().unwrap();
+        let mut job = pb::Job {
+            id: "0190-abc".to_owned(),
+            state: pb::JobState::Queued as i32,
+            schedule_time: Some(prost_types::Timestamp {
+                seconds: 1_796_115_600,
+                nanos: 250_000_000,
+            }),
+            ..Default::default()
+        };
+        let text = super::job(&job, &json);
+        assert!(
+            text.contains("due:      2026-12-01T09:00:00.250Z"),
+            "{text}"
+        );
+        job.state = pb::JobState::Succeeded as i32;
+        job.start_time = Some(prost_types::Timestamp {
+            seconds: 1_796_115_600,
+            nanos: 300_000_000,
+        });
+        assert!(!super::job(&job, &json).contains("due:"));
     }
 }

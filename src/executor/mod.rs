@@ -44,12 +44,12 @@ fn watch_error(error: WatchError) -> ExecutorError {
     }
 }
 
-/// The span a job's run is logged in. Its `trace_id` is recorded by [`record_trace`] once
-/// the job is at hand (a queued job may have to be read from the store first).
 /// The longest the dispatcher sleeps towards a scheduled job's due time before it looks at
 /// the clock again: due times are wall-clock times, and tokio's timers are not.
 const MAX_DUE_WAIT: Duration = Duration::from_secs(60);
 
+/// The span a job's run is logged in. Its `trace_id` is recorded by [`record_trace`] once
+/// the job is at hand (a queued job may have to be read from the store first).
 fn job_span(id: JobId) -> tracing::Span {
     tracing::info_span!("job", job_id = %id, trace_id = tracing::field::Empty)
 }
@@ -432,6 +432,7 @@ impl Executor {
                     .enqueue_with(job.id, job.priority, &job.tenant, None, due);
             }
         }
+        self.inner.sync_gauges();
         self.inner.recovered.cancel();
         self.inner.wake.notify_one();
         tracing::info!(jobs = count, "recovered unfinished jobs");
@@ -831,7 +832,9 @@ impl Inner {
     /// Brings the queue and running gauges up to date.
     fn sync_gauges(&self) {
         let (queued, scheduled) = {
-            let scheduler = self.scheduler();
+            let mut scheduler = self.scheduler();
+            // So that jobs whose time has come while every worker was busy count as due.
+            scheduler.promote_due(SystemTime::now());
             (scheduler.queue_length(), scheduler.scheduled())
         };
         crate::metrics::set(&self.metrics.queue_depth, queued);

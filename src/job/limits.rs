@@ -214,10 +214,10 @@ pub(crate) fn check_schedule_time(
         violations.push(FieldViolation::new(
             "schedule_time",
             format!(
-                "is {}s ahead of the server's clock; at most {}s is allowed \
+                "is {} ahead of the server's clock; at most {} is allowed \
                  (max_schedule_delay)",
-                ahead.as_secs(),
-                limits.max_schedule_delay.as_secs()
+                humantime::format_duration(Duration::from_millis(ahead.as_millis() as u64)),
+                humantime::format_duration(limits.max_schedule_delay)
             ),
         ));
     }
@@ -517,5 +517,47 @@ mod tests {
         assert!(fields(&spec, &limits).is_empty());
         spec.actions.push(spec.actions[0].clone());
         assert_eq!(fields(&spec, &limits), ["actions"]);
+    }
+
+    #[test]
+    fn a_schedule_may_be_past_or_up_to_max_schedule_delay_ahead() {
+        let limits = SubmitLimits {
+            max_schedule_delay: Duration::from_secs(60),
+            ..SubmitLimits::default()
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let check = |time: SystemTime| {
+            let mut violations = Vec::new();
+            check_schedule_time(time, now, &limits, &mut violations);
+            violations
+        };
+        assert!(
+            check(now + Duration::from_secs(60)).is_empty(),
+            "at the limit"
+        );
+        assert!(
+            check(now - Duration::from_secs(3600)).is_empty(),
+            "past: at once"
+        );
+        let over = check(now + Duration::from_millis(60_400));
+        assert_eq!(over.len(), 1);
+        assert_eq!(over[0].field, "schedule_time");
+        assert!(
+            over[0].description.contains("1m 400ms") && over[0].description.contains("at most 1m"),
+            "{over:?}"
+        );
+        let before_1970 = check(SystemTime::UNIX_EPOCH - Duration::from_secs(1));
+        assert!(
+            before_1970[0].description.contains("1970"),
+            "{before_1970:?}"
+        );
+
+        let mut spec = job(json!({}));
+        spec.schedule_time = Some(SystemTime::now() + Duration::from_secs(3600));
+        assert_eq!(
+            fields(&spec, &limits),
+            ["schedule_time"],
+            "checked at submit"
+        );
     }
 }

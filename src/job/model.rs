@@ -237,7 +237,8 @@ pub struct NewJob {
     )]
     pub trace: Option<TraceContext>,
     /// Run no earlier than this; `None` (or a time already past) to run as soon as a worker
-    /// is free.
+    /// is free. A wall-clock time: a test that pauses tokio's clock still waits for the
+    /// system clock to reach it.
     #[serde(
         with = "opt_unix_nanos",
         default,

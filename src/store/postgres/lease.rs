@@ -20,6 +20,9 @@ use super::{
 use crate::job::{Job, JobId};
 use crate::store::{Change, Renewal, SharedStore, StoreError};
 
+/// How many jobs scheduled for later one claim makes ready at most (see `claim`).
+const PROMOTE_BATCH: usize = 1000;
+
 /// A duration in microseconds, as the lease columns count.
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
@@ -37,6 +40,24 @@ impl SharedStore for PostgresStore {
         }
         let fail = |e| pg_error("claiming queued jobs", e);
         let client = self.reader().await?;
+        // Jobs scheduled for later that are due by now become ready: found through their own
+        // index, so the claim below reads ready jobs only however many wait for later. The
+        // clock is read once (a subquery), which lets that index find them; a bounded batch,
+        // earliest first, so that a mass of jobs due at one moment is not one long lock; and
+        // `= ANY(ARRAY(…))` so that the rows are then updated through the primary key (an
+        // `IN` may be planned as a join over the whole table).
+        let promote = format!(
+            "UPDATE jobs SET waits_until = NULL
+             WHERE id = ANY(ARRAY(
+                 SELECT id FROM jobs
+                 WHERE state = 'QUEUED' AND waits_until IS NOT NULL
+                     AND waits_until <= (SELECT {NOW_MICROS})
+                 ORDER BY waits_until
+                 LIMIT {PROMOTE_BATCH}
+                 FOR UPDATE SKIP LOCKED))"
+        );
+        let promote = client.prepare_cached(&promote).await.map_err(fail)?;
+        client.execute(&promote, &[]).await.map_err(fail)?;
         let sql = format!(
             "UPDATE jobs SET lease_owner = $1, lease_until = {NOW_MICROS} + $3
              WHERE id IN (
@@ -44,7 +65,7 @@ impl SharedStore for PostgresStore {
                  WHERE state = 'QUEUED'
                      AND (lease_owner IS NULL OR lease_until IS NULL
                           OR lease_until < {NOW_MICROS})
-                     AND (schedule_time IS NULL OR schedule_time <= {NOW_MICROS})
+                     AND waits_until IS NULL
                      AND NOT (id = ANY($4))
                  ORDER BY priority DESC, id
                  LIMIT $2

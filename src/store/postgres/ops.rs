@@ -40,7 +40,7 @@ pub(super) async fn create(
         .prepare_cached(
             "INSERT INTO jobs
                  (id, tenant, state, version, priority, idempotency_key, end_time, snapshot,
-                  schedule_time)
+                  waits_until)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .await
@@ -57,7 +57,7 @@ pub(super) async fn create(
                 &row.idempotency_key,
                 &row.end_time,
                 &row.snapshot,
-                &row.schedule_time,
+                &row.waits_until,
             ],
         )
         .await

@@ -21,8 +21,9 @@ pub(super) struct JobRow {
     pub idempotency_key: Option<String>,
     pub end_time: Option<i64>,
     /// When the job becomes due, in unix microseconds rounded up (so it is never claimed
-    /// before its time); `None` for a job due at once.
-    pub schedule_time: Option<i64>,
+    /// before its time); `None` for a job due at once. Written only by a create: replicas
+    /// clear the column once the time has come (see `lease::claim`).
+    pub waits_until: Option<i64>,
     /// Sorted by key, as `BTreeMap` iterates.
     pub labels: Vec<(String, String)>,
     pub snapshot: String,
@@ -83,7 +84,7 @@ impl JobRow {
             priority: i64::from(job.priority),
             idempotency_key: job.idempotency_key.clone(),
             end_time: job.end_time.map(unix_micros),
-            schedule_time: job.schedule_time.map(|time| {
+            waits_until: job.schedule_time.map(|time| {
                 let up = time.checked_add(std::time::Duration::from_nanos(999));
                 unix_micros(up.unwrap_or(time))
             }),

@@ -20,8 +20,8 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("migrations/0004_removed_jobs.sql"),
     ),
     (
-        "0005_schedule_time",
-        include_str!("migrations/0005_schedule_time.sql"),
+        "0005_waits_until",
+        include_str!("migrations/0005_waits_until.sql"),
     ),
 ];
 
