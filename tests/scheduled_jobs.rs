@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use common::postgres::{TestSchema, database_url};
 use common::{
-    PATIENCE, TestServer, action, bad_request_fields, cancel, get, list_all, open_sqlite, request,
-    state, submit, test_config, wait_done, watch_to_end,
+    Gate, PATIENCE, TestServer, action, bad_request_fields, cancel, gated, get, list_all,
+    open_sqlite, request, state, submit, test_config, wait_done, watch_to_end,
 };
 use longrun::{
     actions::Registry,
@@ -115,6 +115,52 @@ async fn jobs_due_now_run_ahead_of_one_scheduled_earlier_for_later() {
         "the past-due job ran first"
     );
     assert!(time(past.schedule_time) < time(past.create_time));
+}
+
+/// With the only worker busy, a job scheduled for later that becomes due gets in line at its
+/// time: behind a job submitted after it but ready (and waiting) before that time.
+async fn a_job_due_later_gets_in_line_at_its_time(store: std::sync::Arc<dyn Store>) {
+    let gate = Gate::new(false);
+    let mut config = test_config();
+    config.executor.concurrency = 1;
+    let server = TestServer::start_on(store, config, gate.registry()).await;
+    let mut client = server.client.clone();
+    let busy = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, busy.id);
+    let due = from_now(Duration::from_millis(500));
+    let scheduled_first = submit(&mut client, scheduled(due)).await;
+    let ready_first = submit(&mut client, request(vec![echo()])).await;
+    // Both wait for the worker until the scheduled one is due too.
+    tokio::time::sleep(due.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.release(1);
+    let scheduled_first = wait_done(&mut client, &scheduled_first.id).await;
+    let ready_first = wait_done(&mut client, &ready_first.id).await;
+    assert!(
+        time(ready_first.end_time) <= time(scheduled_first.start_time),
+        "the job ready since its submission ran first: {ready_first:?} {scheduled_first:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_due_later_gets_in_line_at_its_time_in_memory() {
+    a_job_due_later_gets_in_line_at_its_time(std::sync::Arc::new(
+        longrun::store::MemoryStore::new(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_job_due_later_gets_in_line_at_its_time_on_postgres() {
+    let Some(base) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base);
+    let store = PostgresStore::open(&schema.url(), PostgresOptions::default())
+        .await
+        .expect("open store");
+    a_job_due_later_gets_in_line_at_its_time(std::sync::Arc::new(store)).await;
 }
 
 #[tokio::test]

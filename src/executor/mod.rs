@@ -29,7 +29,7 @@ use crate::{
     metrics::Metrics,
     store::{Created, Store, StoreError},
 };
-use queue::{Full, Holder, Scheduler, StopHandle, StopReason};
+use queue::{Full, Holder, Rank, Scheduler, StopHandle, StopReason};
 
 /// How long Cancel waits for the task holding a job to store the cancel (see
 /// [`Executor::cancel`]).
@@ -429,7 +429,7 @@ impl Executor {
                 let due = job.due_after(SystemTime::now());
                 self.inner
                     .scheduler()
-                    .enqueue_with(job.id, job.priority, &job.tenant, None, due);
+                    .enqueue_with(job.id, Rank::of(&job), &job.tenant, None, due);
             }
         }
         self.inner.sync_gauges();
@@ -527,7 +527,7 @@ impl Executor {
                 if !self.inner.shared {
                     scheduler.enqueue_with(
                         job.id,
-                        job.priority,
+                        Rank::of(&job),
                         &job.tenant,
                         Some(Arc::clone(&shared)),
                         job.due_after(SystemTime::now()),

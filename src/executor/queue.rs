@@ -21,14 +21,35 @@ use crate::job::{Job, JobId};
 /// so memory does not grow with the queue.
 pub const MAX_QUEUED_SNAPSHOTS: usize = 4096;
 
-/// Higher priority first, then submission order: ids are UUIDv7, ordered by their creation
-/// (within a process, and by the millisecond across them). A job back in the queue for a
-/// retry or after a restart so takes its old place, as the PostgreSQL claim orders
-/// (`priority DESC, id`).
+/// Higher priority first, then the time the job became ready to run (its submission, or its
+/// `schedule_time` if later), then the id. A job back in the queue for a retry or after a
+/// restart so takes its old place, and one scheduled for later gets in line at its time
+/// rather than at its submission, as the PostgreSQL claim orders (`priority DESC, ready_at,
+/// id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct QueueKey {
     priority: Reverse<i32>,
+    ready: SystemTime,
     id: JobId,
+}
+
+/// A job's place in line (see `QueueKey`), from [`Rank::of`] the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rank {
+    /// Higher runs first.
+    pub priority: i32,
+    /// When the job became ready to run: [`Job::ready_time`].
+    pub ready: SystemTime,
+}
+
+impl Rank {
+    /// `job`'s place in line.
+    pub fn of(job: &Job) -> Self {
+        Self {
+            priority: job.priority,
+            ready: job.ready_time(),
+        }
+    }
 }
 
 /// Why an owner task was told to stop its job.
@@ -175,7 +196,7 @@ impl Scheduler {
     }
 
     /// Moves the scheduled jobs due by `now` into the queue proper, where they take their
-    /// place by priority and submission order.
+    /// place by their rank (see `QueueKey`).
     pub fn promote_due(&mut self, now: SystemTime) {
         while let Some(&(due, key)) = self.scheduled.first() {
             if due > now {
@@ -239,8 +260,8 @@ impl Scheduler {
     }
 
     /// Adds `tenant`'s job to the queue (a no-op if it is already queued).
-    pub fn enqueue(&mut self, id: JobId, priority: i32, tenant: &str) {
-        self.enqueue_with(id, priority, tenant, None, None);
+    pub fn enqueue(&mut self, id: JobId, rank: Rank, tenant: &str) {
+        self.enqueue_with(id, rank, tenant, None, None);
     }
 
     /// Adds `tenant`'s job to the queue with its current (stored) snapshot, which [`pop`]
@@ -251,7 +272,7 @@ impl Scheduler {
     pub fn enqueue_with(
         &mut self,
         id: JobId,
-        priority: i32,
+        rank: Rank,
         tenant: &str,
         snapshot: Option<Arc<Job>>,
         due: Option<SystemTime>,
@@ -270,7 +291,8 @@ impl Scheduler {
             }
         }
         let key = QueueKey {
-            priority: Reverse(priority),
+            priority: Reverse(rank.priority),
+            ready: rank.ready,
             id,
         };
         match due {
@@ -341,9 +363,9 @@ impl Scheduler {
     }
 
     /// Moves an active job back to the queue (after a retry backoff), with its snapshot.
-    pub fn requeue(&mut self, id: JobId, priority: i32, tenant: &str, snapshot: Option<Arc<Job>>) {
+    pub fn requeue(&mut self, id: JobId, rank: Rank, tenant: &str, snapshot: Option<Arc<Job>>) {
         self.active.remove(&id);
-        self.enqueue_with(id, priority, tenant, snapshot, None);
+        self.enqueue_with(id, rank, tenant, snapshot, None);
     }
 
     /// Forgets an active job whose task ended.
@@ -397,14 +419,23 @@ impl Scheduler {
 mod tests {
     use super::*;
 
+    /// A rank in line by priority alone: every job ready at the same moment, so the id
+    /// (submission order) decides between equals.
+    fn rank(priority: i32) -> Rank {
+        Rank {
+            priority,
+            ready: SystemTime::UNIX_EPOCH,
+        }
+    }
+
     #[test]
     fn higher_priority_first_then_fifo() {
         let mut s = Scheduler::default();
         let ids: Vec<JobId> = (0..4).map(|_| JobId::generate()).collect();
-        s.enqueue(ids[0], 0, "t");
-        s.enqueue(ids[1], 5, "t");
-        s.enqueue(ids[2], 0, "t");
-        s.enqueue(ids[3], 5, "t");
+        s.enqueue(ids[0], rank(0), "t");
+        s.enqueue(ids[1], rank(5), "t");
+        s.enqueue(ids[2], rank(0), "t");
+        s.enqueue(ids[3], rank(5), "t");
         let order: Vec<JobId> =
             std::iter::from_fn(|| s.pop(SystemTime::now()).map(|(id, ..)| id)).collect();
         assert_eq!(order, vec![ids[1], ids[3], ids[0], ids[2]]);
@@ -452,9 +483,9 @@ mod tests {
         let ids: Vec<JobId> = (0..3).map(|_| JobId::generate()).collect();
         // The first job left the queue to run, failed, and comes back for a retry after
         // the two submitted behind it.
-        s.enqueue(ids[1], 0, "t");
-        s.enqueue(ids[2], 0, "t");
-        s.enqueue(ids[0], 0, "t");
+        s.enqueue(ids[1], rank(0), "t");
+        s.enqueue(ids[2], rank(0), "t");
+        s.enqueue(ids[0], rank(0), "t");
         let order: Vec<JobId> =
             std::iter::from_fn(|| s.pop(SystemTime::now()).map(|(id, ..)| id)).collect();
         assert_eq!(order, ids);
@@ -464,7 +495,7 @@ mod tests {
     fn claim_takes_a_queued_job_out_of_the_queue() {
         let mut s = Scheduler::default();
         let id = JobId::generate();
-        s.enqueue(id, 0, "t");
+        s.enqueue(id, rank(0), "t");
         assert!(matches!(s.claim(id), Holder::Queue));
         assert!(s.pop(SystemTime::now()).is_none());
         assert!(matches!(s.claim(id), Holder::Nobody));
@@ -477,7 +508,7 @@ mod tests {
         assert_eq!(s.reserve(2, "t", None), Ok(()));
         assert_eq!(s.reserve(2, "t", None), Err(Full::Queue));
         s.unreserve("t");
-        s.enqueue(JobId::generate(), 0, "t");
+        s.enqueue(JobId::generate(), rank(0), "t");
         assert_eq!(s.queue_length(), 2);
         assert_eq!(s.reserve(2, "t", None), Err(Full::Queue));
     }
@@ -488,9 +519,9 @@ mod tests {
         let (a1, a2, b1) = (JobId::generate(), JobId::generate(), JobId::generate());
         assert_eq!(s.reserve(100, "a", Some(2)), Ok(()));
         s.unreserve("a");
-        s.enqueue(a1, 0, "a");
-        s.enqueue(a2, 0, "a");
-        s.enqueue(b1, 0, "b");
+        s.enqueue(a1, rank(0), "a");
+        s.enqueue(a2, rank(0), "a");
+        s.enqueue(b1, rank(0), "b");
         assert_eq!(s.reserve(100, "a", Some(2)), Err(Full::Tenant));
         assert_eq!(s.reserve(100, "b", Some(2)), Ok(()));
         s.unreserve("b");
@@ -499,7 +530,7 @@ mod tests {
         let (popped, ..) = s.pop(SystemTime::now()).unwrap();
         assert_eq!(popped, a1);
         assert_eq!(s.tenant_queue_length("a"), 0);
-        s.requeue(a1, 0, "a", None);
+        s.requeue(a1, rank(0), "a", None);
         assert_eq!(s.tenant_queue_length("a"), 1);
         assert_eq!(s.tenant_queue_length("b"), 1);
     }
@@ -508,11 +539,11 @@ mod tests {
     fn the_queue_hands_back_a_kept_snapshot_once_and_keeps_a_bounded_number() {
         let mut s = Scheduler::default();
         let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
-        s.enqueue_with(job.id, 0, "t", Some(Arc::clone(&job)), None);
+        s.enqueue_with(job.id, rank(0), "t", Some(Arc::clone(&job)), None);
         let (id, _, snapshot) = s.pop(SystemTime::now()).unwrap();
         assert_eq!(id, job.id);
         assert_eq!(snapshot.as_deref(), Some(&*job));
-        s.requeue(id, 0, "t", Some(Arc::clone(&job)));
+        s.requeue(id, rank(0), "t", Some(Arc::clone(&job)));
         assert!(matches!(s.claim(id), Holder::Queue));
         assert!(
             s.snapshots.is_empty(),
@@ -521,7 +552,7 @@ mod tests {
 
         for _ in 0..MAX_QUEUED_SNAPSHOTS + 10 {
             let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
-            s.enqueue_with(job.id, 0, "t", Some(job), None);
+            s.enqueue_with(job.id, rank(0), "t", Some(job), None);
         }
         assert_eq!(s.snapshots.len(), MAX_QUEUED_SNAPSHOTS);
         let popped: Vec<bool> =
@@ -539,7 +570,7 @@ mod tests {
         let mut s = Scheduler::default();
         let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
         let id = job.id;
-        s.enqueue_with(id, 0, "t", Some(Arc::clone(&job)), None);
+        s.enqueue_with(id, rank(0), "t", Some(Arc::clone(&job)), None);
         assert_eq!(s.held_snapshot(id).as_deref(), Some(&*job), "queued");
         s.pop(SystemTime::now()).unwrap();
         assert_eq!(s.held_snapshot(id).as_deref(), Some(&*job), "starting");
@@ -549,7 +580,7 @@ mod tests {
             "its first change is committed"
         );
 
-        s.requeue(id, 0, "t", Some(Arc::clone(&job)));
+        s.requeue(id, rank(0), "t", Some(Arc::clone(&job)));
         s.pop(SystemTime::now()).unwrap();
         s.finish(id);
         assert!(
@@ -557,34 +588,42 @@ mod tests {
             "its task ended before any change"
         );
 
-        s.enqueue_with(id, 0, "t", Some(Arc::clone(&job)), None);
+        s.enqueue_with(id, rank(0), "t", Some(Arc::clone(&job)), None);
         s.pop(SystemTime::now()).unwrap();
-        s.requeue(id, 0, "t", None);
+        s.requeue(id, rank(0), "t", None);
         assert!(s.held_snapshot(id).is_none(), "requeued without a snapshot");
     }
 
     #[test]
-    fn a_scheduled_job_waits_apart_until_due_then_takes_its_place() {
+    fn a_scheduled_job_waits_apart_until_due_then_gets_in_line_at_its_time() {
         let mut s = Scheduler::default();
         let start = SystemTime::now();
         let later = |secs| start + std::time::Duration::from_secs(secs);
+        let at = |ready| Rank { priority: 0, ready };
         let ids: Vec<JobId> = (0..4).map(|_| JobId::generate()).collect();
-        // Submitted first, but due in 10 s; then one due in 20 s, and two due now.
-        s.enqueue_with(ids[0], 0, "t", None, Some(later(10)));
-        s.enqueue_with(ids[1], 0, "t", None, Some(later(20)));
-        s.enqueue(ids[2], 0, "t");
-        s.enqueue(ids[3], 0, "t");
+        // Submitted first, but due in 10 s; then one due in 20 s; then two ready at 0 s and
+        // 5 s (submitted then), which have waited longer by the time the first is due.
+        s.enqueue_with(ids[0], at(later(10)), "t", None, Some(later(10)));
+        s.enqueue_with(ids[1], at(later(20)), "t", None, Some(later(20)));
+        s.enqueue(ids[2], at(start), "t");
+        s.enqueue(ids[3], at(later(5)), "t");
         assert_eq!((s.queue_length(), s.ready(), s.scheduled()), (4, 2, 2));
         assert_eq!(s.tenant_queue_length("t"), 4, "scheduled jobs count");
         let job = Arc::new(crate::store::conformance::sample_job(1, &[], None));
-        s.enqueue_with(job.id, 0, "u", Some(Arc::clone(&job)), Some(later(5)));
+        s.enqueue_with(
+            job.id,
+            at(later(5)),
+            "u",
+            Some(Arc::clone(&job)),
+            Some(later(5)),
+        );
         assert!(s.held_snapshot(job.id).is_none(), "no room taken until due");
         assert!(matches!(s.claim(job.id), Holder::Queue));
         assert_eq!(s.next_due(), Some(later(10)));
         assert_eq!(s.pop(start).map(|(id, ..)| id), Some(ids[2]));
-        // Due now: it goes before the job submitted after it.
-        assert_eq!(s.pop(later(10)).map(|(id, ..)| id), Some(ids[0]));
+        // Due now, but in line behind the job ready since 5 s.
         assert_eq!(s.pop(later(10)).map(|(id, ..)| id), Some(ids[3]));
+        assert_eq!(s.pop(later(10)).map(|(id, ..)| id), Some(ids[0]));
         assert!(s.pop(later(19)).is_none(), "not due yet");
         assert!(matches!(s.claim(ids[1]), Holder::Queue), "cancellable");
         assert_eq!(

@@ -13,7 +13,10 @@ use serde_json::Value;
 use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{Inner, cancelled_error, queue::StopHandle, queue::StopReason};
+use super::{
+    Inner, cancelled_error,
+    queue::{Rank, StopHandle, StopReason},
+};
 use crate::{
     actions::{ActionContext, HandlerError, ProgressReceiver, ProgressReporter},
     cancelled::Cancelled,
@@ -227,8 +230,8 @@ impl Inner {
         // Queued only now that this task no longer holds it, or the dispatcher could hand it
         // to a new task whose hold `finish` would then forget.
         let requeued = requeue.is_some();
-        if let Some((priority, tenant)) = requeue {
-            scheduler.enqueue(id, priority, &tenant);
+        if let Some((rank, tenant)) = requeue {
+            scheduler.enqueue(id, rank, &tenant);
         }
         drop(scheduler);
         if requeued {
@@ -248,8 +251,8 @@ impl Inner {
     /// settled as that recovery would (re-queued with `attempt + 1`, failed `INTERRUPTED`
     /// when out of attempts, CANCELLED when a cancel came), retried with backoff until the
     /// store takes the write. A shutdown ends the retries: the next start recovers it then.
-    /// Returns the job's priority and tenant when it is to be queued again here.
-    async fn settle_aborted(&self, id: JobId) -> Option<(i32, String)> {
+    /// Returns the job's place in line and tenant when it is to be queued again here.
+    async fn settle_aborted(&self, id: JobId) -> Option<(Rank, String)> {
         let mut wait = SETTLE_RETRY_INITIAL;
         let mut cancel_tried = false;
         loop {
@@ -293,7 +296,7 @@ impl Inner {
         &self,
         id: JobId,
         handle: &StopHandle,
-    ) -> Result<Option<(i32, String)>, RunError> {
+    ) -> Result<Option<(Rank, String)>, RunError> {
         let Some(mut job) = self.store.get(id).await? else {
             return Ok(None);
         };
@@ -304,7 +307,7 @@ impl Inner {
             self.settle_interrupted(&mut job, "storing the job's state failed while it ran")?;
             self.commit_state(&job).await?;
         }
-        Ok((job.state == JobState::Queued).then_some((job.priority, job.tenant)))
+        Ok((job.state == JobState::Queued).then(|| (Rank::of(&job), job.tenant)))
     }
 
     /// Runs one attempt and settles the job; returns it when it is to be retried. `permit`, the
@@ -699,7 +702,7 @@ impl Inner {
                     return Ok(());
                 }
                 let snapshot = Some(Arc::new(job.clone()));
-                self.scheduler().requeue(job.id, job.priority, &job.tenant, snapshot);
+                self.scheduler().requeue(job.id, Rank::of(&job), &job.tenant, snapshot);
                 self.sync_gauges();
                 self.wake.notify_one();
             }

@@ -14,7 +14,10 @@ use tokio::time::Instant;
 
 use tracing::Instrument;
 
-use super::{ExecutorError, Inner, cancelled_error, queue::StopReason};
+use super::{
+    ExecutorError, Inner, cancelled_error,
+    queue::{Rank, StopReason},
+};
 use crate::{
     job::{Job, JobId, JobState},
     store::{Change, SharedStore, StoreError},
@@ -183,7 +186,7 @@ impl Inner {
                     // Claimed only once due, by the database's clock: never held back here.
                     scheduler.enqueue_with(
                         job.id,
-                        job.priority,
+                        Rank::of(&job),
                         &job.tenant,
                         Some(Arc::clone(&job)),
                         None,

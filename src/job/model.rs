@@ -511,6 +511,13 @@ impl Job {
         }
     }
 
+    /// When the job became (or becomes) ready to run: its submission, or its schedule when
+    /// that is later. Jobs of equal priority run in this order.
+    pub fn ready_time(&self) -> SystemTime {
+        self.schedule_time
+            .map_or(self.create_time, |due| due.max(self.create_time))
+    }
+
     /// When the job becomes due, if that is still after `now`: until then it waits in the
     /// queue without being started.
     pub fn due_after(&self, now: SystemTime) -> Option<SystemTime> {

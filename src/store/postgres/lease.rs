@@ -67,7 +67,7 @@ impl SharedStore for PostgresStore {
                           OR lease_until < {NOW_MICROS})
                      AND waits_until IS NULL
                      AND NOT (id = ANY($4))
-                 ORDER BY priority DESC, id
+                 ORDER BY priority DESC, ready_at NULLS FIRST, id
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED)
              RETURNING snapshot"
@@ -98,7 +98,7 @@ impl SharedStore for PostgresStore {
             held.extend(jobs.iter().map(|job| *job.id.as_uuid()));
         }
         // RETURNING keeps no order: the claim's own.
-        jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+        jobs.sort_by_key(|job| (std::cmp::Reverse(job.priority), job.ready_time(), job.id));
         Ok(jobs)
     }
 

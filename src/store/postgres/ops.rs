@@ -40,8 +40,8 @@ pub(super) async fn create(
         .prepare_cached(
             "INSERT INTO jobs
                  (id, tenant, state, version, priority, idempotency_key, end_time, snapshot,
-                  waits_until)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                  waits_until, ready_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .await
         .map_err(fail)?;
@@ -58,6 +58,7 @@ pub(super) async fn create(
                 &row.end_time,
                 &row.snapshot,
                 &row.waits_until,
+                &row.ready_at,
             ],
         )
         .await

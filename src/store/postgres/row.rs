@@ -24,6 +24,9 @@ pub(super) struct JobRow {
     /// before its time); `None` for a job due at once. Written only by a create: replicas
     /// clear the column once the time has come (see `lease::claim`).
     pub waits_until: Option<i64>,
+    /// When the job became ready to run ([`Job::ready_time`]), in unix microseconds: the
+    /// claim's order among equal priorities.
+    pub ready_at: i64,
     /// Sorted by key, as `BTreeMap` iterates.
     pub labels: Vec<(String, String)>,
     pub snapshot: String,
@@ -84,6 +87,7 @@ impl JobRow {
             priority: i64::from(job.priority),
             idempotency_key: job.idempotency_key.clone(),
             end_time: job.end_time.map(unix_micros),
+            ready_at: unix_micros(job.ready_time()),
             waits_until: job.schedule_time.map(|time| {
                 let up = time.checked_add(std::time::Duration::from_nanos(999));
                 unix_micros(up.unwrap_or(time))
