@@ -41,6 +41,23 @@ fn from_now(duration: Duration) -> SystemTime {
     SystemTime::now() + duration
 }
 
+/// A server on the memory store whose test config `configure` changes.
+async fn server_with(configure: impl FnOnce(&mut longrun::config::Config)) -> TestServer {
+    let mut config = test_config();
+    configure(&mut config);
+    TestServer::start_with(config, Registry::with_builtins()).await
+}
+
+/// A server on the SQLite store in `dir`.
+async fn durable_server(dir: &std::path::Path) -> TestServer {
+    TestServer::start_on(
+        open_sqlite(dir).await,
+        test_config(),
+        Registry::with_builtins(),
+    )
+    .await
+}
+
 /// Asserts that no snapshot shows the job started before `due`.
 fn never_started_before(seen: &[pb::Job], due: SystemTime) {
     for job in seen {
@@ -87,9 +104,7 @@ async fn a_scheduled_job_waits_queued_until_due_then_runs_and_says_when() {
 
 #[tokio::test]
 async fn jobs_due_now_run_ahead_of_one_scheduled_earlier_for_later() {
-    let mut config = test_config();
-    config.executor.concurrency = 1;
-    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let server = server_with(|config| config.executor.concurrency = 1).await;
     let mut client = server.client.clone();
     let due = from_now(Duration::from_secs(2));
     let later = submit(&mut client, scheduled(due)).await;
@@ -165,9 +180,7 @@ async fn a_job_due_later_gets_in_line_at_its_time_on_postgres() {
 
 #[tokio::test]
 async fn a_scheduled_job_is_cancelled_at_once_and_counts_toward_the_queue_limit() {
-    let mut config = test_config();
-    config.executor.max_queue_length = 2;
-    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let server = server_with(|config| config.executor.max_queue_length = 2).await;
     let mut client = server.client.clone();
     let hour = from_now(Duration::from_secs(3600));
     let first = submit(&mut client, scheduled(hour)).await;
@@ -193,9 +206,8 @@ async fn a_scheduled_job_is_cancelled_at_once_and_counts_toward_the_queue_limit(
 
 #[tokio::test]
 async fn a_schedule_out_of_range_is_refused_naming_it_and_stores_nothing() {
-    let mut config = test_config();
-    config.limits.max_schedule_delay = Duration::from_secs(60);
-    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let server =
+        server_with(|config| config.limits.max_schedule_delay = Duration::from_secs(60)).await;
     let mut client = server.client.clone();
     let refused = |schedule_time: Timestamp| {
         let mut client = client.clone();
@@ -253,12 +265,7 @@ async fn an_idempotent_retry_must_ask_for_the_same_time() {
 #[tokio::test]
 async fn a_schedule_survives_a_restart_of_the_durable_store() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server = TestServer::start_on(
-        open_sqlite(dir.path()).await,
-        test_config(),
-        Registry::with_builtins(),
-    )
-    .await;
+    let server = durable_server(dir.path()).await;
     let mut client = server.client.clone();
     let hour = from_now(Duration::from_secs(3600));
     let far = submit(&mut client, scheduled(hour)).await;
@@ -266,12 +273,7 @@ async fn a_schedule_survives_a_restart_of_the_durable_store() {
     let soon = submit(&mut client, scheduled(soon_due)).await;
     server.stop().await;
 
-    let server = TestServer::start_on(
-        open_sqlite(dir.path()).await,
-        test_config(),
-        Registry::with_builtins(),
-    )
-    .await;
+    let server = durable_server(dir.path()).await;
     let mut client = server.client.clone();
     let soon = wait_done(&mut client, &soon.id).await;
     assert_eq!(state(&soon), pb::JobState::Succeeded);
@@ -287,12 +289,7 @@ async fn a_schedule_survives_a_restart_of_the_durable_store() {
     server.stop().await;
 
     // Only the job an hour ahead is left: nothing runs, and the gauges still count it.
-    let server = TestServer::start_on(
-        open_sqlite(dir.path()).await,
-        test_config(),
-        Registry::with_builtins(),
-    )
-    .await;
+    let server = durable_server(dir.path()).await;
     let metrics = server.executor.metrics();
     assert_eq!(
         (metrics.queue_depth.get(), metrics.scheduled.get()),

@@ -285,19 +285,22 @@ mod tests {
         assert!(parse_action("sleep").unwrap().params.is_none());
     }
 
-    #[test]
-    fn webhook_flags_build_the_request_webhook() {
+    /// `longrun submit --action echo` with `extra` flags, as clap parses it.
+    fn parse_args(extra: &[&str]) -> Result<SubmitArgs, clap::Error> {
         use clap::Parser as _;
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
             args: SubmitArgs,
         }
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["longrun", "--action", "echo"];
-            argv.extend_from_slice(extra);
-            Cli::try_parse_from(argv).unwrap().args
-        };
+        let mut argv = vec!["longrun", "--action", "echo"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|cli| cli.args)
+    }
+
+    #[test]
+    fn webhook_flags_build_the_request_webhook() {
+        let parse = |extra: &[&str]| parse_args(extra).unwrap();
         let json = json::Json::new().unwrap();
         let args = parse(&[
             "--webhook-url",
@@ -317,17 +320,7 @@ mod tests {
 
     #[test]
     fn at_and_delay_set_the_schedule_time() {
-        use clap::Parser as _;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: SubmitArgs,
-        }
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["longrun", "--action", "echo"];
-            argv.extend_from_slice(extra);
-            Cli::try_parse_from(argv).map(|cli| cli.args)
-        };
+        let parse = parse_args;
         let json = json::Json::new().unwrap();
         let request = |extra: &[&str]| build_request(&parse(extra).unwrap(), &json).unwrap();
         let at = request(&["--at", "2026-12-01T10:00:00.5+01:00"]).schedule_time;
