@@ -142,9 +142,13 @@ async fn a_job_due_later_gets_in_line_at_its_time(store: std::sync::Arc<dyn Stor
     let mut client = server.client.clone();
     let busy = submit(&mut client, request(vec![gated()])).await;
     assert_eq!(gate.next_started().await, busy.id);
-    let due = from_now(Duration::from_millis(500));
+    let due = from_now(Duration::from_secs(2));
     let scheduled_first = submit(&mut client, scheduled(due)).await;
     let ready_first = submit(&mut client, request(vec![echo()])).await;
+    assert!(
+        time(ready_first.create_time) < due,
+        "a machine too slow for this test: submitted after the other was due"
+    );
     // Both wait for the worker until the scheduled one is due too.
     tokio::time::sleep(due.duration_since(SystemTime::now()).unwrap_or_default()).await;
     tokio::time::sleep(Duration::from_millis(100)).await;

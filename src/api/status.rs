@@ -221,6 +221,7 @@ impl From<StoreError> for Status {
             // These only happen while opening a store, before anything is served.
             StoreError::Locked { .. }
             | StoreError::IncompatibleSchema { .. }
+            | StoreError::SchemaMismatch { .. }
             | StoreError::ReplicaRunning { .. } => Status::failed_precondition(error.to_string()),
             StoreError::StaleVersion { .. } | StoreError::Missing(_) | StoreError::LeaseLost(_) => {
                 Status::aborted(format!("concurrent change, try again: {error}"))

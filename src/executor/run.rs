@@ -291,7 +291,8 @@ impl Inner {
         }
     }
 
-    /// One try of [`Inner::settle_aborted`]; the job's priority and tenant when it ends QUEUED.
+    /// One try of [`Inner::settle_aborted`]; the job's place in line and tenant when it ends
+    /// QUEUED.
     async fn try_settle_aborted(
         &self,
         id: JobId,

@@ -216,7 +216,10 @@ pub(crate) fn check_schedule_time(
             format!(
                 "is {} ahead of the server's clock; at most {} is allowed \
                  (max_schedule_delay)",
-                humantime::format_duration(Duration::from_millis(ahead.as_millis() as u64)),
+                // Rounded up, so that a time just past the limit never reads as at it.
+                humantime::format_duration(Duration::from_millis(
+                    ahead.as_nanos().div_ceil(1_000_000) as u64
+                )),
                 humantime::format_duration(limits.max_schedule_delay)
             ),
         ));

@@ -93,6 +93,21 @@ pub enum StoreError {
         /// The newest schema version this binary knows.
         supported: i64,
     },
+    /// A migration recorded as applied is not the one this longrun has under that number: the
+    /// schema was made by a different build, and its tables may not be what this one expects.
+    #[error(
+        "stored schema migration {version} is {found:?}, but this longrun's is {expected:?}: \
+         the database was migrated by a different build; use a database (or schema) this \
+         version made, or an empty one"
+    )]
+    SchemaMismatch {
+        /// The migration's number.
+        version: i64,
+        /// Its name as recorded in the database.
+        found: String,
+        /// Its name in this binary.
+        expected: String,
+    },
 }
 
 impl StoreError {
@@ -355,7 +370,7 @@ pub trait SharedStore: Send + Sync {
     fn lease(&self) -> Duration;
 
     /// Claims up to `limit` QUEUED jobs nobody holds (or whose holder's lease ran out), by
-    /// priority then age, in one statement; returns them, in that order, held by this replica.
+    /// priority then readiness (see `Job::ready_time`), in one statement; returns them, in that order, held by this replica.
     /// Jobs in `running_here` are left alone: a run of them is still winding down in this
     /// process (its lease was lost and the job re-queued meanwhile), and claiming one again
     /// would start a second run beside it, and keep its lease from ever looking lost.

@@ -54,13 +54,24 @@ impl SharedStore for PostgresStore {
                      AND waits_until <= (SELECT {NOW_MICROS})
                  ORDER BY waits_until
                  LIMIT {PROMOTE_BATCH}
-                 FOR UPDATE SKIP LOCKED))"
+                 FOR NO KEY UPDATE SKIP LOCKED))"
         );
-        let promote = client.prepare_cached(&promote).await.map_err(fail)?;
-        client.execute(&promote, &[]).await.map_err(fail)?;
+        // The lock is the one the UPDATE takes anyway: FOR UPDATE would also wait for (and
+        // hold up) the writer's inserts that reference these rows. A promote that fails leaves
+        // jobs waiting a little longer; the ready ones are claimed regardless.
+        let promoted = match client.prepare_cached(&promote).await {
+            Ok(statement) => client.execute(&statement, &[]).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = promoted {
+            tracing::warn!(error = %pg_error("making due jobs ready", error), "claiming anyway");
+        }
+        // `= ANY(ARRAY(…))`, not `IN (…)`: the planner may run an `IN` subquery again for each
+        // row of the outer scan, and with SKIP LOCKED each run picks other rows, so a claim
+        // of one job could take all of them.
         let sql = format!(
             "UPDATE jobs SET lease_owner = $1, lease_until = {NOW_MICROS} + $3
-             WHERE id IN (
+             WHERE id = ANY(ARRAY(
                  SELECT id FROM jobs
                  WHERE state = 'QUEUED'
                      AND (lease_owner IS NULL OR lease_until IS NULL
@@ -69,7 +80,7 @@ impl SharedStore for PostgresStore {
                      AND NOT (id = ANY($4))
                  ORDER BY priority DESC, ready_at NULLS FIRST, id
                  LIMIT $2
-                 FOR UPDATE SKIP LOCKED)
+                 FOR UPDATE SKIP LOCKED))
              RETURNING snapshot"
         );
         let statement = client.prepare_cached(&sql).await.map_err(fail)?;

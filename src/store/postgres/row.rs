@@ -88,7 +88,8 @@ impl JobRow {
             idempotency_key: job.idempotency_key.clone(),
             end_time: job.end_time.map(unix_micros),
             ready_at: unix_micros(job.ready_time()),
-            waits_until: job.schedule_time.map(|time| {
+            // A time at or before the submission is no reason to wait at all.
+            waits_until: job.due_after(job.create_time).map(|time| {
                 let up = time.checked_add(std::time::Duration::from_nanos(999));
                 unix_micros(up.unwrap_or(time))
             }),

@@ -68,6 +68,29 @@ pub(super) async fn migrate(client: &mut ClientWrapper) -> Result<(), StoreError
         // undoes the (no-op) CREATE TABLE IF NOT EXISTS.
         return Err(StoreError::IncompatibleSchema { found, supported });
     }
+    // A migration is never edited once released; one that was (a development build's) would
+    // leave tables this binary does not expect, and fail later in less clear ways.
+    for row in tx
+        .query(
+            "SELECT version, name FROM longrun_schema ORDER BY version",
+            &[],
+        )
+        .await
+        .map_err(fail)?
+    {
+        let (version, name): (i64, String) = (row.get(0), row.get(1));
+        let expected = usize::try_from(version - 1)
+            .ok()
+            .and_then(|index| migrations.get(index))
+            .map(|(expected, _)| *expected);
+        if expected != Some(name.as_str()) {
+            return Err(StoreError::SchemaMismatch {
+                version,
+                found: name,
+                expected: expected.unwrap_or("none").to_owned(),
+            });
+        }
+    }
     for (index, (name, sql)) in migrations.iter().enumerate().skip(found as usize) {
         let version = index as i64 + 1;
         tx.batch_execute(sql)
