@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::writer::Command;
 use super::{
-    CANCEL_CHANNEL, PostgresStore, feed, pg_error, reads,
+    CANCEL_CHANNEL, PostgresStore, WRITE_LOCK, feed, pg_error, reads,
     row::{JobRow, LeaseCheck, NOW_MICROS, decode, sql_limit, unix_micros},
 };
 use crate::job::{Job, JobId};
@@ -22,6 +22,26 @@ use crate::store::{Change, Renewal, SharedStore, StoreError};
 
 /// How many jobs scheduled for later one claim makes ready at most (see `claim`).
 const PROMOTE_BATCH: usize = 1000;
+
+/// Runs `sql` in a transaction that takes the write lock first, as every write batch does. For
+/// a statement outside the writer that locks many job rows at once (and waits for them): it
+/// locks them in its own order, and a batch (of any replica) locking some of the same in
+/// another would deadlock with it, PostgreSQL then aborting one of the two, maybe the batch.
+async fn query_under_write_lock(
+    client: &mut deadpool_postgres::Object,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let lock = client
+        .prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))")
+        .await?;
+    let statement = client.prepare_cached(sql).await?;
+    let tx = client.transaction().await?;
+    tx.execute(&lock, &[&WRITE_LOCK]).await?;
+    let rows = tx.query(&statement, params).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
 
 /// A duration in microseconds, as the lease columns count.
 fn micros(duration: Duration) -> i64 {
@@ -115,15 +135,13 @@ impl SharedStore for PostgresStore {
 
     async fn renew_leases(&self) -> Result<Renewal, StoreError> {
         let fail = |e| pg_error("renewing leases", e);
-        let client = self.reader().await?;
+        let mut client = self.reader().await?;
         let sql = format!(
             "UPDATE jobs SET lease_until = {NOW_MICROS} + $2
              WHERE lease_owner = $1 AND state IN ('QUEUED', 'RUNNING')
              RETURNING id, cancel_requested"
         );
-        let statement = client.prepare_cached(&sql).await.map_err(fail)?;
-        let rows = client
-            .query(&statement, &[&self.replica, &micros(self.lease)])
+        let rows = query_under_write_lock(&mut client, &sql, &[&self.replica, &micros(self.lease)])
             .await
             .map_err(fail)?;
         let mut renewal = Renewal::default();
@@ -157,19 +175,16 @@ impl SharedStore for PostgresStore {
 
     async fn release_all(&self) -> Result<u64, StoreError> {
         let fail = |e| pg_error("releasing queued jobs", e);
-        let client = self.reader().await?;
-        let statement = client
-            .prepare_cached(
-                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL
-                 WHERE lease_owner = $1 AND state = 'QUEUED'
-                 RETURNING id",
-            )
-            .await
-            .map_err(fail)?;
-        let rows = client
-            .query(&statement, &[&self.replica])
-            .await
-            .map_err(fail)?;
+        let mut client = self.reader().await?;
+        let rows = query_under_write_lock(
+            &mut client,
+            "UPDATE jobs SET lease_owner = NULL, lease_until = NULL
+             WHERE lease_owner = $1 AND state = 'QUEUED'
+             RETURNING id",
+            &[&self.replica],
+        )
+        .await
+        .map_err(fail)?;
         let mut held = self.held();
         for row in &rows {
             let id: uuid::Uuid = row.try_get(0).map_err(fail)?;

@@ -620,6 +620,44 @@ async fn writes_wait_for_the_write_lock_of_other_processes() {
     store.close().await;
 }
 
+/// A renewal locks many job rows in one statement, so it takes the write lock first, as a
+/// write batch does: the two can then never lock the same rows in opposite orders (which
+/// PostgreSQL would end by aborting one of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_renewals_wait_for_the_write_lock() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let store = Arc::new(schema.open(PostgresOptions::default()).await.unwrap());
+    let job = sample_job(1, &[], None);
+    store.create(&job).await.unwrap();
+    let claimed = SharedStore::claim(&*store, 1, &[]).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let other = schema.raw().await;
+    other
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
+            &[&WRITE_LOCK],
+        )
+        .await
+        .unwrap();
+    let renew = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move { SharedStore::renew_leases(&*store).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!renew.is_finished(), "the renewal waited for the lock");
+    other
+        .execute(
+            "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
+            &[&WRITE_LOCK],
+        )
+        .await
+        .unwrap();
+    let renewal = renew.await.unwrap().unwrap();
+    assert_eq!(renewal.held, [job.id]);
+    store.close().await;
+}
+
 /// `count` jobs with priorities cycling 0..3, created in `store`.
 async fn queued_jobs(store: &PostgresStore, count: usize) -> Vec<Job> {
     let mut jobs = Vec::new();
