@@ -186,16 +186,22 @@ async fn stores_opening_together_migrate_once() {
     }
 }
 
-#[tokio::test]
-async fn a_newer_schema_is_refused_and_left_alone() {
-    let Some(url) = database_url() else { return };
-    let schema = TestSchema::create(&url).await;
+/// A fresh schema that a store has migrated to this build's newest version, then let go of.
+async fn migrated_schema(url: &str) -> TestSchema {
+    let schema = TestSchema::create(url).await;
     schema
         .open(PostgresOptions::default())
         .await
         .unwrap()
         .close()
         .await;
+    schema
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused_and_left_alone() {
+    let Some(url) = database_url() else { return };
+    let schema = migrated_schema(&url).await;
     let newer = schema::supported_version() + 1;
     let raw = schema.raw().await;
     raw.execute(
@@ -222,13 +228,7 @@ async fn a_newer_schema_is_refused_and_left_alone() {
 #[tokio::test]
 async fn a_schema_migrated_by_another_build_is_refused_naming_the_migration() {
     let Some(url) = database_url() else { return };
-    let schema = TestSchema::create(&url).await;
-    schema
-        .open(PostgresOptions::default())
-        .await
-        .unwrap()
-        .close()
-        .await;
+    let schema = migrated_schema(&url).await;
     let raw = schema.raw().await;
     raw.execute(
         "UPDATE longrun_schema SET name = 'something_else' WHERE version = 2",
@@ -585,6 +585,17 @@ async fn purge_and_delete_mark_removed_events() {
     store.close().await;
 }
 
+/// Takes (or gives back) the schema's write lock on a plain connection, as another process
+/// would hold it.
+async fn hold_write_lock(client: &tokio_postgres::Client, hold: bool) {
+    let sql = if hold {
+        "SELECT pg_advisory_lock($1, hashtext(current_schema()))"
+    } else {
+        "SELECT pg_advisory_unlock($1, hashtext(current_schema()))"
+    };
+    client.execute(sql, &[&WRITE_LOCK]).await.unwrap();
+}
+
 /// Every write transaction takes the schema's write lock first, also against another process:
 /// while a plain connection holds it, a store's write waits, and it commits once released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -593,13 +604,7 @@ async fn writes_wait_for_the_write_lock_of_other_processes() {
     let schema = TestSchema::create(&url).await;
     let store = Arc::new(schema.open(PostgresOptions::default()).await.unwrap());
     let other = schema.raw().await;
-    other
-        .execute(
-            "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
-            &[&WRITE_LOCK],
-        )
-        .await
-        .unwrap();
+    hold_write_lock(&other, true).await;
     let job = sample_job(1, &[], None);
     let create = tokio::spawn({
         let (store, job) = (Arc::clone(&store), job.clone());
@@ -608,13 +613,7 @@ async fn writes_wait_for_the_write_lock_of_other_processes() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!create.is_finished(), "the write waited for the lock");
     assert_eq!(store.get(job.id).await.unwrap(), None, "reads do not wait");
-    other
-        .execute(
-            "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
-            &[&WRITE_LOCK],
-        )
-        .await
-        .unwrap();
+    hold_write_lock(&other, false).await;
     assert_eq!(create.await.unwrap().unwrap(), Created::New);
     assert_eq!(store.get(job.id).await.unwrap(), Some(job));
     store.close().await;
@@ -633,26 +632,14 @@ async fn lease_renewals_wait_for_the_write_lock() {
     let claimed = SharedStore::claim(&*store, 1, &[]).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let other = schema.raw().await;
-    other
-        .execute(
-            "SELECT pg_advisory_lock($1, hashtext(current_schema()))",
-            &[&WRITE_LOCK],
-        )
-        .await
-        .unwrap();
+    hold_write_lock(&other, true).await;
     let renew = tokio::spawn({
         let store = Arc::clone(&store);
         async move { SharedStore::renew_leases(&*store).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!renew.is_finished(), "the renewal waited for the lock");
-    other
-        .execute(
-            "SELECT pg_advisory_unlock($1, hashtext(current_schema()))",
-            &[&WRITE_LOCK],
-        )
-        .await
-        .unwrap();
+    hold_write_lock(&other, false).await;
     let renewal = renew.await.unwrap().unwrap();
     assert_eq!(renewal.held, [job.id]);
     store.close().await;
