@@ -52,6 +52,11 @@ async fn submitter(addr: SocketAddr, acked: Acked, worker: usize, cycle: usize) 
         req.idempotency_key = key.clone();
         // Every kill may interrupt it; after a crash a job runs again only with an attempt left.
         req.max_attempts = 100;
+        // Some are scheduled a little ahead: kills and restarts must keep them waiting.
+        if n % 4 == 3 {
+            let ahead = Duration::from_millis(300 + (n % 3) * 400);
+            req.schedule_time = Some((std::time::SystemTime::now() + ahead).into());
+        }
         match client.submit(req).await {
             Ok(response) => record(&acked, &response.into_inner().job.unwrap(), Some(&key)),
             Err(_) => return,
@@ -186,6 +191,7 @@ async fn acknowledged_jobs_survive_kill_9_and_finish() {
     keys.dedup();
     assert_eq!(keys.len(), before_dedup, "no job is stored twice");
 
+    let mut scheduled_checked = 0;
     for (id, (key, seen_version)) in &seen_before_restart {
         let history = tokio::time::timeout(PATIENCE, async {
             let mut stream = client
@@ -216,6 +222,9 @@ async fn acknowledged_jobs_survive_kill_9_and_finish() {
             "job {id}: version went back from {seen_version} to {}",
             last.version
         );
+        if last.schedule_time.is_some() {
+            scheduled_checked += 1;
+        }
 
         // The logged history must be a legal walk through the state machine.
         let replay = {
@@ -232,6 +241,14 @@ async fn acknowledged_jobs_survive_kill_9_and_finish() {
             while let Some(message) = stream.next().await {
                 let job = message.expect("replay message").job.unwrap();
                 assert!(job.version > last_version, "versions rise in the log");
+                // Every run, also one a kill interrupted, started no earlier than its time.
+                if let (Some(due), Some(started)) = (job.schedule_time, job.start_time) {
+                    assert!(
+                        std::time::SystemTime::try_from(started).unwrap()
+                            >= std::time::SystemTime::try_from(due).unwrap(),
+                        "job {id} started before its schedule: {job:?}"
+                    );
+                }
                 last_version = job.version;
                 states.push(domain_state(&job));
             }
@@ -246,7 +263,14 @@ async fn acknowledged_jobs_survive_kill_9_and_finish() {
         }
     }
 
-    eprintln!("{:?} checked", START.elapsed());
+    assert!(
+        scheduled_checked > 0,
+        "some scheduled jobs were acknowledged"
+    );
+    eprintln!(
+        "{:?} checked ({scheduled_checked} of them scheduled)",
+        START.elapsed()
+    );
     server.kill().expect("stop the server");
     server.wait().expect("reap");
 }
