@@ -320,9 +320,8 @@ mod tests {
 
     #[test]
     fn at_and_delay_set_the_schedule_time() {
-        let parse = parse_args;
         let json = json::Json::new().unwrap();
-        let request = |extra: &[&str]| build_request(&parse(extra).unwrap(), &json).unwrap();
+        let request = |extra: &[&str]| build_request(&parse_args(extra).unwrap(), &json).unwrap();
         let at = request(&["--at", "2026-12-01T10:00:00.5+01:00"]).schedule_time;
         assert_eq!(
             at,
@@ -337,8 +336,8 @@ mod tests {
         let ahead = delayed.duration_since(before).unwrap();
         assert!(ahead >= Duration::from_secs(90) && ahead < Duration::from_secs(100));
         assert_eq!(request(&[]).schedule_time, None);
-        assert!(parse(&["--at", "tomorrow"]).is_err());
-        assert!(parse(&["--at", "2026-12-01T10:00:00Z", "--delay", "1s"]).is_err());
+        assert!(parse_args(&["--at", "tomorrow"]).is_err());
+        assert!(parse_args(&["--at", "2026-12-01T10:00:00Z", "--delay", "1s"]).is_err());
     }
 
     #[test]

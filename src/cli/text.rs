@@ -72,9 +72,10 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
     // Worth a line only while the job waits for its time.
     if job.start_time.is_none()
         && job.state() == pb::JobState::Queued
-        && let Some(due) = job.schedule_time.and_then(system_time)
+        && let Some(scheduled) = job.schedule_time
+        && let Some(due) = system_time(scheduled)
     {
-        let due = if job.schedule_time.is_some_and(|t| t.nanos == 0) {
+        let due = if scheduled.nanos == 0 {
             humantime::format_rfc3339_seconds(due).to_string()
         } else {
             humantime::format_rfc3339_millis(due).to_string()

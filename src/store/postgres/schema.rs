@@ -57,11 +57,17 @@ pub(super) async fn migrate(client: &mut ClientWrapper) -> Result<(), StoreError
     )
     .await
     .map_err(fail)?;
-    let found: i64 = tx
-        .query_one("SELECT coalesce(max(version), 0) FROM longrun_schema", &[])
+    let applied: Vec<(i64, String)> = tx
+        .query(
+            "SELECT version, name FROM longrun_schema ORDER BY version",
+            &[],
+        )
         .await
         .map_err(fail)?
-        .get(0);
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let found = applied.last().map_or(0, |(version, _)| *version);
     let supported = migrations.len() as i64;
     if found > supported {
         // Nothing is written to a database we do not understand; the rollback on drop also
@@ -70,15 +76,7 @@ pub(super) async fn migrate(client: &mut ClientWrapper) -> Result<(), StoreError
     }
     // A migration is never edited once released; one that was (a development build's) would
     // leave tables this binary does not expect, and fail later in less clear ways.
-    for row in tx
-        .query(
-            "SELECT version, name FROM longrun_schema ORDER BY version",
-            &[],
-        )
-        .await
-        .map_err(fail)?
-    {
-        let (version, name): (i64, String) = (row.get(0), row.get(1));
+    for (version, name) in applied {
         let expected = usize::try_from(version - 1)
             .ok()
             .and_then(|index| migrations.get(index))
