@@ -92,10 +92,10 @@ async fn metrics_count_jobs_actions_rpcs_and_open_watches() {
     assert_eq!(value(&text, "longrun_queue_depth"), 0.0);
 }
 
-/// A job waiting out its retry backoff has an owner task but runs nothing: the running gauge
-/// does not count it, so it never reads above the concurrency.
+/// A job waiting out its retry backoff runs nothing: the running gauge does not count it, so it
+/// never reads above the concurrency; it waits in the queue, not due yet, as a scheduled job.
 #[tokio::test]
-async fn a_job_waiting_to_be_retried_is_not_counted_as_running() {
+async fn a_job_waiting_to_be_retried_is_counted_as_queued_for_later_not_running() {
     let mut config = test_config();
     let metrics_addr = free_addr();
     config.metrics_listen = Some(metrics_addr);
@@ -113,13 +113,15 @@ async fn a_job_waiting_to_be_retried_is_not_counted_as_running() {
     // The gauge follows the owner task's last step: poll briefly for it to settle.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let running = value(&scrape(metrics_addr).await, "longrun_jobs_running");
-        if running == 0.0 {
+        let text = scrape(metrics_addr).await;
+        if value(&text, "longrun_jobs_scheduled") == 1.0 {
+            assert_eq!(value(&text, "longrun_jobs_running"), 0.0, "{text}");
+            assert_eq!(value(&text, "longrun_queue_depth"), 1.0, "{text}");
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "running gauge stuck at {running} for a job waiting to be retried"
+            "the job waiting to be retried is never counted as scheduled: {text}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -69,7 +69,7 @@ fn apply(job: &mut Job, change: &Change) {
         }
         Change::SucceedAction(i) => job.succeed_action(*i, serde_json::json!(i), now),
         Change::FailAction(i) => job.fail_action(*i, JobError::new("INTERNAL", "X", "x"), now),
-        Change::Retry => job.retry(now),
+        Change::Retry => job.retry(now, std::time::Duration::ZERO),
         Change::Succeed => job.succeed(now),
     };
     outcome.expect("the generated history is legal");

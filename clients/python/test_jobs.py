@@ -184,6 +184,21 @@ def test_a_job_scheduled_for_later_waits_queued_and_is_cancelled_like_any_queued
     assert "schedule_time" in info.value.details()
 
 
+def test_a_retried_job_says_when_its_next_attempt_starts(pb, jobs):
+    # `fail` fails every attempt; the server's default backoff before a retry is about 1 s.
+    job = submit(pb, jobs, "fail", {}, max_attempts=2)
+    seen = watch(pb, jobs, job.id)
+    assert_versions_rise(seen)
+    waiting = [j for j in seen if j.state == pb.JOB_STATE_QUEUED and j.attempt == 2]
+    assert waiting and waiting[0].HasField("next_attempt_time"), seen
+    next_attempt = waiting[0].next_attempt_time.ToNanoseconds()
+    assert next_attempt > waiting[0].update_time.ToNanoseconds()
+    second = [j for j in seen if j.attempt == 2 and j.state != pb.JOB_STATE_QUEUED]
+    assert second and all(j.start_time.ToNanoseconds() >= next_attempt for j in second), seen
+    assert seen[-1].state == pb.JOB_STATE_FAILED
+    assert not seen[-1].HasField("next_attempt_time")
+
+
 def test_unknown_job_is_not_found(pb, jobs):
     with pytest.raises(grpc.RpcError) as info:
         jobs.GetStatus(pb.GetStatusRequest(job_id=str(uuid.uuid4())), timeout=CALL_TIMEOUT_S)

@@ -442,6 +442,7 @@ pub fn job(job: &Job) -> pb::Job {
         tenant: job.tenant.clone(),
         cancel_requested: job.cancel_requested,
         schedule_time: job.schedule_time.map(timestamp),
+        next_attempt_time: job.next_attempt_time.map(timestamp),
         // Never the secret: it is write-only.
         webhook: job.webhook.as_ref().map(|w| pb::Webhook {
             url: w.url.clone(),

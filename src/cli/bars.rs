@@ -128,13 +128,19 @@ fn changes(before: Option<&pb::Job>, job: &pb::Job) -> String {
 }
 
 fn header(job: &pb::Job) -> String {
-    format!(
+    let mut header = format!(
         "job {} {} (attempt {}/{})",
         job.id,
         text::job_state(job.state()),
         job.attempt,
         job.max_attempts
-    )
+    );
+    if job.state() == pb::JobState::Queued
+        && let Some(next) = job.next_attempt_time.and_then(text::instant)
+    {
+        header.push_str(&format!(", retry at {next}"));
+    }
+    header
 }
 
 /// The live bars: a job line and one bar per action.
@@ -280,5 +286,26 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(changes(Some(&before), &job), "  [0] a RUNNING 50% half");
+    }
+
+    #[test]
+    fn a_retry_says_when_its_attempt_starts() {
+        let mut job = pb::Job {
+            id: "j".to_owned(),
+            state: pb::JobState::Queued as i32,
+            attempt: 2,
+            max_attempts: 3,
+            next_attempt_time: Some(prost_types::Timestamp {
+                seconds: 1_796_115_600,
+                nanos: 500_000_000,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            header(&job),
+            "job j QUEUED (attempt 2/3), retry at 2026-12-01T09:00:00.500Z"
+        );
+        job.state = pb::JobState::Running as i32;
+        assert_eq!(header(&job), "job j RUNNING (attempt 2/3)");
     }
 }

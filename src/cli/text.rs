@@ -41,6 +41,16 @@ pub fn job_error(error: &pb::JobError) -> String {
     text
 }
 
+/// A time in RFC 3339, to the millisecond only when it has a fraction.
+pub fn instant(time: prost_types::Timestamp) -> Option<String> {
+    let at = system_time(time)?;
+    Some(if time.nanos == 0 {
+        humantime::format_rfc3339_seconds(at).to_string()
+    } else {
+        humantime::format_rfc3339_millis(at).to_string()
+    })
+}
+
 /// The full summary of a job; its id alone on the first line, so `head -1` gets it.
 pub fn job(job: &pb::Job, json: &Json) -> String {
     let mut text = format!("{}\n", job.id);
@@ -72,15 +82,15 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
     // Worth a line only while the job waits for its time.
     if job.start_time.is_none()
         && job.state() == pb::JobState::Queued
-        && let Some(scheduled) = job.schedule_time
-        && let Some(due) = system_time(scheduled)
+        && let Some(due) = job.schedule_time.and_then(instant)
     {
-        let due = if scheduled.nanos == 0 {
-            humantime::format_rfc3339_seconds(due).to_string()
-        } else {
-            humantime::format_rfc3339_millis(due).to_string()
-        };
         let _ = writeln!(text, "  due:      {due}");
+    }
+    // Worth a line only while the job waits out a retry's backoff.
+    if job.state() == pb::JobState::Queued
+        && let Some(next) = job.next_attempt_time.and_then(instant)
+    {
+        let _ = writeln!(text, "  retry at: {next}");
     }
     if let Some(error) = &job.error {
         let _ = writeln!(text, "  error:    {}", job_error(error));
@@ -275,5 +285,30 @@ mod tests {
             nanos: 300_000_000,
         });
         assert!(!super::job(&job, &json).contains("due:"));
+    }
+
+    #[test]
+    fn retry_at_is_shown_only_while_the_job_waits_out_its_backoff() {
+        let json = Json::new().unwrap();
+        let mut job = pb::Job {
+            id: "0190-abc".to_owned(),
+            state: pb::JobState::Queued as i32,
+            attempt: 2,
+            max_attempts: 3,
+            start_time: Some(prost_types::Timestamp {
+                seconds: 1_796_115_590,
+                nanos: 0,
+            }),
+            next_attempt_time: Some(prost_types::Timestamp {
+                seconds: 1_796_115_600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let text = super::job(&job, &json);
+        assert!(text.contains("  retry at: 2026-12-01T09:00:00Z"), "{text}");
+        assert!(text.contains("(attempt 2/3"), "{text}");
+        job.state = pb::JobState::Running as i32;
+        assert!(!super::job(&job, &json).contains("retry at:"));
     }
 }

@@ -6,7 +6,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use async_trait::async_trait;
@@ -270,9 +270,10 @@ fn a_panic_message_is_kept_whole_up_to_a_bound_and_cut_on_a_char_boundary() {
 
 /// A shutdown does not wait for a job that is only waiting out its backoff before a retry: no
 /// handler runs, so there is nothing for the grace period to let finish. The job stays QUEUED
-/// in the store, and the next start runs it at once.
+/// in the store with its `next_attempt_time`, and the next start keeps it waiting for that
+/// (the rest of an hour here) rather than running it at once; Cancel still ends it.
 #[tokio::test]
-async fn a_job_waiting_to_be_retried_does_not_hold_the_shutdown_and_runs_at_the_next_start() {
+async fn a_job_waiting_to_be_retried_does_not_hold_the_shutdown_and_waits_on_after_a_restart() {
     let dir = TempDir::new().unwrap();
     let store = Arc::new(SqliteStore::open(dir.path(), SqliteOptions::default()).unwrap());
     let long_backoff = ExecutorConfig {
@@ -314,10 +315,26 @@ async fn a_job_waiting_to_be_retried_does_not_hold_the_shutdown_and_runs_at_the_
     );
     let stored = store.get(job.id).await.unwrap().unwrap();
     assert_eq!((stored.state, stored.attempt), (JobState::Queued, 2));
+    let next = stored
+        .next_attempt_time
+        .expect("the end of the backoff is stored");
+    assert!(
+        next > SystemTime::now() + Duration::from_secs(3000),
+        "{next:?}"
+    );
 
     let restarted = start().await;
-    let ended = watch_to_end(&restarted, job.id).await;
-    assert_eq!((ended.state, ended.attempt), (JobState::Succeeded, 2));
+    assert_eq!(restarted.queue_length(), 1, "queued again by recovery");
+    assert_eq!(restarted.metrics().scheduled.get(), 1, "not due yet");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(waiting, stored, "nothing ran it early");
+    let cancelled = restarted.cancel(job.id).await.unwrap();
+    assert_eq!(
+        (cancelled.state, cancelled.attempt),
+        (JobState::Cancelled, 2)
+    );
+    assert_eq!(cancelled.next_attempt_time, None);
     restarted.shutdown(Duration::from_secs(1)).await;
 }
 

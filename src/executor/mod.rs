@@ -617,11 +617,19 @@ impl Executor {
     /// period). A job that has ended is returned unchanged.
     pub async fn cancel(&self, id: JobId) -> Result<Job, ExecutorError> {
         self.until_recovered().await?;
-        let holder = self.inner.scheduler().claim(id);
+        let holder = {
+            let mut scheduler = self.inner.scheduler();
+            let holder = scheduler.claim(id);
+            // Stopped under the lock under which a task hands a job back to the queue (see
+            // `hand_over_retry`): the task sees this stop, or this finds the job queued.
+            if let Holder::Task(handle) = &holder {
+                handle.stop(StopReason::Cancelled);
+            }
+            holder
+        };
         self.inner.sync_gauges();
         match holder {
-            Holder::Task(handle) => {
-                handle.stop(StopReason::Cancelled);
+            Holder::Task(_) => {
                 tracing::info!(job_id = %id, "cancel requested for a job held by its task");
                 // The task stores the request at once (a running job's handler then gets the
                 // grace period to stop), or the cancellation itself (a job between retries,
@@ -710,9 +718,9 @@ impl Executor {
     /// left QUEUED with the same attempt, which a durable store runs again after a restart.
     ///
     /// Only jobs whose handlers run get the grace period. A job waiting out its backoff
-    /// before a retry (or taken from the queue but not started) stops waiting at once and
-    /// stays QUEUED, as its retry was stored: a durable store runs it at the next start right
-    /// away, without the rest of its backoff.
+    /// before a retry waits in the queue, QUEUED with its `next_attempt_time` stored: a
+    /// durable store runs it after the next start once that time has come. One taken from the
+    /// queue but not started stays QUEUED too.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
         inner.stop_taking_jobs();

@@ -362,12 +362,6 @@ impl Scheduler {
         handle
     }
 
-    /// Moves an active job back to the queue (after a retry backoff), with its snapshot.
-    pub fn requeue(&mut self, id: JobId, rank: Rank, tenant: &str, snapshot: Option<Arc<Job>>) {
-        self.active.remove(&id);
-        self.enqueue_with(id, rank, tenant, snapshot, None);
-    }
-
     /// Forgets an active job whose task ended.
     pub fn finish(&mut self, id: JobId) {
         self.active.remove(&id);
@@ -404,12 +398,12 @@ impl Scheduler {
             .collect()
     }
 
-    /// Every active job's stop handle.
     /// Every active job's id.
     pub fn active_ids(&self) -> Vec<JobId> {
         self.active.keys().copied().collect()
     }
 
+    /// Every active job's stop handle.
     pub fn active_handles(&self) -> Vec<StopHandle> {
         self.active.values().cloned().collect()
     }
@@ -530,7 +524,8 @@ mod tests {
         let (popped, ..) = s.pop(SystemTime::now()).unwrap();
         assert_eq!(popped, a1);
         assert_eq!(s.tenant_queue_length("a"), 0);
-        s.requeue(a1, rank(0), "a", None);
+        s.finish(a1);
+        s.enqueue_with(a1, rank(0), "a", None, None);
         assert_eq!(s.tenant_queue_length("a"), 1);
         assert_eq!(s.tenant_queue_length("b"), 1);
     }
@@ -543,7 +538,8 @@ mod tests {
         let (id, _, snapshot) = s.pop(SystemTime::now()).unwrap();
         assert_eq!(id, job.id);
         assert_eq!(snapshot.as_deref(), Some(&*job));
-        s.requeue(id, rank(0), "t", Some(Arc::clone(&job)));
+        s.finish(id);
+        s.enqueue_with(id, rank(0), "t", Some(Arc::clone(&job)), None);
         assert!(matches!(s.claim(id), Holder::Queue));
         assert!(
             s.snapshots.is_empty(),
@@ -580,7 +576,8 @@ mod tests {
             "its first change is committed"
         );
 
-        s.requeue(id, rank(0), "t", Some(Arc::clone(&job)));
+        s.finish(id);
+        s.enqueue_with(id, rank(0), "t", Some(Arc::clone(&job)), None);
         s.pop(SystemTime::now()).unwrap();
         s.finish(id);
         assert!(
@@ -590,7 +587,8 @@ mod tests {
 
         s.enqueue_with(id, rank(0), "t", Some(Arc::clone(&job)), None);
         s.pop(SystemTime::now()).unwrap();
-        s.requeue(id, rank(0), "t", None);
+        s.finish(id);
+        s.enqueue_with(id, rank(0), "t", None, None);
         assert!(s.held_snapshot(id).is_none(), "requeued without a snapshot");
     }
 

@@ -182,6 +182,13 @@ impl Drop for RunningAttempt<'_> {
     }
 }
 
+/// Whether a job's task handed the job over (to the queue or another replica) and is done
+/// with it.
+enum Handed {
+    Over,
+    No,
+}
+
 /// How one attempt ended.
 enum Attempt {
     Succeeded,
@@ -201,11 +208,18 @@ impl Inner {
     ) {
         let outcome = self.run_owned(id, start, &handle, permit).await;
         let outcome = match outcome {
-            Ok(Some(job)) => self.wait_and_requeue(job).await,
-            other => other.map(|_| ()),
+            Ok(Some(job)) => self.hand_over_retry(job, &handle).await,
+            other => other.map(|_| Handed::No),
         };
         let requeue = match outcome {
-            Ok(()) => {
+            Ok(Handed::Over) => {
+                // The queue (or, on a shared store, any replica) holds the job now.
+                self.store_backoff().succeeded();
+                self.sync_gauges();
+                self.wake.notify_one();
+                return;
+            }
+            Ok(Handed::No) => {
                 self.store_backoff().succeeded();
                 None
             }
@@ -396,7 +410,8 @@ impl Inner {
             // The error in the line itself (quoted: a handler's message may hold newlines).
             let reason = error.error.to_string();
             if error.retryable && job.has_attempts_left() {
-                job.retry(now)?;
+                let backoff = self.backoff(job.attempt.saturating_add(1));
+                job.retry(now, backoff)?;
                 self.commit_state(&job).await?;
                 tracing::info!(
                     attempt = job.attempt - 1,
@@ -685,42 +700,49 @@ impl Inner {
         Ok(())
     }
 
-    /// Waits out the backoff before a retry, then puts the job back in the queue. A cancel
-    /// during the wait cancels the job. A shutdown ends the wait at once: the job is QUEUED
-    /// in the store already (its retry was committed before the wait), and the next start
-    /// runs it without waiting out the rest of the backoff, which is not stored.
-    async fn wait_and_requeue(&self, mut job: Job) -> Result<(), RunError> {
-        // The attempt's handle may have fired (a timeout); the wait gets a fresh one.
-        let handle = self.scheduler().rearm(job.id);
-        let backoff = self.backoff(job.attempt);
-        tracing::info!(attempt = job.attempt, ?backoff, "job will be retried");
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {
-                if let Some(shared) = self.store.shared() {
-                    // Held through the backoff (so nobody runs it early); now anyone may.
-                    shared.release(job.id).await?;
-                    self.wake.notify_one();
-                    return Ok(());
+    /// Hands a job whose retry is committed (QUEUED, due at its `next_attempt_time`) over to
+    /// the queue, or on a shared store to whichever replica claims it once due: nothing here
+    /// waits out the backoff, so it holds across a restart, and a shutdown has no wait to end.
+    /// A Cancel that reached the job as its attempt ended cancels it instead. The last check
+    /// and the hand-over are one step under the scheduler's lock, under which a Cancel stops
+    /// the task's handle: a Cancel either finds the job queued or is seen here.
+    async fn hand_over_retry(&self, mut job: Job, handle: &StopHandle) -> Result<Handed, RunError> {
+        tracing::info!(
+            attempt = job.attempt,
+            next_attempt_time = ?job.next_attempt_time.map(humantime::format_rfc3339_millis),
+            "job will be retried"
+        );
+        let cancel_asked = || handle.cancel_asked().is_cancelled();
+        if let Some(shared) = self.store.shared() {
+            if !cancel_asked() {
+                // The stored `next_attempt_time` keeps every replica from claiming it early.
+                shared.release(job.id).await?;
+                let mut scheduler = self.scheduler();
+                if !cancel_asked() {
+                    scheduler.finish(job.id);
+                    return Ok(Handed::Over);
                 }
-                let snapshot = Some(Arc::new(job.clone()));
-                self.scheduler().requeue(job.id, Rank::of(&job), &job.tenant, snapshot);
-                self.sync_gauges();
-                self.wake.notify_one();
-            }
-            _ = handle.token().cancelled() => {
-                if handle.reason() == StopReason::Cancelled {
-                    job.cancel(cancelled_error(), SystemTime::now())?;
-                    self.commit_state(&job).await?;
-                    tracing::info!("job cancelled while waiting to be retried");
+                drop(scheduler);
+                // Asked while the lease was given up: the job may be another replica's by now.
+                if let Err(error) = self.cancel_shared(job.id).await {
+                    tracing::warn!(%error, "cancelling the released job failed");
                 }
+                return Ok(Handed::No);
             }
-            // No handler runs during the wait: nothing for the shutdown's grace period to let
-            // finish. On a shared store the job stays held until the shutdown releases it.
-            _ = self.dispatching.cancelled() => {
-                tracing::info!("shutting down: job left queued for its retry at the next start");
+        } else {
+            let mut scheduler = self.scheduler();
+            if !cancel_asked() {
+                let due = job.due_after(SystemTime::now());
+                let (id, rank, tenant) = (job.id, Rank::of(&job), job.tenant.clone());
+                scheduler.finish(id);
+                scheduler.enqueue_with(id, rank, &tenant, Some(Arc::new(job)), due);
+                return Ok(Handed::Over);
             }
         }
-        Ok(())
+        job.cancel(cancelled_error(), SystemTime::now())?;
+        self.commit_state(&job).await?;
+        tracing::info!("job cancelled instead of retried");
+        Ok(Handed::No)
     }
 
     /// The wait before attempt `attempt`: exponential from the initial backoff, capped, with

@@ -462,6 +462,15 @@ pub struct Job {
         skip_serializing_if = "Option::is_none"
     )]
     pub schedule_time: Option<SystemTime>,
+    /// While QUEUED for another attempt: the earliest time that attempt may start (the end of
+    /// the retry's backoff). Stored with the job, so the backoff holds across a restart and on
+    /// every replica; `None` otherwise.
+    #[serde(
+        with = "opt_unix_nanos",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub next_attempt_time: Option<SystemTime>,
 }
 
 impl Job {
@@ -508,6 +517,7 @@ impl Job {
             cancel_requested: false,
             trace: spec.trace,
             schedule_time: spec.schedule_time,
+            next_attempt_time: None,
         }
     }
 
@@ -519,9 +529,12 @@ impl Job {
     }
 
     /// When the job becomes due, if that is still after `now`: until then it waits in the
-    /// queue without being started.
+    /// queue without being started. That is its `schedule_time`, or the end of a retry's
+    /// backoff ([`Job::next_attempt_time`]), whichever is later.
     pub fn due_after(&self, now: SystemTime) -> Option<SystemTime> {
-        self.schedule_time.filter(|due| *due > now)
+        self.schedule_time
+            .max(self.next_attempt_time)
+            .filter(|due| *due > now)
     }
 
     /// [`NewJob::first_difference`] of the request this job was made of, told by the job
@@ -625,6 +638,7 @@ impl Job {
     pub fn start(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
         self.set_state(JobState::Running)?;
         self.start_time = Some(now);
+        self.next_attempt_time = None;
         self.bump(now, true);
         Ok(())
     }
@@ -689,9 +703,11 @@ impl Job {
             cancel_requested,
             trace: _,
             schedule_time,
+            next_attempt_time,
         } = newer;
         self.state = *state;
         self.schedule_time = *schedule_time;
+        self.next_attempt_time = *next_attempt_time;
         self.version = *version;
         self.logged_version = *logged_version;
         self.error.clone_from(error);
@@ -794,6 +810,8 @@ impl Job {
     pub fn cancel(&mut self, error: JobError, now: SystemTime) -> Result<(), IllegalTransition> {
         let error = error.bounded();
         self.set_state(JobState::Cancelled)?;
+        // A cancel during a retry's backoff: no attempt follows.
+        self.next_attempt_time = None;
         self.end_remaining_actions(&error, now);
         self.error = Some(error);
         self.end_time = Some(now);
@@ -801,9 +819,10 @@ impl Job {
         Ok(())
     }
 
-    /// RUNNING → QUEUED for another attempt: the attempt counter goes up, and the actions that
-    /// did not succeed go back to PENDING (succeeded ones keep their results).
-    pub fn retry(&mut self, now: SystemTime) -> Result<(), IllegalTransition> {
+    /// RUNNING → QUEUED for another attempt, which may start after `backoff`: the attempt
+    /// counter goes up, and the actions that did not succeed go back to PENDING (succeeded
+    /// ones keep their results).
+    pub fn retry(&mut self, now: SystemTime, backoff: Duration) -> Result<(), IllegalTransition> {
         if self.attempt >= self.max_attempts {
             return Err(IllegalTransition {
                 from: format!("attempt {} of {}", self.attempt, self.max_attempts),
@@ -812,6 +831,7 @@ impl Job {
         }
         self.set_state(JobState::Queued)?;
         self.attempt += 1;
+        self.next_attempt_time = Some(now.checked_add(backoff).unwrap_or(now));
         self.reset_unfinished_actions();
         self.bump(now, true);
         Ok(())

@@ -116,19 +116,46 @@ fn retry_keeps_succeeded_actions_and_bumps_attempt() {
     job.start_action(1, now).unwrap();
     job.fail_action(1, JobError::new("INTERNAL", "X", "x"), now)
         .unwrap();
-    job.retry(now).unwrap();
+    job.retry(now, Duration::from_secs(3)).unwrap();
     assert_eq!(job.state, JobState::Queued);
     assert_eq!(job.attempt, 2);
+    // The backoff is the job's own: due then, and not before.
+    let next = now + Duration::from_secs(3);
+    assert_eq!(job.next_attempt_time, Some(next));
+    assert_eq!(job.due_after(now), Some(next));
+    assert_eq!(job.due_after(next), None);
+    // A retried job keeps its place in line: ready since its submission.
+    assert_eq!(job.ready_time(), job.create_time);
     assert_eq!(job.actions[0].state, ActionState::Succeeded);
     assert_eq!(job.actions[1].state, ActionState::Pending);
     assert_eq!(job.next_action(), Some(1));
     // Waiting, the action still says why its last attempt failed; started again, it does not.
     assert_eq!(job.actions[1].error.as_ref().unwrap().reason, "X");
-    job.start(now).unwrap();
+    job.start(next).unwrap();
+    assert_eq!(job.next_attempt_time, None);
     job.start_action(1, now).unwrap();
     assert_eq!(job.actions[1].error, None);
     job.succeed_action(1, json!("ok"), now).unwrap();
     assert_eq!(job.actions[1].error, None);
+}
+
+#[test]
+fn a_retry_is_due_at_the_later_of_its_backoff_and_its_schedule() {
+    let now = SystemTime::now();
+    let mut job = job(1, 3);
+    let late = now + Duration::from_secs(60);
+    job.schedule_time = Some(late);
+    job.start(late).unwrap();
+    job.retry(late, Duration::from_secs(2)).unwrap();
+    assert_eq!(job.due_after(late), Some(late + Duration::from_secs(2)));
+    // Clock skew between replicas may put a backoff before the schedule: that still holds.
+    job.next_attempt_time = Some(now);
+    assert_eq!(job.due_after(now - Duration::from_secs(1)), Some(late));
+    // A cancel during the backoff leaves no attempt to wait for.
+    job.next_attempt_time = Some(late + Duration::from_secs(2));
+    job.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), late)
+        .unwrap();
+    assert_eq!(job.next_attempt_time, None);
 }
 
 #[test]
@@ -166,7 +193,7 @@ fn retry_beyond_max_attempts_is_refused() {
     let now = SystemTime::now();
     let mut job = job(1, 1);
     job.start(now).unwrap();
-    assert!(job.retry(now).is_err());
+    assert!(job.retry(now, Duration::ZERO).is_err());
     assert_eq!(job.state, JobState::Running);
 }
 
@@ -257,7 +284,7 @@ fn an_older_snapshot_refreshed_from_a_newer_one_equals_it_and_another_job_is_ref
             j.fail_action(0, JobError::new("INTERNAL", "X", "x"), now)
                 .unwrap()
         },
-        |j, now| j.retry(now).unwrap(),
+        |j, now| j.retry(now, Duration::from_millis(5)).unwrap(),
         |j, now| j.start(now).unwrap(),
         |j, now| j.start_action(0, now).unwrap(),
         |j, now| j.succeed_action(0, json!({"n": 1}), now).unwrap(),

@@ -84,7 +84,7 @@ async fn all_webhooks_get_one_delivery_per_job_state(store: &impl Store) {
     job.fail_action(0, JobError::new("INTERNAL", "X", "x"), now)
         .unwrap();
     store.save(&job).await.unwrap(); // the action's state only
-    job.retry(now).unwrap();
+    job.retry(now, std::time::Duration::from_secs(60)).unwrap();
     store.save(&job).await.unwrap();
     job.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
         .unwrap();

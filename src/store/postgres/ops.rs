@@ -82,7 +82,7 @@ pub(super) async fn save(client: &ClientWrapper, row: &JobRow) -> Result<(), Sto
         let release = format!("$7 = 2 OR ($7 = 1 AND $2 IN {TERMINAL_STATES})");
         format!(
             "UPDATE jobs j SET state = $2, version = $3, priority = $4, end_time = $5,
-             snapshot = $6,
+             snapshot = $6, waits_until = $9,
              lease_owner = CASE WHEN {release} THEN NULL ELSE j.lease_owner END,
              lease_until = CASE WHEN {release} THEN NULL ELSE j.lease_until END
          FROM (SELECT id, state FROM jobs WHERE id = $1) previous
@@ -108,6 +108,7 @@ pub(super) async fn save(client: &ClientWrapper, row: &JobRow) -> Result<(), Sto
                 &row.snapshot,
                 &mode,
                 &owner,
+                &row.waits_until,
             ],
         )
         .await

@@ -3,7 +3,7 @@
 
 use uuid::Uuid;
 
-use crate::job::{Delivery, Job, delivery_for};
+use crate::job::{Delivery, Job, JobState, delivery_for};
 use crate::store::StoreError;
 
 pub(super) use crate::store::snapshot::{decode, from_unix_micros, unix_micros};
@@ -21,8 +21,9 @@ pub(super) struct JobRow {
     pub idempotency_key: Option<String>,
     pub end_time: Option<i64>,
     /// When the job becomes due, in unix microseconds rounded up (so it is never claimed
-    /// before its time); `None` for a job due at once. Written only by a create: replicas
-    /// clear the column once the time has come (see `lease::claim`).
+    /// before its time); `None` for a job due at once. Written by a create (`schedule_time`)
+    /// and by a save (a retry's `next_attempt_time`): replicas clear the column once the
+    /// time has come (see `lease::claim`).
     pub waits_until: Option<i64>,
     /// When the job became ready to run ([`Job::ready_time`]), in unix microseconds: the
     /// claim's order among equal priorities.
@@ -88,11 +89,15 @@ impl JobRow {
             idempotency_key: job.idempotency_key.clone(),
             end_time: job.end_time.map(unix_micros),
             ready_at: unix_micros(job.ready_time()),
-            // A time at or before the submission is no reason to wait at all.
-            waits_until: job.due_after(job.create_time).map(|time| {
-                let up = time.checked_add(std::time::Duration::from_nanos(999));
-                unix_micros(up.unwrap_or(time))
-            }),
+            // A time at or before the change is no reason to wait at all; only a QUEUED job
+            // waits (scheduled, or for a retry's backoff to end).
+            waits_until: (job.state == JobState::Queued)
+                .then(|| job.due_after(job.update_time))
+                .flatten()
+                .map(|time| {
+                    let up = time.checked_add(std::time::Duration::from_nanos(999));
+                    unix_micros(up.unwrap_or(time))
+                }),
             labels: job
                 .labels
                 .iter()
