@@ -864,6 +864,40 @@ async fn every_bad_field_of_a_submit_is_named_at_once() {
     assert!(list_all(&mut client).await.is_empty(), "nothing stored");
 }
 
+/// `max_attempts` above the server's limit (a check of the executor's, after the edge's) is
+/// named with the edge's violations, and with a bad webhook's.
+#[tokio::test]
+async fn max_attempts_above_the_limit_is_named_with_the_other_bad_fields() {
+    let server = TestServer::start_with(small_limits(), registry()).await;
+    let mut client = server.client.clone();
+    let too_many = MAX_ATTEMPTS_LIMIT + 1;
+    let mut req = request(vec![echo()]);
+    req.max_attempts = too_many;
+    req.timeout = Some(millis(0));
+    let status = client.submit(req).await.expect_err("refused");
+    let mut fields = bad_request_fields(&status);
+    fields.sort();
+    assert_eq!(fields, ["max_attempts", "timeout"], "{}", status.message());
+
+    let mut req = request(vec![echo()]);
+    req.max_attempts = too_many;
+    req.webhook = Some(pb::Webhook {
+        url: "not a url".to_owned(),
+        secret: "s3cret".to_owned(),
+        ..Default::default()
+    });
+    let status = client.submit(req).await.expect_err("refused");
+    let mut fields = bad_request_fields(&status);
+    fields.sort();
+    assert_eq!(
+        fields,
+        ["max_attempts", "webhook.url"],
+        "{}",
+        status.message()
+    );
+    assert!(list_all(&mut client).await.is_empty(), "nothing stored");
+}
+
 #[tokio::test]
 async fn a_params_check_that_panics_is_an_internal_error_and_stores_nothing() {
     let server = TestServer::start_with(small_limits(), registry()).await;

@@ -121,7 +121,8 @@ async fn status_cancel_wait_and_list_follow_one_job() {
 
     let listed = longrun(
         &url,
-        &["list", "--state", "cancelled", "--label", "suite=cancel"],
+        // Either case: the text output prints states in capitals.
+        &["list", "--state", "CANCELLED", "--label", "suite=cancel"],
     )
     .await;
     assert_eq!(listed.code, 0, "{listed:?}");

@@ -244,6 +244,11 @@ impl Jobs for JobsService {
         self.rates.check(&tenant)?;
         let mut request = request.into_inner();
         let webhook = request.webhook.take().map(|w| self.validate_webhook(w));
+        // Checked by the executor too, with the actions, for a request valid here; a request
+        // refused here is told of it as well.
+        let attempts = self
+            .executor
+            .check_max_attempts(u32::try_from(request.max_attempts).ok());
         // Every violation at once, the webhook's with the rest; the network (the webhook
         // host's DNS) only for a request otherwise valid.
         let (mut spec, webhook) = match (
@@ -252,9 +257,13 @@ impl Jobs for JobsService {
         ) {
             (Ok(spec), None) => (spec, None),
             (Ok(spec), Some(Ok(checked))) => (spec, Some(checked)),
-            (Ok(_), Some(Err(violations))) => return Err(invalid(violations)),
+            (Ok(_), Some(Err(mut violations))) => {
+                violations.extend(attempts);
+                return Err(invalid(violations));
+            }
             (Err(mut violations), webhook) => {
                 violations.extend(webhook.and_then(Result::err).unwrap_or_default());
+                violations.extend(attempts);
                 return Err(invalid(violations));
             }
         };

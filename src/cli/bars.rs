@@ -116,12 +116,19 @@ fn changes(before: Option<&pb::Job>, job: &pb::Job) -> String {
         let moved =
             previous.is_none_or(|p| p.state != action.state || p.progress != action.progress);
         if moved {
-            lines.push(format!(
+            let mut line = format!(
                 "  [{i}] {} {} {}",
                 action.name,
                 text::action_state(action.state()),
                 text::progress(action.progress.as_ref())
-            ));
+            );
+            // PENDING with an error: its last attempt failed, and it waits for the next.
+            if action.state() == pb::ActionState::Pending
+                && let Some(error) = &action.error
+            {
+                line.push_str(&format!("  last attempt: {}", text::job_error(error)));
+            }
+            lines.push(line);
         }
     }
     lines.join("\n")
@@ -307,5 +314,38 @@ mod tests {
         );
         job.state = pb::JobState::Running as i32;
         assert_eq!(header(&job), "job j RUNNING (attempt 2/3)");
+    }
+
+    #[test]
+    fn an_action_waiting_for_its_retry_says_why_its_last_attempt_failed() {
+        let running = pb::Job {
+            id: "j".to_owned(),
+            state: pb::JobState::Running as i32,
+            attempt: 1,
+            max_attempts: 2,
+            actions: vec![pb::ActionStatus {
+                name: "fail".to_owned(),
+                state: pb::ActionState::Running as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut retried = running.clone();
+        retried.state = pb::JobState::Queued as i32;
+        retried.attempt = 2;
+        retried.actions[0].state = pb::ActionState::Pending as i32;
+        retried.actions[0].error = Some(pb::JobError {
+            code: "INTERNAL".to_owned(),
+            reason: "FAILED_AS_ASKED".to_owned(),
+            message: "first try fails".to_owned(),
+            ..Default::default()
+        });
+        let lines = changes(Some(&running), &retried);
+        assert!(
+            lines.ends_with(
+                "  [0] fail PENDING 0%  last attempt: INTERNAL FAILED_AS_ASKED: first try fails"
+            ),
+            "{lines}"
+        );
     }
 }

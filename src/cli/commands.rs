@@ -37,10 +37,12 @@ pub struct DeleteArgs {
 /// `longrun list`.
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
-    /// Only jobs in these states (repeat the flag, or separate with commas).
+    /// Only jobs in these states (repeat the flag, or separate with commas; `failed` or
+    /// `FAILED`, as the text output prints them).
     #[arg(
         long = "state",
         value_enum,
+        ignore_case = true,
         value_delimiter = ',',
         value_name = "STATE"
     )]

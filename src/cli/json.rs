@@ -9,7 +9,7 @@
 use anyhow::Context as _;
 use longrun::api::json::integral_numbers_as_integers;
 use prost::Message as _;
-use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 
 /// Transcodes between prost messages and their proto3 JSON form.
 pub struct Json {
@@ -30,7 +30,10 @@ impl Json {
             .with_context(|| format!("no descriptor for {full_name} (a build problem)"))
     }
 
-    /// `message`, of the proto type `full_name`, as one line of proto3 JSON.
+    /// `message`, of the proto type `full_name`, as one line of proto3 JSON. Fields at their
+    /// default are written too (`"jobs": []`, `"done": false`, `"percent": 0`), as grpcurl's
+    /// `-emit-defaults` does: a script reads `.done` or iterates `.jobs[]` without first
+    /// checking that the field is there. Unset messages stay absent.
     pub fn encode<M: prost::Message>(
         &self,
         message: &M,
@@ -41,7 +44,9 @@ impl Json {
             message.encode_to_vec().as_slice(),
         )
         .with_context(|| format!("transcoding {full_name} to JSON"))?;
-        let mut value = serde_json::to_value(&dynamic)
+        let options = SerializeOptions::new().skip_default_fields(false);
+        let mut value = dynamic
+            .serialize_with_options(serde_json::value::Serializer, &options)
             .with_context(|| format!("writing {full_name} as JSON"))?;
         integral_numbers_as_integers(&mut value);
         serde_json::to_string(&value).with_context(|| format!("writing {full_name} as JSON"))
@@ -92,10 +97,19 @@ mod tests {
         assert_eq!(parsed["state"], "JOB_STATE_RUNNING");
         assert_eq!(parsed["version"], "7");
         assert_eq!(parsed["maxAttempts"], 2);
+        assert_eq!(parsed["attempt"], 0, "defaults are written: {text}");
+        assert_eq!(parsed["labels"], serde_json::json!({}));
         assert!(
-            parsed.get("attempt").is_none(),
-            "defaults are omitted: {text}"
+            parsed.get("error").is_none(),
+            "unset messages are not: {text}"
         );
+        let empty = json
+            .encode(
+                &pb::ListJobsResponse::default(),
+                "longrun.v1.ListJobsResponse",
+            )
+            .unwrap();
+        assert_eq!(empty, r#"{"jobs":[],"nextPageToken":""}"#);
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
         job.version
     );
     let _ = writeln!(text, "  progress: {}", progress(job.progress.as_ref()));
+    if job.cancel_requested && !super::is_terminal(job) {
+        let _ = writeln!(text, "  cancel:   requested; the handler is stopping");
+    }
+    if job.priority != 0 {
+        let _ = writeln!(text, "  priority: {}", job.priority);
+    }
     if !job.labels.is_empty() {
         let mut labels: Vec<_> = job.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
@@ -79,18 +85,14 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
             humantime::format_rfc3339_seconds(created)
         );
     }
-    // Worth a line only while the job waits for its time.
-    if job.start_time.is_none()
-        && job.state() == pb::JobState::Queued
-        && let Some(due) = job.schedule_time.and_then(instant)
-    {
-        let _ = writeln!(text, "  due:      {due}");
-    }
-    // Worth a line only while the job waits out a retry's backoff.
-    if job.state() == pb::JobState::Queued
-        && let Some(next) = job.next_attempt_time.and_then(instant)
-    {
-        let _ = writeln!(text, "  retry at: {next}");
+    match waits_for(job) {
+        Some(Wait::Schedule(due)) => {
+            let _ = writeln!(text, "  due:      {due}");
+        }
+        Some(Wait::Retry(next)) => {
+            let _ = writeln!(text, "  retry at: {next}");
+        }
+        None => {}
     }
     if let Some(error) = &job.error {
         let _ = writeln!(text, "  error:    {}", job_error(error));
@@ -151,7 +153,29 @@ pub fn end_unknown(job: &pb::Job, json: &Json) -> String {
     )
 }
 
-/// One line per job: id, state, progress, action names, creation time.
+/// What a QUEUED job may be waiting for before it can start, with the time.
+enum Wait {
+    /// Its `schedule_time` (it never ran).
+    Schedule(String),
+    /// The end of a retry's backoff.
+    Retry(String),
+}
+
+fn waits_for(job: &pb::Job) -> Option<Wait> {
+    if job.state() != pb::JobState::Queued {
+        return None;
+    }
+    if let Some(next) = job.next_attempt_time.and_then(instant) {
+        return Some(Wait::Retry(next));
+    }
+    job.schedule_time
+        .filter(|_| job.start_time.is_none())
+        .and_then(instant)
+        .map(Wait::Schedule)
+}
+
+/// One line per job: id, state, progress, creation time, action names; for a job waiting for
+/// its time, `due` or `retry at` and the time.
 pub fn job_list(jobs: &[pb::Job]) -> String {
     let mut text = String::new();
     for job in jobs {
@@ -161,7 +185,7 @@ pub fn job_list(jobs: &[pb::Job]) -> String {
             .and_then(system_time)
             .map(|t| humantime::format_rfc3339_seconds(t).to_string())
             .unwrap_or_default();
-        let _ = writeln!(
+        let _ = write!(
             text,
             "{}  {:<9}  {:>3}%  {}  {}",
             job.id,
@@ -170,6 +194,16 @@ pub fn job_list(jobs: &[pb::Job]) -> String {
             created,
             actions.join(",")
         );
+        match waits_for(job) {
+            Some(Wait::Schedule(due)) => {
+                let _ = write!(text, "  due {due}");
+            }
+            Some(Wait::Retry(next)) => {
+                let _ = write!(text, "  retry at {next}");
+            }
+            None => {}
+        }
+        text.push('\n');
     }
     text.trim_end().to_owned()
 }
@@ -183,9 +217,10 @@ pub fn job_change(job: &pb::Job) -> String {
         .map(|t| humantime::format_rfc3339_millis(t).to_string())
         .unwrap_or_default();
     let progress = job.progress.as_ref();
-    let detail = match &job.error {
-        Some(error) => job_error(error),
-        None => progress.map(|p| p.message.clone()).unwrap_or_default(),
+    let detail = match (&job.error, retry(job)) {
+        (Some(error), _) => job_error(error),
+        (None, Some(retry)) => retry,
+        (None, None) => progress.map(|p| p.message.clone()).unwrap_or_default(),
     };
     let line = format!(
         "{when}  {}  {:<9}  {:>3}%  {detail}",
@@ -194,6 +229,26 @@ pub fn job_change(job: &pb::Job) -> String {
         progress.map_or(0, |p| p.percent),
     );
     line.trim_end().to_owned()
+}
+
+/// For a job waiting out a retry's backoff: which attempt comes when, and why the last one
+/// failed (its action, PENDING again, keeps that error until it starts).
+pub fn retry(job: &pb::Job) -> Option<String> {
+    if job.state() != pb::JobState::Queued {
+        return None;
+    }
+    let next = job.next_attempt_time.and_then(instant)?;
+    let mut text = format!("attempt {}/{} at {next}", job.attempt, job.max_attempts);
+    let failed = job.actions.iter().find_map(|action| {
+        action
+            .error
+            .as_ref()
+            .filter(|_| action.state() == pb::ActionState::Pending)
+    });
+    if let Some(error) = failed {
+        let _ = write!(text, "; the last failed: {}", job_error(error));
+    }
+    Some(text)
 }
 
 /// Each action with its description and params.
@@ -310,5 +365,101 @@ mod tests {
         assert!(text.contains("(attempt 2/3"), "{text}");
         job.state = pb::JobState::Running as i32;
         assert!(!super::job(&job, &json).contains("retry at:"));
+    }
+
+    #[test]
+    fn summaries_and_lists_say_what_a_job_waits_for_its_priority_and_a_pending_cancel() {
+        let json = Json::new().unwrap();
+        let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+        let scheduled = pb::Job {
+            id: "a".to_owned(),
+            state: pb::JobState::Queued as i32,
+            schedule_time: at(1_796_115_600),
+            priority: -5,
+            ..Default::default()
+        };
+        let retrying = pb::Job {
+            id: "b".to_owned(),
+            state: pb::JobState::Queued as i32,
+            start_time: at(1_796_115_000),
+            schedule_time: at(1_796_114_000),
+            next_attempt_time: at(1_796_115_600),
+            ..Default::default()
+        };
+        let stopping = pb::Job {
+            id: "c".to_owned(),
+            state: pb::JobState::Running as i32,
+            cancel_requested: true,
+            ..Default::default()
+        };
+        let list = job_list(&[scheduled.clone(), retrying.clone(), stopping.clone()]);
+        let lines: Vec<&str> = list.lines().collect();
+        assert!(lines[0].ends_with("  due 2026-12-01T09:00:00Z"), "{list}");
+        assert!(
+            lines[1].ends_with("  retry at 2026-12-01T09:00:00Z"),
+            "{list}"
+        );
+        assert!(
+            !lines[2].contains("due") && !lines[2].contains("retry"),
+            "{list}"
+        );
+
+        let text = job(&scheduled, &json);
+        assert!(text.contains("  priority: -5"), "{text}");
+        assert!(!text.contains("cancel:"), "{text}");
+        let text = job(&retrying, &json);
+        assert!(
+            text.contains("  retry at: ") && !text.contains("due:"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("priority:"),
+            "the default is not worth a line: {text}"
+        );
+        let text = job(&stopping, &json);
+        assert!(
+            text.contains("  cancel:   requested; the handler is stopping"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_change_to_a_retry_says_which_attempt_comes_when_and_why_the_last_failed() {
+        let mut job = pb::Job {
+            id: "j".to_owned(),
+            state: pb::JobState::Queued as i32,
+            attempt: 2,
+            max_attempts: 3,
+            next_attempt_time: Some(prost_types::Timestamp {
+                seconds: 1_796_115_600,
+                nanos: 0,
+            }),
+            actions: vec![pb::ActionStatus {
+                name: "fail".to_owned(),
+                state: pb::ActionState::Pending as i32,
+                error: Some(pb::JobError {
+                    code: "INTERNAL".to_owned(),
+                    reason: "FAILED_AS_ASKED".to_owned(),
+                    message: "first try fails".to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let line = job_change(&job);
+        assert!(
+            line.ends_with(
+                "QUEUED       0%  attempt 2/3 at 2026-12-01T09:00:00Z; the last failed: \
+                 INTERNAL FAILED_AS_ASKED: first try fails"
+            ),
+            "{line}"
+        );
+        job.state = pb::JobState::Running as i32;
+        assert!(
+            !job_change(&job).contains("attempt"),
+            "{}",
+            job_change(&job)
+        );
     }
 }

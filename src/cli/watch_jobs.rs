@@ -38,6 +38,7 @@ pub struct WatchJobsArgs {
     #[arg(
         long = "state",
         value_enum,
+        ignore_case = true,
         value_delimiter = ',',
         value_name = "STATE",
         conflicts_with = "until_done"

@@ -602,14 +602,16 @@ impl Executor {
         for (i, action) in spec.actions.iter().enumerate() {
             violations.extend(self.inner.registry.validate_action(i, action)?);
         }
-        let limit = self.inner.config.max_attempts_limit;
-        if spec.max_attempts.is_some_and(|n| n > limit) {
-            violations.push(FieldViolation::new(
-                "max_attempts",
-                format!("must be at most {limit}"),
-            ));
-        }
+        violations.extend(self.check_max_attempts(spec.max_attempts));
         Ok(violations)
+    }
+
+    /// The violation of a job's `max_attempts` beyond this server's limit, if it is.
+    pub(crate) fn check_max_attempts(&self, max_attempts: Option<u32>) -> Option<FieldViolation> {
+        let limit = self.inner.config.max_attempts_limit;
+        max_attempts
+            .filter(|n| *n > limit)
+            .map(|_| FieldViolation::new("max_attempts", format!("must be at most {limit}")))
     }
 
     /// Cancels a job: a queued one at once; a running one by firing its handler's
