@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use common::postgres::{TestSchema, database_url};
 use common::{
-    PATIENCE, TestServer, action, get, open_sqlite, request, state, submit, test_config, until,
-    wait_done, watch_to_end,
+    PATIENCE, TestServer, action, cancel, get, open_sqlite, request, state, submit, test_config,
+    until, wait_done, watch_to_end,
 };
 use longrun::{
     actions::Registry,
@@ -19,6 +19,7 @@ use longrun::{
 };
 use prost_types::Timestamp;
 use serde_json::json;
+use tonic::Code;
 
 /// A server config whose every retry waits `backoff`, less its jitter (up to a quarter).
 fn backoff_config(backoff: Duration) -> Config {
@@ -90,6 +91,35 @@ async fn a_retried_job_says_when_its_next_attempt_starts_and_none_starts_before(
         running.iter().all(|job| job.next_attempt_time.is_none()),
         "cleared once the attempt starts: {running:?}"
     );
+}
+
+/// QUEUED between attempts, and counted so: a queue full of jobs waiting to be retried refuses
+/// more work, as one full of scheduled jobs does, rather than overflowing when they come due.
+#[tokio::test]
+async fn jobs_waiting_to_be_retried_count_toward_the_queue_limit_and_are_cancelled_at_once() {
+    let mut config = backoff_config(Duration::from_secs(3600));
+    config.executor.max_queue_length = 1;
+    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let mut client = server.client.clone();
+    let job = submit(&mut client, failing(2)).await;
+    let waiting = until(&mut client, &job.id, waiting_for_second_attempt).await;
+    // Counted once its task has handed it to the queue, just after the retry is told.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while server.executor.queue_length() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let full = client
+        .submit(request(vec![action("echo", json!({}))]))
+        .await
+        .expect_err("the queue is full");
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+
+    let cancelled = cancel(&mut client, &job.id).await;
+    assert_eq!(state(&cancelled), pb::JobState::Cancelled);
+    assert!(cancelled.version > waiting.version);
+    assert_eq!(cancelled.next_attempt_time, None);
+    assert_eq!(server.executor.queue_length(), 0, "its place is free again");
 }
 
 #[tokio::test]

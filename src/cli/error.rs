@@ -173,6 +173,10 @@ pub fn describe_status(status: &Status) -> String {
             text.push_str("\n  (the server cannot be reached; is `longrun serve` running?)");
         }
     }
+    if status.code() == Code::Unauthenticated {
+        // The server speaks to every client; this one takes the key as a flag.
+        text.push_str("\n  (give the key with --api-key or LONGRUN_API_KEY)");
+    }
     text
 }
 
@@ -222,6 +226,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\n  labels: too many"), "{text}");
+    }
+
+    #[test]
+    fn unauthenticated_says_how_this_client_takes_a_key() {
+        let status = Status::unauthenticated("this call needs an API key");
+        let text = report(&anyhow::Error::new(status).context("GetStatus"));
+        assert!(
+            text.ends_with("(give the key with --api-key or LONGRUN_API_KEY)"),
+            "{text}"
+        );
     }
 
     #[test]

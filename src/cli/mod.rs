@@ -401,13 +401,12 @@ fn bearer(key: &str) -> Result<Option<MetadataValue<Ascii>>, error::Usage> {
     }
     if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         return Err(error::Usage(
-            "--api-key must be printable ASCII (as API keys are)".to_owned(),
+            "--api-key (or LONGRUN_API_KEY) must be printable ASCII (as API keys are)".to_owned(),
         ));
     }
-    format!("Bearer {key}")
-        .parse()
-        .map(Some)
-        .map_err(|_| error::Usage("--api-key must be printable ASCII".to_owned()))
+    format!("Bearer {key}").parse().map(Some).map_err(|_| {
+        error::Usage("--api-key (or LONGRUN_API_KEY) must be printable ASCII".to_owned())
+    })
 }
 
 /// The exit code for a job in `state` at the end of a command that followed it.

@@ -191,6 +191,17 @@ fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::Sub
             .ok_or_else(|| Usage(format!("--delay: {delay:?} is too long")))?;
         request.schedule_time = Some(at.into());
     }
+    // A key given twice is a mistake, not a wish for the last value to win silently.
+    for (i, (key, value)) in args.labels.iter().enumerate() {
+        if let Some((_, other)) = args.labels[..i].iter().find(|(k, _)| k == key)
+            && other != value
+        {
+            return Err(Usage(format!(
+                "--label {key} given twice ({key}={other} and {key}={value})"
+            ))
+            .into());
+        }
+    }
     request.labels.extend(args.labels.iter().cloned());
     // The secret may come from the environment: it only applies to a webhook given somewhere.
     if args.webhook_url.is_some() || request.webhook.is_some() {
@@ -296,6 +307,22 @@ mod tests {
         let mut argv = vec!["longrun", "--action", "echo"];
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).map(|cli| cli.args)
+    }
+
+    #[test]
+    fn a_label_key_given_twice_with_two_values_is_refused() {
+        let json = json::Json::new().unwrap();
+        let args = parse_args(&["--label", "a=b", "--label", "a=c"]).unwrap();
+        let error = build_request(&args, &json).unwrap_err();
+        assert!(super::super::error::is_usage(&error), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("--label a given twice"),
+            "{error:#}"
+        );
+        // The same pair twice asks for nothing contradictory.
+        let args = parse_args(&["--label", "a=b", "--label", "x=y", "--label", "a=b"]).unwrap();
+        let labels = build_request(&args, &json).unwrap().labels;
+        assert_eq!(labels.len(), 2);
     }
 
     #[test]

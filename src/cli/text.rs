@@ -129,6 +129,11 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
         if !delivery.last_error.is_empty() {
             let _ = write!(text, "; last error: {}", delivery.last_error);
         }
+        if delivery.state() == pb::WebhookDeliveryState::Pending
+            && let Some(next) = delivery.next_attempt_time.and_then(instant)
+        {
+            let _ = write!(text, "; next attempt at {next}");
+        }
         text.push('\n');
     }
     text.trim_end().to_owned()
@@ -419,6 +424,26 @@ mod tests {
         let text = job(&stopping, &json);
         assert!(
             text.contains("  cancel:   requested; the handler is stopping"),
+            "{text}"
+        );
+
+        let mut delivered = stopping.clone();
+        delivered.webhook_deliveries = vec![pb::WebhookDelivery {
+            delivery_id: "d1".to_owned(),
+            job_state: pb::JobState::Succeeded as i32,
+            job_version: 5,
+            state: pb::WebhookDeliveryState::Pending as i32,
+            attempts: 1,
+            last_error: "HTTP 503".to_owned(),
+            next_attempt_time: at(1_796_115_600),
+            ..Default::default()
+        }];
+        let text = job(&delivered, &json);
+        assert!(
+            text.contains(
+                "d1  SUCCEEDED v5  PENDING, 1 attempt(s); last error: HTTP 503; next attempt at \
+                 2026-12-01T09:00:00Z"
+            ),
             "{text}"
         );
     }
