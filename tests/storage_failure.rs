@@ -218,3 +218,38 @@ async fn queued_jobs_are_not_restarted_in_a_loop_while_the_disk_is_full() {
         );
     }
 }
+
+/// A Cancel of a queued job whose write the full disk refuses fails, and the job keeps its
+/// place in the queue (before the fix it was taken out and left QUEUED in the store with
+/// nothing to run it until a restart); once the disk has room, a Cancel ends it.
+#[tokio::test]
+async fn a_cancel_the_full_disk_refuses_leaves_the_job_in_line() {
+    let gate = Gate::default();
+    let (store, server) = start(&gate).await;
+    let mut client = server.client.clone();
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let job = submit(
+        &mut client,
+        pb::SubmitRequest {
+            schedule_time: Some(later.into()),
+            ..request(vec![gated()])
+        },
+    )
+    .await;
+    assert_eq!(server.executor.queue_length(), 1);
+
+    set_full(&store, true);
+    let refused = client
+        .cancel(pb::CancelRequest {
+            job_id: job.id.clone(),
+        })
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(server.executor.queue_length(), 1, "still in line");
+    assert_eq!(state(&get(&mut client, &job.id).await), JobState::Queued);
+
+    set_full(&store, false);
+    let cancelled = cancel(&mut client, &job.id).await;
+    assert_eq!(state(&cancelled), JobState::Cancelled);
+    assert_eq!(server.executor.queue_length(), 0);
+}

@@ -652,28 +652,43 @@ impl Executor {
                 Ok(Arc::unwrap_or_clone(job))
             }
             Holder::Nobody if self.inner.shared => self.inner.cancel_shared(id).await,
-            Holder::Queue | Holder::Nobody => {
-                // Concurrent Cancels of one queued job all read it QUEUED, and only the first
-                // write stands: the others read it again and answer with that cancellation.
-                let mut attempts = 0;
-                loop {
-                    let mut job = self.stored(id).await?;
-                    if job.state != JobState::Queued {
-                        return Ok(job);
-                    }
-                    job.cancel(cancelled_error(), SystemTime::now())
-                        .map_err(|source| ExecutorError::Illegal { id, source })?;
-                    match self.inner.commit_state(&job).await {
-                        Ok(()) => {
-                            tracing::info!(job_id = %id, "queued job cancelled");
-                            return Ok(job);
-                        }
-                        Err(StoreError::StaleVersion { .. }) if attempts < CANCEL_REREADS => {
-                            attempts += 1;
-                        }
-                        Err(error) => return Err(error.into()),
-                    }
+            Holder::Nobody => self.cancel_queued(id).await,
+            Holder::Queue(taken) => {
+                let cancelled = self.cancel_queued(id).await;
+                if cancelled.is_err() {
+                    // Not cancelled (the store failed): it waits where it was, not lost to
+                    // the queue until a restart.
+                    self.inner.scheduler().put_back(id, taken);
+                    self.inner.sync_gauges();
+                    self.inner.wake.notify_one();
                 }
+                cancelled
+            }
+        }
+    }
+
+    /// Cancels a QUEUED job in the store (nothing runs it); returns it as it is if it is no
+    /// longer QUEUED.
+    async fn cancel_queued(&self, id: JobId) -> Result<Job, ExecutorError> {
+        // Concurrent Cancels of one queued job all read it QUEUED, and only the first write
+        // stands: the others read it again and answer with that cancellation.
+        let mut attempts = 0;
+        loop {
+            let mut job = self.stored(id).await?;
+            if job.state != JobState::Queued {
+                return Ok(job);
+            }
+            job.cancel(cancelled_error(), SystemTime::now())
+                .map_err(|source| ExecutorError::Illegal { id, source })?;
+            match self.inner.commit_state(&job).await {
+                Ok(()) => {
+                    tracing::info!(job_id = %id, "queued job cancelled");
+                    return Ok(job);
+                }
+                Err(StoreError::StaleVersion { .. }) if attempts < CANCEL_REREADS => {
+                    attempts += 1;
+                }
+                Err(error) => return Err(error.into()),
             }
         }
     }

@@ -129,6 +129,13 @@ struct Place {
     due: Option<SystemTime>,
 }
 
+/// Where a job taken out of the queue was: enough to put it back.
+pub struct Taken {
+    rank: Rank,
+    tenant: Arc<str>,
+    due: Option<SystemTime>,
+}
+
 /// Queued and active jobs. Lives behind one mutex, never held across an await.
 #[derive(Default)]
 pub struct Scheduler {
@@ -165,8 +172,9 @@ pub enum Full {
 
 /// Where a job is in the scheduler.
 pub enum Holder {
-    /// Waiting in the queue; now removed from it, so the caller owns it.
-    Queue,
+    /// Waiting in the queue; now removed from it, so the caller owns it (and puts it back
+    /// where it was with [`Scheduler::put_back`] if it cannot end it).
+    Queue(Taken),
     /// Owned by a task; here is how to stop it.
     Task(StopHandle),
     /// Not here: ended, unknown, or not enqueued yet.
@@ -260,6 +268,7 @@ impl Scheduler {
     }
 
     /// Adds `tenant`'s job to the queue (a no-op if it is already queued).
+    #[cfg(test)]
     pub fn enqueue(&mut self, id: JobId, rank: Rank, tenant: &str) {
         self.enqueue_with(id, rank, tenant, None, None);
     }
@@ -362,6 +371,11 @@ impl Scheduler {
         handle
     }
 
+    /// Puts a job [`Scheduler::claim`] took out of the queue back where it was.
+    pub fn put_back(&mut self, id: JobId, taken: Taken) {
+        self.enqueue_with(id, taken.rank, &taken.tenant, None, taken.due);
+    }
+
     /// Forgets an active job whose task ended.
     pub fn finish(&mut self, id: JobId) {
         self.active.remove(&id);
@@ -377,7 +391,14 @@ impl Scheduler {
             };
             self.count_out(&place.tenant);
             self.snapshots.remove(&id);
-            return Holder::Queue;
+            return Holder::Queue(Taken {
+                rank: Rank {
+                    priority: place.key.priority.0,
+                    ready: place.key.ready,
+                },
+                tenant: place.tenant,
+                due: place.due,
+            });
         }
         match self.active.get(&id) {
             Some(handle) => Holder::Task(handle.clone()),
@@ -490,7 +511,7 @@ mod tests {
         let mut s = Scheduler::default();
         let id = JobId::generate();
         s.enqueue(id, rank(0), "t");
-        assert!(matches!(s.claim(id), Holder::Queue));
+        assert!(matches!(s.claim(id), Holder::Queue(_)));
         assert!(s.pop(SystemTime::now()).is_none());
         assert!(matches!(s.claim(id), Holder::Nobody));
     }
@@ -519,7 +540,7 @@ mod tests {
         assert_eq!(s.reserve(100, "a", Some(2)), Err(Full::Tenant));
         assert_eq!(s.reserve(100, "b", Some(2)), Ok(()));
         s.unreserve("b");
-        assert!(matches!(s.claim(a2), Holder::Queue));
+        assert!(matches!(s.claim(a2), Holder::Queue(_)));
         assert_eq!(s.tenant_queue_length("a"), 1);
         let (popped, ..) = s.pop(SystemTime::now()).unwrap();
         assert_eq!(popped, a1);
@@ -540,7 +561,7 @@ mod tests {
         assert_eq!(snapshot.as_deref(), Some(&*job));
         s.finish(id);
         s.enqueue_with(id, rank(0), "t", Some(Arc::clone(&job)), None);
-        assert!(matches!(s.claim(id), Holder::Queue));
+        assert!(matches!(s.claim(id), Holder::Queue(_)));
         assert!(
             s.snapshots.is_empty(),
             "a claimed job's snapshot goes with it"
@@ -616,14 +637,14 @@ mod tests {
             Some(later(5)),
         );
         assert!(s.held_snapshot(job.id).is_none(), "no room taken until due");
-        assert!(matches!(s.claim(job.id), Holder::Queue));
+        assert!(matches!(s.claim(job.id), Holder::Queue(_)));
         assert_eq!(s.next_due(), Some(later(10)));
         assert_eq!(s.pop(start).map(|(id, ..)| id), Some(ids[2]));
         // Due now, but in line behind the job ready since 5 s.
         assert_eq!(s.pop(later(10)).map(|(id, ..)| id), Some(ids[3]));
         assert_eq!(s.pop(later(10)).map(|(id, ..)| id), Some(ids[0]));
         assert!(s.pop(later(19)).is_none(), "not due yet");
-        assert!(matches!(s.claim(ids[1]), Holder::Queue), "cancellable");
+        assert!(matches!(s.claim(ids[1]), Holder::Queue(_)), "cancellable");
         assert_eq!(
             (s.queue_length(), s.scheduled(), s.next_due()),
             (0, 0, None)

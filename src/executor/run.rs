@@ -14,7 +14,7 @@ use tokio::{sync::OwnedSemaphorePermit, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Inner, cancelled_error,
+    ExecutorError, Inner, cancelled_error,
     queue::{Rank, StopHandle, StopReason},
 };
 use crate::{
@@ -182,6 +182,14 @@ impl Drop for RunningAttempt<'_> {
     }
 }
 
+/// Where a job goes back in the queue: its place in line, its tenant, and when it is due if
+/// later (a retry's backoff).
+struct Requeue {
+    rank: Rank,
+    tenant: String,
+    due: Option<SystemTime>,
+}
+
 /// Whether a job's task handed the job over (to the queue or another replica) and is done
 /// with it.
 enum Handed {
@@ -244,8 +252,8 @@ impl Inner {
         // Queued only now that this task no longer holds it, or the dispatcher could hand it
         // to a new task whose hold `finish` would then forget.
         let requeued = requeue.is_some();
-        if let Some((rank, tenant)) = requeue {
-            scheduler.enqueue(id, rank, &tenant);
+        if let Some(Requeue { rank, tenant, due }) = requeue {
+            scheduler.enqueue_with(id, rank, &tenant, None, due);
         }
         drop(scheduler);
         if requeued {
@@ -265,8 +273,8 @@ impl Inner {
     /// settled as that recovery would (re-queued with `attempt + 1`, failed `INTERRUPTED`
     /// when out of attempts, CANCELLED when a cancel came), retried with backoff until the
     /// store takes the write. A shutdown ends the retries: the next start recovers it then.
-    /// Returns the job's place in line and tenant when it is to be queued again here.
-    async fn settle_aborted(&self, id: JobId) -> Option<(Rank, String)> {
+    /// Returns where the job is to be queued again here, if it is.
+    async fn settle_aborted(&self, id: JobId) -> Option<Requeue> {
         let mut wait = SETTLE_RETRY_INITIAL;
         let mut cancel_tried = false;
         loop {
@@ -276,7 +284,7 @@ impl Inner {
             match self.try_settle_aborted(id, &handle).await {
                 Ok(queued) => {
                     tracing::info!(job_id = %id, "aborted job settled");
-                    return queued.filter(|_| !self.shared);
+                    return queued;
                 }
                 Err(error) if no_longer_ours(&error, self.shared) => return None,
                 Err(RunError::Illegal(error)) => {
@@ -305,24 +313,53 @@ impl Inner {
         }
     }
 
-    /// One try of [`Inner::settle_aborted`]; the job's place in line and tenant when it ends
-    /// QUEUED.
+    /// One try of [`Inner::settle_aborted`]; where the job is to be queued again here, if it
+    /// ends QUEUED on a single server.
     async fn try_settle_aborted(
         &self,
         id: JobId,
         handle: &StopHandle,
-    ) -> Result<Option<(Rank, String)>, RunError> {
+    ) -> Result<Option<Requeue>, RunError> {
         let Some(mut job) = self.store.get(id).await? else {
             return Ok(None);
         };
+        let cancel_asked = handle.cancel_asked().is_cancelled();
         if job.state == JobState::Running {
-            if handle.cancel_asked().is_cancelled() && !job.cancel_requested {
+            if cancel_asked && !job.cancel_requested {
                 job.request_cancel(SystemTime::now())?;
             }
             self.settle_interrupted(&mut job, "storing the job's state failed while it ran")?;
             self.commit_state(&job).await?;
         }
-        Ok((job.state == JobState::Queued).then(|| (Rank::of(&job), job.tenant)))
+        if job.state != JobState::Queued {
+            return Ok(None);
+        }
+        if let Some(shared) = self.store.shared() {
+            // Still leased here (its save keeps the lease, and a retry's release may be what
+            // failed): given up, or this replica's renewals would keep every replica, itself
+            // too, from claiming it until the shutdown.
+            let marked = shared.release(id).await?;
+            if marked || cancel_asked {
+                match self.cancel_shared(id).await {
+                    Ok(_) => {}
+                    Err(ExecutorError::Store(error)) => return Err(error.into()),
+                    Err(error) => tracing::warn!(%error, "cancelling the released job failed"),
+                }
+            }
+            return Ok(None);
+        }
+        if cancel_asked {
+            // A Cancel came as the attempt ended in a retry whose hand-over then failed.
+            job.cancel(cancelled_error(), SystemTime::now())?;
+            self.commit_state(&job).await?;
+            tracing::info!("job cancelled instead of retried");
+            return Ok(None);
+        }
+        Ok(Some(Requeue {
+            rank: Rank::of(&job),
+            due: job.due_after(SystemTime::now()),
+            tenant: job.tenant,
+        }))
     }
 
     /// Runs one attempt and settles the job; returns it when it is to be retried. `permit`, the
@@ -716,14 +753,16 @@ impl Inner {
         if let Some(shared) = self.store.shared() {
             if !cancel_asked() {
                 // The stored `next_attempt_time` keeps every replica from claiming it early.
-                shared.release(job.id).await?;
+                // A Cancel made on another replica while the attempt ended may have marked
+                // the job without its notice reaching this one yet: the release tells.
+                let marked = shared.release(job.id).await?;
                 let mut scheduler = self.scheduler();
-                if !cancel_asked() {
+                if !marked && !cancel_asked() {
                     scheduler.finish(job.id);
                     return Ok(Handed::Over);
                 }
                 drop(scheduler);
-                // Asked while the lease was given up: the job may be another replica's by now.
+                // The job is anyone's now: cancelled as any replica would.
                 if let Err(error) = self.cancel_shared(job.id).await {
                     tracing::warn!(%error, "cancelling the released job failed");
                 }

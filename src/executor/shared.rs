@@ -109,8 +109,11 @@ impl Inner {
         match shared.renew_leases().await {
             Ok(renewal) => {
                 let held: HashSet<JobId> = renewal.held.into_iter().collect();
+                // A task that let its job go while the renewal ran (a retry handed over,
+                // released) lost nothing.
+                let active: HashSet<JobId> = self.scheduler().active_ids().into_iter().collect();
                 for (id, handle) in before {
-                    if held.contains(&id) {
+                    if held.contains(&id) || !active.contains(&id) {
                         continue;
                     }
                     // Harmless for a run that is over, and needed for one that is not.
@@ -270,7 +273,17 @@ impl Inner {
                     }
                 }
                 JobState::Running => {
-                    shared.request_cancel(id).await?;
+                    if !shared.request_cancel(id).await? {
+                        // No longer RUNNING (back in the queue for a retry, or ended) since
+                        // read: read it again.
+                        if tries < CANCEL_TRIES {
+                            continue;
+                        }
+                        return Err(ExecutorError::Store(StoreError::backend(
+                            format!("cancelling job {id}"),
+                            "the job kept changing state",
+                        )));
+                    }
                     tracing::info!(job_id = %id, "cancel requested from the replica running it");
                     // Stored now (the column), before the running replica has heard of it.
                     job.cancel_requested = true;

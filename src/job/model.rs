@@ -942,18 +942,25 @@ impl Job {
         for (index, action) in self.actions.iter_mut().enumerate() {
             let (to, note) = match action.state {
                 ActionState::Running => (ActionState::Cancelled, error.clone()),
-                ActionState::Pending => (
-                    ActionState::Skipped,
-                    JobError::new(
-                        "ABORTED",
-                        "NOT_RUN",
-                        // Every action not run repeats it: a short form each.
-                        format!(
+                ActionState::Pending => {
+                    // Every action not run repeats it: a short form each. One whose last
+                    // attempt failed (the job ends while waiting to retry) did run: say so.
+                    let message = match &action.error {
+                        Some(last) => format!(
+                            "action {index} was not run again: {}; its last attempt failed: {}",
+                            super::truncate(&error.message, 256),
+                            super::truncate(&last.to_string(), 256)
+                        ),
+                        None => format!(
                             "action {index} was not run: {}",
                             super::truncate(&error.message, 256)
                         ),
-                    ),
-                ),
+                    };
+                    (
+                        ActionState::Skipped,
+                        JobError::new("ABORTED", "NOT_RUN", message),
+                    )
+                }
                 _ => continue,
             };
             if let Ok(state) = action.state.transition(to) {

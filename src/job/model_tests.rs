@@ -153,9 +153,20 @@ fn a_retry_is_due_at_the_later_of_its_backoff_and_its_schedule() {
     assert_eq!(job.due_after(now - Duration::from_secs(1)), Some(late));
     // A cancel during the backoff leaves no attempt to wait for.
     job.next_attempt_time = Some(late + Duration::from_secs(2));
-    job.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), late)
-        .unwrap();
+    job.actions[0].error = Some(JobError::new("INTERNAL", "BOOM", "it broke"));
+    job.cancel(
+        JobError::new("CANCELLED", "CANCELLED", "the job was cancelled"),
+        late,
+    )
+    .unwrap();
     assert_eq!(job.next_attempt_time, None);
+    // The action did run once: its note says so, and why that attempt failed.
+    assert_eq!(job.actions[0].state, ActionState::Skipped);
+    assert_eq!(
+        job.actions[0].error.as_ref().unwrap().message,
+        "action 0 was not run again: the job was cancelled; its last attempt failed: \
+         INTERNAL/BOOM: it broke"
+    );
 }
 
 #[test]

@@ -380,9 +380,10 @@ pub trait SharedStore: Send + Sync {
     /// this replica runs that is not among them was taken over by another replica.
     async fn renew_leases(&self) -> Result<Renewal, StoreError>;
 
-    /// Gives up this replica's lease on a QUEUED job (after its retry backoff), so any replica
-    /// may claim it.
-    async fn release(&self, id: JobId) -> Result<(), StoreError>;
+    /// Gives up this replica's lease on a QUEUED job (its retry committed), so any replica may
+    /// claim it once due. Returns whether a Cancel asked for the job while it ran (the mark
+    /// [`SharedStore::request_cancel`] leaves) and may not have reached this replica yet.
+    async fn release(&self, id: JobId) -> Result<bool, StoreError>;
 
     /// Gives up every QUEUED job this replica holds (at shutdown); returns how many.
     async fn release_all(&self) -> Result<u64, StoreError>;
@@ -402,8 +403,9 @@ pub trait SharedStore: Send + Sync {
 
     /// Asks whichever replica runs the RUNNING job to cancel it: marks the job, and notifies
     /// (at once, through the feed). A replica that missed the notification finds the mark at
-    /// its next renewal ([`Renewal::cancel_requested`]).
-    async fn request_cancel(&self, id: JobId) -> Result<(), StoreError>;
+    /// its next renewal ([`Renewal::cancel_requested`]). Returns false, changing nothing,
+    /// when the job is no longer RUNNING (it ended, or went back to the queue, since read).
+    async fn request_cancel(&self, id: JobId) -> Result<bool, StoreError>;
 
     /// The change feed: every event logged from now on, by any replica, in order and without
     /// gaps (a lost connection is reconnected and caught up from the log), and every cancel

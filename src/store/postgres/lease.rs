@@ -155,22 +155,28 @@ impl SharedStore for PostgresStore {
         Ok(renewal)
     }
 
-    async fn release(&self, id: JobId) -> Result<(), StoreError> {
+    async fn release(&self, id: JobId) -> Result<bool, StoreError> {
         let fail = |e| pg_error(format!("releasing job {id}"), e);
         let client = self.reader().await?;
+        // The mark is read in the same statement: a Cancel that marked the job before this
+        // is seen here, and one after finds it QUEUED (see `request_cancel`).
         let statement = client
             .prepare_cached(
                 "UPDATE jobs SET lease_owner = NULL, lease_until = NULL
-                 WHERE id = $1 AND lease_owner = $2 AND state = 'QUEUED'",
+                 WHERE id = $1 AND lease_owner = $2 AND state = 'QUEUED'
+                 RETURNING cancel_requested",
             )
             .await
             .map_err(fail)?;
-        client
-            .execute(&statement, &[id.as_uuid(), &self.replica])
+        let row = client
+            .query_opt(&statement, &[id.as_uuid(), &self.replica])
             .await
             .map_err(fail)?;
         self.held().remove(id.as_uuid());
-        Ok(())
+        match row {
+            Some(row) => row.try_get(0).map_err(fail),
+            None => Ok(false),
+        }
     }
 
     async fn release_all(&self) -> Result<u64, StoreError> {
@@ -237,7 +243,7 @@ impl SharedStore for PostgresStore {
         Ok(claimed == 1)
     }
 
-    async fn request_cancel(&self, id: JobId) -> Result<(), StoreError> {
+    async fn request_cancel(&self, id: JobId) -> Result<bool, StoreError> {
         let fail = |e| pg_error(format!("requesting the cancel of job {id}"), e);
         let client = self.reader().await?;
         // One statement: the mark and the notification commit together.
@@ -251,11 +257,11 @@ impl SharedStore for PostgresStore {
             )
             .await
             .map_err(fail)?;
-        client
+        let marked = client
             .execute(&statement, &[id.as_uuid(), &CANCEL_CHANNEL])
             .await
             .map_err(fail)?;
-        Ok(())
+        Ok(marked == 1)
     }
 
     async fn feed(&self) -> Result<mpsc::Receiver<Change>, StoreError> {

@@ -810,6 +810,43 @@ async fn the_feed_brings_other_replicas_events_and_cancels() {
 }
 
 /// The feed's next change, bounded.
+/// A Cancel made on one replica while another's attempt of the job ends in a retry is never
+/// lost: marked while RUNNING, the release of the retried job reports it; once the job is
+/// QUEUED, the mark is refused, so the canceller reads the job again and cancels it itself.
+#[tokio::test]
+async fn a_cancel_around_a_retry_is_seen_by_the_release_or_refused_to_the_canceller() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let runner = schema.open(PostgresOptions::default()).await.unwrap();
+    let canceller = schema.open(PostgresOptions::default()).await.unwrap();
+    let backoff = std::time::Duration::from_secs(60);
+    queued_jobs(&runner, 2).await;
+    for marked_first in [true, false] {
+        let mut job = SharedStore::claim(&runner, 1, &[]).await.unwrap().remove(0);
+        job.start(SystemTime::now()).unwrap();
+        runner.save(&job).await.unwrap();
+        if marked_first {
+            assert!(canceller.request_cancel(job.id).await.unwrap(), "marked");
+        }
+        job.retry(SystemTime::now(), backoff).unwrap();
+        runner.save(&job).await.unwrap();
+        if marked_first {
+            assert!(
+                SharedStore::release(&runner, job.id).await.unwrap(),
+                "the release reports the mark"
+            );
+        } else {
+            assert!(
+                !canceller.request_cancel(job.id).await.unwrap(),
+                "a QUEUED job is not marked: the canceller must cancel it itself"
+            );
+            assert!(!SharedStore::release(&runner, job.id).await.unwrap());
+        }
+    }
+    runner.close().await;
+    canceller.close().await;
+}
+
 async fn next_change(
     feed: &mut tokio::sync::mpsc::Receiver<crate::store::Change>,
 ) -> crate::store::Change {
