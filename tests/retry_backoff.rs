@@ -15,7 +15,8 @@ use longrun::{
     actions::Registry,
     api::pb,
     config::Config,
-    store::{PostgresOptions, PostgresStore, Store},
+    job::{Job, JobId, NewAction, NewJob},
+    store::{PostgresOptions, PostgresStore, SharedStore, Store},
 };
 use prost_types::Timestamp;
 use serde_json::json;
@@ -192,4 +193,65 @@ async fn on_postgres_no_replica_holds_or_claims_a_retry_before_its_time() {
     let last = seen.last().expect("snapshots");
     assert_eq!((state(last), last.attempt), (pb::JobState::Failed, 2));
     second.stop().await;
+}
+
+/// A Cancel that marked a job on PostgreSQL while its attempt ran, which the replica running it
+/// never carried out (it retried and let the job go, and died before it could cancel), is
+/// carried out by the replica that claims the job next: it ends CANCELLED, never started again.
+#[tokio::test]
+async fn on_postgres_a_cancel_mark_left_on_a_retried_job_ends_it_at_its_next_claim() {
+    let Some(base) = database_url() else {
+        return;
+    };
+    let schema = TestSchema::create(&base);
+    let open = || async {
+        PostgresStore::open(&schema.url(), PostgresOptions::default())
+            .await
+            .expect("open store")
+    };
+    // The lost replica's part, done by hand through the store: claim, start, the mark of
+    // another replica's Cancel, the retry (due at once), the release without a cancel.
+    let runner = open().await;
+    let canceller = open().await;
+    let spec = NewJob {
+        actions: vec![NewAction {
+            name: "echo".to_owned(),
+            params: Default::default(),
+            input: Default::default(),
+        }],
+        max_attempts: Some(2),
+        ..NewJob::default()
+    };
+    let job = Job::new(JobId::generate(), spec, 1, SystemTime::now());
+    runner.create(&job).await.expect("create");
+    let mut job = SharedStore::claim(&runner, 1, &[])
+        .await
+        .expect("claim")
+        .remove(0);
+    job.start(SystemTime::now()).expect("start");
+    runner.save(&job).await.expect("save the start");
+    assert!(canceller.request_cancel(job.id).await.expect("mark"));
+    job.retry(SystemTime::now(), Duration::ZERO).expect("retry");
+    runner.save(&job).await.expect("save the retry");
+    assert!(
+        SharedStore::release(&runner, job.id)
+            .await
+            .expect("release")
+    );
+
+    let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(open().await);
+    let replica = TestServer::start_on(store, test_config(), Registry::with_builtins()).await;
+    let mut client = replica.client.clone();
+    let id = job.id.to_string();
+    let seen = tokio::time::timeout(PATIENCE, watch_to_end(&mut client, &id, 0))
+        .await
+        .expect("the job ends in time");
+    let last = seen.last().expect("snapshots");
+    assert_eq!(state(last), pb::JobState::Cancelled, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|job| !(job.attempt == 2 && state(job) == pb::JobState::Running)),
+        "the second attempt never started: {seen:?}"
+    );
+    replica.stop().await;
 }

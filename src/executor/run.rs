@@ -190,6 +190,14 @@ struct Requeue {
     due: Option<SystemTime>,
 }
 
+/// What the tries of settling an aborted run did on a shared store: given up the job's lease,
+/// and learnt then that a Cancel had marked it.
+#[derive(Default)]
+struct Released {
+    lease: bool,
+    marked: bool,
+}
+
 /// Whether a job's task handed the job over (to the queue or another replica) and is done
 /// with it.
 enum Handed {
@@ -277,11 +285,12 @@ impl Inner {
     async fn settle_aborted(&self, id: JobId) -> Option<Requeue> {
         let mut wait = SETTLE_RETRY_INITIAL;
         let mut cancel_tried = false;
+        let mut released = Released::default();
         loop {
             // A Cancel that came for the aborted run carries over.
             let handle = self.scheduler().rearm(id);
             let cancel_asked = handle.cancel_asked().is_cancelled();
-            match self.try_settle_aborted(id, &handle).await {
+            match self.try_settle_aborted(id, &handle, &mut released).await {
                 Ok(queued) => {
                     tracing::info!(job_id = %id, "aborted job settled");
                     return queued;
@@ -314,16 +323,25 @@ impl Inner {
     }
 
     /// One try of [`Inner::settle_aborted`]; where the job is to be queued again here, if it
-    /// ends QUEUED on a single server.
+    /// ends QUEUED on a single server. `released`: what the tries before did on a shared store.
     async fn try_settle_aborted(
         &self,
         id: JobId,
         handle: &StopHandle,
+        released: &mut Released,
     ) -> Result<Option<Requeue>, RunError> {
+        let cancel_asked = handle.cancel_asked().is_cancelled();
+        if released.lease {
+            // Any replica's now (running it, maybe): only a Cancel is left to carry out, as
+            // any replica would (asking the one that runs it).
+            if released.marked || cancel_asked {
+                self.cancel_released(id).await?;
+            }
+            return Ok(None);
+        }
         let Some(mut job) = self.store.get(id).await? else {
             return Ok(None);
         };
-        let cancel_asked = handle.cancel_asked().is_cancelled();
         if job.state == JobState::Running {
             if cancel_asked && !job.cancel_requested {
                 job.request_cancel(SystemTime::now())?;
@@ -338,13 +356,10 @@ impl Inner {
             // Still leased here (its save keeps the lease, and a retry's release may be what
             // failed): given up, or this replica's renewals would keep every replica, itself
             // too, from claiming it until the shutdown.
-            let marked = shared.release(id).await?;
-            if marked || cancel_asked {
-                match self.cancel_shared(id).await {
-                    Ok(_) => {}
-                    Err(ExecutorError::Store(error)) => return Err(error.into()),
-                    Err(error) => tracing::warn!(%error, "cancelling the released job failed"),
-                }
+            released.marked = shared.release(id).await?;
+            released.lease = true;
+            if released.marked || cancel_asked {
+                self.cancel_released(id).await?;
             }
             return Ok(None);
         }
@@ -360,6 +375,19 @@ impl Inner {
             due: job.due_after(SystemTime::now()),
             tenant: job.tenant,
         }))
+    }
+
+    /// Cancels a job this replica has let go of, as any replica would; a store's failure is
+    /// for the caller to try again.
+    async fn cancel_released(&self, id: JobId) -> Result<(), RunError> {
+        match self.cancel_shared(id).await {
+            Ok(_) => Ok(()),
+            Err(ExecutorError::Store(error)) => Err(error.into()),
+            Err(error) => {
+                tracing::warn!(%error, "cancelling the released job failed");
+                Ok(())
+            }
+        }
     }
 
     /// Runs one attempt and settles the job; returns it when it is to be retried. `permit`, the
@@ -388,6 +416,14 @@ impl Inner {
                 };
                 if job.state != JobState::Queued {
                     // Cancelled (or deleted) while it waited in the queue.
+                    return Ok(None);
+                }
+                if job.cancel_requested {
+                    // A Cancel reached it while its last attempt ran on a replica that did not
+                    // carry it out (see `SharedStore::claim`).
+                    job.cancel(cancelled_error(), SystemTime::now())?;
+                    self.commit_state(&job).await?;
+                    tracing::info!("job cancelled as asked during its last attempt");
                     return Ok(None);
                 }
                 if self.dispatching.is_cancelled() {
@@ -762,7 +798,9 @@ impl Inner {
                     return Ok(Handed::Over);
                 }
                 drop(scheduler);
-                // The job is anyone's now: cancelled as any replica would.
+                // The job is anyone's now: cancelled as any replica would. Should that fail,
+                // the mark stays, and the replica that claims the job ends it instead of
+                // starting it.
                 if let Err(error) = self.cancel_shared(job.id).await {
                     tracing::warn!(%error, "cancelling the released job failed");
                 }

@@ -373,7 +373,9 @@ pub trait SharedStore: Send + Sync {
     /// priority then readiness (see `Job::ready_time`), in one statement; returns them, in that order, held by this replica.
     /// Jobs in `running_here` are left alone: a run of them is still winding down in this
     /// process (its lease was lost and the job re-queued meanwhile), and claiming one again
-    /// would start a second run beside it, and keep its lease from ever looking lost.
+    /// would start a second run beside it, and keep its lease from ever looking lost. A job a
+    /// Cancel marked ([`SharedStore::request_cancel`]) comes with `cancel_requested` set: the
+    /// cancel was never carried out, and the claimer ends it instead of starting it.
     async fn claim(&self, limit: usize, running_here: &[JobId]) -> Result<Vec<Job>, StoreError>;
 
     /// Extends the lease of every QUEUED or RUNNING job this replica holds; returns them. A job

@@ -101,7 +101,7 @@ impl SharedStore for PostgresStore {
                  ORDER BY priority DESC, ready_at NULLS FIRST, id
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED))
-             RETURNING snapshot"
+             RETURNING snapshot, cancel_requested"
         );
         let statement = client.prepare_cached(&sql).await.map_err(fail)?;
         let rows = client
@@ -122,7 +122,12 @@ impl SharedStore for PostgresStore {
         let mut jobs = Vec::with_capacity(rows.len());
         for row in rows {
             let snapshot: String = row.try_get(0).map_err(fail)?;
-            jobs.push(decode(&snapshot)?);
+            let mut job = decode(&snapshot)?;
+            // Marked by a Cancel while its last attempt ran, and never carried out (the
+            // replica that ran it failed to, or stopped first): the claimer does, instead of
+            // starting it.
+            job.cancel_requested |= row.try_get::<_, bool>(1).map_err(fail)?;
+            jobs.push(job);
         }
         {
             let mut held = self.held();

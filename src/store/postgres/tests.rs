@@ -809,7 +809,6 @@ async fn the_feed_brings_other_replicas_events_and_cancels() {
     follower.close().await;
 }
 
-/// The feed's next change, bounded.
 /// A Cancel made on one replica while another's attempt of the job ends in a retry is never
 /// lost: marked while RUNNING, the release of the retried job reports it; once the job is
 /// QUEUED, the mark is refused, so the canceller reads the job again and cancels it itself.
@@ -847,6 +846,7 @@ async fn a_cancel_around_a_retry_is_seen_by_the_release_or_refused_to_the_cancel
     canceller.close().await;
 }
 
+/// The feed's next change, bounded.
 async fn next_change(
     feed: &mut tokio::sync::mpsc::Receiver<crate::store::Change>,
 ) -> crate::store::Change {
