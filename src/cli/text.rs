@@ -85,14 +85,8 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
             humantime::format_rfc3339_seconds(created)
         );
     }
-    match waits_for(job) {
-        Some(Wait::Schedule(due)) => {
-            let _ = writeln!(text, "  due:      {due}");
-        }
-        Some(Wait::Retry(next)) => {
-            let _ = writeln!(text, "  retry at: {next}");
-        }
-        None => {}
+    if let Some((what, time)) = waits_for(job) {
+        let _ = writeln!(text, "  {:<10}{time}", format!("{what}:"));
     }
     if let Some(error) = &job.error {
         let _ = writeln!(text, "  error:    {}", job_error(error));
@@ -158,25 +152,19 @@ pub fn end_unknown(job: &pb::Job, json: &Json) -> String {
     )
 }
 
-/// What a QUEUED job may be waiting for before it can start, with the time.
-enum Wait {
-    /// Its `schedule_time` (it never ran).
-    Schedule(String),
-    /// The end of a retry's backoff.
-    Retry(String),
-}
-
-fn waits_for(job: &pb::Job) -> Option<Wait> {
+/// What a QUEUED job waits for before it may start, if anything, and until when: `due`, its
+/// `schedule_time` (it never ran), or `retry at`, the end of a retry's backoff.
+fn waits_for(job: &pb::Job) -> Option<(&'static str, String)> {
     if job.state() != pb::JobState::Queued {
         return None;
     }
     if let Some(next) = job.next_attempt_time.and_then(instant) {
-        return Some(Wait::Retry(next));
+        return Some(("retry at", next));
     }
     job.schedule_time
         .filter(|_| job.start_time.is_none())
         .and_then(instant)
-        .map(Wait::Schedule)
+        .map(|due| ("due", due))
 }
 
 /// One line per job: id, state, progress, creation time, action names; for a job waiting for
@@ -199,14 +187,8 @@ pub fn job_list(jobs: &[pb::Job]) -> String {
             created,
             actions.join(",")
         );
-        match waits_for(job) {
-            Some(Wait::Schedule(due)) => {
-                let _ = write!(text, "  due {due}");
-            }
-            Some(Wait::Retry(next)) => {
-                let _ = write!(text, "  retry at {next}");
-            }
-            None => {}
+        if let Some((what, time)) = waits_for(job) {
+            let _ = write!(text, "  {what} {time}");
         }
         text.push('\n');
     }
