@@ -142,10 +142,8 @@ fn header(job: &pb::Job) -> String {
         job.attempt,
         job.max_attempts
     );
-    if job.state() == pb::JobState::Queued
-        && let Some(next) = job.next_attempt_time.and_then(text::instant)
-    {
-        header.push_str(&format!(", retry at {next}"));
+    if let Some((what, time)) = text::waits_for(job) {
+        header.push_str(&format!(", {what} {time}"));
     }
     header
 }
@@ -314,6 +312,21 @@ mod tests {
         );
         job.state = pb::JobState::Running as i32;
         assert_eq!(header(&job), "job j RUNNING (attempt 2/3)");
+        let scheduled = pb::Job {
+            id: "s".to_owned(),
+            state: pb::JobState::Queued as i32,
+            attempt: 1,
+            max_attempts: 1,
+            schedule_time: Some(prost_types::Timestamp {
+                seconds: 1_796_115_600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            header(&scheduled),
+            "job s QUEUED (attempt 1/1), due 2026-12-01T09:00:00Z"
+        );
     }
 
     #[test]

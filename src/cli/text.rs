@@ -103,7 +103,13 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
             let _ = writeln!(text, "      result: {}", json.value(result));
         }
         if let Some(error) = &action.error {
-            let _ = writeln!(text, "      error:  {}", job_error(error));
+            // PENDING with an error: its last attempt failed, and it waits for the next.
+            let label = if action.state() == pb::ActionState::Pending {
+                "last attempt"
+            } else {
+                "error"
+            };
+            let _ = writeln!(text, "      {label}:  {}", job_error(error));
         }
     }
     if let Some(webhook) = &job.webhook {
@@ -154,7 +160,7 @@ pub fn end_unknown(job: &pb::Job, json: &Json) -> String {
 
 /// What a QUEUED job waits for before it may start, if anything, and until when: `due`, its
 /// `schedule_time` (it never ran), or `retry at`, the end of a retry's backoff.
-fn waits_for(job: &pb::Job) -> Option<(&'static str, String)> {
+pub fn waits_for(job: &pb::Job) -> Option<(&'static str, String)> {
     if job.state() != pb::JobState::Queued {
         return None;
     }
@@ -204,9 +210,9 @@ pub fn job_change(job: &pb::Job) -> String {
         .map(|t| humantime::format_rfc3339_millis(t).to_string())
         .unwrap_or_default();
     let progress = job.progress.as_ref();
-    let detail = match (&job.error, retry(job)) {
+    let detail = match (&job.error, waiting(job)) {
         (Some(error), _) => job_error(error),
-        (None, Some(retry)) => retry,
+        (None, Some(waiting)) => waiting,
         (None, None) => progress.map(|p| p.message.clone()).unwrap_or_default(),
     };
     let line = format!(
@@ -218,14 +224,15 @@ pub fn job_change(job: &pb::Job) -> String {
     line.trim_end().to_owned()
 }
 
-/// For a job waiting out a retry's backoff: which attempt comes when, and why the last one
-/// failed (its action, PENDING again, keeps that error until it starts).
-pub fn retry(job: &pb::Job) -> Option<String> {
-    if job.state() != pb::JobState::Queued {
-        return None;
+/// For a job waiting for its time: `due` and when; for one waiting out a retry's backoff,
+/// which attempt comes when, and why the last one failed (its action, PENDING again, keeps
+/// that error until it starts).
+fn waiting(job: &pb::Job) -> Option<String> {
+    let (what, time) = waits_for(job)?;
+    if job.next_attempt_time.is_none() {
+        return Some(format!("{what} {time}"));
     }
-    let next = job.next_attempt_time.and_then(instant)?;
-    let mut text = format!("attempt {}/{} at {next}", job.attempt, job.max_attempts);
+    let mut text = format!("attempt {}/{} at {time}", job.attempt, job.max_attempts);
     let failed = job.actions.iter().find_map(|action| {
         action
             .error
@@ -462,11 +469,30 @@ mod tests {
             ),
             "{line}"
         );
+        let text = super::job(&job, &Json::new().unwrap());
+        assert!(
+            text.contains("      last attempt:  INTERNAL FAILED_AS_ASKED: first try fails"),
+            "{text}"
+        );
         job.state = pb::JobState::Running as i32;
         assert!(
             !job_change(&job).contains("attempt"),
             "{}",
             job_change(&job)
+        );
+        let scheduled = pb::Job {
+            id: "s".to_owned(),
+            state: pb::JobState::Queued as i32,
+            schedule_time: Some(prost_types::Timestamp {
+                seconds: 1_796_115_600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        assert!(
+            job_change(&scheduled).ends_with("QUEUED       0%  due 2026-12-01T09:00:00Z"),
+            "{}",
+            job_change(&scheduled)
         );
     }
 }

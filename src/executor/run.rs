@@ -780,9 +780,13 @@ impl Inner {
     /// and the hand-over are one step under the scheduler's lock, under which a Cancel stops
     /// the task's handle: a Cancel either finds the job queued or is seen here.
     async fn hand_over_retry(&self, mut job: Job, handle: &StopHandle) -> Result<Handed, RunError> {
+        let next_attempt_time = job
+            .next_attempt_time
+            .map(|time| humantime::format_rfc3339_millis(time).to_string())
+            .unwrap_or_default();
         tracing::info!(
             attempt = job.attempt,
-            next_attempt_time = ?job.next_attempt_time.map(humantime::format_rfc3339_millis),
+            next_attempt_time,
             "job will be retried"
         );
         let cancel_asked = || handle.cancel_asked().is_cancelled();
