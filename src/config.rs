@@ -93,11 +93,25 @@ impl DatabaseUrl {
         } else {
             hosts.join(",")
         };
-        format!(
+        let mut target = format!(
             "{hosts}/{}",
             config.get_dbname().unwrap_or("(default database)")
-        )
+        );
+        // The schema, when the URL names one (`options=-csearch_path=…`): which of several
+        // longrun services on one database a message is about.
+        if let Some(path) = config.get_options().and_then(search_path) {
+            target.push_str(&format!(" (search_path {path})"));
+        }
+        target
     }
+}
+
+/// The `search_path` a connection's `options` set (`-c search_path=a,b` or
+/// `-csearch_path=a`), if any.
+fn search_path(options: &str) -> Option<&str> {
+    let (_, rest) = options.split_once("search_path=")?;
+    let path = rest.split_whitespace().next()?;
+    (!path.is_empty()).then_some(path)
 }
 
 impl std::fmt::Debug for DatabaseUrl {
@@ -838,6 +852,13 @@ mod tests {
             panic!("not postgres");
         };
         assert_eq!(several.target(), "a:5433,b:5432/x");
+        let schema: StoreKind = "postgres://u:pw@h/x?options=-csearch_path%3Dsvc_a"
+            .parse()
+            .unwrap();
+        let StoreKind::Postgres(schema) = schema else {
+            panic!("not postgres");
+        };
+        assert_eq!(schema.target(), "h:5432/x (search_path svc_a)");
         assert_eq!("memory".parse::<StoreKind>(), Ok(StoreKind::Memory));
         assert!("mysql://x".parse::<StoreKind>().is_err());
 

@@ -101,5 +101,9 @@ pub(super) async fn migrate(client: &mut ClientWrapper) -> Result<(), StoreError
         .await
         .map_err(fail)?;
     }
-    tx.commit().await.map_err(fail)
+    tx.commit().await.map_err(fail)?;
+    if found < supported {
+        tracing::info!(from = found, to = supported, "PostgreSQL schema migrated");
+    }
+    Ok(())
 }
