@@ -254,3 +254,53 @@ async fn open_watches_are_limited_per_connection_and_per_tenant_and_freed_on_clo
     let _six = watch_once_freed(&mut first, &job.id).await;
     gate.release(1);
 }
+
+/// On PostgreSQL the backlog is the database's, not a replica's queue (a replica claims only
+/// what it can start): the limit counts every replica's QUEUED jobs. Read at most a second
+/// old, and again before a refusal, so a freed place is taken at once.
+#[tokio::test]
+async fn on_postgres_the_queue_limit_counts_the_jobs_queued_on_every_replica() {
+    let Some(base) = common::postgres::database_url() else {
+        return;
+    };
+    let schema = common::postgres::TestSchema::create(&base);
+    let gate = Gate::default();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let store = longrun::store::PostgresStore::open(&schema.url(), Default::default())
+            .await
+            .expect("open store");
+        let store: std::sync::Arc<dyn longrun::store::Store> = std::sync::Arc::new(store);
+        replicas.push(TestServer::start_on(store, config(1, 2), gate.registry()).await);
+    }
+    let mut first = replicas[0].client.clone();
+    let mut second = replicas[1].client.clone();
+    // One job running on each replica, then two queued, one submitted to each.
+    for client in [&mut first, &mut second] {
+        submit(client, request(vec![gated()])).await;
+        gate.next_started().await;
+    }
+    let queued = submit(&mut first, request(vec![gated()])).await;
+    submit(&mut second, request(vec![gated()])).await;
+    // Past the age at which a replica reads the count again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for client in [&mut first, &mut second] {
+        let status = client
+            .submit(request(vec![gated()]))
+            .await
+            .expect_err("the database's queue is full");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "QUEUE_FULL");
+    }
+    assert_eq!(list_all(&mut first).await.len(), 4, "nothing stored");
+
+    cancel(&mut second, &queued.id).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let accepted = submit(&mut first, request(vec![gated()])).await;
+    assert_eq!(state(&accepted), JobState::Queued);
+    gate.release(5);
+    for replica in replicas {
+        replica.stop().await;
+    }
+}

@@ -269,6 +269,12 @@ pub(crate) struct Inner {
     /// Hold back repeats of the log lines of failed writes while one fault (a full disk, a
     /// database that is down) fails them all.
     failure_logs: run::FailureLogs,
+    /// On a shared store, the database's count of QUEUED jobs the queue limits are checked
+    /// against (see `Inner::shared_queue_full`).
+    queued_count: std::sync::Mutex<shared::QueuedCount>,
+    /// Held by the one Submit that reads that count again, so that the others wait for it
+    /// rather than all reading it at once.
+    queued_count_read: tokio::sync::Mutex<()>,
 }
 
 /// Runs jobs. Cheap to clone; all clones drive the same queue.
@@ -312,6 +318,8 @@ impl Executor {
             drained: CancellationToken::new(),
             store_backoff: std::sync::Mutex::default(),
             failure_logs: run::FailureLogs::default(),
+            queued_count: std::sync::Mutex::default(),
+            queued_count_read: tokio::sync::Mutex::const_new(()),
         });
         let dispatcher = Arc::clone(&inner);
         inner
@@ -474,10 +482,18 @@ impl Executor {
         }
         let limit = self.inner.config.max_queue_length;
         let tenant_limit = self.inner.config.tenant_queue_limit(&spec.tenant);
-        let reserved = self
+        // On a shared store the backlog is the database's, not this replica's queue.
+        let reserved = match self
             .inner
-            .scheduler()
-            .reserve(limit, &spec.tenant, tenant_limit);
+            .shared_queue_full(&spec.tenant, limit, tenant_limit)
+            .await
+        {
+            Some(full) => Err(full),
+            None => self
+                .inner
+                .scheduler()
+                .reserve(limit, &spec.tenant, tenant_limit),
+        };
         if let Err(full) = reserved {
             // A retry of a Submit whose answer was lost finds its job, whatever the queue
             // holds now: the job was accepted, and refusing would invite a resubmission under
@@ -534,6 +550,9 @@ impl Executor {
                     );
                 }
                 drop(scheduler);
+                if self.inner.shared {
+                    self.inner.count_queued_here(&job.tenant);
+                }
                 self.inner.metrics.transition(job.state.as_str());
                 self.inner.sync_gauges();
                 // Nobody watches a job by id before it exists, but WatchJobs selectors may

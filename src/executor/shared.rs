@@ -5,7 +5,7 @@
 //! replica's watchers, new QUEUED jobs to its dispatcher and cancels to the job's owner.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::{
     ExecutorError, Inner, cancelled_error,
-    queue::{Rank, StopReason},
+    queue::{Full, Rank, StopReason},
 };
 use crate::{
     job::{Job, JobId, JobState},
@@ -30,8 +30,92 @@ pub(super) const IDLE_CLAIM_INTERVAL: Duration = Duration::from_secs(1);
 const REAP_BATCH: usize = 256;
 /// Attempts at cancelling a job that keeps changing under the cancel (claimed, started).
 const CANCEL_TRIES: usize = 5;
+/// How old the database's count of QUEUED jobs may be for a Submit well below the queue
+/// limits, and for one at them (which is refused only on a count this fresh).
+const QUEUED_COUNT_MAX_AGE: Duration = Duration::from_secs(1);
+const QUEUED_COUNT_MAX_AGE_AT_LIMIT: Duration = Duration::from_millis(100);
+
+/// The database's count of QUEUED jobs, and the jobs this replica queued since it was read:
+/// what the queue limits are checked against on a shared store. Replicas together may go past
+/// a limit by what the others queued since this replica's count (at most a second's worth).
+#[derive(Default)]
+pub(super) struct QueuedCount {
+    read_at: Option<Instant>,
+    total: u64,
+    per_tenant: HashMap<String, u64>,
+}
+
+impl QueuedCount {
+    fn full(&self, tenant: &str, limit: usize, tenant_limit: Option<usize>) -> Option<Full> {
+        let at = |count: u64, limit: usize| count >= u64::try_from(limit).unwrap_or(u64::MAX);
+        if at(self.total, limit) {
+            return Some(Full::Queue);
+        }
+        let tenant_count = self.per_tenant.get(tenant).copied().unwrap_or(0);
+        tenant_limit
+            .filter(|limit| at(tenant_count, *limit))
+            .map(|_| Full::Tenant)
+    }
+
+    fn older_than(&self, age: Duration) -> bool {
+        self.read_at.is_none_or(|read_at| read_at.elapsed() >= age)
+    }
+}
 
 impl Inner {
+    /// On a shared store, whether the database's backlog is at the queue limit or `tenant`'s
+    /// quota; `None` on a single server, whose own queue is the backlog. Reads the count again
+    /// when it is a second old, or when it says full and is older than 100 ms, so that the
+    /// edge is judged on a fresh count. A count that cannot be read lets the Submit through
+    /// (the limits protect the service; the create that follows fails anyway if the database
+    /// is down).
+    pub(super) async fn shared_queue_full(
+        &self,
+        tenant: &str,
+        limit: usize,
+        tenant_limit: Option<usize>,
+    ) -> Option<Full> {
+        let shared = self.shared_store()?;
+        let stale = |count: &QueuedCount| {
+            count.older_than(QUEUED_COUNT_MAX_AGE)
+                || (count.full(tenant, limit, tenant_limit).is_some()
+                    && count.older_than(QUEUED_COUNT_MAX_AGE_AT_LIMIT))
+        };
+        if stale(&self.queued_count()) {
+            let _reading = self.queued_count_read.lock().await;
+            // Another Submit may have read it while this one waited.
+            if stale(&self.queued_count()) {
+                match shared.queued_counts().await {
+                    Ok(counts) => {
+                        *self.queued_count() = QueuedCount {
+                            read_at: Some(Instant::now()),
+                            total: counts.iter().map(|(_, n)| n).sum(),
+                            per_tenant: counts.into_iter().collect(),
+                        };
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "the queue limits are not checked for this Submit");
+                        return None;
+                    }
+                }
+            }
+        }
+        self.queued_count().full(tenant, limit, tenant_limit)
+    }
+
+    /// Counts a job this replica just queued on a shared store, until the next read of the
+    /// database's count includes it.
+    pub(super) fn count_queued_here(&self, tenant: &str) {
+        let mut count = self.queued_count();
+        count.total += 1;
+        *count.per_tenant.entry(tenant.to_owned()).or_default() += 1;
+    }
+
+    fn queued_count(&self) -> std::sync::MutexGuard<'_, QueuedCount> {
+        // Each critical section leaves the count whole: a poisoned lock is still consistent.
+        self.queued_count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The shared store; only called in shared mode.
     fn shared_store(&self) -> Option<&dyn SharedStore> {
         self.store.shared()
@@ -303,5 +387,32 @@ impl Inner {
                 Err(error) => tracing::warn!(%error, "releasing queued jobs failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_count_is_full_at_the_queue_limit_or_at_a_tenant_s_quota() {
+        let count = QueuedCount {
+            read_at: Some(Instant::now()),
+            total: 5,
+            per_tenant: [("a".to_owned(), 3), ("b".to_owned(), 2)].into(),
+        };
+        assert!(matches!(count.full("a", 5, None), Some(Full::Queue)));
+        assert!(count.full("a", 6, None).is_none());
+        assert!(matches!(count.full("a", 6, Some(3)), Some(Full::Tenant)));
+        assert!(count.full("b", 6, Some(3)).is_none());
+        assert!(
+            count.full("new", 6, Some(1)).is_none(),
+            "a tenant with none queued"
+        );
+        assert!(!count.older_than(Duration::from_secs(1)));
+        assert!(
+            QueuedCount::default().older_than(Duration::from_secs(1)),
+            "never read"
+        );
     }
 }

@@ -387,6 +387,10 @@ pub trait SharedStore: Send + Sync {
     /// [`SharedStore::request_cancel`] leaves) and may not have reached this replica yet.
     async fn release(&self, id: JobId) -> Result<bool, StoreError>;
 
+    /// How many jobs are QUEUED, per tenant (a tenant with none left out): what the queue
+    /// limits count on a shared store, where the database, not a replica, holds the backlog.
+    async fn queued_counts(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
     /// Gives up every QUEUED job this replica holds (at shutdown); returns how many.
     async fn release_all(&self) -> Result<u64, StoreError>;
 

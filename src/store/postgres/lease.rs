@@ -184,6 +184,27 @@ impl SharedStore for PostgresStore {
         }
     }
 
+    async fn queued_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let fail = |e| pg_error("counting queued jobs", e);
+        let client = self.reader().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT tenant, count(*) FROM jobs WHERE state = 'QUEUED' GROUP BY tenant",
+            )
+            .await
+            .map_err(fail)?;
+        let rows = client.query(&statement, &[]).await.map_err(fail)?;
+        let mut counts = Vec::with_capacity(rows.len());
+        for row in rows {
+            let count: i64 = row.try_get(1).map_err(fail)?;
+            counts.push((
+                row.try_get(0).map_err(fail)?,
+                u64::try_from(count).unwrap_or(0),
+            ));
+        }
+        Ok(counts)
+    }
+
     async fn release_all(&self) -> Result<u64, StoreError> {
         let fail = |e| pg_error("releasing queued jobs", e);
         let mut client = self.reader().await?;
