@@ -672,7 +672,7 @@ impl Executor {
             }
             Holder::Nobody if self.inner.shared => self.inner.cancel_shared(id).await,
             Holder::Nobody => self.cancel_queued(id).await,
-            Holder::Queue(taken) => match self.cancel_queued(id).await {
+            Holder::Queue(place) => match self.cancel_queued(id).await {
                 // Another replica holds it now (this one's lease ran out): cancelled as any
                 // replica would, never queued here again.
                 Err(ExecutorError::Store(StoreError::LeaseLost(_))) if self.inner.shared => {
@@ -681,7 +681,7 @@ impl Executor {
                 Err(ExecutorError::Store(error)) if !matches!(error, StoreError::Missing(_)) => {
                     // Not cancelled (the store failed): it waits where it was, not lost to
                     // the queue until a restart.
-                    self.inner.scheduler().put_back(id, taken);
+                    self.inner.scheduler().put_back(id, place);
                     self.inner.sync_gauges();
                     self.inner.wake.notify_one();
                     Err(ExecutorError::Store(error))

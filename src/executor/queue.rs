@@ -122,16 +122,10 @@ impl StopHandle {
 }
 
 /// Where a queued job waits: its key, and the time it becomes due if it waits in
-/// `Scheduler::scheduled` rather than in the queue proper.
-struct Place {
+/// `Scheduler::scheduled` rather than in the queue proper. Handed out with a job a cancel
+/// takes from the queue, so that it can be put back there ([`Scheduler::put_back`]).
+pub struct Place {
     key: QueueKey,
-    tenant: Arc<str>,
-    due: Option<SystemTime>,
-}
-
-/// Where a job taken out of the queue was: enough to put it back.
-pub struct Taken {
-    rank: Rank,
     tenant: Arc<str>,
     due: Option<SystemTime>,
 }
@@ -174,7 +168,7 @@ pub enum Full {
 pub enum Holder {
     /// Waiting in the queue; now removed from it, so the caller owns it (and puts it back
     /// where it was with [`Scheduler::put_back`] if it cannot end it).
-    Queue(Taken),
+    Queue(Place),
     /// Owned by a task; here is how to stop it.
     Task(StopHandle),
     /// Not here: ended, unknown, or not enqueued yet.
@@ -372,8 +366,12 @@ impl Scheduler {
     }
 
     /// Puts a job [`Scheduler::claim`] took out of the queue back where it was.
-    pub fn put_back(&mut self, id: JobId, taken: Taken) {
-        self.enqueue_with(id, taken.rank, &taken.tenant, None, taken.due);
+    pub fn put_back(&mut self, id: JobId, place: Place) {
+        let rank = Rank {
+            priority: place.key.priority.0,
+            ready: place.key.ready,
+        };
+        self.enqueue_with(id, rank, &place.tenant, None, place.due);
     }
 
     /// Forgets an active job whose task ended.
@@ -391,14 +389,7 @@ impl Scheduler {
             };
             self.count_out(&place.tenant);
             self.snapshots.remove(&id);
-            return Holder::Queue(Taken {
-                rank: Rank {
-                    priority: place.key.priority.0,
-                    ready: place.key.ready,
-                },
-                tenant: place.tenant,
-                due: place.due,
-            });
+            return Holder::Queue(place);
         }
         match self.active.get(&id) {
             Some(handle) => Holder::Task(handle.clone()),

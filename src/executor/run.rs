@@ -365,9 +365,7 @@ impl Inner {
         }
         if cancel_asked {
             // A Cancel came as the attempt ended in a retry whose hand-over then failed.
-            job.cancel(cancelled_error(), SystemTime::now())?;
-            self.commit_state(&job).await?;
-            tracing::info!("job cancelled instead of retried");
+            self.cancel_instead_of_retry(&mut job).await?;
             return Ok(None);
         }
         Ok(Some(Requeue {
@@ -375,6 +373,15 @@ impl Inner {
             due: job.due_after(SystemTime::now()),
             tenant: job.tenant,
         }))
+    }
+
+    /// Cancels a QUEUED job whose retry is committed, which a Cancel reached as its attempt
+    /// ended.
+    async fn cancel_instead_of_retry(&self, job: &mut Job) -> Result<(), RunError> {
+        job.cancel(cancelled_error(), SystemTime::now())?;
+        self.commit_state(job).await?;
+        tracing::info!("job cancelled instead of retried");
+        Ok(())
     }
 
     /// Cancels a job this replica has let go of, as any replica would; a store's failure is
@@ -820,9 +827,7 @@ impl Inner {
                 return Ok(Handed::Over);
             }
         }
-        job.cancel(cancelled_error(), SystemTime::now())?;
-        self.commit_state(&job).await?;
-        tracing::info!("job cancelled instead of retried");
+        self.cancel_instead_of_retry(&mut job).await?;
         Ok(Handed::No)
     }
 
