@@ -304,3 +304,49 @@ async fn on_postgres_the_queue_limit_counts_the_jobs_queued_on_every_replica() {
         replica.stop().await;
     }
 }
+
+/// On PostgreSQL, Submits that reach one replica together are each counted against the limit
+/// while their jobs are being stored: a burst fills the queue to its limit, not past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_burst_of_submits_fills_the_queue_to_its_limit_and_no_further() {
+    let Some(base) = common::postgres::database_url() else {
+        return;
+    };
+    let schema = common::postgres::TestSchema::create(&base);
+    let gate = Gate::default();
+    let store = longrun::store::PostgresStore::open(&schema.url(), Default::default())
+        .await
+        .expect("open store");
+    let store: std::sync::Arc<dyn longrun::store::Store> = std::sync::Arc::new(store);
+    let server = TestServer::start_on(store, config(1, 5), gate.registry()).await;
+    let mut client = server.client.clone();
+    submit(&mut client, request(vec![gated()])).await;
+    gate.next_started().await;
+    // Past the age at which the count is read again: the running job is no longer in it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Staggered, so that some arrive while others are being stored.
+    let burst: Vec<_> = (0..24)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(500 * i)).await;
+                client.submit(request(vec![gated()])).await
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for call in burst {
+        match call.await.expect("submit task") {
+            Ok(_) => accepted += 1,
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
+    }
+    assert_eq!(accepted, 5, "the queue's limit");
+    assert_eq!(
+        list_all(&mut client).await.len(),
+        6,
+        "one running, five queued"
+    );
+    gate.release(6);
+    server.stop().await;
+}

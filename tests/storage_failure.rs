@@ -24,22 +24,33 @@ use longrun::{
 };
 use tonic::transport::Channel;
 
-/// Hooks that fail `save` as a full disk does while `full` is set, counting the saves refused.
+/// Hooks that fail `save` as a full disk does while `full` is set, counting the saves refused;
+/// and, once `hold_next_queued` is set, hold the next save of a QUEUED job (telling `held`)
+/// until `resume`.
 #[derive(Default)]
 struct Disk {
     full: AtomicBool,
     refused: AtomicUsize,
+    hold_next_queued: AtomicBool,
+    held: tokio::sync::Notify,
+    resume: tokio::sync::Notify,
 }
 
 #[async_trait]
 impl StoreHooks for Disk {
-    async fn before_save(&self, _job: &Job) -> Result<(), StoreError> {
+    async fn before_save(&self, job: &Job) -> Result<(), StoreError> {
         if self.full.load(Ordering::SeqCst) {
             self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::Full {
                 context: "committing a batch of writes".to_owned(),
                 source: "No space left on device".into(),
             });
+        }
+        if job.state == longrun::job::JobState::Queued
+            && self.hold_next_queued.swap(false, Ordering::SeqCst)
+        {
+            self.held.notify_one();
+            self.resume.notified().await;
         }
         Ok(())
     }
@@ -176,6 +187,48 @@ async fn a_cancel_while_the_disk_is_full_ends_it_cancelled_once_it_has_room() {
     assert_eq!(state(&done), JobState::Cancelled);
     assert!(cancel.await.unwrap().is_ok());
     assert_eq!(gate.started_within(Duration::from_millis(200)).await, None);
+}
+
+/// A Cancel that comes while the aborted job's settling stores it back in the queue (after the
+/// settling looked for one) ends it CANCELLED, not queued to run again with its canceller
+/// left waiting (before the fix the Cancel answered after 5 s with the job QUEUED, and the job
+/// ran again).
+#[tokio::test]
+async fn a_cancel_while_the_aborted_job_is_being_queued_again_ends_it_cancelled() {
+    let gate = Gate::default();
+    let (store, server) = start(&gate).await;
+    let mut client = server.client.clone();
+    let mut req = request(vec![gated()]);
+    req.max_attempts = 3;
+    let job = submit(&mut client, req).await;
+    abort_its_end(&store, &gate, &mut client, &job).await;
+
+    store.hooks.hold_next_queued.store(true, Ordering::SeqCst);
+    set_full(&store, false);
+    tokio::time::timeout(PATIENCE, store.hooks.held.notified())
+        .await
+        .expect("the settling stores the job QUEUED");
+    let mut canceller = client.clone();
+    let id = job.id.clone();
+    let cancel = tokio::spawn(async move {
+        canceller
+            .cancel(pb::CancelRequest { job_id: id })
+            .await
+            .map(|r| r.into_inner())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.hooks.resume.notify_one();
+    let answer = tokio::time::timeout(PATIENCE, cancel)
+        .await
+        .expect("the Cancel is answered")
+        .unwrap()
+        .expect("the Cancel succeeds");
+    assert_eq!(state(&answer.job.expect("the job")), JobState::Cancelled);
+    assert_eq!(
+        state(&wait_done(&mut client, &job.id).await),
+        JobState::Cancelled
+    );
+    assert_eq!(gate.started_within(Duration::from_millis(300)).await, None);
 }
 
 /// While the disk is full, a queued job whose start cannot be stored is not started, aborted

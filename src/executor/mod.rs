@@ -29,7 +29,7 @@ use crate::{
     metrics::Metrics,
     store::{Created, Store, StoreError},
 };
-use queue::{Full, Holder, Rank, Scheduler, StopHandle, StopReason};
+use queue::{Full, Holder, Place, Rank, Scheduler, StopHandle, StopReason};
 
 /// How long Cancel waits for the task holding a job to store the cancel (see
 /// [`Executor::cancel`]).
@@ -270,7 +270,7 @@ pub(crate) struct Inner {
     /// database that is down) fails them all.
     failure_logs: run::FailureLogs,
     /// On a shared store, the database's count of QUEUED jobs the queue limits are checked
-    /// against (see `Inner::shared_queue_full`).
+    /// against (see `Inner::reserve_shared_queue`).
     queued_count: std::sync::Mutex<shared::QueuedCount>,
     /// Held by the one Submit that reads that count again, so that the others wait for it
     /// rather than all reading it at once.
@@ -483,16 +483,18 @@ impl Executor {
         let limit = self.inner.config.max_queue_length;
         let tenant_limit = self.inner.config.tenant_queue_limit(&spec.tenant);
         // On a shared store the backlog is the database's, not this replica's queue.
-        let reserved = match self
+        let (reserved, mut shared_reservation) = match self
             .inner
-            .shared_queue_full(&spec.tenant, limit, tenant_limit)
+            .reserve_shared_queue(&spec.tenant, limit, tenant_limit)
             .await
         {
-            Some(full) => Err(full),
-            None => self
-                .inner
-                .scheduler()
-                .reserve(limit, &spec.tenant, tenant_limit),
+            Err(full) => (Err(full), None),
+            Ok(shared_reservation) => (
+                self.inner
+                    .scheduler()
+                    .reserve(limit, &spec.tenant, tenant_limit),
+                shared_reservation,
+            ),
         };
         if let Err(full) = reserved {
             // A retry of a Submit whose answer was lost finds its job, whatever the queue
@@ -550,8 +552,8 @@ impl Executor {
                     );
                 }
                 drop(scheduler);
-                if self.inner.shared {
-                    self.inner.count_queued_here(&job.tenant);
+                if let Some(reservation) = &mut shared_reservation {
+                    reservation.queued();
                 }
                 self.inner.metrics.transition(job.state.as_str());
                 self.inner.sync_gauges();
@@ -672,22 +674,38 @@ impl Executor {
             }
             Holder::Nobody if self.inner.shared => self.inner.cancel_shared(id).await,
             Holder::Nobody => self.cancel_queued(id).await,
-            Holder::Queue(place) => match self.cancel_queued(id).await {
-                // Another replica holds it now (this one's lease ran out): cancelled as any
-                // replica would, never queued here again.
-                Err(ExecutorError::Store(StoreError::LeaseLost(_))) if self.inner.shared => {
+            Holder::Queue(place) => {
+                // On a shared store, cancelled as any replica would: this one's lease may have
+                // run out, and the job be another's now, QUEUED or already RUNNING there.
+                let cancelled = if self.inner.shared {
                     self.inner.cancel_shared(id).await
-                }
-                Err(ExecutorError::Store(error)) if !matches!(error, StoreError::Missing(_)) => {
-                    // Not cancelled (the store failed): it waits where it was, not lost to
-                    // the queue until a restart.
-                    self.inner.scheduler().put_back(id, place);
-                    self.inner.sync_gauges();
-                    self.inner.wake.notify_one();
-                    Err(ExecutorError::Store(error))
-                }
-                other => other,
-            },
+                } else {
+                    self.cancel_queued(id).await
+                };
+                self.put_back_unless_cancelled(id, place, cancelled)
+            }
+        }
+    }
+
+    /// The end of a Cancel of a job it took out of the queue here: a store's failure puts the
+    /// job back where it was (not cancelled, it waits there rather than being lost to the
+    /// queue until a restart), unless the job is gone or another replica's now.
+    fn put_back_unless_cancelled(
+        &self,
+        id: JobId,
+        place: Place,
+        cancelled: Result<Job, ExecutorError>,
+    ) -> Result<Job, ExecutorError> {
+        match cancelled {
+            Err(ExecutorError::Store(error))
+                if !matches!(error, StoreError::Missing(_) | StoreError::LeaseLost(_)) =>
+            {
+                self.inner.scheduler().put_back(id, place);
+                self.inner.sync_gauges();
+                self.inner.wake.notify_one();
+                Err(ExecutorError::Store(error))
+            }
+            other => other,
         }
     }
 

@@ -227,7 +227,7 @@ impl Inner {
             Ok(Some(job)) => self.hand_over_retry(job, &handle).await,
             other => other.map(|_| Handed::No),
         };
-        let requeue = match outcome {
+        let mut requeue = match outcome {
             Ok(Handed::Over) => {
                 // The queue (or, on a shared store, any replica) holds the job now.
                 self.store_backoff().succeeded();
@@ -255,15 +255,29 @@ impl Inner {
                 self.settle_aborted(id).await
             }
         };
-        let mut scheduler = self.scheduler();
-        scheduler.finish(id);
-        // Queued only now that this task no longer holds it, or the dispatcher could hand it
-        // to a new task whose hold `finish` would then forget.
-        let requeued = requeue.is_some();
-        if let Some(Requeue { rank, tenant, due }) = requeue {
-            scheduler.enqueue_with(id, rank, &tenant, None, due);
-        }
-        drop(scheduler);
+        let requeued = loop {
+            {
+                let mut scheduler = self.scheduler();
+                // A Cancel stops this task's handle under this lock. One that came after the
+                // settling last looked (it was storing the job) is carried out now, by
+                // settling again, instead of queuing a job whose canceller waits for its end.
+                let cancel_came = requeue.is_some()
+                    && scheduler
+                        .active_handle(id)
+                        .is_some_and(|handle| handle.cancel_asked().is_cancelled());
+                if !cancel_came {
+                    scheduler.finish(id);
+                    // Queued only now that this task no longer holds it, or the dispatcher
+                    // could hand it to a new task whose hold `finish` would then forget.
+                    let Some(Requeue { rank, tenant, due }) = requeue else {
+                        break false;
+                    };
+                    scheduler.enqueue_with(id, rank, &tenant, None, due);
+                    break true;
+                }
+            }
+            requeue = self.settle_aborted(id).await;
+        };
         if requeued {
             self.wake.notify_one();
         }
@@ -356,7 +370,9 @@ impl Inner {
             // Still leased here (its save keeps the lease, and a retry's release may be what
             // failed): given up, or this replica's renewals would keep every replica, itself
             // too, from claiming it until the shutdown.
-            released.marked = shared.release(id).await?;
+            // The mark may be older than this try: a retry's hand-over released the job
+            // and then failed to cancel it.
+            released.marked = shared.release(id).await? || job.cancel_requested;
             released.lease = true;
             if released.marked || cancel_asked {
                 self.cancel_released(id).await?;
@@ -465,7 +481,7 @@ impl Inner {
                 tracing::info!("job succeeded");
                 None
             }
-            Attempt::Stopped(StopReason::Shutdown) if !job.cancel_requested => {
+            Attempt::Stopped(StopReason::Shutdown) if !job.cancel_requested && !cancel_asked => {
                 job.set_aside(now)?;
                 self.commit_state(&job).await?;
                 tracing::info!(
@@ -809,12 +825,10 @@ impl Inner {
                     return Ok(Handed::Over);
                 }
                 drop(scheduler);
-                // The job is anyone's now: cancelled as any replica would. Should that fail,
-                // the mark stays, and the replica that claims the job ends it instead of
-                // starting it.
-                if let Err(error) = self.cancel_shared(job.id).await {
-                    tracing::warn!(%error, "cancelling the released job failed");
-                }
+                // The job is anyone's now: cancelled as any replica would. Should the store
+                // fail, the job is settled as an aborted run is, whose tries carry the
+                // Cancel out: one made here is in no mark that another replica would see.
+                self.cancel_released(job.id).await?;
                 return Ok(Handed::No);
             }
         } else {

@@ -35,25 +35,56 @@ const CANCEL_TRIES: usize = 5;
 const QUEUED_COUNT_MAX_AGE: Duration = Duration::from_secs(1);
 const QUEUED_COUNT_MAX_AGE_AT_LIMIT: Duration = Duration::from_millis(100);
 
-/// The database's count of QUEUED jobs, and the jobs this replica queued since it was read:
-/// what the queue limits are checked against on a shared store. Replicas together may go past
-/// a limit by what the others queued since this replica's count (at most a second's worth).
+/// The database's count of QUEUED jobs, the jobs this replica queued since it was read, and
+/// the Submits it let through that are still being stored: what the queue limits are checked
+/// against on a shared store. Replicas together may go past a limit by what the others queued
+/// since this replica's count (at most a second's worth); one replica alone never does.
 #[derive(Default)]
 pub(super) struct QueuedCount {
     read_at: Option<Instant>,
+    /// The database's count, and the jobs this replica queued since it was read.
+    queued: Tally,
+    /// Submits past the check and not yet stored (or refused): counted until they are, as a
+    /// count read meanwhile may not hold them yet.
+    pending: Tally,
+}
+
+/// Jobs in all and per tenant.
+#[derive(Default)]
+struct Tally {
     total: u64,
     per_tenant: HashMap<String, u64>,
+}
+
+impl Tally {
+    fn add(&mut self, tenant: &str) {
+        self.total += 1;
+        *self.per_tenant.entry(tenant.to_owned()).or_default() += 1;
+    }
+
+    fn remove(&mut self, tenant: &str) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(count) = self.per_tenant.get_mut(tenant) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_tenant.remove(tenant);
+            }
+        }
+    }
+
+    fn of(&self, tenant: &str) -> u64 {
+        self.per_tenant.get(tenant).copied().unwrap_or(0)
+    }
 }
 
 impl QueuedCount {
     fn full(&self, tenant: &str, limit: usize, tenant_limit: Option<usize>) -> Option<Full> {
         let at = |count: u64, limit: usize| count >= u64::try_from(limit).unwrap_or(u64::MAX);
-        if at(self.total, limit) {
+        if at(self.queued.total + self.pending.total, limit) {
             return Some(Full::Queue);
         }
-        let tenant_count = self.per_tenant.get(tenant).copied().unwrap_or(0);
         tenant_limit
-            .filter(|limit| at(tenant_count, *limit))
+            .filter(|limit| at(self.queued.of(tenant) + self.pending.of(tenant), *limit))
             .map(|_| Full::Tenant)
     }
 
@@ -62,20 +93,47 @@ impl QueuedCount {
     }
 }
 
+/// A Submit's place in a shared store's queue limits, from the check until its job is stored:
+/// dropped, it counts as a job queued (see [`QueuedReservation::queued`]) or as nothing.
+pub(super) struct QueuedReservation<'a> {
+    inner: &'a Inner,
+    tenant: String,
+    queued: bool,
+}
+
+impl QueuedReservation<'_> {
+    /// The job was stored QUEUED: it counts until the next read of the database's count.
+    pub(super) fn queued(&mut self) {
+        self.queued = true;
+    }
+}
+
+impl Drop for QueuedReservation<'_> {
+    fn drop(&mut self) {
+        let mut count = self.inner.queued_count();
+        count.pending.remove(&self.tenant);
+        if self.queued {
+            count.queued.add(&self.tenant);
+        }
+    }
+}
+
 impl Inner {
-    /// On a shared store, whether the database's backlog is at the queue limit or `tenant`'s
-    /// quota; `None` on a single server, whose own queue is the backlog. Reads the count again
-    /// when it is a second old, or when it says full and is older than 100 ms, so that the
-    /// edge is judged on a fresh count. A count that cannot be read lets the Submit through
-    /// (the limits protect the service; the create that follows fails anyway if the database
-    /// is down).
-    pub(super) async fn shared_queue_full(
+    /// On a shared store, checks the database's backlog against the queue limit and `tenant`'s
+    /// quota, and holds a place for the Submit while its job is stored; `Ok(None)` on a single
+    /// server, whose own queue is the backlog. Reads the count again when it is a second old,
+    /// or when it says full and is older than 100 ms, so that the edge is judged on a fresh
+    /// count. A count that cannot be read lets the Submit through (the limits protect the
+    /// service; the create that follows fails anyway if the database is down).
+    pub(super) async fn reserve_shared_queue(
         &self,
         tenant: &str,
         limit: usize,
         tenant_limit: Option<usize>,
-    ) -> Option<Full> {
-        let shared = self.shared_store()?;
+    ) -> Result<Option<QueuedReservation<'_>>, Full> {
+        let Some(shared) = self.shared_store() else {
+            return Ok(None);
+        };
         let stale = |count: &QueuedCount| {
             count.older_than(QUEUED_COUNT_MAX_AGE)
                 || (count.full(tenant, limit, tenant_limit).is_some()
@@ -87,28 +145,32 @@ impl Inner {
             if stale(&self.queued_count()) {
                 match shared.queued_counts().await {
                     Ok(counts) => {
-                        *self.queued_count() = QueuedCount {
-                            read_at: Some(Instant::now()),
+                        let mut count = self.queued_count();
+                        count.read_at = Some(Instant::now());
+                        count.queued = Tally {
                             total: counts.iter().map(|(_, n)| n).sum(),
                             per_tenant: counts.into_iter().collect(),
                         };
                     }
                     Err(error) => {
                         tracing::warn!(%error, "the queue limits are not checked for this Submit");
-                        return None;
+                        return Ok(None);
                     }
                 }
             }
         }
-        self.queued_count().full(tenant, limit, tenant_limit)
-    }
-
-    /// Counts a job this replica just queued on a shared store, until the next read of the
-    /// database's count includes it.
-    pub(super) fn count_queued_here(&self, tenant: &str) {
+        // The check and the hold in one critical section: concurrent Submits on this replica
+        // each see the others'.
         let mut count = self.queued_count();
-        count.total += 1;
-        *count.per_tenant.entry(tenant.to_owned()).or_default() += 1;
+        if let Some(full) = count.full(tenant, limit, tenant_limit) {
+            return Err(full);
+        }
+        count.pending.add(tenant);
+        Ok(Some(QueuedReservation {
+            inner: self,
+            tenant: tenant.to_owned(),
+            queued: false,
+        }))
     }
 
     fn queued_count(&self) -> std::sync::MutexGuard<'_, QueuedCount> {
@@ -330,9 +392,10 @@ impl Inner {
         Ok(())
     }
 
-    /// Cancels a job this replica does not hold: a QUEUED one at once (the version check makes
-    /// a replica that claimed it meanwhile lose either its start or this cancel, and this one
-    /// then tries again), a RUNNING one by asking its replica.
+    /// Cancels a job as any replica can, whichever holds it: a QUEUED one at once (the version
+    /// check makes a replica that claimed it meanwhile lose either its start or this cancel,
+    /// and this one then tries again; a cancel that stands clears the claimer's lease), a
+    /// RUNNING one by asking its replica.
     pub(super) async fn cancel_shared(&self, id: JobId) -> Result<Job, ExecutorError> {
         let shared = self.shared_store().ok_or(ExecutorError::NotFound(id))?;
         let mut tries = 0;
@@ -352,7 +415,13 @@ impl Inner {
                             tracing::info!(job_id = %id, "queued job cancelled");
                             return Ok(job);
                         }
-                        Err(StoreError::StaleVersion { .. }) if tries < CANCEL_TRIES => continue,
+                        // Changed meanwhile, or claimed by another replica after this one's
+                        // lease on it ran out (the store no longer counts it as held here).
+                        Err(StoreError::StaleVersion { .. } | StoreError::LeaseLost(_))
+                            if tries < CANCEL_TRIES =>
+                        {
+                            continue;
+                        }
                         Err(error) => return Err(error.into()),
                     }
                 }
@@ -396,10 +465,13 @@ mod tests {
 
     #[test]
     fn the_database_count_is_full_at_the_queue_limit_or_at_a_tenant_s_quota() {
-        let count = QueuedCount {
+        let mut count = QueuedCount {
             read_at: Some(Instant::now()),
-            total: 5,
-            per_tenant: [("a".to_owned(), 3), ("b".to_owned(), 2)].into(),
+            queued: Tally {
+                total: 5,
+                per_tenant: [("a".to_owned(), 3), ("b".to_owned(), 2)].into(),
+            },
+            pending: Tally::default(),
         };
         assert!(matches!(count.full("a", 5, None), Some(Full::Queue)));
         assert!(count.full("a", 6, None).is_none());
@@ -409,6 +481,12 @@ mod tests {
             count.full("new", 6, Some(1)).is_none(),
             "a tenant with none queued"
         );
+        // Submits still being stored count too.
+        count.pending.add("b");
+        assert!(matches!(count.full("a", 6, None), Some(Full::Queue)));
+        assert!(matches!(count.full("b", 7, Some(3)), Some(Full::Tenant)));
+        count.pending.remove("b");
+        assert!(count.full("b", 7, Some(3)).is_none());
         assert!(!count.older_than(Duration::from_secs(1)));
         assert!(
             QueuedCount::default().older_than(Duration::from_secs(1)),

@@ -76,10 +76,13 @@ pub(super) async fn save(client: &ClientWrapper, row: &JobRow) -> Result<(), Sto
     let fail = |e| pg_error(format!("saving job {}", row.id), e);
     // The stored state decides whether the webhook is told: the UPDATE returns it (from a
     // sub-select, which sees the row as it was before this statement).
-    // The lease: a replica's own save must still hold it (and releases it once the job ends);
-    // the reaper's must find it run out (and clears it). See `LeaseCheck`.
+    // The lease: a replica's own save must still hold it; the reaper's must find it run out
+    // (and clears it). See `LeaseCheck`. Any save that ends the job clears it too, whoever
+    // makes it: a QUEUED job another replica claimed and a Cancel here ended must fail that
+    // replica's start, whose version is higher (start and first action in one write).
+    // Nothing changes a terminal job's state again.
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        let release = format!("$7 = 2 OR ($7 = 1 AND $2 IN {TERMINAL_STATES})");
+        let release = format!("$7 = 2 OR $2 IN {TERMINAL_STATES}");
         format!(
             "UPDATE jobs j SET state = $2, version = $3, priority = $4, end_time = $5,
              snapshot = $6, waits_until = $9,
@@ -87,6 +90,7 @@ pub(super) async fn save(client: &ClientWrapper, row: &JobRow) -> Result<(), Sto
              lease_until = CASE WHEN {release} THEN NULL ELSE j.lease_until END
          FROM (SELECT id, state FROM jobs WHERE id = $1) previous
          WHERE j.id = previous.id AND j.version < $3
+             AND (previous.state NOT IN {TERMINAL_STATES} OR previous.state = $2)
              AND ($7 = 0
                   OR ($7 = 1 AND j.lease_owner IS NOT DISTINCT FROM $8)
                   OR ($7 = 2 AND (j.lease_until IS NULL OR j.lease_until < {NOW_MICROS})))

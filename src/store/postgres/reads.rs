@@ -51,12 +51,14 @@ fn snapshots(rows: &[Row], column: usize, context: &str) -> Result<Vec<Job>, Sto
 /// A row of `snapshot, cancel_requested`: the snapshot, marked `cancel_requested` when the
 /// column says a Cancel made on any replica (`request_cancel`) is stored for the running job,
 /// which its replica writes into the snapshot only once it has been told (or never, if it
-/// died first).
+/// died first). A QUEUED job keeps the mark its last attempt got as it ended (a retry, an
+/// interruption): whoever takes it from the queue, a claim or a read, cancels it instead of
+/// starting it.
 pub(super) fn snapshot_with_cancel_request(row: &Row, context: &str) -> Result<Job, StoreError> {
     let snapshot: &str = row.try_get(0).map_err(|e| pg_error(context, e))?;
     let requested: bool = row.try_get(1).map_err(|e| pg_error(context, e))?;
     let mut job = decode(snapshot)?;
-    job.cancel_requested |= requested && job.state == crate::job::JobState::Running;
+    job.cancel_requested |= requested && !job.is_terminal();
     Ok(job)
 }
 

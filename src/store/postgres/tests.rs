@@ -846,6 +846,84 @@ async fn a_cancel_around_a_retry_is_seen_by_the_release_or_refused_to_the_cancel
     canceller.close().await;
 }
 
+/// A QUEUED job that one replica claimed and another cancelled stays CANCELLED: the claimer's
+/// start, a version ahead of the cancel (start and first action in one write), is refused as
+/// a lost lease, and the cancel gave the lease up. Nothing changes a terminal job's state.
+#[tokio::test]
+async fn a_cancel_of_a_claimed_queued_job_outranks_the_claimer_s_start() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let claimer = schema.open(PostgresOptions::default()).await.unwrap();
+    let canceller = schema.open(PostgresOptions::default()).await.unwrap();
+    queued_jobs(&claimer, 1).await;
+    let mut claimed = SharedStore::claim(&claimer, 1, &[])
+        .await
+        .unwrap()
+        .remove(0);
+    let mut cancelled = canceller.get(claimed.id).await.unwrap().unwrap();
+    cancelled
+        .cancel(
+            JobError::new("CANCELLED", "CANCELLED", "cancelled"),
+            SystemTime::now(),
+        )
+        .unwrap();
+    canceller.save(&cancelled).await.unwrap();
+
+    claimed.start(SystemTime::now()).unwrap();
+    claimed.start_action(0, SystemTime::now()).unwrap();
+    assert!(claimed.version > cancelled.version);
+    assert!(matches!(
+        claimer.save(&claimed).await,
+        Err(StoreError::LeaseLost(id)) if id == claimed.id
+    ));
+    let stored = claimer.get(claimed.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, JobState::Cancelled);
+    assert_eq!(stored.version, cancelled.version);
+    assert!(
+        claimer.renew_leases().await.unwrap().held.is_empty(),
+        "lease given up"
+    );
+
+    // Not even by a save that would hold no lease: a terminal state is final.
+    let mut again = stored.clone();
+    again.version += 5;
+    again.logged_version = again.version;
+    again.state = JobState::Queued;
+    assert!(canceller.save(&again).await.is_err());
+    assert_eq!(
+        canceller.get(claimed.id).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    claimer.close().await;
+    canceller.close().await;
+}
+
+/// A Cancel that marked a job as its attempt ended in a retry stays visible once the job is
+/// QUEUED again, to every replica's read, so whoever takes the job next cancels it.
+#[tokio::test]
+async fn a_queued_job_s_cancel_mark_is_read_with_it() {
+    let Some(url) = database_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let runner = schema.open(PostgresOptions::default()).await.unwrap();
+    let other = schema.open(PostgresOptions::default()).await.unwrap();
+    queued_jobs(&runner, 1).await;
+    let mut job = SharedStore::claim(&runner, 1, &[]).await.unwrap().remove(0);
+    job.start(SystemTime::now()).unwrap();
+    runner.save(&job).await.unwrap();
+    assert!(other.request_cancel(job.id).await.unwrap());
+    job.retry(SystemTime::now(), std::time::Duration::ZERO)
+        .unwrap();
+    runner.save(&job).await.unwrap();
+    let read = other.get(job.id).await.unwrap().unwrap();
+    assert_eq!(read.state, JobState::Queued);
+    assert!(
+        read.cancel_requested,
+        "the mark is read with the QUEUED job"
+    );
+    runner.close().await;
+    other.close().await;
+}
+
 /// The feed's next change, bounded.
 async fn next_change(
     feed: &mut tokio::sync::mpsc::Receiver<crate::store::Change>,
