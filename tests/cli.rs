@@ -842,3 +842,42 @@ async fn watch_jobs_interrupted_names_its_cursor_and_resumes_from_it_missing_not
         );
     }
 }
+
+/// An address that answers, but not with gRPC over plaintext HTTP/2 (here an HTTP/1.1 server;
+/// a TLS server addressed with http:// breaks the same way) is told at once by the commands
+/// that reconnect, rather than retried for --reconnect-for as a lost connection would be.
+#[tokio::test]
+async fn commands_that_reconnect_tell_an_address_that_speaks_no_grpc_at_once() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let http1 = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = [0; 1024];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(
+                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await;
+        }
+    });
+    let id = "0190b6c4-7d1e-7c3a-9f0e-1b2c3d4e5f60";
+    for args in [
+        &["wait", id][..],
+        &["watch", id],
+        &["watch-jobs", "--label", "a=b"],
+        &["submit", "--action", "echo"],
+    ] {
+        let args = [args, &["--reconnect-for", "25s"]].concat();
+        let run = longrun(&url, &args).await;
+        assert_eq!(run.code, 5, "{args:?}: {run:?}");
+        assert!(
+            run.stderr
+                .contains("does not answer gRPC over plaintext HTTP/2"),
+            "{args:?}: {run:?}"
+        );
+        assert!(!run.stderr.contains("gave up reconnecting"), "{run:?}");
+    }
+    http1.abort();
+}

@@ -274,3 +274,72 @@ async fn acknowledged_jobs_survive_kill_9_and_finish() {
     server.kill().expect("stop the server");
     server.wait().expect("reap");
 }
+
+/// `longrun submit --wait` whose server dies mid-wait (SIGKILL, so no answer at all) sends the
+/// Submit again once the server is back, under the idempotency key it gave the request: it
+/// ends with the one job it submitted, run to its end, not with an error that leaves a script
+/// without the job's id, nor with a second job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_finds_its_job_again_after_the_server_is_killed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = free_addr();
+    let mut server = spawn_server(dir.path(), addr);
+    wait_until_serving(addr).await;
+    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_longrun"))
+        .args(["submit", "--addr", &format!("http://{addr}")])
+        .args(["--action", r#"sleep:{"duration_ms":1500,"steps":3}"#])
+        .args(["--max-attempts", "2", "--wait", "60s", "--output", "json"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start longrun submit");
+    let mut client = connect(addr).await;
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let running = client
+                .list_jobs(pb::ListJobsRequest {
+                    states: vec![JobState::Running as i32],
+                    ..Default::default()
+                })
+                .await
+                .expect("list")
+                .into_inner();
+            if !running.jobs.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the job runs");
+    server.kill().expect("SIGKILL the server");
+    server.wait().expect("reap the server");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _server = spawn_server(dir.path(), addr);
+
+    let output = tokio::time::timeout(PATIENCE, cli.wait_with_output())
+        .await
+        .expect("submit ends")
+        .expect("submit output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("submitting again under the same idempotency key"),
+        "{stderr}"
+    );
+    let response: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    assert_eq!(response["job"]["state"], "JOB_STATE_SUCCEEDED", "{stdout}");
+    assert_eq!(response["job"]["attempt"], 2, "the crash cost an attempt");
+    let mut client = connect(addr).await;
+    let jobs = client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 1, "one job: {jobs:?}");
+    assert_eq!(jobs[0].id, response["job"]["id"].as_str().unwrap());
+}

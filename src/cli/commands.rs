@@ -105,6 +105,22 @@ pub fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The `--label` pairs as a map; a key given twice with two values is a mistake (a job
+/// carries one value per key), not a wish for the last one to win silently.
+pub fn label_map(labels: &[(String, String)]) -> Result<HashMap<String, String>, Usage> {
+    let mut map = HashMap::with_capacity(labels.len());
+    for (key, value) in labels {
+        if let Some(other) = map.insert(key.clone(), value.clone())
+            && other != *value
+        {
+            return Err(Usage(format!(
+                "--label {key} given twice ({key}={other} and {key}={value})"
+            )));
+        }
+    }
+    Ok(map)
+}
+
 /// Prints a job response: JSON of the whole response, or the job's summary.
 fn print_job<M: prost::Message>(
     printer: &Printer,
@@ -177,7 +193,7 @@ pub async fn list(args: ListArgs) -> anyhow::Result<i32> {
     }
     let printer = Printer::new(args.client.output)?;
     let mut client = connect(&args.client).await?;
-    let labels: HashMap<String, String> = args.labels.into_iter().collect();
+    let labels = label_map(&args.labels)?;
     let mut request = pb::ListJobsRequest {
         states: args
             .states
@@ -197,12 +213,12 @@ pub async fn list(args: ListArgs) -> anyhow::Result<i32> {
         let more = !page.next_page_token.is_empty();
         let show_token = more && !args.all && printer.format == Format::Text;
         printer.print(&page, "longrun.v1.ListJobsResponse", |_| {
-            let mut text = text::job_list(&page.jobs);
-            if show_token {
-                text.push_str(&format!("\n(more: --page-token {})", page.next_page_token));
-            }
-            text
+            text::job_list(&page.jobs)
         })?;
+        if show_token {
+            // On stderr: stdout holds one job per line, for scripts to cut.
+            eprintln!("(more: --page-token {})", page.next_page_token);
+        }
         // Once stdout is closed (`list --all | head`), the pages left would go nowhere.
         if !(args.all && more) || printer.closed() {
             return Ok(exit::OK);
@@ -224,4 +240,18 @@ pub async fn actions(args: ActionsArgs) -> anyhow::Result<i32> {
         text::actions(&response.actions)
     })?;
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_key_with_two_values_is_refused_and_one_repeated_is_kept_once() {
+        let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let map = label_map(&[pair("a", "1"), pair("b", "2"), pair("a", "1")]).unwrap();
+        assert_eq!(map.len(), 2);
+        let Usage(message) = label_map(&[pair("a", "1"), pair("a", "2")]).unwrap_err();
+        assert_eq!(message, "--label a given twice (a=1 and a=2)");
+    }
 }

@@ -6,14 +6,18 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
+use longrun::api::pb;
 use tonic::{Code, Status};
 
-use super::{error::describe_status, parse_duration};
+use super::{Client, error::describe_status, parse_duration};
 
 /// The first wait before reconnecting; doubled per failed attempt.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts (before jitter, which adds up to as much again).
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// How long the call that checks a server speaks gRPC may take (see
+/// [`Reconnect::check_speaks_grpc`]).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long a command that follows a job keeps trying to get back a lost connection.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,6 +51,8 @@ pub struct Reconnect {
     budget: Duration,
     /// The waits handed out since the last answer got through.
     waited: Duration,
+    /// Whether the server at `--addr` has answered a call of this command (or a probe).
+    heard_from_server: bool,
 }
 
 /// What to do after a lost call: wait `delay`, then try again; `note` tells the user so.
@@ -70,6 +76,7 @@ impl Reconnect {
             policy,
             budget: args.reconnect_for,
             waited: Duration::ZERO,
+            heard_from_server: false,
         }
     }
 
@@ -77,6 +84,41 @@ impl Reconnect {
     pub fn reset(&mut self) {
         self.delays = self.policy.build();
         self.waited = Duration::ZERO;
+        self.heard_from_server = true;
+    }
+
+    /// Before a lost call is made again: fails when `--addr` does not speak gRPC over
+    /// plaintext HTTP/2 (a TLS server addressed with `http://`, some other HTTP server), which
+    /// no reconnect mends, so the command says so at once instead of after `--reconnect-for`.
+    /// Such a connection breaks with the same errors as one to a server that died mid-call, so
+    /// when nothing of this command got an answer yet, a short call tells them apart: a server
+    /// that went away refuses the connection (UNAVAILABLE), one that speaks no gRPC breaks it.
+    pub async fn check_speaks_grpc(
+        &mut self,
+        client: &mut Client,
+        lost: &Status,
+    ) -> anyhow::Result<()> {
+        if self.heard_from_server || !is_transient(lost) || lost.code() == Code::Unavailable {
+            return Ok(());
+        }
+        let mut probe = tonic::Request::new(pb::ListActionsRequest::default());
+        probe.set_timeout(PROBE_TIMEOUT);
+        let Ok(answer) = tokio::time::timeout(PROBE_TIMEOUT, client.list_actions(probe)).await
+        else {
+            return Ok(());
+        };
+        match answer {
+            Err(status) if is_transient(&status) && status.code() != Code::Unavailable => {
+                Err(anyhow::Error::new(status)
+                    .context("the server at --addr does not answer gRPC over plaintext HTTP/2"))
+            }
+            Err(status) if is_transient(&status) => Ok(()),
+            // Any answer, a refusal too: it speaks gRPC, and the call was lost.
+            _ => {
+                self.heard_from_server = true;
+                Ok(())
+            }
+        }
     }
 
     /// How long to wait before the next attempt, or `None` to give up once the waits since

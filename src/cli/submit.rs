@@ -15,9 +15,13 @@ use anyhow::Context as _;
 use longrun::api::{convert::json_to_struct, pb};
 
 use super::{
-    ClientArgs, Printer, commands::parse_label, connect, error::Usage, exit, is_terminal,
-    job_exit_code, json, parse_duration, reconnect::ReconnectArgs, text, wait, watch,
-    wire_duration,
+    Client, ClientArgs, Printer,
+    commands::{label_map, parse_label},
+    connect,
+    error::Usage,
+    exit, is_terminal, job_exit_code, json, parse_duration,
+    reconnect::{Reconnect, ReconnectArgs, is_transient},
+    text, wait, watch, wire_duration,
 };
 
 /// `longrun submit`.
@@ -97,7 +101,11 @@ pub enum WebhookEventsArg {
 /// Submits the job and prints it, or follows it with `--watch`.
 pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     let printer = Printer::new(args.client.output)?;
-    let request = build_request(&args, &printer.json)?;
+    let mut request = build_request(&args, &printer.json)?;
+    if request.idempotency_key.is_empty() {
+        // Lets a Submit whose answer was lost be sent again without a second job.
+        request.idempotency_key = format!("longrun-cli-{}", uuid::Uuid::now_v7());
+    }
     // `wait` from the flag or from the --file: the time to wait counts from now.
     let deadline = request
         .wait
@@ -108,7 +116,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         })
         .transpose()?;
     let mut client = connect(&args.client).await?;
-    let mut response = client.submit(request).await.context("Submit")?.into_inner();
+    let mut response = submit_once(&mut client, request, deadline, &args.reconnect).await?;
     let mut job = response
         .job
         .clone()
@@ -151,6 +159,51 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     Ok(job_exit_code(&job))
 }
 
+/// Submits the job once, however many calls that takes: a call lost with the connection (the
+/// server restarted, or died while it held a `wait`) is sent again, saying so on stderr, under
+/// the same idempotency key, so it finds the job the lost call stored rather than making a
+/// second one. Each call asks for what is left of the wait. Gives up as a watch does (see
+/// `--reconnect-for`), naming the key, with which the job can be found again.
+async fn submit_once(
+    client: &mut Client,
+    mut request: pb::SubmitRequest,
+    deadline: Option<Instant>,
+    reconnect: &ReconnectArgs,
+) -> anyhow::Result<pb::SubmitResponse> {
+    let mut reconnect = Reconnect::new(reconnect);
+    loop {
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            request.wait = Some(wire_duration("--wait", left)?);
+        }
+        let lost = match client.submit(request.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) => status,
+        };
+        reconnect.check_speaks_grpc(client, &lost).await?;
+        let transient = is_transient(&lost);
+        let retry = reconnect.after(
+            "Submit",
+            lost,
+            "submitting again under the same idempotency key",
+            "the job's submission unconfirmed",
+        );
+        let retry = match retry {
+            Ok(retry) => retry,
+            Err(error) if transient => {
+                let key = &request.idempotency_key;
+                return Err(error.context(format!(
+                    "the job may have been stored: the same request with --idempotency-key \
+                     {key} finds it"
+                )));
+            }
+            Err(error) => return Err(error),
+        };
+        eprintln!("{}", retry.note);
+        tokio::time::sleep(retry.delay).await;
+    }
+}
+
 /// The request the flags (over the `--file`, if given) describe.
 fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::SubmitRequest> {
     let mut request = match &args.file {
@@ -191,18 +244,19 @@ fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::Sub
             .ok_or_else(|| Usage(format!("--delay: {delay:?} is too long")))?;
         request.schedule_time = Some(at.into());
     }
-    // A key given twice is a mistake, not a wish for the last value to win silently.
-    for (i, (key, value)) in args.labels.iter().enumerate() {
-        if let Some((_, other)) = args.labels[..i].iter().find(|(k, _)| k == key)
-            && other != value
+    // Added to the file's labels; one the flags would change is refused, as a key given
+    // twice is.
+    for (key, value) in label_map(&args.labels)? {
+        if let Some(file) = request.labels.get(&key)
+            && *file != value
         {
             return Err(Usage(format!(
-                "--label {key} given twice ({key}={other} and {key}={value})"
+                "--label {key}={value}: the --file gives the job {key}={file}"
             ))
             .into());
         }
+        request.labels.insert(key, value);
     }
-    request.labels.extend(args.labels.iter().cloned());
     // The secret may come from the environment: it only applies to a webhook given somewhere.
     if args.webhook_url.is_some() || request.webhook.is_some() {
         let webhook = request.webhook.get_or_insert_default();
@@ -224,11 +278,31 @@ fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::Sub
     Ok(request)
 }
 
-/// Parses an RFC 3339 time, with `Z` or an offset.
+/// Parses an RFC 3339 time, with `Z` or an offset. One without (a bare date, a local time)
+/// is refused rather than taken as UTC, which would run the job hours off for most users.
 fn parse_time(text: &str) -> Result<prost_types::Timestamp, String> {
-    text.parse().map_err(|_| {
-        format!("{text:?} is not an RFC 3339 time (like 2026-12-01T09:00:00Z or 2026-12-01T10:00:00+01:00)")
-    })
+    let invalid = || {
+        format!(
+            "{text:?} is not an RFC 3339 time (like 2026-12-01T09:00:00Z or 2026-12-01T10:00:00+01:00)"
+        )
+    };
+    let bytes = text.as_bytes();
+    let offset = |suffix: &[u8]| {
+        matches!(suffix, [sign, h1, h2, b':', m1, m2]
+            if matches!(sign, b'+' | b'-') && [h1, h2, m1, m2].iter().all(|d| d.is_ascii_digit()))
+    };
+    let zoned =
+        text.ends_with(['Z', 'z']) || (bytes.len() > 6 && offset(&bytes[bytes.len() - 6..]));
+    if !zoned {
+        return Err(format!(
+            "{}: say which time zone, with Z (UTC) or an offset such as +01:00",
+            invalid()
+        ));
+    }
+    if !matches!(bytes.get(10), Some(b'T' | b't')) {
+        return Err(invalid());
+    }
+    text.parse().map_err(|_| invalid())
 }
 
 /// Parses `NAME` or `NAME:PARAMS` (PARAMS a JSON object).
@@ -323,6 +397,55 @@ mod tests {
         let args = parse_args(&["--label", "a=b", "--label", "x=y", "--label", "a=b"]).unwrap();
         let labels = build_request(&args, &json).unwrap().labels;
         assert_eq!(labels.len(), 2);
+    }
+
+    #[test]
+    fn a_label_that_would_change_one_of_the_file_s_is_refused() {
+        let json = json::Json::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("job.json");
+        std::fs::write(&file, r#"{"actions":[{"name":"echo"}],"labels":{"a":"1"}}"#).unwrap();
+        let parse = |extra: &[&str]| {
+            use clap::Parser as _;
+            #[derive(clap::Parser)]
+            struct Cli {
+                #[command(flatten)]
+                args: SubmitArgs,
+            }
+            let mut argv = vec!["longrun", "--file", file.to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).unwrap().args
+        };
+        let error = build_request(&parse(&["--label", "a=2"]), &json).unwrap_err();
+        assert!(super::super::error::is_usage(&error), "{error:#}");
+        assert!(format!("{error:#}").contains("a=1"), "{error:#}");
+        let labels = build_request(&parse(&["--label", "a=1", "--label", "b=2"]), &json)
+            .unwrap()
+            .labels;
+        assert_eq!(labels.len(), 2, "added to the file's");
+    }
+
+    #[test]
+    fn at_takes_an_rfc_3339_time_with_its_zone_only() {
+        for zoned in [
+            "2026-12-01T09:00:00Z",
+            "2026-12-01t09:00:00z",
+            "2026-12-01T10:00:00+01:00",
+            "2026-12-01T04:00:00.250-05:00",
+        ] {
+            assert!(parse_time(zoned).is_ok(), "{zoned}");
+        }
+        for unzoned in [
+            "2026-12-01T09:00:00",
+            "2026-12-01",
+            "2026-12-01T09:00:00+0100",
+        ] {
+            let error = parse_time(unzoned).unwrap_err();
+            assert!(error.contains("say which time zone"), "{unzoned}: {error}");
+        }
+        for malformed in ["2026-12-01 09:00:00Z", "tomorrow Z", "2026-13-01T09:00:00Z"] {
+            assert!(parse_time(malformed).is_err(), "{malformed}");
+        }
     }
 
     #[test]

@@ -101,6 +101,7 @@ pub async fn until_end(
                 "WaitJob: the time to wait ran out while the server could not be reached",
             ));
         }
+        reconnect.check_speaks_grpc(client, &lost).await?;
         let retry = reconnect.after("WaitJob", lost, "waiting again", "the job's end not seen")?;
         eprintln!("{}", retry.note);
         // Never sleep past the deadline: the last call still gets the job as it is then.

@@ -86,6 +86,10 @@ async fn follow_from(
             Err(status) => status,
         };
         let version = resume.after_version;
+        if let Err(error) = resume.reconnect.check_speaks_grpc(client, &lost).await {
+            view.abandon();
+            return Err(error);
+        }
         let retry = resume.reconnect.after(
             "WatchJob",
             lost,

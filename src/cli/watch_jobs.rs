@@ -11,7 +11,7 @@ use tonic::Status;
 
 use super::{
     Client, ClientArgs, Printer,
-    commands::{StateFilter, parse_label},
+    commands::{StateFilter, label_map, parse_label},
     connect, exit, is_terminal,
     reconnect::{Reconnect, ReconnectArgs},
     text,
@@ -65,7 +65,7 @@ pub struct WatchJobsArgs {
 pub async fn run(args: WatchJobsArgs) -> anyhow::Result<i32> {
     let printer = Printer::new(args.client.output)?;
     let mut client = connect(&args.client).await?;
-    let labels: HashMap<String, String> = args.labels.into_iter().collect();
+    let labels = label_map(&args.labels)?;
     let mut watch = Watch {
         request: pb::WatchJobsRequest {
             labels,
@@ -132,6 +132,7 @@ impl Watch {
                 // which leave out the jobs that ended meanwhile, so the batch is listed again.
                 batch.listed = false;
             }
+            self.reconnect.check_speaks_grpc(client, &lost).await?;
             let retry = self.reconnect.after(
                 call,
                 lost,
