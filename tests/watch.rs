@@ -392,3 +392,50 @@ async fn watch_opened_after_a_progress_update_sees_that_progress() {
     );
     cancel(&mut client, &job.id).await;
 }
+
+/// The server ends a watch at the call's deadline (`grpc-timeout`), with DEADLINE_EXCEEDED
+/// naming the field to resume with: a client that does not enforce its deadline itself (plain
+/// HTTP/2, some Connect clients) is not left with a stream, and a watch slot, open for ever.
+/// Both watch RPCs; the tonic client here only sends the header.
+#[tokio::test]
+async fn watches_end_at_the_call_s_deadline() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let job = submit(&mut client, request(vec![sleep(60_000, 2)])).await;
+    let mut watch = tonic::Request::new(pb::WatchJobRequest {
+        job_id: job.id.clone(),
+        after_version: 0,
+    });
+    watch.set_timeout(Duration::from_millis(300));
+    let mut stream = client.watch_job(watch).await.unwrap().into_inner();
+    let ended = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    let status = ended.expect_err("ended by the deadline");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("after_version"), "{status:?}");
+
+    let mut watch = tonic::Request::new(pb::WatchJobsRequest::default());
+    watch.set_timeout(Duration::from_millis(300));
+    let mut stream = client.watch_jobs(watch).await.unwrap().into_inner();
+    let ended = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    let status = ended.expect_err("ended by the deadline");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("after_cursor"), "{status:?}");
+}

@@ -184,15 +184,18 @@ pub(super) fn counted<S: Stream + Send + 'static>(
 }
 
 /// A watch's messages, ended with UNAVAILABLE (naming the field a client resumes with) as soon
-/// as `stopping` fires, so that a draining server does not wait on streams that never end.
+/// as `stopping` fires, so that a draining server does not wait on streams that never end; and
+/// with DEADLINE_EXCEEDED at the call's `deadline`, which a client that does not enforce its
+/// own (plain HTTP, some Connect clients) relies on the server for, as for a unary wait.
 ///
 /// `next` takes the watch and gives back the next message with the watch to continue with, or
 /// `None` for the watch when that message is its last; `None` altogether ends the stream. The
-/// shutdown future is made once for the stream's life and polled only while the watch waits,
-/// and then cheaply (see [`Cancelled`]).
+/// shutdown and deadline futures are made once for the stream's life and polled only while the
+/// watch waits, and then cheaply (see [`Cancelled`]).
 pub(super) fn until_shutdown<W, T, F, Fut>(
     watch: W,
     stopping: CancellationToken,
+    deadline: Option<Instant>,
     resume_with: &'static str,
     next: F,
 ) -> impl Stream<Item = Result<T, Status>> + Send + 'static
@@ -202,18 +205,31 @@ where
     F: FnMut(W) -> Fut + Send + 'static,
     Fut: Future<Output = Option<(Result<T, Status>, Option<W>)>> + Send,
 {
-    let state = Some((watch, Cancelled::new(stopping)));
+    let deadline = deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
+    let state = Some((watch, Cancelled::new(stopping), deadline));
     futures::stream::unfold((state, next), move |(state, mut next)| async move {
-        let (watch, mut stopping) = state?;
+        let (watch, mut stopping, mut deadline) = state?;
+        let passed = async {
+            match deadline.as_mut() {
+                Some(sleep) => sleep.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             step = next(watch) => {
                 let (item, watch) = step?;
-                Some((item, (watch.map(|watch| (watch, stopping)), next)))
+                Some((item, (watch.map(|watch| (watch, stopping, deadline)), next)))
             }
             _ = &mut stopping => {
                 let status = shutting_down(format!(
                     "the server is shutting down; resume the watch with {resume_with}"
+                ));
+                Some((Err(status), (None, next)))
+            }
+            _ = passed => {
+                let status = Status::deadline_exceeded(format!(
+                    "the call's deadline passed; resume the watch with {resume_with}"
                 ));
                 Some((Err(status), (None, next)))
             }
@@ -308,6 +324,7 @@ impl Jobs for JobsService {
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let tenant = tenant(&request);
         let permit = self.open_watch(&request)?;
+        let deadline = wait::call_deadline(request.metadata());
         let request = request.into_inner();
         let id = job_id("job_id", &request.job_id)?;
         if request.after_version < 0 {
@@ -327,6 +344,7 @@ impl Jobs for JobsService {
         let stream = until_shutdown(
             watch,
             self.stopping.clone(),
+            deadline,
             "after_version",
             |mut watch| async move {
                 let item = watch
@@ -355,10 +373,12 @@ impl Jobs for JobsService {
     ) -> Result<Response<Self::WatchJobsStream>, Status> {
         let permit = self.open_watch(&request)?;
         let tenant = tenant(&request);
+        let deadline = wait::call_deadline(request.metadata());
         let stream = super::watch_jobs::open(
             &self.executor,
             &self.limits,
             self.stopping.clone(),
+            deadline,
             &tenant,
             request.into_inner(),
         )

@@ -34,6 +34,12 @@ pub(super) fn wait_until(metadata: &MetadataMap, wait: Option<Duration>) -> Opti
     }
 }
 
+/// The call's own deadline (`grpc-timeout`, which the Connect layer makes of
+/// `connect-timeout-ms`), for a stream to end at.
+pub(super) fn call_deadline(metadata: &MetadataMap) -> Option<Instant> {
+    grpc_timeout(metadata).and_then(|timeout| Instant::now().checked_add(timeout))
+}
+
 /// [`wait_until`] for a request's `timeout` field, refusing a malformed one (naming `timeout`).
 pub(super) fn until_timeout(
     metadata: &MetadataMap,

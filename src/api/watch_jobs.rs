@@ -96,6 +96,7 @@ pub async fn open(
     executor: &Executor,
     limits: &Limits,
     stopping: CancellationToken,
+    deadline: Option<tokio::time::Instant>,
     tenant: &str,
     request: pb::WatchJobsRequest,
 ) -> Result<WatchJobsStream, Status> {
@@ -140,6 +141,7 @@ pub async fn open(
     let stream = super::jobs::until_shutdown(
         watch,
         stopping,
+        deadline,
         "after_cursor",
         move |mut watch| async move {
             match watch.next().await {
