@@ -206,6 +206,13 @@ pub struct Settings {
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub progress_persist_interval: Option<Duration>,
+    /// The shortest time between two messages of one job's progress on one watch stream;
+    /// reports in between are coalesced to the newest, and state changes are never held back
+    /// [default: 100ms; 0s sends every report]. Keeps a slow reader from falling behind a
+    /// window's worth of old progress.
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub watch_progress_interval: Option<Duration>,
     /// How long running jobs may take to finish on shutdown before they are stopped [default: 30s].
     #[arg(long, value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -322,6 +329,9 @@ impl Settings {
             progress_persist_interval: self
                 .progress_persist_interval
                 .or(fallback.progress_persist_interval),
+            watch_progress_interval: self
+                .watch_progress_interval
+                .or(fallback.watch_progress_interval),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             lease: self.lease.or(fallback.lease),
             interrupted: self.interrupted.or(fallback.interrupted),
@@ -617,6 +627,9 @@ impl Config {
                 max_watches_per_tenant: s
                     .max_watches_per_tenant
                     .unwrap_or(limit_defaults.max_watches_per_tenant),
+                watch_progress_interval: s
+                    .watch_progress_interval
+                    .unwrap_or(limit_defaults.watch_progress_interval),
                 ..limit_defaults
             },
             executor: ExecutorConfig {

@@ -439,3 +439,70 @@ async fn watches_end_at_the_call_s_deadline() {
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("after_cursor"), "{status:?}");
 }
+
+/// Counts the messages of a `WatchJob` stream to its end, and checks that they carried every
+/// state the job passed through.
+async fn watch_messages(
+    client: &mut pb::jobs_client::JobsClient<tonic::transport::Channel>,
+    id: &str,
+) -> usize {
+    let seen = watch_to_end(client, id, 0).await;
+    let states: Vec<JobState> = seen.iter().map(state).collect();
+    assert!(states.contains(&JobState::Running), "{states:?}");
+    assert_eq!(states.last(), Some(&JobState::Succeeded), "{states:?}");
+    seen.len()
+}
+
+/// A job that reports progress a thousand times a second: by default a watch stream carries
+/// its progress at most every 100 ms (coalesced to the newest), so a reader slower than the
+/// reports does not fall a window's worth of old progress behind the job's end; every state
+/// change still goes out. `watch_progress_interval` 0 sends every report the reader keeps up
+/// with. Both watch RPCs.
+#[tokio::test]
+async fn progress_on_a_watch_stream_is_paced_and_state_changes_are_not() {
+    let server = TestServer::start().await;
+    let mut client = server.client.clone();
+    let job = submit(&mut client, request(vec![sleep(1000, 1000)])).await;
+    let paced = watch_messages(&mut client, &job.id).await;
+    // About 10 a second, plus the state changes; far fewer than the 1,000 reports.
+    assert!(paced <= 40, "{paced} messages");
+
+    let labelled = pb::SubmitRequest {
+        labels: [("pace".to_owned(), "yes".to_owned())].into(),
+        ..request(vec![sleep(1000, 1000)])
+    };
+    let mut stream = client
+        .watch_jobs(pb::WatchJobsRequest {
+            labels: labelled.labels.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let job = submit(&mut client, labelled).await;
+    let mut messages = 0;
+    let mut states = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(message) = stream.message().await.unwrap() {
+            messages += 1;
+            let seen = message.job.unwrap();
+            assert_eq!(seen.id, job.id);
+            states.push(state(&seen));
+            if state(&seen) == JobState::Succeeded {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the job ends");
+    assert!(states.contains(&JobState::Running), "{states:?}");
+    assert!(messages <= 40, "{messages} messages");
+
+    let mut config = test_config();
+    config.limits.watch_progress_interval = Duration::ZERO;
+    let unpaced = TestServer::start_with(config, Registry::with_builtins()).await;
+    let mut client = unpaced.client.clone();
+    let job = submit(&mut client, request(vec![sleep(1000, 1000)])).await;
+    let every = watch_messages(&mut client, &job.id).await;
+    assert!(every >= 100, "{every} messages");
+}

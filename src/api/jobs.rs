@@ -340,7 +340,8 @@ impl Jobs for JobsService {
             executor.newest_in_memory(id)
         })
         .await
-        .map_err(watch_status)?;
+        .map_err(watch_status)?
+        .pace_progress(self.limits.watch_progress_interval);
         let stream = until_shutdown(
             watch,
             self.stopping.clone(),

@@ -70,6 +70,12 @@ pub struct Limits {
     pub max_watches_per_connection: usize,
     /// `WatchJob` and `WatchJobs` streams open at once by one tenant (default 10000).
     pub max_watches_per_tenant: usize,
+    /// The shortest time between two messages of one job's progress on one watch stream
+    /// (default 100 ms; zero sends every report). Reports in between are coalesced to the
+    /// newest; state changes are never held back. Without it, a reader slower than the
+    /// reports is sent every one of them until its HTTP/2 window is full (megabytes, once a
+    /// client grows it), and sees a job's end that long after it happened.
+    pub watch_progress_interval: std::time::Duration,
 }
 
 impl Limits {
@@ -110,6 +116,7 @@ impl Default for Limits {
             max_page_size: 1000,
             max_watches_per_connection: 1000,
             max_watches_per_tenant: 10_000,
+            watch_progress_interval: std::time::Duration::from_millis(100),
         }
     }
 }

@@ -137,7 +137,8 @@ pub async fn open(
         after,
         mark.flatten().filter(|_| marked),
     )
-    .await?;
+    .await?
+    .pace_progress(limits.watch_progress_interval);
     let stream = super::jobs::until_shutdown(
         watch,
         stopping,

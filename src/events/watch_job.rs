@@ -3,7 +3,7 @@
 //! hub's coalescing channel plus the store's transition log, so a slow reader costs constant
 //! memory and still never misses a state transition.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
@@ -46,6 +46,10 @@ pub struct JobWatch {
     publishes_seen: u64,
     pending: VecDeque<Arc<Job>>,
     done: bool,
+    /// See [`JobWatch::pace_progress`].
+    progress_interval: Duration,
+    /// When the last snapshot was yielded, while progress is paced.
+    yielded_at: Option<Instant>,
 }
 
 impl JobWatch {
@@ -101,7 +105,19 @@ impl JobWatch {
             publishes_seen,
             pending,
             done,
+            progress_interval: Duration::ZERO,
+            yielded_at: None,
         })
+    }
+
+    /// Yields progress-only changes at most once per `interval` after the last snapshot,
+    /// coalesced to the newest; state changes (and the progress they carry) are never held
+    /// back. A client reads from a buffer that HTTP/2 flow control lets the server fill (up to
+    /// the client's window, megabytes once grown): a reader slower than the reports would
+    /// otherwise read a backlog of old progress, and the job's end behind it.
+    pub fn pace_progress(mut self, interval: Duration) -> Self {
+        self.progress_interval = interval;
+        self
     }
 
     /// The next snapshot, or `None` once the terminal one has been yielded. Fails with
@@ -117,6 +133,9 @@ impl JobWatch {
         }
         let job = self.pending.pop_front()?;
         self.last_sent = job.version;
+        if !self.progress_interval.is_zero() {
+            self.yielded_at = Some(Instant::now());
+        }
         if job.is_terminal() {
             self.done = true;
             self.pending.clear();
@@ -133,7 +152,23 @@ impl JobWatch {
     /// every publish (the count moved by exactly one) none can hide in the gap, and the log
     /// read is skipped.
     async fn fill(&mut self) -> Result<(), WatchError> {
-        let (newest, publishes) = self.subscription.next_counted_or_end(self.last_sent).await;
+        let (mut newest, mut publishes) =
+            self.subscription.next_counted_or_end(self.last_sent).await;
+        if let Some(yielded_at) = self.yielded_at {
+            // Progress only (no logged change since the last one yielded): held until the
+            // interval is over, replaced by newer reports meanwhile, let through at once
+            // when a state change comes.
+            let not_before = yielded_at + self.progress_interval;
+            while newest.logged_version <= self.last_sent && Instant::now() < not_before {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(not_before) => break,
+                    (job, count) = self.subscription.next_counted_or_end(newest.version) => {
+                        newest = job;
+                        publishes = count;
+                    }
+                }
+            }
+        }
         if newest.version <= self.last_sent {
             return Err(WatchError::FutureVersion {
                 id: self.id,

@@ -12,9 +12,12 @@
 //! nothing is delivered twice, whether it came from the initial snapshot, the log or the inbox.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::Arc,
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 use super::{Hub, JobsSubscription, LiveMark};
 use crate::{
@@ -128,6 +131,13 @@ pub struct JobsWatch {
     /// The client's mark, on a resume on the hub that made it: progress published after it
     /// is due too, of any matching job, once the log is read to its end.
     progress_since: Option<LiveMark>,
+    /// See [`JobsWatch::pace_progress`].
+    progress_interval: Duration,
+    /// When each followed job's last message was delivered, while progress is paced.
+    delivered_at: HashMap<JobId, Instant>,
+    /// Progress held back by the pacing: the newest of each job, and when each is due.
+    paced: HashMap<JobId, Arc<Job>>,
+    paced_due: BTreeSet<(Instant, JobId)>,
 }
 
 impl JobsWatch {
@@ -175,6 +185,10 @@ impl JobsWatch {
             // the client has not seen it.
             newest_progress_due: after.is_some(),
             progress_since: mark.filter(|_| after.is_some()),
+            progress_interval: Duration::ZERO,
+            delivered_at: HashMap::new(),
+            paced: HashMap::new(),
+            paced_due: BTreeSet::new(),
         };
         let (after, through) = match after {
             None => (None, None),
@@ -229,6 +243,14 @@ impl JobsWatch {
             watch.accept(page);
         }
         Ok(watch)
+    }
+
+    /// Delivers a job's progress-only changes at most once per `interval` after its last
+    /// message, coalesced to the newest (see [`crate::events::JobWatch::pace_progress`]);
+    /// state changes are never held back.
+    pub fn pace_progress(mut self, interval: Duration) -> Self {
+        self.progress_interval = interval;
+        self
     }
 
     /// The cursor of a message delivered at event `seq`.
@@ -295,6 +317,11 @@ impl JobsWatch {
             } else if self.newest_progress_due {
                 self.newest_progress_due = false;
                 self.take_newest_progress();
+            } else if let Some(&(due, _)) = self.paced_due.first() {
+                tokio::select! {
+                    _ = self.subscription.changed() => {}
+                    _ = tokio::time::sleep_until(due) => self.release_paced(),
+                }
             } else {
                 self.subscription.changed().await;
             }
@@ -371,7 +398,7 @@ impl JobsWatch {
                 continue;
             }
             if job.logged_version <= sent {
-                self.deliver(job, self.scanned);
+                self.deliver_progress(job);
             } else if taken_at == self.caught_up_reads {
                 // Committed before it was published, so the next read that reaches the end of
                 // the log returns it.
@@ -387,7 +414,7 @@ impl JobsWatch {
                 let removed = job.is_terminal() && self.store.get(id).await?.is_none();
                 if removed {
                     self.deliver(Arc::clone(&job), self.scanned);
-                    self.sent.remove(&id);
+                    self.forget(id);
                 } else {
                     self.sent.insert(id, job.logged_version);
                     if job.version > job.logged_version {
@@ -400,10 +427,48 @@ impl JobsWatch {
         // it was in this take and has been passed over: the job can be forgotten.
         for id in std::mem::take(&mut self.finished) {
             if !self.waiting.contains_key(&id) {
-                self.sent.remove(&id);
+                self.forget(id);
             }
         }
         Ok(())
+    }
+
+    /// Stops following a job that ended: what is held of it goes too.
+    fn forget(&mut self, id: JobId) {
+        self.sent.remove(&id);
+        self.delivered_at.remove(&id);
+        self.paced.remove(&id);
+    }
+
+    /// Delivers a progress-only snapshot now, or holds it until its job's interval is over.
+    fn deliver_progress(&mut self, job: Arc<Job>) {
+        let due = self
+            .delivered_at
+            .get(&job.id)
+            .map(|at| *at + self.progress_interval)
+            .filter(|due| *due > Instant::now());
+        let Some(due) = due else {
+            self.deliver(job, self.scanned);
+            return;
+        };
+        if self.paced.insert(job.id, job.clone()).is_none() {
+            self.paced_due.insert((due, job.id));
+        }
+    }
+
+    /// Delivers the held progress whose interval is over (unless its job has moved on).
+    fn release_paced(&mut self) {
+        let now = Instant::now();
+        while let Some(&(due, id)) = self.paced_due.first()
+            && due <= now
+        {
+            self.paced_due.pop_first();
+            if let Some(job) = self.paced.remove(&id)
+                && self.sent.contains_key(&id)
+            {
+                self.deliver(job, self.scanned);
+            }
+        }
     }
 
     /// Records `job` as delivered at event `seq` and queues it if its state is wanted.
@@ -413,6 +478,9 @@ impl JobsWatch {
             return;
         }
         *sent = job.version;
+        if !self.progress_interval.is_zero() {
+            self.delivered_at.insert(job.id, Instant::now());
+        }
         let cursor = self.cursor_at(seq);
         self.queue_if_wanted(job, cursor);
     }
