@@ -340,3 +340,58 @@ async fn a_server_stream_in_json_sends_every_change_then_ends_cleanly() {
     assert!(messages.is_empty());
     assert_eq!(end["error"]["code"], "invalid_argument", "{end}");
 }
+
+/// A POST of a method in a content type no protocol here takes is refused with 415, as
+/// Connect asks, and Connect's GET form with `unimplemented`; both in Connect's JSON, saying
+/// what is served (before, the gRPC service answered an empty 400). Other paths and a CORS
+/// preflight are left to the layers below.
+#[tokio::test]
+async fn unserved_content_types_and_the_get_form_are_told_in_connect_json() {
+    let server = TestServer::start().await;
+    let client = reqwest::Client::new();
+    let read = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        (status, value)
+    };
+    let response = client
+        .post(url(&server, "ListActions"))
+        .header("content-type", "text/plain")
+        .body("{}")
+        .timeout(PATIENCE)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = read(response).await;
+    assert_eq!(status, 415, "{body}");
+    assert_eq!(body["code"], "unimplemented", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"text/plain\"") && message.contains("application/json"),
+        "{message}"
+    );
+
+    let get = format!(
+        "{}?encoding=json&message=%7B%7D&connect=v1",
+        url(&server, "ListActions")
+    );
+    let response = client.get(get).timeout(PATIENCE).send().await.unwrap();
+    let (status, body) = read(response).await;
+    assert_eq!(body["code"], "unimplemented", "{body}");
+    assert_eq!(status, 501, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("GET form"),
+        "{body}"
+    );
+
+    // Not a method here: the layers below answer, as before.
+    let response = client
+        .post(format!("http://{}/nothing/Here", server.addr))
+        .header("content-type", "text/plain")
+        .timeout(PATIENCE)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.status().as_u16(), 415);
+}

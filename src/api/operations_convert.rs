@@ -8,7 +8,7 @@
 //! | `metadata` | `Any` of the `longrun.v1.Job` snapshot, at any state |
 //! | `done` | the job is SUCCEEDED, FAILED or CANCELLED |
 //! | `response` | SUCCEEDED: `Any` of the same `longrun.v1.Job` (AIP-151: the response of a create is the resource; each action's result is in `actions[i].result`) |
-//! | `error` | FAILED: `google.rpc.Status` with the code named by `JobError.code`; CANCELLED: code CANCELLED (1); both with `ErrorInfo{reason, domain: "longrun.dev"}` |
+//! | `error` | FAILED: `google.rpc.Status` with the code named by `JobError.code` (never OK; ABORTED for CANCELLED); CANCELLED: code CANCELLED (1); both with `ErrorInfo{reason, domain: "longrun.dev"}` |
 //!
 //! The same job always encodes to the same bytes: map entries (the job's `labels`, a
 //! `BTreeMap` by `build.rs`, and the `ErrorInfo.metadata`) are written in key order, as clients
@@ -156,12 +156,17 @@ fn pack_job(job: &pb::Job) -> Any {
 }
 
 /// The error of a finished, unsuccessful job. A cancelled job always reads as CANCELLED, as
-/// Google's clients expect; a failed one never as OK, which would read as no error at all.
+/// Google's clients expect; a failed one never as OK, which would read as no error at all, nor
+/// as CANCELLED, which those clients take for a cancelled operation (`cancelled()` true,
+/// `result()` raising Cancelled): a handler that failed with that code reads as ABORTED.
 fn error_status(job: &pb::Job, state: pb::JobState) -> Status {
     let error = job.error.clone().unwrap_or_default();
+    const OK: i32 = tonic::Code::Ok as i32;
+    const CANCELLED: i32 = tonic::Code::Cancelled as i32;
     let code = match (state, code_number(&error.code)) {
-        (pb::JobState::Cancelled, _) => tonic::Code::Cancelled as i32,
-        (_, 0) => tonic::Code::Unknown as i32,
+        (pb::JobState::Cancelled, _) => CANCELLED,
+        (_, OK) => tonic::Code::Unknown as i32,
+        (_, CANCELLED) => tonic::Code::Aborted as i32,
         (_, code) => code,
     };
     let reason = if error.reason.is_empty() {
@@ -292,6 +297,32 @@ mod tests {
         };
         assert_eq!(status.code, tonic::Code::Unknown as i32);
         assert!(!status.message.is_empty());
+    }
+
+    #[test]
+    fn only_a_cancelled_job_reads_as_cancelled() {
+        let job = |state: pb::JobState| pb::Job {
+            id: JobId::generate().to_string(),
+            state: state as i32,
+            error: Some(pb::JobError {
+                code: "CANCELLED".to_owned(),
+                ..pb::JobError::default()
+            }),
+            ..pb::Job::default()
+        };
+        let code = |job| match operation(job).result {
+            Some(super::super::longrunning::operation::Result::Error(status)) => status.code,
+            other => panic!("an error, not {other:?}"),
+        };
+        assert_eq!(
+            code(job(pb::JobState::Cancelled)),
+            tonic::Code::Cancelled as i32
+        );
+        assert_eq!(
+            code(job(pb::JobState::Failed)),
+            tonic::Code::Aborted as i32,
+            "a handler's CANCELLED failure"
+        );
     }
 
     /// A failed job with many labels and many error details, its labels inserted in `order`.

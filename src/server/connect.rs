@@ -96,6 +96,47 @@ struct Shared {
     max_message: usize,
 }
 
+impl Shared {
+    /// The answer to a GET or POST of one of the methods that is neither gRPC (nor gRPC-Web)
+    /// nor Connect: Connect's GET form, or a content type no protocol here takes. Told in
+    /// Connect's JSON, with 415 for the content type as Connect asks, where the gRPC service
+    /// below would answer an empty 400. Anything else (a CORS preflight, another path) passes.
+    fn unserved<B>(&self, request: &Request<B>) -> Option<Response<Body>> {
+        let method = request.method();
+        if method != Method::GET && method != Method::POST {
+            return None;
+        }
+        let content_type = request.headers().get(header::CONTENT_TYPE);
+        if content_type.is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+            || !self.methods.contains_key(request.uri().path())
+        {
+            return None;
+        }
+        if method == Method::GET {
+            let status = Status::unimplemented(
+                "the Connect protocol is served for POST requests only, not its GET form",
+            );
+            return Some(unary_error(&status, None, HeaderMap::new()));
+        }
+        let given = content_type
+            .map(|value| {
+                format!(
+                    "content-type {:?}",
+                    String::from_utf8_lossy(value.as_bytes())
+                )
+            })
+            .unwrap_or_else(|| "a request without a content-type".to_owned());
+        let status = Status::unimplemented(format!(
+            "{given} is not served: use application/json or application/proto (Connect unary), \
+             application/connect+json or application/connect+proto (Connect streams), or \
+             application/grpc (gRPC, gRPC-Web)"
+        ));
+        let mut response = unary_error(&status, None, HeaderMap::new());
+        *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        Some(response)
+    }
+}
+
 /// Serves the Connect protocol in front of the gRPC services; every other request passes
 /// through untouched.
 #[derive(Debug, Clone)]
@@ -185,6 +226,9 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let Some(kind) = connect_kind(&request) else {
+            if let Some(refusal) = self.shared.unserved(&request) {
+                return Either::Right(Box::pin(async move { Ok(refusal) }));
+            }
             let to_body: ToBody<ResBody> = to_body;
             return Either::Left(self.inner.call(request.map(Body::new)).map_ok(to_body));
         };
