@@ -880,4 +880,19 @@ async fn commands_that_reconnect_tell_an_address_that_speaks_no_grpc_at_once() {
         assert!(!run.stderr.contains("gave up reconnecting"), "{run:?}");
     }
     http1.abort();
+
+    // A peer that accepts and closes (a TCP proxy whose backend restarts) is not told apart
+    // from a server that went away: retried as a lost connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let closing = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            drop(socket);
+        }
+    });
+    let run = longrun(&url, &["wait", id, "--reconnect-for", "1s"]).await;
+    assert_eq!(run.code, 5, "{run:?}");
+    assert!(run.stderr.contains("gave up reconnecting"), "{run:?}");
+    assert!(!run.stderr.contains("does not answer gRPC"), "{run:?}");
+    closing.abort();
 }

@@ -209,6 +209,11 @@ where
     let state = Some((watch, Cancelled::new(stopping), deadline));
     futures::stream::unfold((state, next), move |(state, mut next)| async move {
         let (watch, mut stopping, mut deadline) = state?;
+        // Checked before the next message too: a stream whose messages are always ready
+        // (a reader slower than its jobs' changes) would never poll the branch below.
+        if deadline.as_ref().is_some_and(|sleep| sleep.is_elapsed()) {
+            return Some((Err(deadline_passed(resume_with)), (None, next)));
+        }
         let passed = async {
             match deadline.as_mut() {
                 Some(sleep) => sleep.await,
@@ -227,14 +232,15 @@ where
                 ));
                 Some((Err(status), (None, next)))
             }
-            _ = passed => {
-                let status = Status::deadline_exceeded(format!(
-                    "the call's deadline passed; resume the watch with {resume_with}"
-                ));
-                Some((Err(status), (None, next)))
-            }
+            _ = passed => Some((Err(deadline_passed(resume_with)), (None, next))),
         }
     })
+}
+
+fn deadline_passed(resume_with: &str) -> Status {
+    Status::deadline_exceeded(format!(
+        "the call's deadline passed; resume the watch with {resume_with}"
+    ))
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchJobResponse, Status>> + Send>>;

@@ -15,9 +15,30 @@ use super::{Client, error::describe_status, parse_duration};
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// The longest wait between two attempts (before jitter, which adds up to as much again).
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
-/// How long the call that checks a server speaks gRPC may take (see
-/// [`Reconnect::check_speaks_grpc`]).
+/// How long each call that checks a server speaks gRPC may take, how many there are at most,
+/// and the pause between them (see [`Reconnect::check_speaks_grpc`]).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+const PROBES: usize = 5;
+const PROBE_SPACING: Duration = Duration::from_millis(50);
+
+/// Whether the call broke on bytes that are not HTTP/2: a framing or protocol error that this
+/// side's HTTP/2 found in what the peer sent (not one the peer reported).
+fn not_http2(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(h2) = error.downcast_ref::<h2::Error>()
+            && !h2.is_remote()
+            && matches!(
+                h2.reason(),
+                Some(h2::Reason::PROTOCOL_ERROR | h2::Reason::FRAME_SIZE_ERROR)
+            )
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
 
 /// How long a command that follows a job keeps trying to get back a lost connection.
 #[derive(Debug, Clone, clap::Args)]
@@ -88,11 +109,13 @@ impl Reconnect {
     }
 
     /// Before a lost call is made again: fails when `--addr` does not speak gRPC over
-    /// plaintext HTTP/2 (a TLS server addressed with `http://`, some other HTTP server), which
-    /// no reconnect mends, so the command says so at once instead of after `--reconnect-for`.
-    /// Such a connection breaks with the same errors as one to a server that died mid-call, so
-    /// when nothing of this command got an answer yet, a short call tells them apart: a server
-    /// that went away refuses the connection (UNAVAILABLE), one that speaks no gRPC breaks it.
+    /// plaintext HTTP/2 (a TLS server addressed with `http://`, an HTTP/1 server), which no
+    /// reconnect mends, so the command says so at once instead of after `--reconnect-for`.
+    /// Such a connection breaks with the same errors as one to a server that died mid-call
+    /// (a broken pipe, a closed stream), and sometimes with an HTTP/2 framing error, which only
+    /// bytes that are not HTTP/2 cause. So when nothing of this command got an answer yet, a
+    /// few short calls look for that error; any answer, a refused connection (a server gone)
+    /// or no framing error in them (a proxy whose backend restarts) means retrying as usual.
     pub async fn check_speaks_grpc(
         &mut self,
         client: &mut Client,
@@ -101,24 +124,36 @@ impl Reconnect {
         if self.heard_from_server || !is_transient(lost) || lost.code() == Code::Unavailable {
             return Ok(());
         }
-        let mut probe = tonic::Request::new(pb::ListActionsRequest::default());
-        probe.set_timeout(PROBE_TIMEOUT);
-        let Ok(answer) = tokio::time::timeout(PROBE_TIMEOUT, client.list_actions(probe)).await
-        else {
-            return Ok(());
-        };
-        match answer {
-            Err(status) if is_transient(&status) && status.code() != Code::Unavailable => {
-                Err(anyhow::Error::new(status)
-                    .context("the server at --addr does not answer gRPC over plaintext HTTP/2"))
+        let mut status = lost.clone();
+        for probe in 0..PROBES {
+            if not_http2(&status) {
+                return Err(anyhow::Error::new(status)
+                    .context("the server at --addr does not answer gRPC over plaintext HTTP/2"));
             }
-            Err(status) if is_transient(&status) => Ok(()),
-            // Any answer, a refusal too: it speaks gRPC, and the call was lost.
-            _ => {
-                self.heard_from_server = true;
-                Ok(())
+            if probe > 0 {
+                tokio::time::sleep(PROBE_SPACING).await;
             }
+            let call = client.list_actions(pb::ListActionsRequest::default());
+            status = match tokio::time::timeout(PROBE_TIMEOUT, call).await {
+                Err(_) => return Ok(()),
+                Ok(Ok(_)) => {
+                    self.heard_from_server = true;
+                    return Ok(());
+                }
+                Ok(Err(status)) if !is_transient(&status) => {
+                    // A refusal is an answer: it speaks gRPC.
+                    self.heard_from_server = true;
+                    return Ok(());
+                }
+                Ok(Err(status)) if status.code() == Code::Unavailable => return Ok(()),
+                Ok(Err(status)) => status,
+            };
         }
+        if not_http2(&status) {
+            return Err(anyhow::Error::new(status)
+                .context("the server at --addr does not answer gRPC over plaintext HTTP/2"));
+        }
+        Ok(())
     }
 
     /// How long to wait before the next attempt, or `None` to give up once the waits since

@@ -180,6 +180,14 @@ async fn submit_once(
             Ok(response) => return Ok(response.into_inner()),
             Err(status) => status,
         };
+        let key = &request.idempotency_key;
+        let may_be_stored = || {
+            format!(
+                "the job may have been stored: the same request with --idempotency-key {key} \
+                 finds it"
+            )
+        };
+        // Not told "may have been stored": a peer that speaks no HTTP/2 stored nothing.
         reconnect.check_speaks_grpc(client, &lost).await?;
         let transient = is_transient(&lost);
         let retry = reconnect.after(
@@ -190,13 +198,7 @@ async fn submit_once(
         );
         let retry = match retry {
             Ok(retry) => retry,
-            Err(error) if transient => {
-                let key = &request.idempotency_key;
-                return Err(error.context(format!(
-                    "the job may have been stored: the same request with --idempotency-key \
-                     {key} finds it"
-                )));
-            }
+            Err(error) if transient => return Err(error.context(may_be_stored())),
             Err(error) => return Err(error),
         };
         eprintln!("{}", retry.note);

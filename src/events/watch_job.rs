@@ -154,11 +154,13 @@ impl JobWatch {
     async fn fill(&mut self) -> Result<(), WatchError> {
         let (mut newest, mut publishes) =
             self.subscription.next_counted_or_end(self.last_sent).await;
-        if let Some(yielded_at) = self.yielded_at {
+        if let Some(not_before) = self
+            .yielded_at
+            .and_then(|at| at.checked_add(self.progress_interval))
+        {
             // Progress only (no logged change since the last one yielded): held until the
             // interval is over, replaced by newer reports meanwhile, let through at once
             // when a state change comes.
-            let not_before = yielded_at + self.progress_interval;
             while newest.logged_version <= self.last_sent && Instant::now() < not_before {
                 tokio::select! {
                     _ = tokio::time::sleep_until(not_before) => break,

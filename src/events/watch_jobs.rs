@@ -12,7 +12,7 @@
 //! nothing is delivered twice, whether it came from the initial snapshot, the log or the inbox.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque, btree_map},
     sync::Arc,
     time::Duration,
 };
@@ -135,9 +135,24 @@ pub struct JobsWatch {
     progress_interval: Duration,
     /// When each followed job's last message was delivered, while progress is paced.
     delivered_at: HashMap<JobId, Instant>,
-    /// Progress held back by the pacing: the newest of each job, and when each is due.
-    paced: HashMap<JobId, Arc<Job>>,
+    /// Progress held back by the pacing, the newest of each job; and the same entries by when
+    /// each is due.
+    paced: HashMap<JobId, Paced>,
     paced_due: BTreeSet<(Instant, JobId)>,
+    /// The floors of the held entries (see [`Paced::floor`]), each with how many hold it: a
+    /// message's mark is kept below the lowest, so that a resume from it sends what is held.
+    paced_floors: BTreeMap<u64, usize>,
+    /// The hub's clock just before the last take of the inbox: every snapshot in the next
+    /// take was published after it.
+    last_take_at: u64,
+}
+
+/// A job's progress held back by the pacing.
+struct Paced {
+    job: Arc<Job>,
+    due: Instant,
+    /// A moment on the hub's clock before the snapshot was published.
+    floor: u64,
 }
 
 impl JobsWatch {
@@ -189,7 +204,11 @@ impl JobsWatch {
             delivered_at: HashMap::new(),
             paced: HashMap::new(),
             paced_due: BTreeSet::new(),
+            paced_floors: BTreeMap::new(),
+            last_take_at: 0,
         };
+        // The inbox holds what was published once subscribed.
+        watch.last_take_at = watch.subscription.mark().at;
         let (after, through) = match after {
             None => (None, None),
             Some(Cursor::After(seq)) => (Some(seq), None),
@@ -320,12 +339,14 @@ impl JobsWatch {
             } else if let Some(&(due, _)) = self.paced_due.first() {
                 tokio::select! {
                     _ = self.subscription.changed() => {}
-                    _ = tokio::time::sleep_until(due) => self.release_paced(),
+                    _ = tokio::time::sleep_until(due) => {}
                 }
             } else {
                 self.subscription.changed().await;
             }
+            // The inbox first: what is released is the newest then.
             self.settle().await?;
+            self.release_paced();
         }
     }
 
@@ -383,6 +404,7 @@ impl JobsWatch {
     /// snapshot of a job removed before its transitions could be read. A logged change the
     /// log has not shown yet waits for the next read.
     async fn settle(&mut self) -> Result<(), StoreError> {
+        let taken_at = self.subscription.mark().at;
         let taken = self.subscription.take();
         if taken.overflowed {
             self.lost_live = true;
@@ -430,6 +452,7 @@ impl JobsWatch {
                 self.forget(id);
             }
         }
+        self.last_take_at = taken_at;
         Ok(())
     }
 
@@ -437,23 +460,41 @@ impl JobsWatch {
     fn forget(&mut self, id: JobId) {
         self.sent.remove(&id);
         self.delivered_at.remove(&id);
-        self.paced.remove(&id);
+        self.unpace(id);
     }
 
-    /// Delivers a progress-only snapshot now, or holds it until its job's interval is over.
+    /// Drops what is held of job `id`, if anything.
+    fn unpace(&mut self, id: JobId) -> Option<Arc<Job>> {
+        let paced = self.paced.remove(&id)?;
+        self.paced_due.remove(&(paced.due, id));
+        if let btree_map::Entry::Occupied(mut holders) = self.paced_floors.entry(paced.floor) {
+            *holders.get_mut() -= 1;
+            if *holders.get() == 0 {
+                holders.remove();
+            }
+        }
+        Some(paced.job)
+    }
+
+    /// Delivers a progress-only snapshot now, or holds it until its job's interval is over
+    /// (replacing an older one held; due when the newer interval says).
     fn deliver_progress(&mut self, job: Arc<Job>) {
         let due = self
             .delivered_at
             .get(&job.id)
-            .map(|at| *at + self.progress_interval)
+            .and_then(|at| at.checked_add(self.progress_interval))
             .filter(|due| *due > Instant::now());
         let Some(due) = due else {
+            self.unpace(job.id);
             self.deliver(job, self.scanned);
             return;
         };
-        if self.paced.insert(job.id, job.clone()).is_none() {
-            self.paced_due.insert((due, job.id));
-        }
+        // Published after the take before this one, or it would have come in that one.
+        let floor = self.last_take_at;
+        self.unpace(job.id);
+        self.paced_due.insert((due, job.id));
+        *self.paced_floors.entry(floor).or_default() += 1;
+        self.paced.insert(job.id, Paced { job, due, floor });
     }
 
     /// Delivers the held progress whose interval is over (unless its job has moved on).
@@ -462,8 +503,7 @@ impl JobsWatch {
         while let Some(&(due, id)) = self.paced_due.first()
             && due <= now
         {
-            self.paced_due.pop_first();
-            if let Some(job) = self.paced.remove(&id)
+            if let Some(job) = self.unpace(id)
                 && self.sent.contains_key(&id)
             {
                 self.deliver(job, self.scanned);
@@ -492,7 +532,12 @@ impl JobsWatch {
             .as_ref()
             .is_none_or(|states| states.contains(&job.state))
         {
-            let mark = self.subscription.mark();
+            let mut mark = self.subscription.mark();
+            // Progress held back was published after the mark would say: a resume from this
+            // message must still send it.
+            if let Some((&floor, _)) = self.paced_floors.first_key_value() {
+                mark.at = mark.at.min(floor);
+            }
             self.queue.push_back(JobsEvent { job, cursor, mark });
         }
     }
@@ -764,6 +809,63 @@ mod tests {
             )
             .await;
         }
+    }
+
+    /// Paced: a job's progress reports within the interval after its last message are held
+    /// and the newest goes out once it is over; a state change goes out at once. A message
+    /// sent while progress is held carries a mark from before that progress was published,
+    /// so a resume from it sends the progress still held.
+    #[tokio::test]
+    async fn paced_progress_goes_out_newest_after_the_interval_and_state_changes_at_once() {
+        let (store, hub, watch) = watching_everything().await;
+        let mut watch = watch.pace_progress(Duration::from_millis(300));
+        let now = SystemTime::now();
+        let mut reporting = created(&store, &hub).await;
+        let mut other = created(&store, &hub).await;
+        for _ in 0..2 {
+            next_within(&mut watch).await;
+        }
+        started(&store, &hub, &mut reporting).await;
+        assert_eq!(next_within(&mut watch).await.job.state, JobState::Running);
+        for step in 1..=3 {
+            reporting.report_progress(0, Progress::of(step, 10, ""), now);
+            hub.publish(Arc::new(reporting.clone()));
+        }
+        assert_quiet(&mut watch, "progress held within the interval").await;
+        // Another job's state change goes out at once, marked before the held progress.
+        started(&store, &hub, &mut other).await;
+        let change = next_within(&mut watch).await;
+        assert_eq!(
+            (change.job.id, change.job.state),
+            (other.id, JobState::Running)
+        );
+        let since = hub.unfinished_published_after(change.mark);
+        assert!(
+            since
+                .iter()
+                .any(|job| job.id == reporting.id && job.version == reporting.version),
+            "a resume from that message sends the held progress"
+        );
+        let progress = next_within(&mut watch).await;
+        assert_eq!(
+            (progress.job.id, progress.job.version),
+            (reporting.id, reporting.version),
+            "the newest report, once"
+        );
+        // Within the interval again: a state change is not held back.
+        reporting.report_progress(0, Progress::of(4, 10, ""), now);
+        hub.publish(Arc::new(reporting.clone()));
+        reporting
+            .succeed_action(0, serde_json::Value::Null, now)
+            .unwrap();
+        store.save(&reporting).await.unwrap();
+        hub.publish(Arc::new(reporting.clone()));
+        let change = tokio::time::timeout(Duration::from_millis(200), watch.next())
+            .await
+            .expect("at once")
+            .unwrap();
+        assert_eq!(change.job.version, reporting.version);
+        assert_quiet(&mut watch, "the older progress is never sent after it").await;
     }
 
     /// A transition can reach a stream from the log before its publish reaches the hub; then

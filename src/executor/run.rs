@@ -124,6 +124,11 @@ enum RunError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Illegal(#[from] IllegalTransition),
+    /// The store failed as a Cancel was carried out of a job this replica had released to the
+    /// shared store: only the Cancel is left, to try again as any replica would (asking the
+    /// one that may run it by now), never by writing over that replica's run.
+    #[error(transparent)]
+    CancelAfterRelease(StoreError),
 }
 
 /// A running action's progress channel and when its progress was last written.
@@ -243,6 +248,15 @@ impl Inner {
                 tracing::warn!(%error, "job no longer held by this replica; its run stopped");
                 None
             }
+            Err(RunError::CancelAfterRelease(error)) => {
+                self.store_backoff().failed();
+                tracing::warn!(%error, "cancelling the released job failed; trying again");
+                let released = Released {
+                    lease: true,
+                    marked: true,
+                };
+                self.settle_aborted(id, released).await
+            }
             Err(error) => {
                 self.store_backoff().failed();
                 if let Some(held_back) = self.failure_logs.aborted_runs.admit() {
@@ -252,7 +266,7 @@ impl Inner {
                         "job run aborted; settling it as interrupted once the store takes writes"
                     );
                 }
-                self.settle_aborted(id).await
+                self.settle_aborted(id, Released::default()).await
             }
         };
         let requeued = loop {
@@ -276,7 +290,7 @@ impl Inner {
                     break true;
                 }
             }
-            requeue = self.settle_aborted(id).await;
+            requeue = self.settle_aborted(id, Released::default()).await;
         };
         if requeued {
             self.wake.notify_one();
@@ -295,11 +309,11 @@ impl Inner {
     /// settled as that recovery would (re-queued with `attempt + 1`, failed `INTERRUPTED`
     /// when out of attempts, CANCELLED when a cancel came), retried with backoff until the
     /// store takes the write. A shutdown ends the retries: the next start recovers it then.
-    /// Returns where the job is to be queued again here, if it is.
-    async fn settle_aborted(&self, id: JobId) -> Option<Requeue> {
+    /// Returns where the job is to be queued again here, if it is. `released`: what was done
+    /// already on a shared store.
+    async fn settle_aborted(&self, id: JobId, mut released: Released) -> Option<Requeue> {
         let mut wait = SETTLE_RETRY_INITIAL;
         let mut cancel_tried = false;
-        let mut released = Released::default();
         loop {
             // A Cancel that came for the aborted run carries over.
             let handle = self.scheduler().rearm(id);
@@ -826,9 +840,14 @@ impl Inner {
                 }
                 drop(scheduler);
                 // The job is anyone's now: cancelled as any replica would. Should the store
-                // fail, the job is settled as an aborted run is, whose tries carry the
-                // Cancel out: one made here is in no mark that another replica would see.
-                self.cancel_released(job.id).await?;
+                // fail, the Cancel is tried again until it is carried out: one made here is in
+                // no mark that another replica would see.
+                self.cancel_released(job.id)
+                    .await
+                    .map_err(|error| match error {
+                        RunError::Store(error) => RunError::CancelAfterRelease(error),
+                        other => other,
+                    })?;
                 return Ok(Handed::No);
             }
         } else {
