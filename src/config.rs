@@ -132,19 +132,31 @@ fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// Parses an address to listen on: an IP address and a port. A host name is refused with what
+/// to write instead (which of its addresses to bind would be a guess).
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not an IP address and port: use e.g. 127.0.0.1:50051 (this machine \
+             only), 0.0.0.0:50051 (every interface) or [::1]:50051; host names such as \
+             localhost are not taken"
+        )
+    })
+}
+
 /// Settings that may come from the config file or from flags. Every one is optional here;
 /// [`Config::resolve`] fills in the documented defaults.
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Address to serve gRPC on [default: 127.0.0.1:50051].
-    #[arg(long, env = "LONGRUN_LISTEN")]
+    #[arg(long, env = "LONGRUN_LISTEN", value_parser = parse_listen)]
     pub listen: Option<SocketAddr>,
     /// Directory of the embedded store [default: ./longrun-data].
     #[arg(long, env = "LONGRUN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Address to serve Prometheus metrics on, at `GET /metrics` [default: off].
-    #[arg(long, env = "LONGRUN_METRICS_LISTEN")]
+    #[arg(long, env = "LONGRUN_METRICS_LISTEN", value_parser = parse_listen)]
     pub metrics_listen: Option<SocketAddr>,
     /// Where jobs are kept: `sqlite`, `memory` or a `postgres://user@host/db` URL
     /// [default: sqlite, or PostgreSQL when LONGRUN_DATABASE_URL is set].

@@ -250,6 +250,11 @@ fn hash_key() -> anyhow::Result<()> {
         !key.is_empty(),
         "no key on stdin: pipe the key in, e.g. `echo -n \"$KEY\" | longrun hash-key`"
     );
+    // A key a client could never send in an `authorization` header would match nothing.
+    anyhow::ensure!(
+        key.bytes().all(|b| b.is_ascii_graphic() || b == b' '),
+        "the key must be printable ASCII (as clients send it in the authorization header)"
+    );
     // Not `println!`, which panics on a closed stdout.
     cli::write_line(&hex::encode(longrun::api::auth::hash_key(key)))?;
     Ok(())

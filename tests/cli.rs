@@ -366,6 +366,61 @@ async fn hash_key_without_a_key_is_a_usage_error() {
     assert!(run.stderr.starts_with("error: no key on stdin"), "{run:?}");
 }
 
+/// A key no client could send in its `authorization` header would match nothing: refused.
+#[tokio::test]
+async fn hash_key_refuses_a_key_that_is_not_printable_ascii() {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = harness::command("http://127.0.0.1:9", &["hash-key"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all("äöü\n".as_bytes()).await.unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(harness::COMMAND_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("printable ASCII"), "{stderr}");
+    assert!(output.stdout.is_empty());
+}
+
+/// TLS files that do not hold what their flag takes are mistakes on the command line (exit 2,
+/// naming the flag and the file), not a server whose certificate is not trusted (exit 5).
+#[tokio::test]
+async fn tls_files_without_a_pem_certificate_or_key_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("random.bin");
+    std::fs::write(&garbage, [0x8b_u8, 0x00, 0xff, 0x17]).unwrap();
+    let key = dir.path().join("key.pem");
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let garbage = garbage.to_str().unwrap();
+    let key = key.to_str().unwrap();
+    for (args, why) in [
+        (vec!["--ca-cert", garbage], "--ca-cert"),
+        (vec!["--ca-cert", key], "--ca-cert"),
+        (
+            vec!["--client-cert", key, "--client-key", key],
+            "--client-cert",
+        ),
+    ] {
+        let mut all = vec!["list"];
+        all.extend(args);
+        let run = longrun("https://127.0.0.1:9", &all).await;
+        assert_eq!(run.code, 2, "{all:?}: {run:?}");
+        assert!(
+            run.stderr.contains(why) && run.stderr.contains("holds no PEM"),
+            "{all:?}: {run:?}"
+        );
+    }
+}
+
 /// An https:// address for a server without TLS says so, instead of asking whether the
 /// server is running.
 #[tokio::test]

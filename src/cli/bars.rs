@@ -37,7 +37,13 @@ impl<'a> View<'a> {
     pub fn new(printer: &'a Printer) -> Self {
         let mode = match printer.format {
             Format::Json => Mode::Json,
-            Format::Text if std::io::stderr().is_terminal() => Mode::Bars(Bars::new()),
+            // indicatif draws nothing on a terminal it cannot redraw (TERM=dumb): lines then.
+            Format::Text
+                if std::io::stderr().is_terminal()
+                    && !indicatif::ProgressDrawTarget::stderr().is_hidden() =>
+            {
+                Mode::Bars(Bars::new())
+            }
             Format::Text => Mode::Lines,
         };
         Self {

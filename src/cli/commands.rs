@@ -9,6 +9,7 @@ use super::{ClientArgs, Format, Printer, connect, error::Usage, exit, text};
 
 /// `longrun status ID`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::PLAIN_EXIT_CODES_HELP)]
 pub struct StatusArgs {
     /// The job's id.
     pub id: String,
@@ -18,6 +19,7 @@ pub struct StatusArgs {
 
 /// `longrun cancel ID`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::PLAIN_EXIT_CODES_HELP)]
 pub struct CancelArgs {
     /// The job's id.
     pub id: String,
@@ -27,6 +29,7 @@ pub struct CancelArgs {
 
 /// `longrun delete ID`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::PLAIN_EXIT_CODES_HELP)]
 pub struct DeleteArgs {
     /// The job's id.
     pub id: String,
@@ -36,6 +39,7 @@ pub struct DeleteArgs {
 
 /// `longrun list`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::PLAIN_EXIT_CODES_HELP)]
 pub struct ListArgs {
     /// Only jobs in these states (repeat the flag, or separate with commas; `failed` or
     /// `FAILED`, as the text output prints them).
@@ -51,7 +55,7 @@ pub struct ListArgs {
     #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
     pub labels: Vec<(String, String)>,
     /// Jobs per page; 0 for the server's default.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub page_size: i32,
     /// Start at this page token (printed by a previous `list` when more jobs follow).
     #[arg(long, default_value = "")]
@@ -65,6 +69,7 @@ pub struct ListArgs {
 
 /// `longrun actions`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = super::PLAIN_EXIT_CODES_HELP)]
 pub struct ActionsArgs {
     #[command(flatten)]
     pub client: ClientArgs,

@@ -55,6 +55,10 @@ pub mod exit {
     pub const ERROR: i32 = 5;
 }
 
+/// The exit codes, as `--help` shows them for the commands that do not follow a job.
+const PLAIN_EXIT_CODES_HELP: &str = "Exit codes: 0 done, 2 a mistake on the command line, \
+5 any other error (the server unreachable, an RPC error such as NOT_FOUND).";
+
 /// The exit codes, as `--help` shows them for the commands that follow a job.
 const EXIT_CODES_HELP: &str = "Exit codes: 0 the job SUCCEEDED, 1 it FAILED, 3 it was CANCELLED, \
 4 the wait ran out first, 2 a mistake on the command line, 5 any other error \
@@ -105,7 +109,7 @@ pub struct ClientArgs {
     #[arg(long, env = "LONGRUN_CLIENT_KEY", requires = "client_cert")]
     pub client_key: Option<std::path::PathBuf>,
     /// How to print responses: a readable summary, or proto3 JSON (one object per line).
-    #[arg(long, value_enum, default_value_t = Format::Text)]
+    #[arg(long, value_enum, ignore_case = true, default_value_t = Format::Text)]
     pub output: Format,
 }
 
@@ -290,19 +294,35 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
             )
             .into());
         }
-        // A file that cannot be read is a mistake on the command line, as for --file.
-        let read = |flag: &str, path: &std::path::Path| {
-            std::fs::read(path)
-                .map_err(|e| error::Usage(format!("{flag}: reading {}: {e}", path.display())))
+        // A file that cannot be read, or that does not hold what its flag takes, is a mistake
+        // on the command line, as for --file: not a connection failure (exit 5) blamed on the
+        // server's certificate or a TLS handshake.
+        let read = |flag: &str, path: &std::path::Path, holds: &[&str], what: &str| {
+            let pem = std::fs::read(path)
+                .map_err(|e| error::Usage(format!("{flag}: reading {}: {e}", path.display())))?;
+            let text = String::from_utf8_lossy(&pem);
+            if !holds
+                .iter()
+                .any(|label| text.contains(&format!("-----BEGIN {label}-----")))
+            {
+                return Err(error::Usage(format!(
+                    "{flag}: {} holds no PEM {what}",
+                    path.display()
+                )));
+            }
+            Ok(pem)
         };
+        const CERTIFICATE: &[&str] = &["CERTIFICATE"];
+        const PRIVATE_KEY: &[&str] = &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"];
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &args.ca_cert {
-            tls = tls.ca_certificate(Certificate::from_pem(read("--ca-cert", ca)?));
+            let pem = read("--ca-cert", ca, CERTIFICATE, "certificate")?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
         if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
             tls = tls.identity(Identity::from_pem(
-                read("--client-cert", cert)?,
-                read("--client-key", key)?,
+                read("--client-cert", cert, CERTIFICATE, "certificate")?,
+                read("--client-key", key, PRIVATE_KEY, "private key")?,
             ));
         }
         endpoint = endpoint
@@ -343,7 +363,12 @@ fn endpoint_uri(addr: &str) -> Result<String, error::Usage> {
     let mistake = |why: &str| error::Usage(format!("--addr {addr:?} {why}"));
     let (uri, bare) = match addr.split_once("://") {
         None => (format!("http://{addr}"), true),
-        Some(("http" | "https", _)) => (addr.to_owned(), false),
+        // Schemes are case-insensitive (RFC 3986); the rest of the code reads them lowercase.
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            (format!("{}://{rest}", scheme.to_ascii_lowercase()), false)
+        }
         // Anything else would be sent as plaintext HTTP/2 all the same, hiding the mistake.
         Some((scheme, _)) => {
             return Err(mistake(&format!(
@@ -471,6 +496,11 @@ mod tests {
         assert_eq!(
             endpoint_uri("http://localhost:65535/").unwrap(),
             "http://localhost:65535/"
+        );
+        assert_eq!(
+            endpoint_uri("HTTPS://jobs.example.com:443").unwrap(),
+            "https://jobs.example.com:443",
+            "schemes are case-insensitive"
         );
     }
 

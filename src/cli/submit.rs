@@ -46,7 +46,7 @@ pub struct SubmitArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
     /// Attempts the job may have in all (retries with backoff); the server's default if unset.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_attempts: Option<i32>,
     /// Higher runs first (negative numbers run after the default, 0).
     #[arg(long, allow_negative_numbers = true)]
@@ -232,6 +232,14 @@ fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::Sub
         request.wait = Some(wire_duration("--wait", wait)?);
     }
     if let Some(max_attempts) = args.max_attempts {
+        // 0 would mean the server's default on the wire, which leaving the flag out says.
+        if max_attempts < 1 {
+            return Err(Usage(format!(
+                "--max-attempts {max_attempts}: must be at least 1 (leave it out for the \
+                 server's default)"
+            ))
+            .into());
+        }
         request.max_attempts = max_attempts;
     }
     if let Some(priority) = args.priority {
@@ -399,6 +407,19 @@ mod tests {
         let args = parse_args(&["--label", "a=b", "--label", "x=y", "--label", "a=b"]).unwrap();
         let labels = build_request(&args, &json).unwrap().labels;
         assert_eq!(labels.len(), 2);
+    }
+
+    #[test]
+    fn max_attempts_below_one_is_refused() {
+        let json = json::Json::new().unwrap();
+        for n in ["0", "-1"] {
+            let args = parse_args(&["--max-attempts", n]).unwrap();
+            let error = build_request(&args, &json).unwrap_err();
+            assert!(super::super::error::is_usage(&error), "{error:#}");
+            assert!(format!("{error:#}").contains("at least 1"), "{error:#}");
+        }
+        let args = parse_args(&["--max-attempts", "3", "--output", "JSON"]).unwrap();
+        assert_eq!(build_request(&args, &json).unwrap().max_attempts, 3);
     }
 
     #[test]
