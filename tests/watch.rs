@@ -393,6 +393,21 @@ async fn watch_opened_after_a_progress_update_sees_that_progress() {
     cancel(&mut client, &job.id).await;
 }
 
+/// Reads a stream (bounded) until it ends, which must be with an error: that status.
+async fn ending_status<T>(stream: &mut tonic::Streaming<T>) -> tonic::Status {
+    let ended = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    ended.map(|_| ()).expect_err("ended by an error")
+}
+
 /// The server ends a watch at the call's deadline (`grpc-timeout`), with DEADLINE_EXCEEDED
 /// naming the field to resume with: a client that does not enforce its deadline itself (plain
 /// HTTP/2, some Connect clients) is not left with a stream, and a watch slot, open for ever.
@@ -408,34 +423,14 @@ async fn watches_end_at_the_call_s_deadline() {
     });
     watch.set_timeout(Duration::from_millis(300));
     let mut stream = client.watch_job(watch).await.unwrap().into_inner();
-    let ended = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends");
-    let status = ended.expect_err("ended by the deadline");
+    let status = ending_status(&mut stream).await;
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("after_version"), "{status:?}");
 
     let mut watch = tonic::Request::new(pb::WatchJobsRequest::default());
     watch.set_timeout(Duration::from_millis(300));
     let mut stream = client.watch_jobs(watch).await.unwrap().into_inner();
-    let ended = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends");
-    let status = ended.expect_err("ended by the deadline");
+    let status = ending_status(&mut stream).await;
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("after_cursor"), "{status:?}");
 }
