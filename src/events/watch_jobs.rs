@@ -404,7 +404,7 @@ impl JobsWatch {
     /// snapshot of a job removed before its transitions could be read. A logged change the
     /// log has not shown yet waits for the next read.
     async fn settle(&mut self) -> Result<(), StoreError> {
-        let taken_at = self.subscription.mark().at;
+        let take_mark_at = self.subscription.mark().at;
         let taken = self.subscription.take();
         if taken.overflowed {
             self.lost_live = true;
@@ -452,7 +452,7 @@ impl JobsWatch {
                 self.forget(id);
             }
         }
-        self.last_take_at = taken_at;
+        self.last_take_at = take_mark_at;
         Ok(())
     }
 
