@@ -384,6 +384,11 @@ fn endpoint_uri(addr: &str) -> Result<String, error::Usage> {
         .authority()
         .filter(|a| !a.host().is_empty())
         .ok_or_else(|| mistake("has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(mistake(
+            "has credentials (user@), which would not be sent; give an API key with --api-key",
+        ));
+    }
     if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() {
         return Err(mistake(
             "has a path; give only the scheme, host and port of the server",
@@ -516,6 +521,7 @@ mod tests {
             ("localhost:", "empty port"),
             ("http://localhost:50051/jobs", "has a path"),
             ("ftp://localhost:21", "not supported"),
+            ("http://user:pw@localhost:50051", "credentials"),
             ("http://", "address"),
         ] {
             let refused = endpoint_uri(addr).expect_err(addr).0;

@@ -41,6 +41,38 @@ pub fn job_error(error: &pb::JobError) -> String {
     text
 }
 
+/// An action error's details under its line, by key: a list of strings (an `exec` command's
+/// `stderr_tail`) one line each, as the command wrote them; anything else as JSON.
+fn error_details(text: &mut String, error: &pb::JobError, json: &Json) {
+    use prost_types::value::Kind;
+    let Some(details) = &error.details else {
+        return;
+    };
+    let mut keys: Vec<&String> = details.fields.keys().collect();
+    keys.sort();
+    for key in keys {
+        let value = &details.fields[key];
+        match &value.kind {
+            Some(Kind::ListValue(list))
+                if list
+                    .values
+                    .iter()
+                    .all(|v| matches!(v.kind, Some(Kind::StringValue(_)))) =>
+            {
+                let _ = writeln!(text, "        {key}:");
+                for line in &list.values {
+                    if let Some(Kind::StringValue(line)) = &line.kind {
+                        let _ = writeln!(text, "          {line}");
+                    }
+                }
+            }
+            _ => {
+                let _ = writeln!(text, "        {key}: {}", json.value(value));
+            }
+        }
+    }
+}
+
 /// A time in RFC 3339, to the millisecond only when it has a fraction.
 pub fn instant(time: prost_types::Timestamp) -> Option<String> {
     let at = system_time(time)?;
@@ -110,6 +142,7 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
                 "error"
             };
             let _ = writeln!(text, "      {label}:  {}", job_error(error));
+            error_details(&mut text, error, json);
         }
     }
     if let Some(webhook) = &job.webhook {
@@ -307,6 +340,57 @@ mod tests {
         assert!(text.contains("result: 1\n"), "{text}");
         assert!(
             text.contains("error:  INTERNAL FAILED_AS_ASKED: as asked"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_action_error_s_details_are_shown_a_tail_line_by_line() {
+        use prost_types::value::Kind;
+        let json = Json::new().unwrap();
+        let string = |s: &str| prost_types::Value {
+            kind: Some(Kind::StringValue(s.to_owned())),
+        };
+        let details = prost_types::Struct {
+            fields: [
+                (
+                    "exit_code".to_owned(),
+                    prost_types::Value {
+                        kind: Some(Kind::NumberValue(3.0)),
+                    },
+                ),
+                (
+                    "stderr_tail".to_owned(),
+                    prost_types::Value {
+                        kind: Some(Kind::ListValue(prost_types::ListValue {
+                            values: vec![string("first line"), string("err line")],
+                        })),
+                    },
+                ),
+            ]
+            .into(),
+        };
+        let job = pb::Job {
+            id: "0190-abc".to_owned(),
+            state: pb::JobState::Failed as i32,
+            actions: vec![pb::ActionStatus {
+                name: "exec".to_owned(),
+                state: pb::ActionState::Failed as i32,
+                error: Some(pb::JobError {
+                    code: "UNKNOWN".to_owned(),
+                    reason: "EXIT_STATUS".to_owned(),
+                    message: "exited with status 3".to_owned(),
+                    details: Some(details),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = super::job(&job, &json);
+        assert!(
+            text.contains(
+                "        exit_code: 3\n        stderr_tail:\n          first line\n          err line"
+            ),
             "{text}"
         );
     }
