@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::writer::Command;
 use super::{
     CANCEL_CHANNEL, PostgresStore, WRITE_LOCK, feed, pg_error, reads,
-    row::{JobRow, LeaseCheck, NOW_MICROS, decode, sql_limit, unix_micros},
+    row::{JobRow, LeaseCheck, NOW_MICROS, sql_limit, unix_micros},
 };
 use crate::job::{Job, JobId};
 use crate::store::{Change, Renewal, SharedStore, StoreError};
@@ -119,16 +119,13 @@ impl SharedStore for PostgresStore {
             )
             .await
             .map_err(fail)?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in rows {
-            let snapshot: String = row.try_get(0).map_err(fail)?;
-            let mut job = decode(&snapshot)?;
-            // Marked by a Cancel while its last attempt ran, and never carried out (the
-            // replica that ran it failed to, or stopped first): the claimer does, instead of
-            // starting it.
-            job.cancel_requested |= row.try_get::<_, bool>(1).map_err(fail)?;
-            jobs.push(job);
-        }
+        // A job marked by a Cancel while its last attempt ran, and never carried out (the
+        // replica that ran it failed to, or stopped first), comes marked: the claimer cancels
+        // it instead of starting it.
+        let mut jobs = rows
+            .iter()
+            .map(|row| reads::snapshot_with_cancel_request(row, "claiming queued jobs"))
+            .collect::<Result<Vec<_>, _>>()?;
         {
             let mut held = self.held();
             held.extend(jobs.iter().map(|job| *job.id.as_uuid()));
