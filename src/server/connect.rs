@@ -96,6 +96,15 @@ struct Shared {
     max_message: usize,
 }
 
+/// The refusal of a Connect request that is not a POST: Connect's GET form (unary calls of
+/// side-effect-free methods) is not served.
+fn only_post() -> Response<Body> {
+    let status = Status::unimplemented(
+        "the Connect protocol is served for POST requests only, not its GET form",
+    );
+    unary_error(&status, None, HeaderMap::new())
+}
+
 impl Shared {
     /// The answer to a GET or POST of one of the methods that is neither gRPC (nor gRPC-Web)
     /// nor Connect: Connect's GET form, or a content type no protocol here takes. Told in
@@ -113,10 +122,7 @@ impl Shared {
             return None;
         }
         if method == Method::GET {
-            let status = Status::unimplemented(
-                "the Connect protocol is served for POST requests only, not its GET form",
-            );
-            return Some(unary_error(&status, None, HeaderMap::new()));
+            return Some(only_post());
         }
         let given = content_type
             .map(|value| {
@@ -233,13 +239,7 @@ where
             return Either::Left(self.inner.call(request.map(Body::new)).map_ok(to_body));
         };
         if request.method() != Method::POST {
-            // Connect's GET form (unary calls of side-effect-free methods) is not served.
-            let status = Status::unimplemented(
-                "the Connect protocol is served for POST requests only, not its GET form",
-            );
-            return Either::Right(Box::pin(async move {
-                Ok(unary_error(&status, None, HeaderMap::new()))
-            }));
+            return Either::Right(Box::pin(async move { Ok(only_post()) }));
         }
         // The service that poll_ready readied is the one called; a clone takes its place.
         let ready = self.inner.clone();
