@@ -252,7 +252,7 @@ fn hash_key() -> anyhow::Result<()> {
     );
     // A key a client could never send in an `authorization` header would match nothing.
     anyhow::ensure!(
-        key.bytes().all(|b| b.is_ascii_graphic() || b == b' '),
+        cli::is_sendable_key(key),
         "the key must be printable ASCII (as clients send it in the authorization header)"
     );
     // Not `println!`, which panics on a closed stdout.

@@ -420,6 +420,11 @@ fn endpoint_uri(addr: &str) -> Result<String, error::Usage> {
     Ok(uri)
 }
 
+/// Whether an API key can be sent in an `authorization` header: printable ASCII.
+pub(crate) fn is_sendable_key(key: &str) -> bool {
+    key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+}
+
 /// The `authorization` value for an API key; none for an empty key (`LONGRUN_API_KEY=` set
 /// but empty means no key, as unset does). Checked here, since a header takes bytes that are
 /// not printable ASCII (UTF-8 among them) and a server would only answer that the key is not
@@ -429,7 +434,7 @@ fn bearer(key: &str) -> Result<Option<MetadataValue<Ascii>>, error::Usage> {
     if key.is_empty() {
         return Ok(None);
     }
-    if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+    if !is_sendable_key(key) {
         return Err(error::Usage(
             "--api-key (or LONGRUN_API_KEY) must be printable ASCII (as API keys are)".to_owned(),
         ));
