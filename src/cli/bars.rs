@@ -128,10 +128,7 @@ fn changes(before: Option<&pb::Job>, job: &pb::Job) -> String {
                 text::action_state(action.state()),
                 text::progress(action.progress.as_ref())
             );
-            // PENDING with an error: its last attempt failed, and it waits for the next.
-            if action.state() == pb::ActionState::Pending
-                && let Some(error) = &action.error
-            {
+            if let Some(error) = text::last_attempt_error(action) {
                 line.push_str(&format!("  last attempt: {}", text::job_error(error)));
             }
             lines.push(line);

@@ -73,6 +73,15 @@ fn error_details(text: &mut String, error: &pb::JobError, json: &Json) {
     }
 }
 
+/// The error of an action's last attempt, when the action waits for the next one: PENDING
+/// again, it keeps that error until it starts.
+pub fn last_attempt_error(action: &pb::ActionStatus) -> Option<&pb::JobError> {
+    action
+        .error
+        .as_ref()
+        .filter(|_| action.state() == pb::ActionState::Pending)
+}
+
 /// A time in RFC 3339, to the millisecond only when it has a fraction.
 pub fn instant(time: prost_types::Timestamp) -> Option<String> {
     let at = system_time(time)?;
@@ -135,8 +144,7 @@ pub fn job(job: &pb::Job, json: &Json) -> String {
             let _ = writeln!(text, "      result: {}", json.value(result));
         }
         if let Some(error) = &action.error {
-            // PENDING with an error: its last attempt failed, and it waits for the next.
-            let label = if action.state() == pb::ActionState::Pending {
+            let label = if last_attempt_error(action).is_some() {
                 "last attempt"
             } else {
                 "error"
@@ -266,12 +274,7 @@ fn waiting(job: &pb::Job) -> Option<String> {
         return Some(format!("{what} {time}"));
     }
     let mut text = format!("attempt {}/{} at {time}", job.attempt, job.max_attempts);
-    let failed = job.actions.iter().find_map(|action| {
-        action
-            .error
-            .as_ref()
-            .filter(|_| action.state() == pb::ActionState::Pending)
-    });
+    let failed = job.actions.iter().find_map(last_attempt_error);
     if let Some(error) = failed {
         let _ = write!(text, "; the last failed: {}", job_error(error));
     }
