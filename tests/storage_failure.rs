@@ -83,6 +83,21 @@ async fn get(client: &mut longrun::api::pb::jobs_client::JobsClient<Channel>, id
         .unwrap()
 }
 
+/// A Cancel of job `id`, made in the background: its answer.
+fn spawn_cancel(
+    client: &pb::jobs_client::JobsClient<Channel>,
+    id: &str,
+) -> tokio::task::JoinHandle<Result<pb::CancelResponse, tonic::Status>> {
+    let mut canceller = client.clone();
+    let job_id = id.to_owned();
+    tokio::spawn(async move {
+        canceller
+            .cancel(pb::CancelRequest { job_id })
+            .await
+            .map(|r| r.into_inner())
+    })
+}
+
 /// The gated job's end cannot be stored: its run is aborted, and it stays RUNNING while the
 /// disk is full. Returns once that is so.
 async fn abort_its_end(
@@ -173,14 +188,7 @@ async fn a_cancel_while_the_disk_is_full_ends_it_cancelled_once_it_has_room() {
     let job = submit(&mut client, req).await;
     abort_its_end(&store, &gate, &mut client, &job).await;
 
-    let mut canceller = client.clone();
-    let id = job.id.clone();
-    let cancel = tokio::spawn(async move {
-        canceller
-            .cancel(pb::CancelRequest { job_id: id })
-            .await
-            .map(|r| r.into_inner())
-    });
+    let cancel = spawn_cancel(&client, &job.id);
     tokio::time::sleep(Duration::from_millis(200)).await;
     set_full(&store, false);
     let done = wait_done(&mut client, &job.id).await;
@@ -208,14 +216,7 @@ async fn a_cancel_while_the_aborted_job_is_being_queued_again_ends_it_cancelled(
     tokio::time::timeout(PATIENCE, store.hooks.held.notified())
         .await
         .expect("the settling stores the job QUEUED");
-    let mut canceller = client.clone();
-    let id = job.id.clone();
-    let cancel = tokio::spawn(async move {
-        canceller
-            .cancel(pb::CancelRequest { job_id: id })
-            .await
-            .map(|r| r.into_inner())
-    });
+    let cancel = spawn_cancel(&client, &job.id);
     tokio::time::sleep(Duration::from_millis(200)).await;
     store.hooks.resume.notify_one();
     let answer = tokio::time::timeout(PATIENCE, cancel)
