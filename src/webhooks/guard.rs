@@ -17,8 +17,9 @@ use reqwest::Url;
 /// (including the 169.254.169.254 metadata service), IETF protocol assignments, benchmarking,
 /// documentation, reserved, multicast and broadcast IPv4 ranges; and for IPv6 unspecified,
 /// loopback, unique-local (fc00::/7, including the fd00:ec2::254 metadata service),
-/// link-local (fe80::/10), site-local, multicast, documentation, discard-only, NAT64 of an
-/// internal IPv4, and IPv4-mapped or -compatible forms of any internal IPv4.
+/// link-local (fe80::/10), site-local, multicast, documentation, discard-only, local-use NAT64
+/// (64:ff9b:1::/48), Teredo (2001::/32), and the NAT64 (64:ff9b::/96), 6to4 (2002::/16),
+/// IPv4-mapped or -compatible forms of any internal IPv4.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_internal_v4(v4),
@@ -49,30 +50,34 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
     let segments = ip.segments();
     // IPv4-compatible (::a.b.c.d, deprecated but still routed by some stacks).
     if segments[..6].iter().all(|s| *s == 0) {
-        let v4 = Ipv4Addr::new(
-            (segments[6] >> 8) as u8,
-            segments[6] as u8,
-            (segments[7] >> 8) as u8,
-            segments[7] as u8,
-        );
+        let v4 = ipv4_in(segments[6], segments[7]);
         return ip.is_unspecified() || ip.is_loopback() || is_internal_v4(v4);
     }
     // NAT64 (64:ff9b::/96) reaches the embedded IPv4 address.
     if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        let v4 = Ipv4Addr::new(
-            (segments[6] >> 8) as u8,
-            segments[6] as u8,
-            (segments[7] >> 8) as u8,
-            segments[7] as u8,
-        );
-        return is_internal_v4(v4);
+        return is_internal_v4(ipv4_in(segments[6], segments[7]));
+    }
+    // 6to4 (2002::/16) carries its relay's IPv4 address in the next 32 bits: a gateway that
+    // decapsulates it reaches that address.
+    if segments[0] == 0x2002 {
+        return is_internal_v4(ipv4_in(segments[1], segments[2]));
     }
     ip.is_multicast()
+        // Local-use NAT64 (64:ff9b:1::/48): where the IPv4 address sits depends on the site's
+        // prefix length, so the whole range is refused rather than guessed at.
+        || segments[..3] == [0x64, 0xff9b, 1]
+        // Teredo (2001::/32) tunnels to an IPv4 server and an obfuscated IPv4 client.
+        || (segments[0] == 0x2001 && segments[1] == 0)
         || (segments[0] & 0xfe00) == 0xfc00 // unique local, fc00::/7
         || (segments[0] & 0xffc0) == 0xfe80 // link-local, fe80::/10
         || (segments[0] & 0xffc0) == 0xfec0 // site-local (deprecated), fec0::/10
         || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation, 2001:db8::/32
         || segments[..4] == [0x100, 0, 0, 0] // discard-only, 100::/64
+}
+
+/// The IPv4 address written as two 16-bit IPv6 segments.
+fn ipv4_in(high: u16, low: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(high) << 16) | u32::from(low))
 }
 
 /// The hosts an operator lets webhooks reach even though they resolve to internal addresses:
@@ -300,6 +305,12 @@ mod tests {
             "::ffff:10.0.0.1",
             "::127.0.0.1",
             "64:ff9b::a00:1",
+            "2002:a9fe:a9fe::",
+            "2002:7f00:1::1",
+            "2002:a00:1:5::1",
+            "64:ff9b:1::a9fe:a9fe",
+            "64:ff9b:1:ffff::808:808",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             assert!(is_internal(ip(internal)), "{internal} is internal");
         }
@@ -311,6 +322,8 @@ mod tests {
             "2606:4700:4700::1111",
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
+            "2002:808:808::1",
+            "2001:4860:4860::8888",
         ] {
             assert!(!is_internal(ip(public)), "{public} is public");
         }
