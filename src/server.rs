@@ -79,6 +79,15 @@ pub enum ServeError {
 /// its snapshot has been shared out (see [`crate::job::job_budget`]).
 pub const MIN_MESSAGE_BYTES: usize = 16 * 1024;
 
+/// The most of any concurrency setting: far past what one process can run, and well inside
+/// what a semaphore can count.
+pub const MAX_CONCURRENCY: usize = 1_000_000;
+
+/// The longest duration any setting takes (100 years): a time this far ahead still fits every
+/// clock and timestamp it is added to (a protobuf `Timestamp` ends at year 9999, a PostgreSQL
+/// lease is counted in microseconds), where a longer one is a typo that would overflow them.
+pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(3_155_760_000);
+
 /// Refuses settings no server could use as documented, naming each setting out of its range:
 /// a value that would make every call of some kind fail, or a timer that would fire at once,
 /// is a typo far more often than an intent, and serving with it would only hide the mistake.
@@ -111,6 +120,46 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
     at_least_one("max_watches_per_tenant", limits.max_watches_per_tenant);
     at_least_one("[webhooks] max_attempts", webhooks.max_attempts as usize);
     at_least_one("[webhooks] concurrency", webhooks.concurrency);
+    for (name, value) in [
+        ("concurrency", executor.concurrency),
+        ("[webhooks] concurrency", webhooks.concurrency),
+    ] {
+        if value > MAX_CONCURRENCY {
+            problems.push(format!("{name} must be at most {MAX_CONCURRENCY}"));
+        }
+    }
+    let durations = [
+        ("max_schedule_delay", Some(limits.max_schedule_delay)),
+        ("retry_backoff", Some(executor.retry_backoff_initial)),
+        ("retry_backoff_max", Some(executor.retry_backoff_max)),
+        ("cancel_grace", Some(executor.cancel_grace)),
+        (
+            "progress_persist_interval",
+            executor.progress_persist_interval,
+        ),
+        (
+            "watch_progress_interval",
+            Some(limits.watch_progress_interval),
+        ),
+        ("shutdown_grace", Some(config.shutdown_grace)),
+        ("lease", Some(config.lease)),
+        ("retention", Some(config.retention)),
+        ("keepalive_interval", Some(config.keepalive_interval)),
+        ("keepalive_timeout", Some(config.keepalive_timeout)),
+        ("max_connection_age", config.max_connection_age),
+        ("max_connection_age_grace", config.max_connection_age_grace),
+        ("[webhooks] backoff", Some(webhooks.backoff)),
+        ("[webhooks] backoff_max", Some(webhooks.backoff_max)),
+        ("[webhooks] timeout", Some(webhooks.timeout)),
+    ];
+    for (name, value) in durations {
+        if value.is_some_and(|value| value > MAX_SETTING_DURATION) {
+            problems.push(format!(
+                "{name} must be at most {}",
+                humantime::format_duration(MAX_SETTING_DURATION)
+            ));
+        }
+    }
     if limits.max_params_depth > crate::job::MAX_PARAMS_DEPTH_LIMIT {
         problems.push(format!(
             "max_params_depth must be at most {}: a stored job is read back by a JSON parser \
@@ -521,7 +570,7 @@ impl Server {
             }
             recovered = recovery => {
                 if let Err(error) = recovered {
-                    tracing::error!(%error, "recovery failed; stopping");
+                    tracing::error!(error = %crate::with_causes(&error), "recovery failed; stopping");
                     abort.cancel();
                     let _ = transport.await;
                     return Err(error.into());
@@ -733,7 +782,7 @@ async fn sweep_retention(
                     tokio::task::yield_now().await;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, removed = swept, "retention sweep failed; will retry");
+                    tracing::warn!(error = %crate::with_causes(&error), removed = swept, "retention sweep failed; will retry");
                     swept = 0;
                     break;
                 }

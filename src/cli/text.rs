@@ -303,7 +303,14 @@ pub fn actions(actions: &[pb::ActionInfo]) -> String {
     text.trim_end().to_owned()
 }
 
+/// The time a timestamp tells, when RFC 3339 can print it: humantime formats only times from
+/// 1970 to the end of year 9999 (it panics outside), and a server's answer is not to crash the
+/// CLI, so any other is shown as no time at all.
 fn system_time(timestamp: prost_types::Timestamp) -> Option<SystemTime> {
+    const END_OF_9999: i64 = 253_402_300_799;
+    if !(0..=END_OF_9999).contains(&timestamp.seconds) {
+        return None;
+    }
     SystemTime::try_from(timestamp).ok()
 }
 
@@ -580,6 +587,30 @@ mod tests {
             job_change(&scheduled).ends_with("QUEUED       0%  due 2026-12-01T09:00:00Z"),
             "{}",
             job_change(&scheduled)
+        );
+    }
+
+    #[test]
+    fn times_outside_what_rfc3339_prints_show_as_no_time() {
+        let at = |seconds| prost_types::Timestamp { seconds, nanos: 0 };
+        for unprintable in [-1, 253_402_300_800, i64::MAX] {
+            assert_eq!(instant(at(unprintable)), None, "{unprintable}");
+            let job = pb::Job {
+                id: "far".to_owned(),
+                state: pb::JobState::Queued as i32,
+                create_time: Some(at(unprintable)),
+                update_time: Some(at(unprintable)),
+                next_attempt_time: Some(at(unprintable)),
+                schedule_time: Some(at(unprintable)),
+                ..Default::default()
+            };
+            job_change(&job);
+            job_list(std::slice::from_ref(&job));
+            super::job(&job, &Json::new().unwrap());
+        }
+        assert_eq!(
+            instant(at(253_402_300_799)).as_deref(),
+            Some("9999-12-31T23:59:59Z")
         );
     }
 }

@@ -305,7 +305,9 @@ impl Executor {
             store,
             hub,
             registry,
-            permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            permits: Arc::new(Semaphore::new(
+                config.concurrency.clamp(1, Semaphore::MAX_PERMITS),
+            )),
             attempts_running: std::sync::atomic::AtomicUsize::new(0),
             config,
             scheduler: Mutex::default(),

@@ -3,6 +3,7 @@
 
 use std::{
     any::Any,
+    fmt::Write as _,
     panic::AssertUnwindSafe,
     sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime},
@@ -21,7 +22,10 @@ use crate::{
     actions::{ActionContext, HandlerError, ProgressReceiver, ProgressReporter},
     cancelled::Cancelled,
     events::Snapshot,
-    job::{IllegalTransition, Job, JobId, JobState, MAX_UNPERSISTED_VERSIONS, Progress, wire_size},
+    job::{
+        IllegalTransition, Job, JobId, JobState, MAX_RESULT_DEPTH, MAX_UNPERSISTED_VERSIONS,
+        Progress, value_too_deep, wire_size,
+    },
     log_throttle::LogThrottle,
     store::StoreError,
 };
@@ -245,12 +249,12 @@ impl Inner {
                 None
             }
             Err(error) if no_longer_ours(&error, self.shared) => {
-                tracing::warn!(%error, "job no longer held by this replica; its run stopped");
+                tracing::warn!(error = %crate::with_causes(&error), "job no longer held by this replica; its run stopped");
                 None
             }
             Err(RunError::CancelAfterRelease(error)) => {
                 self.store_backoff().failed();
-                tracing::warn!(%error, "cancelling the released job failed; trying again");
+                tracing::warn!(error = %crate::with_causes(&error), "cancelling the released job failed; trying again");
                 let released = Released {
                     lease: true,
                     marked: true,
@@ -325,12 +329,12 @@ impl Inner {
                 }
                 Err(error) if no_longer_ours(&error, self.shared) => return None,
                 Err(RunError::Illegal(error)) => {
-                    tracing::error!(%error, "the aborted job cannot be settled; recovery at the next start will");
+                    tracing::error!(error = %crate::with_causes(&error), "the aborted job cannot be settled; recovery at the next start will");
                     return None;
                 }
                 Err(error) => {
                     if let Some(held_back) = self.failure_logs.settles.admit() {
-                        tracing::warn!(%error, retry_in = ?wait, held_back, "settling the aborted job failed");
+                        tracing::warn!(error = %crate::with_causes(&error), retry_in = ?wait, held_back, "settling the aborted job failed");
                     }
                 }
             }
@@ -421,7 +425,7 @@ impl Inner {
             Ok(_) => Ok(()),
             Err(ExecutorError::Store(error)) => Err(error.into()),
             Err(error) => {
-                tracing::warn!(%error, "cancelling the released job failed");
+                tracing::warn!(error = %crate::with_causes(&error), "cancelling the released job failed");
                 Ok(())
             }
         }
@@ -618,6 +622,21 @@ impl Inner {
             let now = SystemTime::now();
             match result {
                 Ok(value) => {
+                    // Depth first: measuring the size walks all of it. A result nested past
+                    // what protobuf decoders read would make the job unreadable to clients.
+                    if let Some(path) = value_too_deep(&value, MAX_RESULT_DEPTH) {
+                        let error = HandlerError::permanent(
+                            "RESOURCE_EXHAUSTED",
+                            "RESULT_TOO_DEEP",
+                            format!(
+                                "action {index}'s result{path} nests deeper than the \
+                                 {MAX_RESULT_DEPTH} levels a result may take, and the job \
+                                 could not be read back"
+                            ),
+                        );
+                        job.fail_action(index, error.error.clone(), now)?;
+                        return Ok(Attempt::Failed(error));
+                    }
                     let size = wire_size(&value);
                     let budget = self.config.max_results_bytes;
                     if results_size + size > budget {
@@ -797,7 +816,7 @@ impl Inner {
                     Ok(()) | Err(StoreError::StaleVersion { .. }) => {}
                     Err(error) => {
                         if let Some(held_back) = failure_log.admit() {
-                            tracing::warn!(%error, held_back, "saving progress failed");
+                            tracing::warn!(error = %crate::with_causes(&error), held_back, "saving progress failed");
                         }
                     }
                 }
@@ -819,7 +838,13 @@ impl Inner {
     async fn hand_over_retry(&self, mut job: Job, handle: &StopHandle) -> Result<Handed, RunError> {
         let next_attempt_time = job
             .next_attempt_time
-            .map(|time| humantime::format_rfc3339_millis(time).to_string())
+            .map(|time| {
+                // Not `to_string()`, which panics past year 9999: an embedder's backoff may
+                // be that long (`serve` refuses it), and a log line is not worth a panic.
+                let mut text = String::new();
+                let _ = write!(text, "{}", humantime::format_rfc3339_millis(time));
+                text
+            })
             .unwrap_or_default();
         tracing::info!(
             attempt = job.attempt,

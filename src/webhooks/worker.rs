@@ -96,7 +96,7 @@ impl WebhookWorker {
                 config.timeout,
             )))
             .build()?;
-        let concurrency = config.concurrency.max(1);
+        let concurrency = config.concurrency.clamp(1, Semaphore::MAX_PERMITS);
         Ok(Self {
             store,
             hub,
@@ -147,7 +147,7 @@ impl WebhookWorker {
         let due = match self.store.due_deliveries(SystemTime::now(), limit).await {
             Ok(due) => due,
             Err(error) => {
-                tracing::warn!(%error, "reading due webhook deliveries failed; will retry");
+                tracing::warn!(error = %crate::with_causes(&error), "reading due webhook deliveries failed; will retry");
                 return;
             }
         };
@@ -165,7 +165,7 @@ impl WebhookWorker {
                     .await;
                 if !matches!(claimed, Ok(true)) {
                     if let Err(error) = claimed {
-                        tracing::warn!(%error, "claiming a webhook delivery failed; will retry");
+                        tracing::warn!(error = %crate::with_causes(&error), "claiming a webhook delivery failed; will retry");
                     }
                     self.lock_in_flight().remove(&delivery.job.id);
                     continue;
@@ -249,7 +249,7 @@ impl WebhookWorker {
             // not before a pause, so a store that cannot write does not turn into a flood of
             // requests at the receiver.
             Err(error) => {
-                tracing::warn!(%error, "recording a webhook attempt failed; pausing this job's deliveries");
+                tracing::warn!(error = %crate::with_causes(&error), "recording a webhook attempt failed; pausing this job's deliveries");
                 tokio::time::sleep(POLL_INTERVAL.max(self.backoff(attempt))).await;
             }
         }
