@@ -45,8 +45,76 @@ impl std::str::FromStr for StoreKind {
             url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 Ok(StoreKind::Postgres(DatabaseUrl(url.to_owned())))
             }
-            _ => Err("expected `sqlite`, `memory` or a postgres:// URL".to_owned()),
+            other => Err(format!(
+                "expected `sqlite`, `memory` or a postgres:// URL, not {}",
+                shown_store(other)
+            )),
         }
+    }
+}
+
+/// A store setting that is none of the known forms, for its error message: a URL (say a
+/// `postgress://` typo) may hold a password, so it shows with the password masked.
+fn shown_store(text: &str) -> String {
+    format!("`{}`", redact_url_passwords(text))
+}
+
+/// `text` with the password of every URL in it (`scheme://user:password@host`) replaced by
+/// `***`: for messages that quote what an operator wrote (a mistyped store URL, a config file
+/// line), which must not print a database password on a terminal or into a log.
+pub fn redact_url_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let end = after
+            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+            .unwrap_or(after.len());
+        let authority = &after[..end];
+        match authority
+            .rsplit_once('@')
+            .and_then(|(user_info, host)| Some((user_info.split_once(':')?.0, host)))
+        {
+            Some((user, host)) => {
+                out.push_str(user);
+                out.push_str(":***@");
+                out.push_str(host);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Parses `--store` (and `LONGRUN_STORE`) with an error of its own: clap's would quote the
+/// value as given, the password of a mistyped URL included.
+#[derive(Clone, Copy, Debug)]
+struct StoreParser;
+
+impl clap::builder::TypedValueParser for StoreParser {
+    type Value = StoreKind;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<StoreKind, clap::Error> {
+        let name = arg.map_or_else(|| "--store".to_owned(), ToString::to_string);
+        let invalid = |problem: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{name}': {problem}\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| invalid("not UTF-8".to_owned()))?;
+        text.parse().map_err(invalid)
     }
 }
 
@@ -160,7 +228,7 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Where jobs are kept: `sqlite`, `memory` or a `postgres://user@host/db` URL
     /// [default: sqlite, or PostgreSQL when LONGRUN_DATABASE_URL is set].
-    #[arg(long, env = "LONGRUN_STORE", hide_env_values = true)]
+    #[arg(long, env = "LONGRUN_STORE", hide_env_values = true, value_parser = StoreParser)]
     pub store: Option<StoreKind>,
     /// The PostgreSQL database to keep jobs in, when --store is not given (see docs/postgres.md).
     #[arg(long, env = "LONGRUN_DATABASE_URL", hide_env_values = true)]
@@ -852,6 +920,24 @@ mod tests {
     }
 
     #[test]
+    fn url_passwords_are_masked_in_quoted_text() {
+        for (text, shown) in [
+            ("postgres://u:pw@h/db", "postgres://u:***@h/db"),
+            ("x postgres://u:p:w@h:5432 y", "x postgres://u:***@h:5432 y"),
+            (
+                "\"a://u:p@h\" and b://v:q@i?x",
+                "\"a://u:***@h\" and b://v:***@i?x",
+            ),
+            ("postgres://user@h/db", "postgres://user@h/db"),
+            ("postgres://h/db", "postgres://h/db"),
+            ("no url here", "no url here"),
+            ("ends with ://", "ends with ://"),
+        ] {
+            assert_eq!(redact_url_passwords(text), shown, "{text}");
+        }
+    }
+
+    #[test]
     fn the_store_is_sqlite_memory_or_a_postgres_url() {
         let url = "postgres://u:hunter2pw@db/jobs";
         let flags = Settings {
@@ -886,6 +972,32 @@ mod tests {
         assert_eq!(schema.target(), "h:5432/x (search_path svc_a)");
         assert_eq!("memory".parse::<StoreKind>(), Ok(StoreKind::Memory));
         assert!("mysql://x".parse::<StoreKind>().is_err());
+        // A mistyped URL is named in the error, its password masked, wherever it was written.
+        let typo = "postgress://app:Hunter2Secret@db/jobs";
+        let error = typo.parse::<StoreKind>().unwrap_err();
+        assert!(error.contains("`postgress://app:***@db/jobs`"), "{error}");
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            _settings: Settings,
+        }
+        let flag = <Flags as clap::Parser>::try_parse_from(["serve", "--store", typo])
+            .err()
+            .expect("a typo is refused")
+            .to_string();
+        assert!(
+            flag.contains("--store") && !flag.contains("Hunter2Secret"),
+            "{flag}"
+        );
+        let toml = FileConfig::parse(&format!("[server]\nstore = \"{typo}\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(toml.contains("Hunter2Secret"), "TOML quotes the line");
+        let redacted = redact_url_passwords(&toml);
+        assert!(
+            redacted.contains("postgress://app:***@db/jobs") && !redacted.contains("Hunter2"),
+            "{redacted}"
+        );
 
         // LONGRUN_DATABASE_URL (or the file's `database_url`) alone chooses PostgreSQL; an
         // explicit store wins over it.

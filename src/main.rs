@@ -136,7 +136,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading config file {}", path.display()))?;
+            // TOML's error quotes the line it is about, which may hold a database URL.
             FileConfig::parse(&text)
+                .map_err(|error| {
+                    anyhow::anyhow!(longrun::config::redact_url_passwords(&error.to_string()))
+                })
                 .with_context(|| format!("parsing config file {}", path.display()))?
         }
         None => FileConfig::default(),
