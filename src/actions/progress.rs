@@ -67,8 +67,14 @@ impl ProgressReporter {
         )
     }
 
-    /// Reports progress. A message past [`MAX_PROGRESS_MESSAGE_BYTES`] is cut.
+    /// Reports progress. A message past [`MAX_PROGRESS_MESSAGE_BYTES`] is cut, a percent past
+    /// 100 is 100, and units done past the known total are the total: clients are promised
+    /// 0 to 100, and a job's percent is derived from its actions'.
     pub fn report(&self, mut progress: Progress) {
+        progress.percent = progress.percent.min(100);
+        if progress.total > 0 {
+            progress.current = progress.current.min(progress.total);
+        }
         if progress.message.len() > MAX_PROGRESS_MESSAGE_BYTES {
             progress.message = truncate(&progress.message, MAX_PROGRESS_MESSAGE_BYTES);
         }
@@ -173,6 +179,28 @@ mod tests {
         assert!(taken.message.ends_with('…'));
         reporter.percent(6, "short");
         assert_eq!(receiver.take().expect("a report").message, "short");
+    }
+
+    #[test]
+    fn a_report_past_100_percent_or_its_total_is_kept_in_range() {
+        let (reporter, receiver) = ProgressReporter::channel();
+        reporter.report(Progress {
+            percent: 250,
+            message: "over".to_owned(),
+            current: 9,
+            total: 3,
+        });
+        let taken = receiver.take().expect("a report");
+        assert_eq!((taken.percent, taken.current, taken.total), (100, 3, 3));
+        // Units with no known total stay as counted.
+        reporter.report(Progress {
+            percent: 40,
+            message: String::new(),
+            current: 7,
+            total: 0,
+        });
+        let taken = receiver.take().expect("a report");
+        assert_eq!((taken.percent, taken.current), (40, 7));
     }
 
     struct CountingWaker(AtomicUsize);

@@ -55,13 +55,23 @@ impl<U: Message + Default> Decoder for LongrunDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf).map(Some).map_err(decode_error)
+        U::decode(buf).map(Some).map_err(decode_error::<U>)
     }
 }
 
-fn decode_error(error: prost::DecodeError) -> Status {
+/// The status for a message that does not decode. The codec decodes requests in the server
+/// and responses in a client built on these types (the CLI, embedders' tests): only a
+/// request's nesting is the caller's params.
+fn decode_error<U>(error: prost::DecodeError) -> Status {
     let text = error.to_string();
     if text.contains("recursion limit reached") {
+        if !std::any::type_name::<U>().ends_with("Request") {
+            return Status::internal(format!(
+                "the {} received nests too deeply to decode (protobuf stops at 100 nested \
+                 messages, about 32 levels of objects)",
+                short_type_name::<U>()
+            ));
+        }
         return invalid(vec![FieldViolation::new(
             "actions.params",
             "nests too deeply to decode (protobuf stops at about 32 levels of objects); \
@@ -69,6 +79,12 @@ fn decode_error(error: prost::DecodeError) -> Status {
         )]);
     }
     Status::internal(text)
+}
+
+/// `U`'s name without its module path.
+fn short_type_name<U>() -> &'static str {
+    let name = std::any::type_name::<U>();
+    name.rsplit("::").next().unwrap_or(name)
 }
 
 #[cfg(test)]
@@ -95,7 +111,9 @@ mod tests {
 
     fn decode_error_of(message: &Struct) -> Option<Status> {
         let encoded = message.encode_to_vec();
-        Struct::decode(encoded.as_slice()).err().map(decode_error)
+        Struct::decode(encoded.as_slice())
+            .err()
+            .map(decode_error::<crate::api::pb::SubmitRequest>)
     }
 
     #[test]
@@ -104,11 +122,24 @@ mod tests {
         let status = decode_error_of(&nested(40)).expect("too deep for prost");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("actions.params"), "{status:?}");
+        // A response a client decodes is no fault of its request.
+        let encoded = nested(40).encode_to_vec();
+        let error = Struct::decode(encoded.as_slice()).unwrap_err();
+        let status = decode_error::<crate::api::pb::GetStatusResponse>(error);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(
+            status
+                .message()
+                .starts_with("the GetStatusResponse received nests too deeply"),
+            "{status:?}"
+        );
     }
 
     #[test]
     fn other_decoding_failures_stay_internal() {
-        let status = decode_error(Struct::decode(&[0xff_u8, 0xff][..]).unwrap_err());
+        let status = decode_error::<crate::api::pb::SubmitRequest>(
+            Struct::decode(&[0xff_u8, 0xff][..]).unwrap_err(),
+        );
         assert_eq!(status.code(), tonic::Code::Internal);
     }
 }

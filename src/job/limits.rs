@@ -148,27 +148,45 @@ pub(crate) fn check_labels<'a>(
 }
 
 /// The path (below an action's `params`) of the first value nested deeper than `max_depth`,
-/// the top-level params' values being at depth 1; `None` when none is. Stops at the first
-/// level past the limit, so it never recurses deeper than `max_depth + 1`.
+/// the top-level params' values being at depth 1; `None` when none is.
 fn too_deep(params: &Map<String, Value>, max_depth: usize) -> Option<String> {
-    fn walk(value: &Value, depth: usize, max_depth: usize) -> Option<String> {
-        if depth > max_depth {
-            return Some(String::new());
-        }
-        match value {
-            Value::Object(fields) => fields.iter().find_map(|(key, v)| {
-                walk(v, depth + 1, max_depth).map(|below| format!(".{key}{below}"))
-            }),
-            Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
-                walk(v, depth + 1, max_depth).map(|below| format!("[{i}]{below}"))
-            }),
-            _ => None,
-        }
-    }
-    params
-        .iter()
-        .find_map(|(key, value)| walk(value, 1, max_depth).map(|below| format!(".{key}{below}")))
+    fields_too_deep(params, max_depth)
 }
+
+/// The path (below `fields`) of the first value nested deeper than `max_depth`, the fields'
+/// own values being at depth 1; `None` when none is. Stops at the first level past the
+/// limit, so it never recurses deeper than `max_depth + 1`.
+pub(crate) fn fields_too_deep(fields: &Map<String, Value>, max_depth: usize) -> Option<String> {
+    fields.iter().find_map(|(key, value)| {
+        walk_depth(value, 1, max_depth).map(|below| format!(".{key}{below}"))
+    })
+}
+
+/// As [`fields_too_deep`] for any value: the items or fields of an array or object at the
+/// top are at depth 1.
+pub(crate) fn value_too_deep(value: &Value, max_depth: usize) -> Option<String> {
+    walk_depth(value, 0, max_depth)
+}
+
+fn walk_depth(value: &Value, depth: usize, max_depth: usize) -> Option<String> {
+    if depth > max_depth {
+        return Some(String::new());
+    }
+    match value {
+        Value::Object(fields) => fields.iter().find_map(|(key, v)| {
+            walk_depth(v, depth + 1, max_depth).map(|below| format!(".{key}{below}"))
+        }),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
+            walk_depth(v, depth + 1, max_depth).map(|below| format!("[{i}]{below}"))
+        }),
+        _ => None,
+    }
+}
+
+/// How deep an action's result and an error's details may nest: as deep as params may by
+/// default. Past it, protobuf decoders (prost stops at 100 nested messages, three a level of
+/// a `google.protobuf.Value`) could not read back the job that carries them.
+pub const MAX_RESULT_DEPTH: usize = DEFAULT_MAX_PARAMS_DEPTH;
 
 /// Checks a non-empty idempotency key: at most `max_idempotency_key_bytes`, and no control
 /// characters (a NUL or a newline breaks the lines of text that show the key, as in a label).

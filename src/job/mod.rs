@@ -11,11 +11,12 @@ mod wire;
 
 pub use limits::{
     DEFAULT_MAX_PARAMS_DEPTH, DEFAULT_MAX_SCHEDULE_DELAY, MAX_DURATION, MAX_PARAMS_DEPTH_LIMIT,
-    SubmitLimits, check_submit, params_wire_size,
+    MAX_RESULT_DEPTH, SubmitLimits, check_submit, params_wire_size,
 };
 pub(crate) use limits::{
     RUN_RESERVE_PER_ACTION, RUN_RESERVE_PER_JOB, check_action_count, check_action_sizes,
-    check_idempotency_key, check_labels, check_schedule_time, labels_wire_size,
+    check_idempotency_key, check_labels, check_schedule_time, fields_too_deep, labels_wire_size,
+    value_too_deep,
 };
 pub use model::{
     Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_ERROR_DETAILS_BYTES,

@@ -148,8 +148,35 @@ pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 /// The largest error details kept, as sent (see [`super::wire_size`]); larger ones are
 /// replaced by a note saying how large they were.
 pub const MAX_ERROR_DETAILS_BYTES: usize = 8192;
-/// The longest error code or reason kept, in bytes.
+/// The longest error reason kept, in bytes.
 const MAX_ERROR_NAME_BYTES: usize = 128;
+
+/// The canonical gRPC status code names, `OK` aside (an error is never OK).
+const CANONICAL_CODES: [&str; 16] = [
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The canonical code name `code` spells, in any case; `None` for any other text.
+fn canonical_code(code: &str) -> Option<&'static str> {
+    CANONICAL_CODES
+        .into_iter()
+        .find(|name| name.eq_ignore_ascii_case(code.trim()))
+}
 
 impl JobError {
     /// This error within the sizes a job keeps: a handler's error is repeated in every
@@ -160,22 +187,33 @@ impl JobError {
                 *text = super::truncate(text, max);
             }
         };
-        cut(&mut self.code, MAX_ERROR_NAME_BYTES);
+        // Clients map the code to a status (Operations' `error.code`, the CLI's exit code):
+        // a name that is none gets the one meant for an error of no known kind.
+        self.code = canonical_code(&self.code).unwrap_or("UNKNOWN").to_owned();
         cut(&mut self.reason, MAX_ERROR_NAME_BYTES);
         cut(&mut self.message, MAX_ERROR_MESSAGE_BYTES);
-        let details_size: usize = self
-            .details
-            .iter()
-            .map(|(key, value)| key.len() + super::wire_size(value))
-            .sum();
-        if details_size > MAX_ERROR_DETAILS_BYTES {
-            self.details = Map::from_iter([(
-                "details_dropped".to_owned(),
-                Value::String(format!(
-                    "the details were {details_size} bytes as sent, more than the \
+        // Depth first: measuring the size walks all of it.
+        let dropped =
+            if let Some(path) = super::fields_too_deep(&self.details, super::MAX_RESULT_DEPTH) {
+                Some(format!(
+                    "details{path} nested deeper than the {} levels kept",
+                    super::MAX_RESULT_DEPTH
+                ))
+            } else {
+                let size: usize = self
+                    .details
+                    .iter()
+                    .map(|(key, value)| key.len() + super::wire_size(value))
+                    .sum();
+                (size > MAX_ERROR_DETAILS_BYTES).then(|| {
+                    format!(
+                        "the details were {size} bytes as sent, more than the \
                      {MAX_ERROR_DETAILS_BYTES} kept"
-                )),
-            )]);
+                    )
+                })
+            };
+        if let Some(note) = dropped {
+            self.details = Map::from_iter([("details_dropped".to_owned(), Value::String(note))]);
         }
         self
     }

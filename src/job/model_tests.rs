@@ -104,6 +104,26 @@ fn a_handlers_huge_error_is_kept_within_bounds_wherever_it_is_repeated() {
     // Small details are kept as they are.
     let small = JobError::new("INTERNAL", "BOOM", "it broke");
     assert_eq!(small.clone().bounded(), small);
+    // A code that is no status code's name is UNKNOWN; one in another case is the name.
+    assert_eq!(kept.code, "UNKNOWN");
+    assert_eq!(
+        JobError::new("not_found", "R", "m").bounded().code,
+        "NOT_FOUND"
+    );
+    // Details nested past what a protobuf decoder reads back are dropped, saying where.
+    let mut nested = json!("bottom");
+    // With "bottom" itself, crate::job::MAX_RESULT_DEPTH levels below `details`.
+    for _ in 1..crate::job::MAX_RESULT_DEPTH {
+        nested = json!({ "a": nested });
+    }
+    let mut deep = JobError::new("INTERNAL", "DEEP", "m");
+    deep.details.insert("fits".to_owned(), nested.clone());
+    assert_eq!(deep.clone().bounded(), deep, "as many levels as are kept");
+    deep.details.insert("over".to_owned(), json!([nested]));
+    let dropped = deep.bounded().details;
+    assert_eq!(dropped.len(), 1);
+    let note = dropped["details_dropped"].as_str().unwrap();
+    assert!(note.starts_with("details.over[0].a.a"), "{note}");
 }
 
 #[test]
