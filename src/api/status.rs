@@ -211,7 +211,7 @@ impl From<StoreError> for Status {
                 Status::unavailable(format!("storage is unavailable: {error}"))
             }
             StoreError::Corrupt(_) => {
-                tracing::error!(error = %error, "corrupt data");
+                tracing::error!(error = %crate::with_causes(&error), "corrupt data");
                 Status::data_loss(error.to_string())
             }
             StoreError::Full { .. } => {

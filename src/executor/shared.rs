@@ -153,7 +153,7 @@ impl Inner {
                         };
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "the queue limits are not checked for this Submit");
+                        tracing::warn!(error = %crate::with_causes(&error), "the queue limits are not checked for this Submit");
                         return Ok(None);
                     }
                 }
@@ -232,7 +232,7 @@ impl Inner {
                     _ = every.tick() => {}
                 }
                 if let Err(error) = inner.reap().await {
-                    tracing::warn!(%error, "re-queuing the jobs of a stopped replica failed");
+                    tracing::warn!(error = %crate::with_causes(&error), "re-queuing the jobs of a stopped replica failed");
                 }
             }
         });
@@ -287,7 +287,7 @@ impl Inner {
             }
             Err(error) => {
                 // The next tick tries again; the lease outlasts two missed renewals.
-                tracing::warn!(%error, "renewing leases failed");
+                tracing::warn!(error = %crate::with_causes(&error), "renewing leases failed");
                 if renewed_at.elapsed() >= lease {
                     for (id, handle) in before {
                         tracing::warn!(job_id = %id, "lease could not be renewed in time; stopping the job here");
@@ -344,7 +344,7 @@ impl Inner {
                 count
             }
             Err(error) => {
-                tracing::warn!(%error, "claiming jobs failed");
+                tracing::warn!(error = %crate::with_causes(&error), "claiming jobs failed");
                 0
             }
         }
@@ -364,7 +364,7 @@ impl Inner {
                 let changed =
                     self.settle_interrupted(&mut job, "the replica running the job stopped");
                 if let Err(error) = changed {
-                    tracing::warn!(%error, "cannot re-queue a job whose lease ran out");
+                    tracing::warn!(error = %crate::with_causes(&error), "cannot re-queue a job whose lease ran out");
                     return;
                 }
                 match shared.save_expired(&job).await {
@@ -383,7 +383,7 @@ impl Inner {
                     }
                     // Renewed after all, or another replica's reaper was first.
                     Err(StoreError::LeaseLost(_) | StoreError::StaleVersion { .. }) => {}
-                    Err(error) => tracing::warn!(%error, "re-queuing the job failed"),
+                    Err(error) => tracing::warn!(error = %crate::with_causes(&error), "re-queuing the job failed"),
                 }
             }
             .instrument(span)
@@ -453,7 +453,9 @@ impl Inner {
         if let Some(shared) = self.shared_store() {
             match shared.release_all().await {
                 Ok(released) => tracing::info!(jobs = released, "released queued jobs"),
-                Err(error) => tracing::warn!(%error, "releasing queued jobs failed"),
+                Err(error) => {
+                    tracing::warn!(error = %crate::with_causes(&error), "releasing queued jobs failed")
+                }
             }
         }
     }

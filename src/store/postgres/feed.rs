@@ -79,7 +79,7 @@ async fn run(
         match stop {
             Ok(()) | Err(Stop::Closed) => return,
             Err(Stop::Failed(error)) => {
-                tracing::warn!(%error, ?backoff, last_seq, "change feed lost; reconnecting");
+                tracing::warn!(error = %crate::with_causes(&error), ?backoff, last_seq, "change feed lost; reconnecting");
             }
         }
         tokio::select! {
@@ -217,7 +217,7 @@ async fn listen(
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    tracing::warn!(%error, "the change feed's connection failed");
+                    tracing::warn!(error = %crate::with_causes(&error), "the change feed's connection failed");
                     return;
                 }
             }

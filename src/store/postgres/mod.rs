@@ -317,7 +317,7 @@ async fn lock_for_serving(
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::error!(
-                %error,
+                error = %crate::with_causes(&error),
                 database = %database_name,
                 "the connection holding the serve lock failed; another replica could now start"
             );
