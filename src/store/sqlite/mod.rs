@@ -116,11 +116,13 @@ impl SqliteStore {
     /// and migrates the database: call it at startup, not on a busy runtime.
     pub fn open(dir: impl AsRef<Path>, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
         let dir = dir.as_ref();
-        fs::create_dir_all(dir).map_err(|e| {
+        private_dir_builder().create(dir).map_err(|e| {
             StoreError::backend(format!("creating data directory {}", dir.display()), e)
         })?;
         let lock = lock_dir(dir)?;
         let path = dir.join(DATABASE_FILE);
+        create_private_file(&path)
+            .map_err(|e| StoreError::backend(format!("creating database {}", path.display()), e))?;
         let mut conn = open_writer(&path, &options)?;
         schema::migrate(&mut conn)?;
 
@@ -393,6 +395,31 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
             format!("locking data directory {}", dir.display()),
             e,
         )),
+    }
+}
+
+/// Creates directories readable by their owner only (0700): the database holds every job's
+/// params, results and webhook secrets. A directory that exists is left as it is.
+fn private_dir_builder() -> fs::DirBuilder {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+}
+
+/// Creates `path` empty and readable by its owner only (0600) unless it exists. SQLite takes
+/// an empty file as a new database, and gives its `-wal` and `-shm` files the database
+/// file's permissions.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -120,6 +120,36 @@ async fn an_unusable_directory_is_an_error() {
     assert!(error.to_string().contains("not-a-dir"), "{error}");
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_data_directory_its_database_and_backups_are_private_to_the_owner() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let parent = TempDir::new().unwrap();
+    let dir = parent.path().join("data");
+    let store = open(&dir);
+    store.create(&sample_job(1, &[], None)).await.unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    for file in [DATABASE_FILE, "longrun.db-wal", "longrun.db-shm"] {
+        assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
+    }
+    let copy = parent.path().join("copy.db");
+    maintenance::backup(&dir, &copy).unwrap();
+    assert_eq!(mode(&copy), 0o600);
+    store.close().await;
+    // A directory an operator made is theirs to set.
+    let theirs = TempDir::new().unwrap();
+    std::fs::set_permissions(theirs.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+    open(theirs.path()).close().await;
+    assert_eq!(mode(theirs.path()), 0o750);
+}
+
 #[test]
 fn a_tenant_check_reads_the_index_alone() {
     // The row's tenant column sits behind the snapshot: a check that read the row would take
