@@ -1,5 +1,6 @@
 //! The server's configuration: one struct, filled from defaults, then an optional TOML file,
-//! then command-line flags (each flag also reads a `LONGRUN_*` environment variable).
+//! then command-line flags; the flags an operator sets per deployment (addresses, store,
+//! TLS, auth) also read a `LONGRUN_*` environment variable, between the file and the flag.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 

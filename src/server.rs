@@ -233,6 +233,22 @@ fn check_settings(config: &Config) -> Result<(), ServeError> {
     if config.max_connection_age_grace.is_some() && config.max_connection_age.is_none() {
         problems.push("max_connection_age_grace needs a max_connection_age".to_owned());
     }
+    for entry in &webhooks.allow_hosts {
+        if let Err(problem) = crate::webhooks::guard::allow_entry(entry) {
+            problems.push(format!("[webhooks] allow_hosts: {problem}"));
+        }
+    }
+    // Every Submit falling back to it would be refused, naming a secret it never sent.
+    if webhooks
+        .secret
+        .as_ref()
+        .is_some_and(|secret| secret.len() > crate::webhooks::MAX_SECRET_BYTES)
+    {
+        problems.push(format!(
+            "[webhooks] secret must be at most {} bytes",
+            crate::webhooks::MAX_SECRET_BYTES
+        ));
+    }
     if let Err(problem) = cors::layer(&config.cors_allow_origins) {
         problems.push(problem);
     }

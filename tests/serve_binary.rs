@@ -336,6 +336,23 @@ fn settings_out_of_range_are_refused_naming_them() {
             "https://app.example.com/",
             "\"https://app.example.com/\" has a path",
         ),
+        // Past what a semaphore counts or a clock adds up, not a wish.
+        (
+            "--concurrency",
+            "1000001",
+            "concurrency must be at most 1000000",
+        ),
+        (
+            "--retry-backoff-max",
+            "101years",
+            "retry_backoff_max must be at most 100years",
+        ),
+        ("--lease", "1000000years", "lease must be at most 100years"),
+        (
+            "--retention",
+            "101years",
+            "retention must be at most 100years",
+        ),
     ] {
         let output = serve_refusing(&[flag, value], None);
         assert!(!output.status.success(), "{flag} {value}");
@@ -349,6 +366,7 @@ fn settings_out_of_range_are_refused_naming_them() {
         Some(concat!(
             "[webhooks]\nmax_attempts = 0\nconcurrency = 0\ntimeout = \"0s\"\n",
             "backoff = \"1m\"\nbackoff_max = \"1s\"\n",
+            "allow_hosts = [\"::1\", \"http://127.0.0.1\", \"hooks.internal:99999\", \"ok.internal:8080\"]\n",
             "[quotas]\nsubmits_per_second = nan\n",
             "[quotas.tenants.batch]\nsubmits_per_second = -1\nsubmit_burst = 0\n",
             "max_queued_jobs = 0\n",
@@ -365,9 +383,72 @@ fn settings_out_of_range_are_refused_naming_them() {
         "[quotas.tenants.batch] submits_per_second",
         "[quotas.tenants.batch] submit_burst",
         "[quotas.tenants.batch] max_queued_jobs",
+        "[webhooks] allow_hosts: \"::1\" is not a host name or IP address",
+        "(write an IPv6 address in brackets, as [::1])",
+        "[webhooks] allow_hosts: \"http://127.0.0.1\" is not a host",
+        "[webhooks] allow_hosts: \"hooks.internal:99999\" has no valid port",
     ] {
         assert!(stderr.contains(named), "{named}: {stderr}");
     }
+    assert!(!stderr.contains("ok.internal"), "{stderr}");
+    let output = serve_refusing(
+        &[],
+        Some(&format!(
+            "[webhooks]\nsecret = \"{}\"\nconcurrency = 1000001\n",
+            "s".repeat(1025)
+        )),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for named in [
+        "[webhooks] secret must be at most 1024 bytes",
+        "[webhooks] concurrency must be at most 1000000",
+    ] {
+        assert!(stderr.contains(named), "{named}: {stderr}");
+    }
+}
+
+/// A mistyped store URL is refused naming what was given, but never its password: not from
+/// the flag, the environment or the config file (whose parser quotes the line).
+#[test]
+fn a_mistyped_store_url_is_refused_without_printing_its_password() {
+    let typo = "postgress://app:Hunter2Secret@db/jobs";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("longrun.toml");
+    std::fs::write(&config, format!("[server]\nstore = \"{typo}\"\n")).unwrap();
+    let run = |args: &[&std::ffi::OsStr], env: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_longrun"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("LONGRUN_STORE")
+            .env_remove("LONGRUN_DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(store) = env {
+            command.env("LONGRUN_STORE", store);
+        }
+        Spawned::spawn(&mut command).wait_bounded()
+    };
+    for (how, output) in [
+        ("flag", run(&["--store".as_ref(), typo.as_ref()], None)),
+        ("environment", run(&[], Some(typo))),
+        (
+            "file",
+            run(&["--config".as_ref(), config.as_os_str()], None),
+        ),
+    ] {
+        assert!(!output.status.success(), "{how}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("postgress://app:***@db/jobs") && !stderr.contains("Hunter2"),
+            "{how}: {stderr}"
+        );
+    }
+    assert!(
+        !dir.path().join("longrun-data").exists(),
+        "refused before any data directory"
+    );
 }
 
 /// The edges themselves are taken: the smallest message limit, a queue of one, a hundred

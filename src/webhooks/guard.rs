@@ -89,13 +89,14 @@ pub struct AllowList {
 }
 
 impl AllowList {
-    /// An allow list of `entries` (compared case-insensitively).
+    /// An allow list of `entries`, each in the form a URL parser gives its host (lowercase,
+    /// `127.1` as `127.0.0.1`), so that it matches however a URL writes the host. An entry
+    /// [`allow_entry`] refuses matches nothing (`serve` refuses to start with one).
     pub fn new<I: IntoIterator<Item = S>, S: AsRef<str>>(entries: I) -> Self {
         Self {
             entries: entries
                 .into_iter()
-                .map(|e| e.as_ref().trim().to_ascii_lowercase())
-                .filter(|e| !e.is_empty())
+                .filter_map(|e| allow_entry(e.as_ref()).ok())
                 .collect(),
         }
     }
@@ -116,6 +117,43 @@ impl AllowList {
                     .rsplit_once(':')
                     .is_some_and(|(h, port)| h == host && port.parse::<u16>().is_ok())
         })
+    }
+}
+
+/// An allow-list entry in the form the list compares: a host name, an IPv4 literal or a
+/// bracketed IPv6 literal, as a URL parser writes it, then `:port` if the entry names one.
+/// Anything else (a scheme, a path, an unbracketed IPv6 address, a bad port) is refused with
+/// why: it could never match a URL's host, and an operator who wrote it meant something.
+pub fn allow_entry(entry: &str) -> Result<String, String> {
+    let entry = entry.trim();
+    if entry.contains('/') {
+        return Err(format!(
+            "{entry:?} is not a host: write the host alone, without a scheme or path"
+        ));
+    }
+    let (host, port) = match entry.rsplit_once(':') {
+        // An IPv6 literal's own colons are inside its brackets.
+        Some((host, port)) if !entry.ends_with(']') => (host, Some(port)),
+        _ => (entry, None),
+    };
+    if host.is_empty() {
+        return Err(format!("{entry:?} names no host"));
+    }
+    let parsed = url::Host::parse(host).map_err(|e| {
+        let hint = if host.contains(':') && !host.starts_with('[') {
+            " (write an IPv6 address in brackets, as [::1])"
+        } else {
+            ""
+        };
+        format!("{entry:?} is not a host name or IP address: {e}{hint}")
+    })?;
+    let host = parsed.to_string().to_ascii_lowercase();
+    match port {
+        None => Ok(host),
+        Some(port) => match port.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(format!("{host}:{port}")),
+            _ => Err(format!("{entry:?} has no valid port (1 to 65535)")),
+        },
     }
 }
 
@@ -192,6 +230,12 @@ pub fn parse_url(url: &str) -> Result<Url, UrlRefused> {
         Ok(parsed) => parsed,
         Err(e) => return Err(UrlRefused::Malformed(format!("is not a valid URL: {e}"))),
     };
+    // The URL is kept and sent as parsed; percent-encoding can make it longer than written.
+    if parsed.as_str().len() > MAX_URL_BYTES {
+        return Err(UrlRefused::Malformed(format!(
+            "must be at most {MAX_URL_BYTES} bytes (percent-encoded)"
+        )));
+    }
     if !matches!(parsed.scheme(), "http" | "https") {
         return malformed("must be an http or https URL");
     }
@@ -327,6 +371,54 @@ mod tests {
         ] {
             assert!(!is_internal(ip(public)), "{public} is public");
         }
+    }
+
+    #[test]
+    fn allow_entries_are_kept_as_a_url_writes_the_host_and_odd_ones_refused() {
+        for (entry, kept) in [
+            ("hooks.internal", "hooks.internal"),
+            (" Hooks.Internal:8443 ", "hooks.internal:8443"),
+            ("127.1", "127.0.0.1"),
+            ("0x7f000001:8181", "127.0.0.1:8181"),
+            ("[::1]", "[::1]"),
+            ("[0:0::1]:8080", "[::1]:8080"),
+            ("[::ffff:127.0.0.1]", "[::ffff:7f00:1]"),
+        ] {
+            assert_eq!(allow_entry(entry).as_deref(), Ok(kept), "{entry}");
+        }
+        for entry in [
+            "",
+            ":80",
+            "::1",
+            "http://127.0.0.1",
+            "hooks.internal/path",
+            "hooks.internal:0",
+            "hooks.internal:99999",
+            "hooks.internal:x",
+            "[::1",
+            "bad host",
+        ] {
+            assert!(allow_entry(entry).is_err(), "{entry:?} is refused");
+        }
+        // An entry written otherwise than the URL still matches it.
+        let allow = AllowList::new(["127.1:8181", "[0::1]"]);
+        let url = parse_url("http://0x7f.0.0.1:8181/").unwrap();
+        let (host, port) = host_and_port(&url).unwrap();
+        assert!(allow.allows(&host, port), "{host}:{port}");
+        assert!(allow.allows("[::1]", 1));
+    }
+
+    #[test]
+    fn a_url_is_kept_as_parsed_and_its_length_counted_so() {
+        let parsed = parse_url("HTTP://Example.COM:80/a/../b?q=1").unwrap();
+        assert_eq!(parsed.as_str(), "http://example.com/b?q=1");
+        // Each 'é' is two bytes as written, six percent-encoded.
+        let path = "é".repeat(MAX_URL_BYTES / 4);
+        let url = format!("https://example.com/{path}");
+        assert!(url.len() <= MAX_URL_BYTES);
+        assert!(
+            matches!(parse_url(&url), Err(UrlRefused::Malformed(why)) if why.contains("percent-encoded"))
+        );
     }
 
     #[test]

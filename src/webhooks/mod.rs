@@ -155,12 +155,13 @@ impl WebhookPolicy {
             .ok();
         match (parsed, secret) {
             (Some(parsed), Some(secret)) if violations.is_empty() => Ok(CheckedWebhook {
-                parsed,
                 spec: WebhookSpec {
-                    url: url.to_owned(),
+                    // As parsed: what is sent, and what a retried Submit is compared by.
+                    url: parsed.as_str().to_owned(),
                     secret,
                     events,
                 },
+                parsed,
             }),
             _ => Err(violations),
         }
@@ -196,6 +197,12 @@ mod tests {
         assert_eq!(err[0].field, "webhook.secret");
         let spec = strict.check(url, "own", WebhookEvents::All).await.unwrap();
         assert_eq!(spec.secret, "own");
+        // Kept as parsed: what is sent, shown, and compared when a Submit is retried.
+        let spec = strict
+            .check("HTTP://127.0.0.1:1/a/../hook", "own", WebhookEvents::All)
+            .await
+            .unwrap();
+        assert_eq!(spec.url, url);
 
         let defaulted = WebhookPolicy::new(&WebhookConfig {
             secret: Some("server".into()),

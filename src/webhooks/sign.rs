@@ -25,8 +25,9 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 /// Whether `header` (a `longrun-signature` value) signs `body` at `timestamp` with `secret`,
-/// compared in constant time. Several comma-separated signatures may be given (as during a
-/// secret rotation); one matching is enough.
+/// compared in constant time. longrun sends one signature; a header of several
+/// comma-separated ones is taken (one matching is enough) so that the scheme may grow. A
+/// receiver rotating its secret calls this once per secret it still accepts.
 pub fn verify(secret: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
     header.split(',').any(|part| {
         let Some(hex_digest) = part.trim().strip_prefix("v1=") else {
