@@ -9,7 +9,8 @@ use serde::Deserialize;
 mod security;
 
 pub use security::{
-    AuthConfig, AuthSettings, KeyEntry, QuotaSettings, Switch, TenantQuota, TlsFiles,
+    AuthConfig, AuthSettings, KeyEntry, PEM_CERTIFICATE, PEM_PRIVATE_KEY, QuotaSettings, Switch,
+    TenantQuota, TlsFiles, holds_pem,
 };
 
 use crate::{
@@ -551,9 +552,17 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
-    /// Parses a config file's text.
+    /// Parses a config file's text. A file that sets authentication twice, as `[server] auth`
+    /// and `[auth] enabled`, is refused: one would silently win over the other, and guessing
+    /// wrong serves without keys.
     pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
-        toml::from_str(text)
+        let file: Self = toml::from_str(text)?;
+        if file.settings.auth.is_some() && file.auth.enabled.is_some() {
+            return Err(<toml::de::Error as serde::de::Error>::custom(
+                "both [server] auth and [auth] enabled are set: keep one",
+            ));
+        }
+        Ok(file)
     }
 }
 
@@ -1084,6 +1093,13 @@ mod tests {
         );
         let file = FileConfig::parse("[auth]\nenabled = true").unwrap();
         assert!(Config::resolve(Settings::default(), file).auth.enabled);
+        let twice = FileConfig::parse("[server]\nauth = \"off\"\n[auth]\nenabled = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            twice.contains("both [server] auth and [auth] enabled"),
+            "{twice}"
+        );
     }
 
     #[test]

@@ -714,13 +714,28 @@ fn tls_config(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, Ser
                 .to_owned(),
         ));
     }
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| ServeError::Tls(format!("reading {}: {e}", path.display())))
+    use crate::config::{PEM_CERTIFICATE, PEM_PRIVATE_KEY, holds_pem};
+    // Each file is checked for what its setting takes first: TLS setup fails on the first
+    // thing it cannot use, and names the certificate and key whichever file that was.
+    let read = |setting: &str, path: &std::path::Path, holds: &[&str], what: &str| {
+        let pem = std::fs::read(path)
+            .map_err(|e| ServeError::Tls(format!("{setting}: reading {}: {e}", path.display())))?;
+        if !holds_pem(&pem, holds) {
+            return Err(ServeError::Tls(format!(
+                "{setting}: {} holds no PEM {what}",
+                path.display()
+            )));
+        }
+        Ok(pem)
     };
-    let identity = tonic::transport::Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+    let identity = tonic::transport::Identity::from_pem(
+        read("tls_cert", &files.cert, PEM_CERTIFICATE, "certificate")?,
+        read("tls_key", &files.key, PEM_PRIVATE_KEY, "private key")?,
+    );
     let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &files.client_ca {
-        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        let ca = read("tls_client_ca", ca, PEM_CERTIFICATE, "certificate")?;
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
     }
     // The certificate and key are only checked against each other when a transport is built:
     // built here once, so that a mismatch stops the server before it starts.

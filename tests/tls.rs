@@ -467,3 +467,47 @@ async fn a_key_that_does_not_match_the_certificate_is_refused_at_start() {
         "{text}"
     );
 }
+
+/// A file that holds no PEM block of what its setting takes (a key given as the client CA,
+/// an empty file) is refused naming that setting, not the certificate and key.
+#[tokio::test]
+async fn a_tls_file_holding_the_wrong_thing_is_refused_naming_its_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let empty = write(&dir, "empty.pem", "");
+    for (setting, edit) in [
+        (
+            "tls_client_ca",
+            Box::new(|tls: &mut TlsFiles| tls.client_ca = Some(tls.key.clone()))
+                as Box<dyn Fn(&mut TlsFiles)>,
+        ),
+        (
+            "tls_client_ca",
+            Box::new(|tls: &mut TlsFiles| tls.client_ca = Some(empty.clone())),
+        ),
+        (
+            "tls_cert",
+            Box::new(|tls: &mut TlsFiles| tls.cert = tls.key.clone()),
+        ),
+        (
+            "tls_key",
+            Box::new(|tls: &mut TlsFiles| tls.key = tls.cert.clone()),
+        ),
+    ] {
+        let mut config = tls_config(&dir, &ca, None);
+        edit(config.tls.as_mut().unwrap());
+        let refused = Server::start(
+            Arc::new(MemoryStore::new()),
+            Registry::with_builtins(),
+            config,
+        )
+        .await
+        .err()
+        .expect("refused at start");
+        let text = refused.to_string();
+        assert!(
+            text.contains(&format!("{setting}: ")) && text.contains("holds no PEM"),
+            "{setting}: {text}"
+        );
+    }
+}

@@ -300,11 +300,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         let read = |flag: &str, path: &std::path::Path, holds: &[&str], what: &str| {
             let pem = std::fs::read(path)
                 .map_err(|e| error::Usage(format!("{flag}: reading {}: {e}", path.display())))?;
-            let text = String::from_utf8_lossy(&pem);
-            if !holds
-                .iter()
-                .any(|label| text.contains(&format!("-----BEGIN {label}-----")))
-            {
+            if !holds_pem(&pem, holds) {
                 return Err(error::Usage(format!(
                     "{flag}: {} holds no PEM {what}",
                     path.display()
@@ -312,8 +308,9 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
             }
             Ok(pem)
         };
-        const CERTIFICATE: &[&str] = &["CERTIFICATE"];
-        const PRIVATE_KEY: &[&str] = &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"];
+        use longrun::config::{
+            PEM_CERTIFICATE as CERTIFICATE, PEM_PRIVATE_KEY as PRIVATE_KEY, holds_pem,
+        };
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &args.ca_cert {
             let pem = read("--ca-cert", ca, CERTIFICATE, "certificate")?;

@@ -90,6 +90,21 @@ pub struct AuthConfig {
     pub keys: Vec<KeyEntry>,
 }
 
+/// The PEM labels a certificate is written under.
+pub const PEM_CERTIFICATE: &[&str] = &["CERTIFICATE"];
+/// The PEM labels a private key is written under (PKCS#8, PKCS#1 RSA, SEC1 EC).
+pub const PEM_PRIVATE_KEY: &[&str] = &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"];
+
+/// Whether `pem` holds a block under one of `labels`: a file given for a certificate that
+/// holds none (a key, an empty file) is named as such, rather than failing the TLS setup with
+/// a message about something else.
+pub fn holds_pem(pem: &[u8], labels: &[&str]) -> bool {
+    let text = String::from_utf8_lossy(pem);
+    labels
+        .iter()
+        .any(|label| text.contains(&format!("-----BEGIN {label}-----")))
+}
+
 /// TLS, resolved: PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
