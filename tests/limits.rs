@@ -350,3 +350,35 @@ async fn on_postgres_a_burst_of_submits_fills_the_queue_to_its_limit_and_no_furt
     gate.release(6);
     server.stop().await;
 }
+
+/// On PostgreSQL, a job this replica queued and then claimed at once no longer counts as
+/// waiting: Submits right after it (before the count is read again) fill the queue to its
+/// limit, not one short of it.
+#[tokio::test]
+async fn on_postgres_a_job_claimed_at_once_frees_its_place_in_the_queue() {
+    let Some(base) = common::postgres::database_url() else {
+        return;
+    };
+    let schema = common::postgres::TestSchema::create(&base);
+    let gate = Gate::default();
+    let store = longrun::store::PostgresStore::open(&schema.url(), Default::default())
+        .await
+        .expect("open store");
+    let store: std::sync::Arc<dyn longrun::store::Store> = std::sync::Arc::new(store);
+    let server = TestServer::start_on(store, config(1, 2), gate.registry()).await;
+    let mut client = server.client.clone();
+    // The count is read for this Submit; the job is claimed and started right after.
+    submit(&mut client, request(vec![gated()])).await;
+    gate.next_started().await;
+    for _ in 0..2 {
+        let queued = submit(&mut client, request(vec![gated()])).await;
+        assert_eq!(state(&queued), JobState::Queued);
+    }
+    let status = client
+        .submit(request(vec![gated()]))
+        .await
+        .expect_err("two are waiting: the limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    gate.release(3);
+    server.stop().await;
+}

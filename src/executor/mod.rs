@@ -555,7 +555,7 @@ impl Executor {
                 }
                 drop(scheduler);
                 if let Some(reservation) = &mut shared_reservation {
-                    reservation.queued();
+                    reservation.queued(job.id);
                 }
                 self.inner.metrics.transition(job.state.as_str());
                 self.inner.sync_gauges();

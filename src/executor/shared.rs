@@ -47,6 +47,10 @@ pub(super) struct QueuedCount {
     /// Submits past the check and not yet stored (or refused): counted until they are, as a
     /// count read meanwhile may not hold them yet.
     pending: Tally,
+    /// The jobs this replica queued since the count was read: counted in `queued` by this
+    /// replica alone, so the one that claims them knows to count them out at once (a count
+    /// that says full is only read again after 100 ms, and would refuse Submits that fit).
+    queued_here: HashSet<JobId>,
 }
 
 /// Jobs in all and per tenant.
@@ -102,18 +106,24 @@ pub(super) struct QueuedReservation<'a> {
 }
 
 impl QueuedReservation<'_> {
-    /// The job was stored QUEUED: it counts until the next read of the database's count.
-    pub(super) fn queued(&mut self) {
+    /// The job `id` was stored QUEUED: it counts until the next read of the database's count,
+    /// or until this replica claims it.
+    pub(super) fn queued(&mut self, id: JobId) {
+        if self.queued {
+            return;
+        }
         self.queued = true;
+        let mut count = self.inner.queued_count();
+        count.pending.remove(&self.tenant);
+        count.queued.add(&self.tenant);
+        count.queued_here.insert(id);
     }
 }
 
 impl Drop for QueuedReservation<'_> {
     fn drop(&mut self) {
-        let mut count = self.inner.queued_count();
-        count.pending.remove(&self.tenant);
-        if self.queued {
-            count.queued.add(&self.tenant);
+        if !self.queued {
+            self.inner.queued_count().pending.remove(&self.tenant);
         }
     }
 }
@@ -147,6 +157,7 @@ impl Inner {
                     Ok(counts) => {
                         let mut count = self.queued_count();
                         count.read_at = Some(Instant::now());
+                        count.queued_here.clear();
                         count.queued = Tally {
                             total: counts.iter().map(|(_, n)| n).sum(),
                             per_tenant: counts.into_iter().collect(),
@@ -329,6 +340,14 @@ impl Inner {
         match shared.claim(limit, &running_here).await {
             Ok(jobs) => {
                 let count = jobs.len();
+                {
+                    let mut queued = self.queued_count();
+                    for job in &jobs {
+                        if queued.queued_here.remove(&job.id) {
+                            queued.queued.remove(&job.tenant);
+                        }
+                    }
+                }
                 let mut scheduler = self.scheduler();
                 for job in jobs {
                     let job = Arc::new(job);
@@ -474,6 +493,7 @@ mod tests {
                 per_tenant: [("a".to_owned(), 3), ("b".to_owned(), 2)].into(),
             },
             pending: Tally::default(),
+            queued_here: HashSet::new(),
         };
         assert!(matches!(count.full("a", 5, None), Some(Full::Queue)));
         assert!(count.full("a", 6, None).is_none());
