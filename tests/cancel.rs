@@ -136,6 +136,96 @@ async fn handler_ignoring_its_cancellation_is_stopped_after_the_grace_period() {
     assert_eq!(gate.running(), 0, "the stubborn handler was dropped");
 }
 
+/// A handler that blocks its thread (sleeps, or computes, without awaiting) for `ms` after
+/// it starts; `returned` is set when it gives the thread back.
+struct Blocking {
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+    returned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[longrun::actions::async_trait]
+impl longrun::actions::Handler for Blocking {
+    fn describe(&self) -> longrun::actions::ActionDescription {
+        longrun::actions::ActionDescription {
+            description: "Test action that blocks its thread.".to_owned(),
+            params: vec![longrun::actions::ParamInfo::required(
+                "ms",
+                longrun::actions::ParamType::Integer,
+                "how long",
+            )],
+            uses_input: false,
+        }
+    }
+
+    async fn run(
+        &self,
+        ctx: longrun::actions::ActionContext,
+    ) -> Result<serde_json::Value, longrun::actions::HandlerError> {
+        let _ = self.started.send(());
+        let ms = ctx.params["ms"].as_f64().unwrap_or(0.0) as u64;
+        std::thread::sleep(Duration::from_millis(ms));
+        self.returned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(json!({}))
+    }
+}
+
+/// A handler that blocks its thread cannot hold up its job: a Cancel is stored and answered,
+/// and the job ends CANCELLED after the grace period (as does a timeout, FAILED), while the
+/// handler still holds its thread. Two workers: one is the handler's while it blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_blocking_its_thread_is_cancelled_and_timed_out_all_the_same() {
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let returned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut registry = Registry::with_builtins();
+    registry.register(
+        "block",
+        Blocking {
+            started: started_tx,
+            returned: returned.clone(),
+        },
+    );
+    let server = TestServer::start_with(test_config(), registry).await;
+    let mut client = server.client.clone();
+    let blocked = || returned.load(std::sync::atomic::Ordering::SeqCst);
+
+    let job = submit(
+        &mut client,
+        request(vec![action("block", json!({ "ms": 2500 }))]),
+    )
+    .await;
+    started.recv().await.expect("the handler starts");
+    let answer = cancel(&mut client, &job.id).await;
+    assert!(answer.cancel_requested, "{answer:?}");
+    let done = wait_done(&mut client, &job.id).await;
+    assert_eq!(state(&done), JobState::Cancelled);
+    assert!(
+        !blocked(),
+        "ended while the handler still blocks its thread"
+    );
+
+    // Two blocked handlers would hold both workers: the first gives its thread back first.
+    for _ in 0..200 {
+        if blocked() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(blocked(), "the first handler returned");
+    returned.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut req = request(vec![action("block", json!({ "ms": 2500 }))]);
+    req.timeout = Some(millis(100));
+    let job = submit(&mut client, req).await;
+    started.recv().await.expect("the handler starts");
+    let done = wait_done(&mut client, &job.id).await;
+    assert_eq!(state(&done), JobState::Failed);
+    assert_eq!(done.error.as_ref().unwrap().code, "DEADLINE_EXCEEDED");
+    assert!(
+        !blocked(),
+        "ended while the handler still blocks its thread"
+    );
+}
+
 #[tokio::test]
 async fn a_cancel_while_the_handler_stops_for_its_timeout_ends_the_job_cancelled_not_retried() {
     let gate = Gate::new(true);
