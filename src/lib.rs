@@ -8,7 +8,9 @@
 //! use longrun::{actions::Registry, config::Config, server::Server, store::MemoryStore};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let registry = Registry::with_builtins(); // .register("resize", MyResizeHandler)
+//! let mut registry = Registry::with_builtins();
+//! # #[cfg(any())]
+//! registry.register("resize", MyResizeHandler); // any longrun::actions::Handler
 //! let server = Server::start(Arc::new(MemoryStore::new()), registry, Config::default()).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:50051").await?;
 //! server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;

@@ -65,10 +65,34 @@ impl Handler for Deep {
     }
 }
 
+/// Returns what its context says of the job: attempts, labels, tenant.
+struct Context;
+
+#[longrun::actions::async_trait]
+impl Handler for Context {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Test action returning its context.".to_owned(),
+            params: vec![],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, ctx: ActionContext) -> Result<Value, HandlerError> {
+        Ok(json!({
+            "attempt": ctx.attempt,
+            "max_attempts": ctx.max_attempts,
+            "labels": ctx.labels,
+            "tenant": ctx.tenant,
+        }))
+    }
+}
+
 async fn server() -> (tempfile::TempDir, TestServer) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut registry = longrun::actions::Registry::with_builtins();
     registry.register("deep", Deep);
+    registry.register("context", Context);
     // SQLite: the snapshot goes through the store's JSON and back, as it does after a restart.
     let server = TestServer::start_on(open_sqlite(dir.path()).await, test_config(), registry).await;
     (dir, server)
@@ -238,5 +262,25 @@ async fn an_error_keeps_readable_details_and_a_status_code_name() {
     assert!(!details.fields.contains_key("nest"));
     read_everywhere(&server, &dropped).await;
     read_watch_jobs_to_end(&mut watch, &dropped).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_is_told_its_job_s_attempts_labels_and_tenant() {
+    let (_dir, server) = server().await;
+    let mut client = server.client().await;
+    let mut req = request(vec![action("context", json!({}))]);
+    req.max_attempts = 3;
+    req.labels = [("team".to_owned(), "a".to_owned())].into();
+    let job = submit(&mut client, req).await;
+    let done = wait_done(&mut client, &job.id).await;
+    let result = done.actions[0].result.clone().expect("a result");
+    let expected = json!({
+        "attempt": 1,
+        "max_attempts": 3,
+        "labels": { "team": "a" },
+        "tenant": "default",
+    });
+    assert_eq!(result, longrun::api::convert::json_to_value(&expected));
     server.stop().await;
 }

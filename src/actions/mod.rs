@@ -54,6 +54,13 @@ pub struct ActionContext {
     pub action_index: usize,
     /// The job's attempt, 1 for the first run.
     pub attempt: u32,
+    /// The attempts the job has in all: this one is the last when `attempt` reaches it, and
+    /// a retryable [`HandlerError`] then fails the job.
+    pub max_attempts: u32,
+    /// The job's labels, as submitted.
+    pub labels: BTreeMap<String, String>,
+    /// The tenant that submitted the job (`default` without authentication).
+    pub tenant: String,
     /// The action's parameters, already checked against its [`ActionDescription`].
     pub params: Map<String, Value>,
     /// The action's binary input.
@@ -123,6 +130,14 @@ impl HandlerError {
     pub fn cancelled() -> Self {
         Self::permanent("CANCELLED", "CANCELLED", "the action was stopped")
     }
+
+    /// A retryable `INTERNAL` failure with reason `HANDLER_ERROR` and `error`'s text (in its
+    /// alternate form, which for an `anyhow::Error` holds its causes): what `?` makes of a
+    /// `std::error::Error`, for errors that are not one, as
+    /// `.map_err(HandlerError::internal)?` on an `anyhow::Result`.
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        Self::new("INTERNAL", "HANDLER_ERROR", format!("{error:#}"))
+    }
 }
 
 impl std::fmt::Display for HandlerError {
@@ -170,6 +185,19 @@ impl From<JobError> for HandlerError {
 /// A handler reports progress through `ctx.progress`, stops soon after `ctx.cancel` fires
 /// (a Cancel, the job's timeout, or shutdown; one that does not is dropped after the cancel
 /// grace period), and returns a JSON result or a [`HandlerError`], permanent or retryable.
+///
+/// - A retryable error runs the job again (from its first action not yet succeeded, after a
+///   backoff) only while it has attempts left: jobs get one unless their Submit or the
+///   server's `default_max_attempts` say more.
+/// - A panic fails the attempt as a retryable `INTERNAL` error with reason
+///   `HANDLER_PANICKED`; the server goes on.
+/// - Each action runs as a task of its own, so a handler that blocks its thread (CPU-bound
+///   work, blocking I/O) does not hold up its job's Cancel or timeout: the job ends when they
+///   say. The thread stays blocked all the same, and a runtime has few: run such work with
+///   [`tokio::task::spawn_blocking`] and look at `ctx.cancel` between its steps.
+/// - The result must fit in a response: at most 32 levels deep (past it the action fails
+///   with `RESULT_TOO_DEEP`), and with the job's other results within the server's
+///   `max_message_bytes` (`RESULT_TOO_LARGE`).
 ///
 /// A handler that counts the lines of its input containing a word, reporting progress as it
 /// goes and stopping when told to:
@@ -233,6 +261,9 @@ impl From<JobError> for HandlerError {
 ///     job_id: JobId::generate(),
 ///     action_index: 0,
 ///     attempt: 1,
+///     max_attempts: 1,
+///     labels: Default::default(),
+///     tenant: "default".to_owned(),
 ///     params: json!({ "word": "error" }).as_object().cloned().unwrap_or_default(),
 ///     input: "ok\nerror: disk\nok\nerror: net\n".into(),
 ///     progress,
@@ -442,6 +473,18 @@ mod tests {
             Ok(())
         }
         let error = handler_step().unwrap_err();
+        assert!(error.retryable);
+        assert_eq!(
+            error.to_string(),
+            "INTERNAL/HANDLER_ERROR: reading the input: unexpected end of file (retryable)"
+        );
+        // An anyhow::Error is no std::error::Error: `internal` keeps its context chain.
+        fn anyhow_step() -> anyhow::Result<()> {
+            anyhow::bail!("unexpected end of file")
+        }
+        let error = anyhow::Context::context(anyhow_step(), "reading the input")
+            .map_err(HandlerError::internal)
+            .unwrap_err();
         assert!(error.retryable);
         assert_eq!(
             error.to_string(),

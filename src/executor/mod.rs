@@ -49,9 +49,15 @@ fn watch_error(error: WatchError) -> ExecutorError {
 const MAX_DUE_WAIT: Duration = Duration::from_secs(60);
 
 /// The span a job's run is logged in. Its `trace_id` is recorded by [`record_trace`] once
-/// the job is at hand (a queued job may have to be read from the store first).
+/// the job is at hand (a queued job may have to be read from the store first). A root span
+/// that follows from the one it is made in (the Submit that started the job at once, say):
+/// as that one's child it would keep the RPC's span open, for a tracing exporter, until
+/// the job ends.
 fn job_span(id: JobId) -> tracing::Span {
-    tracing::info_span!("job", job_id = %id, trace_id = tracing::field::Empty)
+    let span =
+        tracing::info_span!(parent: None, "job", job_id = %id, trace_id = tracing::field::Empty);
+    span.follows_from(tracing::Span::current());
+    span
 }
 
 /// Records, in the current [`job_span`], the trace of the Submit that created `job`, so that
