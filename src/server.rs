@@ -313,6 +313,9 @@ pub struct Server {
     /// Where the metrics are served when the program bound it itself, see
     /// [`Server::with_metrics_listener`].
     metrics_listener: Option<TcpListener>,
+    /// The webhook delivery worker, flushed and waited for on shutdown.
+    webhooks: WebhookWorker,
+    webhooks_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
@@ -360,14 +363,14 @@ impl Server {
         let stopping = CancellationToken::new();
         // Started before serving, so that what a previous run left in the outbox goes out at
         // once; it stops with the rest once the server has drained.
-        WebhookWorker::new(
+        let webhooks = WebhookWorker::new(
             Arc::clone(executor.store()),
             Arc::clone(executor.hub()),
             Arc::clone(executor.metrics()),
             config.webhooks.clone(),
             stopping.clone(),
-        )?
-        .spawn();
+        )?;
+        let webhooks_task = webhooks.clone().spawn();
         tokio::spawn(sweep_retention(
             Arc::clone(executor.store()),
             Arc::clone(executor.hub()),
@@ -381,6 +384,8 @@ impl Server {
             authenticator,
             tls,
             metrics_listener: None,
+            webhooks,
+            webhooks_task: Some(webhooks_task),
         })
     }
 
@@ -483,6 +488,8 @@ impl Server {
         let grace = self.config.shutdown_grace;
         let drain_health = health.clone();
         let drain_abort = abort.clone();
+        let webhooks = self.webhooks.clone();
+        let webhook_flush = self.config.webhooks.timeout.min(MAX_WEBHOOK_FLUSH);
         // Cuts the connections still open CONNECTION_CLOSE_GRACE after the drain.
         let sever = CancellationToken::new();
         let drain_sever = sever.clone();
@@ -495,6 +502,8 @@ impl Server {
             drain_started.cancel();
             set_health(&drain_health, ServingStatus::NotServing).await;
             executor.shutdown(grace).await;
+            // The deliveries of jobs that ended while draining are due now.
+            webhooks.flush(webhook_flush).await;
             stopping.cancel();
             tracing::info!("jobs drained; closing connections");
             tokio::spawn(async move {
@@ -594,9 +603,17 @@ impl Server {
             }
         }
         transport.await?;
+        // Stopped with the rest once drained; waited for, so that no delivery reads or writes
+        // the store after `serve` returns and the program closes it.
+        if let Some(task) = self.webhooks_task.take() {
+            let _ = tokio::time::timeout(MAX_WEBHOOK_FLUSH, task).await;
+        }
         Ok(())
     }
 }
+
+/// The longest a shutdown waits for due webhook deliveries, after the jobs drained.
+const MAX_WEBHOOK_FLUSH: Duration = Duration::from_secs(5);
 
 impl Drop for Server {
     fn drop(&mut self) {

@@ -659,3 +659,20 @@ async fn a_job_with_more_deliveries_than_fit_shows_the_newest() {
         last_id(shown)
     );
 }
+
+/// A job that ends while the server drains has its webhook sent before the server stops, not
+/// only at its next start.
+#[tokio::test]
+async fn a_job_ending_during_a_graceful_shutdown_is_delivered_before_the_server_stops() {
+    let receiver = Receiver::ok().await;
+    let server = server(config()).await;
+    let mut client = server.client.clone();
+    let mut request = with_webhook(receiver.url("/hooks/drain"), WebhookEvents::Terminal);
+    request.actions = vec![sleep(300, 3)];
+    let job = submit(&mut client, request).await;
+    until_state(&mut client, &job.id, pb::JobState::Running).await;
+    server.stop().await;
+    assert_eq!(receiver.count(), 1, "delivered before the server stopped");
+    let hit = receiver.next().await;
+    assert_eq!(hit.json()["event"]["state"], "JOB_STATE_SUCCEEDED");
+}

@@ -402,10 +402,16 @@ pub trait SharedStore: Send + Sync {
     /// the meantime, or [`StoreError::StaleVersion`] if another replica saved it first.
     async fn save_expired(&self, job: &Job) -> Result<(), StoreError>;
 
-    /// Takes a due webhook delivery for one attempt by this replica: moves its next attempt a
-    /// lease ahead, so no other replica finds it due meanwhile (and one does if this replica
-    /// dies before recording the attempt). False when another replica took it first.
-    async fn claim_delivery(&self, id: Uuid, now: SystemTime) -> Result<bool, StoreError>;
+    /// Takes a due webhook delivery for one attempt by this replica: moves its next attempt
+    /// `hold` ahead (longer than the attempt may last), so no other replica finds it due
+    /// meanwhile (and one does if this replica dies before recording the attempt). False when
+    /// another replica took it first.
+    async fn claim_delivery(
+        &self,
+        id: Uuid,
+        now: SystemTime,
+        hold: Duration,
+    ) -> Result<bool, StoreError>;
 
     /// Asks whichever replica runs the RUNNING job to cancel it: marks the job, and notifies
     /// (at once, through the feed). A replica that missed the notification finds the mark at

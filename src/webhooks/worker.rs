@@ -49,6 +49,13 @@ pub enum WorkerError {
     Body(#[from] super::body::BodyError),
 }
 
+/// How much longer than an attempt's timeout a replica holds the delivery it claimed: time to
+/// record the attempt once it has ended.
+const DELIVERY_CLAIM_MARGIN: Duration = Duration::from_secs(5);
+
+/// How often [`WebhookWorker::flush`] looks whether the outbox is done.
+const FLUSH_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+
 /// Sends the outbox's deliveries. Cheap to clone: every clone shares the same state.
 #[derive(Clone)]
 pub struct WebhookWorker {
@@ -119,6 +126,27 @@ impl WebhookWorker {
         tokio::spawn(async move { self.run().await })
     }
 
+    /// Waits, at most `bound`, until no delivery is due and none is in flight: on shutdown,
+    /// so that a job that ended while the server drained has its webhook sent before the
+    /// process exits rather than at its next start. A failing delivery waiting out its
+    /// backoff is not waited for; it stays in the outbox.
+    pub async fn flush(&self, bound: Duration) {
+        let until = tokio::time::Instant::now() + bound;
+        let concurrency = self.config.concurrency.clamp(1, Semaphore::MAX_PERMITS);
+        loop {
+            self.hub.webhook_wake().notify_one();
+            tokio::time::sleep(FLUSH_CHECK_INTERVAL).await;
+            let idle = self.permits.available_permits() >= concurrency
+                && matches!(
+                    self.store.due_deliveries(SystemTime::now(), 1).await,
+                    Ok(due) if due.is_empty()
+                );
+            if idle || tokio::time::Instant::now() >= until {
+                return;
+            }
+        }
+    }
+
     async fn run(self) {
         loop {
             self.scan().await;
@@ -161,7 +189,12 @@ impl WebhookWorker {
             // Replicas sharing a store all see the same due deliveries: one takes each.
             if let Some(shared) = self.store.shared() {
                 let claimed = shared
-                    .claim_delivery(delivery.delivery.id, SystemTime::now())
+                    .claim_delivery(
+                        delivery.delivery.id,
+                        SystemTime::now(),
+                        // An attempt ends within its timeout; then it is recorded.
+                        self.config.timeout.saturating_add(DELIVERY_CLAIM_MARGIN),
+                    )
                     .await;
                 if !matches!(claimed, Ok(true)) {
                     if let Err(error) = claimed {

@@ -249,7 +249,12 @@ impl SharedStore for PostgresStore {
         self.write(|reply| Command::Save { row, reply }).await
     }
 
-    async fn claim_delivery(&self, id: uuid::Uuid, now: SystemTime) -> Result<bool, StoreError> {
+    async fn claim_delivery(
+        &self,
+        id: uuid::Uuid,
+        now: SystemTime,
+        hold: Duration,
+    ) -> Result<bool, StoreError> {
         let fail = |e| pg_error(format!("claiming webhook delivery {id}"), e);
         let client = self.reader().await?;
         let statement = client
@@ -260,7 +265,7 @@ impl SharedStore for PostgresStore {
             .await
             .map_err(fail)?;
         let claimed = client
-            .execute(&statement, &[&id, &unix_micros(now), &micros(self.lease)])
+            .execute(&statement, &[&id, &unix_micros(now), &micros(hold)])
             .await
             .map_err(fail)?;
         Ok(claimed == 1)

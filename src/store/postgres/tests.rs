@@ -951,8 +951,12 @@ async fn one_replica_takes_each_due_delivery() {
     let due = a.due_deliveries(now, 10).await.unwrap();
     assert_eq!(due.len(), 1, "the QUEUED notification is due");
     let id = due[0].delivery.id;
-    assert!(a.claim_delivery(id, now).await.unwrap());
-    assert!(!b.claim_delivery(id, now).await.unwrap(), "taken once");
+    let hold = std::time::Duration::from_secs(15);
+    assert!(a.claim_delivery(id, now, hold).await.unwrap());
+    assert!(
+        !b.claim_delivery(id, now, hold).await.unwrap(),
+        "taken once"
+    );
     assert!(b.due_deliveries(now, 10).await.unwrap().is_empty());
     a.close().await;
     b.close().await;
