@@ -114,10 +114,23 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // PostgreSQL's NOTICEs ("relation … already exists, skipping" at every start) are not
-        // the operator's business unless asked for.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+    // PostgreSQL's NOTICEs ("relation … already exists, skipping" at every start) are not the
+    // operator's business unless asked for.
+    const DEFAULT_FILTER: &str = "info,tokio_postgres=warn";
+    // RUST_LOG set but empty is taken as unset (an empty filter would hide all but errors,
+    // the address served on included); one that does not parse is said so once logging is up.
+    let (filter, bad_filter) = match std::env::var("RUST_LOG") {
+        Ok(text) if !text.trim().is_empty() => {
+            match tracing_subscriber::EnvFilter::try_new(&text) {
+                Ok(filter) => (filter, None),
+                Err(error) => (
+                    tracing_subscriber::EnvFilter::new(DEFAULT_FILTER),
+                    Some(format!("{text:?}: {error}")),
+                ),
+            }
+        }
+        _ => (tracing_subscriber::EnvFilter::new(DEFAULT_FILTER), None),
+    };
     let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -131,6 +144,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_current_span(true)
             .with_span_list(true)
             .init(),
+    }
+    if let Some(problem) = bad_filter {
+        tracing::warn!("RUST_LOG {problem}; logging with the default filter {DEFAULT_FILTER:?}");
     }
     let file = match &args.config {
         Some(path) => {
@@ -149,6 +165,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Before the store is opened: opening a data directory migrates it, and a refused config
     // must not have upgraded a directory an older binary still serves.
     Server::check_config(&config).context("checking the configuration")?;
+    // What this server runs with, in one line: what an operator checks first when it does
+    // not behave as they thought they configured it.
+    tracing::info!(
+        config_file = args.config.as_ref().map(|path| tracing::field::display(path.display())),
+        concurrency = config.executor.concurrency,
+        max_queue_length = config.executor.max_queue_length,
+        max_message_bytes = config.limits.max_message_bytes,
+        retention = %humantime::format_duration(config.retention),
+        shutdown_grace = %humantime::format_duration(config.shutdown_grace),
+        auth = config.auth.enabled,
+        tls = config.tls.is_some(),
+        "settings"
+    );
+    if let Some(addr) = config
+        .metrics_listen
+        .filter(|addr| !addr.ip().is_loopback())
+    {
+        tracing::warn!(
+            %addr,
+            "metrics are served without authentication on a non-loopback address: whoever \
+             reaches it reads job counts and action names"
+        );
+    }
     // Both bound before the store is opened too: a port in use is refused without having
     // created (or migrated) a data directory. Connections made meanwhile wait in the backlog.
     let listen = config.listen;
@@ -268,8 +307,8 @@ fn hash_key() -> anyhow::Result<()> {
 async fn shutdown_signal() {
     signalled().await;
     tracing::info!(
-        "shutting down: running jobs get the shutdown grace period; a second Ctrl-C or SIGTERM \
-         stops at once"
+        "shutting down: running jobs get the shutdown grace period; a second Ctrl-C, SIGTERM \
+         or SIGHUP stops at once"
     );
     tokio::spawn(async {
         signalled().await;
@@ -282,21 +321,24 @@ async fn shutdown_signal() {
     });
 }
 
-/// Completes on the next SIGINT or SIGTERM.
+/// Completes on the next SIGINT, SIGTERM or SIGHUP. SIGHUP (the terminal `serve` runs in was
+/// closed) would otherwise end the process at once, without the drain.
 async fn signalled() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let on = |kind: SignalKind, name: &'static str| async move {
+        match signal(kind) {
             Ok(mut signal) => {
                 signal.recv().await;
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                tracing::warn!(%error, "cannot listen for {name}; it does not stop the server");
                 std::future::pending::<()>().await;
             }
         }
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
+        _ = on(SignalKind::terminate(), "SIGTERM") => {}
+        _ = on(SignalKind::hangup(), "SIGHUP") => {}
     }
 }

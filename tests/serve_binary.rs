@@ -202,6 +202,37 @@ async fn a_second_signal_stops_a_draining_server_at_once() {
     assert!(stderr.contains("second signal"), "{stderr}");
 }
 
+/// SIGHUP (the terminal closed) drains as SIGTERM does, rather than killing the process; and
+/// RUST_LOG set but empty logs as unset does, one that does not parse says so.
+#[tokio::test]
+async fn sighup_drains_and_an_empty_or_bad_rust_log_keeps_the_default_filter() {
+    use nix::sys::signal::{Signal, kill};
+    for (rust_log, expected) in [
+        ("", "serving longrun.v1.Jobs"),
+        ("longrun=verbose", "RUST_LOG \"longrun=verbose\""),
+    ] {
+        let addr = common::free_addr();
+        let server = Spawned::spawn(
+            Command::new(env!("CARGO_BIN_EXE_longrun"))
+                .args(["serve", "--store", "memory", "--listen", &addr.to_string()])
+                .env("RUST_LOG", rust_log)
+                .env_remove("LONGRUN_AUTH")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
+        let mut client = common::connect(addr).await;
+        let job = submit(&mut client, request(vec![sleep(300, 1)])).await;
+        common::until_state(&mut client, &job.id, pb::JobState::Running).await;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(server.id()).unwrap());
+        kill(pid, Signal::SIGHUP).unwrap();
+        let output = server.wait_bounded();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "drained: {stderr}");
+        assert!(stderr.contains("jobs drained"), "{stderr}");
+        assert!(stderr.contains(expected), "RUST_LOG={rust_log:?}: {stderr}");
+    }
+}
+
 /// Starts `longrun serve` with `args` on a memory store, stderr piped.
 fn serve_with(args: &[&str]) -> Spawned {
     Spawned::spawn(
