@@ -534,6 +534,50 @@ async fn deliveries_in_flight_are_bounded_by_the_concurrency() {
     assert_eq!(receiver.count(), 2);
 }
 
+/// Retries take half the slots at most: receivers that keep failing (here: failing at
+/// once, then hanging) cannot hold every slot while a healthy receiver's delivery waits.
+#[tokio::test]
+async fn retries_of_failing_receivers_leave_slots_to_first_attempts() {
+    // Requests are counted from 1.
+    let failing = Receiver::start(|n| {
+        if n <= 2 {
+            Reply::Status(500)
+        } else {
+            Reply::Hang
+        }
+    })
+    .await;
+    let healthy = Receiver::ok().await;
+    let mut config = config();
+    config.webhooks.concurrency = 2;
+    config.webhooks.timeout = Duration::from_secs(60);
+    let server = server(config).await;
+    let mut client = server.client.clone();
+    for i in 0..2 {
+        submit(
+            &mut client,
+            with_webhook(failing.url(&format!("/bad/{i}")), WebhookEvents::Terminal),
+        )
+        .await;
+    }
+    // Both first attempts fail; one retry hangs, the other waits for the retry lane (past
+    // its backoff: a short look is enough to catch it).
+    for _ in 0..3 {
+        failing.next().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(failing.count(), 3, "one retry in flight, not two");
+    submit(
+        &mut client,
+        with_webhook(healthy.url("/good"), WebhookEvents::Terminal),
+    )
+    .await;
+    healthy.next().await;
+    assert_eq!(failing.count(), 3, "one retry in flight, not two");
+    // Not stopped gracefully: the flush would wait out the hanging retry.
+    drop(server);
+}
+
 /// On the SQLite store, whose reads are awaited on another thread while attempts end, each
 /// delivery that the receiver accepts at once is sent exactly once: a scan that read the
 /// deliveries before an attempt was recorded must not send that delivery again. (Before the

@@ -53,6 +53,12 @@ pub enum WorkerError {
 /// record the attempt once it has ended.
 const DELIVERY_CLAIM_MARGIN: Duration = Duration::from_secs(5);
 
+/// The attempts after a delivery's first that may be in flight at once, of `concurrency`:
+/// half, and at least one.
+fn retry_slots(concurrency: usize) -> usize {
+    (concurrency / 2).max(1)
+}
+
 /// How often [`WebhookWorker::flush`] looks whether the outbox is done.
 const FLUSH_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -75,6 +81,10 @@ pub struct WebhookWorker {
     /// awaited on another thread while attempts end).
     ended: Arc<Mutex<Vec<JobId>>>,
     permits: Arc<Semaphore>,
+    /// Held, besides a permit, by the attempts after a delivery's first: half the permits at
+    /// most, so receivers that keep failing (timing out, say) never take every slot from
+    /// the deliveries of healthy ones.
+    retry_permits: Arc<Semaphore>,
     tasks: TaskTracker,
     stopping: CancellationToken,
 }
@@ -115,6 +125,7 @@ impl WebhookWorker {
             in_flight: Arc::default(),
             ended: Arc::default(),
             permits: Arc::new(Semaphore::new(concurrency)),
+            retry_permits: Arc::new(Semaphore::new(retry_slots(concurrency))),
             tasks: TaskTracker::new(),
             stopping,
         })
@@ -171,7 +182,9 @@ impl WebhookWorker {
             }
             in_flight.len()
         };
-        let limit = busy + self.permits.available_permits().max(1);
+        // Past the free permits: retries the retry lane cannot take yet are passed over for
+        // the first attempts behind them.
+        let limit = busy + self.permits.available_permits().max(1) * 4;
         let due = match self.store.due_deliveries(SystemTime::now(), limit).await {
             Ok(due) => due,
             Err(error) => {
@@ -180,6 +193,16 @@ impl WebhookWorker {
             }
         };
         for delivery in due {
+            // Taken first, and only for a retry: a retry finding none leaves the permits to
+            // the first attempts further down the list.
+            let retry_permit = if delivery.delivery.attempts > 0 {
+                match Arc::clone(&self.retry_permits).try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => continue, // a finishing retry wakes the worker again
+                }
+            } else {
+                None
+            };
             let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
                 break; // every permit busy: a finishing attempt wakes the worker again
             };
@@ -224,7 +247,7 @@ impl WebhookWorker {
                         _ = worker.stopping.cancelled() => {}
                     }
                     lock(&worker.ended).push(job_id);
-                    drop(permit);
+                    drop((permit, retry_permit));
                     worker.hub.webhook_wake().notify_one();
                 }
                 .instrument(span),
