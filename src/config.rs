@@ -575,11 +575,14 @@ pub struct Config {
     /// `auth.enabled` itself (`serve` warns loudly when a listener that is not loopback
     /// serves without authentication).
     pub listen: SocketAddr,
-    /// Directory of the embedded store.
+    /// Directory of the embedded store. Read by [`Config::open_store`]: an embedder that
+    /// opens its store itself and hands it to [`crate::server::Server::start`] need not set it.
     pub data_dir: PathBuf,
-    /// Where Prometheus metrics are served, if anywhere.
+    /// Where Prometheus metrics are served, if anywhere. `longrun serve` binds it; an
+    /// embedder binds it and passes it to [`crate::server::Server::with_metrics_listener`].
     pub metrics_listen: Option<SocketAddr>,
-    /// Which store keeps the jobs.
+    /// Which store keeps the jobs: what [`Config::open_store`] opens. `Server::start` serves
+    /// the store it is given, whatever this says.
     pub store: StoreKind,
     /// Limits enforced at the edge.
     pub limits: Limits,
@@ -605,7 +608,8 @@ pub struct Config {
     /// The origins whose browser pages may call across origins (CORS); `*` for any, empty for
     /// none.
     pub cors_allow_origins: Vec<String>,
-    /// Commands for the `exec` action.
+    /// Commands for the `exec` action. They exist on a server whose registry has the `exec`
+    /// action, as [`Config::registry`] builds it; `Registry::with_builtins()` alone has none.
     pub exec_commands: BTreeMap<String, ExecCommand>,
     /// Webhook checks and delivery.
     pub webhooks: WebhookConfig,
