@@ -731,19 +731,12 @@ fn tls_config(files: &TlsFiles) -> Result<tonic::transport::ServerTlsConfig, Ser
                 .to_owned(),
         ));
     }
-    use crate::config::{PEM_CERTIFICATE, PEM_PRIVATE_KEY, holds_pem};
+    use crate::config::{PEM_CERTIFICATE, PEM_PRIVATE_KEY, read_pem};
     // Each file is checked for what its setting takes first: TLS setup fails on the first
     // thing it cannot use, and names the certificate and key whichever file that was.
     let read = |setting: &str, path: &std::path::Path, holds: &[&str], what: &str| {
-        let pem = std::fs::read(path)
-            .map_err(|e| ServeError::Tls(format!("{setting}: reading {}: {e}", path.display())))?;
-        if !holds_pem(&pem, holds) {
-            return Err(ServeError::Tls(format!(
-                "{setting}: {} holds no PEM {what}",
-                path.display()
-            )));
-        }
-        Ok(pem)
+        read_pem(path, holds, what)
+            .map_err(|problem| ServeError::Tls(format!("{setting}: {problem}")))
     };
     let identity = tonic::transport::Identity::from_pem(
         read("tls_cert", &files.cert, PEM_CERTIFICATE, "certificate")?,

@@ -130,7 +130,7 @@ impl Handler for Fail {
         let mut violations = Vec::new();
         let code = str_param(params, "code", "INTERNAL");
         // OK names no failure: a FAILED job with code OK would contradict itself.
-        if code == "OK" || !tonic_code_names().contains(&code) {
+        if !crate::job::ERROR_CODE_NAMES.contains(&code) {
             violations.push(FieldViolation::new(
                 "code",
                 format!(
@@ -180,29 +180,6 @@ impl Handler for Fail {
             .insert("attempt".to_owned(), json!(ctx.attempt));
         Err(error)
     }
-}
-
-/// The canonical gRPC status code names.
-pub(crate) fn tonic_code_names() -> [&'static str; 17] {
-    [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ]
 }
 
 /// Hashes its input with SHA-256, reporting progress per 64 KiB chunk.

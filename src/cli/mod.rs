@@ -297,19 +297,12 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         // A file that cannot be read, or that does not hold what its flag takes, is a mistake
         // on the command line, as for --file: not a connection failure (exit 5) blamed on the
         // server's certificate or a TLS handshake.
-        let read = |flag: &str, path: &std::path::Path, holds: &[&str], what: &str| {
-            let pem = std::fs::read(path)
-                .map_err(|e| error::Usage(format!("{flag}: reading {}: {e}", path.display())))?;
-            if !holds_pem(&pem, holds) {
-                return Err(error::Usage(format!(
-                    "{flag}: {} holds no PEM {what}",
-                    path.display()
-                )));
-            }
-            Ok(pem)
-        };
         use longrun::config::{
-            PEM_CERTIFICATE as CERTIFICATE, PEM_PRIVATE_KEY as PRIVATE_KEY, holds_pem,
+            PEM_CERTIFICATE as CERTIFICATE, PEM_PRIVATE_KEY as PRIVATE_KEY, read_pem,
+        };
+        let read = |flag: &str, path: &std::path::Path, holds: &[&str], what: &str| {
+            read_pem(path, holds, what)
+                .map_err(|problem| error::Usage(format!("{flag}: {problem}")))
         };
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &args.ca_cert {

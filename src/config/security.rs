@@ -105,6 +105,18 @@ pub fn holds_pem(pem: &[u8], labels: &[&str]) -> bool {
         .any(|label| text.contains(&format!("-----BEGIN {label}-----")))
 }
 
+/// Reads the PEM file at `path`, which must hold a block under one of `labels` (`what` it
+/// holds, for the message): the error says which of the two went wrong, for the caller to
+/// prefix with the setting or flag that named the file.
+pub fn read_pem(path: &std::path::Path, labels: &[&str], what: &str) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if holds_pem(&pem, labels) {
+        Ok(pem)
+    } else {
+        Err(format!("{} holds no PEM {what}", path.display()))
+    }
+}
+
 /// TLS, resolved: PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {

@@ -19,7 +19,7 @@ pub(crate) use limits::{
     value_too_deep,
 };
 pub use model::{
-    Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_ERROR_DETAILS_BYTES,
+    Action, DEFAULT_TENANT, ERROR_CODE_NAMES, Job, JobError, JobId, MAX_ERROR_DETAILS_BYTES,
     MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
 };
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};

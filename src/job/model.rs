@@ -152,7 +152,7 @@ pub const MAX_ERROR_DETAILS_BYTES: usize = 8192;
 const MAX_ERROR_NAME_BYTES: usize = 128;
 
 /// The canonical gRPC status code names, `OK` aside (an error is never OK).
-const CANONICAL_CODES: [&str; 16] = [
+pub const ERROR_CODE_NAMES: [&str; 16] = [
     "CANCELLED",
     "UNKNOWN",
     "INVALID_ARGUMENT",
@@ -173,7 +173,7 @@ const CANONICAL_CODES: [&str; 16] = [
 
 /// The canonical code name `code` spells, in any case; `None` for any other text.
 fn canonical_code(code: &str) -> Option<&'static str> {
-    CANONICAL_CODES
+    ERROR_CODE_NAMES
         .into_iter()
         .find(|name| name.eq_ignore_ascii_case(code.trim()))
 }
