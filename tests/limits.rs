@@ -255,6 +255,18 @@ async fn open_watches_are_limited_per_connection_and_per_tenant_and_freed_on_clo
     gate.release(1);
 }
 
+/// A server (a replica) on the test schema's database, running `gate`'s actions.
+async fn on_postgres(
+    schema: &common::postgres::TestSchema,
+    config: longrun::config::Config,
+    gate: &Gate,
+) -> TestServer {
+    let store = longrun::store::PostgresStore::open(&schema.url(), Default::default())
+        .await
+        .expect("open store");
+    TestServer::start_on(std::sync::Arc::new(store), config, gate.registry()).await
+}
+
 /// On PostgreSQL the backlog is the database's, not a replica's queue (a replica claims only
 /// what it can start): the limit counts every replica's QUEUED jobs. Read at most a second
 /// old, and again before a refusal, so a freed place is taken at once.
@@ -267,11 +279,7 @@ async fn on_postgres_the_queue_limit_counts_the_jobs_queued_on_every_replica() {
     let gate = Gate::default();
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let store = longrun::store::PostgresStore::open(&schema.url(), Default::default())
-            .await
-            .expect("open store");
-        let store: std::sync::Arc<dyn longrun::store::Store> = std::sync::Arc::new(store);
-        replicas.push(TestServer::start_on(store, config(1, 2), gate.registry()).await);
+        replicas.push(on_postgres(&schema, config(1, 2), &gate).await);
     }
     let mut first = replicas[0].client.clone();
     let mut second = replicas[1].client.clone();
@@ -314,11 +322,7 @@ async fn on_postgres_a_burst_of_submits_fills_the_queue_to_its_limit_and_no_furt
     };
     let schema = common::postgres::TestSchema::create(&base);
     let gate = Gate::default();
-    let store = longrun::store::PostgresStore::open(&schema.url(), Default::default())
-        .await
-        .expect("open store");
-    let store: std::sync::Arc<dyn longrun::store::Store> = std::sync::Arc::new(store);
-    let server = TestServer::start_on(store, config(1, 5), gate.registry()).await;
+    let server = on_postgres(&schema, config(1, 5), &gate).await;
     let mut client = server.client.clone();
     submit(&mut client, request(vec![gated()])).await;
     gate.next_started().await;
@@ -361,11 +365,7 @@ async fn on_postgres_a_job_claimed_at_once_frees_its_place_in_the_queue() {
     };
     let schema = common::postgres::TestSchema::create(&base);
     let gate = Gate::default();
-    let store = longrun::store::PostgresStore::open(&schema.url(), Default::default())
-        .await
-        .expect("open store");
-    let store: std::sync::Arc<dyn longrun::store::Store> = std::sync::Arc::new(store);
-    let server = TestServer::start_on(store, config(1, 2), gate.registry()).await;
+    let server = on_postgres(&schema, config(1, 2), &gate).await;
     let mut client = server.client.clone();
     // The count is read for this Submit; the job is claimed and started right after.
     submit(&mut client, request(vec![gated()])).await;

@@ -444,6 +444,19 @@ async fn grpc_web_over_http1_works_over_tls() {
     );
 }
 
+/// Why a server with `config` does not start.
+async fn refused_at_start(config: Config) -> String {
+    Server::start(
+        Arc::new(MemoryStore::new()),
+        Registry::with_builtins(),
+        config,
+    )
+    .await
+    .err()
+    .expect("refused at start")
+    .to_string()
+}
+
 /// A key that is not the certificate's stops the server at start, saying so, rather than at
 /// serve time with tonic's bare "transport error".
 #[tokio::test]
@@ -453,15 +466,7 @@ async fn a_key_that_does_not_match_the_certificate_is_refused_at_start() {
     let mut config = tls_config(&dir, &ca, None);
     let other = ca.sign(&["localhost"]);
     config.tls.as_mut().unwrap().key = write(&dir, "other.key", &other.key);
-    let refused = Server::start(
-        Arc::new(MemoryStore::new()),
-        Registry::with_builtins(),
-        config,
-    )
-    .await
-    .err()
-    .expect("refused at start");
-    let text = refused.to_string();
+    let text = refused_at_start(config).await;
     assert!(
         text.contains("tls_key") && text.contains("KeyMismatch"),
         "{text}"
@@ -496,15 +501,7 @@ async fn a_tls_file_holding_the_wrong_thing_is_refused_naming_its_setting() {
     ] {
         let mut config = tls_config(&dir, &ca, None);
         edit(config.tls.as_mut().unwrap());
-        let refused = Server::start(
-            Arc::new(MemoryStore::new()),
-            Registry::with_builtins(),
-            config,
-        )
-        .await
-        .err()
-        .expect("refused at start");
-        let text = refused.to_string();
+        let text = refused_at_start(config).await;
         assert!(
             text.contains(&format!("{setting}: ")) && text.contains("holds no PEM"),
             "{setting}: {text}"
