@@ -951,3 +951,55 @@ async fn commands_that_reconnect_tell_an_address_that_speaks_no_grpc_at_once() {
     assert!(!run.stderr.contains("does not answer gRPC"), "{run:?}");
     closing.abort();
 }
+
+/// The webhook secret comes from `--webhook-secret` or LONGRUN_WEBHOOK_SECRET; the flag
+/// without a webhook is a mistake, the variable without one is left unused.
+#[tokio::test]
+async fn a_webhook_secret_comes_from_the_flag_or_the_environment() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    // No default secret on this server, and loopback is not an allowed webhook host: a
+    // request carrying a secret is refused for its URL alone, one without for its secret too.
+    let hook = [
+        "submit",
+        "--action",
+        "echo",
+        "--webhook-url",
+        "http://127.0.0.1:9/x",
+    ];
+    let run = |env: Option<&'static str>, args: Vec<&'static str>| {
+        let mut command = harness::command(&url, &args);
+        command.env_remove("LONGRUN_WEBHOOK_SECRET");
+        if let Some(secret) = env {
+            command.env("LONGRUN_WEBHOOK_SECRET", secret);
+        }
+        async move {
+            let output = command.output().await.expect("run longrun");
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, stderr) = run(None, hook.to_vec()).await;
+    assert_eq!(code, Some(5), "{stderr}");
+    assert!(stderr.contains("webhook.secret"), "{stderr}");
+    let (code, stderr) = run(Some("from-env"), hook.to_vec()).await;
+    assert_eq!(code, Some(5), "{stderr}");
+    assert!(
+        stderr.contains("webhook.url") && !stderr.contains("webhook.secret"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(
+        None,
+        vec!["submit", "--action", "echo", "--webhook-secret", "s"],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--webhook-secret needs --webhook-url"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(Some("unused"), vec!["submit", "--action", "echo"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+}

@@ -68,13 +68,12 @@ pub struct SubmitArgs {
     /// POST the job's state changes to this http(s) URL, signed (see docs/webhooks.md).
     #[arg(long, value_name = "URL")]
     pub webhook_url: Option<String>,
-    /// The key that signs the webhook's deliveries; the server's default if unset.
-    #[arg(
-        long,
-        env = "LONGRUN_WEBHOOK_SECRET",
-        hide_env_values = true,
-        value_name = "SECRET"
-    )]
+    /// The key that signs the webhook's deliveries (or the LONGRUN_WEBHOOK_SECRET environment
+    /// variable, which the process list does not show); the server's default if unset.
+    // Not clap's `env`: a secret from the environment applies only to a webhook given
+    // somewhere, while the flag without a webhook is a mistake to name, and clap cannot tell
+    // the two apart afterwards.
+    #[arg(long, value_name = "SECRET")]
     pub webhook_secret: Option<String>,
     /// Which state changes the webhook reports [default: terminal].
     #[arg(long, value_enum, value_name = "WHICH")]
@@ -88,6 +87,9 @@ pub struct SubmitArgs {
     #[command(flatten)]
     pub client: ClientArgs,
 }
+
+/// The environment variable a webhook's secret may come from instead of `--webhook-secret`.
+const WEBHOOK_SECRET_VARIABLE: &str = "LONGRUN_WEBHOOK_SECRET";
 
 /// Which state changes a webhook reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -267,14 +269,18 @@ fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::Sub
         }
         request.labels.insert(key, value);
     }
-    // The secret may come from the environment: it only applies to a webhook given somewhere.
     if args.webhook_url.is_some() || request.webhook.is_some() {
         let webhook = request.webhook.get_or_insert_default();
         if let Some(url) = &args.webhook_url {
             webhook.url.clone_from(url);
         }
-        if let Some(secret) = &args.webhook_secret {
-            webhook.secret.clone_from(secret);
+        let from_environment = || {
+            std::env::var(WEBHOOK_SECRET_VARIABLE)
+                .ok()
+                .filter(|secret| !secret.is_empty())
+        };
+        if let Some(secret) = args.webhook_secret.clone().or_else(from_environment) {
+            webhook.secret = secret;
         }
         if let Some(events) = args.webhook_events {
             webhook.events = match events {
@@ -284,6 +290,8 @@ fn build_request(args: &SubmitArgs, json: &json::Json) -> anyhow::Result<pb::Sub
         }
     } else if args.webhook_events.is_some() {
         return Err(Usage("--webhook-events needs --webhook-url".to_owned()).into());
+    } else if args.webhook_secret.is_some() {
+        return Err(Usage("--webhook-secret needs --webhook-url".to_owned()).into());
     }
     Ok(request)
 }
@@ -487,6 +495,13 @@ mod tests {
         assert_eq!(webhook.url, "https://hooks.example.com/x");
         assert_eq!(webhook.secret, "s");
         assert_eq!(webhook.events(), pb::WebhookEvents::All);
+        let args = parse(&["--webhook-secret", "s"]);
+        assert!(
+            build_request(&args, &json)
+                .unwrap_err()
+                .to_string()
+                .contains("--webhook-secret needs --webhook-url")
+        );
         let args = parse(&["--webhook-events", "terminal"]);
         assert!(build_request(&args, &json).is_err());
     }
