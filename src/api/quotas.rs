@@ -90,13 +90,23 @@ impl SubmitRates {
     }
 }
 
+/// A rate as a person reads it: `0.5`, `2`; one far from 1 in scientific notation (`1e-9`),
+/// where Rust's `Display` would write out every zero.
+fn rate_text(per_second: f64) -> String {
+    if per_second != 0.0 && !(1e-3..1e9).contains(&per_second.abs()) {
+        format!("{per_second:e}")
+    } else {
+        per_second.to_string()
+    }
+}
+
 fn rate_limited(tenant: &str, rate: Rate, wait: Duration) -> Status {
     let details = ErrorDetails::with_error_info(
         "TENANT_RATE_LIMITED",
         ERROR_DOMAIN,
         HashMap::from([
             ("tenant".to_owned(), tenant.to_owned()),
-            ("submits_per_second".to_owned(), rate.per_second.to_string()),
+            ("submits_per_second".to_owned(), rate_text(rate.per_second)),
         ]),
     );
     // Rounded up to whole milliseconds so that a client waiting exactly this long finds a token.
@@ -106,7 +116,7 @@ fn rate_limited(tenant: &str, rate: Rate, wait: Duration) -> Status {
         format!(
             "tenant {tenant} submits faster than its quota ({} a second, submits_per_second); \
              retry in {} ms",
-            rate.per_second,
+            rate_text(rate.per_second),
             wait.as_millis()
         ),
         details,
@@ -230,6 +240,14 @@ fn too_many(limit_name: &str, limit: usize, scope: &str) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_far_from_one_are_written_in_scientific_notation() {
+        assert_eq!(rate_text(0.5), "0.5");
+        assert_eq!(rate_text(2.0), "2");
+        assert_eq!(rate_text(1e-300), "1e-300");
+        assert_eq!(rate_text(2.5e12), "2.5e12");
+    }
     use tonic_types::StatusExt;
 
     #[test]
