@@ -1,11 +1,20 @@
-//! The channel a handler reports its progress on, and the executor's end of it: one slot
-//! holding the newest report not taken yet, so a handler that reports faster than the job's
-//! owner takes reports never queues them, and a report wakes the owner only when it waits.
+//! The channel a handler reports its progress on, and the executor's end of it.
+//!
+//! Nearly every report is made from inside the handler's future, which the job's owner task
+//! is polling at that moment; that task takes the report right after the poll. Waking it as
+//! well (as a general-purpose channel does) would only poll it once more for nothing, for every
+//! report. So the receiver says when it is polling the handler ([`ProgressReceiver::polling`])
+//! and a report made meanwhile wakes nobody; one made from anywhere else (a task or thread the
+//! handler started) wakes the owner as usual.
 
 use std::{
     future::Future,
-    sync::{Arc, Mutex, MutexGuard},
-    task::{Poll, Waker},
+    pin::Pin,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Waker},
 };
 
 use crate::job::{Progress, truncate};
@@ -18,13 +27,18 @@ pub const MAX_PROGRESS_MESSAGE_BYTES: usize = 1024;
 struct Slot {
     /// The newest report not taken yet: older ones are coalesced away.
     newest: Option<Progress>,
-    /// Whom the next report wakes: the owner, while it waits for one.
+    /// Whom a report made outside a poll of the handler wakes.
     waker: Option<Waker>,
 }
 
 #[derive(Default)]
 struct Channel {
     slot: Mutex<Slot>,
+    /// The receiver is polling the handler and looks for reports once the poll returns. Set
+    /// and cleared around every poll of the handler without the lock: a report reads it
+    /// under the lock, after storing itself, and the receiver takes reports under the lock
+    /// after the poll, so a report either wakes the receiver or is found by it.
+    in_poll: AtomicBool,
 }
 
 type Shared = Arc<Channel>;
@@ -67,8 +81,11 @@ impl ProgressReporter {
         let waker = {
             let mut slot = lock(&self.shared);
             slot.newest = Some(progress);
-            // Taken: the reports that follow before the owner waits again wake nobody.
-            slot.waker.take()
+            if self.shared.in_poll.load(Ordering::Acquire) {
+                None
+            } else {
+                slot.waker.take()
+            }
         };
         if let Some(waker) = waker {
             waker.wake();
@@ -111,14 +128,47 @@ impl ProgressReceiver {
             Poll::Pending
         })
     }
+
+    /// `future` (the handler), polled so that its reports during each poll wake nobody: the
+    /// caller must look for a report ([`ProgressReceiver::next`] or
+    /// [`ProgressReceiver::take`]) after every poll of it, in the same poll of its own task.
+    pub(crate) fn polling<F: Future + Unpin>(&self, future: F) -> Polling<F> {
+        Polling {
+            shared: Arc::clone(&self.shared),
+            future,
+        }
+    }
+}
+
+/// See [`ProgressReceiver::polling`].
+pub(crate) struct Polling<F> {
+    shared: Shared,
+    future: F,
+}
+
+impl<F: Future + Unpin> Future for Polling<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        /// Clears the flag however the poll ends, a panic included.
+        struct InPoll<'a>(&'a Shared);
+        impl Drop for InPoll<'_> {
+            fn drop(&mut self) {
+                self.0.in_poll.store(false, Ordering::Release);
+            }
+        }
+        this.shared.in_poll.store(true, Ordering::Release);
+        let _in_poll = InPoll(&this.shared);
+        Pin::new(&mut this.future).poll(cx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Wake};
+    use std::task::Wake;
 
     #[test]
     fn a_long_progress_message_is_cut_at_a_character_boundary() {
@@ -177,21 +227,45 @@ mod tests {
     }
 
     #[test]
-    fn a_report_wakes_the_waiting_receiver_once_until_it_waits_again() {
+    fn a_report_from_outside_the_handler_wakes_the_receiver() {
         let (reporter, receiver) = ProgressReporter::channel();
         let woken = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let mut next = std::pin::pin!(receiver.next());
         assert!(poll_once(next.as_mut(), &woken).is_pending());
         std::thread::scope(|s| {
-            s.spawn(|| {
-                reporter.percent(10, "first");
-                reporter.percent(30, "elsewhere");
-            });
+            s.spawn(|| reporter.percent(30, "elsewhere"));
         });
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "one wake for both");
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
         assert_eq!(
             poll_once(next.as_mut(), &woken),
             Poll::Ready(Progress::percent(30, "elsewhere"))
         );
+    }
+
+    #[test]
+    fn a_report_made_while_the_handler_is_polled_wakes_nobody_and_is_taken_after() {
+        let (reporter, receiver) = ProgressReporter::channel();
+        let woken = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let mut next = std::pin::pin!(receiver.next());
+        assert!(poll_once(next.as_mut(), &woken).is_pending());
+        let handler = std::future::poll_fn(|_| {
+            reporter.percent(10, "inside");
+            Poll::<()>::Pending
+        });
+        let mut handler = std::pin::pin!(receiver.polling(Box::pin(handler)));
+        assert!(poll_once(handler.as_mut(), &woken).is_pending());
+        assert_eq!(
+            woken.0.load(Ordering::SeqCst),
+            0,
+            "no wake for a report in the poll"
+        );
+        assert_eq!(
+            poll_once(next.as_mut(), &woken),
+            Poll::Ready(Progress::percent(10, "inside"))
+        );
+        // Once the poll is over, a report wakes again.
+        assert!(poll_once(next.as_mut(), &woken).is_pending());
+        reporter.percent(20, "after");
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
     }
 }

@@ -32,21 +32,6 @@ use crate::{
 
 use crate::actions::MAX_PANIC_MESSAGE_BYTES;
 
-/// How long a handler aborted after its grace period is waited for, to have been dropped.
-const HANDLER_DROP_WAIT: Duration = Duration::from_millis(200);
-
-/// A handler's task, aborted when its owner lets go of it: an owner that ends early (a store
-/// failure) leaves no handler running for a job it no longer follows.
-struct HandlerTask(
-    tokio::task::JoinHandle<Result<Result<Value, HandlerError>, Box<dyn Any + Send>>>,
-);
-
-impl Drop for HandlerTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// The failure a handler's panic makes of its action: retryable, as a bug may depend on the
 /// input or the moment and the job's `max_attempts` bounds the retries anyway.
 pub(super) fn handler_panicked(payload: &(dyn Any + Send)) -> HandlerError {
@@ -729,16 +714,20 @@ impl Inner {
             last_persist: Instant::now(),
             spare: None,
         };
-        // The handler runs as a task of its own, so that one that blocks its thread (CPU work
-        // or blocking I/O without `spawn_blocking`) cannot hold this task too: its Cancel is
-        // still stored and answered, and its timeout and grace period still end the job. A
-        // panic, in the call that makes the future as in a poll of it, would otherwise unwind
-        // through the task and leave the job RUNNING with nobody to end it; what the future
-        // held is dropped unused after one, hence the assertion.
-        let mut handler_task = HandlerTask(tokio::spawn(tracing::Instrument::instrument(
-            AssertUnwindSafe(async move { handler.run(ctx).await }).catch_unwind(),
-            span,
-        )));
+        // A panic would otherwise unwind through this task and leave the job RUNNING with
+        // nobody to end it. Whatever the handler's future held is dropped unused after one,
+        // hence the assertion. A handler written without `async_trait` may panic before it
+        // returns its future, so the call is guarded as well as the polls.
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| handler.run(ctx)));
+        let handler_run = match started {
+            Ok(handler_run) => handler_run,
+            Err(payload) => return Ok(Err(self.panicked(job, index, payload))),
+        };
+        // Reports made while the handler is polled are taken by the `next()` branch right
+        // after, in the same poll, so they need not wake this task (see `actions::progress`).
+        let mut run = tracker.receiver.polling(
+            AssertUnwindSafe(tracing::Instrument::instrument(handler_run, span)).catch_unwind(),
+        );
         let mut grace_ends: Option<Instant> = None;
         // Made once, not at every turn of the loop (every progress report), and cheap to poll
         // again (see `Cancelled`). The Cancel one is only polled once the owner is stopping:
@@ -755,18 +744,10 @@ impl Inner {
             };
             tokio::select! {
                 biased;
-                ended = &mut handler_task.0 => {
+                result = &mut run => {
                     let reported = tracker.receiver.take();
                     self.apply_progress(job, index, &mut tracker, reported, true).await?;
-                    return Ok(match ended {
-                        Ok(Ok(result)) => result,
-                        Ok(Err(payload)) => Err(self.panicked(job, index, payload)),
-                        Err(ended) => match ended.try_into_panic() {
-                            Ok(payload) => Err(self.panicked(job, index, payload)),
-                            // Aborted: only the runtime shutting down does that here.
-                            Err(_) => Err(HandlerError::cancelled()),
-                        },
-                    });
+                    return Ok(result.unwrap_or_else(|payload| Err(self.panicked(job, index, payload))));
                 }
                 reported = tracker.receiver.next() => {
                     self.apply_progress(job, index, &mut tracker, Some(reported), false).await?;
@@ -785,11 +766,6 @@ impl Inner {
                 }
                 _ = grace => {
                     tracing::warn!(grace = ?self.config.cancel_grace, "handler ignored its cancellation; dropped");
-                    handler_task.0.abort();
-                    // Dropping the handler's future (an `exec` child is killed then) happens
-                    // in its task: waited for, briefly, so that it is done before the job
-                    // ends, unless the handler blocks its thread and cannot be dropped.
-                    let _ = tokio::time::timeout(HANDLER_DROP_WAIT, &mut handler_task.0).await;
                     return Ok(Err(HandlerError::cancelled()));
                 }
             }
