@@ -191,10 +191,13 @@ impl From<JobError> for HandlerError {
 ///   server's `default_max_attempts` say more.
 /// - A panic fails the attempt as a retryable `INTERNAL` error with reason
 ///   `HANDLER_PANICKED`; the server goes on.
-/// - Each action runs as a task of its own, so a handler that blocks its thread (CPU-bound
-///   work, blocking I/O) does not hold up its job's Cancel or timeout: the job ends when they
-///   say. The thread stays blocked all the same, and a runtime has few: run such work with
-///   [`tokio::task::spawn_blocking`] and look at `ctx.cancel` between its steps.
+/// - A handler must not block its thread (CPU-heavy work, blocking I/O): it is polled by its
+///   job's owner task, which while it blocks can neither store a Cancel (the Cancel answers
+///   after 5 s without it) nor end the job at its timeout or grace period; the job ends when
+///   the handler returns. Run such work with [`tokio::task::spawn_blocking`] and look at
+///   `ctx.cancel` between its steps. (A thread cannot be stopped from outside; running the
+///   handler elsewhere would only let the job end, or its next attempt start, while the
+///   blocked handler still runs.)
 /// - The result must fit in a response: at most 32 levels deep (past it the action fails
 ///   with `RESULT_TOO_DEEP`), and with the job's other results within the server's
 ///   `max_message_bytes` (`RESULT_TOO_LARGE`).
