@@ -129,6 +129,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 ),
             }
         }
+        Err(std::env::VarError::NotUnicode(_)) => (
+            tracing_subscriber::EnvFilter::new(DEFAULT_FILTER),
+            Some("is not UTF-8".to_owned()),
+        ),
         _ => (tracing_subscriber::EnvFilter::new(DEFAULT_FILTER), None),
     };
     let log = tracing_subscriber::fmt()
@@ -307,8 +311,8 @@ fn hash_key() -> anyhow::Result<()> {
 async fn shutdown_signal() {
     signalled().await;
     tracing::info!(
-        "shutting down: running jobs get the shutdown grace period; a second Ctrl-C, SIGTERM \
-         or SIGHUP stops at once"
+        "shutting down: running jobs get the shutdown grace period; a second Ctrl-C or SIGTERM \
+         stops at once"
     );
     tokio::spawn(async {
         signalled().await;
@@ -321,24 +325,23 @@ async fn shutdown_signal() {
     });
 }
 
-/// Completes on the next SIGINT, SIGTERM or SIGHUP. SIGHUP (the terminal `serve` runs in was
-/// closed) would otherwise end the process at once, without the drain.
+/// Completes on the next SIGINT or SIGTERM. Not SIGHUP: a server started under `nohup`
+/// ignores it, as it should, and a handler installed here would replace that.
 async fn signalled() {
     use tokio::signal::unix::{SignalKind, signal};
-    let on = |kind: SignalKind, name: &'static str| async move {
-        match signal(kind) {
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
             Ok(mut signal) => {
                 signal.recv().await;
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot listen for {name}; it does not stop the server");
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server");
                 std::future::pending::<()>().await;
             }
         }
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = on(SignalKind::terminate(), "SIGTERM") => {}
-        _ = on(SignalKind::hangup(), "SIGHUP") => {}
+        _ = terminate => {}
     }
 }
