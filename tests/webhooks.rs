@@ -538,42 +538,51 @@ async fn deliveries_in_flight_are_bounded_by_the_concurrency() {
 /// once, then hanging) cannot hold every slot while a healthy receiver's delivery waits.
 #[tokio::test]
 async fn retries_of_failing_receivers_leave_slots_to_first_attempts() {
-    // Requests are counted from 1.
-    let failing = Receiver::start(|n| {
-        if n <= 2 {
-            Reply::Status(500)
-        } else {
-            Reply::Hang
-        }
-    })
-    .await;
+    // One receiver per failing job, each failing its first request at once (requests are
+    // counted from 1) and hanging on the next: whichever order the attempts come in.
+    let fail_then_hang = || {
+        Receiver::start(|n| {
+            if n == 1 {
+                Reply::Status(500)
+            } else {
+                Reply::Hang
+            }
+        })
+    };
+    let failing = [fail_then_hang().await, fail_then_hang().await];
     let healthy = Receiver::ok().await;
     let mut config = config();
     config.webhooks.concurrency = 2;
     config.webhooks.timeout = Duration::from_secs(60);
     let server = server(config).await;
     let mut client = server.client.clone();
-    for i in 0..2 {
+    for receiver in &failing {
         submit(
             &mut client,
-            with_webhook(failing.url(&format!("/bad/{i}")), WebhookEvents::Terminal),
+            with_webhook(receiver.url("/bad"), WebhookEvents::Terminal),
         )
         .await;
     }
     // Both first attempts fail; one retry hangs, the other waits for the retry lane (past
     // its backoff: a short look is enough to catch it).
-    for _ in 0..3 {
-        failing.next().await;
+    for receiver in &failing {
+        receiver.next().await;
+    }
+    let requests = || failing.iter().map(Receiver::count).sum::<usize>();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while requests() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "a retry is made");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(failing.count(), 3, "one retry in flight, not two");
+    assert_eq!(requests(), 3, "one retry in flight, not two");
     submit(
         &mut client,
         with_webhook(healthy.url("/good"), WebhookEvents::Terminal),
     )
     .await;
     healthy.next().await;
-    assert_eq!(failing.count(), 3, "one retry in flight, not two");
+    assert_eq!(requests(), 3, "one retry in flight, not two");
     // Not stopped gracefully: the flush would wait out the hanging retry.
     drop(server);
 }
