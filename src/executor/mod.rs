@@ -538,6 +538,9 @@ impl Executor {
         if let Some(worker) = self.inner.free_worker(&job) {
             return self.submit_and_start(job, worker).await;
         }
+        if let Some(reservation) = &mut shared_reservation {
+            reservation.storing(job.id);
+        }
         let created = self.inner.store.create(&job).await;
         let mut scheduler = self.inner.scheduler();
         scheduler.unreserve(&job.tenant);

@@ -51,6 +51,11 @@ pub(super) struct QueuedCount {
     /// replica alone, so the one that claims them knows to count them out at once (a count
     /// that says full is only read again after 100 ms, and would refuse Submits that fit).
     queued_here: HashSet<JobId>,
+    /// The jobs of Submits past the check whose create is under way: one claimed before its
+    /// Submit counts it as queued (the row commits, and the feed wakes a claim, first) moves
+    /// to `claimed_early`, and is then never counted.
+    storing: HashSet<JobId>,
+    claimed_early: HashSet<JobId>,
 }
 
 /// Jobs in all and per tenant.
@@ -102,28 +107,46 @@ impl QueuedCount {
 pub(super) struct QueuedReservation<'a> {
     inner: &'a Inner,
     tenant: String,
+    /// The job being stored, once known.
+    storing: Option<JobId>,
     queued: bool,
 }
 
 impl QueuedReservation<'_> {
+    /// The job `id` is about to be stored: a claim that takes it before [`Self::queued`] is
+    /// told knows it is one of this replica's.
+    pub(super) fn storing(&mut self, id: JobId) {
+        self.storing = Some(id);
+        self.inner.queued_count().storing.insert(id);
+    }
+
     /// The job `id` was stored QUEUED: it counts until the next read of the database's count,
-    /// or until this replica claims it.
+    /// or until this replica claims it (unless it did already).
     pub(super) fn queued(&mut self, id: JobId) {
         if self.queued {
             return;
         }
         self.queued = true;
+        self.storing = None;
         let mut count = self.inner.queued_count();
         count.pending.remove(&self.tenant);
-        count.queued.add(&self.tenant);
-        count.queued_here.insert(id);
+        count.storing.remove(&id);
+        if !count.claimed_early.remove(&id) {
+            count.queued.add(&self.tenant);
+            count.queued_here.insert(id);
+        }
     }
 }
 
 impl Drop for QueuedReservation<'_> {
     fn drop(&mut self) {
         if !self.queued {
-            self.inner.queued_count().pending.remove(&self.tenant);
+            let mut count = self.inner.queued_count();
+            count.pending.remove(&self.tenant);
+            if let Some(id) = self.storing {
+                count.storing.remove(&id);
+                count.claimed_early.remove(&id);
+            }
         }
     }
 }
@@ -180,6 +203,7 @@ impl Inner {
         Ok(Some(QueuedReservation {
             inner: self,
             tenant: tenant.to_owned(),
+            storing: None,
             queued: false,
         }))
     }
@@ -345,6 +369,8 @@ impl Inner {
                     for job in &jobs {
                         if queued.queued_here.remove(&job.id) {
                             queued.queued.remove(&job.tenant);
+                        } else if queued.storing.remove(&job.id) {
+                            queued.claimed_early.insert(job.id);
                         }
                     }
                 }
@@ -494,6 +520,8 @@ mod tests {
             },
             pending: Tally::default(),
             queued_here: HashSet::new(),
+            storing: HashSet::new(),
+            claimed_early: HashSet::new(),
         };
         assert!(matches!(count.full("a", 5, None), Some(Full::Queue)));
         assert!(count.full("a", 6, None).is_none());
