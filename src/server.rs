@@ -585,30 +585,34 @@ impl Server {
             }
             Ok::<_, ExecutorError>(recovered)
         };
-        tokio::select! {
-            // The transport first, so the listener is accepting before SERVING is reported.
-            biased;
-            served = &mut transport => {
-                // Shut down before recovery finished.
-                served?;
-                return Ok(());
-            }
-            recovered = recovery => {
-                if let Err(error) = recovered {
-                    tracing::error!(error = %crate::with_causes(&error), "recovery failed; stopping");
-                    abort.cancel();
-                    let _ = transport.await;
-                    return Err(error.into());
+        let served = async {
+            tokio::select! {
+                // The transport first, so the listener is accepting before SERVING is reported.
+                biased;
+                served = &mut transport => {
+                    // Shut down before recovery finished.
+                    return served.map_err(ServeError::from);
+                }
+                recovered = recovery => {
+                    if let Err(error) = recovered {
+                        tracing::error!(error = %crate::with_causes(&error), "recovery failed; stopping");
+                        abort.cancel();
+                        let _ = transport.await;
+                        return Err(error.into());
+                    }
                 }
             }
+            transport.await.map_err(ServeError::from)
         }
-        transport.await?;
-        // Stopped with the rest once drained; waited for, so that no delivery reads or writes
-        // the store after `serve` returns and the program closes it.
+        .await;
+        // The webhook worker stops with the rest once drained (at once, had serving failed)
+        // and is waited for, whichever way serving ended: no delivery reads or writes the store
+        // after `serve` returns and the program closes it.
+        self.stopping.cancel();
         if let Some(task) = self.webhooks_task.take() {
             let _ = tokio::time::timeout(MAX_WEBHOOK_FLUSH, task).await;
         }
-        Ok(())
+        served
     }
 }
 

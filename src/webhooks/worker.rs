@@ -145,8 +145,6 @@ impl WebhookWorker {
         let until = tokio::time::Instant::now() + bound;
         let concurrency = self.config.concurrency.clamp(1, Semaphore::MAX_PERMITS);
         loop {
-            self.hub.webhook_wake().notify_one();
-            tokio::time::sleep(FLUSH_CHECK_INTERVAL).await;
             let idle = self.permits.available_permits() >= concurrency
                 && matches!(
                     self.store.due_deliveries(SystemTime::now(), 1).await,
@@ -155,6 +153,8 @@ impl WebhookWorker {
             if idle || tokio::time::Instant::now() >= until {
                 return;
             }
+            self.hub.webhook_wake().notify_one();
+            tokio::time::sleep(FLUSH_CHECK_INTERVAL).await;
         }
     }
 
