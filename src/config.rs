@@ -58,33 +58,83 @@ impl std::str::FromStr for StoreKind {
 /// A store setting that is none of the known forms, for its error message: a URL (say a
 /// `postgress://` typo) may hold a password, so it shows with the password masked.
 fn shown_store(text: &str) -> String {
-    format!("`{}`", redact_url_passwords(text))
+    if text.contains("://") {
+        format!("`{}`", redact_secrets(text))
+    } else if text.contains(['=', '@']) || text.contains(char::is_whitespace) {
+        // A libpq `key=value` string, say: it may hold a password anywhere.
+        "a value that is not a URL".to_owned()
+    } else {
+        format!("`{text}`")
+    }
 }
 
-/// `text` with the password of every URL in it (`scheme://user:password@host`) replaced by
-/// `***`: for messages that quote what an operator wrote (a mistyped store URL, a config file
-/// line), which must not print a database password on a terminal or into a log.
-pub fn redact_url_passwords(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
+/// `text` with the secrets an operator may have written in it replaced by `***`: the password
+/// of every URL (`scheme://user:password@host`), every `password=` value (a libpq query
+/// parameter), and the value of every `secret`, `password` or `key` setting on a line of
+/// its own (`secret = "…"`, as a config file parser quotes the line it is about). For
+/// messages that quote what an operator wrote (a mistyped store URL, a config file line):
+/// they must not print a password or a signing secret on a terminal or into a log.
+pub fn redact_secrets(text: &str) -> String {
+    text.lines().map(redact_line).collect::<Vec<_>>().join("\n")
+        + if text.ends_with('\n') { "\n" } else { "" }
+}
+
+fn redact_line(line: &str) -> String {
+    // A setting whose name says it is secret: `secret = "…"`, `api_key = "…"`.
+    if let Some((name, _)) = line.split_once('=') {
+        // After a parser's `2 | ` line-number gutter, if any.
+        let name = name
+            .rsplit('|')
+            .next()
+            .unwrap_or(name)
+            .trim()
+            .to_ascii_lowercase();
+        let secret_name = ["secret", "password", "key"]
+            .iter()
+            .any(|word| name.ends_with(word));
+        if secret_name && !name.contains(char::is_whitespace) {
+            return format!("{} \"***\"", &line[..=line.find('=').unwrap_or(0)]);
+        }
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
     while let Some(at) = rest.find("://") {
         let (before, after) = rest.split_at(at + 3);
         out.push_str(before);
+        // A password may hold `/`, `?` or `#` written raw: the user info runs to the last
+        // `@` before the URL ends.
         let end = after
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '`') || c.is_whitespace())
+            .find(|c: char| matches!(c, '"' | '\'' | '`') || c.is_whitespace())
             .unwrap_or(after.len());
-        let authority = &after[..end];
-        match authority
+        let url = &after[..end];
+        match url
             .rsplit_once('@')
             .and_then(|(user_info, host)| Some((user_info.split_once(':')?.0, host)))
         {
             Some((user, host)) => {
                 out.push_str(user);
                 out.push_str(":***@");
-                out.push_str(host);
+                out.push_str(&mask_password_parameters(host));
             }
-            None => out.push_str(authority),
+            None => out.push_str(&mask_password_parameters(url)),
         }
+        rest = &after[end..];
+    }
+    out.push_str(&mask_password_parameters(rest));
+    out
+}
+
+/// `text` with the value of every `password=` parameter replaced by `***`.
+fn mask_password_parameters(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.to_ascii_lowercase().find("password=") {
+        let (before, after) = rest.split_at(at + "password=".len());
+        out.push_str(before);
+        out.push_str("***");
+        let end = after
+            .find(|c: char| matches!(c, '&' | '"' | '\'' | '`') || c.is_whitespace())
+            .unwrap_or(after.len());
         rest = &after[end..];
     }
     out.push_str(rest);
@@ -934,7 +984,7 @@ mod tests {
     }
 
     #[test]
-    fn url_passwords_are_masked_in_quoted_text() {
+    fn secrets_are_masked_in_quoted_text() {
         for (text, shown) in [
             ("postgres://u:pw@h/db", "postgres://u:***@h/db"),
             ("x postgres://u:p:w@h:5432 y", "x postgres://u:***@h:5432 y"),
@@ -942,13 +992,33 @@ mod tests {
                 "\"a://u:p@h\" and b://v:q@i?x",
                 "\"a://u:***@h\" and b://v:***@i?x",
             ),
+            ("postgres://u:pa/ss#x@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://h/db?user=u&password=s3cret&x=1",
+                "postgres://h/db?user=u&password=***&x=1",
+            ),
+            (
+                "host=db password=s3cret dbname=x",
+                "host=db password=*** dbname=x",
+            ),
             ("postgres://user@h/db", "postgres://user@h/db"),
             ("postgres://h/db", "postgres://h/db"),
             ("no url here", "no url here"),
             ("ends with ://", "ends with ://"),
+            ("secret = \"whsec_1\"", "secret = \"***\""),
+            ("3 | secret = \"whsec_1\"", "3 | secret = \"***\""),
+            (
+                "  api_key=\"k\"\nconcurrency = 2\n",
+                "  api_key= \"***\"\nconcurrency = 2\n",
+            ),
         ] {
-            assert_eq!(redact_url_passwords(text), shown, "{text}");
+            assert_eq!(redact_secrets(text), shown, "{text}");
         }
+        assert_eq!(shown_store("sqlit"), "`sqlit`");
+        assert_eq!(
+            shown_store("host=db password=x"),
+            "a value that is not a URL"
+        );
     }
 
     #[test]
@@ -1007,7 +1077,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(toml.contains("Hunter2Secret"), "TOML quotes the line");
-        let redacted = redact_url_passwords(&toml);
+        let redacted = redact_secrets(&toml);
         assert!(
             redacted.contains("postgress://app:***@db/jobs") && !redacted.contains("Hunter2"),
             "{redacted}"

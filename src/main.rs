@@ -156,10 +156,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading config file {}", path.display()))?;
-            // TOML's error quotes the line it is about, which may hold a database URL.
+            // TOML's error quotes the line it is about, which may hold a database URL or a
+            // webhook secret.
             FileConfig::parse(&text)
                 .map_err(|error| {
-                    anyhow::anyhow!(longrun::config::redact_url_passwords(&error.to_string()))
+                    anyhow::anyhow!(longrun::config::redact_secrets(&error.to_string()))
                 })
                 .with_context(|| format!("parsing config file {}", path.display()))?
         }

@@ -480,6 +480,19 @@ fn a_mistyped_store_url_is_refused_without_printing_its_password() {
         !dir.path().join("longrun-data").exists(),
         "refused before any data directory"
     );
+    // A webhook secret on the line the parser quotes is masked too.
+    std::fs::write(
+        &config,
+        "[webhooks]\nsecret = \"whsec_first\"\nsecret = \"whsec_second\"\n",
+    )
+    .unwrap();
+    let output = run(&["--config".as_ref(), config.as_os_str()], None);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("secret = \"***\"") && !stderr.contains("whsec_"),
+        "{stderr}"
+    );
 }
 
 /// The edges themselves are taken: the smallest message limit, a queue of one, a hundred

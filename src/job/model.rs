@@ -171,6 +171,16 @@ pub const ERROR_CODE_NAMES: [&str; 16] = [
     "UNAUTHENTICATED",
 ];
 
+/// Whether two webhook URLs are the same once normalized: a Submit stores the URL as parsed,
+/// while a job stored before that (or submitted in-process) holds it as written.
+fn same_url(a: &str, b: &str) -> bool {
+    a == b
+        || matches!(
+            (url::Url::parse(a), url::Url::parse(b)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
 /// The canonical code name `code` spells, in any case; `None` for any other text.
 fn canonical_code(code: &str) -> Option<&'static str> {
     ERROR_CODE_NAMES
@@ -355,7 +365,9 @@ fn first_difference<A: AskedAction>(asked: Asked<'_, A>, job: &Job) -> Option<St
     }
     let webhook_differs = match (asked.webhook, &job.webhook) {
         (None, None) => false,
-        (Some(asked), Some(stored)) => asked.url != stored.url || asked.events != stored.events,
+        (Some(asked), Some(stored)) => {
+            !same_url(&asked.url, &stored.url) || asked.events != stored.events
+        }
         _ => true,
     };
     let differs = if asked.priority != job.priority {

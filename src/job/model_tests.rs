@@ -419,3 +419,13 @@ fn a_request_differs_from_a_job_only_in_what_the_job_keeps_of_it() {
         Some("timeout")
     );
 }
+
+#[test]
+fn webhook_urls_compare_as_normalized() {
+    assert!(same_url(
+        "HTTP://Example.COM:80/a/../b",
+        "http://example.com/b"
+    ));
+    assert!(same_url("not a url", "not a url"));
+    assert!(!same_url("http://example.com/a", "http://example.com/b"));
+}

@@ -19,7 +19,7 @@ use reqwest::Url;
 /// loopback, unique-local (fc00::/7, including the fd00:ec2::254 metadata service),
 /// link-local (fe80::/10), site-local, multicast, documentation, discard-only, local-use NAT64
 /// (64:ff9b:1::/48), Teredo (2001::/32), and the NAT64 (64:ff9b::/96), 6to4 (2002::/16),
-/// IPv4-mapped or -compatible forms of any internal IPv4.
+/// IPv4-mapped, -translated or -compatible forms of any internal IPv4.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_internal_v4(v4),
@@ -48,6 +48,10 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
         return is_internal_v4(v4);
     }
     let segments = ip.segments();
+    // IPv4-translated (SIIT, ::ffff:0:a.b.c.d) reaches the embedded IPv4 address too.
+    if segments[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        return is_internal_v4(ipv4_in(segments[6], segments[7]));
+    }
     // IPv4-compatible (::a.b.c.d, deprecated but still routed by some stacks).
     if segments[..6].iter().all(|s| *s == 0) {
         let v4 = ipv4_in(segments[6], segments[7]);
@@ -355,6 +359,8 @@ mod tests {
             "64:ff9b:1::a9fe:a9fe",
             "64:ff9b:1:ffff::808:808",
             "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "::ffff:0:a9fe:a9fe",
+            "::ffff:0:7f00:1",
         ] {
             assert!(is_internal(ip(internal)), "{internal} is internal");
         }
@@ -368,6 +374,7 @@ mod tests {
             "64:ff9b::808:808",
             "2002:808:808::1",
             "2001:4860:4860::8888",
+            "::ffff:0:808:808",
         ] {
             assert!(!is_internal(ip(public)), "{public} is public");
         }
