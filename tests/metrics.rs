@@ -41,11 +41,7 @@ fn value(text: &str, series: &str) -> f64 {
 
 /// A server with its metrics endpoint on a free loopback port.
 async fn server_with_metrics() -> (TestServer, std::net::SocketAddr) {
-    let mut config = test_config();
-    let metrics_addr = free_addr();
-    config.metrics_listen = Some(metrics_addr);
-    let server = TestServer::start_with(config, Registry::with_builtins()).await;
-    (server, metrics_addr)
+    TestServer::start_with_metrics(test_config(), Registry::with_builtins()).await
 }
 
 #[tokio::test]
@@ -97,11 +93,10 @@ async fn metrics_count_jobs_actions_rpcs_and_open_watches() {
 #[tokio::test]
 async fn a_job_waiting_to_be_retried_is_counted_as_queued_for_later_not_running() {
     let mut config = test_config();
-    let metrics_addr = free_addr();
-    config.metrics_listen = Some(metrics_addr);
     config.executor.retry_backoff_initial = Duration::from_secs(3600);
     config.executor.retry_backoff_max = Duration::from_secs(3600);
-    let server = TestServer::start_with(config, Registry::with_builtins()).await;
+    let (server, metrics_addr) =
+        TestServer::start_with_metrics(config, Registry::with_builtins()).await;
     let mut client = server.client.clone();
     let mut req = request(vec![action("fail", serde_json::json!({}))]);
     req.max_attempts = 2;

@@ -120,13 +120,45 @@ impl TestServer {
     /// A server over the given store, returned as soon as it listens: health may still read
     /// NOT_SERVING while unfinished jobs are recovered.
     pub async fn start_unready(store: Arc<dyn Store>, config: Config, registry: Registry) -> Self {
+        Self::start_serving(store, config, registry, None).await
+    }
+
+    /// A server on a memory store with its metrics served on an ephemeral loopback port, bound
+    /// here (a port picked free and bound later may be taken meanwhile by another test), once
+    /// its health reads SERVING; and the metrics address.
+    #[allow(dead_code)] // not every test binary serves metrics
+    pub async fn start_with_metrics(config: Config, registry: Registry) -> (Self, SocketAddr) {
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind an ephemeral port for metrics");
+        let metrics_addr = metrics.local_addr().expect("metrics addr");
+        let server = Self::start_serving(
+            Arc::new(MemoryStore::new()),
+            config,
+            registry,
+            Some(metrics),
+        )
+        .await;
+        server.until_health(ServingStatus::Serving).await;
+        (server, metrics_addr)
+    }
+
+    async fn start_serving(
+        store: Arc<dyn Store>,
+        config: Config,
+        registry: Registry,
+        metrics: Option<tokio::net::TcpListener>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an ephemeral port");
         let addr = listener.local_addr().expect("local addr");
-        let server = Server::start(store, registry, config)
+        let mut server = Server::start(store, registry, config)
             .await
             .expect("start the server");
+        if let Some(metrics) = metrics {
+            server = server.with_metrics_listener(metrics);
+        }
         let executor = server.executor().clone();
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
