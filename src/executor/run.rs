@@ -621,42 +621,17 @@ impl Inner {
                 .action_ran(&job.actions[index].name, outcome, started);
             let now = SystemTime::now();
             match result {
-                Ok(value) => {
-                    // Depth first: measuring the size walks all of it. A result nested past
-                    // what protobuf decoders read would make the job unreadable to clients.
-                    if let Some(path) = value_too_deep(&value, MAX_RESULT_DEPTH) {
-                        let error = HandlerError::permanent(
-                            "RESOURCE_EXHAUSTED",
-                            "RESULT_TOO_DEEP",
-                            format!(
-                                "action {index}'s result{path} nests deeper than the \
-                                 {MAX_RESULT_DEPTH} levels a result may take, and the job \
-                                 could not be read back"
-                            ),
-                        );
+                Ok(value) => match self.result_fits(index, &value, results_size) {
+                    Ok(size) => {
+                        results_size += size;
+                        // Saved with the next action's start, or with the job's own end.
+                        job.succeed_action(index, value, now)?;
+                    }
+                    Err(error) => {
                         job.fail_action(index, error.error.clone(), now)?;
                         return Ok(Attempt::Failed(error));
                     }
-                    let size = wire_size(&value);
-                    let budget = self.config.max_results_bytes;
-                    if results_size + size > budget {
-                        let error = HandlerError::permanent(
-                            "RESOURCE_EXHAUSTED",
-                            "RESULT_TOO_LARGE",
-                            format!(
-                                "action {index}'s result is {size} bytes as sent; with the \
-                                 job's other results it would pass the {budget} bytes a job's \
-                                 results may take (see max_message_bytes), and the job \
-                                 could not be read back"
-                            ),
-                        );
-                        job.fail_action(index, error.error.clone(), now)?;
-                        return Ok(Attempt::Failed(error));
-                    }
-                    results_size += size;
-                    // Saved with the next action's start, or with the job's own end.
-                    job.succeed_action(index, value, now)?;
-                }
+                },
                 Err(_) if handle.reason() == StopReason::Timeout => {
                     let error = timed_out(job);
                     job.fail_action(index, error.error.clone(), now)?;
@@ -673,6 +648,42 @@ impl Inner {
             }
         }
         Ok(Attempt::Succeeded)
+    }
+
+    /// The size of action `index`'s result as sent, when the job can still be read back with
+    /// it after the results before it (`results_size` bytes); else the permanent failure the
+    /// action ends with: nested past what protobuf decoders read, or past the results budget.
+    fn result_fits(
+        &self,
+        index: usize,
+        value: &Value,
+        results_size: usize,
+    ) -> Result<usize, HandlerError> {
+        // Depth first: measuring the size walks all of it.
+        if let Some(path) = value_too_deep(value, MAX_RESULT_DEPTH) {
+            return Err(HandlerError::permanent(
+                "RESOURCE_EXHAUSTED",
+                "RESULT_TOO_DEEP",
+                format!(
+                    "action {index}'s result{path} nests deeper than the {MAX_RESULT_DEPTH} \
+                     levels a result may take, and the job could not be read back"
+                ),
+            ));
+        }
+        let size = wire_size(value);
+        let budget = self.config.max_results_bytes;
+        if results_size + size > budget {
+            return Err(HandlerError::permanent(
+                "RESOURCE_EXHAUSTED",
+                "RESULT_TOO_LARGE",
+                format!(
+                    "action {index}'s result is {size} bytes as sent; with the job's other \
+                     results it would pass the {budget} bytes a job's results may take (see \
+                     max_message_bytes), and the job could not be read back"
+                ),
+            ));
+        }
+        Ok(size)
     }
 
     /// Runs one action's handler, applying its progress as it comes. Once the job is told to

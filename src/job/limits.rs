@@ -147,12 +147,6 @@ pub(crate) fn check_labels<'a>(
     violations
 }
 
-/// The path (below an action's `params`) of the first value nested deeper than `max_depth`,
-/// the top-level params' values being at depth 1; `None` when none is.
-fn too_deep(params: &Map<String, Value>, max_depth: usize) -> Option<String> {
-    fields_too_deep(params, max_depth)
-}
-
 /// The path (below `fields`) of the first value nested deeper than `max_depth`, the fields'
 /// own values being at depth 1; `None` when none is. Stops at the first level past the
 /// limit, so it never recurses deeper than `max_depth + 1`.
@@ -306,7 +300,7 @@ pub fn check_submit(spec: &NewJob, limits: &SubmitLimits) -> Vec<FieldViolation>
         if action.name.is_empty() {
             violations.push(FieldViolation::new(format!("{field}.name"), "is required"));
         }
-        if let Some(path) = too_deep(&action.params, limits.max_params_depth) {
+        if let Some(path) = fields_too_deep(&action.params, limits.max_params_depth) {
             violations.push(FieldViolation::new(
                 format!("{field}.params{path}"),
                 format!(
