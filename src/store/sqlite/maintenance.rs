@@ -7,7 +7,10 @@ use std::{
     path::Path,
 };
 
-use super::{DATABASE_FILE, SqliteOptions, lock_dir, open_writer, readers, schema, sql_error};
+use super::{
+    DATABASE_FILE, SqliteOptions, create_new_private_file, lock_dir, open_writer, readers, schema,
+    sql_error,
+};
 use crate::store::StoreError;
 
 /// The size of a data directory's database before and after [`compact`], in bytes (the
@@ -68,12 +71,7 @@ pub fn backup(dir: &Path, dest: &Path) -> Result<u64, StoreError> {
     let conn = readers::open_reader(&path, SqliteOptions::default().busy_timeout)?;
     // Created first, empty (which `VACUUM INTO` takes) and readable by its owner only, as the
     // database it copies: `VACUUM INTO` would create it readable by all.
-    let mut private = fs::OpenOptions::new();
-    private.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut private, 0o600);
-    private
-        .open(dest)
+    create_new_private_file(dest)
         .map_err(|e| StoreError::backend(format!("creating {}", dest.display()), e))?;
     conn.execute("VACUUM INTO ?1", [dest_text]).map_err(|e| {
         // Nothing half-written is left behind to be taken for a backup.

@@ -408,15 +408,21 @@ fn private_dir_builder() -> fs::DirBuilder {
     builder
 }
 
-/// Creates `path` empty and readable by its owner only (0600) unless it exists. SQLite takes
-/// an empty file as a new database, and gives its `-wal` and `-shm` files the database
-/// file's permissions.
-fn create_private_file(path: &Path) -> std::io::Result<()> {
+/// Creates `path` empty and readable by its owner only (0600); fails if it exists. For the
+/// database and its backups, which hold every job's params, results and webhook secrets.
+fn create_new_private_file(path: &Path) -> std::io::Result<File> {
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    match options.open(path) {
+    options.open(path)
+}
+
+/// Creates `path` as [`create_new_private_file`] does unless it exists. SQLite takes an empty
+/// file as a new database, and gives its `-wal` and `-shm` files the database file's
+/// permissions.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    match create_new_private_file(path) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
