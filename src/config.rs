@@ -10,7 +10,7 @@ mod security;
 
 pub use security::{
     AuthConfig, AuthSettings, KeyEntry, PEM_CERTIFICATE, PEM_PRIVATE_KEY, QuotaSettings, Switch,
-    TenantQuota, TlsFiles, holds_pem, read_pem,
+    TenantQuota, TlsFiles, read_pem,
 };
 
 use crate::{

@@ -122,19 +122,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (filter, bad_filter) = match std::env::var("RUST_LOG") {
         Ok(text) if !text.trim().is_empty() => {
             match tracing_subscriber::EnvFilter::try_new(&text) {
-                Ok(filter) => (filter, None),
-                Err(error) => (
-                    tracing_subscriber::EnvFilter::new(DEFAULT_FILTER),
-                    Some(format!("{text:?}: {error}")),
-                ),
+                Ok(filter) => (Some(filter), None),
+                Err(error) => (None, Some(format!("{text:?}: {error}"))),
             }
         }
-        Err(std::env::VarError::NotUnicode(_)) => (
-            tracing_subscriber::EnvFilter::new(DEFAULT_FILTER),
-            Some("is not UTF-8".to_owned()),
-        ),
-        _ => (tracing_subscriber::EnvFilter::new(DEFAULT_FILTER), None),
+        Err(std::env::VarError::NotUnicode(_)) => (None, Some("is not UTF-8".to_owned())),
+        _ => (None, None),
     };
+    let filter = filter.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
     let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -98,7 +98,7 @@ pub const PEM_PRIVATE_KEY: &[&str] = &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRI
 /// Whether `pem` holds a block under one of `labels`: a file given for a certificate that
 /// holds none (a key, an empty file) is named as such, rather than failing the TLS setup with
 /// a message about something else.
-pub fn holds_pem(pem: &[u8], labels: &[&str]) -> bool {
+fn holds_pem(pem: &[u8], labels: &[&str]) -> bool {
     let text = String::from_utf8_lossy(pem);
     labels
         .iter()

@@ -81,6 +81,8 @@ pub struct WebhookWorker {
     /// awaited on another thread while attempts end).
     ended: Arc<Mutex<Vec<JobId>>>,
     permits: Arc<Semaphore>,
+    /// How many permits there are: all free when no attempt is in flight.
+    slots: usize,
     /// Held, besides a permit, by the attempts after a delivery's first: half the permits at
     /// most, so receivers that keep failing (timing out, say) never take every slot from
     /// the deliveries of healthy ones.
@@ -125,6 +127,7 @@ impl WebhookWorker {
             in_flight: Arc::default(),
             ended: Arc::default(),
             permits: Arc::new(Semaphore::new(concurrency)),
+            slots: concurrency,
             retry_permits: Arc::new(Semaphore::new(retry_slots(concurrency))),
             tasks: TaskTracker::new(),
             stopping,
@@ -143,9 +146,8 @@ impl WebhookWorker {
     /// backoff is not waited for; it stays in the outbox.
     pub async fn flush(&self, bound: Duration) {
         let until = tokio::time::Instant::now() + bound;
-        let concurrency = self.config.concurrency.clamp(1, Semaphore::MAX_PERMITS);
         loop {
-            let idle = self.permits.available_permits() >= concurrency
+            let idle = self.permits.available_permits() >= self.slots
                 && matches!(
                     self.store.due_deliveries(SystemTime::now(), 1).await,
                     Ok(due) if due.is_empty()
