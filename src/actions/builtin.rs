@@ -130,7 +130,7 @@ impl Handler for Fail {
         let mut violations = Vec::new();
         let code = str_param(params, "code", "INTERNAL");
         // OK names no failure: a FAILED job with code OK would contradict itself.
-        if !crate::job::ERROR_CODE_NAMES.contains(&code) {
+        if !crate::job::is_error_code_name(code) {
             violations.push(FieldViolation::new(
                 "code",
                 format!(

@@ -105,27 +105,7 @@ pub fn parse_filter(field: &str, filter: &str) -> Result<Vec<JobState>, FieldVio
 /// The canonical code number for a code name such as `DEADLINE_EXCEEDED`; UNKNOWN (2) for a
 /// name that is not one (the name is still in the job's own error, in `metadata`).
 pub fn code_number(name: &str) -> i32 {
-    let code = match name {
-        "OK" => tonic::Code::Ok,
-        "CANCELLED" => tonic::Code::Cancelled,
-        "UNKNOWN" => tonic::Code::Unknown,
-        "INVALID_ARGUMENT" => tonic::Code::InvalidArgument,
-        "DEADLINE_EXCEEDED" => tonic::Code::DeadlineExceeded,
-        "NOT_FOUND" => tonic::Code::NotFound,
-        "ALREADY_EXISTS" => tonic::Code::AlreadyExists,
-        "PERMISSION_DENIED" => tonic::Code::PermissionDenied,
-        "RESOURCE_EXHAUSTED" => tonic::Code::ResourceExhausted,
-        "FAILED_PRECONDITION" => tonic::Code::FailedPrecondition,
-        "ABORTED" => tonic::Code::Aborted,
-        "OUT_OF_RANGE" => tonic::Code::OutOfRange,
-        "UNIMPLEMENTED" => tonic::Code::Unimplemented,
-        "INTERNAL" => tonic::Code::Internal,
-        "UNAVAILABLE" => tonic::Code::Unavailable,
-        "DATA_LOSS" => tonic::Code::DataLoss,
-        "UNAUTHENTICATED" => tonic::Code::Unauthenticated,
-        _ => tonic::Code::Unknown,
-    };
-    code as i32
+    crate::job::status_code(name).unwrap_or(tonic::Code::Unknown) as i32
 }
 
 /// A job as an operation.

@@ -19,8 +19,8 @@ pub(crate) use limits::{
     value_too_deep,
 };
 pub use model::{
-    Action, DEFAULT_TENANT, ERROR_CODE_NAMES, Job, JobError, JobId, MAX_ERROR_DETAILS_BYTES,
-    MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress,
+    Action, DEFAULT_TENANT, Job, JobError, JobId, MAX_ERROR_DETAILS_BYTES,
+    MAX_UNPERSISTED_VERSIONS, NewAction, NewJob, Progress, is_error_code_name, status_code,
 };
 pub use state::{ActionState, IllegalTransition, JobState, UnknownState};
 pub use trace::{

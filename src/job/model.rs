@@ -151,25 +151,37 @@ pub const MAX_ERROR_DETAILS_BYTES: usize = 8192;
 /// The longest error reason kept, in bytes.
 const MAX_ERROR_NAME_BYTES: usize = 128;
 
-/// The canonical gRPC status code names, `OK` aside (an error is never OK).
-pub const ERROR_CODE_NAMES: [&str; 16] = [
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
+/// The gRPC status code a canonical code name (`DEADLINE_EXCEEDED`) stands for; `None` for
+/// any other text. The one table of the names: errors are checked and mapped against it.
+pub fn status_code(name: &str) -> Option<tonic::Code> {
+    use tonic::Code;
+    Some(match name {
+        "OK" => Code::Ok,
+        "CANCELLED" => Code::Cancelled,
+        "UNKNOWN" => Code::Unknown,
+        "INVALID_ARGUMENT" => Code::InvalidArgument,
+        "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
+        "NOT_FOUND" => Code::NotFound,
+        "ALREADY_EXISTS" => Code::AlreadyExists,
+        "PERMISSION_DENIED" => Code::PermissionDenied,
+        "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
+        "FAILED_PRECONDITION" => Code::FailedPrecondition,
+        "ABORTED" => Code::Aborted,
+        "OUT_OF_RANGE" => Code::OutOfRange,
+        "UNIMPLEMENTED" => Code::Unimplemented,
+        "INTERNAL" => Code::Internal,
+        "UNAVAILABLE" => Code::Unavailable,
+        "DATA_LOSS" => Code::DataLoss,
+        "UNAUTHENTICATED" => Code::Unauthenticated,
+        _ => return None,
+    })
+}
+
+/// Whether `name` is the canonical name of an error's code: any status code's but `OK` (an
+/// error is never OK).
+pub fn is_error_code_name(name: &str) -> bool {
+    status_code(name).is_some_and(|code| code != tonic::Code::Ok)
+}
 
 /// Whether two webhook URLs are the same once normalized: a Submit stores the URL as parsed,
 /// while a job stored before that (or submitted in-process) holds it as written.
@@ -182,10 +194,9 @@ fn same_url(a: &str, b: &str) -> bool {
 }
 
 /// The canonical code name `code` spells, in any case; `None` for any other text.
-fn canonical_code(code: &str) -> Option<&'static str> {
-    ERROR_CODE_NAMES
-        .into_iter()
-        .find(|name| name.eq_ignore_ascii_case(code.trim()))
+fn canonical_code(code: &str) -> Option<String> {
+    let name = code.trim().to_ascii_uppercase();
+    is_error_code_name(&name).then_some(name)
 }
 
 impl JobError {
@@ -199,7 +210,7 @@ impl JobError {
         };
         // Clients map the code to a status (Operations' `error.code`, the CLI's exit code):
         // a name that is none gets the one meant for an error of no known kind.
-        self.code = canonical_code(&self.code).unwrap_or("UNKNOWN").to_owned();
+        self.code = canonical_code(&self.code).unwrap_or_else(|| "UNKNOWN".to_owned());
         cut(&mut self.reason, MAX_ERROR_NAME_BYTES);
         cut(&mut self.message, MAX_ERROR_MESSAGE_BYTES);
         // Depth first: measuring the size walks all of it.
