@@ -476,7 +476,13 @@ impl Executor {
 
     /// [`Executor::submit`] for a job whose limits the API's edge has checked already, on its
     /// wire form (where sizes are measured as sent).
-    pub(crate) async fn submit_checked(&self, mut spec: NewJob) -> Result<Job, ExecutorError> {
+    pub(crate) async fn submit_checked(&self, spec: NewJob) -> Result<Job, ExecutorError> {
+        let executor = self.clone();
+        uninterrupted(async move { executor.submit_uninterrupted(spec).await }).await
+    }
+
+    /// The body of [`Executor::submit_checked`], run by [`uninterrupted`].
+    async fn submit_uninterrupted(&self, mut spec: NewJob) -> Result<Job, ExecutorError> {
         self.until_recovered().await?;
         if self.inner.accepting.is_cancelled() {
             return Err(ExecutorError::ShuttingDown);
@@ -541,38 +547,96 @@ impl Executor {
         if let Some(reservation) = &mut shared_reservation {
             reservation.storing(job.id);
         }
+        // Held by this Submit while the job is stored: a Cancel that finds the job meanwhile
+        // (its id can be listed as soon as the store has it) stops this handle, and the job is
+        // cancelled below instead of queued. Otherwise the Cancel would store CANCELLED and
+        // this Submit then queue the job's QUEUED snapshot, which would run. On a shared
+        // store a Cancel goes through the store, and replicas claim from it.
+        let storing = (!self.inner.shared).then(|| self.inner.scheduler().activate(job.id));
         let created = self.inner.store.create(&job).await;
-        let mut scheduler = self.inner.scheduler();
-        scheduler.unreserve(&job.tenant);
-        match created? {
-            Created::Existing(existing) => same_request(
+        let created = match created {
+            Ok(Created::New) => None,
+            Ok(Created::Existing(existing)) => Some(Ok(existing)),
+            Err(error) => Some(Err(error)),
+        };
+        if let Some(outcome) = created {
+            let mut scheduler = self.inner.scheduler();
+            scheduler.unreserve(&job.tenant);
+            if storing.is_some() {
+                scheduler.finish(job.id);
+            }
+            drop(scheduler);
+            let existing = outcome?;
+            return same_request(
                 job.first_difference_as_asked(asked_max_attempts, &existing),
                 *existing,
-            ),
-            Created::New => {
-                let shared = Arc::new(job.clone());
+            );
+        }
+        let shared = Arc::new(job.clone());
+        self.inner.metrics.transition(job.state.as_str());
+        // Published before the job is queued, so that no later state of it can be published
+        // first. Nobody watches a job by id before it exists, but WatchJobs selectors may
+        // match it: they learn of new jobs here.
+        self.inner.hub.publish(Arc::clone(&shared));
+        let cancelled = {
+            let mut scheduler = self.inner.scheduler();
+            scheduler.unreserve(&job.tenant);
+            match &storing {
+                Some(handle) => {
+                    scheduler.finish(job.id);
+                    // Under the lock under which a Cancel stops the handle: the Cancel was
+                    // either seen here or finds the job queued.
+                    let cancelled = handle.cancel_asked().is_cancelled();
+                    if !cancelled {
+                        scheduler.enqueue_with(
+                            job.id,
+                            Rank::of(&job),
+                            &job.tenant,
+                            Some(shared),
+                            job.due_after(SystemTime::now()),
+                        );
+                    }
+                    cancelled
+                }
                 // A shared store's jobs are claimed from the store, by whichever replica is
                 // free first; this one is woken below to try.
-                if !self.inner.shared {
-                    scheduler.enqueue_with(
-                        job.id,
-                        Rank::of(&job),
-                        &job.tenant,
-                        Some(Arc::clone(&shared)),
-                        job.due_after(SystemTime::now()),
-                    );
-                }
-                drop(scheduler);
-                if let Some(reservation) = &mut shared_reservation {
-                    reservation.queued(job.id);
-                }
-                self.inner.metrics.transition(job.state.as_str());
+                None => false,
+            }
+        };
+        if let Some(reservation) = &mut shared_reservation {
+            reservation.queued(job.id);
+        }
+        if cancelled {
+            return self.cancel_while_stored(job).await;
+        }
+        self.inner.sync_gauges();
+        self.inner.wake.notify_one();
+        tracing::debug!(job_id = %job.id, "job queued");
+        Ok(job)
+    }
+
+    /// Ends a job cancelled while its Submit stored it (see `submit_uninterrupted`); the
+    /// Cancel waits for this. Should the store fail, the job is queued after all, as it is
+    /// stored: a job left out of the queue would not run until a restart.
+    async fn cancel_while_stored(&self, job: Job) -> Result<Job, ExecutorError> {
+        let mut cancelled = job.clone();
+        cancelled
+            .cancel(cancelled_error(), SystemTime::now())
+            .map_err(|source| ExecutorError::Illegal { id: job.id, source })?;
+        match self.inner.commit_state(&cancelled).await {
+            Ok(()) => {
+                tracing::info!(job_id = %job.id, "job cancelled as it was stored");
                 self.inner.sync_gauges();
-                // Nobody watches a job by id before it exists, but WatchJobs selectors may
-                // match it: they learn of new jobs here.
-                self.inner.hub.publish(shared);
+                Ok(cancelled)
+            }
+            Err(error) => {
+                tracing::warn!(job_id = %job.id, error = %crate::with_causes(&error), "cancelling a job as it was stored failed; it stays queued");
+                let due = job.due_after(SystemTime::now());
+                self.inner
+                    .scheduler()
+                    .enqueue_with(job.id, Rank::of(&job), &job.tenant, None, due);
+                self.inner.sync_gauges();
                 self.inner.wake.notify_one();
-                tracing::debug!(job_id = %job.id, "job queued");
                 Ok(job)
             }
         }
@@ -650,6 +714,12 @@ impl Executor {
     /// cancellation token (the job turns CANCELLED when the handler stops, or after the grace
     /// period). A job that has ended is returned unchanged.
     pub async fn cancel(&self, id: JobId) -> Result<Job, ExecutorError> {
+        let executor = self.clone();
+        uninterrupted(async move { executor.cancel_uninterrupted(id).await }).await
+    }
+
+    /// The body of [`Executor::cancel`], run by [`uninterrupted`].
+    async fn cancel_uninterrupted(&self, id: JobId) -> Result<Job, ExecutorError> {
         self.until_recovered().await?;
         let holder = {
             let mut scheduler = self.inner.scheduler();
@@ -819,6 +889,22 @@ impl Executor {
         }
         inner.drained.cancel();
         inner.release_all().await;
+    }
+}
+
+/// Runs `work` to its end in a task of its own, whatever becomes of the caller. A Submit or a
+/// Cancel changes the store and the queue in steps with awaits between them, and an RPC's
+/// future is dropped when its client goes away or its deadline passes: dropped halfway, a job
+/// would be stored and never queued, a queue place never given back, a job taken out of the
+/// queue never put back, or a cancellation stored and never told to its watchers.
+async fn uninterrupted<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ExecutorError>> + Send + 'static,
+) -> Result<T, ExecutorError> {
+    match tokio::spawn(work.in_current_span()).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(ExecutorError::ShuttingDown),
     }
 }
 

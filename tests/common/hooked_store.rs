@@ -19,6 +19,9 @@ pub trait StoreHooks: Send + Sync + 'static {
 
     /// Before `unfinished`, which recovery reads at start.
     async fn before_unfinished(&self) {}
+
+    /// After `create` has stored a job, before its answer: a store that is slow to answer.
+    async fn after_create(&self, _job: &Job) {}
 }
 
 /// A [`MemoryStore`] behind `hooks`.
@@ -40,7 +43,9 @@ impl<H> HookedStore<H> {
 #[async_trait]
 impl<H: StoreHooks> Store for HookedStore<H> {
     async fn create(&self, job: &Job) -> Result<Created, StoreError> {
-        self.inner.create(job).await
+        let created = self.inner.create(job).await?;
+        self.hooks.after_create(job).await;
+        Ok(created)
     }
     async fn save(&self, job: &Job) -> Result<(), StoreError> {
         self.hooks.before_save(job).await?;
