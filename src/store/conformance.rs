@@ -69,6 +69,7 @@ where
     idempotency_key_returns_first_job(&make().await).await;
     save_logs_state_changes_but_not_progress(&make().await).await;
     save_refuses_stale_versions(&make().await).await;
+    a_terminal_state_is_final(&make().await).await;
     list_is_newest_first_filtered_and_paged(&make().await).await;
     delete_only_terminal_jobs(&make().await).await;
     unfinished_and_purge(&make().await).await;
@@ -551,6 +552,38 @@ async fn save_refuses_stale_versions(store: &impl Store) {
     assert!(store.save(&job).await.is_err(), "same version refused");
     let unknown = sample_job(1, &[], None);
     assert!(store.save(&unknown).await.is_err(), "missing job refused");
+}
+
+/// A writer holding an older snapshot of a job that was ended meanwhile (a queued job
+/// cancelled as it was being started) is refused, even with a higher version.
+async fn a_terminal_state_is_final(store: &impl Store) {
+    let now = SystemTime::now();
+    let mut job = sample_job(1, &[], None);
+    store.create(&job).await.unwrap();
+    let mut stale = job.clone();
+    job.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+        .unwrap();
+    store.save(&job).await.unwrap();
+    stale.start(now).unwrap();
+    stale.start_action(0, now).unwrap();
+    assert!(stale.version > job.version);
+    assert!(
+        store.save(&stale).await.is_err(),
+        "a RUNNING snapshot over a CANCELLED job refused"
+    );
+    let stored = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, JobState::Cancelled);
+    assert_eq!(stored.version, job.version);
+    assert_eq!(
+        store
+            .transitions(job.id, 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.state)
+            .collect::<Vec<_>>(),
+        [JobState::Queued, JobState::Cancelled]
+    );
 }
 
 async fn list_is_newest_first_filtered_and_paged(store: &impl Store) {

@@ -124,7 +124,11 @@ impl Store for MemoryStore {
             .jobs
             .get_mut(&job.id)
             .ok_or(StoreError::Missing(job.id))?;
-        if job.version <= stored.version {
+        // Nothing changes a terminal job's state again (as the other stores refuse it): a
+        // writer that holds an older snapshot of a job ended meanwhile is refused.
+        if job.version <= stored.version
+            || (stored.state.is_terminal() && job.state != stored.state)
+        {
             return Err(StoreError::StaleVersion {
                 id: job.id,
                 stored: stored.version,

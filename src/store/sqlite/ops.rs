@@ -129,12 +129,17 @@ pub(super) fn save(conn: &Connection, row: &JobRow, head: &mut LogHead) -> Resul
         None => None,
     };
     let seq = row.logged.then(|| head.take());
-    let updated = conn
-        .prepare_cached(
+    // Nothing changes a terminal job's state again (as on PostgreSQL): a writer that holds an
+    // older snapshot of a job that was ended meanwhile is refused, whatever its version.
+    static UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
             "UPDATE jobs SET state = ?2, version = ?3, priority = ?4, end_time = ?5,
                              snapshot = ?6, snapshot_seq = ?7
-             WHERE id = ?1 AND version < ?3",
+             WHERE id = ?1 AND version < ?3 AND (state NOT IN {TERMINAL_STATES} OR state = ?2)"
         )
+    });
+    let updated = conn
+        .prepare_cached(&UPDATE)
         .and_then(|mut s| {
             s.execute(params![
                 row.id_text,
