@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use longrun::{
-    actions::{ExecCommand, Registry},
+    actions::{ActionContext, ActionDescription, ExecCommand, Handler, HandlerError, Registry},
     api::pb::{ActionState, JobState},
 };
 use serde_json::json;
@@ -134,6 +134,56 @@ async fn handler_ignoring_its_cancellation_is_stopped_after_the_grace_period() {
     assert_eq!(action_state(&done.actions[0]), ActionState::Cancelled);
     gate.until_idle().await;
     assert_eq!(gate.running(), 0, "the stubborn handler was dropped");
+}
+
+/// Reports progress at every poll and never looks at its cancellation (for a bounded while,
+/// so that a failing test ends).
+struct Chatty;
+
+#[longrun::actions::async_trait]
+impl Handler for Chatty {
+    fn describe(&self) -> ActionDescription {
+        ActionDescription {
+            description: "Reports progress at every poll, ignoring its cancellation.".to_owned(),
+            params: vec![],
+            uses_input: false,
+        }
+    }
+
+    async fn run(&self, ctx: ActionContext) -> Result<serde_json::Value, HandlerError> {
+        let until = tokio::time::Instant::now() + PATIENCE;
+        let mut step = 0;
+        while tokio::time::Instant::now() < until {
+            step += 1;
+            ctx.progress.units(step, u64::MAX, "chatting");
+            tokio::task::yield_now().await;
+        }
+        Ok(json!({ "steps": step }))
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_reports_at_every_poll_and_ignores_its_cancellation_is_stopped_too() {
+    let mut registry = Registry::with_builtins();
+    registry.register("chatty", Chatty);
+    let config = test_config();
+    let grace = config.executor.cancel_grace;
+    let server = TestServer::start_with(config, registry).await;
+    let mut client = server.client.clone();
+    let job = submit(&mut client, request(vec![action("chatty", json!({}))])).await;
+    until_state(&mut client, &job.id, JobState::Running).await;
+
+    let asked = Instant::now();
+    cancel(&mut client, &job.id).await;
+    let done = wait_done(&mut client, &job.id).await;
+    let took = asked.elapsed();
+    assert_eq!(state(&done), JobState::Cancelled);
+    assert_eq!(action_state(&done.actions[0]), ActionState::Cancelled);
+    assert!(done.cancel_requested, "the request was stored");
+    assert!(
+        took < grace + Duration::from_secs(5),
+        "stopped after its grace period, not when it chose to return: {took:?}"
+    );
 }
 
 #[tokio::test]

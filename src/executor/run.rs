@@ -5,7 +5,10 @@ use std::{
     any::Any,
     fmt::Write as _,
     panic::AssertUnwindSafe,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -138,7 +141,11 @@ enum RunError {
 /// A running action's progress channel and when its progress was last written.
 struct ProgressTracker {
     receiver: ProgressReceiver,
-    persisted_version: i64,
+    /// The newest version known to be stored. Raised by background saves only once they
+    /// succeed: a failed one must not count, or what watchers were shown could run ahead of
+    /// the store by more than [`MAX_UNPERSISTED_VERSIONS`], and the version jump of a job
+    /// settled from its stored snapshot would then fall below versions already shown.
+    saved_version: Arc<AtomicI64>,
     last_persist: Instant,
     /// A snapshot of the job published earlier that the hub has let go of: the next report
     /// refills it when nobody else holds it any more, instead of cloning the whole job.
@@ -721,7 +728,7 @@ impl Inner {
         let span = tracing::info_span!("action", index, name = %action.name);
         let mut tracker = ProgressTracker {
             receiver: progress_rx,
-            persisted_version: job.version,
+            saved_version: Arc::new(AtomicI64::new(job.version)),
             last_persist: Instant::now(),
             spare: None,
         };
@@ -760,9 +767,9 @@ impl Inner {
                     self.apply_progress(job, index, &mut tracker, reported, true).await?;
                     return Ok(result.unwrap_or_else(|payload| Err(self.panicked(job, index, payload))));
                 }
-                reported = tracker.receiver.next() => {
-                    self.apply_progress(job, index, &mut tracker, Some(reported), false).await?;
-                }
+                // The stop branches come before the reports: each fires once, and a handler
+                // that reports at every poll while ignoring its cancellation would otherwise
+                // keep them from ever being polled, and never be stopped.
                 _ = &mut stop, if grace_ends.is_none() => {
                     grace_ends = Some(Instant::now() + self.config.cancel_grace);
                 }
@@ -773,11 +780,19 @@ impl Inner {
                     // ends the job CANCELLED at its restart instead of running it again.
                     job.request_cancel(SystemTime::now())?;
                     self.commit(job).await?;
-                    tracker.persisted_version = job.version;
+                    tracker.saved_version.fetch_max(job.version, Ordering::AcqRel);
                 }
                 _ = grace => {
                     tracing::warn!(grace = ?self.config.cancel_grace, "handler ignored its cancellation; dropped");
                     return Ok(Err(HandlerError::cancelled()));
+                }
+                reported = tracker.receiver.next() => {
+                    self.apply_progress(job, index, &mut tracker, Some(reported), false).await?;
+                    // A handler that reports and yields at every step (`yield_now`) is ready
+                    // again at once, and so is its next report: without this, this loop would
+                    // never hand its thread back to the runtime until the handler is done,
+                    // starving the other tasks there (watch streams, other jobs' calls).
+                    tokio::task::coop::consume_budget().await;
                 }
             }
         }
@@ -818,16 +833,24 @@ impl Inner {
         }
         let snapshot = tracker.snapshot(job);
         tracker.spare = self.hub.publish(Arc::clone(&snapshot));
-        if job.version - tracker.persisted_version >= MAX_UNPERSISTED_VERSIONS - 1 {
+        let saved = tracker.saved_version.load(Ordering::Acquire);
+        if job.version - saved >= MAX_UNPERSISTED_VERSIONS - 1 {
             self.store.save(job).await?;
+            tracker
+                .saved_version
+                .fetch_max(job.version, Ordering::AcqRel);
         } else if tracker.last_persist.elapsed() >= self.config.progress_write_interval(self.shared)
         {
             let store = Arc::clone(&self.store);
             let failure_log = Arc::clone(&self.failure_logs.progress_saves);
+            let saved_version = Arc::clone(&tracker.saved_version);
             self.tracker.spawn(async move {
                 match store.save(&snapshot).await {
+                    Ok(()) => {
+                        saved_version.fetch_max(snapshot.version, Ordering::AcqRel);
+                    }
                     // A state change saved a newer version first: nothing is lost.
-                    Ok(()) | Err(StoreError::StaleVersion { .. }) => {}
+                    Err(StoreError::StaleVersion { .. }) => {}
                     Err(error) => {
                         if let Some(held_back) = failure_log.admit() {
                             tracing::warn!(error = %crate::with_causes(&error), held_back, "saving progress failed");
@@ -838,7 +861,6 @@ impl Inner {
         } else {
             return Ok(());
         }
-        tracker.persisted_version = job.version;
         tracker.last_persist = Instant::now();
         Ok(())
     }
