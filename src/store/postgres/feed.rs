@@ -5,7 +5,10 @@
 //! `pg_terminate_backend`) is reconnected with backoff and caught up from the log, so no
 //! transition is ever missed, only late.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Duration,
+};
 
 use deadpool_postgres::Pool;
 use futures::StreamExt;
@@ -14,13 +17,22 @@ use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use uuid::Uuid;
 
 use super::{CANCEL_CHANNEL, EVENTS_CHANNEL, PROGRESS_CHANNEL, pg_error, pool_error, reads};
-use crate::job::JobId;
+use crate::job::{Job, JobId};
 use crate::store::{Change, StoreError};
 
 /// Changes waiting for the executor; past that, the feed waits (and reads the log later).
 const FEED_CAPACITY: usize = 1024;
 /// Events read from the log at once.
 const PAGE: usize = 512;
+/// Notifications taken in one round: progress ones are merged by job, and the log is read once.
+const ROUND: usize = 4096;
+/// After this long without a notification, the listening connection is asked whether it is
+/// still there (a connection cut without a reset — a NAT's or a balancer's timeout, a failover
+/// behind a virtual address — would otherwise wait for notifications for hours), and the log
+/// is read, so that nothing waits longer than this for a notification that never came.
+const QUIET_CHECK: Duration = Duration::from_secs(5);
+/// How long that check waits for its answer before the connection is given up.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first wait before reconnecting, doubled after each failure up to [`RECONNECT_MAX`].
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -69,7 +81,7 @@ async fn run(
                 let mut result = catch_up(&readers, &changes, &mut last_seq).await;
                 if result.is_ok() {
                     backoff = RECONNECT_MIN;
-                    result = follow(&readers, &changes, &mut notes, &mut last_seq).await;
+                    result = follow(&client, &readers, &changes, &mut notes, &mut last_seq).await;
                 }
                 drop(client);
                 result
@@ -91,73 +103,120 @@ async fn run(
 }
 
 /// Passes on notifications until the connection is lost (an error) or the receiver is gone.
+///
+/// They are taken in rounds: everything that has arrived, up to [`ROUND`]. Progress
+/// notifications of one job are merged (each replica hears every job's progress, and a
+/// backlog must not grow with them), and the log is read once per round, before the progress
+/// snapshots are passed on: a snapshot read for progress may already show a transition the
+/// log holds and the feed has not passed on yet, and watchers must get that transition first.
 async fn follow(
+    listening: &tokio_postgres::Client,
     readers: &Pool,
     changes: &mpsc::Sender<Change>,
     notes: &mut mpsc::UnboundedReceiver<Notification>,
     last_seq: &mut i64,
 ) -> Result<(), Stop> {
+    let mut round = Vec::with_capacity(ROUND);
     loop {
-        let note = tokio::select! {
+        let first = tokio::select! {
             _ = changes.closed() => return Err(Stop::Closed),
             note = notes.recv() => note,
+            () = tokio::time::sleep(QUIET_CHECK) => {
+                check_listening(listening).await?;
+                catch_up(readers, changes, last_seq).await?;
+                continue;
+            }
         };
-        let Some(note) = note else {
+        let Some(first) = first else {
             return Err(Stop::Failed(StoreError::backend(
                 "listening for changes",
                 "the listening connection was lost",
             )));
         };
-        if note.channel() == CANCEL_CHANNEL {
-            match note.payload().parse::<JobId>() {
-                Ok(id) => changes
-                    .send(Change::Cancel(id))
-                    .await
-                    .map_err(|_| Stop::Closed)?,
-                Err(error) => {
-                    tracing::warn!(payload = note.payload(), %error, "bad cancel request")
-                }
+        round.push(first);
+        while round.len() < ROUND {
+            match notes.try_recv() {
+                Ok(note) => round.push(note),
+                Err(_) => break,
             }
-        } else if note.channel() == PROGRESS_CHANNEL {
-            progress(readers, changes, note.payload()).await?;
-        } else if note
-            .payload()
-            .parse::<i64>()
-            .map_or(true, |seq| seq > *last_seq)
-        {
+        }
+        let mut events = false;
+        let mut progressed = Vec::new();
+        let mut merged = HashSet::new();
+        for note in round.drain(..) {
+            if note.channel() == CANCEL_CHANNEL {
+                match note.payload().parse::<JobId>() {
+                    Ok(id) => changes
+                        .send(Change::Cancel(id))
+                        .await
+                        .map_err(|_| Stop::Closed)?,
+                    Err(error) => {
+                        tracing::warn!(payload = note.payload(), %error, "bad cancel request")
+                    }
+                }
+            } else if note.channel() == PROGRESS_CHANNEL {
+                match note.payload().parse::<JobId>() {
+                    Ok(id) => {
+                        if merged.insert(id) {
+                            progressed.push(id);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(payload = note.payload(), %error, "bad progress notification")
+                    }
+                }
+            } else if note
+                .payload()
+                .parse::<i64>()
+                .map_or(true, |seq| seq > *last_seq)
+            {
+                events = true;
+            }
+        }
+        let snapshots = progress(readers, &progressed).await?;
+        if events || !snapshots.is_empty() {
             catch_up(readers, changes, last_seq).await?;
+        }
+        for job in snapshots {
+            changes
+                .send(Change::Event(std::sync::Arc::new(job)))
+                .await
+                .map_err(|_| Stop::Closed)?;
         }
     }
 }
 
-/// Passes on the current snapshot of a job whose progress another replica saved. Progress is
-/// not logged, so one missed while the feed was away is simply superseded by the next.
-async fn progress(
-    readers: &Pool,
-    changes: &mpsc::Sender<Change>,
-    payload: &str,
-) -> Result<(), Stop> {
-    let id = match payload.parse::<JobId>() {
-        Ok(id) => id,
-        Err(error) => {
-            tracing::warn!(payload, %error, "bad progress notification");
-            return Ok(());
-        }
-    };
-    let job = {
-        let client = readers
-            .get()
-            .await
-            .map_err(|e| Stop::Failed(pool_error(e)))?;
-        reads::get(&client, id).await.map_err(Stop::Failed)?
-    };
-    if let Some(job) = job {
-        changes
-            .send(Change::Event(std::sync::Arc::new(job)))
-            .await
-            .map_err(|_| Stop::Closed)?;
+/// Asks the listening connection for an answer, bounded by [`CHECK_TIMEOUT`].
+async fn check_listening(listening: &tokio_postgres::Client) -> Result<(), Stop> {
+    let lost = |error: StoreError| Stop::Failed(error);
+    match tokio::time::timeout(CHECK_TIMEOUT, listening.simple_query("SELECT 1")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(lost(pg_error("checking the listening connection", error))),
+        Err(_) => Err(lost(StoreError::backend(
+            "checking the listening connection",
+            format!("no answer in {CHECK_TIMEOUT:?}"),
+        ))),
     }
-    Ok(())
+}
+
+/// The current snapshots of jobs whose progress another replica saved (those still stored).
+/// Progress is not logged, so one missed while the feed was away is simply superseded by the
+/// next.
+async fn progress(readers: &Pool, ids: &[JobId]) -> Result<Vec<Job>, Stop> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let client = readers
+        .get()
+        .await
+        .map_err(|e| Stop::Failed(pool_error(e)))?;
+    let mut jobs = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(job) = reads::get(&client, *id).await.map_err(Stop::Failed)? {
+            jobs.push(job);
+        }
+    }
+    Ok(jobs)
 }
 
 /// Passes on every event after `last_seq`, page by page, moving `last_seq` along.
