@@ -59,10 +59,17 @@ pub mod exit {
 const PLAIN_EXIT_CODES_HELP: &str = "Exit codes: 0 done, 2 a mistake on the command line, \
 5 any other error (the server unreachable, an RPC error such as NOT_FOUND).";
 
-/// The exit codes, as `--help` shows them for the commands that follow a job.
+/// The exit codes, as `--help` shows them for the commands that wait for a job with a time
+/// limit (`submit`, `wait`).
 const EXIT_CODES_HELP: &str = "Exit codes: 0 the job SUCCEEDED, 1 it FAILED, 3 it was CANCELLED, \
 4 the wait ran out first, 2 a mistake on the command line, 5 any other error \
 (the server unreachable, an RPC error).";
+
+/// The exit codes, as `watch --help` shows them: it follows the job to its end, with no time
+/// limit, so never 4.
+const WATCH_EXIT_CODES_HELP: &str = "Exit codes: 0 the job SUCCEEDED, 1 it FAILED, 3 it was \
+CANCELLED, 2 a mistake on the command line, 5 any other error (the server unreachable, an RPC \
+error).";
 
 /// The client subcommands, flattened into the binary's own subcommand list.
 #[derive(clap::Subcommand)]

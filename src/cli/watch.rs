@@ -15,7 +15,7 @@ use super::{
 
 /// `longrun watch ID`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = super::EXIT_CODES_HELP)]
+#[command(after_help = super::WATCH_EXIT_CODES_HELP)]
 pub struct WatchArgs {
     /// The job's id.
     pub id: String,
