@@ -27,11 +27,13 @@ use tokio::sync::Notify;
 use tonic::transport::Channel;
 
 /// Hooks that hold the answer of the next `create` (`hold_create`), or the next save of a
-/// CANCELLED job (`hold_cancel`), telling `held`, until `resume`.
+/// CANCELLED job (`hold_cancel`), telling `held`, until `resume`; and refuse the next save of
+/// a CANCELLED job (`fail_cancel`).
 #[derive(Default)]
 struct SlowAnswers {
     hold_create: AtomicBool,
     hold_cancel: AtomicBool,
+    fail_cancel: AtomicBool,
     held: Notify,
     resume: Notify,
 }
@@ -52,8 +54,17 @@ impl StoreHooks for SlowAnswers {
     }
 
     async fn before_save(&self, job: &Job) -> Result<(), StoreError> {
-        if job.state == job::JobState::Cancelled && self.hold_cancel.swap(false, Ordering::SeqCst) {
+        if job.state != job::JobState::Cancelled {
+            return Ok(());
+        }
+        if self.hold_cancel.swap(false, Ordering::SeqCst) {
             self.hold().await;
+        }
+        if self.fail_cancel.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::backend(
+                "saving a job",
+                "the disk went away for a moment",
+            ));
         }
         Ok(())
     }
@@ -225,4 +236,43 @@ async fn a_cancel_of_a_job_still_being_stored_ends_it_and_it_never_runs() {
     let stored = get(&mut client, &job.id).await;
     assert_eq!(state(&stored), JobState::Cancelled);
     assert!(stored.start_time.is_none(), "never started: {stored:?}");
+}
+
+#[tokio::test]
+async fn a_cancel_of_a_job_being_stored_whose_save_fails_is_carried_out_by_its_task() {
+    let gate = Gate::default();
+    let (store, server) = start(&gate, 10).await;
+    let mut client = server.client.clone();
+    let running = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, running.id);
+
+    store.hooks.hold_create.store(true, Ordering::SeqCst);
+    store.hooks.fail_cancel.store(true, Ordering::SeqCst);
+    let mut submitter = client.clone();
+    let submitting = tokio::spawn(async move {
+        submitter
+            .submit(request(vec![action("echo", json!({}))]))
+            .await
+    });
+    until_held(&store).await;
+    let job = list_all(&mut client)
+        .await
+        .into_iter()
+        .find(|j| j.id != running.id)
+        .expect("the new job is listed");
+    let mut canceller = client.clone();
+    let job_id = job.id.clone();
+    let cancelling =
+        tokio::spawn(async move { canceller.cancel(pb::CancelRequest { job_id }).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.hooks.resume.notify_one();
+    submitting.await.unwrap().expect("the Submit is answered");
+
+    // The cancellation could not be stored with the Submit; the job's task stores it when the
+    // worker frees up, instead of running the job.
+    gate.release(1);
+    let done = wait_done(&mut client, &job.id).await;
+    assert_eq!(state(&done), JobState::Cancelled);
+    assert!(done.start_time.is_none(), "never started: {done:?}");
+    cancelling.await.unwrap().expect("the Cancel is answered");
 }

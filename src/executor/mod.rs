@@ -478,11 +478,20 @@ impl Executor {
     /// wire form (where sizes are measured as sent).
     pub(crate) async fn submit_checked(&self, spec: NewJob) -> Result<Job, ExecutorError> {
         let executor = self.clone();
-        uninterrupted(async move { executor.submit_uninterrupted(spec).await }).await
+        uninterrupted(&self.inner, |caller_gone| async move {
+            executor.submit_uninterrupted(spec, caller_gone).await
+        })
+        .await
     }
 
-    /// The body of [`Executor::submit_checked`], run by [`uninterrupted`].
-    async fn submit_uninterrupted(&self, mut spec: NewJob) -> Result<Job, ExecutorError> {
+    /// The body of [`Executor::submit_checked`], run by [`uninterrupted`]: it gives up if its
+    /// caller is gone before it has changed anything (a Submit that waited out the recovery
+    /// or a stalled store, whose client has given up and may submit again).
+    async fn submit_uninterrupted(
+        &self,
+        mut spec: NewJob,
+        caller_gone: CancellationToken,
+    ) -> Result<Job, ExecutorError> {
         self.until_recovered().await?;
         if self.inner.accepting.is_cancelled() {
             return Err(ExecutorError::ShuttingDown);
@@ -497,11 +506,14 @@ impl Executor {
         let limit = self.inner.config.max_queue_length;
         let tenant_limit = self.inner.config.tenant_queue_limit(&spec.tenant);
         // On a shared store the backlog is the database's, not this replica's queue.
-        let (reserved, mut shared_reservation) = match self
+        let shared_reservation = self
             .inner
             .reserve_shared_queue(&spec.tenant, limit, tenant_limit)
-            .await
-        {
+            .await;
+        if caller_gone.is_cancelled() {
+            return Err(ExecutorError::ShuttingDown);
+        }
+        let (reserved, mut shared_reservation) = match shared_reservation {
             Err(full) => (Err(full), None),
             Ok(shared_reservation) => (
                 self.inner
@@ -616,25 +628,38 @@ impl Executor {
     }
 
     /// Ends a job cancelled while its Submit stored it (see `submit_uninterrupted`); the
-    /// Cancel waits for this. Should the store fail, the job is queued after all, as it is
-    /// stored: a job left out of the queue would not run until a restart.
+    /// Cancel waits for this. Should the store fail, the job is queued with the request, for
+    /// its task to carry out: a job left out of the queue would stay QUEUED until a restart.
     async fn cancel_while_stored(&self, job: Job) -> Result<Job, ExecutorError> {
         let mut cancelled = job.clone();
-        cancelled
-            .cancel(cancelled_error(), SystemTime::now())
-            .map_err(|source| ExecutorError::Illegal { id: job.id, source })?;
-        match self.inner.commit_state(&cancelled).await {
+        let stored = match cancelled.cancel(cancelled_error(), SystemTime::now()) {
+            Ok(()) => self
+                .inner
+                .commit_state(&cancelled)
+                .await
+                .map_err(ExecutorError::from),
+            Err(source) => Err(ExecutorError::Illegal { id: job.id, source }),
+        };
+        match stored {
             Ok(()) => {
                 tracing::info!(job_id = %job.id, "job cancelled as it was stored");
                 self.inner.sync_gauges();
                 Ok(cancelled)
             }
             Err(error) => {
-                tracing::warn!(job_id = %job.id, error = %crate::with_causes(&error), "cancelling a job as it was stored failed; it stays queued");
-                let due = job.due_after(SystemTime::now());
-                self.inner
-                    .scheduler()
-                    .enqueue_with(job.id, Rank::of(&job), &job.tenant, None, due);
+                // Queued at once (whatever its schedule) with the request on its snapshot:
+                // the task that takes it out of the queue cancels it instead of running it
+                // (see `run_owned`), trying the store again.
+                tracing::warn!(job_id = %job.id, error = %crate::with_causes(&error), "cancelling a job as it was stored failed; its task will try again");
+                let mut asked = job.clone();
+                asked.cancel_requested = true;
+                self.inner.scheduler().enqueue_with(
+                    job.id,
+                    Rank::of(&job),
+                    &job.tenant,
+                    Some(Arc::new(asked)),
+                    None,
+                );
                 self.inner.sync_gauges();
                 self.inner.wake.notify_one();
                 Ok(job)
@@ -715,12 +740,23 @@ impl Executor {
     /// period). A job that has ended is returned unchanged.
     pub async fn cancel(&self, id: JobId) -> Result<Job, ExecutorError> {
         let executor = self.clone();
-        uninterrupted(async move { executor.cancel_uninterrupted(id).await }).await
+        uninterrupted(&self.inner, |caller_gone| async move {
+            executor.cancel_uninterrupted(id, caller_gone).await
+        })
+        .await
     }
 
-    /// The body of [`Executor::cancel`], run by [`uninterrupted`].
-    async fn cancel_uninterrupted(&self, id: JobId) -> Result<Job, ExecutorError> {
+    /// The body of [`Executor::cancel`], run by [`uninterrupted`]: it gives up if its caller
+    /// is gone before it has changed anything.
+    async fn cancel_uninterrupted(
+        &self,
+        id: JobId,
+        caller_gone: CancellationToken,
+    ) -> Result<Job, ExecutorError> {
         self.until_recovered().await?;
+        if caller_gone.is_cancelled() {
+            return Err(ExecutorError::ShuttingDown);
+        }
         let holder = {
             let mut scheduler = self.inner.scheduler();
             let holder = scheduler.claim(id);
@@ -896,11 +932,22 @@ impl Executor {
 /// Cancel changes the store and the queue in steps with awaits between them, and an RPC's
 /// future is dropped when its client goes away or its deadline passes: dropped halfway, a job
 /// would be stored and never queued, a queue place never given back, a job taken out of the
-/// queue never put back, or a cancellation stored and never told to its watchers.
-async fn uninterrupted<T: Send + 'static>(
-    work: impl std::future::Future<Output = Result<T, ExecutorError>> + Send + 'static,
-) -> Result<T, ExecutorError> {
-    match tokio::spawn(work.in_current_span()).await {
+/// queue never put back, or a cancellation stored and never told to its watchers. `work` is
+/// given a token that fires when the caller is gone, to give up while it has changed nothing.
+/// Spawned on the executor's tracker, so that a shutdown waits for it too.
+async fn uninterrupted<T, Work, Fut>(inner: &Inner, work: Work) -> Result<T, ExecutorError>
+where
+    T: Send + 'static,
+    Work: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ExecutorError>> + Send + 'static,
+{
+    let caller_gone = CancellationToken::new();
+    let _caller_waits = caller_gone.clone().drop_guard();
+    match inner
+        .tracker
+        .spawn(work(caller_gone).in_current_span())
+        .await
+    {
         Ok(result) => result,
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         // The runtime is shutting down.

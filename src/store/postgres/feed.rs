@@ -6,7 +6,7 @@
 //! transition is ever missed, only late.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
 };
 
@@ -78,7 +78,7 @@ async fn run(
         let stop = match listen(&config).await {
             Ok((client, mut notes)) => {
                 // LISTEN is in effect: everything committed before it is in the log already.
-                let mut result = catch_up(&readers, &changes, &mut last_seq).await;
+                let mut result = catch_up(&readers, &changes, &mut last_seq).await.map(drop);
                 if result.is_ok() {
                     backoff = RECONNECT_MIN;
                     result = follow(&client, &readers, &changes, &mut notes, &mut last_seq).await;
@@ -174,10 +174,17 @@ async fn follow(
             }
         }
         let snapshots = progress(readers, &progressed).await?;
+        let mut passed = HashMap::new();
         if events || !snapshots.is_empty() {
-            catch_up(readers, changes, last_seq).await?;
+            passed = catch_up(readers, changes, last_seq).await?;
         }
-        for job in snapshots {
+        // A snapshot read before the log may be older than a transition the log just gave
+        // (the job's replica ended it meanwhile): passed on, it would take watchers back.
+        for job in snapshots.into_iter().filter(|job| {
+            passed
+                .get(&job.id)
+                .is_none_or(|newest| job.version > *newest)
+        }) {
             changes
                 .send(Change::Event(std::sync::Arc::new(job)))
                 .await
@@ -219,13 +226,15 @@ async fn progress(readers: &Pool, ids: &[JobId]) -> Result<Vec<Job>, Stop> {
     Ok(jobs)
 }
 
-/// Passes on every event after `last_seq`, page by page, moving `last_seq` along.
+/// Passes on every event after `last_seq`, page by page, moving `last_seq` along; returns the
+/// newest version it passed on of each job.
 async fn catch_up(
     readers: &Pool,
     changes: &mpsc::Sender<Change>,
     last_seq: &mut i64,
-) -> Result<(), Stop> {
+) -> Result<HashMap<JobId, i64>, Stop> {
     let labels = BTreeMap::new();
+    let mut passed = HashMap::new();
     loop {
         let page = {
             let client = readers
@@ -238,6 +247,8 @@ async fn catch_up(
         };
         let full = page.events.len() >= PAGE;
         for (seq, job) in page.events {
+            let newest = passed.entry(job.id).or_insert(job.version);
+            *newest = (*newest).max(job.version);
             changes
                 .send(Change::Event(std::sync::Arc::new(job)))
                 .await
@@ -246,7 +257,7 @@ async fn catch_up(
         }
         *last_seq = (*last_seq).max(page.scanned_to);
         if !full {
-            return Ok(());
+            return Ok(passed);
         }
     }
 }
