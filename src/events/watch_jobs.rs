@@ -12,7 +12,7 @@
 //! nothing is delivered twice, whether it came from the initial snapshot, the log or the inbox.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque, btree_map},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -139,20 +139,15 @@ pub struct JobsWatch {
     /// each is due.
     paced: HashMap<JobId, Paced>,
     paced_due: BTreeSet<(Instant, JobId)>,
-    /// The floors of the held entries (see [`Paced::floor`]), each with how many hold it: a
-    /// message's mark is kept below the lowest, so that a resume from it sends what is held.
-    paced_floors: BTreeMap<u64, usize>,
-    /// The hub's clock just before the last take of the inbox: every snapshot in the next
-    /// take was published after it.
-    last_take_at: u64,
 }
 
-/// A job's progress held back by the pacing.
+/// A job's progress held back by the pacing. A message's mark is not lowered for it: a
+/// resume from a message sent meanwhile would then send every job's progress published since,
+/// the progress the client was sent among it (see `WatchJobsResponse.cursor`: held progress
+/// is not resent, the job's next change carries it).
 struct Paced {
     job: Arc<Job>,
     due: Instant,
-    /// A moment on the hub's clock before the snapshot was published.
-    floor: u64,
 }
 
 impl JobsWatch {
@@ -204,11 +199,7 @@ impl JobsWatch {
             delivered_at: HashMap::new(),
             paced: HashMap::new(),
             paced_due: BTreeSet::new(),
-            paced_floors: BTreeMap::new(),
-            last_take_at: 0,
         };
-        // The inbox holds what was published once subscribed.
-        watch.last_take_at = watch.subscription.mark().at;
         let (after, through) = match after {
             None => (None, None),
             Some(Cursor::After(seq)) => (Some(seq), None),
@@ -404,7 +395,6 @@ impl JobsWatch {
     /// snapshot of a job removed before its transitions could be read. A logged change the
     /// log has not shown yet waits for the next read.
     async fn settle(&mut self) -> Result<(), StoreError> {
-        let take_mark_at = self.subscription.mark().at;
         let taken = self.subscription.take();
         if taken.overflowed {
             self.lost_live = true;
@@ -452,7 +442,6 @@ impl JobsWatch {
                 self.forget(id);
             }
         }
-        self.last_take_at = take_mark_at;
         Ok(())
     }
 
@@ -467,12 +456,6 @@ impl JobsWatch {
     fn unpace(&mut self, id: JobId) -> Option<Arc<Job>> {
         let paced = self.paced.remove(&id)?;
         self.paced_due.remove(&(paced.due, id));
-        if let btree_map::Entry::Occupied(mut holders) = self.paced_floors.entry(paced.floor) {
-            *holders.get_mut() -= 1;
-            if *holders.get() == 0 {
-                holders.remove();
-            }
-        }
         Some(paced.job)
     }
 
@@ -489,12 +472,9 @@ impl JobsWatch {
             self.deliver(job, self.scanned);
             return;
         };
-        // Published after the take before this one, or it would have come in that one.
-        let floor = self.last_take_at;
         self.unpace(job.id);
         self.paced_due.insert((due, job.id));
-        *self.paced_floors.entry(floor).or_default() += 1;
-        self.paced.insert(job.id, Paced { job, due, floor });
+        self.paced.insert(job.id, Paced { job, due });
     }
 
     /// Delivers the held progress whose interval is over (unless its job has moved on).
@@ -532,12 +512,7 @@ impl JobsWatch {
             .as_ref()
             .is_none_or(|states| states.contains(&job.state))
         {
-            let mut mark = self.subscription.mark();
-            // Progress held back was published after the mark would say: a resume from this
-            // message must still send it.
-            if let Some((&floor, _)) = self.paced_floors.first_key_value() {
-                mark.at = mark.at.min(floor);
-            }
+            let mark = self.subscription.mark();
             self.queue.push_back(JobsEvent { job, cursor, mark });
         }
     }
@@ -832,19 +807,12 @@ mod tests {
             hub.publish(Arc::new(reporting.clone()));
         }
         assert_quiet(&mut watch, "progress held within the interval").await;
-        // Another job's state change goes out at once, marked before the held progress.
+        // Another job's state change goes out at once.
         started(&store, &hub, &mut other).await;
         let change = next_within(&mut watch).await;
         assert_eq!(
             (change.job.id, change.job.state),
             (other.id, JobState::Running)
-        );
-        let since = hub.unfinished_published_after(change.mark);
-        assert!(
-            since
-                .iter()
-                .any(|job| job.id == reporting.id && job.version == reporting.version),
-            "a resume from that message sends the held progress"
         );
         let progress = next_within(&mut watch).await;
         assert_eq!(
@@ -866,6 +834,55 @@ mod tests {
             .unwrap();
         assert_eq!(change.job.version, reporting.version);
         assert_quiet(&mut watch, "the older progress is never sent after it").await;
+    }
+
+    /// A message sent while another job's progress is held back: a resume from it sends
+    /// nothing the client was sent (the held progress waits for its job's next change, as
+    /// `WatchJobsResponse.cursor` says).
+    #[tokio::test]
+    async fn a_resume_from_a_message_sent_while_progress_was_held_repeats_nothing() {
+        let (store, hub, watch) = watching_everything().await;
+        let mut watch = watch.pace_progress(Duration::from_millis(300));
+        let now = SystemTime::now();
+        let mut held = created(&store, &hub).await;
+        let mut sent = created(&store, &hub).await;
+        for _ in 0..2 {
+            next_within(&mut watch).await;
+        }
+        started(&store, &hub, &mut held).await;
+        started(&store, &hub, &mut sent).await;
+        for _ in 0..2 {
+            next_within(&mut watch).await;
+        }
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        held.report_progress(0, Progress::of(1, 10, ""), now);
+        hub.publish(Arc::new(held.clone()));
+        assert_eq!(next_within(&mut watch).await.job.version, held.version);
+        held.report_progress(0, Progress::of(2, 10, ""), now);
+        hub.publish(Arc::new(held.clone()));
+        assert_quiet(&mut watch, "the second report is held").await;
+        sent.report_progress(0, Progress::of(1, 10, ""), now);
+        hub.publish(Arc::new(sent.clone()));
+        let last = next_within(&mut watch).await;
+        assert_eq!(
+            (last.job.id, last.job.version),
+            (sent.id, sent.version),
+            "sent at once while the other job's progress is held"
+        );
+        drop(watch);
+
+        let mut resumed = JobsWatch::open(
+            Arc::clone(&store),
+            &hub,
+            None,
+            BTreeMap::new(),
+            None,
+            Some(last.cursor),
+            Some(last.mark),
+        )
+        .await
+        .unwrap();
+        assert_quiet(&mut resumed, "the client has the last message's snapshot").await;
     }
 
     /// A transition can reach a stream from the log before its publish reaches the hub; then
