@@ -76,6 +76,7 @@ where
     events_number_logged_changes_in_commit_order(&make().await).await;
     events_filter_by_labels_and_page(&make().await).await;
     removed_events_are_marked_and_never_reused(&make().await).await;
+    only_the_newest_deletions_are_remembered(&make().await).await;
     unfinished_at_agrees_with_the_event_log(&make().await).await;
     outbox::run_all(&make).await;
     tenants_are_kept_apart(&make().await).await;
@@ -360,6 +361,51 @@ async fn removed_events_are_marked_and_never_reused(store: &impl Store) {
     assert_eq!(
         purged.removed_through, newest,
         "for every reader: retention removes too many jobs to say which"
+    );
+}
+
+/// Past [`super::REMEMBERED_DELETIONS`] jobs removed by DeleteJob, a retention sweep folds
+/// the oldest into the removed-events mark, which every selector then sees.
+async fn only_the_newest_deletions_are_remembered(store: &impl Store) {
+    let now = SystemTime::now();
+    let other_labels = BTreeMap::from([("team".to_owned(), "nobody".to_owned())]);
+    let mut newest_seqs = Vec::new();
+    for _ in 0..super::REMEMBERED_DELETIONS + 2 {
+        let mut job = sample_job(1, &[("team", "deleting")], None);
+        store.create(&job).await.unwrap();
+        job.cancel(JobError::new("CANCELLED", "CANCELLED", "x"), now)
+            .unwrap();
+        store.save(&job).await.unwrap();
+        let page = store
+            .events_after(0, None, &BTreeMap::new(), 10_000)
+            .await
+            .unwrap();
+        newest_seqs.push(page.events.last().unwrap().0);
+        assert_eq!(store.delete(job.id).await.unwrap(), Deleted::Removed);
+    }
+    let before = store
+        .events_after(0, None, &other_labels, 100)
+        .await
+        .unwrap();
+    assert_eq!(before.removed_through, 0, "remembered one by one");
+    // Nothing has ended long enough ago to be purged: only the deletions are folded.
+    let long_ago = now - std::time::Duration::from_secs(3600);
+    assert_eq!(store.purge_finished(long_ago, 100).await.unwrap(), 0);
+    let after = store
+        .events_after(0, None, &other_labels, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        after.removed_through, newest_seqs[1],
+        "the two oldest deletions are folded into the mark"
+    );
+    let later = store
+        .events_after(newest_seqs[1], None, &other_labels, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        later.removed_through, newest_seqs[1],
+        "a cursor past them stands"
     );
 }
 

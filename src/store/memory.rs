@@ -298,6 +298,17 @@ impl Store for MemoryStore {
         for id in &expired {
             inner.remove(*id, false);
         }
+        // Past the newest `REMEMBERED_DELETIONS`, deleted jobs are folded into the mark.
+        let excess = inner
+            .deleted
+            .len()
+            .saturating_sub(crate::store::REMEMBERED_DELETIONS);
+        if let Some(forget_through) = excess.checked_sub(1)
+            && let Some(&newest_forgotten) = inner.deleted.keys().nth(forget_through)
+        {
+            inner.removed_through = inner.removed_through.max(newest_forgotten);
+            inner.deleted = inner.deleted.split_off(&(newest_forgotten + 1));
+        }
         Ok(expired.len())
     }
 

@@ -205,6 +205,14 @@ pub struct DueDelivery {
     pub job: Job,
 }
 
+/// How many jobs removed by DeleteJob the store remembers one by one (by their newest event,
+/// tenant and labels), so that a DeleteJob refuses only the WatchJobs cursors it could have
+/// matched (see [`EventPage::removed_through`]). Past that the oldest are forgotten at the
+/// next retention sweep and the removed-events mark rises past them, which refuses every
+/// cursor from before them: without the bound a service that deletes every job once it has
+/// its result would keep a record of each for good.
+pub const REMEMBERED_DELETIONS: usize = if cfg!(test) { 3 } else { 10_000 };
+
 /// Durable storage of jobs and of each job's log of state transitions.
 ///
 /// Every logged snapshot (see [`Store::save`]) also gets a global sequence number, assigned in
@@ -300,7 +308,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(i64, Vec<Job>), StoreError>;
 
     /// Removes up to `limit` terminal jobs that ended before `ended_before`; returns how many.
-    /// A removed job's webhook deliveries go with it.
+    /// A removed job's webhook deliveries go with it. Also forgets all but the newest
+    /// [`REMEMBERED_DELETIONS`] jobs removed by DeleteJob, raising the removed-events mark
+    /// past the others.
     async fn purge_finished(
         &self,
         ended_before: SystemTime,

@@ -212,6 +212,20 @@ pub(super) async fn purge(
         .execute(&statement, &[&ended_before, &limit])
         .await
         .map_err(fail)?;
+    // Past the newest `REMEMBERED_DELETIONS`, deleted jobs are folded into the mark.
+    let statement = client
+        .prepare_cached(
+            "UPDATE event_log SET removed_through = greatest(removed_through, coalesce(
+                 (SELECT seq FROM removed_jobs ORDER BY seq DESC OFFSET $1 LIMIT 1), 0))
+             WHERE id = 1",
+        )
+        .await
+        .map_err(fail)?;
+    let remembered = crate::store::REMEMBERED_DELETIONS as i64;
+    client
+        .execute(&statement, &[&remembered])
+        .await
+        .map_err(fail)?;
     // Deleted jobs at or below the mark say nothing the mark does not.
     let statement = client
         .prepare_cached(

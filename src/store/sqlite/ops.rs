@@ -252,6 +252,14 @@ pub(super) fn purge(conn: &Connection, ended_before: i64, limit: i64) -> Result<
         ))
         .and_then(|mut s| s.execute(params![ended_before, limit]))
         .map_err(fail)?;
+    // Past the newest `REMEMBERED_DELETIONS`, deleted jobs are folded into the mark.
+    conn.prepare_cached(
+        "UPDATE event_log SET removed_through = max(removed_through, coalesce(
+             (SELECT seq FROM removed_jobs ORDER BY seq DESC LIMIT 1 OFFSET ?1), 0))
+         WHERE id = 1",
+    )
+    .and_then(|mut s| s.execute([crate::store::REMEMBERED_DELETIONS as i64]))
+    .map_err(fail)?;
     // Deleted jobs at or below the mark say nothing the mark does not.
     conn.prepare_cached(
         "DELETE FROM removed_jobs
