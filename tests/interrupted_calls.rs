@@ -239,7 +239,7 @@ async fn a_cancel_of_a_job_still_being_stored_ends_it_and_it_never_runs() {
 }
 
 #[tokio::test]
-async fn a_cancel_of_a_job_being_stored_whose_save_fails_is_carried_out_by_its_task() {
+async fn a_cancel_of_a_job_being_stored_whose_save_fails_is_stored_once_the_store_takes_it() {
     let gate = Gate::default();
     let (store, server) = start(&gate, 10).await;
     let mut client = server.client.clone();
@@ -268,8 +268,8 @@ async fn a_cancel_of_a_job_being_stored_whose_save_fails_is_carried_out_by_its_t
     store.hooks.resume.notify_one();
     submitting.await.unwrap().expect("the Submit is answered");
 
-    // The cancellation could not be stored with the Submit; the job's task stores it when the
-    // worker frees up, instead of running the job.
+    // The cancellation could not be stored with the Submit: it is tried again, and the job,
+    // out of the queue meanwhile, does not run when the worker frees up.
     gate.release(1);
     let done = wait_done(&mut client, &job.id).await;
     assert_eq!(state(&done), JobState::Cancelled);

@@ -628,40 +628,36 @@ impl Executor {
     }
 
     /// Ends a job cancelled while its Submit stored it (see `submit_uninterrupted`); the
-    /// Cancel waits for this. Should the store fail, the job is queued with the request, for
-    /// its task to carry out: a job left out of the queue would stay QUEUED until a restart.
+    /// Cancel waits for this. Should the store fail, the cancellation is tried again in the
+    /// background ([`Inner::cancel_stored_until_done`]); meanwhile the job stays out of the
+    /// queue, so it does not run.
     async fn cancel_while_stored(&self, job: Job) -> Result<Job, ExecutorError> {
         let mut cancelled = job.clone();
-        let stored = match cancelled.cancel(cancelled_error(), SystemTime::now()) {
-            Ok(()) => self
-                .inner
-                .commit_state(&cancelled)
-                .await
-                .map_err(ExecutorError::from),
-            Err(source) => Err(ExecutorError::Illegal { id: job.id, source }),
-        };
-        match stored {
+        if let Err(source) = cancelled.cancel(cancelled_error(), SystemTime::now()) {
+            // Not for a QUEUED job; should it happen, the job is queued as if not cancelled
+            // rather than left out of the queue until a restart.
+            tracing::error!(job_id = %job.id, %source, "a job cancelled as it was stored cannot be cancelled; queued");
+            let due = job.due_after(SystemTime::now());
+            self.inner
+                .scheduler()
+                .enqueue_with(job.id, Rank::of(&job), &job.tenant, None, due);
+            self.inner.sync_gauges();
+            self.inner.wake.notify_one();
+            return Ok(job);
+        }
+        match self.inner.commit_state(&cancelled).await {
             Ok(()) => {
                 tracing::info!(job_id = %job.id, "job cancelled as it was stored");
                 self.inner.sync_gauges();
                 Ok(cancelled)
             }
             Err(error) => {
-                // Queued at once (whatever its schedule) with the request on its snapshot:
-                // the task that takes it out of the queue cancels it instead of running it
-                // (see `run_owned`), trying the store again.
-                tracing::warn!(job_id = %job.id, error = %crate::with_causes(&error), "cancelling a job as it was stored failed; its task will try again");
-                let mut asked = job.clone();
-                asked.cancel_requested = true;
-                self.inner.scheduler().enqueue_with(
-                    job.id,
-                    Rank::of(&job),
-                    &job.tenant,
-                    Some(Arc::new(asked)),
-                    None,
+                tracing::warn!(job_id = %job.id, error = %crate::with_causes(&error), "cancelling a job as it was stored failed; trying again");
+                let inner = Arc::clone(&self.inner);
+                self.inner.tracker.spawn(
+                    async move { inner.cancel_stored_until_done(cancelled).await }
+                        .in_current_span(),
                 );
-                self.inner.sync_gauges();
-                self.inner.wake.notify_one();
                 Ok(job)
             }
         }
@@ -1038,6 +1034,35 @@ impl Inner {
         self.commit(job).await?;
         self.metrics.transition(job.state.as_str());
         Ok(())
+    }
+
+    /// Stores the cancellation of a job cancelled as it was stored (see
+    /// `Executor::cancel_while_stored`), trying again with backoff until it is stored, the job
+    /// has changed meanwhile (another Cancel stored it, say), or the server stops: then the job
+    /// is left QUEUED in the store, as the Cancel that asked for it was told.
+    async fn cancel_stored_until_done(&self, cancelled: Job) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                () = self.accepting.cancelled() => {
+                    tracing::warn!(job_id = %cancelled.id, "server stopping before a cancellation could be stored; the job stays queued");
+                    return;
+                }
+                () = tokio::time::sleep(backoff) => {}
+            }
+            match self.commit_state(&cancelled).await {
+                Ok(()) => {
+                    tracing::info!(job_id = %cancelled.id, "job cancelled as it was stored");
+                    self.sync_gauges();
+                    return;
+                }
+                Err(StoreError::StaleVersion { .. } | StoreError::Missing(_)) => return,
+                Err(error) => {
+                    tracing::warn!(job_id = %cancelled.id, error = %crate::with_causes(&error), ?backoff, "storing a cancellation failed; trying again");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// Brings the queue and running gauges up to date.

@@ -215,9 +215,10 @@ pub(super) async fn purge(
     // Past the newest `REMEMBERED_DELETIONS`, deleted jobs are folded into the mark.
     let statement = client
         .prepare_cached(
-            "UPDATE event_log SET removed_through = greatest(removed_through, coalesce(
-                 (SELECT seq FROM removed_jobs ORDER BY seq DESC OFFSET $1 LIMIT 1), 0))
-             WHERE id = 1",
+            "WITH fold AS (SELECT coalesce(
+                 (SELECT seq FROM removed_jobs ORDER BY seq DESC OFFSET $1 LIMIT 1), 0) AS seq)
+             UPDATE event_log SET removed_through = (SELECT seq FROM fold)
+             WHERE id = 1 AND removed_through < (SELECT seq FROM fold)",
         )
         .await
         .map_err(fail)?;

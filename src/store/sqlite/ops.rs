@@ -254,9 +254,10 @@ pub(super) fn purge(conn: &Connection, ended_before: i64, limit: i64) -> Result<
         .map_err(fail)?;
     // Past the newest `REMEMBERED_DELETIONS`, deleted jobs are folded into the mark.
     conn.prepare_cached(
-        "UPDATE event_log SET removed_through = max(removed_through, coalesce(
-             (SELECT seq FROM removed_jobs ORDER BY seq DESC LIMIT 1 OFFSET ?1), 0))
-         WHERE id = 1",
+        "WITH fold AS (SELECT coalesce(
+             (SELECT seq FROM removed_jobs ORDER BY seq DESC LIMIT 1 OFFSET ?1), 0) AS seq)
+         UPDATE event_log SET removed_through = (SELECT seq FROM fold)
+         WHERE id = 1 AND removed_through < (SELECT seq FROM fold)",
     )
     .and_then(|mut s| s.execute([crate::store::REMEMBERED_DELETIONS as i64]))
     .map_err(fail)?;
