@@ -180,15 +180,19 @@ async fn a_cancel_whose_client_gave_up_still_ends_the_queued_job_and_tells_its_w
     );
 }
 
-#[tokio::test]
-async fn a_cancel_of_a_job_still_being_stored_ends_it_and_it_never_runs() {
-    let gate = Gate::default();
-    let (store, server) = start(&gate, 10).await;
-    let mut client = server.client.clone();
-    // The one worker is busy, so the new job is stored QUEUED (not started at submission).
-    let running = submit(&mut client, request(vec![gated()])).await;
-    assert_eq!(gate.next_started().await, running.id);
-
+/// With the one worker busy on `running` (so the new job is stored QUEUED, not started at
+/// submission), submits an echo job while the store holds the answer to its create, finds it
+/// listed (it is, as soon as it is stored) and sends a Cancel of it before the Submit is
+/// answered; then lets the store answer. Returns the job as listed, and the two calls.
+async fn cancel_while_it_is_stored(
+    store: &SlowStore,
+    client: &mut JobsClient<Channel>,
+    running: &pb::Job,
+) -> (
+    pb::Job,
+    tokio::task::JoinHandle<Result<tonic::Response<pb::SubmitResponse>, tonic::Status>>,
+    tokio::task::JoinHandle<Result<tonic::Response<pb::CancelResponse>, tonic::Status>>,
+) {
     store.hooks.hold_create.store(true, Ordering::SeqCst);
     let mut submitter = client.clone();
     let submitting = tokio::spawn(async move {
@@ -196,29 +200,40 @@ async fn a_cancel_of_a_job_still_being_stored_ends_it_and_it_never_runs() {
             .submit(request(vec![action("echo", json!({}))]))
             .await
     });
-    until_held(&store).await;
-    // Listed as soon as it is stored, and cancelled before its Submit has answered.
-    let job = list_all(&mut client)
+    until_held(store).await;
+    let job = list_all(client)
         .await
         .into_iter()
         .find(|j| j.id != running.id)
         .expect("the new job is listed");
     let mut canceller = client.clone();
     let job_id = job.id.clone();
-    let cancel = tokio::spawn(async move {
-        canceller
-            .cancel(pb::CancelRequest { job_id })
-            .await
-            .map(|r| r.into_inner())
-    });
+    let cancelling =
+        tokio::spawn(async move { canceller.cancel(pb::CancelRequest { job_id }).await });
     // The Cancel reaches the server before the store answers the Submit.
     tokio::time::sleep(Duration::from_millis(200)).await;
     store.hooks.resume.notify_one();
+    (job, submitting, cancelling)
+}
+
+#[tokio::test]
+async fn a_cancel_of_a_job_still_being_stored_ends_it_and_it_never_runs() {
+    let gate = Gate::default();
+    let (store, server) = start(&gate, 10).await;
+    let mut client = server.client.clone();
+    let running = submit(&mut client, request(vec![gated()])).await;
+    assert_eq!(gate.next_started().await, running.id);
+
+    let (job, submitting, cancelling) =
+        cancel_while_it_is_stored(&store, &mut client, &running).await;
 
     let submitted = submitting.await.unwrap().expect("the Submit is answered");
     assert_eq!(submitted.into_inner().job.unwrap().id, job.id);
-    let cancelled = cancel.await.unwrap().expect("the Cancel is answered");
-    assert_eq!(state(&cancelled.job.unwrap()), JobState::Cancelled);
+    let cancelled = cancelling.await.unwrap().expect("the Cancel is answered");
+    assert_eq!(
+        state(&cancelled.into_inner().job.unwrap()),
+        JobState::Cancelled
+    );
 
     // The worker frees up: the cancelled job must not run.
     gate.release(1);
@@ -246,26 +261,9 @@ async fn a_cancel_of_a_job_being_stored_whose_save_fails_is_stored_once_the_stor
     let running = submit(&mut client, request(vec![gated()])).await;
     assert_eq!(gate.next_started().await, running.id);
 
-    store.hooks.hold_create.store(true, Ordering::SeqCst);
     store.hooks.fail_cancel.store(true, Ordering::SeqCst);
-    let mut submitter = client.clone();
-    let submitting = tokio::spawn(async move {
-        submitter
-            .submit(request(vec![action("echo", json!({}))]))
-            .await
-    });
-    until_held(&store).await;
-    let job = list_all(&mut client)
-        .await
-        .into_iter()
-        .find(|j| j.id != running.id)
-        .expect("the new job is listed");
-    let mut canceller = client.clone();
-    let job_id = job.id.clone();
-    let cancelling =
-        tokio::spawn(async move { canceller.cancel(pb::CancelRequest { job_id }).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    store.hooks.resume.notify_one();
+    let (job, submitting, cancelling) =
+        cancel_while_it_is_stored(&store, &mut client, &running).await;
     submitting.await.unwrap().expect("the Submit is answered");
 
     // The cancellation could not be stored with the Submit: it is tried again, and the job,
